@@ -13,6 +13,9 @@ pub enum Variant {
     Local,
     /// A standalone mirror: TLS on :443 with certificate files, :80 redirects to HTTPS.
     Standalone,
+    /// Behind a TLS-terminating proxy (Caddy with ACME certificates): plain HTTP on :8080,
+    /// trusting the proxy's x-forwarded-proto.
+    BehindTlsProxy,
 }
 
 impl Variant {
@@ -21,7 +24,7 @@ impl Variant {
     fn wasm_path(self) -> &'static str {
         match self {
             Self::Local => "target/wasm32-wasip1/wasm/mirror_filter.wasm",
-            Self::Standalone => "/etc/regmirror/mirror_filter.wasm",
+            Self::Standalone | Self::BehindTlsProxy => "/etc/regmirror/mirror_filter.wasm",
         }
     }
 }
@@ -54,11 +57,14 @@ pub fn render(declaration: &Declaration, filter_json: &str, variant: Variant) ->
             Variant::Local => "Local mirror (`just up`): plain HTTP on 127.0.0.1:5000.",
             Variant::Standalone =>
                 "Standalone mirror: HTTPS on :443 (certificate files below), HTTP on :80 redirects to HTTPS.",
+            Variant::BehindTlsProxy =>
+                "Mirror behind a TLS-terminating proxy (compose profile `acme`): HTTP on :8080.",
         }
     );
     match variant {
-        Variant::Local => listener(w, "mirror_http", "127.0.0.1", 5000),
-        Variant::Standalone => listener(w, "mirror_https", "0.0.0.0", 443),
+        Variant::Local => listener(w, "mirror_http", "127.0.0.1", 5000, 0),
+        Variant::Standalone => listener(w, "mirror_https", "0.0.0.0", 443, 0),
+        Variant::BehindTlsProxy => listener(w, "mirror_http", "0.0.0.0", 8080, 1),
     }
     let _ = writeln!(w, "          http_filters:");
     wasm_filter(w, filter_json, variant.wasm_path());
@@ -96,10 +102,11 @@ pub fn render(declaration: &Declaration, filter_json: &str, variant: Variant) ->
     out
 }
 
-fn listener(w: &mut String, name: &str, address: &str, port: u16) {
+/// `trusted_hops`: proxies in front whose x-forwarded-* headers Envoy keeps.
+fn listener(w: &mut String, name: &str, address: &str, port: u16, trusted_hops: u32) {
     let _ = writeln!(
         w,
-        "  - name: {name}\n    address:\n      socket_address: {{ address: {address}, port_value: {port} }}\n    filter_chains:\n    - filters:\n      - name: envoy.filters.network.http_connection_manager\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          stat_prefix: {name}\n          codec_type: AUTO\n          # Sets x-forwarded-proto from the connection, which the filter uses for mirror URLs.\n          use_remote_address: true\n          # A multi-gigabyte layer over a slow link may take hours: only idle streams are cut.\n          stream_idle_timeout: 300s\n          request_timeout: 0s\n          access_log:\n          - name: envoy.access_loggers.stdout\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
+        "  - name: {name}\n    address:\n      socket_address: {{ address: {address}, port_value: {port} }}\n    filter_chains:\n    - filters:\n      - name: envoy.filters.network.http_connection_manager\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          stat_prefix: {name}\n          codec_type: AUTO\n          # Sets x-forwarded-proto from the connection, which the filter uses for mirror URLs.\n          use_remote_address: true\n          xff_num_trusted_hops: {trusted_hops}\n          # A multi-gigabyte layer over a slow link may take hours: only idle streams are cut.\n          stream_idle_timeout: 300s\n          request_timeout: 0s\n          access_log:\n          - name: envoy.access_loggers.stdout\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
     );
 }
 
@@ -152,7 +159,7 @@ fn route_config(
     for registry in declaration.cached_registries() {
         upstream_virtual_host(w, &registry.upstream, CACHE_CLUSTER);
     }
-    let hsts = matches!(variant, Variant::Standalone);
+    let hsts = matches!(variant, Variant::Standalone | Variant::BehindTlsProxy);
     let _ = writeln!(
         w,
         "            # What clients address. The filter rewrites :authority to an upstream host\n            # above, which re-selects the route; a request it did not rewrite stops here.\n            - name: unrouted\n              domains: [\"*\"]\n              routes:\n              - match: {{ prefix: \"/\" }}\n                direct_response:\n                  status: 404\n                  body:\n                    inline_string: '{{\"errors\":[{{\"code\":\"NAME_UNKNOWN\",\"message\":\"not routed by the mirror filter\"}}]}}'"

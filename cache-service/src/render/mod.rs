@@ -108,6 +108,14 @@ pub fn render_files(registries: &Path) -> Result<Vec<Rendered>, RenderError> {
             content: envoy::render(&declaration, &filter_json, envoy::Variant::Standalone),
         },
         Rendered {
+            name: "behind-tls-proxy.yaml",
+            content: envoy::render(&declaration, &filter_json, envoy::Variant::BehindTlsProxy),
+        },
+        Rendered {
+            name: "Caddyfile",
+            content: caddyfile(&declaration),
+        },
+        Rendered {
             name: "cache.toml",
             content: cache_toml(&declaration),
         },
@@ -163,6 +171,34 @@ fn pretty_json(compact: &str) -> String {
         .and_then(|v| serde_json::to_string_pretty(&v))
         .map(|s| s + "\n")
         .unwrap_or_else(|_| compact.to_owned())
+}
+
+/// Compose profile `acme`: Caddy obtains certificates for the mirror's names.
+fn caddyfile(declaration: &Declaration) -> String {
+    let mut names = vec!["{$MIRROR_DOMAIN}".to_owned()];
+    names.extend(
+        declaration
+            .registries
+            .iter()
+            .filter_map(|r| r.host_prefix.as_ref())
+            .map(|prefix| format!("{prefix}.{{$MIRROR_DOMAIN}}")),
+    );
+    format!(
+        "# Rendered by `regmirror render` from envoy/registries.toml: edit that file, not this one.\n\
+         # Compose profile `acme`: Caddy gets certificates from Let's Encrypt for the mirror's names\n\
+         # and passes requests to Envoy (envoy/behind-tls-proxy.yaml). HSTS is set by Envoy.\n\
+         {} {{\n\
+         \treverse_proxy envoy-behind-caddy:8080 {{\n\
+         \t\t# Large layers: stream, never buffer, no timeout on the response body.\n\
+         \t\tflush_interval -1\n\
+         \t\ttransport http {{\n\
+         \t\t\tread_timeout 0\n\
+         \t\t\twrite_timeout 0\n\
+         \t\t}}\n\
+         \t}}\n\
+         }}\n",
+        names.join(", ")
+    )
 }
 
 /// cache-service's upstreams: the registries declared with `cache = true`.
