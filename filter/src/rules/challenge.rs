@@ -1,0 +1,543 @@
+//! RFC 7235 `WWW-Authenticate` parsing, serialization and realm rewriting.
+
+use super::config::{any_match, HostPattern};
+use std::fmt;
+
+/// Longest header value accepted.
+pub const MAX_HEADER_LEN: usize = 8 * 1024;
+/// Most auth-params accepted in one header value.
+pub const MAX_PARAMS: usize = 32;
+
+/// One challenge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    /// Auth scheme as sent (compare case-insensitively).
+    pub scheme: String,
+    /// token68 form, if used.
+    pub token68: Option<String>,
+    /// auth-params in order, values unescaped; duplicates kept.
+    pub params: Vec<(String, String)>,
+}
+
+impl Challenge {
+    /// First parameter named `name` (case-insensitive).
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Why a header could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChallengeError {
+    /// Longer than [`MAX_HEADER_LEN`].
+    TooLong,
+    /// More than [`MAX_PARAMS`] params.
+    TooManyParams,
+    /// Syntax error at byte offset.
+    Syntax(usize),
+}
+
+impl fmt::Display for ChallengeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChallengeError::TooLong => f.write_str("challenge header too long"),
+            ChallengeError::TooManyParams => f.write_str("too many auth-params"),
+            ChallengeError::Syntax(at) => write!(f, "challenge syntax error at byte {at}"),
+        }
+    }
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn is_token68_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~+/".contains(&b)
+}
+
+struct Parser<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Parser<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.s.get(self.i).copied()
+    }
+    fn peek_at(&self, j: usize) -> Option<u8> {
+        self.s.get(j).copied()
+    }
+    fn skip_ws_from(&self, mut j: usize) -> usize {
+        while matches!(self.peek_at(j), Some(b' ' | b'\t')) {
+            j += 1;
+        }
+        j
+    }
+    fn skip_ws(&mut self) {
+        self.i = self.skip_ws_from(self.i);
+    }
+    fn token_end(&self, mut j: usize) -> usize {
+        while self.peek_at(j).is_some_and(is_tchar) {
+            j += 1;
+        }
+        j
+    }
+    fn slice(&self, a: usize, b: usize) -> Result<String, ChallengeError> {
+        let bytes = self.s.get(a..b).ok_or(ChallengeError::Syntax(a))?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| ChallengeError::Syntax(a))
+    }
+    /// After a token68 candidate at `j`: end or comma (after OWS)?
+    fn at_item_end(&self, j: usize) -> bool {
+        let k = self.skip_ws_from(j);
+        matches!(self.peek_at(k), None | Some(b','))
+    }
+    fn quoted(&mut self) -> Result<String, ChallengeError> {
+        let start = self.i;
+        self.i += 1; // opening quote
+        let mut out = Vec::new();
+        loop {
+            match self.peek() {
+                None => return Err(ChallengeError::Syntax(start)),
+                Some(b'"') => {
+                    self.i += 1;
+                    break;
+                }
+                Some(b'\\') => {
+                    let c = self
+                        .peek_at(self.i + 1)
+                        .ok_or(ChallengeError::Syntax(self.i))?;
+                    if c < 0x20 && c != b'\t' || c == 0x7f {
+                        return Err(ChallengeError::Syntax(self.i));
+                    }
+                    out.push(c);
+                    self.i += 2;
+                }
+                Some(c) => {
+                    if c < 0x20 && c != b'\t' || c == 0x7f {
+                        return Err(ChallengeError::Syntax(self.i));
+                    }
+                    out.push(c);
+                    self.i += 1;
+                }
+            }
+        }
+        String::from_utf8(out).map_err(|_| ChallengeError::Syntax(start))
+    }
+}
+
+/// Parses a header value as a list of challenges.
+pub fn parse(value: &str) -> Result<Vec<Challenge>, ChallengeError> {
+    if value.len() > MAX_HEADER_LEN {
+        return Err(ChallengeError::TooLong);
+    }
+    let mut p = Parser {
+        s: value.as_bytes(),
+        i: 0,
+    };
+    let mut out = Vec::new();
+    let mut nparams = 0usize;
+    loop {
+        // Skip empty list elements.
+        while matches!(p.peek(), Some(b' ' | b'\t' | b',')) {
+            p.i += 1;
+        }
+        if p.peek().is_none() {
+            break;
+        }
+        let s0 = p.i;
+        let s1 = p.token_end(s0);
+        if s1 == s0 {
+            return Err(ChallengeError::Syntax(s0));
+        }
+        let mut ch = Challenge {
+            scheme: p.slice(s0, s1)?,
+            token68: None,
+            params: Vec::new(),
+        };
+        p.i = s1;
+        if p.at_item_end(p.i) {
+            p.i = p.skip_ws_from(p.i);
+            out.push(ch);
+            continue;
+        }
+        // Need at least one space between scheme and the rest.
+        if !matches!(p.peek(), Some(b' ' | b'\t')) {
+            return Err(ChallengeError::Syntax(p.i));
+        }
+        p.skip_ws();
+        // token68?
+        let t0 = p.i;
+        let mut t1 = t0;
+        while p.peek_at(t1).is_some_and(is_token68_char) {
+            t1 += 1;
+        }
+        if t1 > t0 {
+            let mut t2 = t1;
+            while p.peek_at(t2) == Some(b'=') {
+                t2 += 1;
+            }
+            if p.at_item_end(t2) {
+                ch.token68 = Some(p.slice(t0, t2)?);
+                p.i = p.skip_ws_from(t2);
+                out.push(ch);
+                continue;
+            }
+        }
+        // auth-params.
+        loop {
+            let n0 = p.i;
+            let n1 = p.token_end(n0);
+            if n1 == n0 {
+                return Err(ChallengeError::Syntax(n0));
+            }
+            let name = p.slice(n0, n1)?;
+            p.i = p.skip_ws_from(n1);
+            if p.peek() != Some(b'=') {
+                return Err(ChallengeError::Syntax(p.i));
+            }
+            p.i += 1;
+            p.skip_ws();
+            let val = if p.peek() == Some(b'"') {
+                p.quoted()?
+            } else {
+                let v0 = p.i;
+                let v1 = p.token_end(v0);
+                if v1 == v0 {
+                    return Err(ChallengeError::Syntax(v0));
+                }
+                p.i = v1;
+                p.slice(v0, v1)?
+            };
+            nparams += 1;
+            if nparams > MAX_PARAMS {
+                return Err(ChallengeError::TooManyParams);
+            }
+            ch.params.push((name, val));
+            p.skip_ws();
+            match p.peek() {
+                None => break,
+                Some(b',') => {
+                    // Next param or next challenge?
+                    let mut j = p.i;
+                    while matches!(p.peek_at(j), Some(b' ' | b'\t' | b',')) {
+                        j += 1;
+                    }
+                    if p.peek_at(j).is_none() {
+                        p.i = j;
+                        break;
+                    }
+                    let k = p.token_end(j);
+                    let after = p.skip_ws_from(k);
+                    p.i = j;
+                    if k == j || p.peek_at(after) != Some(b'=') {
+                        break; // a new challenge begins at j
+                    }
+                }
+                Some(_) => return Err(ChallengeError::Syntax(p.i)),
+            }
+        }
+        out.push(ch);
+    }
+    Ok(out)
+}
+
+fn quote(v: &str) -> String {
+    let mut s = String::with_capacity(v.len() + 2);
+    s.push('"');
+    for c in v.chars() {
+        if c == '"' || c == '\\' {
+            s.push('\\');
+        }
+        s.push(c);
+    }
+    s.push('"');
+    s
+}
+
+/// Serializes challenges. Values are written as quoted-strings (always valid,
+/// and what registries send), separated by `,`; challenges by `, `.
+pub fn serialize(challenges: &[Challenge]) -> String {
+    let mut out = String::new();
+    for (i, c) in challenges.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        out.push_str(&c.scheme);
+        if let Some(t) = &c.token68 {
+            out.push(' ');
+            out.push_str(t);
+        } else if !c.params.is_empty() {
+            out.push(' ');
+            for (j, (k, v)) in c.params.iter().enumerate() {
+                if j > 0 {
+                    out.push(',');
+                }
+                out.push_str(k);
+                out.push('=');
+                out.push_str(&quote(v));
+            }
+        }
+    }
+    out
+}
+
+/// Parts of an `http(s)` URL the mirror needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UrlParts {
+    /// `https` or `http` (lowercase).
+    pub scheme: String,
+    /// Lowercase host with non-default port.
+    pub authority: String,
+    /// Path (may be empty).
+    pub path: String,
+    /// Query without `?`.
+    pub query: Option<String>,
+}
+
+/// Is this byte acceptable in a path or query we forward?
+pub fn is_url_char(b: u8) -> bool {
+    (0x21..=0x7e).contains(&b) && b != b'#'
+}
+
+/// Parses an absolute `http://` or `https://` URL; fragment dropped. Rejects
+/// userinfo, non-printable or non-ASCII characters, and invalid hosts.
+pub fn parse_url(url: &str) -> Option<UrlParts> {
+    let (scheme, rest) = url.split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "https" => "443",
+        "http" => "80",
+        _ => return None,
+    };
+    let rest = rest.split('#').next().unwrap_or_default();
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (auth, tail) = rest.split_at(end);
+    let auth = auth.to_ascii_lowercase();
+    let auth = match auth.split_once(':') {
+        Some((h, p)) if p == default_port => h.to_string(),
+        _ => auth,
+    };
+    if !super::config::is_valid_authority(&auth) {
+        return None;
+    }
+    if !tail.bytes().all(is_url_char) {
+        return None;
+    }
+    let (path, query) = match tail.split_once('?') {
+        Some((p, q)) => (p.to_string(), Some(q.to_string())),
+        None => (tail.to_string(), None),
+    };
+    Some(UrlParts {
+        scheme,
+        authority: auth,
+        path,
+        query,
+    })
+}
+
+/// Result of [`rewrite_realms`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewritten {
+    /// The new header value (the original when nothing was rewritten).
+    pub value: String,
+    /// Bearer realms rewritten to the mirror.
+    pub rewritten: usize,
+    /// Bearer realms left alone (not allowlisted, not a URL) or unparseable headers.
+    pub rejected: usize,
+}
+
+/// Rewrites allowlisted Bearer realms to `<mirror_base>/_mirror/auth/<host><path>[?query]`.
+pub fn rewrite_realms(header: &str, allowlist: &[HostPattern], mirror_base: &str) -> Rewritten {
+    let unchanged = |rejected| Rewritten {
+        value: header.to_string(),
+        rewritten: 0,
+        rejected,
+    };
+    let Ok(mut challenges) = parse(header) else {
+        return unchanged(1);
+    };
+    let mut rewritten = 0;
+    let mut rejected = 0;
+    for ch in challenges.iter_mut() {
+        if !ch.scheme.eq_ignore_ascii_case("bearer") {
+            continue;
+        }
+        for (k, v) in ch.params.iter_mut() {
+            if !k.eq_ignore_ascii_case("realm") {
+                continue;
+            }
+            match parse_url(v) {
+                Some(u) if any_match(allowlist, &u.authority) => {
+                    let mut nv = format!("{mirror_base}/_mirror/auth/{}{}", u.authority, u.path);
+                    if let Some(q) = &u.query {
+                        nv.push('?');
+                        nv.push_str(q);
+                    }
+                    *v = nv;
+                    rewritten += 1;
+                }
+                _ => rejected += 1,
+            }
+        }
+    }
+    if rewritten == 0 {
+        return unchanged(rejected);
+    }
+    Rewritten {
+        value: serialize(&challenges),
+        rewritten,
+        rejected,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(k: &str, v: &str) -> (String, String) {
+        (k.into(), v.into())
+    }
+
+    #[test]
+    fn parses_docker_hub() {
+        let c = parse(r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull""#).unwrap();
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].scheme, "Bearer");
+        assert_eq!(c[0].param("REALM"), Some("https://auth.docker.io/token"));
+        assert_eq!(c[0].params.len(), 3);
+    }
+
+    #[test]
+    fn parses_lists_and_forms() {
+        let c = parse(
+            r#"Basic realm="quay.io", Bearer realm="https://quay.io/v2/auth",service="quay.io""#,
+        )
+        .unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].params, vec![p("realm", "quay.io")]);
+        assert_eq!(c[1].params.len(), 2);
+        let c = parse("Negotiate abc+/=, bearer realm = tok , x=\"a\\\"b\\\\c\"").unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].token68.as_deref(), Some("abc+/="));
+        assert_eq!(c[1].params, vec![p("realm", "tok"), p("x", "a\"b\\c")]);
+        let c = parse("Basic, Bearer").unwrap();
+        assert_eq!(c.len(), 2);
+        assert!(c[1].params.is_empty());
+        let c = parse("  ,Bearer  realm=\"r\",  scope=\"a\", scope=\"b\" ,, ").unwrap();
+        assert_eq!(c.len(), 1);
+        assert_eq!(
+            c[0].params,
+            vec![p("realm", "r"), p("scope", "a"), p("scope", "b")]
+        );
+        let c = parse("Newauth realm=\"apps\", type=1, title=\"Login to \\\"apps\\\"\", Basic realm=\"simple\"").unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].params.len(), 3);
+        assert_eq!(c[0].param("title"), Some("Login to \"apps\""));
+        assert_eq!(parse("").unwrap(), vec![]);
+        // `realm=` alone is a valid token68.
+        assert_eq!(
+            parse("Bearer realm=").unwrap()[0].token68.as_deref(),
+            Some("realm=")
+        );
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        for bad in [
+            "Bearer realm=\"unterminated",
+            "Bearer realm=\"a\" junk",
+            "=x",
+            "Bearer\"x\"",
+            "Bearer realm=\"a\x01\"",
+            "Bearer a b",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+        let long = format!("Bearer realm=\"{}\"", "a".repeat(MAX_HEADER_LEN));
+        assert_eq!(parse(&long), Err(ChallengeError::TooLong));
+        let many: Vec<String> = (0..33).map(|i| format!("p{i}=v")).collect();
+        let many = format!("Bearer {}", many.join(","));
+        assert_eq!(parse(&many), Err(ChallengeError::TooManyParams));
+        let ok: Vec<String> = (0..32).map(|i| format!("p{i}=v")).collect();
+        assert!(parse(&format!("Bearer {}", ok.join(","))).is_ok());
+    }
+
+    #[test]
+    fn serializes_roundtrip() {
+        let s = r#"Basic realm="quay.io", Bearer realm="https://x/y",service="a\"b""#;
+        let c = parse(s).unwrap();
+        assert_eq!(serialize(&c), s);
+        assert_eq!(parse(&serialize(&c)).unwrap(), c);
+        let c = parse("Negotiate abc==").unwrap();
+        assert_eq!(serialize(&c), "Negotiate abc==");
+    }
+
+    #[test]
+    fn rewrites_realms() {
+        let allow = vec![
+            HostPattern::parse("auth.docker.io").unwrap(),
+            HostPattern::parse("*.pkg.dev").unwrap(),
+        ];
+        let r = rewrite_realms(
+            r#"Bearer realm="https://Auth.Docker.io:443/token?x=1",service="registry.docker.io",scope="a",scope="b""#,
+            &allow,
+            "http://127.0.0.1:5000",
+        );
+        assert_eq!(r.rewritten, 1);
+        assert_eq!(r.rejected, 0);
+        assert_eq!(
+            r.value,
+            r#"Bearer realm="http://127.0.0.1:5000/_mirror/auth/auth.docker.io/token?x=1",service="registry.docker.io",scope="a",scope="b""#
+        );
+        let r = rewrite_realms(
+            r#"Basic realm="quay.io", Bearer realm="https://evil.example/token""#,
+            &allow,
+            "https://m",
+        );
+        assert_eq!((r.rewritten, r.rejected), (0, 1));
+        assert_eq!(
+            r.value,
+            r#"Basic realm="quay.io", Bearer realm="https://evil.example/token""#
+        );
+        let r = rewrite_realms(
+            r#"Bearer realm="https://us-docker.pkg.dev/v2/token""#,
+            &allow,
+            "https://m",
+        );
+        assert_eq!(
+            r.value,
+            r#"Bearer realm="https://m/_mirror/auth/us-docker.pkg.dev/v2/token""#
+        );
+        // Userinfo, other ports and non-URL realms are not rewritten.
+        for realm in [
+            "https://u@auth.docker.io/t",
+            "https://auth.docker.io:8443/t",
+            "auth.docker.io",
+            "ftp://auth.docker.io/",
+        ] {
+            let r = rewrite_realms(&format!("Bearer realm=\"{realm}\""), &allow, "https://m");
+            assert_eq!((r.rewritten, r.rejected), (0, 1), "{realm}");
+        }
+        let r = rewrite_realms("Bearer realm=\"oops", &allow, "https://m");
+        assert_eq!((r.rewritten, r.rejected), (0, 1));
+        assert_eq!(r.value, "Bearer realm=\"oops");
+    }
+
+    #[test]
+    fn urls() {
+        let u = parse_url("HTTPS://Host.Example:443/a/b?c=d#frag").unwrap();
+        assert_eq!(u.authority, "host.example");
+        assert_eq!(u.path, "/a/b");
+        assert_eq!(u.query.as_deref(), Some("c=d"));
+        let u = parse_url("https://h:8443").unwrap();
+        assert_eq!(
+            (u.authority.as_str(), u.path.as_str(), u.query),
+            ("h:8443", "", None)
+        );
+        assert!(parse_url("https://h/a b").is_none());
+        assert!(parse_url("https://h/é").is_none());
+    }
+}

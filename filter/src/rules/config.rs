@@ -1,0 +1,728 @@
+//! Plugin configuration: serde types, defaults, validation and the compiled table.
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fmt;
+
+/// Default lifetime of a signed redirect URL.
+pub const DEFAULT_REDIRECT_TTL_SECONDS: u64 = 1200;
+
+/// The filter's plugin configuration (JSON), as in docs/design.md.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// Host mode: `<host_prefix>.<host_suffix>` selects a registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_suffix: Option<String>,
+    /// Registry for requests that name none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_registry: Option<String>,
+    /// Lifetime of a signed redirect URL (default 1200).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_ttl_seconds: Option<u64>,
+    /// Hex HMAC key (>= 32 bytes); absent: generated once per Envoy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key: Option<String>,
+    /// Registries. Empty or absent: the five built-in registries (and, when
+    /// `default_registry` is absent too, default registry `docker.io`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub registries: Vec<RegistryConfig>,
+}
+
+/// What to do with upstream redirects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RedirectMode {
+    /// Rewrite to a signed mirror URL; the mirror fetches the target.
+    #[default]
+    Sign,
+    /// Leave `Location` alone.
+    Passthrough,
+}
+
+/// One registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Public name (`docker.io`).
+    pub name: String,
+    /// Other names accepted in `ns` and path prefixes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+    /// `host[:port]` of the upstream (TLS).
+    pub upstream: String,
+    /// Host-mode prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_prefix: Option<String>,
+    /// Token realm hosts (patterns) whose challenges are rewritten.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub realm_hosts: Vec<String>,
+    /// Redirect target hosts (patterns) that get signed mirror URLs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redirect_hosts: Vec<String>,
+    /// One-component names get `library/`.
+    #[serde(default)]
+    pub library_namespace: bool,
+    /// Envoy sends this registry to cache-service.
+    #[serde(default)]
+    pub cache: bool,
+    /// Redirect handling.
+    #[serde(default)]
+    pub redirects: RedirectMode,
+}
+
+/// A configuration error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    /// JSON did not parse or had unknown fields.
+    Json(String),
+    /// Two registries share a name or alias.
+    DuplicateName(String),
+    /// Two registries share a host prefix.
+    DuplicateHostPrefix(String),
+    /// A host or host pattern is malformed.
+    BadHost(String),
+    /// `default_registry` is not a registry name or alias.
+    UnknownDefaultRegistry(String),
+    /// The signing key is not hex or shorter than 32 bytes.
+    BadSigningKey,
+    /// `redirect_ttl_seconds` is 0.
+    ZeroTtl,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Json(e) => write!(f, "invalid JSON configuration: {e}"),
+            ConfigError::DuplicateName(n) => write!(f, "duplicate registry name or alias {n:?}"),
+            ConfigError::DuplicateHostPrefix(p) => write!(f, "duplicate host_prefix {p:?}"),
+            ConfigError::BadHost(h) => write!(f, "invalid host or host pattern {h:?}"),
+            ConfigError::UnknownDefaultRegistry(n) => {
+                write!(f, "default_registry {n:?} is not a configured registry")
+            }
+            ConfigError::BadSigningKey => {
+                f.write_str("signing_key must be hex and at least 32 bytes (64 hex chars)")
+            }
+            ConfigError::ZeroTtl => f.write_str("redirect_ttl_seconds must be > 0"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn strs(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| (*s).to_string()).collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn builtin(
+    name: &str,
+    aliases: &[&str],
+    upstream: &str,
+    prefix: &str,
+    realms: &[&str],
+    redirects: &[&str],
+    library: bool,
+    cache: bool,
+) -> RegistryConfig {
+    RegistryConfig {
+        name: name.to_string(),
+        aliases: strs(aliases),
+        upstream: upstream.to_string(),
+        host_prefix: Some(prefix.to_string()),
+        realm_hosts: strs(realms),
+        redirect_hosts: strs(redirects),
+        library_namespace: library,
+        cache,
+        redirects: RedirectMode::Sign,
+    }
+}
+
+/// The five built-in registries.
+pub fn default_registries() -> Vec<RegistryConfig> {
+    vec![
+        builtin(
+            "docker.io",
+            &["index.docker.io", "registry-1.docker.io"],
+            "registry-1.docker.io",
+            "docker",
+            &["auth.docker.io", "auth.ipv6.docker.com"],
+            &[
+                "production.cloudflare.docker.com",
+                "production.cloudfront.docker.com",
+                "*.r2.cloudflarestorage.com",
+            ],
+            true,
+            false,
+        ),
+        builtin(
+            "quay.io",
+            &[],
+            "quay.io",
+            "quay",
+            &["quay.io"],
+            &[
+                "cdn.quay.io",
+                "cdn01.quay.io",
+                "cdn02.quay.io",
+                "cdn03.quay.io",
+                "*.cloudfront.net",
+                "*.s3.amazonaws.com",
+            ],
+            false,
+            false,
+        ),
+        builtin(
+            "gcr.io",
+            &[],
+            "gcr.io",
+            "gcr",
+            &["gcr.io"],
+            &["storage.googleapis.com"],
+            false,
+            true,
+        ),
+        builtin(
+            "ghcr.io",
+            &[],
+            "ghcr.io",
+            "ghcr",
+            &["ghcr.io"],
+            &["pkg-containers.githubusercontent.com"],
+            false,
+            false,
+        ),
+        builtin(
+            "registry.k8s.io",
+            &[],
+            "registry.k8s.io",
+            "k8s",
+            &["registry.k8s.io", "*.pkg.dev"],
+            &["*.pkg.dev", "*.amazonaws.com"],
+            false,
+            false,
+        ),
+    ]
+}
+
+/// The configuration used when the plugin configuration is empty.
+pub fn default_config() -> FilterConfig {
+    FilterConfig {
+        host_suffix: None,
+        default_registry: Some("docker.io".to_string()),
+        redirect_ttl_seconds: Some(DEFAULT_REDIRECT_TTL_SECONDS),
+        signing_key: None,
+        registries: default_registries(),
+    }
+}
+
+/// Validates a DNS host name (lowercase labels, IPv4 allowed); no port.
+pub fn is_valid_hostname(h: &str) -> bool {
+    if h.is_empty() || h.len() > 253 {
+        return false;
+    }
+    h.split('.').all(|label| {
+        let b = label.as_bytes();
+        !b.is_empty()
+            && b.len() <= 63
+            && b.iter()
+                .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+            && b.first() != Some(&b'-')
+            && b.last() != Some(&b'-')
+    })
+}
+
+/// Validates a port: 1..=65535, digits only, no leading zero.
+fn is_valid_port(p: &str) -> bool {
+    !p.is_empty()
+        && p.len() <= 5
+        && p.bytes().all(|b| b.is_ascii_digit())
+        && !p.starts_with('0')
+        && p.parse::<u32>().is_ok_and(|n| (1..=65535).contains(&n))
+}
+
+/// Validates `host[:port]` (lowercase).
+pub fn is_valid_authority(a: &str) -> bool {
+    match a.split_once(':') {
+        Some((h, p)) => is_valid_hostname(h) && is_valid_port(p),
+        None => is_valid_hostname(a),
+    }
+}
+
+/// An exact `host[:port]` or a leading wildcard `*.suffix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    /// Matches exactly this `host[:port]`.
+    Exact(String),
+    /// Matches any host ending in `.<suffix>` with at least one more label (no port).
+    Wildcard(String),
+}
+
+impl HostPattern {
+    /// Parses a pattern; input is lowercased first.
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let l = s.trim().to_ascii_lowercase();
+        if let Some(suffix) = l.strip_prefix("*.") {
+            if is_valid_hostname(suffix) {
+                return Ok(HostPattern::Wildcard(suffix.to_string()));
+            }
+        } else if is_valid_authority(&l) {
+            return Ok(HostPattern::Exact(l));
+        }
+        Err(ConfigError::BadHost(s.to_string()))
+    }
+
+    /// Does this pattern match a (lowercase, normalized) `host[:port]`?
+    pub fn matches(&self, authority: &str) -> bool {
+        match self {
+            HostPattern::Exact(e) => e == authority,
+            HostPattern::Wildcard(suffix) => {
+                if authority.contains(':') {
+                    return false;
+                }
+                authority
+                    .strip_suffix(suffix.as_str())
+                    .and_then(|p| p.strip_suffix('.'))
+                    .is_some_and(|label| !label.is_empty())
+            }
+        }
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Exact(e) => f.write_str(e),
+            HostPattern::Wildcard(s) => write!(f, "*.{s}"),
+        }
+    }
+}
+
+/// True when any pattern matches.
+pub fn any_match(patterns: &[HostPattern], authority: &str) -> bool {
+    patterns.iter().any(|p| p.matches(authority))
+}
+
+/// A compiled registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registry {
+    /// Public name.
+    pub name: String,
+    /// Aliases (lowercase).
+    pub aliases: Vec<String>,
+    /// Upstream `host[:port]`.
+    pub upstream: String,
+    /// Host-mode prefix.
+    pub host_prefix: Option<String>,
+    /// Realm host patterns.
+    pub realm_hosts: Vec<HostPattern>,
+    /// Redirect host patterns.
+    pub redirect_hosts: Vec<HostPattern>,
+    /// Add `library/` to one-component names.
+    pub library_namespace: bool,
+    /// Served through cache-service.
+    pub cache: bool,
+    /// Redirect handling.
+    pub redirects: RedirectMode,
+    /// Name usable in a metric: non-alphanumerics become `_`.
+    pub metric_name: String,
+}
+
+impl Registry {
+    /// Is `authority` (normalized) an allowed redirect target?
+    pub fn redirect_allowed(&self, authority: &str) -> bool {
+        self.upstream == authority || any_match(&self.redirect_hosts, authority)
+    }
+}
+
+/// Validated, immutable configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledConfig {
+    registries: Vec<Registry>,
+    by_name: HashMap<String, usize>,
+    by_host: HashMap<String, usize>,
+    default_registry: Option<usize>,
+    /// Host-mode suffix.
+    pub host_suffix: Option<String>,
+    /// Signed URL lifetime.
+    pub redirect_ttl_seconds: u64,
+    /// Configured signing key bytes.
+    pub signing_key: Option<Vec<u8>>,
+}
+
+impl CompiledConfig {
+    /// All registries in configuration order.
+    pub fn registries(&self) -> &[Registry] {
+        &self.registries
+    }
+
+    /// Registry by name or alias (case-insensitive).
+    pub fn registry(&self, name: &str) -> Option<&Registry> {
+        let key = name.to_ascii_lowercase();
+        self.by_name.get(&key).and_then(|&i| self.registries.get(i))
+    }
+
+    /// Registry selected by a host-mode host (no port).
+    pub fn registry_for_host(&self, host: &str) -> Option<&Registry> {
+        let key = host.to_ascii_lowercase();
+        self.by_host.get(&key).and_then(|&i| self.registries.get(i))
+    }
+
+    /// The default registry.
+    pub fn default_registry(&self) -> Option<&Registry> {
+        self.default_registry.and_then(|i| self.registries.get(i))
+    }
+
+    /// First registry whose realm hosts match `authority`.
+    pub fn registry_for_realm(&self, authority: &str) -> Option<&Registry> {
+        self.registries
+            .iter()
+            .find(|r| any_match(&r.realm_hosts, authority))
+    }
+}
+
+/// Decodes lowercase/uppercase hex.
+pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() & 1 == 1 {
+        return None;
+    }
+    let b = s.as_bytes();
+    b.chunks(2)
+        .map(|pair| {
+            let hi = (*pair.first()? as char).to_digit(16)?;
+            let lo = (*pair.get(1)? as char).to_digit(16)?;
+            u8::try_from(hi * 16 + lo).ok()
+        })
+        .collect()
+}
+
+fn metric_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Validates and compiles a configuration.
+pub fn compile(cfg: &FilterConfig) -> Result<CompiledConfig, ConfigError> {
+    let using_defaults = cfg.registries.is_empty();
+    let regs = if using_defaults {
+        default_registries()
+    } else {
+        cfg.registries.clone()
+    };
+    let host_suffix = match &cfg.host_suffix {
+        Some(s) if !s.trim().is_empty() => {
+            let l = s.trim().to_ascii_lowercase();
+            if !is_valid_hostname(&l) {
+                return Err(ConfigError::BadHost(s.clone()));
+            }
+            Some(l)
+        }
+        _ => None,
+    };
+    let ttl = cfg
+        .redirect_ttl_seconds
+        .unwrap_or(DEFAULT_REDIRECT_TTL_SECONDS);
+    if ttl == 0 {
+        return Err(ConfigError::ZeroTtl);
+    }
+    let signing_key = match &cfg.signing_key {
+        None => None,
+        Some(k) => {
+            let bytes = decode_hex(k.trim()).ok_or(ConfigError::BadSigningKey)?;
+            if bytes.len() < 32 {
+                return Err(ConfigError::BadSigningKey);
+            }
+            Some(bytes)
+        }
+    };
+
+    let mut registries = Vec::with_capacity(regs.len());
+    let mut by_name = HashMap::new();
+    let mut by_host = HashMap::new();
+    let mut prefixes: HashMap<String, usize> = HashMap::new();
+    for (i, r) in regs.iter().enumerate() {
+        let name = r.name.trim().to_ascii_lowercase();
+        if !is_valid_authority(&name) {
+            return Err(ConfigError::BadHost(r.name.clone()));
+        }
+        let upstream = r.upstream.trim().to_ascii_lowercase();
+        if !is_valid_authority(&upstream) {
+            return Err(ConfigError::BadHost(r.upstream.clone()));
+        }
+        let mut aliases = Vec::new();
+        for n in std::iter::once(&r.name).chain(r.aliases.iter()) {
+            let l = n.trim().to_ascii_lowercase();
+            if !is_valid_authority(&l) {
+                return Err(ConfigError::BadHost(n.clone()));
+            }
+            if by_name.insert(l.clone(), i).is_some() {
+                return Err(ConfigError::DuplicateName(l));
+            }
+            if l != name {
+                aliases.push(l);
+            }
+        }
+        let host_prefix = match &r.host_prefix {
+            Some(p) if !p.trim().is_empty() => {
+                let l = p.trim().to_ascii_lowercase();
+                if !is_valid_hostname(&l) {
+                    return Err(ConfigError::BadHost(p.clone()));
+                }
+                if prefixes.insert(l.clone(), i).is_some() {
+                    return Err(ConfigError::DuplicateHostPrefix(l));
+                }
+                if let Some(sfx) = &host_suffix {
+                    by_host.insert(format!("{l}.{sfx}"), i);
+                }
+                Some(l)
+            }
+            _ => None,
+        };
+        let realm_hosts = r
+            .realm_hosts
+            .iter()
+            .map(|h| HostPattern::parse(h))
+            .collect::<Result<Vec<_>, _>>()?;
+        let redirect_hosts = r
+            .redirect_hosts
+            .iter()
+            .map(|h| HostPattern::parse(h))
+            .collect::<Result<Vec<_>, _>>()?;
+        registries.push(Registry {
+            metric_name: metric_name(&name),
+            name,
+            aliases,
+            upstream,
+            host_prefix,
+            realm_hosts,
+            redirect_hosts,
+            library_namespace: r.library_namespace,
+            cache: r.cache,
+            redirects: r.redirects,
+        });
+    }
+
+    let default_name = match &cfg.default_registry {
+        Some(d) if !d.trim().is_empty() => Some(d.trim().to_string()),
+        Some(_) => None,
+        None if using_defaults => Some("docker.io".to_string()),
+        None => None,
+    };
+    let default_registry = match default_name {
+        None => None,
+        Some(d) => Some(
+            *by_name
+                .get(&d.to_ascii_lowercase())
+                .ok_or(ConfigError::UnknownDefaultRegistry(d))?,
+        ),
+    };
+
+    Ok(CompiledConfig {
+        registries,
+        by_name,
+        by_host,
+        default_registry,
+        host_suffix,
+        redirect_ttl_seconds: ttl,
+        signing_key,
+    })
+}
+
+/// Parses plugin configuration bytes; empty or whitespace means the defaults.
+pub fn parse(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        return compile(&default_config());
+    }
+    let cfg: FilterConfig =
+        serde_json::from_slice(bytes).map_err(|e| ConfigError::Json(e.to_string()))?;
+    compile(&cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg(name: &str, upstream: &str) -> RegistryConfig {
+        RegistryConfig {
+            name: name.into(),
+            aliases: vec![],
+            upstream: upstream.into(),
+            host_prefix: None,
+            realm_hosts: vec![],
+            redirect_hosts: vec![],
+            library_namespace: false,
+            cache: false,
+            redirects: RedirectMode::Sign,
+        }
+    }
+
+    #[test]
+    fn empty_means_defaults() {
+        for input in [&b""[..], b"  \n\t", b"{}"] {
+            let c = parse(input).unwrap();
+            assert_eq!(c.registries().len(), 5);
+            assert_eq!(c.default_registry().unwrap().name, "docker.io");
+            assert_eq!(c.redirect_ttl_seconds, 1200);
+            assert!(c.signing_key.is_none());
+            assert!(c.host_suffix.is_none());
+        }
+        let c = parse(b"").unwrap();
+        let d = c.registry("registry-1.docker.io").unwrap();
+        assert_eq!(d.name, "docker.io");
+        assert!(d.library_namespace);
+        assert!(d.redirect_allowed("foo.r2.cloudflarestorage.com"));
+        assert!(d.redirect_allowed("registry-1.docker.io"));
+        assert!(!d.redirect_allowed("r2.cloudflarestorage.com"));
+        assert!(c.registry("GCR.IO").unwrap().cache);
+        assert_eq!(
+            c.registry_for_realm("us-docker.pkg.dev").unwrap().name,
+            "registry.k8s.io"
+        );
+        assert_eq!(
+            c.registry_for_realm("auth.docker.io").unwrap().name,
+            "docker.io"
+        );
+        assert!(c.registry_for_realm("evil.example").is_none());
+        assert_eq!(
+            c.registry("registry.k8s.io").unwrap().metric_name,
+            "registry_k8s_io"
+        );
+    }
+
+    #[test]
+    fn roundtrip_default_config() {
+        let json = serde_json::to_string(&default_config()).unwrap();
+        let back: FilterConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, default_config());
+        assert_eq!(parse(json.as_bytes()).unwrap(), parse(b"").unwrap());
+    }
+
+    #[test]
+    fn host_mode_and_options() {
+        let json = br#"{"host_suffix":"Mirror.Test","default_registry":"index.docker.io",
+            "redirect_ttl_seconds":60,
+            "signing_key":"000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
+            "registries":[{"name":"docker.io","aliases":["index.docker.io"],
+              "upstream":"registry-1.docker.io","host_prefix":"docker","library_namespace":true,
+              "redirects":"passthrough"},
+              {"name":"localhost:5000","upstream":"127.0.0.1:5001"}]}"#;
+        let c = parse(json).unwrap();
+        assert_eq!(
+            c.registry_for_host("docker.mirror.test").unwrap().name,
+            "docker.io"
+        );
+        assert!(c.registry_for_host("quay.mirror.test").is_none());
+        assert_eq!(c.default_registry().unwrap().name, "docker.io");
+        assert_eq!(c.redirect_ttl_seconds, 60);
+        assert_eq!(c.signing_key.as_ref().unwrap().len(), 32);
+        assert_eq!(
+            c.registry("docker.io").unwrap().redirects,
+            RedirectMode::Passthrough
+        );
+        assert_eq!(
+            c.registry("localhost:5000").unwrap().upstream,
+            "127.0.0.1:5001"
+        );
+        // Explicit registries without default_registry: no default.
+        let c = parse(br#"{"registries":[{"name":"quay.io","upstream":"quay.io"}]}"#).unwrap();
+        assert!(c.default_registry().is_none());
+    }
+
+    #[test]
+    fn validation_errors() {
+        let base = |regs: Vec<RegistryConfig>| FilterConfig {
+            registries: regs,
+            ..FilterConfig::default()
+        };
+        let mut a = reg("a.io", "a.io");
+        let b = reg("a.io", "b.io");
+        assert!(matches!(
+            compile(&base(vec![a.clone(), b])),
+            Err(ConfigError::DuplicateName(_))
+        ));
+        let mut b = reg("b.io", "b.io");
+        b.aliases = vec!["A.io".into()];
+        assert!(matches!(
+            compile(&base(vec![a.clone(), b])),
+            Err(ConfigError::DuplicateName(_))
+        ));
+        a.host_prefix = Some("x".into());
+        let mut b = reg("b.io", "b.io");
+        b.host_prefix = Some("x".into());
+        assert!(matches!(
+            compile(&base(vec![a.clone(), b])),
+            Err(ConfigError::DuplicateHostPrefix(_))
+        ));
+        for bad in [
+            "*",
+            "*.",
+            "a..b",
+            "a b",
+            "-a.io",
+            "a.io:0",
+            "a.io:99999",
+            "a.*.io",
+            "http://a",
+        ] {
+            let mut r = reg("a.io", "a.io");
+            r.redirect_hosts = vec![bad.into()];
+            assert!(
+                matches!(compile(&base(vec![r])), Err(ConfigError::BadHost(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            compile(&base(vec![reg("a.io", "bad host")])),
+            Err(ConfigError::BadHost(_))
+        ));
+        let mut c = base(vec![reg("a.io", "a.io")]);
+        c.default_registry = Some("b.io".into());
+        assert!(matches!(
+            compile(&c),
+            Err(ConfigError::UnknownDefaultRegistry(_))
+        ));
+        let mut c = base(vec![]);
+        c.signing_key = Some("zz".repeat(32));
+        assert_eq!(compile(&c), Err(ConfigError::BadSigningKey));
+        c.signing_key = Some("ab".repeat(31));
+        assert_eq!(compile(&c), Err(ConfigError::BadSigningKey));
+        c.signing_key = Some("abc".into());
+        assert_eq!(compile(&c), Err(ConfigError::BadSigningKey));
+        c.signing_key = None;
+        c.redirect_ttl_seconds = Some(0);
+        assert_eq!(compile(&c), Err(ConfigError::ZeroTtl));
+        assert!(matches!(parse(b"{\"bogus\":1}"), Err(ConfigError::Json(_))));
+        assert!(matches!(
+            parse(br#"{"registries":[{"name":"a.io","upstream":"a.io","x":1}]}"#),
+            Err(ConfigError::Json(_))
+        ));
+        assert!(matches!(parse(b"not json"), Err(ConfigError::Json(_))));
+        assert!(matches!(
+            parse(br#"{"registries":[{"name":"a.io"}]}"#),
+            Err(ConfigError::Json(_))
+        ));
+    }
+
+    #[test]
+    fn patterns() {
+        let w = HostPattern::parse("*.Example.com").unwrap();
+        assert!(w.matches("a.example.com"));
+        assert!(w.matches("a.b.example.com"));
+        assert!(!w.matches("example.com"));
+        assert!(!w.matches("aexample.com"));
+        assert!(!w.matches("a.example.com:8443"));
+        let e = HostPattern::parse("localhost:5000").unwrap();
+        assert!(e.matches("localhost:5000"));
+        assert!(!e.matches("localhost"));
+        assert_eq!(w.to_string(), "*.example.com");
+        assert_eq!(decode_hex("0aFF"), Some(vec![10, 255]));
+        assert_eq!(decode_hex("0g"), None);
+    }
+}

@@ -1,0 +1,12 @@
+//! Pure routing and rewriting logic: no proxy-wasm calls, unit-tested on the host.
+
+pub mod challenge;
+pub mod config;
+pub mod names;
+pub mod oci_error;
+pub mod redirect;
+pub mod route;
+
+pub use config::{
+    compile, default_config, parse, CompiledConfig, ConfigError, FilterConfig, RegistryConfig,
+};
