@@ -156,21 +156,21 @@ impl RootContext for MirrorRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
         let bytes = self.get_plugin_configuration().unwrap_or_default();
         if bytes.iter().all(u8::is_ascii_whitespace) {
-            info!("mirror: no plugin configuration, using the built-in registries");
+            info!("no plugin configuration, using the built-in registries");
         }
         let cfg = match rules::parse(&bytes) {
             Ok(c) => c,
             Err(e) => {
-                warn!("mirror: invalid plugin configuration: {e}");
+                warn!("invalid plugin configuration: {e}");
                 return false;
             }
         };
         if cfg.signing_key.is_none() && !ensure_shared_key() {
-            warn!("mirror: no signing key available; redirects will not be signed");
+            warn!("no signing key available; redirects will not be signed");
         }
         let metrics = Metrics::define(&cfg);
         info!(
-            "mirror: configured {} registries, default {:?}",
+            "configured {} registries, default {:?}",
             cfg.registries().len(),
             cfg.default_registry().map(|r| r.name.as_str())
         );
@@ -280,7 +280,7 @@ impl MirrorHttp {
         }
         if rejected > 0 {
             info!(
-                "mirror: {rejected} challenge realm(s) from {} not allowlisted for {}, left alone",
+                "{rejected} challenge realm(s) from {} not allowlisted for {}, left alone",
                 st.upstream_authority, st.registry
             );
         }
@@ -301,7 +301,7 @@ impl MirrorHttp {
         };
         let Ok(loc) = String::from_utf8(loc) else {
             shared.metrics.inc("mirror_redirects_unsigned", 1);
-            info!("mirror: non-UTF-8 Location left alone");
+            info!("non-UTF-8 Location left alone");
             return;
         };
         let key = shared.signing_key();
@@ -325,7 +325,7 @@ impl MirrorHttp {
             LocationOutcome::Rejected => {
                 shared.metrics.inc("mirror_redirects_unsigned", 1);
                 info!(
-                    "mirror: redirect from {} for {} not signed (host not allowed, not https, or no key): {}",
+                    "redirect from {} for {} not signed (host not allowed, not https, or no key): {}",
                     st.upstream_authority,
                     st.registry,
                     loc.chars().take(200).collect::<String>()
@@ -354,7 +354,7 @@ impl HttpContext for MirrorHttp {
         let (method, authority, path, scheme, xfp, authorization) = match headers {
             Ok(h) => h,
             Err(HeaderError::NotUtf8(name)) => {
-                info!("mirror: rejected request: header {name} is not UTF-8");
+                info!("rejected request: header {name} is not UTF-8");
                 shared.metrics.rejection(RejectReason::BadRequest);
                 return self.fail(400, ErrorCode::Unsupported, "invalid header encoding");
             }
@@ -379,7 +379,7 @@ impl HttpContext for MirrorHttp {
                 if let Some(reason) = r.reason {
                     shared.metrics.rejection(reason);
                     info!(
-                        "mirror: {} {} {}: {} ({})",
+                        "{} {} {}: {} ({})",
                         r.status,
                         method,
                         path.chars().take(300).collect::<String>(),
@@ -391,7 +391,7 @@ impl HttpContext for MirrorHttp {
             }
             Decision::Forward(f) => {
                 debug!(
-                    "mirror: {method} {path} -> {} {} ({})",
+                    "{method} {path} -> {} {} ({})",
                     f.authority, f.path, f.registry
                 );
                 shared.metrics.request(&f.registry);

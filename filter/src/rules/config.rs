@@ -711,6 +711,29 @@ mod tests {
     }
 
     #[test]
+    fn design_example_parses() {
+        let json = br#"{
+          "host_suffix": "mirror.example.com",
+          "default_registry": "docker.io",
+          "redirect_ttl_seconds": 1200,
+          "registries": [ { "name": "docker.io", "aliases": [], "upstream": "registry-1.docker.io",
+                            "host_prefix": "docker", "realm_hosts": [], "redirect_hosts": [],
+                            "library_namespace": true, "cache": false, "redirects": "sign" } ]
+        }"#;
+        let c = parse(json).unwrap();
+        assert_eq!(
+            c.registry_for_host("docker.mirror.example.com")
+                .unwrap()
+                .upstream,
+            "registry-1.docker.io"
+        );
+        let cfg: FilterConfig = serde_json::from_slice(json).unwrap();
+        let out = serde_json::to_string(&cfg).unwrap();
+        let back: FilterConfig = serde_json::from_str(&out).unwrap();
+        assert_eq!(back, cfg);
+    }
+
+    #[test]
     fn patterns() {
         let w = HostPattern::parse("*.Example.com").unwrap();
         assert!(w.matches("a.example.com"));
