@@ -1,1 +1,193 @@
-fn main() {}
+//! `regmirror`: pull-through OCI registry cache (`serve`, the default) and the mirror's config
+//! generator (`render`).
+
+mod cache;
+mod config;
+mod http;
+mod metrics;
+mod oci;
+mod render;
+mod store;
+mod upstream;
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use std::future::IntoFuture;
+
+use clap::{Parser, Subcommand};
+
+use config::{Config, LogFormat, ServeArgs};
+
+/// Pull-through cache for OCI/Docker registries.
+///
+/// Quick start (no config file):
+///   regmirror --listen 127.0.0.1:5001 --storage /var/lib/regmirror --upstream gcr.io=https://gcr.io
+///
+/// Requests pick their upstream by the `x-mirror-registry` header (set by the mirror's Envoy
+/// filter), else the `ns` query parameter, else the only configured upstream. The cache only
+/// pulls: writes are refused with 405 UNSUPPORTED.
+#[derive(Debug, Parser)]
+#[command(name = "regmirror", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the cache (the default when no subcommand is given).
+    Serve(ServeArgs),
+    /// Render the Envoy, filter and cache configs from envoy/registries.toml.
+    Render(render::RenderArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Render(args)) => render::run(&args),
+        Some(Command::Serve(args)) => serve(&args),
+        None => serve(&cli.serve),
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+fn serve(args: &ServeArgs) -> ExitCode {
+    let env = |k: &str| std::env::var(k).ok();
+    let cfg = match Config::load(args, &env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("regmirror: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(cfg.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("regmirror: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(run(cfg))
+}
+
+async fn run(cfg: Config) -> ExitCode {
+    let store = match store::fs::FsStore::new(&cfg.storage) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            eprintln!(
+                "regmirror: storage directory {}: {e}",
+                cfg.storage.display()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let mut upstreams = BTreeMap::new();
+    let mut client_tokens = BTreeMap::new();
+    for (name, u) in &cfg.upstreams {
+        match upstream::Upstream::new(u) {
+            Ok(c) => {
+                upstreams.insert(name.clone(), Arc::new(c));
+            }
+            Err(e) => {
+                eprintln!("regmirror: upstream {name}: {e}");
+                return ExitCode::from(2);
+            }
+        }
+        if let Some(t) = &u.client_token {
+            client_tokens.insert(name.clone(), t.clone());
+        }
+    }
+    let cache = match cache::Cache::open(store, upstreams, cfg.tag_ttl, cfg.max_size) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            eprintln!(
+                "regmirror: opening the cache in {}: {e}",
+                cfg.storage.display()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(cfg.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("regmirror: cannot listen on {}: {e}", cfg.listen);
+            return ExitCode::from(2);
+        }
+    };
+    tracing::info!(
+        listen = %cfg.listen,
+        storage = %cfg.storage.display(),
+        upstreams = ?cache.upstream_names().collect::<Vec<_>>(),
+        max_size = cfg.max_size,
+        tag_ttl_seconds = cfg.tag_ttl.as_secs(),
+        "regmirror serving"
+    );
+    let app = http::router(http::AppState {
+        cache: cache.clone(),
+        client_tokens: Arc::new(client_tokens),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .into_future(),
+    );
+    let server_abort = server.abort_handle();
+    tokio::select! {
+        r = server => {
+            if let Ok(Err(e)) = r {
+                tracing::error!(error = %e, "server failed");
+            }
+            cache.clean_tmp();
+            return ExitCode::FAILURE;
+        }
+        () = shutdown_signal() => {}
+    }
+    tracing::info!(
+        grace_seconds = cfg.shutdown_grace.as_secs(),
+        "shutting down: no new connections; letting downloads finish"
+    );
+    let _ = stop_tx.send(());
+    cache.drain(cfg.shutdown_grace).await;
+    server_abort.abort();
+    cache.clean_tmp();
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install SIGTERM handler");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

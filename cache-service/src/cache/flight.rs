@@ -1,0 +1,225 @@
+//! One in-progress blob download shared by every client that asks for it (single-flight + tee).
+//!
+//! The download task writes the upstream body into a temp file (hashing as it goes) and
+//! publishes progress through a `watch` channel. Readers share one read handle on the temp file
+//! and `pread` up to the published watermark, so they keep working after the file is renamed
+//! into the store (or unlinked). If the disk fills up, later bytes are kept in memory (`tail`)
+//! so the attached clients are still served, and nothing is cached.
+//!
+//! Readers never send the final byte of a body of known length before the download verified:
+//! if the digest does not match, the stream ends with an error instead, which aborts the HTTP
+//! response (the client sees a cut connection, never a complete-looking body).
+
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::Stream;
+use tokio::sync::watch;
+
+use super::CacheError;
+use crate::metrics::Metrics;
+
+/// Memory allowed for bytes that could not be written to disk (ENOSPC) in one download.
+pub const MAX_TAIL_BYTES: u64 = 512 * 1024 * 1024;
+const READ_CHUNK: u64 = 256 * 1024;
+
+#[derive(Debug, Clone, Default)]
+pub struct FlightState {
+    /// `None` until upstream answered; then the body length if upstream sent one.
+    pub started: Option<Option<u64>>,
+    /// Bytes received from upstream.
+    pub received: u64,
+    /// Bytes of those readable from the temp file.
+    pub on_disk: u64,
+    /// Final outcome: `Ok` only after the digest verified.
+    pub done: Option<Result<(), CacheError>>,
+}
+
+#[derive(Debug, Default)]
+pub struct Tail {
+    pub start: u64,
+    pub chunks: Vec<Bytes>,
+    pub len: u64,
+}
+
+#[derive(Debug)]
+pub struct InFlight {
+    pub(super) file: Option<Arc<std::fs::File>>,
+    pub(super) state: watch::Receiver<FlightState>,
+    pub(super) tail: Mutex<Tail>,
+}
+
+impl InFlight {
+    /// Wait until upstream answered: `Ok(Some(len))`/`Ok(None)` (unknown length) or the error.
+    pub async fn started(&self) -> Result<Option<u64>, CacheError> {
+        let mut rx = self.state.clone();
+        loop {
+            {
+                let s = rx.borrow_and_update();
+                if let Some(Err(e)) = &s.done {
+                    return Err(e.clone());
+                }
+                if let Some(len) = s.started {
+                    return Ok(len);
+                }
+                if let Some(Ok(())) = &s.done {
+                    return Ok(Some(s.received));
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(CacheError::Internal("download task vanished".into()));
+            }
+        }
+    }
+
+    fn read_tail(&self, pos: u64, max: u64) -> Option<Bytes> {
+        let tail = super::lock(&self.tail);
+        if pos < tail.start {
+            return None;
+        }
+        let mut off = tail.start;
+        for c in &tail.chunks {
+            let clen = c.len() as u64;
+            if pos < off + clen {
+                let from = usize::try_from(pos - off).ok()?;
+                let to = usize::try_from(std::cmp::min(clen, pos - off + max)).ok()?;
+                return Some(c.slice(from..to));
+            }
+            off += clen;
+        }
+        None
+    }
+}
+
+/// Stream bytes `[start, end)` (`end = None`: to the end of the body) of an in-flight download.
+pub fn reader(
+    flight: Arc<InFlight>,
+    start: u64,
+    end: Option<u64>,
+    metrics: Arc<Metrics>,
+) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    let rx = flight.state.clone();
+    futures::stream::unfold(
+        (flight, rx, start, false),
+        move |(flight, mut rx, pos, finished)| {
+            let metrics = metrics.clone();
+            async move {
+                if finished {
+                    return None;
+                }
+                loop {
+                    let s = rx.borrow_and_update().clone();
+                    if let Some(Err(e)) = &s.done {
+                        let err = io::Error::other(format!("upstream download failed: {e}"));
+                        return Some((Err(err), (flight, rx, pos, true)));
+                    }
+                    let verified = matches!(s.done, Some(Ok(())));
+                    let body_len = s.started.flatten().or(verified.then_some(s.received));
+                    let limit = match (end, body_len) {
+                        (Some(e), _) => Some(e),
+                        (None, l) => l,
+                    };
+                    if let Some(l) = limit {
+                        if pos >= l && verified {
+                            return None;
+                        }
+                    }
+                    // Hold back the last byte of a known-length body until verified.
+                    let mut avail = s.received;
+                    if !verified {
+                        if let Some(total) = s.started.flatten() {
+                            avail = std::cmp::min(avail, total.saturating_sub(1));
+                        }
+                    }
+                    if let Some(l) = limit {
+                        avail = std::cmp::min(avail, l);
+                    }
+                    if pos < avail {
+                        let want = std::cmp::min(READ_CHUNK, avail - pos);
+                        let chunk = if pos < s.on_disk {
+                            let want = std::cmp::min(want, s.on_disk - pos);
+                            match &flight.file {
+                                Some(f) => read_at(f.clone(), pos, want).await,
+                                None => Err(io::Error::other("no temp file")),
+                            }
+                        } else {
+                            flight
+                                .read_tail(pos, want)
+                                .ok_or_else(|| io::Error::other("bytes not available"))
+                        };
+                        return match chunk {
+                            Ok(b) if !b.is_empty() => {
+                                metrics.add_upstream_bytes(b.len() as u64);
+                                let next = pos + b.len() as u64;
+                                Some((Ok(b), (flight, rx, next, false)))
+                            }
+                            Ok(_) => Some((
+                                Err(io::Error::other("temp file shorter than watermark")),
+                                (flight, rx, pos, true),
+                            )),
+                            Err(e) => Some((Err(e), (flight, rx, pos, true))),
+                        };
+                    }
+                    if rx.changed().await.is_err() {
+                        let err = io::Error::other("download task vanished");
+                        return Some((Err(err), (flight, rx, pos, true)));
+                    }
+                }
+            }
+        },
+    )
+}
+
+async fn read_at(f: Arc<std::fs::File>, pos: u64, len: u64) -> io::Result<Bytes> {
+    tokio::task::spawn_blocking(move || {
+        let n = usize::try_from(len).map_err(io::Error::other)?;
+        let mut buf = vec![0u8; n];
+        let mut filled = 0;
+        while filled < n {
+            let slice = buf.get_mut(filled..).unwrap_or_default();
+            let r = f.read_at(slice, pos + filled as u64)?;
+            if r == 0 {
+                break;
+            }
+            filled += r;
+        }
+        buf.truncate(filled);
+        Ok(Bytes::from(buf))
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+/// Read `[start, end)` of a stored (verified) blob file.
+pub fn file_reader(
+    file: std::fs::File,
+    start: u64,
+    end: u64,
+    metrics: Arc<Metrics>,
+    pin: super::lru::PinGuard,
+) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    let f = Arc::new(file);
+    futures::stream::unfold((f, start, pin), move |(f, pos, pin)| {
+        let metrics = metrics.clone();
+        async move {
+            if pos >= end {
+                return None;
+            }
+            let want = std::cmp::min(READ_CHUNK, end - pos);
+            match read_at(f.clone(), pos, want).await {
+                Ok(b) if !b.is_empty() => {
+                    metrics.add_cache_bytes(b.len() as u64);
+                    let next = pos + b.len() as u64;
+                    Some((Ok(b), (f, next, pin)))
+                }
+                Ok(_) => Some((
+                    Err(io::Error::other("stored blob shorter than expected")),
+                    (f, end, pin),
+                )),
+                Err(e) => Some((Err(e), (f, end, pin))),
+            }
+        }
+    })
+}

@@ -1,0 +1,159 @@
+//! Size accounting and least-recently-used eviction order, with pins: a pinned digest (being
+//! served or fetched) is never chosen as a victim.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::oci::Digest;
+
+#[derive(Debug, Default)]
+pub struct Lru {
+    entries: HashMap<Digest, (u64, u64)>, // size, last-access tick
+    pins: HashMap<Digest, usize>,
+    total: u64,
+    tick: u64,
+}
+
+impl Lru {
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Register a stored blob (idempotent: a blob shared by repositories is counted once).
+    /// `order` lets startup seed the order from file times; `None` means "now".
+    pub fn insert(&mut self, d: &Digest, size: u64, order: Option<u64>) {
+        self.tick += 1;
+        let t = order.unwrap_or(self.tick);
+        if let Some((old, _)) = self.entries.insert(d.clone(), (size, t)) {
+            self.total -= old;
+        }
+        self.total += size;
+    }
+
+    pub fn touch(&mut self, d: &Digest) {
+        self.tick += 1;
+        let t = self.tick;
+        if let Some(e) = self.entries.get_mut(d) {
+            e.1 = t;
+        }
+    }
+
+    pub fn remove(&mut self, d: &Digest) {
+        if let Some((size, _)) = self.entries.remove(d) {
+            self.total -= size;
+        }
+    }
+
+    pub fn pin(&mut self, d: &Digest) {
+        *self.pins.entry(d.clone()).or_default() += 1;
+    }
+
+    pub fn unpin(&mut self, d: &Digest) {
+        if let Some(n) = self.pins.get_mut(d) {
+            *n -= 1;
+            if *n == 0 {
+                self.pins.remove(d);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub fn is_pinned(&self, d: &Digest) -> bool {
+        self.pins.contains_key(d)
+    }
+
+    /// Choose and forget victims until `incoming` more bytes fit under `max` (0 = unlimited).
+    /// Pinned entries are skipped, so the result may not free enough.
+    pub fn victims(&mut self, incoming: u64, max: u64) -> Vec<(Digest, u64)> {
+        if max == 0 {
+            return Vec::new();
+        }
+        let mut order: Vec<(u64, Digest, u64)> = self
+            .entries
+            .iter()
+            .filter(|(d, _)| !self.pins.contains_key(*d))
+            .map(|(d, (size, t))| (*t, d.clone(), *size))
+            .collect();
+        order.sort();
+        let mut out = Vec::new();
+        for (_, d, size) in order {
+            if self.total.saturating_add(incoming) <= max {
+                break;
+            }
+            self.remove(&d);
+            out.push((d, size));
+        }
+        out
+    }
+}
+
+/// Keeps a digest pinned until dropped.
+#[derive(Debug)]
+pub struct PinGuard {
+    lru: Arc<Mutex<Lru>>,
+    digest: Digest,
+}
+
+impl PinGuard {
+    pub fn new(lru: &Arc<Mutex<Lru>>, digest: &Digest) -> Self {
+        super::lock(lru).pin(digest);
+        Self {
+            lru: lru.clone(),
+            digest: digest.clone(),
+        }
+    }
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        super::lock(&self.lru).unpin(&self.digest);
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod tests {
+    use super::*;
+
+    fn d(n: u8) -> Digest {
+        Digest::of_bytes(&[n])
+    }
+
+    #[test]
+    fn evicts_least_recent_first_and_skips_pins() {
+        let mut l = Lru::default();
+        l.insert(&d(1), 10, None);
+        l.insert(&d(2), 10, None);
+        l.insert(&d(3), 10, None);
+        l.insert(&d(3), 10, None); // shared blob: counted once
+        assert_eq!(l.total(), 30);
+        l.touch(&d(1)); // 2 is now the oldest
+        l.pin(&d(2));
+        let v = l.victims(10, 30);
+        assert_eq!(v, vec![(d(3), 10)], "2 is pinned, 3 is next oldest");
+        assert_eq!(l.total(), 20);
+        l.unpin(&d(2));
+        assert!(!l.is_pinned(&d(2)));
+        let v = l.victims(25, 30);
+        assert_eq!(v, vec![(d(2), 10), (d(1), 10)]);
+        assert_eq!(l.total(), 0);
+        assert!(l.victims(1000, 0).is_empty(), "0 = unlimited");
+    }
+
+    #[test]
+    fn pin_guard() {
+        let lru = Arc::new(Mutex::new(Lru::default()));
+        super::super::lock(&lru).insert(&d(1), 5, None);
+        {
+            let _g = PinGuard::new(&lru, &d(1));
+            let _g2 = PinGuard::new(&lru, &d(1));
+            assert!(super::super::lock(&lru).victims(100, 10).is_empty());
+        }
+        assert_eq!(super::super::lock(&lru).victims(100, 10).len(), 1);
+    }
+}

@@ -1,0 +1,943 @@
+//! Pull-through logic: freshness of tags, stale-if-error, single-flight downloads with a tee to
+//! every waiting client, verification before anything is stored, size-bounded LRU eviction.
+
+pub mod flight;
+pub mod lru;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::StreamExt;
+use reqwest::header::{CONTENT_TYPE, LINK};
+use reqwest::{Method, StatusCode};
+use sha2::Digest as _;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::oci::{self, Digest, Reference, RepoName, Tag};
+use crate::store::{BlobStore, CommitError, TagRecord, TempBlob};
+use crate::upstream::{Upstream, UpstreamError};
+use flight::{FlightState, InFlight, Tail, MAX_TAIL_BYTES};
+use lru::{Lru, PinGuard};
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Domain errors of the cache; rendered as OCI errors in `http::error` only.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CacheError {
+    #[error("registry {0:?} is not configured on this cache")]
+    UnknownRegistry(String),
+    #[error("manifest unknown to upstream")]
+    ManifestUnknown,
+    #[error("blob unknown to upstream")]
+    BlobUnknown,
+    #[error("repository unknown to upstream")]
+    NameUnknown,
+    #[error("upstream requires authentication")]
+    Unauthorized,
+    #[error("upstream denied access")]
+    Denied,
+    #[error("upstream rate limit reached")]
+    TooManyRequests { retry_after: Option<String> },
+    #[error("upstream answered HTTP {0}")]
+    UpstreamStatus(u16),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("invalid manifest from upstream: {0}")]
+    ManifestInvalid(String),
+    #[error("content from upstream does not match its digest: {0}")]
+    DigestMismatch(String),
+    #[error("content from upstream is larger than allowed")]
+    TooLarge,
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl CacheError {
+    /// Errors for which a stale cached tag may be served instead.
+    pub fn is_upstream_failure(&self) -> bool {
+        match self {
+            CacheError::TooManyRequests { .. } | CacheError::Upstream(_) => true,
+            CacheError::UpstreamStatus(s) => *s >= 500 || *s == 408,
+            _ => false,
+        }
+    }
+}
+
+fn storage_err(e: std::io::Error) -> CacheError {
+    CacheError::Storage(e.to_string())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Manifest,
+    Blob,
+    Other,
+}
+
+fn status_error(resp: &reqwest::Response, kind: Kind) -> CacheError {
+    match resp.status() {
+        StatusCode::NOT_FOUND => match kind {
+            Kind::Manifest => CacheError::ManifestUnknown,
+            Kind::Blob => CacheError::BlobUnknown,
+            Kind::Other => CacheError::NameUnknown,
+        },
+        StatusCode::UNAUTHORIZED => CacheError::Unauthorized,
+        StatusCode::FORBIDDEN => CacheError::Denied,
+        StatusCode::TOO_MANY_REQUESTS => CacheError::TooManyRequests {
+            retry_after: resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        },
+        s => CacheError::UpstreamStatus(s.as_u16()),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A manifest answer; `body` is `None` for HEAD answered from a tag record.
+#[derive(Debug, Clone)]
+pub struct ManifestReply {
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: u64,
+    pub body: Option<Bytes>,
+}
+
+/// A blob answer.
+pub enum BlobReply {
+    /// HEAD answered without a body source.
+    Head { size: u64 },
+    /// Verified stored content.
+    Cached {
+        file: std::fs::File,
+        size: u64,
+        pin: PinGuard,
+    },
+    /// A download in progress (possibly started by this request).
+    Flight {
+        flight: Arc<InFlight>,
+        size: Option<u64>,
+    },
+}
+
+/// A small passthrough response (tags list, referrers).
+#[derive(Debug, Clone)]
+pub struct SmallReply {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub link: Option<String>,
+    pub body: Bytes,
+}
+
+type ManifestFuture = Shared<BoxFuture<'static, Result<ManifestReply, CacheError>>>;
+type FlightKey = (String, RepoName, Digest);
+
+const SMALL_TTL: Duration = Duration::from_secs(30);
+const MAX_SMALL_BYTES: usize = 16 * 1024 * 1024;
+
+pub struct Cache {
+    store: Arc<dyn BlobStore>,
+    upstreams: BTreeMap<String, Arc<Upstream>>,
+    tag_ttl: Duration,
+    max_size: u64,
+    pub metrics: Arc<Metrics>,
+    lru: Arc<Mutex<Lru>>,
+    flights: Mutex<HashMap<FlightKey, Arc<InFlight>>>,
+    manifest_flights: Mutex<HashMap<String, ManifestFuture>>,
+    small: Mutex<HashMap<String, (Instant, SmallReply)>>,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("max_size", &self.max_size)
+            .finish()
+    }
+}
+
+impl Cache {
+    /// Open the cache: empties the temp directory, rebuilds LRU order from file times and
+    /// evicts down to `max_size`.
+    pub fn open(
+        store: Arc<dyn BlobStore>,
+        upstreams: BTreeMap<String, Arc<Upstream>>,
+        tag_ttl: Duration,
+        max_size: u64,
+    ) -> std::io::Result<Self> {
+        let cleaned = store.clean_tmp()?;
+        if cleaned > 0 {
+            tracing::info!(cleaned, "removed leftovers of interrupted writes");
+        }
+        let mut blobs = store.list()?;
+        blobs.sort_by_key(|b| b.last_access);
+        let mut lru = Lru::default();
+        for (i, b) in blobs.iter().enumerate() {
+            lru.insert(&b.digest, b.size, Some(i as u64));
+        }
+        tracing::info!(blobs = blobs.len(), bytes = lru.total(), "cache opened");
+        let cache = Self {
+            store,
+            upstreams,
+            tag_ttl,
+            max_size,
+            metrics: Arc::new(Metrics::default()),
+            lru: Arc::new(Mutex::new(lru)),
+            flights: Mutex::new(HashMap::new()),
+            manifest_flights: Mutex::new(HashMap::new()),
+            small: Mutex::new(HashMap::new()),
+        };
+        cache.make_room(0);
+        Ok(cache)
+    }
+
+    pub fn store_bytes(&self) -> u64 {
+        lock(&self.lru).total()
+    }
+
+    pub fn inflight(&self) -> usize {
+        lock(&self.flights).len()
+    }
+
+    pub fn check_ready(&self) -> std::io::Result<()> {
+        self.store.check_writable()
+    }
+
+    pub fn upstream_names(&self) -> impl Iterator<Item = &String> {
+        self.upstreams.keys()
+    }
+
+    /// Upstream for a request: the named registry, or the only one when none is named.
+    pub fn upstream(&self, registry: Option<&str>) -> Result<&Arc<Upstream>, CacheError> {
+        match registry {
+            Some(r) => self
+                .upstreams
+                .get(r)
+                .ok_or_else(|| CacheError::UnknownRegistry(r.to_owned())),
+            None if self.upstreams.len() == 1 => self
+                .upstreams
+                .values()
+                .next()
+                .ok_or_else(|| CacheError::UnknownRegistry(String::new())),
+            None => Err(CacheError::UnknownRegistry(
+                "(none named: send x-mirror-registry or ?ns=)".to_owned(),
+            )),
+        }
+    }
+
+    /// Evict least-recently-used unpinned blobs until `incoming` bytes fit.
+    fn make_room(&self, incoming: u64) {
+        let victims = lock(&self.lru).victims(incoming, self.max_size);
+        for (d, size) in victims {
+            match self.store.delete(&d) {
+                Ok(_) => {
+                    Metrics::inc(&self.metrics.evictions);
+                    self.metrics
+                        .evicted_bytes
+                        .fetch_add(size, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(digest = %d, size, "evicted");
+                }
+                Err(e) => tracing::warn!(digest = %d, error = %e, "eviction failed"),
+            }
+        }
+    }
+
+    fn touch(&self, d: &Digest) {
+        lock(&self.lru).touch(d);
+        self.store.touch(d);
+    }
+
+    // ---------------------------------------------------------------- manifests
+
+    pub async fn manifest(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        name: &RepoName,
+        reference: &Reference,
+        head: bool,
+    ) -> Result<ManifestReply, CacheError> {
+        match reference {
+            Reference::Digest(d) => self.manifest_by_digest(up, name, d).await,
+            Reference::Tag(t) => self.manifest_by_tag(up, name, t, head).await,
+        }
+    }
+
+    fn load_manifest(&self, d: &Digest) -> Result<Option<ManifestReply>, CacheError> {
+        let Some((file, size)) = self.store.open(d).map_err(storage_err)? else {
+            return Ok(None);
+        };
+        if size > oci::MAX_MANIFEST_BYTES as u64 {
+            return Ok(None);
+        }
+        let mut body = Vec::with_capacity(size as usize);
+        use std::io::Read;
+        (&file).read_to_end(&mut body).map_err(storage_err)?;
+        let media_type = match self.store.manifest_media_type(d).map_err(storage_err)? {
+            Some(m) => m,
+            None => match oci::manifest_media_type(None, &body) {
+                Ok(m) => m,
+                Err(_) => return Ok(None), // a stored blob, not a manifest
+            },
+        };
+        Ok(Some(ManifestReply {
+            digest: d.clone(),
+            media_type,
+            size: body.len() as u64,
+            body: Some(Bytes::from(body)),
+        }))
+    }
+
+    async fn manifest_by_digest(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        name: &RepoName,
+        d: &Digest,
+    ) -> Result<ManifestReply, CacheError> {
+        if let Some(m) = self.load_manifest(d)? {
+            if self.store.has_link(&up.name, name, d)
+                || self.confirm(up, name, d, Kind::Manifest).await?
+            {
+                Metrics::inc(&self.metrics.hits);
+                self.touch(d);
+                return Ok(m);
+            }
+        }
+        Metrics::inc(&self.metrics.misses);
+        self.fetch_manifest_shared(up, name, Reference::Digest(d.clone()))
+            .await
+    }
+
+    fn tag_fresh(&self, rec: &TagRecord) -> bool {
+        unix_now().saturating_sub(rec.fetched_at) < self.tag_ttl.as_secs()
+    }
+
+    async fn reply_from_record(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        name: &RepoName,
+        rec: &TagRecord,
+        head: bool,
+    ) -> Result<ManifestReply, CacheError> {
+        if head {
+            return Ok(ManifestReply {
+                digest: rec.digest.clone(),
+                media_type: rec.media_type.clone(),
+                size: rec.size,
+                body: None,
+            });
+        }
+        self.manifest_by_digest(up, name, &rec.digest).await
+    }
+
+    async fn manifest_by_tag(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        name: &RepoName,
+        tag: &Tag,
+        head: bool,
+    ) -> Result<ManifestReply, CacheError> {
+        let reg = up.name.as_str();
+        let rec = self.store.read_tag(reg, name, tag).map_err(storage_err)?;
+        if let Some(rec) = &rec {
+            if self.tag_fresh(rec) {
+                Metrics::inc(&self.metrics.hits);
+                return self.reply_from_record(up, name, rec, head).await;
+            }
+        }
+        let result = self.revalidate_tag(up, name, tag, rec.as_ref(), head).await;
+        match (result, rec) {
+            (Err(e), Some(rec)) if e.is_upstream_failure() => {
+                tracing::warn!(registry = reg, %name, %tag, error = %e, "upstream failed; serving stale tag");
+                Metrics::inc(&self.metrics.stale_served);
+                self.reply_from_record(up, name, &rec, head).await
+            }
+            (r, _) => r,
+        }
+    }
+
+    async fn revalidate_tag(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        name: &RepoName,
+        tag: &Tag,
+        rec: Option<&TagRecord>,
+        head: bool,
+    ) -> Result<ManifestReply, CacheError> {
+        let reg = up.name.as_str();
+        let path = format!("/v2/{}/manifests/{}", name, tag);
+        // A HEAD does not count against Docker Hub's pull limit; one attempt keeps stale
+        // answers fast when the upstream is down.
+        let resp = up
+            .send(Method::HEAD, &path, name, Some(oci::MANIFEST_ACCEPT), 1)
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(status_error(&resp, Kind::Manifest));
+        }
+        let hdr = |n: &str| {
+            resp.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let digest = hdr("docker-content-digest").and_then(|d| Digest::parse(&d).ok());
+        let media_type = hdr("content-type")
+            .map(|c| c.split(';').next().unwrap_or("").trim().to_owned())
+            .filter(|c| {
+                matches!(
+                    c.as_str(),
+                    oci::MT_DOCKER_MANIFEST
+                        | oci::MT_DOCKER_LIST
+                        | oci::MT_OCI_MANIFEST
+                        | oci::MT_OCI_INDEX
+                )
+            });
+        let size = resp.content_length().filter(|l| *l > 0);
+        if let (Some(d), Some(old)) = (&digest, rec) {
+            if *d == old.digest {
+                let mut fresh = old.clone();
+                fresh.fetched_at = unix_now();
+                if let Err(e) = self.store.write_tag(reg, name, tag, &fresh) {
+                    tracing::warn!(error = %e, "could not refresh tag record");
+                }
+                Metrics::inc(&self.metrics.hits);
+                return self.reply_from_record(up, name, &fresh, head).await;
+            }
+        }
+        Metrics::inc(&self.metrics.misses);
+        match (digest, media_type, size) {
+            (Some(d), Some(mt), Some(size)) => {
+                let new = TagRecord {
+                    digest: d.clone(),
+                    media_type: mt,
+                    size,
+                    fetched_at: unix_now(),
+                };
+                if head {
+                    self.save_tag(reg, name, tag, &new);
+                    return self.reply_from_record(up, name, &new, true).await;
+                }
+                let m = self
+                    .fetch_manifest_shared(up, name, Reference::Digest(d))
+                    .await?;
+                self.save_tag(
+                    reg,
+                    name,
+                    tag,
+                    &TagRecord {
+                        media_type: m.media_type.clone(),
+                        size: m.size,
+                        ..new
+                    },
+                );
+                Ok(m)
+            }
+            _ => {
+                self.fetch_manifest_shared(up, name, Reference::Tag(tag.clone()))
+                    .await
+            }
+        }
+    }
+
+    fn save_tag(&self, reg: &str, name: &RepoName, tag: &Tag, rec: &TagRecord) {
+        if let Err(e) = self
+            .store
+            .add_link(reg, name, &rec.digest)
+            .and_then(|()| self.store.write_tag(reg, name, tag, rec))
+        {
+            tracing::warn!(error = %e, "could not write tag record");
+        }
+    }
+
+    /// Ask upstream whether `d` belongs to `name` before serving stored content to it.
+    async fn confirm(
+        &self,
+        up: &Arc<Upstream>,
+        name: &RepoName,
+        d: &Digest,
+        kind: Kind,
+    ) -> Result<bool, CacheError> {
+        let (path, accept) = match kind {
+            Kind::Manifest => (
+                format!("/v2/{name}/manifests/{d}"),
+                Some(oci::MANIFEST_ACCEPT),
+            ),
+            _ => (format!("/v2/{name}/blobs/{d}"), None),
+        };
+        let resp = up.send(Method::HEAD, &path, name, accept, 3).await?;
+        if resp.status() == StatusCode::OK {
+            self.store
+                .add_link(&up.name, name, d)
+                .map_err(storage_err)?;
+            return Ok(true);
+        }
+        Err(status_error(&resp, kind))
+    }
+
+    async fn fetch_manifest_shared(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        name: &RepoName,
+        reference: Reference,
+    ) -> Result<ManifestReply, CacheError> {
+        let key = format!("{}\n{}\n{}", up.name, name, reference);
+        let fut = {
+            let mut map = lock(&self.manifest_flights);
+            if let Some(f) = map.get(&key) {
+                Metrics::inc(&self.metrics.coalesced_waiters);
+                f.clone()
+            } else {
+                let this = self.clone();
+                let up = up.clone();
+                let name = name.clone();
+                let key2 = key.clone();
+                let f = async move {
+                    let r = this.fetch_manifest(&up, &name, &reference).await;
+                    lock(&this.manifest_flights).remove(&key2);
+                    r
+                }
+                .boxed()
+                .shared();
+                map.insert(key, f.clone());
+                f
+            }
+        };
+        fut.await
+    }
+
+    async fn fetch_manifest(
+        &self,
+        up: &Arc<Upstream>,
+        name: &RepoName,
+        reference: &Reference,
+    ) -> Result<ManifestReply, CacheError> {
+        Metrics::inc(&self.metrics.upstream_fetches);
+        let path = format!("/v2/{name}/manifests/{reference}");
+        let resp = up
+            .send(Method::GET, &path, name, Some(oci::MANIFEST_ACCEPT), 3)
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(status_error(&resp, Kind::Manifest));
+        }
+        if resp
+            .content_length()
+            .is_some_and(|l| l > oci::MAX_MANIFEST_BYTES as u64)
+        {
+            return Err(CacheError::TooLarge);
+        }
+        let ct = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let hdr_digest = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = read_limited(resp, oci::MAX_MANIFEST_BYTES).await?;
+        let media_type =
+            oci::manifest_media_type(ct.as_deref(), &body).map_err(CacheError::ManifestInvalid)?;
+        let digest = Digest::of_bytes(&body);
+        if let Reference::Digest(want) = reference {
+            if *want != digest {
+                Metrics::inc(&self.metrics.verify_failures);
+                return Err(CacheError::DigestMismatch(format!(
+                    "asked {want}, got {digest}"
+                )));
+            }
+        }
+        if let Some(h) = hdr_digest.filter(|h| h.starts_with("sha256:")) {
+            if h != digest.as_str() {
+                Metrics::inc(&self.metrics.verify_failures);
+                return Err(CacheError::DigestMismatch(format!(
+                    "Docker-Content-Digest {h}, body {digest}"
+                )));
+            }
+        }
+        if let Err(e) = self.store_manifest(&digest, &body, &media_type).await {
+            Metrics::inc(&self.metrics.store_write_errors);
+            tracing::error!(%digest, error = %e, "could not store manifest; serving it uncached");
+        }
+        let reply = ManifestReply {
+            digest: digest.clone(),
+            media_type: media_type.clone(),
+            size: body.len() as u64,
+            body: Some(body),
+        };
+        if let Reference::Tag(tag) = reference {
+            self.save_tag(
+                &up.name,
+                name,
+                tag,
+                &TagRecord {
+                    digest,
+                    media_type,
+                    size: reply.size,
+                    fetched_at: unix_now(),
+                },
+            );
+        } else if let Err(e) = self.store.add_link(&up.name, name, &digest) {
+            tracing::warn!(error = %e, "could not write link");
+        }
+        Ok(reply)
+    }
+
+    async fn store_manifest(
+        &self,
+        d: &Digest,
+        body: &[u8],
+        media_type: &str,
+    ) -> Result<(), CacheError> {
+        if self.store.size(d).map_err(storage_err)?.is_some() {
+            return Ok(());
+        }
+        self.make_room(body.len() as u64);
+        self.store
+            .set_manifest_media_type(d, media_type)
+            .map_err(storage_err)?;
+        let mut t = self.store.begin_write().map_err(storage_err)?;
+        t.write(body).await.map_err(storage_err)?;
+        t.commit(d, Some(body.len() as u64))
+            .await
+            .map_err(|e| CacheError::Storage(e.to_string()))?;
+        lock(&self.lru).insert(d, body.len() as u64, None);
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- blobs
+
+    pub async fn blob(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        name: &RepoName,
+        d: &Digest,
+        head: bool,
+    ) -> Result<BlobReply, CacheError> {
+        let pin = PinGuard::new(&self.lru, d);
+        if let Some((file, size)) = self.store.open(d).map_err(storage_err)? {
+            if self.store.has_link(&up.name, name, d)
+                || self.confirm(up, name, d, Kind::Blob).await?
+            {
+                Metrics::inc(&self.metrics.hits);
+                self.touch(d);
+                return Ok(if head {
+                    BlobReply::Head { size }
+                } else {
+                    BlobReply::Cached { file, size, pin }
+                });
+            }
+        }
+        drop(pin);
+        let key: FlightKey = (up.name.clone(), name.clone(), d.clone());
+        let existing = lock(&self.flights).get(&key).cloned();
+        if let Some(flight) = existing {
+            Metrics::inc(&self.metrics.coalesced_waiters);
+            let size = flight.started().await?;
+            return Ok(BlobReply::Flight { flight, size });
+        }
+        Metrics::inc(&self.metrics.misses);
+        if head {
+            let resp = up
+                .send(
+                    Method::HEAD,
+                    &format!("/v2/{name}/blobs/{d}"),
+                    name,
+                    None,
+                    3,
+                )
+                .await?;
+            if resp.status() != StatusCode::OK {
+                return Err(status_error(&resp, Kind::Blob));
+            }
+            if let Some(size) = resp.content_length() {
+                return Ok(BlobReply::Head { size });
+            }
+            // No length on HEAD: fall through to a download, which tells us.
+        }
+        let flight = self.start_flight(up, name, d, key);
+        let size = flight.started().await?;
+        Ok(BlobReply::Flight { flight, size })
+    }
+
+    fn start_flight(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        name: &RepoName,
+        d: &Digest,
+        key: FlightKey,
+    ) -> Arc<InFlight> {
+        let mut flights = lock(&self.flights);
+        if let Some(f) = flights.get(&key) {
+            Metrics::inc(&self.metrics.coalesced_waiters);
+            return f.clone();
+        }
+        let temp = match self.store.begin_write() {
+            Ok(t) => Some(t),
+            Err(e) => {
+                Metrics::inc(&self.metrics.store_write_errors);
+                tracing::error!(digest = %d, error = %e, "cannot create temp file; passing through without caching");
+                None
+            }
+        };
+        let read_handle = temp
+            .as_ref()
+            .and_then(|t| std::fs::File::open(t.path()).ok())
+            .map(Arc::new);
+        let temp = if read_handle.is_some() { temp } else { None };
+        let (tx, rx) = watch::channel(FlightState::default());
+        let flight = Arc::new(InFlight {
+            file: read_handle,
+            state: rx,
+            tail: Mutex::new(Tail::default()),
+        });
+        flights.insert(key.clone(), flight.clone());
+        drop(flights);
+        let this = self.clone();
+        let up = up.clone();
+        let name = name.clone();
+        let d = d.clone();
+        let f2 = flight.clone();
+        tokio::spawn(async move {
+            let _pin = PinGuard::new(&this.lru, &d);
+            Metrics::inc(&this.metrics.upstream_fetches);
+            let r = this.download(&up, &name, &d, &tx, temp, &f2).await;
+            lock(&this.flights).remove(&key);
+            match &r {
+                Ok(()) => tracing::info!(registry = %up.name, %name, digest = %d, "blob fetched"),
+                Err(e) => {
+                    tracing::warn!(registry = %up.name, %name, digest = %d, error = %e, "blob fetch failed")
+                }
+            }
+            tx.send_modify(|s| s.done = Some(r));
+        });
+        flight
+    }
+
+    async fn download(
+        &self,
+        up: &Arc<Upstream>,
+        name: &RepoName,
+        d: &Digest,
+        tx: &watch::Sender<FlightState>,
+        mut temp: Option<TempBlob>,
+        flight: &InFlight,
+    ) -> Result<(), CacheError> {
+        let resp = up
+            .send(Method::GET, &format!("/v2/{name}/blobs/{d}"), name, None, 3)
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(status_error(&resp, Kind::Blob));
+        }
+        let total = resp.content_length();
+        if let Some(t) = total {
+            if self.max_size > 0 && t > self.max_size {
+                tracing::warn!(digest = %d, size = t, "blob larger than max_size; not caching");
+                temp = None;
+            } else {
+                self.make_room(t);
+            }
+        }
+        // Once the disk is out of the picture, hash here.
+        let mut hasher = if temp.is_none() {
+            Some(sha2::Sha256::new())
+        } else {
+            None
+        };
+        tx.send_modify(|s| s.started = Some(total));
+        let mut received: u64 = 0;
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk =
+                chunk.map_err(|e| CacheError::Upstream(UpstreamError::Connect(e.to_string())))?;
+            let len = chunk.len() as u64;
+            if total.is_some_and(|t| received + len > t) {
+                return Err(CacheError::DigestMismatch(
+                    "upstream sent more than Content-Length".into(),
+                ));
+            }
+            if let Some(t) = temp.as_mut() {
+                match t.write(&chunk).await {
+                    Ok(()) => {
+                        received += len;
+                        tx.send_modify(|s| {
+                            s.received = received;
+                            s.on_disk = received;
+                        });
+                        continue;
+                    }
+                    Err(e) => {
+                        Metrics::inc(&self.metrics.store_write_errors);
+                        tracing::error!(digest = %d, error = %e, "writing the cache failed (disk full?); passing the rest through without caching");
+                        if let Some(t) = temp.take() {
+                            hasher = Some(t.abandon());
+                        }
+                        lock(&flight.tail).start = received;
+                    }
+                }
+            }
+            if let Some(h) = hasher.as_mut() {
+                h.update(&chunk);
+            }
+            {
+                let mut tail = lock(&flight.tail);
+                tail.len += len;
+                if tail.len > MAX_TAIL_BYTES {
+                    return Err(CacheError::Storage(
+                        "disk full and the blob is too large to pass through from memory".into(),
+                    ));
+                }
+                tail.chunks.push(chunk);
+            }
+            received += len;
+            tx.send_modify(|s| s.received = received);
+        }
+        if let Some(t) = total {
+            if received != t {
+                return Err(CacheError::Upstream(UpstreamError::Connect(format!(
+                    "upstream body ended after {received} of {t} bytes"
+                ))));
+            }
+        }
+        match (temp, hasher) {
+            (Some(t), _) => match t.commit(d, Some(received)).await {
+                Ok(_) => {
+                    lock(&self.lru).insert(d, received, None);
+                    if let Err(e) = self.store.add_link(&up.name, name, d) {
+                        tracing::warn!(error = %e, "could not write link");
+                    }
+                    self.make_room(0);
+                    Ok(())
+                }
+                Err(CommitError::Io(e)) => {
+                    // Verified already (commit checks first); only storing failed.
+                    Metrics::inc(&self.metrics.store_write_errors);
+                    tracing::error!(digest = %d, error = %e, "could not commit blob; served uncached");
+                    Ok(())
+                }
+                Err(e) => {
+                    Metrics::inc(&self.metrics.verify_failures);
+                    Err(CacheError::DigestMismatch(e.to_string()))
+                }
+            },
+            (None, Some(h)) => {
+                let got = Digest::from_sha256(h);
+                if got == *d {
+                    Ok(())
+                } else {
+                    Metrics::inc(&self.metrics.verify_failures);
+                    Err(CacheError::DigestMismatch(format!(
+                        "expected {d}, got {got}"
+                    )))
+                }
+            }
+            (None, None) => Err(CacheError::Internal("no hash state".into())),
+        }
+    }
+
+    // ---------------------------------------------------------------- passthrough
+
+    /// GET a small JSON document (tags list, referrers) with a short cache.
+    pub async fn small(
+        &self,
+        up: &Arc<Upstream>,
+        name: &RepoName,
+        path_and_query: &str,
+        accept: Option<&str>,
+    ) -> Result<SmallReply, CacheError> {
+        let key = format!("{}\n{}\n{}", up.name, path_and_query, accept.unwrap_or(""));
+        {
+            let map = lock(&self.small);
+            if let Some((at, r)) = map.get(&key) {
+                if at.elapsed() < SMALL_TTL {
+                    Metrics::inc(&self.metrics.hits);
+                    return Ok(r.clone());
+                }
+            }
+        }
+        Metrics::inc(&self.metrics.misses);
+        let resp = up
+            .send(Method::GET, path_and_query, name, accept, 3)
+            .await?;
+        let status = resp.status();
+        if !(status == StatusCode::OK || status == StatusCode::NOT_FOUND) {
+            return Err(status_error(&resp, Kind::Other));
+        }
+        let content_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let link = resp
+            .headers()
+            .get(LINK)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = read_limited(resp, MAX_SMALL_BYTES).await?;
+        let reply = SmallReply {
+            status: status.as_u16(),
+            content_type,
+            link,
+            body,
+        };
+        if status == StatusCode::OK {
+            let mut map = lock(&self.small);
+            if map.len() > 1000 {
+                map.retain(|_, (at, _)| at.elapsed() < SMALL_TTL);
+                if map.len() > 1000 {
+                    map.clear();
+                }
+            }
+            map.insert(key, (Instant::now(), reply.clone()));
+        }
+        Ok(reply)
+    }
+
+    /// Wait (bounded) for downloads in progress to finish.
+    pub async fn drain(&self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        loop {
+            let n = self.inflight();
+            if n == 0 {
+                return;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(inflight = n, "shutdown grace over; abandoning downloads");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn clean_tmp(&self) {
+        if let Err(e) = self.store.clean_tmp() {
+            tracing::warn!(error = %e, "cleaning temp directory");
+        }
+    }
+}
+
+async fn read_limited(resp: reqwest::Response, max: usize) -> Result<Bytes, CacheError> {
+    let mut buf = BytesMut::new();
+    let mut s = resp.bytes_stream();
+    while let Some(c) = s.next().await {
+        let c = c.map_err(|e| CacheError::Upstream(UpstreamError::Connect(e.to_string())))?;
+        if buf.len() + c.len() > max {
+            return Err(CacheError::TooLarge);
+        }
+        buf.extend_from_slice(&c);
+    }
+    Ok(buf.freeze())
+}

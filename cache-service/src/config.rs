@@ -1,0 +1,516 @@
+//! Configuration: command-line flags (with `REGMIRROR_*` environment overrides) merged over an
+//! optional TOML file, validated once at startup into [`Config`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Flags of `regmirror serve` (also the default command).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:5001].
+    #[arg(long, env = "REGMIRROR_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Cache directory (blobs, manifests, tags, temp files). Required (flag, env or config).
+    #[arg(long, env = "REGMIRROR_STORAGE", value_name = "DIR")]
+    pub storage: Option<PathBuf>,
+    /// Upstream registry as NAME=URL, e.g. gcr.io=https://gcr.io (repeatable). NAME is matched
+    /// against the `x-mirror-registry` header or the `ns` query parameter.
+    #[arg(
+        long = "upstream",
+        env = "REGMIRROR_UPSTREAM",
+        value_name = "NAME=URL",
+        value_delimiter = ','
+    )]
+    pub upstreams: Vec<String>,
+    /// Extra PEM CA certificate trusted for all upstreams (repeatable).
+    #[arg(
+        long = "upstream-ca",
+        env = "REGMIRROR_UPSTREAM_CA",
+        value_name = "FILE",
+        value_delimiter = ','
+    )]
+    pub upstream_cas: Vec<PathBuf>,
+    /// TOML configuration file; flags override its values.
+    #[arg(long, env = "REGMIRROR_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Seconds a tag->digest mapping is trusted before it is revalidated with a HEAD [default: 300].
+    #[arg(long, env = "REGMIRROR_TAG_TTL", value_name = "SECONDS")]
+    pub tag_ttl: Option<u64>,
+    /// Cache size bound, e.g. 50GiB, 500MB, 1048576; 0 means unlimited [default: 0].
+    #[arg(long, env = "REGMIRROR_MAX_SIZE", value_name = "BYTES")]
+    pub max_size: Option<String>,
+    /// Log format.
+    #[arg(long, env = "REGMIRROR_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Seconds in-flight downloads may run after SIGTERM/SIGINT [default: 30].
+    #[arg(long, env = "REGMIRROR_SHUTDOWN_GRACE", value_name = "SECONDS")]
+    pub shutdown_grace: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The TOML file (`envoy/cache.toml` is rendered in this shape).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub storage: Option<PathBuf>,
+    pub max_size: Option<SizeValue>,
+    pub tag_ttl_seconds: Option<u64>,
+    pub shutdown_grace_seconds: Option<u64>,
+    #[serde(default)]
+    pub upstream: Vec<FileUpstream>,
+}
+
+/// `max_size` may be a string ("50GiB") or a plain number of bytes.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileUpstream {
+    pub name: String,
+    pub url: String,
+    pub ca_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password_env: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// Token realm hosts (besides the upstream's own host) that may receive the credentials.
+    #[serde(default)]
+    pub realm_hosts: Vec<String>,
+    pub public: Option<bool>,
+    /// Environment variable holding a static token clients must present to read this upstream.
+    pub client_token_env: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid listen address {0:?} (expected HOST:PORT, e.g. 127.0.0.1:5001)")]
+    Listen(String),
+    #[error(
+        "no storage directory: pass --storage DIR, REGMIRROR_STORAGE or `storage` in the config"
+    )]
+    NoStorage,
+    #[error("no upstream configured: pass --upstream NAME=URL or add [[upstream]] to the config")]
+    NoUpstream,
+    #[error("invalid --upstream {0:?}: expected NAME=URL, e.g. gcr.io=https://gcr.io")]
+    UpstreamSyntax(String),
+    #[error("upstream {name:?}: invalid name (letters, digits, '.', '-', ':' only)")]
+    UpstreamName { name: String },
+    #[error("upstream {name:?} is configured twice")]
+    DuplicateUpstream { name: String },
+    #[error("upstream {name:?}: invalid URL {url:?}: {reason}")]
+    UpstreamUrl {
+        name: String,
+        url: String,
+        reason: String,
+    },
+    #[error("invalid size {0:?} (expected e.g. 50GiB, 500MB or a number of bytes)")]
+    Size(String),
+    #[error("reading CA file {path}: {reason}")]
+    Ca { path: PathBuf, reason: String },
+    #[error("upstream {name:?}: {reason}")]
+    Credentials { name: String, reason: String },
+    #[error("upstream {name:?} has credentials and is not public: set `public = true` (anyone who can reach the cache may read it) or `client_token_env` (clients must present that token)")]
+    PrivateUpstream { name: String },
+    #[error("invalid realm host {host:?} for upstream {name:?}")]
+    RealmHost { name: String, host: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub url: url::Url,
+    /// PEM bundles trusted for this upstream (global --upstream-ca plus ca_file).
+    pub ca_pems: Vec<Vec<u8>>,
+    pub credentials: Option<Credentials>,
+    pub realm_hosts: Vec<String>,
+    /// Static token clients must present (`Authorization: Bearer <t>` or Basic password).
+    pub client_token: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub storage: PathBuf,
+    /// 0 = unlimited.
+    pub max_size: u64,
+    pub tag_ttl: Duration,
+    pub shutdown_grace: Duration,
+    pub log_format: LogFormat,
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+}
+
+/// Parse `50GiB`, `500MB`, `10k`, `1048576`. Binary (KiB/MiB/GiB/TiB) and decimal (KB/MB/GB/TB)
+/// units; a bare `K`/`M`/`G`/`T` is binary.
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| ConfigError::Size(s.to_owned()))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        _ => return Err(ConfigError::Size(s.to_owned())),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| ConfigError::Size(s.to_owned()))
+}
+
+fn valid_upstream_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 253
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'_'))
+        && !n.starts_with('.')
+        && !n.contains("..")
+}
+
+fn read_ca(path: &PathBuf) -> Result<Vec<u8>, ConfigError> {
+    let pem = std::fs::read(path).map_err(|e| ConfigError::Ca {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ConfigError::Ca {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+        return Err(ConfigError::Ca {
+            path: path.clone(),
+            reason: "no PEM certificate found".to_owned(),
+        });
+    }
+    Ok(pem)
+}
+
+fn parse_url(name: &str, raw: &str) -> Result<url::Url, ConfigError> {
+    let err = |reason: &str| ConfigError::UpstreamUrl {
+        name: name.to_owned(),
+        url: raw.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let u = url::Url::parse(raw).map_err(|e| err(&e.to_string()))?;
+    if u.scheme() != "https" && u.scheme() != "http" {
+        return Err(err("scheme must be https or http"));
+    }
+    if u.host_str().is_none() {
+        return Err(err("no host"));
+    }
+    if u.path() != "/" && !u.path().is_empty() {
+        return Err(err(
+            "must not have a path (the registry root, e.g. https://gcr.io)",
+        ));
+    }
+    if u.query().is_some() || !u.username().is_empty() {
+        return Err(err("must not carry a query or user info"));
+    }
+    Ok(u)
+}
+
+impl Config {
+    /// Merge flags over the file and validate; `env` looks up secrets (passwords, tokens).
+    pub fn load(
+        args: &ServeArgs,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+                        path: path.clone(),
+                        source,
+                    })?;
+                toml::from_str::<FileConfig>(&text).map_err(|source| ConfigError::Parse {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        Self::merge(args, file, env)
+    }
+
+    pub fn merge(
+        args: &ServeArgs,
+        file: FileConfig,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let listen_raw = args
+            .listen
+            .clone()
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:5001".to_owned());
+        let listen: SocketAddr = listen_raw
+            .parse()
+            .map_err(|_| ConfigError::Listen(listen_raw.clone()))?;
+        let storage = args
+            .storage
+            .clone()
+            .or(file.storage)
+            .ok_or(ConfigError::NoStorage)?;
+        let max_size = match (&args.max_size, file.max_size) {
+            (Some(s), _) => parse_size(s)?,
+            (None, Some(SizeValue::Bytes(b))) => b,
+            (None, Some(SizeValue::Text(s))) => parse_size(&s)?,
+            (None, None) => 0,
+        };
+        let tag_ttl = Duration::from_secs(args.tag_ttl.or(file.tag_ttl_seconds).unwrap_or(300));
+        let shutdown_grace = Duration::from_secs(
+            args.shutdown_grace
+                .or(file.shutdown_grace_seconds)
+                .unwrap_or(30),
+        );
+        let mut global_cas = Vec::new();
+        for p in &args.upstream_cas {
+            global_cas.push(read_ca(p)?);
+        }
+
+        let mut upstreams = BTreeMap::new();
+        let mut add = |u: UpstreamConfig| -> Result<(), ConfigError> {
+            if !valid_upstream_name(&u.name) {
+                return Err(ConfigError::UpstreamName { name: u.name });
+            }
+            if upstreams.contains_key(&u.name) {
+                return Err(ConfigError::DuplicateUpstream { name: u.name });
+            }
+            upstreams.insert(u.name.clone(), u);
+            Ok(())
+        };
+        // Flag upstreams replace file upstreams of the same name.
+        let mut flag_names = Vec::new();
+        for spec in &args.upstreams {
+            let (name, url) = spec
+                .split_once('=')
+                .ok_or_else(|| ConfigError::UpstreamSyntax(spec.clone()))?;
+            let name = name.trim();
+            flag_names.push(name.to_owned());
+            add(UpstreamConfig {
+                name: name.to_owned(),
+                url: parse_url(name, url.trim())?,
+                ca_pems: global_cas.clone(),
+                credentials: None,
+                realm_hosts: Vec::new(),
+                client_token: None,
+            })?;
+        }
+        for fu in file.upstream {
+            if flag_names.contains(&fu.name) {
+                continue;
+            }
+            let url = parse_url(&fu.name, &fu.url)?;
+            let mut ca_pems = global_cas.clone();
+            if let Some(p) = &fu.ca_file {
+                ca_pems.push(read_ca(p)?);
+            }
+            let cred_err = |reason: String| ConfigError::Credentials {
+                name: fu.name.clone(),
+                reason,
+            };
+            let password = match (&fu.password_env, &fu.password_file) {
+                (Some(_), Some(_)) => {
+                    return Err(cred_err(
+                        "set password_env or password_file, not both".into(),
+                    ))
+                }
+                (Some(var), None) => {
+                    Some(env(var).ok_or_else(|| {
+                        cred_err(format!("environment variable {var} is not set"))
+                    })?)
+                }
+                (None, Some(path)) => Some(
+                    std::fs::read_to_string(path)
+                        .map_err(|e| cred_err(format!("password_file {}: {e}", path.display())))?
+                        .trim_end_matches(['\r', '\n'])
+                        .to_owned(),
+                ),
+                (None, None) => None,
+            };
+            let credentials = match (&fu.username, password) {
+                (Some(u), Some(p)) => Some(Credentials {
+                    username: u.clone(),
+                    password: p,
+                }),
+                (None, None) => None,
+                _ => {
+                    return Err(cred_err(
+                        "username and password (password_env/password_file) go together".into(),
+                    ))
+                }
+            };
+            let client_token = match &fu.client_token_env {
+                Some(var) => {
+                    let t = env(var).filter(|t| !t.is_empty()).ok_or_else(|| {
+                        cred_err(format!("client_token_env {var} is not set or empty"))
+                    })?;
+                    Some(t)
+                }
+                None => None,
+            };
+            let public = fu.public.unwrap_or(credentials.is_none());
+            if credentials.is_some() && !public && client_token.is_none() {
+                return Err(ConfigError::PrivateUpstream { name: fu.name });
+            }
+            for h in &fu.realm_hosts {
+                if h.is_empty() || h.contains('/') || h.contains('*') || h.contains('@') {
+                    return Err(ConfigError::RealmHost {
+                        name: fu.name.clone(),
+                        host: h.clone(),
+                    });
+                }
+            }
+            add(UpstreamConfig {
+                name: fu.name.clone(),
+                url,
+                ca_pems,
+                credentials,
+                realm_hosts: fu
+                    .realm_hosts
+                    .iter()
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect(),
+                client_token,
+            })?;
+        }
+        if upstreams.is_empty() {
+            return Err(ConfigError::NoUpstream);
+        }
+        Ok(Config {
+            listen,
+            storage,
+            max_size,
+            tag_ttl,
+            shutdown_grace,
+            log_format: args.log_format,
+            upstreams,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("50GiB").unwrap(), 50 << 30);
+        assert_eq!(parse_size("500MB").unwrap(), 500_000_000);
+        assert_eq!(parse_size("123").unwrap(), 123);
+        assert_eq!(parse_size("0").unwrap(), 0);
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("1XB").is_err());
+        assert!(parse_size("99999999999TiB").is_err());
+    }
+
+    #[test]
+    fn quick_start() {
+        let args = ServeArgs {
+            storage: Some("/tmp/x".into()),
+            upstreams: vec!["gcr.io=https://gcr.io".into()],
+            ..Default::default()
+        };
+        let c = Config::merge(&args, FileConfig::default(), &no_env).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:5001");
+        assert_eq!(c.tag_ttl, Duration::from_secs(300));
+        assert_eq!(c.max_size, 0);
+        assert!(c.upstreams.contains_key("gcr.io"));
+    }
+
+    #[test]
+    fn file_and_validation() {
+        let text = r#"
+listen = "127.0.0.1:6000"
+storage = "/var/lib/regmirror"
+max_size = "1GiB"
+tag_ttl_seconds = 10
+[[upstream]]
+name = "gcr.io"
+url = "https://gcr.io"
+username = "u"
+password_env = "PW"
+realm_hosts = ["auth.example.com"]
+public = true
+"#;
+        let file: FileConfig = toml::from_str(text).unwrap();
+        let env = |k: &str| (k == "PW").then(|| "secret".to_owned());
+        let c = Config::merge(&ServeArgs::default(), file, &env).unwrap();
+        assert_eq!(c.max_size, 1 << 30);
+        let u = &c.upstreams["gcr.io"];
+        assert_eq!(u.credentials.as_ref().unwrap().password, "secret");
+        assert_eq!(u.realm_hosts, vec!["auth.example.com".to_owned()]);
+
+        // Credentials without public/client token: refused.
+        let text = r#"
+storage = "/x"
+[[upstream]]
+name = "gcr.io"
+url = "https://gcr.io"
+username = "u"
+password_env = "PW"
+"#;
+        let file: FileConfig = toml::from_str(text).unwrap();
+        assert!(matches!(
+            Config::merge(&ServeArgs::default(), file, &env),
+            Err(ConfigError::PrivateUpstream { .. })
+        ));
+
+        for bad in ["gcr.io", "x=ftp://a", "x=https://a/path", "../x=https://a"] {
+            let args = ServeArgs {
+                storage: Some("/x".into()),
+                upstreams: vec![bad.into()],
+                ..Default::default()
+            };
+            assert!(
+                Config::merge(&args, FileConfig::default(), &no_env).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+    }
+}

@@ -1,0 +1,494 @@
+//! axum front: routing of `/v2/...`, validation of names/references before anything else,
+//! response headers, and the health/readiness/metrics endpoints.
+
+pub mod error;
+pub mod range;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+
+use crate::cache::{flight, BlobReply, Cache};
+use crate::metrics::Metrics;
+use crate::oci::{Digest, Reference, RepoName, Tag};
+use error::ApiError;
+
+/// Tokens clients must present per upstream (`client_token_env`).
+pub type ClientTokens = BTreeMap<String, String>;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub cache: Arc<Cache>,
+    pub client_tokens: Arc<ClientTokens>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new().fallback(handle).with_state(state)
+}
+
+const API_VERSION: &str = "registry/2.0";
+const MAX_TAGS_N: u32 = 10_000;
+
+fn base_headers(h: &mut HeaderMap) {
+    h.insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static(API_VERSION),
+    );
+}
+
+enum Route {
+    Base,
+    Manifest(RepoName, Reference),
+    Blob(RepoName, Digest),
+    Tags(RepoName),
+    Referrers(RepoName, Digest),
+}
+
+fn parse_route(path: &str) -> Result<Route, ApiError> {
+    if path == "/v2" || path == "/v2/" {
+        return Ok(Route::Base);
+    }
+    let rest = path.strip_prefix("/v2/").ok_or_else(ApiError::not_found)?;
+    if rest.contains('%') {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "NAME_INVALID",
+            "percent-encoded characters are not allowed in repository paths",
+        ));
+    }
+    let parts: Vec<&str> = rest.split('/').collect();
+    let n = parts.len();
+    if n < 3 {
+        return Err(ApiError::not_found());
+    }
+    let (name_parts, kind, last) = match (parts.get(n - 2), parts.last()) {
+        (Some(&"tags"), Some(&"list")) => (parts.get(..n - 2), "tags", ""),
+        (Some(k), Some(l)) => (parts.get(..n - 2), *k, *l),
+        _ => return Err(ApiError::not_found()),
+    };
+    let name_raw = name_parts.unwrap_or_default().join("/");
+    if !matches!(kind, "manifests" | "blobs" | "tags" | "referrers") {
+        return Err(ApiError::not_found());
+    }
+    let name = RepoName::parse(&name_raw)?;
+    Ok(match kind {
+        "manifests" => Route::Manifest(name, Reference::parse(last)?),
+        "blobs" => Route::Blob(name, Digest::parse(last)?),
+        "referrers" => Route::Referrers(name, Digest::parse(last)?),
+        _ => Route::Tags(name),
+    })
+}
+
+fn query_pairs(uri: &Uri) -> Vec<(String, String)> {
+    uri.query()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Constant-time string comparison.
+fn ct_eq(a: &str, b: &str) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.bytes()
+        .zip(b.bytes())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+async fn handle(
+    State(st): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let path = uri.path();
+    match path {
+        "/healthz" => return (StatusCode::OK, "ok\n").into_response(),
+        "/readyz" => {
+            return match st.cache.check_ready() {
+                Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+                Err(e) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("storage not writable: {e}\n"),
+                )
+                    .into_response(),
+            }
+        }
+        "/metrics" => {
+            let body = st
+                .cache
+                .metrics
+                .render(st.cache.store_bytes(), st.cache.inflight());
+            return ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response();
+        }
+        _ => {}
+    }
+    let metrics = st.cache.metrics.clone();
+    match handle_v2(&st, &method, &uri, &headers).await {
+        Ok(r) => r,
+        Err(e) => {
+            metrics.error(e.code);
+            if e.status.is_server_error() {
+                tracing::warn!(%method, path, code = e.code, message = %e.message, "request failed");
+            } else {
+                tracing::debug!(%method, path, code = e.code, message = %e.message, "request refused");
+            }
+            e.into_response()
+        }
+    }
+}
+
+async fn handle_v2(
+    st: &AppState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    if !uri.path().starts_with("/v2") {
+        return Err(ApiError::not_found());
+    }
+    let head = match *method {
+        Method::GET => false,
+        Method::HEAD => true,
+        _ => return Err(ApiError::unsupported()),
+    };
+    let route = parse_route(uri.path())?;
+    let query = query_pairs(uri);
+    let ns = query
+        .iter()
+        .find(|(k, _)| k == "ns")
+        .map(|(_, v)| v.clone());
+    let registry = headers
+        .get("x-mirror-registry")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or(ns.clone());
+
+    if let Route::Base = route {
+        // Without a named registry and several upstreams there is nothing to check.
+        if let Ok(up) = st.cache.upstream(registry.as_deref()) {
+            check_client(st, &up.name, headers)?;
+        }
+        let mut r = (
+            [(header::CONTENT_TYPE, "application/json")],
+            if head { "" } else { "{}" },
+        )
+            .into_response();
+        base_headers(r.headers_mut());
+        if head {
+            r.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
+        }
+        return Ok(r);
+    }
+
+    let up = st.cache.upstream(registry.as_deref())?.clone();
+    check_client(st, &up.name, headers)?;
+    let mut resp = match route {
+        Route::Base => return Err(ApiError::not_found()),
+        Route::Manifest(name, reference) => {
+            let m = st.cache.manifest(&up, &name, &reference, head).await?;
+            let mut b = Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, &m.media_type)
+                .header("docker-content-digest", m.digest.as_str())
+                .header(header::CONTENT_LENGTH, m.size);
+            if let Reference::Digest(_) = reference {
+                b = b.header(header::CACHE_CONTROL, "max-age=31536000");
+            }
+            let body = if head {
+                Body::empty()
+            } else {
+                Body::from(m.body.unwrap_or_default())
+            };
+            b.body(body).map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", e.to_string())
+            })?
+        }
+        Route::Blob(name, digest) => blob_response(st, &up, &name, &digest, head, headers).await?,
+        Route::Tags(name) => {
+            let q = tags_query(&query)?;
+            let pq = if q.is_empty() {
+                format!("/v2/{name}/tags/list")
+            } else {
+                format!("/v2/{name}/tags/list?{q}")
+            };
+            small_response(st, &up, &name, &pq, None, head).await?
+        }
+        Route::Referrers(name, digest) => {
+            let q = {
+                let mut q = url::form_urlencoded::Serializer::new(String::new());
+                for (k, v) in &query {
+                    if k == "artifactType" {
+                        q.append_pair("artifactType", v);
+                    }
+                }
+                q.finish()
+            };
+            let pq = if q.is_empty() {
+                format!("/v2/{name}/referrers/{digest}")
+            } else {
+                format!("/v2/{name}/referrers/{digest}?{q}")
+            };
+            small_response(st, &up, &name, &pq, Some(crate::oci::MT_OCI_INDEX), head).await?
+        }
+    };
+    base_headers(resp.headers_mut());
+    if let Some(ns) = ns {
+        if let Ok(v) = HeaderValue::from_str(&ns) {
+            resp.headers_mut().insert("oci-namespace", v);
+        }
+    }
+    Ok(resp)
+}
+
+fn pagination_error() -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "PAGINATION_NUMBER_INVALID",
+        format!("n must be an integer between 0 and {MAX_TAGS_N}"),
+    )
+}
+
+fn check_client(st: &AppState, registry: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(want) = st.client_tokens.get(registry) else {
+        return Ok(());
+    };
+    let got = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match got {
+        Some(t) if ct_eq(t, want) => Ok(()),
+        _ => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "this registry requires the cache's client token (Authorization: Bearer <token>)",
+        )
+        .with_header(header::WWW_AUTHENTICATE, "Bearer realm=\"regmirror\"")),
+    }
+}
+
+async fn small_response(
+    st: &AppState,
+    up: &Arc<crate::upstream::Upstream>,
+    name: &RepoName,
+    pq: &str,
+    accept: Option<&str>,
+    head: bool,
+) -> Result<Response, ApiError> {
+    let r = st.cache.small(up, name, pq, accept).await?;
+    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut b = Response::builder()
+        .status(status)
+        .header(header::CONTENT_LENGTH, r.body.len());
+    if let Some(ct) = &r.content_type {
+        b = b.header(header::CONTENT_TYPE, ct);
+    }
+    if let Some(l) = &r.link {
+        b = b.header(header::LINK, l);
+    }
+    b.body(if head {
+        Body::empty()
+    } else {
+        Body::from(r.body)
+    })
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", e.to_string()))
+}
+
+/// Builds the body for `[start, end)`.
+type BodyFn = Box<dyn FnOnce(u64, Option<u64>) -> Body + Send>;
+
+async fn blob_response(
+    st: &AppState,
+    up: &Arc<crate::upstream::Upstream>,
+    name: &RepoName,
+    digest: &Digest,
+    head: bool,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    // Parse Range before touching anything so a malformed one costs nothing.
+    let range = match headers.get(header::RANGE) {
+        Some(v) if !head => {
+            let s = v
+                .to_str()
+                .map_err(|_| range_error(range::RangeError::Malformed, None))?;
+            Some(range::parse(s).map_err(|e| range_error(e, None))?)
+        }
+        _ => None,
+    };
+    let reply = st.cache.blob(up, name, digest, head).await?;
+    let metrics: Arc<Metrics> = st.cache.metrics.clone();
+    let builder = Response::builder()
+        .header("docker-content-digest", digest.as_str())
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CACHE_CONTROL, "max-age=31536000");
+    let ierr = |e: axum::http::Error| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", e.to_string())
+    };
+    let (size, body_of): (Option<u64>, BodyFn) = match reply {
+        BlobReply::Head { size } => {
+            return builder
+                .status(StatusCode::OK)
+                .header(header::CONTENT_LENGTH, size)
+                .body(Body::empty())
+                .map_err(ierr);
+        }
+        BlobReply::Cached { file, size, pin } => (
+            Some(size),
+            Box::new(move |s, e| {
+                Body::from_stream(flight::file_reader(
+                    file,
+                    s,
+                    e.unwrap_or(size),
+                    metrics,
+                    pin,
+                ))
+            }),
+        ),
+        BlobReply::Flight { flight, size } => (
+            size,
+            Box::new(move |s, e| Body::from_stream(flight::reader(flight, s, e, metrics))),
+        ),
+    };
+    if head {
+        let mut b = builder.status(StatusCode::OK);
+        if let Some(size) = size {
+            b = b.header(header::CONTENT_LENGTH, size);
+        }
+        return b.body(Body::empty()).map_err(ierr);
+    }
+    match (range, size) {
+        (Some(spec), Some(size)) => {
+            let (s, e) = range::resolve(spec, size).map_err(|err| range_error(err, Some(size)))?;
+            builder
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(header::CONTENT_LENGTH, e - s)
+                .header(
+                    header::CONTENT_RANGE,
+                    format!("bytes {}-{}/{}", s, e - 1, size),
+                )
+                .body(body_of(s, Some(e)))
+                .map_err(ierr)
+        }
+        (_, Some(size)) => builder
+            .status(StatusCode::OK)
+            .header(header::CONTENT_LENGTH, size)
+            .body(body_of(0, Some(size)))
+            .map_err(ierr),
+        // Unknown length (upstream sent none): the Range is ignored, which HTTP allows.
+        (_, None) => builder
+            .status(StatusCode::OK)
+            .body(body_of(0, None))
+            .map_err(ierr),
+    }
+}
+
+fn range_error(e: range::RangeError, size: Option<u64>) -> ApiError {
+    match e {
+        range::RangeError::Malformed => {
+            ApiError::new(StatusCode::BAD_REQUEST, "RANGE_INVALID", e.to_string())
+        }
+        range::RangeError::Unsatisfiable => {
+            let mut a = ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "RANGE_INVALID",
+                e.to_string(),
+            );
+            if let Some(s) = size {
+                a = a.with_header(header::CONTENT_RANGE, format!("bytes */{s}"));
+            }
+            a
+        }
+    }
+}
+
+/// Validated `n`/`last` for tags/list, re-encoded (nothing else is passed upstream).
+fn tags_query(query: &[(String, String)]) -> Result<String, ApiError> {
+    let mut q = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in query {
+        match k.as_str() {
+            "n" => {
+                let n: u32 = v.parse().map_err(|_| pagination_error())?;
+                if n > MAX_TAGS_N {
+                    return Err(pagination_error());
+                }
+                q.append_pair("n", &n.to_string());
+            }
+            "last" => {
+                let t = Tag::parse(v)?;
+                q.append_pair("last", t.as_str());
+            }
+            _ => {}
+        }
+    }
+    Ok(q.finish())
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod tests {
+    use super::*;
+
+    fn code(p: &str) -> &'static str {
+        match parse_route(p) {
+            Ok(_) => "OK",
+            Err(e) => e.code,
+        }
+    }
+
+    #[test]
+    fn routes() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        assert!(matches!(parse_route("/v2/"), Ok(Route::Base)));
+        assert!(matches!(
+            parse_route("/v2/library/alpine/manifests/3.20"),
+            Ok(Route::Manifest(..))
+        ));
+        assert!(
+            matches!(parse_route(&format!("/v2/a/manifests/b/blobs/{d}")), Ok(Route::Blob(n, _)) if n.as_str() == "a/manifests/b")
+        );
+        assert!(
+            matches!(parse_route("/v2/a/b/tags/list"), Ok(Route::Tags(n)) if n.as_str() == "a/b")
+        );
+        assert!(matches!(
+            parse_route(&format!("/v2/a/referrers/{d}")),
+            Ok(Route::Referrers(..))
+        ));
+        assert_eq!(code("/v2/../etc/manifests/x"), "NAME_INVALID");
+        assert_eq!(code("/v2/a/%2e%2e/manifests/x"), "NAME_INVALID");
+        assert_eq!(code("/v2/a/manifests/..%2f"), "NAME_INVALID");
+        assert_eq!(code("/v2/a/manifests/.."), "MANIFEST_INVALID");
+        assert_eq!(code("/v2/a/blobs/sha256:abc"), "DIGEST_INVALID");
+        assert_eq!(code("/v2/a/blobs/../../x"), "NAME_UNKNOWN");
+        assert_eq!(code("/v2/../blobs/x"), "NAME_INVALID");
+        assert_eq!(code("/v2/a/uploads/x"), "NAME_UNKNOWN");
+        assert_eq!(code("/v2/a"), "NAME_UNKNOWN");
+        assert_eq!(code("/v2/tags/list"), "NAME_UNKNOWN");
+        assert_eq!(code("/v2//manifests/x"), "NAME_INVALID");
+    }
+
+    #[test]
+    fn constant_time_eq() {
+        assert!(ct_eq("abc", "abc"));
+        assert!(!ct_eq("abc", "abd"));
+        assert!(!ct_eq("abc", "ab"));
+    }
+}

@@ -1,0 +1,114 @@
+//! `Range` header parsing for blob GETs (single ranges only).
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeSpec {
+    /// `bytes=N-M` (inclusive)
+    FromTo(u64, u64),
+    /// `bytes=N-`
+    From(u64),
+    /// `bytes=-N` (last N bytes)
+    Suffix(u64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RangeError {
+    #[error("malformed Range header (expected bytes=N-, bytes=N-M or bytes=-N)")]
+    Malformed,
+    #[error("range not satisfiable")]
+    Unsatisfiable,
+}
+
+pub fn parse(h: &str) -> Result<RangeSpec, RangeError> {
+    let spec = h
+        .trim()
+        .strip_prefix("bytes=")
+        .ok_or(RangeError::Malformed)?
+        .trim();
+    if spec.contains(',') {
+        return Err(RangeError::Malformed);
+    }
+    let (a, b) = spec.split_once('-').ok_or(RangeError::Malformed)?;
+    let num = |s: &str| -> Result<u64, RangeError> {
+        if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
+            return Err(RangeError::Malformed);
+        }
+        s.parse().map_err(|_| RangeError::Malformed)
+    };
+    match (a.trim(), b.trim()) {
+        ("", n) => Ok(RangeSpec::Suffix(num(n)?)),
+        (s, "") => Ok(RangeSpec::From(num(s)?)),
+        (s, e) => {
+            let (s, e) = (num(s)?, num(e)?);
+            if e < s {
+                return Err(RangeError::Malformed);
+            }
+            Ok(RangeSpec::FromTo(s, e))
+        }
+    }
+}
+
+/// Resolve against the body size: `[start, end)`.
+pub fn resolve(spec: RangeSpec, size: u64) -> Result<(u64, u64), RangeError> {
+    let (s, e) = match spec {
+        RangeSpec::FromTo(s, e) => (s, std::cmp::min(e.saturating_add(1), size)),
+        RangeSpec::From(s) => (s, size),
+        RangeSpec::Suffix(0) => return Err(RangeError::Unsatisfiable),
+        RangeSpec::Suffix(n) => (size.saturating_sub(n), size),
+    };
+    if s >= size {
+        return Err(RangeError::Unsatisfiable);
+    }
+    Ok((s, e))
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parsing() {
+        assert_eq!(parse("bytes=10-"), Ok(RangeSpec::From(10)));
+        assert_eq!(parse("bytes=0-99"), Ok(RangeSpec::FromTo(0, 99)));
+        assert_eq!(parse("bytes=-5"), Ok(RangeSpec::Suffix(5)));
+        for bad in [
+            "bytes=",
+            "bytes=-",
+            "bytes=a-",
+            "bytes=5-1",
+            "bytes=0-1,3-4",
+            "items=0-1",
+            "bytes=+1-",
+            "bytes=99999999999999999999999-",
+            "",
+        ] {
+            assert_eq!(parse(bad), Err(RangeError::Malformed), "{bad}");
+        }
+    }
+
+    #[test]
+    fn resolving() {
+        assert_eq!(resolve(RangeSpec::From(10), 100), Ok((10, 100)));
+        assert_eq!(resolve(RangeSpec::FromTo(0, 9), 100), Ok((0, 10)));
+        assert_eq!(resolve(RangeSpec::FromTo(90, 200), 100), Ok((90, 100)));
+        assert_eq!(resolve(RangeSpec::Suffix(10), 100), Ok((90, 100)));
+        assert_eq!(resolve(RangeSpec::Suffix(1000), 100), Ok((0, 100)));
+        assert_eq!(
+            resolve(RangeSpec::From(100), 100),
+            Err(RangeError::Unsatisfiable)
+        );
+        assert_eq!(
+            resolve(RangeSpec::FromTo(u64::MAX, u64::MAX), 100),
+            Err(RangeError::Unsatisfiable)
+        );
+        assert_eq!(
+            resolve(RangeSpec::From(0), 0),
+            Err(RangeError::Unsatisfiable)
+        );
+    }
+}

@@ -1,0 +1,134 @@
+//! Prometheus text metrics from plain atomics.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Error codes counted by `regmirror_errors_total{code=...}`.
+pub const ERROR_CODES: [&str; 16] = [
+    "BLOB_UNKNOWN",
+    "MANIFEST_UNKNOWN",
+    "MANIFEST_INVALID",
+    "NAME_INVALID",
+    "NAME_UNKNOWN",
+    "DIGEST_INVALID",
+    "TOOMANYREQUESTS",
+    "UNAUTHORIZED",
+    "DENIED",
+    "UNSUPPORTED",
+    "RANGE_INVALID",
+    "UNAVAILABLE",
+    "PAGINATION_NUMBER_INVALID",
+    "SIZE_INVALID",
+    "INTERNAL",
+    "OTHER",
+];
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub stale_served: AtomicU64,
+    pub bytes_from_cache: AtomicU64,
+    pub bytes_from_upstream: AtomicU64,
+    pub upstream_fetches: AtomicU64,
+    pub coalesced_waiters: AtomicU64,
+    pub evictions: AtomicU64,
+    pub evicted_bytes: AtomicU64,
+    pub store_write_errors: AtomicU64,
+    pub verify_failures: AtomicU64,
+    errors: [AtomicU64; 16],
+}
+
+impl Metrics {
+    pub fn add_cache_bytes(&self, n: u64) {
+        self.bytes_from_cache.fetch_add(n, Relaxed);
+    }
+    pub fn add_upstream_bytes(&self, n: u64) {
+        self.bytes_from_upstream.fetch_add(n, Relaxed);
+    }
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Relaxed);
+    }
+    pub fn error(&self, code: &str) {
+        let i = ERROR_CODES
+            .iter()
+            .position(|c| *c == code)
+            .unwrap_or(ERROR_CODES.len() - 1);
+        if let Some(c) = self.errors.get(i) {
+            c.fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn render(&self, store_bytes: u64, inflight: usize) -> String {
+        let mut s = String::new();
+        let mut counter = |name: &str, help: &str, v: u64| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        };
+        counter(
+            "regmirror_cache_hits_total",
+            "Requests answered from the cache.",
+            self.hits.load(Relaxed),
+        );
+        counter(
+            "regmirror_cache_misses_total",
+            "Requests that needed upstream content.",
+            self.misses.load(Relaxed),
+        );
+        counter(
+            "regmirror_stale_served_total",
+            "Tags served from cache because upstream failed.",
+            self.stale_served.load(Relaxed),
+        );
+        counter(
+            "regmirror_bytes_from_cache_total",
+            "Body bytes served from stored blobs.",
+            self.bytes_from_cache.load(Relaxed),
+        );
+        counter(
+            "regmirror_bytes_from_upstream_total",
+            "Body bytes served from in-progress downloads.",
+            self.bytes_from_upstream.load(Relaxed),
+        );
+        counter(
+            "regmirror_upstream_fetches_total",
+            "Content downloads started from upstreams.",
+            self.upstream_fetches.load(Relaxed),
+        );
+        counter(
+            "regmirror_coalesced_waiters_total",
+            "Requests that joined a download already in progress.",
+            self.coalesced_waiters.load(Relaxed),
+        );
+        counter(
+            "regmirror_evictions_total",
+            "Blobs evicted to respect max_size.",
+            self.evictions.load(Relaxed),
+        );
+        counter(
+            "regmirror_evicted_bytes_total",
+            "Bytes evicted to respect max_size.",
+            self.evicted_bytes.load(Relaxed),
+        );
+        counter(
+            "regmirror_store_write_errors_total",
+            "Downloads not cached because writing failed (e.g. disk full).",
+            self.store_write_errors.load(Relaxed),
+        );
+        counter(
+            "regmirror_verify_failures_total",
+            "Downloads whose digest or length did not verify.",
+            self.verify_failures.load(Relaxed),
+        );
+        let _ = writeln!(s, "# HELP regmirror_errors_total Error responses by OCI code.\n# TYPE regmirror_errors_total counter");
+        for (code, c) in ERROR_CODES.iter().zip(self.errors.iter()) {
+            let _ = writeln!(
+                s,
+                "regmirror_errors_total{{code=\"{code}\"}} {}",
+                c.load(Relaxed)
+            );
+        }
+        let _ = writeln!(s, "# HELP regmirror_store_bytes Bytes of blobs and manifests stored.\n# TYPE regmirror_store_bytes gauge\nregmirror_store_bytes {store_bytes}");
+        let _ = writeln!(s, "# HELP regmirror_inflight_downloads Downloads in progress.\n# TYPE regmirror_inflight_downloads gauge\nregmirror_inflight_downloads {inflight}");
+        s
+    }
+}
