@@ -1,0 +1,543 @@
+//! A user's session through the mirror: Envoy (shipped `envoy/local.yaml`, TLS added)
+//! with the wasm filter in front of Docker Hub-like and quay-like upstreams with real
+//! token auth. Clients: skopeo and containerd. All tests share one Envoy and one set of
+//! upstreams and run in parallel.
+
+use mirror_tests::clients::{self, SkopeoPull};
+use mirror_tests::mirror::{self, Mirror};
+use mirror_tests::upstreams::Front;
+use mirror_tests::{digest_of, images::SeededImage};
+
+const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// Unwraps with the mirror's logs in the failure message.
+fn ok<T>(m: &Mirror, r: anyhow::Result<T>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => panic!("{e:#}\n{}", m.logs()),
+    }
+}
+
+fn skopeo(m: &Mirror, reference: &str, all: bool) -> clients::PulledDir {
+    let opts = SkopeoPull {
+        all,
+        cert_dir: Some(m.up.pki.cert_dir.clone()),
+        registries_conf: None,
+    };
+    ok(m, clients::skopeo_pull(reference, &opts))
+}
+
+fn unique() -> String {
+    hex::encode(rand::random::<[u8; 6]>())
+}
+
+fn oci_error_code(body: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body.trim())
+        .unwrap_or_else(|e| panic!("not OCI error JSON ({e}): {body:?}"));
+    v["errors"][0]["code"].as_str().unwrap_or("").to_string()
+}
+
+// --- skopeo: the three addressing modes -------------------------------------------------
+
+#[test]
+fn skopeo_pulls_alpine_in_host_mode() {
+    let m = mirror::shared();
+    let pulled = skopeo(
+        m,
+        &format!("{}/library/alpine:3.20", m.host("docker")),
+        false,
+    );
+    pulled.assert_is(&m.up.images.alpine, false);
+}
+
+#[test]
+fn skopeo_pulls_alpine_with_a_path_prefix() {
+    let m = mirror::shared();
+    let pulled = skopeo(
+        m,
+        &format!("{}/docker.io/library/alpine:3.20", m.addr()),
+        false,
+    );
+    pulled.assert_is(&m.up.images.alpine, false);
+}
+
+#[test]
+fn skopeo_pulls_alpine_from_the_default_registry() {
+    let m = mirror::shared();
+    let pulled = skopeo(m, &format!("{}/library/alpine:3.20", m.addr()), false);
+    pulled.assert_is(&m.up.images.alpine, false);
+}
+
+#[test]
+fn skopeo_pulls_a_short_name_through_registries_conf() {
+    let m = mirror::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("registries.conf");
+    clients::write_registries_conf(&conf, "docker.io", &m.addr()).unwrap();
+    let opts = SkopeoPull {
+        all: false,
+        cert_dir: Some(m.up.pki.cert_dir.clone()),
+        registries_conf: Some(conf),
+    };
+    let pulled = ok(m, clients::skopeo_pull("alpine:3.20", &opts));
+    pulled.assert_is(&m.up.images.alpine, false);
+    // The client named `alpine`; the upstream's token server was asked for library/alpine.
+    assert!(
+        m.up.token
+            .requests()
+            .iter()
+            .any(|r| r.host == "auth.docker.io"
+                && r.path == "/token"
+                && r.service.as_deref() == Some("registry.docker.io")
+                && r.scopes
+                    .iter()
+                    .any(|s| s == "repository:library/alpine:pull")),
+        "{}",
+        m.logs()
+    );
+}
+
+#[test]
+fn skopeo_pulls_a_two_component_hub_name_without_library() {
+    let m = mirror::shared();
+    let pulled = skopeo(m, &format!("{}/someorg/tool:v1", m.host("docker")), false);
+    pulled.assert_is(&m.up.images.tool, false);
+    assert!(m
+        .up
+        .token
+        .requests()
+        .iter()
+        .any(|r| r.scopes.iter().any(|s| s == "repository:someorg/tool:pull")));
+}
+
+#[test]
+fn skopeo_pulls_quay_etcd_in_host_mode() {
+    let m = mirror::shared();
+    let etcd = &m.up.images.etcd;
+    skopeo(m, &format!("{}/coreos/etcd:v3.5", m.host("quay")), false).assert_is(etcd, false);
+    // quay's realm is on quay.io itself: the token came through the quay front.
+    assert!(m
+        .up
+        .access_log(Front::Quay)
+        .iter()
+        .any(|e| e.path() == "/v2/auth"
+            && e.host == "quay.io"
+            && e.query_param("scope").as_deref() == Some("repository:coreos/etcd:pull")));
+}
+
+/// skopeo (containers/image) learns the realm from its `/v2/` ping, which on
+/// `127.0.0.1:PORT` names the default registry's realm (auth.docker.io); it then asks
+/// that realm for `repository:quay.io/coreos/etcd:pull` and presents the docker.io token
+/// to quay, which refuses it; skopeo does not re-authenticate on the manifest's 401.
+/// containerd (which takes the realm from the manifest 401) works in this mode.
+#[test]
+#[ignore = "filter: path-prefix mode + a client that takes the realm from /v2/ (skopeo) gets a docker.io token for quay.io"]
+fn skopeo_pulls_quay_etcd_with_a_path_prefix() {
+    let m = mirror::shared();
+    let etcd = &m.up.images.etcd;
+    skopeo(m, &format!("{}/quay.io/coreos/etcd:v3.5", m.addr()), false).assert_is(etcd, false);
+}
+
+#[test]
+fn skopeo_pulls_every_platform_of_an_index() {
+    let m = mirror::shared();
+    let multi: &SeededImage = &m.up.images.multi;
+    let pulled = skopeo(m, &format!("{}/library/multi:1", m.addr()), true);
+    pulled.assert_is(multi, true);
+    assert_eq!(pulled.manifest["manifests"].as_array().unwrap().len(), 2);
+}
+
+// --- containerd -------------------------------------------------------------------------
+
+#[test]
+fn containerd_pulls_hub_images_through_the_mirror() {
+    let m = mirror::shared();
+    let c = clients::containerd();
+    let hosts = tempfile::tempdir().unwrap();
+    clients::write_hosts_toml(hosts.path(), "docker.io", &m.addr(), &m.up.pki.ca).unwrap();
+    let ns = format!("hub-{}", unique());
+    for (reference, image) in [
+        ("docker.io/library/alpine:3.20", &m.up.images.alpine),
+        ("docker.io/library/multi:1", &m.up.images.multi),
+    ] {
+        ok(m, c.pull(&ns, hosts.path(), reference, &[]));
+        assert_eq!(ok(m, c.image_digest(&ns, reference)), image.digest);
+        // The platform containerd runs on (linux/amd64) is complete and verified.
+        let amd64 = image.platform("amd64").unwrap();
+        let content = ok(m, c.content(&ns));
+        for d in amd64.blob_digests().iter().chain([&amd64.manifest_digest]) {
+            assert!(content.contains(d), "{d} missing from containerd's store");
+            ok(m, c.verify_content(&ns, d));
+        }
+    }
+    // containerd sent ?ns=docker.io; the filter removed it before the upstream.
+    let hub = m.up.access_log(Front::Hub);
+    assert!(hub
+        .iter()
+        .any(|e| e.path() == "/v2/library/multi/manifests/1"));
+    assert!(
+        hub.iter().all(|e| e.query_param("ns").is_none()),
+        "{hub:#?}"
+    );
+}
+
+#[test]
+fn containerd_pulls_quay_etcd_through_the_mirror() {
+    let m = mirror::shared();
+    let c = clients::containerd();
+    let hosts = tempfile::tempdir().unwrap();
+    clients::write_hosts_toml(hosts.path(), "quay.io", &m.addr(), &m.up.pki.ca).unwrap();
+    let ns = format!("quay-{}", unique());
+    let reference = "quay.io/coreos/etcd:v3.5";
+    ok(m, c.pull(&ns, hosts.path(), reference, &[]));
+    let etcd = &m.up.images.etcd;
+    assert_eq!(ok(m, c.image_digest(&ns, reference)), etcd.digest);
+    for d in etcd.all_blobs() {
+        ok(m, c.verify_content(&ns, &d));
+    }
+}
+
+// --- the protocol by hand: what the mirror tells clients and what upstreams saw ---------
+
+#[test]
+fn a_pull_by_hand_stays_on_the_mirror_and_upstreams_see_what_they_expect() {
+    let m = mirror::shared();
+    let client = m.client();
+    let base = m.url("");
+
+    // 1. The challenge names the mirror, not auth.docker.io.
+    let resp = client
+        .get(format!("{base}/v2/?ns=docker.io"))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 401, "{}", m.logs());
+    let challenge = resp.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let realm = format!("{base}/_mirror/auth/auth.docker.io/token");
+    assert!(
+        challenge.contains(&format!("realm=\"{realm}\"")),
+        "{challenge}"
+    );
+    assert!(
+        challenge.contains("service=\"registry.docker.io\""),
+        "{challenge}"
+    );
+
+    // 2. The token comes from the upstream's token server, through the mirror.
+    let probe = unique();
+    let scope = "repository:library/alpine:pull".to_string();
+    let resp = client
+        .get(&realm)
+        .query(&[
+            ("service", "registry.docker.io"),
+            ("scope", &scope),
+            ("probe", &probe),
+        ])
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", m.logs());
+    let token: serde_json::Value = resp.json().unwrap();
+    let token = token["token"].as_str().unwrap().to_string();
+    let seen = m.up.token.requests();
+    assert!(seen
+        .iter()
+        .any(|r| r.host == "auth.docker.io" && r.scopes == [scope.clone()]));
+
+    // 3. Manifest by tag: 200, digest as seeded, ns echoed.
+    let alpine = &m.up.images.alpine;
+    let resp = client
+        .get(format!(
+            "{base}/v2/library/alpine/manifests/3.20?ns=docker.io&probe={probe}"
+        ))
+        .bearer_auth(&token)
+        .header("accept", ACCEPT)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", m.logs());
+    assert_eq!(
+        resp.headers()["docker-content-digest"],
+        alpine.digest.as_str()
+    );
+    assert_eq!(
+        resp.headers()
+            .get("oci-namespace")
+            .map(|v| v.to_str().unwrap()),
+        Some("docker.io")
+    );
+    assert_eq!(digest_of(&resp.bytes().unwrap()), alpine.digest);
+    // Route selection followed the rewrite: the client spoke to 127.0.0.1, the hub front
+    // got Host registry-1.docker.io over TLS with that SNI, the query minus ns intact.
+    let hub = m.up.access_log(Front::Hub);
+    let line = hub
+        .iter()
+        .find(|e| e.query_param("probe").as_deref() == Some(probe.as_str()))
+        .unwrap_or_else(|| panic!("the hub front never saw probe {probe}: {hub:#?}"));
+    assert_eq!(line.host, "registry-1.docker.io");
+    assert_eq!(line.sni, "registry-1.docker.io");
+    assert_eq!(
+        line.uri,
+        format!("/v2/library/alpine/manifests/3.20?probe={probe}")
+    );
+    assert!(line.has_authorization());
+
+    // 4. Blob: the upstream's 307 to the CDN becomes a signed URL on the mirror.
+    let layer = &alpine.platforms[0].layer_digests[0];
+    let resp = client
+        .get(format!("{base}/v2/library/alpine/blobs/{layer}"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 307, "{}", m.logs());
+    let location = resp.headers()["location"].to_str().unwrap().to_string();
+    assert!(
+        location.starts_with(&format!("{base}/_mirror/redirect/docker.io/")),
+        "{location}"
+    );
+    assert!(location.contains(
+        "/production.cloudflare.docker.com/registry-v2/docker/registry/v2/blobs/sha256/"
+    ));
+    // 5. Following it with the same Authorization (as a client that does not drop it on a
+    // same-host redirect): the mirror removes it, the CDN sees none.
+    let resp = client.get(&location).bearer_auth(&token).send().unwrap();
+    assert_eq!(resp.status(), 200, "{}", m.logs());
+    assert_eq!(&digest_of(&resp.bytes().unwrap()), layer);
+    let hex = layer.trim_start_matches("sha256:");
+    let cdn = m.up.access_log(Front::Cdn);
+    let got: Vec<_> = cdn.iter().filter(|e| e.uri.contains(hex)).collect();
+    assert!(!got.is_empty(), "the CDN never saw {layer}: {cdn:#?}");
+    for e in &got {
+        assert_eq!(e.method, "GET");
+        assert!(
+            !e.has_authorization(),
+            "Authorization reached the CDN: {e:?}"
+        );
+        assert!(
+            e.query_param("verify").is_some_and(|v| !v.is_empty()),
+            "{e:?}"
+        );
+        assert_eq!(e.host, "production.cloudflare.docker.com");
+        assert_eq!(e.status(), 200);
+    }
+}
+
+#[test]
+fn the_cdn_never_sees_authorization_during_client_pulls() {
+    let m = mirror::shared();
+    skopeo(
+        m,
+        &format!("{}/library/alpine:3.20", m.host("docker")),
+        false,
+    );
+    let cdn = m.up.access_log(Front::Cdn);
+    let layers = &m.up.images.alpine.platforms[0].layer_digests;
+    for l in layers {
+        let hex = l.trim_start_matches("sha256:");
+        assert!(
+            cdn.iter().any(|e| e.uri.contains(hex) && e.status() == 200),
+            "no CDN GET for {l}"
+        );
+    }
+    assert!(cdn.iter().all(|e| !e.has_authorization()), "{cdn:#?}");
+    assert!(
+        cdn.iter().all(|e| e.query_param("verify").is_some()),
+        "{cdn:#?}"
+    );
+    let hub = m.up.access_log(Front::Hub);
+    assert!(hub.iter().all(|e| e.host == "registry-1.docker.io"));
+}
+
+// --- refusals ---------------------------------------------------------------------------
+
+#[test]
+fn methods_other_than_get_and_head_are_405() {
+    let m = mirror::shared();
+    for method in ["POST", "PUT", "DELETE", "PATCH"] {
+        let r = ok(
+            m,
+            m.raw(method, "/v2/library/alpine/manifests/3.20", &m.addr(), &[]),
+        );
+        assert_eq!(r.status, 405, "{method}: {r:?}");
+        assert_eq!(oci_error_code(&r.body), "UNSUPPORTED", "{method}: {r:?}");
+    }
+    let r = ok(
+        m,
+        m.raw(
+            "POST",
+            "/v2/library/alpine/blobs/uploads/",
+            &m.host("docker"),
+            &[],
+        ),
+    );
+    assert_eq!(r.status, 405, "{r:?}");
+}
+
+#[test]
+fn unknown_registries_are_404() {
+    let m = mirror::shared();
+    let client = m.client();
+    let resp = client
+        .get(m.url("/v2/library/alpine/manifests/3.20?ns=evil.example"))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(oci_error_code(&resp.text().unwrap()), "NAME_UNKNOWN");
+    let resp = client
+        .get(m.url("/v2/evil.example/library/alpine/manifests/3.20"))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let resp = client
+        .get(m.url("/v2/evil.example:5000/x/manifests/1"))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+}
+
+#[test]
+fn token_requests_to_unlisted_realms_are_403() {
+    let m = mirror::shared();
+    let resp = m
+        .client()
+        .get(m.url("/_mirror/auth/evil.example/token?service=x&scope=repository:a/b:pull"))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    // A registry host that is not a realm host of any registry either.
+    let resp = m
+        .client()
+        .get(m.url("/_mirror/auth/production.cloudflare.docker.com/token"))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+}
+
+#[test]
+fn tampered_signed_redirects_are_403() {
+    let m = mirror::shared();
+    let client = m.client();
+    let token = ok(
+        m,
+        m.up.pull_token(
+            mirror_tests::upstreams::HUB_REALM,
+            mirror_tests::upstreams::HUB_SERVICE,
+            "library/alpine",
+        ),
+    );
+    let layer = &m.up.images.alpine.platforms[0].layer_digests[2];
+    let resp = client
+        .get(m.url(&format!("/v2/library/alpine/blobs/{layer}")))
+        .bearer_auth(&token)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 307, "{}", m.logs());
+    let location = resp.headers()["location"].to_str().unwrap().to_string();
+    // /_mirror/redirect/<registry>/<expires>/<cred>/<sig>/<host>/<path>?<query>
+    let path = location.split_once("/_mirror/redirect/").unwrap().1;
+    let parts: Vec<&str> = path.splitn(5, '/').collect();
+    let (registry, expires, cred, sig, rest) = (parts[0], parts[1], parts[2], parts[3], parts[4]);
+    let flip = |s: &str| {
+        let mut b = s.as_bytes().to_vec();
+        b[0] = if b[0] == b'0' { b'1' } else { b'0' };
+        String::from_utf8(b).unwrap()
+    };
+    let later: u64 = expires.parse::<u64>().unwrap() + 3600;
+    let tampered = [
+        format!("{registry}/{expires}/{cred}/{}/{rest}", flip(sig)),
+        format!("{registry}/{later}/{cred}/{sig}/{rest}"),
+        format!(
+            "{registry}/{expires}/{cred}/{sig}/{}",
+            rest.replace(&layer[7..], &"0".repeat(64))
+        ),
+        format!(
+            "{registry}/{expires}/{cred}/{sig}/{}",
+            rest.replace("verify=", "verify=x")
+        ),
+        format!("quay.io/{expires}/{cred}/{sig}/{rest}"),
+        format!("{registry}/{expires}/{cred}/{sig}/evil.example/x"),
+    ];
+    for t in tampered {
+        let resp = client
+            .get(m.url(&format!("/_mirror/redirect/{t}")))
+            .send()
+            .unwrap();
+        assert_eq!(resp.status(), 403, "/_mirror/redirect/{t}");
+    }
+    // The untampered one works (without Authorization: the mirror fetches the CDN).
+    let resp = client.get(&location).send().unwrap();
+    assert_eq!(resp.status(), 200, "{}", m.logs());
+    assert_eq!(&digest_of(&resp.bytes().unwrap()), layer);
+}
+
+#[test]
+fn a_request_for_the_realm_host_gets_no_token() {
+    let m = mirror::shared();
+    let probe = format!("repository:probe/{}:pull", unique());
+    let r = ok(
+        m,
+        m.raw(
+            "GET",
+            &format!("/token?service=registry.docker.io&scope={probe}"),
+            "auth.docker.io",
+            &[],
+        ),
+    );
+    assert_eq!(r.status, 404, "{r:?}");
+    assert!(!r.body.contains("token\""), "{r:?}");
+    assert!(m
+        .up
+        .token
+        .requests()
+        .iter()
+        .all(|t| !t.scopes.contains(&probe)));
+}
+
+#[test]
+fn invalid_names_and_references_are_refused() {
+    let m = mirror::shared();
+    for path in [
+        "/v2/../etc/manifests/x",
+        "/v2/library/../../etc/manifests/x",
+        "/v2/Library/Alpine/manifests/3.20",
+        "/v2/library/alpine/blobs/sha256:../../../etc/passwd",
+        "/v2/library/alpine/blobs/sha256:ZZ",
+        "/v2/library/alpine/manifests/-bad-tag",
+    ] {
+        let r = ok(m, m.raw("GET", path, &m.addr(), &[]));
+        assert!(r.status == 400 || r.status == 404, "{path}: {r:?}");
+    }
+    // Nothing of that reached an upstream.
+    let hub = m.up.access_log(Front::Hub);
+    assert!(hub
+        .iter()
+        .all(|e| !e.uri.contains("..") && !e.uri.contains("Library")));
+}
+
+#[test]
+fn v2_without_a_registry_is_answered_for_every_mode() {
+    let m = mirror::shared();
+    let client = m.client();
+    for url in [
+        m.url("/v2/"),
+        format!("https://{}/v2/", m.host("docker")),
+        format!("https://{}/v2/", m.host("quay")),
+    ] {
+        let resp = client.get(&url).send().unwrap();
+        assert_eq!(resp.status(), 401, "{url}");
+        let c = resp.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(c.contains("/_mirror/auth/"), "{url}: {c}");
+        let authority = url
+            .trim_start_matches("https://")
+            .split('/')
+            .next()
+            .unwrap();
+        assert!(
+            c.contains(&format!("https://{authority}/_mirror/auth/")),
+            "{url}: {c}"
+        );
+    }
+}
