@@ -52,6 +52,7 @@ pub fn render(declaration: &Declaration, filter_json: &str, variant: Variant) ->
         "# Rendered by `regmirror render` from envoy/registries.toml: edit that file, not this one.\n\
          # {}\n\
          admin:\n  address:\n    socket_address: {{ address: 127.0.0.1, port_value: 9901 }}\n\
+         overload_manager:\n  resource_monitors:\n  - name: envoy.resource_monitors.global_downstream_max_connections\n    typed_config:\n      \"@type\": type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig\n      max_active_downstream_connections: 50000\n\
          static_resources:\n  listeners:",
         match variant {
             Variant::Local => "Local mirror (`just up`): plain HTTP on 127.0.0.1:5000.",

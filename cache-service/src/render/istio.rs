@@ -53,7 +53,8 @@ pub fn render(declaration: &Declaration, filter_json_pretty: &str) -> String {
          \x20 pluginConfig:\n{}",
         indent(filter_json_pretty, "    ")
     );
-    let mut gateway_hosts = vec![suffix.clone(), format!("*.{suffix}")];
+    let mirror_hosts = vec![suffix.clone(), format!("*.{suffix}")];
+    let mut gateway_hosts = mirror_hosts.clone();
     gateway_hosts.extend(exact.iter().map(|(h, _)| h.clone()));
     gateway_hosts.extend(declaration.cached_registries().map(|r| r.upstream.clone()));
     let hosts_list = |indent: &str, hosts: &[String]| -> String {
@@ -75,10 +76,10 @@ pub fn render(declaration: &Declaration, filter_json_pretty: &str) -> String {
          \x20   tls: {{ httpsRedirect: true }}\n\
          \x20   hosts:\n{}",
         hosts_list("    ", &gateway_hosts),
-        hosts_list("    ", &gateway_hosts[..2]),
+        hosts_list("    ", &mirror_hosts),
     );
     let mut routes = String::new();
-    for (host, port) in &exact {
+    for (host, _) in &exact {
         let _ = write!(
             routes,
             "  - match:\n    - authority: {{ exact: {} }}\n    route:\n    - destination: {{ host: {}, port: {{ number: 80 }} }}\n    # No route timeout: multi-gigabyte layers over slow links.\n    timeout: 0s\n",

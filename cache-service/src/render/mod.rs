@@ -1,7 +1,7 @@
 //! `regmirror render`: turns `envoy/registries.toml`, the one declaration of registries,
 //! into the filter's JSON, the Envoy configs and cache-service's config.
 
-mod declaration;
+pub mod declaration;
 mod envoy;
 mod istio;
 
@@ -127,8 +127,10 @@ pub fn render_files(registries: &Path) -> Result<Vec<Rendered>, RenderError> {
 }
 
 /// The filter's own parser (the code `on_configure` runs) must accept what we ship.
-fn validate_with_filter(_filter_json: &str) -> Result<(), RenderError> {
-    Ok(())
+fn validate_with_filter(filter_json: &str) -> Result<(), RenderError> {
+    mirror_filter::rules::parse(filter_json.as_bytes())
+        .map(drop)
+        .map_err(|error| RenderError::Filter(error.to_string()))
 }
 
 /// The filter's plugin configuration (schema in docs/design.md), compact.
