@@ -72,3 +72,12 @@ lint:
 # The whole test suite: unit tests, config drift, then the integration tests (real Envoy, registries, clients).
 test: setup build lint
     MIRROR_WASM="$PWD/{{wasm}}" REGMIRROR_BIN="$PWD/{{regmirror}}" cargo test --workspace --release
+
+# Benchmarks (not tests): the data path measured side by side with its peers; prints a table of ratios.
+bench: setup build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    for tool in wrk hyperfine valgrind; do
+      command -v "$tool" >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -qq "$tool" >/dev/null; } || { echo "missing $tool: apt-get install $tool" >&2; exit 1; }
+    done
+    MIRROR_WASM="$PWD/{{wasm}}" REGMIRROR_BIN="$PWD/{{regmirror}}" cargo run --release -p mirror-bench
