@@ -5,6 +5,7 @@
 use crate::envoy::{Envoy, Substitution};
 use crate::upstreams::Upstreams;
 use anyhow::Result;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -34,18 +35,30 @@ pub fn shared() -> &'static Mirror {
 impl Mirror {
     /// Starts Envoy from `source` (a shipped config) against `up`, over TLS.
     pub fn start(up: &'static Upstreams, source: &std::path::Path) -> Result<Mirror> {
+        Self::start_with(up, source, true, BTreeMap::new())
+    }
+
+    /// Starts Envoy from `source`; `add_tls` switches a plain listener that runs the
+    /// filter to TLS with the leaf certificate (shipped TLS listeners always get the leaf);
+    /// `extra_clusters` adds endpoints (e.g. `cache_service`) to the upstream map.
+    pub fn start_with(
+        up: &'static Upstreams,
+        source: &std::path::Path,
+        add_tls: bool,
+        extra_clusters: BTreeMap<String, SocketAddr>,
+    ) -> Result<Mirror> {
         crate::ensure_etc_hosts()?;
         let wasm = crate::build::wasm()?;
         let tmp = tempfile::Builder::new().prefix("mirror-envoy-").tempdir()?;
         let dir = tmp.path().to_path_buf();
         let s = Substitution {
-            clusters: up.cluster_map(),
+            clusters: up.cluster_map().into_iter().chain(extra_clusters).collect(),
             blackhole: Some(SocketAddr::from(([127, 0, 0, 1], crate::free_port()))),
             ca: Some(up.pki.ca.clone()),
             wasm: Some(wasm),
             host_suffix: Some(HOST_SUFFIX.to_string()),
             tls: Some((up.pki.cert.clone(), up.pki.key.clone())),
-            add_tls: true,
+            add_tls,
         };
         let envoy = Envoy::start(source, &s, &dir)?;
         Ok(Mirror {
