@@ -29,13 +29,39 @@ use config::{Config, LogFormat, ServeArgs};
 /// filter), else the `ns` query parameter, else the only configured upstream. The cache only
 /// pulls: writes are refused with 405 UNSUPPORTED.
 #[derive(Debug, Parser)]
-#[command(name = "regmirror", version, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "regmirror",
+    version,
+    verbatim_doc_comment,
+    args_conflicts_with_subcommands = true,
+    after_long_help = CONFIG_HELP
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
     serve: ServeArgs,
 }
+
+const CONFIG_HELP: &str = r#"Configuration file (--config FILE; flags override it):
+
+  listen = "127.0.0.1:5001"
+  storage = "/var/lib/regmirror"
+  max_size = "50GiB"            # optional; 0 or absent = unlimited
+  tag_ttl_seconds = 300
+  shutdown_grace_seconds = 30   # optional
+  [[upstream]]
+  name = "gcr.io"               # matched against x-mirror-registry / ?ns=
+  url = "https://gcr.io"
+  ca_file = "/path/ca.pem"      # optional extra CA for this upstream
+  username = "..."              # optional; password from password_env or password_file
+  password_env = "GCR_PASSWORD"
+  realm_hosts = ["auth.example.com"]  # token realms (besides the upstream host) that may get the credentials
+  public = false                # with credentials: refused at startup unless public = true
+  client_token_env = "TOKEN_VAR"      # ... or clients present `Authorization: Bearer <token>`
+
+Endpoints: /v2/... (pull API), /healthz, /readyz (storage writable), /metrics (Prometheus).
+Logs go to stderr; RUST_LOG filters them (default info). Exit status 2: bad configuration."#;
 
 #[derive(Debug, Subcommand)]
 enum Command {
