@@ -122,7 +122,10 @@ pub fn reader(
                         (None, l) => l,
                     };
                     if let Some(l) = limit {
-                        if pos >= l && verified {
+                        // A range that stops before the end needs no verification to finish
+                        // (a partial body cannot be verified by the client either).
+                        let partial = s.started.flatten().is_some_and(|t| l < t);
+                        if pos >= l && (verified || partial) {
                             return None;
                         }
                     }
@@ -222,4 +225,130 @@ pub fn file_reader(
             }
         }
     })
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+    use std::io::Write;
+
+    fn setup() -> (
+        tempfile::NamedTempFile,
+        Arc<InFlight>,
+        watch::Sender<FlightState>,
+    ) {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        let file = Arc::new(std::fs::File::open(tmp.path()).unwrap());
+        let (tx, rx) = watch::channel(FlightState::default());
+        let f = Arc::new(InFlight {
+            file: Some(file),
+            state: rx,
+            tail: Mutex::new(Tail::default()),
+        });
+        (tmp, f, tx)
+    }
+
+    async fn next_within(
+        s: &mut (impl Stream<Item = io::Result<Bytes>> + Unpin),
+    ) -> Option<Option<io::Result<Bytes>>> {
+        tokio::time::timeout(std::time::Duration::from_millis(100), s.next())
+            .await
+            .ok()
+    }
+
+    #[tokio::test]
+    async fn holds_back_last_byte_until_verified() {
+        let (mut tmp, f, tx) = setup();
+        let m = Arc::new(Metrics::default());
+        let mut r = Box::pin(reader(f.clone(), 0, None, m.clone()));
+        tx.send_modify(|s| s.started = Some(Some(10)));
+        tmp.write_all(b"0123456789").unwrap();
+        tmp.flush().unwrap();
+        tx.send_modify(|s| {
+            s.received = 10;
+            s.on_disk = 10;
+        });
+        let first = next_within(&mut r).await.unwrap().unwrap().unwrap();
+        assert_eq!(&first[..], b"012345678", "last byte held back");
+        assert!(
+            next_within(&mut r).await.is_none(),
+            "waits for verification"
+        );
+        tx.send_modify(|s| s.done = Some(Ok(())));
+        let last = next_within(&mut r).await.unwrap().unwrap().unwrap();
+        assert_eq!(&last[..], b"9");
+        assert!(
+            next_within(&mut r).await.unwrap().is_none(),
+            "ends after verified"
+        );
+
+        // A partial range finishes without waiting for verification.
+        let (mut tmp, f, tx) = setup();
+        let mut r = Box::pin(reader(f.clone(), 2, Some(5), m.clone()));
+        tx.send_modify(|s| s.started = Some(Some(10)));
+        tmp.write_all(b"0123456789").unwrap();
+        tx.send_modify(|s| {
+            s.received = 10;
+            s.on_disk = 10;
+        });
+        let b = next_within(&mut r).await.unwrap().unwrap().unwrap();
+        assert_eq!(&b[..], b"234");
+        assert!(next_within(&mut r).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn failure_aborts_readers() {
+        let (mut tmp, f, tx) = setup();
+        let m = Arc::new(Metrics::default());
+        let mut r = Box::pin(reader(f.clone(), 0, None, m));
+        tx.send_modify(|s| s.started = Some(Some(10)));
+        tmp.write_all(b"01234").unwrap();
+        tx.send_modify(|s| {
+            s.received = 5;
+            s.on_disk = 5;
+        });
+        assert_eq!(
+            &next_within(&mut r).await.unwrap().unwrap().unwrap()[..],
+            b"01234"
+        );
+        tx.send_modify(|s| s.done = Some(Err(CacheError::DigestMismatch("x".into()))));
+        assert!(next_within(&mut r).await.unwrap().unwrap().is_err());
+        assert!(next_within(&mut r).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn tail_after_disk_full() {
+        let (mut tmp, f, tx) = setup();
+        let m = Arc::new(Metrics::default());
+        tmp.write_all(b"abc").unwrap();
+        {
+            let mut t = lock_tail(&f);
+            t.start = 3;
+            t.chunks.push(Bytes::from_static(b"def"));
+            t.len = 3;
+        }
+        tx.send_modify(|s| {
+            s.started = Some(None);
+            s.received = 6;
+            s.on_disk = 3;
+            s.done = Some(Ok(()));
+        });
+        let all: Vec<u8> = reader(f, 0, None, m)
+            .map(|c| c.unwrap())
+            .collect::<Vec<_>>()
+            .await
+            .concat();
+        assert_eq!(all, b"abcdef");
+    }
+
+    fn lock_tail(f: &InFlight) -> std::sync::MutexGuard<'_, Tail> {
+        super::super::lock(&f.tail)
+    }
 }

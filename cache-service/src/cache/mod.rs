@@ -384,6 +384,15 @@ impl Cache {
         let resp = up
             .send(Method::HEAD, &path, name, Some(oci::MANIFEST_ACCEPT), 1)
             .await?;
+        if matches!(
+            resp.status(),
+            StatusCode::METHOD_NOT_ALLOWED | StatusCode::BAD_REQUEST | StatusCode::NOT_IMPLEMENTED
+        ) {
+            // Upstream without manifest HEAD support: ask with a GET.
+            return self
+                .fetch_manifest_shared(up, name, Reference::Tag(tag.clone()))
+                .await;
+        }
         if resp.status() != StatusCode::OK {
             return Err(status_error(&resp, Kind::Manifest));
         }

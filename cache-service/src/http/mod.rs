@@ -198,6 +198,16 @@ async fn handle_v2(
         Route::Base => return Err(ApiError::not_found()),
         Route::Manifest(name, reference) => {
             let m = st.cache.manifest(&up, &name, &reference, head).await?;
+            if !accepts(headers, &m.media_type) {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "MANIFEST_UNKNOWN",
+                    format!(
+                        "the manifest is {}, which the request's Accept header does not allow",
+                        m.media_type
+                    ),
+                ));
+            }
             let mut b = Response::builder()
                 .status(StatusCode::OK)
                 .header(header::CONTENT_TYPE, &m.media_type)
@@ -415,6 +425,36 @@ fn range_error(e: range::RangeError, size: Option<u64>) -> ApiError {
     }
 }
 
+/// Accept negotiation: one stored manifest per digest, served unless the client listed
+/// manifest media types that exclude it (no wildcard). A missing or generic Accept gets it.
+fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
+    use crate::oci::{MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST};
+    let listed: Vec<String> = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| {
+            t.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .filter(|t| !t.is_empty())
+        .collect();
+    let names_manifest_types = listed.iter().any(|t| {
+        matches!(
+            t.as_str(),
+            MT_DOCKER_MANIFEST | MT_DOCKER_LIST | MT_OCI_MANIFEST | MT_OCI_INDEX
+        ) || crate::oci::is_schema1(t)
+    });
+    !names_manifest_types
+        || listed
+            .iter()
+            .any(|t| t == "*/*" || t == "application/*" || t == media_type)
+}
+
 /// Validated `n`/`last` for tags/list, re-encoded (nothing else is passed upstream).
 fn tags_query(query: &[(String, String)]) -> Result<String, ApiError> {
     let mut q = url::form_urlencoded::Serializer::new(String::new());
@@ -483,6 +523,27 @@ mod tests {
         assert_eq!(code("/v2/a"), "NAME_UNKNOWN");
         assert_eq!(code("/v2/tags/list"), "NAME_UNKNOWN");
         assert_eq!(code("/v2//manifests/x"), "NAME_INVALID");
+    }
+
+    #[test]
+    fn accept_negotiation() {
+        use crate::oci::{MT_DOCKER_MANIFEST, MT_OCI_INDEX};
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::ACCEPT, HeaderValue::from_str(v).unwrap());
+            m
+        };
+        assert!(accepts(&HeaderMap::new(), MT_OCI_INDEX));
+        assert!(accepts(&h("application/json"), MT_OCI_INDEX));
+        assert!(accepts(
+            &h(&format!("{MT_DOCKER_MANIFEST}, */*")),
+            MT_OCI_INDEX
+        ));
+        assert!(accepts(
+            &h(&format!("{MT_DOCKER_MANIFEST};q=0.5, {MT_OCI_INDEX}")),
+            MT_OCI_INDEX
+        ));
+        assert!(!accepts(&h(MT_DOCKER_MANIFEST), MT_OCI_INDEX));
     }
 
     #[test]
