@@ -2,6 +2,7 @@
 //! without the mirror) or [`mirror::shared`] (fixtures behind Envoy + the filter).
 
 pub mod build;
+pub mod cache;
 pub mod clients;
 pub mod envoy;
 pub mod images;

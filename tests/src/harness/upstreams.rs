@@ -28,6 +28,10 @@ pub const HUB_HOST: &str = "registry-1.docker.io";
 pub const HUB_AUTH_HOST: &str = "auth.docker.io";
 pub const CDN_HOST: &str = "production.cloudflare.docker.com";
 pub const QUAY_HOST: &str = "quay.io";
+/// gcr-like upstream (`cache = true` in the shipped declaration: reached through the
+/// cache-service only). Like gcr.io its realm is on its own host, `/v2/token`; its host
+/// here is `127.0.0.1:<gcr front port>` because the cache-service dials it by address.
+pub const GCR_SERVICE: &str = "gcr.io";
 
 /// A distribution registry process.
 pub struct Distribution {
@@ -45,6 +49,8 @@ pub enum Front {
     Cdn,
     /// `quay.io`.
     Quay,
+    /// The gcr-like upstream of the cache-service.
+    Gcr,
 }
 
 /// One line of an nginx access log.
@@ -58,6 +64,9 @@ pub struct AccessLogEntry {
     /// "1" when the request carried `Authorization`.
     pub auth: String,
     pub sni: String,
+    /// User-Agent.
+    #[serde(default)]
+    pub ua: String,
 }
 
 impl AccessLogEntry {
@@ -82,6 +91,7 @@ pub struct Nginx {
     pub hub_front: SocketAddr,
     pub cdn: SocketAddr,
     pub quay_front: SocketAddr,
+    pub gcr_front: SocketAddr,
     pub dir: PathBuf,
     pub proc: Proc,
 }
@@ -96,6 +106,10 @@ pub struct Images {
     pub tool: SeededImage,
     /// quay `coreos/etcd:v3.5`, 2 layers.
     pub etcd: SeededImage,
+    /// gcr `distroless/static:nonroot`, 2 layers.
+    pub distroless: SeededImage,
+    /// gcr `google-containers/pause:3.9`, 1 layer (kept cold for the single-flight test).
+    pub pause: SeededImage,
 }
 
 pub struct Upstreams {
@@ -103,6 +117,7 @@ pub struct Upstreams {
     pub token: TokenServer,
     pub hub: Distribution,
     pub quay: Distribution,
+    pub gcr: Distribution,
     pub nginx: Nginx,
     pub images: Images,
     pub dir: PathBuf,
@@ -235,6 +250,24 @@ impl Upstreams {
                 &["amd64"],
                 &[MIB + 9, MIB + MIB / 2],
             )?,
+            distroless: crate::images::build_layout(
+                &layouts.join("distroless"),
+                "gcr.io",
+                "distroless/static",
+                "nonroot",
+                5,
+                &["amd64"],
+                &[MIB + 33, MIB / 3],
+            )?,
+            pause: crate::images::build_layout(
+                &layouts.join("pause"),
+                "gcr.io",
+                "google-containers/pause",
+                "3.9",
+                6,
+                &["amd64"],
+                &[2 * MIB + 7],
+            )?,
         };
 
         // Seed through auth-less distributions over the same storage directories.
@@ -242,15 +275,20 @@ impl Upstreams {
         let quay_storage = dir.join("quay-storage");
         std::fs::create_dir_all(&hub_storage)?;
         std::fs::create_dir_all(&quay_storage)?;
+        let gcr_storage = dir.join("gcr-storage");
+        std::fs::create_dir_all(&gcr_storage)?;
         {
             let hub_seed = start_distribution("hub-seed", &dir, &hub_storage, None, None)?;
             let quay_seed = start_distribution("quay-seed", &dir, &quay_storage, None, None)?;
+            let gcr_seed = start_distribution("gcr-seed", &dir, &gcr_storage, None, None)?;
             std::thread::scope(|s| -> Result<()> {
                 let a = s.spawn(|| push(&images.alpine, hub_seed.addr));
                 let b = s.spawn(|| push(&images.multi, hub_seed.addr));
                 let c = s.spawn(|| push(&images.tool, hub_seed.addr));
                 let d = s.spawn(|| push(&images.etcd, quay_seed.addr));
-                for h in [a, b, c, d] {
+                let e = s.spawn(|| push(&images.distroless, gcr_seed.addr));
+                let f = s.spawn(|| push(&images.pause, gcr_seed.addr));
+                for h in [a, b, c, d, e, f] {
                     h.join().map_err(|_| anyhow!("seeding thread panicked"))??;
                 }
                 Ok(())
@@ -273,12 +311,33 @@ impl Upstreams {
             tls,
             Some((QUAY_REALM, QUAY_SERVICE, &pki.token_cert)),
         )?;
-        let nginx = start_nginx(&dir, &pki, token.addr, hub.addr, &hub_storage, quay.addr)?;
+        let ports = NginxPorts::new()?;
+        let gcr_realm = format!("https://{}/v2/token", ports.gcr_front);
+        let gcr = start_distribution(
+            "gcr-registry",
+            &dir,
+            &gcr_storage,
+            tls,
+            Some((&gcr_realm, GCR_SERVICE, &pki.token_cert)),
+        )?;
+        let nginx = start_nginx(
+            &dir,
+            &pki,
+            &ports,
+            Backends {
+                token: token.addr,
+                hub: hub.addr,
+                hub_storage: &hub_storage,
+                quay: quay.addr,
+                gcr: gcr.addr,
+            },
+        )?;
         Ok(Upstreams {
             pki,
             token,
             hub,
             quay,
+            gcr,
             nginx,
             images,
             dir,
@@ -310,6 +369,7 @@ impl Upstreams {
             Front::Hub => "hub-front.log",
             Front::Cdn => "cdn.log",
             Front::Quay => "quay-front.log",
+            Front::Gcr => "gcr-front.log",
         };
         std::fs::read_to_string(self.nginx.dir.join(file))
             .unwrap_or_default()
@@ -337,34 +397,55 @@ impl Upstreams {
     }
 }
 
-fn start_nginx(
-    dir: &Path,
-    pki: &Pki,
+/// nginx listen addresses, chosen before the registries start (the gcr realm names one).
+pub struct NginxPorts {
+    pub hub_front: SocketAddr,
+    pub cdn: SocketAddr,
+    pub quay_front: SocketAddr,
+    pub gcr_front: SocketAddr,
+}
+
+impl NginxPorts {
+    fn new() -> Result<NginxPorts> {
+        let p =
+            || -> Result<SocketAddr> { Ok(format!("127.0.0.1:{}", crate::free_port()).parse()?) };
+        Ok(NginxPorts {
+            hub_front: p()?,
+            cdn: p()?,
+            quay_front: p()?,
+            gcr_front: p()?,
+        })
+    }
+}
+
+struct Backends<'a> {
     token: SocketAddr,
     hub: SocketAddr,
-    hub_storage: &Path,
+    hub_storage: &'a Path,
     quay: SocketAddr,
-) -> Result<Nginx> {
+    gcr: SocketAddr,
+}
+
+fn start_nginx(dir: &Path, pki: &Pki, ports: &NginxPorts, b: Backends) -> Result<Nginx> {
     let bin = crate::require_tool("nginx", "apt-get install nginx");
     let ndir = dir.join("nginx");
     for sub in ["tmp", "empty"] {
         std::fs::create_dir_all(ndir.join(sub))?;
     }
-    let port =
-        |_: ()| -> Result<SocketAddr> { Ok(format!("127.0.0.1:{}", crate::free_port()).parse()?) };
-    let (hub_front, cdn, quay_front) = (port(())?, port(())?, port(())?);
     let conf = nginx_conf(&NginxConf {
         dir: &ndir,
         cert: &pki.cert,
         key: &pki.key,
         ca: &pki.ca,
-        token,
-        hub,
-        hub_storage,
-        quay,
-        hub_front,
-        cdn,
-        quay_front,
+        token: b.token,
+        hub: b.hub,
+        hub_storage: b.hub_storage,
+        quay: b.quay,
+        gcr: b.gcr,
+        hub_front: ports.hub_front,
+        cdn: ports.cdn,
+        quay_front: ports.quay_front,
+        gcr_front: ports.gcr_front,
     });
     let conf_path = ndir.join("nginx.conf");
     std::fs::write(&conf_path, conf)?;
@@ -386,14 +467,20 @@ fn start_nginx(
         .arg("-c")
         .arg(&conf_path);
     let mut proc = Proc::spawn("nginx", &cmd, &ndir.join("nginx.stdout"))?;
-    for a in [hub_front, cdn, quay_front] {
+    for a in [
+        ports.hub_front,
+        ports.cdn,
+        ports.quay_front,
+        ports.gcr_front,
+    ] {
         proc.wait_for_port(a, Duration::from_secs(10))
             .with_context(|| crate::proc::log_tail(&err_log, 40))?;
     }
     Ok(Nginx {
-        hub_front,
-        cdn,
-        quay_front,
+        hub_front: ports.hub_front,
+        cdn: ports.cdn,
+        quay_front: ports.quay_front,
+        gcr_front: ports.gcr_front,
         dir: ndir,
         proc,
     })
@@ -408,9 +495,11 @@ struct NginxConf<'a> {
     hub: SocketAddr,
     hub_storage: &'a Path,
     quay: SocketAddr,
+    gcr: SocketAddr,
     hub_front: SocketAddr,
     cdn: SocketAddr,
     quay_front: SocketAddr,
+    gcr_front: SocketAddr,
 }
 
 fn nginx_conf(c: &NginxConf) -> String {
@@ -431,7 +520,7 @@ http {{
   scgi_temp_path {d}/tmp/scgi;
   default_type application/octet-stream;
   map $http_authorization $mt_auth {{ "" "0"; default "1"; }}
-  log_format mt escape=json '{{"server":"$server_name","host":"$host","method":"$request_method","uri":"$request_uri","status":"$status","auth":"$mt_auth","sni":"$ssl_server_name"}}';
+  log_format mt escape=json '{{"server":"$server_name","host":"$host","method":"$request_method","uri":"$request_uri","status":"$status","auth":"$mt_auth","sni":"$ssl_server_name","ua":"$http_user_agent"}}';
   ssl_certificate {cert};
   ssl_certificate_key {key};
   proxy_ssl_trusted_certificate {ca};
@@ -513,6 +602,23 @@ http {{
       proxy_pass https://{quay};
     }}
   }}
+
+  # gcr-like: realm /v2/token on the registry's own host (here 127.0.0.1:port).
+  server {{
+    listen {gcr_front} ssl;
+    server_name gcr.io;
+    access_log {d}/gcr-front.log mt;
+    location = /v2/token {{
+      proxy_set_header Host $http_host;
+      proxy_ssl_name gcr.io;
+      proxy_pass https://{token};
+    }}
+    location / {{
+      proxy_set_header Host $http_host;
+      proxy_ssl_name gcr.io;
+      proxy_pass https://{gcr};
+    }}
+  }}
 }}
 "#,
         cert = c.cert.display(),
@@ -525,5 +631,7 @@ http {{
         quay_front = c.quay_front,
         token = c.token,
         quay = c.quay,
+        gcr_front = c.gcr_front,
+        gcr = c.gcr,
     )
 }
