@@ -172,16 +172,15 @@ async fn run(cfg: Config) -> ExitCode {
         client_tokens: Arc::new(client_tokens),
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
+    let mut server = tokio::spawn(
         axum::serve(listener, app)
             .with_graceful_shutdown(async {
                 let _ = stop_rx.await;
             })
             .into_future(),
     );
-    let server_abort = server.abort_handle();
     tokio::select! {
-        r = server => {
+        r = &mut server => {
             if let Ok(Err(e)) = r {
                 tracing::error!(error = %e, "server failed");
             }
@@ -192,11 +191,18 @@ async fn run(cfg: Config) -> ExitCode {
     }
     tracing::info!(
         grace_seconds = cfg.shutdown_grace.as_secs(),
-        "shutting down: no new connections; letting downloads finish"
+        "shutting down: no new connections; letting downloads and responses finish"
     );
+    let deadline = tokio::time::Instant::now() + cfg.shutdown_grace;
     let _ = stop_tx.send(());
     cache.drain(cfg.shutdown_grace).await;
-    server_abort.abort();
+    if tokio::time::timeout_at(deadline, &mut server)
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace over; closing remaining connections");
+        server.abort();
+    }
     cache.clean_tmp();
     tracing::info!("stopped");
     ExitCode::SUCCESS
