@@ -1,7 +1,8 @@
-//! `regmirror`: pull-through OCI registry cache (`serve`, the default) and the mirror's config
-//! generator (`render`).
+//! `regmirror`: pull-through OCI registry cache (`serve`, the default), the mirror's config
+//! generator (`render`) and client configuration (`client-config`).
 
 mod cache;
+mod client_config;
 mod config;
 mod http;
 mod metrics;
@@ -69,12 +70,15 @@ enum Command {
     Serve(ServeArgs),
     /// Render the Envoy, filter and cache configs from envoy/registries.toml.
     Render(render::RenderArgs),
+    /// Print (or write) a container runtime's configuration for pulling through the mirror.
+    ClientConfig(client_config::ClientConfigArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Render(args)) => render::run(&args),
+        Some(Command::ClientConfig(args)) => client_config::run(&args),
         Some(Command::Serve(args)) => serve(&args),
         None => serve(&cli.serve),
     }
