@@ -24,7 +24,7 @@ impl CacheService {
     /// `regmirror serve --listen … --storage … --upstream gcr.io=… --upstream-ca …`.
     pub fn start(up: &Upstreams) -> Result<CacheService> {
         let bin = crate::build::regmirror()?;
-        let tmp = tempfile::Builder::new().prefix("mirror-cache-").tempdir()?;
+        let tmp = crate::fixture_dir("cache")?;
         let storage = tmp.path().join("storage");
         std::fs::create_dir_all(&storage)?;
         let addr = SocketAddr::from(([127, 0, 0, 1], crate::free_port()));

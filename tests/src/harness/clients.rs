@@ -61,7 +61,7 @@ impl PulledDir {
 /// then [`verify_dir`].
 pub fn skopeo_pull(reference: &str, opts: &SkopeoPull) -> Result<PulledDir> {
     let skopeo = crate::require_tool("skopeo", "apt-get install skopeo");
-    let out = tempfile::Builder::new().prefix("skopeo-pull-").tempdir()?;
+    let out = crate::temp_dir("skopeo")?;
     let mut cmd = Command::new(skopeo);
     cmd.arg("--insecure-policy");
     if let Some(conf) = &opts.registries_conf {
@@ -196,9 +196,8 @@ impl Containerd {
     pub fn start() -> Result<Containerd> {
         let bin = crate::require_tool("containerd", "apt-get install containerd");
         crate::require_tool("ctr", "apt-get install containerd");
-        let tmp = tempfile::Builder::new()
-            .prefix("mt-ctrd-")
-            .tempdir_in("/tmp")?;
+        // Under /tmp whatever TMPDIR says: the socket path must stay short.
+        let tmp = crate::fixture_dir_in(std::path::Path::new("/tmp"), "ctrd")?;
         let dir = tmp.path().to_path_buf();
         let sock = dir.join("c.sock");
         let config = dir.join("config.toml");

@@ -49,7 +49,7 @@ impl Mirror {
     ) -> Result<Mirror> {
         crate::ensure_etc_hosts()?;
         let wasm = crate::build::wasm()?;
-        let tmp = tempfile::Builder::new().prefix("mirror-envoy-").tempdir()?;
+        let tmp = crate::fixture_dir("envoy")?;
         let dir = tmp.path().to_path_buf();
         let s = Substitution {
             clusters: up.cluster_map().into_iter().chain(extra_clusters).collect(),

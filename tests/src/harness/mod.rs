@@ -119,3 +119,70 @@ pub fn ensure_etc_hosts() -> anyhow::Result<()> {
     .clone()
     .map_err(anyhow::Error::msg)
 }
+
+const TEMP_PREFIX: &str = "mirror-tests-";
+
+/// A temporary directory `mirror-tests-<pid>-<name>-XXXX` under the system temp dir.
+/// Fixtures held in statics are never dropped, so each new test process first removes
+/// the directories of test processes that are gone.
+pub fn temp_dir(name: &str) -> anyhow::Result<tempfile::TempDir> {
+    temp_dir_in(&std::env::temp_dir(), name)
+}
+
+/// [`temp_dir`] under `base`.
+pub fn temp_dir_in(base: &std::path::Path, name: &str) -> anyhow::Result<tempfile::TempDir> {
+    static SWEPT: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+    {
+        let mut swept = SWEPT.lock().unwrap_or_else(|e| e.into_inner());
+        if !swept.iter().any(|b| b == base) {
+            swept.push(base.to_path_buf());
+            sweep_stale(base);
+        }
+    }
+    Ok(tempfile::Builder::new()
+        .prefix(&format!("{TEMP_PREFIX}{}-{name}-", std::process::id()))
+        .tempdir_in(base)?)
+}
+
+fn sweep_stale(base: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(rest) = name.strip_prefix(TEMP_PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// A [`temp_dir_in`] for a fixture that lives as long as the test process (a static,
+/// never dropped): a watcher process started with PDEATHSIG removes it when the test
+/// process exits, however it exits.
+pub fn fixture_dir_in(base: &std::path::Path, name: &str) -> anyhow::Result<tempfile::TempDir> {
+    static WATCHERS: std::sync::Mutex<Vec<proc::Proc>> = std::sync::Mutex::new(Vec::new());
+    let dir = temp_dir_in(base, name)?;
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"trap 'sleep 1; rm -rf -- "$0"; exit 0' TERM; while :; do sleep 1; done"#)
+        .arg(dir.path());
+    let log = base.join(format!("{TEMP_PREFIX}{}-watchers.log", std::process::id()));
+    let watcher = proc::Proc::spawn_with_signal("dir-watcher", &cmd, &log, "TERM")?;
+    WATCHERS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(watcher);
+    let _ = std::fs::remove_file(&log);
+    Ok(dir)
+}
+
+/// [`fixture_dir_in`] under the system temp dir.
+pub fn fixture_dir(name: &str) -> anyhow::Result<tempfile::TempDir> {
+    fixture_dir_in(&std::env::temp_dir(), name)
+}

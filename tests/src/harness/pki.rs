@@ -43,7 +43,7 @@ pub struct Pki {
 
 impl Pki {
     pub fn generate() -> Result<Pki> {
-        let tmp = tempfile::Builder::new().prefix("mirror-pki-").tempdir()?;
+        let tmp = crate::fixture_dir("pki")?;
         let dir = tmp.path().to_path_buf();
 
         let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;

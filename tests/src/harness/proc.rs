@@ -45,10 +45,15 @@ pub struct Proc {
 impl Proc {
     /// Starts `cmd` with stdout+stderr appended to `log`.
     pub fn spawn(name: &str, cmd: &Command, log: &Path) -> Result<Proc> {
+        Self::spawn_with_signal(name, cmd, log, "KILL")
+    }
+
+    /// [`Proc::spawn`] with another parent-death signal (`TERM` lets it clean up).
+    pub fn spawn_with_signal(name: &str, cmd: &Command, log: &Path, signal: &str) -> Result<Proc> {
         let setpriv = crate::require_tool("setpriv", "apt-get install util-linux");
         let mut wrapped = Command::new(setpriv);
         wrapped
-            .args(["--pdeathsig", "KILL", "--"])
+            .args(["--pdeathsig", signal, "--"])
             .arg(cmd.get_program())
             .args(cmd.get_args());
         for (k, v) in cmd.get_envs() {

@@ -206,7 +206,7 @@ impl Upstreams {
         crate::require_tool("nginx", "apt-get install nginx");
         crate::require_tool("skopeo", "apt-get install skopeo");
         crate::require_tool("docker-registry", "apt-get install docker-registry");
-        let tmp = tempfile::Builder::new().prefix("mirror-up-").tempdir()?;
+        let tmp = crate::fixture_dir("up")?;
         let dir = tmp.path().to_path_buf();
         let pki = Pki::generate()?;
 
