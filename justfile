@@ -63,6 +63,11 @@ up: build
       envoy -c envoy/local.yaml --log-level warn
     fi
 
+# Package the filter as an OCI image (Istio's WasmPlugin format) in target/wasm-image;
+# push it with: skopeo copy oci:target/wasm-image:TAG docker://REGISTRY/regmirror/filter:TAG
+wasm-image tag="0.1.0": build
+    python3 envoy/istio/wasm-image.py {{wasm}} target/wasm-image {{tag}}
+
 # Lints: rustfmt, clippy with warnings denied, on the host and for the wasm target.
 lint:
     cargo fmt --all -- --check
