@@ -17,14 +17,42 @@ pub mod rules;
 use log::{debug, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
-use rules::challenge::rewrite_realms;
+use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType};
+use rules::challenge::rewrite_challenges;
+use rules::oci_error::ErrorCode;
 use rules::redirect::{credential_fingerprint, rewrite_location, LocationOutcome, SignParams};
-use rules::route::{route, Decision, ForwardKind, RejectReason, Request};
+use rules::route::{
+    forward_to_learned, realm_failure, route, Decision, Forward, ForwardKind, LearnRealm,
+    RejectReason, Reply, Request,
+};
+use rules::token::{learn_realm, realm_key, LearnError, LearnedRealm};
 use rules::CompiledConfig;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// Timeout of the `GET /v2/` the filter sends to learn a registry's realm.
+const REALM_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The learned realm of `registry` from shared data, if present and well-formed.
+fn stored_realm(registry: &str) -> Option<LearnedRealm> {
+    match hostcalls::get_shared_data(&realm_key(registry)) {
+        Ok((Some(v), _)) => LearnedRealm::decode(&v),
+        _ => None,
+    }
+}
+
+/// Stores `learned` for `registry` unless that value is already there.
+fn store_realm(registry: &str, learned: &LearnedRealm) {
+    if stored_realm(registry).as_ref() == Some(learned) {
+        return;
+    }
+    let v = learned.encode();
+    match hostcalls::set_shared_data(&realm_key(registry), Some(v.as_bytes()), None) {
+        Ok(()) => info!("learned token realm of {registry}: {}", learned.realm),
+        Err(e) => warn!("cannot store the token realm of {registry}: {e:?}"),
+    }
+}
 
 /// Shared-data key holding the per-Envoy signing key.
 pub const SIGNING_KEY_SHARED_DATA: &str = "mirror.signing_key";
@@ -182,6 +210,7 @@ impl RootContext for MirrorRoot {
         Some(Box::new(MirrorHttp {
             shared: self.shared.clone(),
             state: None,
+            pending: None,
         }))
     }
 
@@ -198,14 +227,94 @@ struct ResponseState {
     upstream_path: String,
     cred: String,
     oci_namespace: Option<String>,
+    kind: ForwardKind,
+    scope_prefix: Option<String>,
+}
+
+/// A token request paused while the target registry's realm is learned.
+struct Pending {
+    token: u32,
+    learn: LearnRealm,
+    cred: String,
 }
 
 struct MirrorHttp {
     shared: Option<Rc<Shared>>,
     state: Option<ResponseState>,
+    pending: Option<Pending>,
 }
 
-impl Context for MirrorHttp {}
+impl Context for MirrorHttp {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        _body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        let Some(p) = self.pending.take() else {
+            return;
+        };
+        if p.token != token_id {
+            self.pending = Some(p);
+            return;
+        }
+        let registry = p.learn.registry.clone();
+        let headers =
+            hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders).unwrap_or_default();
+        let status = headers
+            .iter()
+            .find(|(k, _)| k == ":status")
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default();
+        let challenges: Vec<String> = headers
+            .into_iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("www-authenticate"))
+            .filter_map(|(_, v)| String::from_utf8(v).ok())
+            .collect();
+        let Some(reg) = shared.cfg.registry(&registry) else {
+            self.fail_paused(
+                &shared,
+                &realm_failure(ErrorCode::Unavailable, "registry gone"),
+            );
+            return;
+        };
+        let learned = match learn_realm(reg, &challenges) {
+            Ok(l) => l,
+            Err(LearnError::NoChallenge) => {
+                let msg = format!(
+                    "cannot learn the token realm of {registry}: its /v2/ answered {status} without a Bearer challenge"
+                );
+                self.fail_paused(&shared, &realm_failure(ErrorCode::Unavailable, &msg));
+                return;
+            }
+            Err(LearnError::NotAllowlisted(host)) => {
+                let msg =
+                    format!("the token realm host {host} of {registry} is not on its realm_hosts");
+                self.fail_paused(&shared, &realm_failure(ErrorCode::Denied, &msg));
+                return;
+            }
+        };
+        store_realm(&registry, &learned);
+        match forward_to_learned(&shared.cfg, &p.learn, &learned) {
+            Ok(f) => {
+                if let Err(e) = self.apply_forward(&shared, f, p.cred) {
+                    warn!("cannot rewrite the paused token request: {e:?}");
+                    let r = realm_failure(ErrorCode::Unavailable, "cannot rewrite the request");
+                    self.fail_paused(&shared, &r);
+                    return;
+                }
+                if let Err(e) = hostcalls::resume_http_request() {
+                    warn!("cannot resume the token request: {e:?}");
+                }
+            }
+            Err(r) => self.fail_paused(&shared, &r),
+        }
+    }
+}
 
 fn now_secs(ctx: &dyn Context) -> u64 {
     ctx.get_current_time()
@@ -237,6 +346,109 @@ impl MirrorHttp {
         Action::Pause
     }
 
+    /// Answers a paused request locally (from a callback: errors only logged).
+    fn fail_paused(&self, shared: &Shared, r: &Reply) {
+        if let Some(reason) = r.reason {
+            shared.metrics.rejection(reason);
+        }
+        info!("token request: {} ({})", r.status, r.message);
+        let h: Vec<(&str, &str)> = r
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        if let Err(e) = hostcalls::send_http_response(r.status, h, Some(r.body.as_bytes())) {
+            warn!("cannot answer the paused request: {e:?}");
+        }
+    }
+
+    /// Rewrites the request headers for `f` and keeps what the response phase needs.
+    fn apply_forward(
+        &mut self,
+        shared: &Shared,
+        f: Forward,
+        cred: String,
+    ) -> Result<(), proxy_wasm::types::Status> {
+        shared.metrics.request(&f.registry);
+        match f.kind {
+            ForwardKind::Auth => shared.metrics.inc("mirror_auth_requests", 1),
+            ForwardKind::Redirect => shared.metrics.inc("mirror_redirects_followed", 1),
+            ForwardKind::Registry => {}
+        }
+        let req = MapType::HttpRequestHeaders;
+        hostcalls::set_map_value(req, ":authority", Some(&f.authority))?;
+        hostcalls::set_map_value(req, ":path", Some(&f.path))?;
+        hostcalls::set_map_value(req, "x-mirror-registry", None)?;
+        if f.set_registry_header {
+            hostcalls::set_map_value(req, "x-mirror-registry", Some(&f.registry))?;
+        }
+        if f.strip_authorization {
+            hostcalls::set_map_value(req, "authorization", None)?;
+        }
+        self.state = Some(ResponseState {
+            cred,
+            registry: f.registry,
+            mirror_base: f.mirror_base,
+            upstream_authority: f.authority,
+            upstream_path: f.path,
+            oci_namespace: f.oci_namespace_echo,
+            kind: f.kind,
+            scope_prefix: f.path_prefix,
+        });
+        Ok(())
+    }
+
+    /// A token request for another registry: forward to its learned realm, or pause
+    /// and learn the realm with a `GET /v2/` to the registry's cluster.
+    fn learn_and_forward(&mut self, shared: &Shared, lr: LearnRealm, cred: String) -> Action {
+        if let Some(learned) = stored_realm(&lr.registry) {
+            if let Ok(f) = forward_to_learned(&shared.cfg, &lr, &learned) {
+                debug!(
+                    "token request for {} -> {} {}",
+                    lr.registry, f.authority, f.path
+                );
+                return match self.apply_forward(shared, f, cred) {
+                    Ok(()) => Action::Continue,
+                    Err(e) => {
+                        warn!("cannot rewrite the token request: {e:?}");
+                        self.fail(502, ErrorCode::Unavailable, "cannot rewrite the request")
+                    }
+                };
+            }
+            // Stored but no longer allowed (configuration changed): learn again.
+        }
+        let headers = vec![
+            (":method", "GET"),
+            (":path", "/v2/"),
+            (":authority", lr.upstream.as_str()),
+            (":scheme", "https"),
+        ];
+        match hostcalls::dispatch_http_call(&lr.cluster, headers, None, vec![], REALM_CALL_TIMEOUT)
+        {
+            Ok(token) => {
+                debug!(
+                    "learning the token realm of {} via cluster {}",
+                    lr.registry, lr.cluster
+                );
+                self.pending = Some(Pending {
+                    token,
+                    learn: lr,
+                    cred,
+                });
+                Action::Pause
+            }
+            Err(e) => {
+                let msg = format!(
+                    "cannot learn the token realm of {}: call to cluster {} failed ({e:?})",
+                    lr.registry, lr.cluster
+                );
+                let r = realm_failure(ErrorCode::Unavailable, &msg);
+                self.fail_paused(shared, &r);
+                Action::Pause
+            }
+        }
+    }
+
     fn fail(&self, status: u32, code: rules::oci_error::ErrorCode, msg: &str) -> Action {
         let body = rules::oci_error::render(code, msg, None);
         let headers = [("content-type".to_string(), "application/json".to_string())];
@@ -257,13 +469,24 @@ impl MirrorHttp {
             return;
         }
         let (mut rewritten, mut rejected) = (0, 0);
+        let mut learned: Option<LearnedRealm> = None;
         let mut out = Vec::with_capacity(values.len());
         for v in values {
             match String::from_utf8(v) {
                 Ok(s) => {
-                    let r = rewrite_realms(&s, &reg.realm_hosts, &st.mirror_base);
+                    let r = rewrite_challenges(
+                        &s,
+                        &reg.realm_hosts,
+                        &st.mirror_base,
+                        st.scope_prefix.as_deref(),
+                    );
                     rewritten += r.rewritten;
                     rejected += r.rejected;
+                    // The registry's own challenge names its realm: remember it for
+                    // token requests that arrive at another registry's realm.
+                    if let (ForwardKind::Registry, None, Some(l)) = (st.kind, &learned, r.learned) {
+                        learned = Some(l);
+                    }
                     out.push(r.value.into_bytes());
                 }
                 Err(e) => {
@@ -286,6 +509,9 @@ impl MirrorHttp {
         }
         shared.metrics.inc("mirror_challenges_rewritten", rewritten);
         shared.metrics.inc("mirror_challenges_rejected", rejected);
+        if let Some(l) = learned {
+            store_realm(&st.registry, &l);
+        }
     }
 
     fn rewrite_redirect(&self, shared: &Shared, st: &ResponseState) {
@@ -337,7 +563,6 @@ impl MirrorHttp {
 
 impl HttpContext for MirrorHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        use rules::oci_error::ErrorCode;
         let Some(shared) = self.shared.clone() else {
             return self.fail(500, ErrorCode::Unsupported, "mirror not configured");
         };
@@ -394,30 +619,21 @@ impl HttpContext for MirrorHttp {
                     "{method} {path} -> {} {} ({})",
                     f.authority, f.path, f.registry
                 );
-                shared.metrics.request(&f.registry);
-                match f.kind {
-                    ForwardKind::Auth => shared.metrics.inc("mirror_auth_requests", 1),
-                    ForwardKind::Redirect => shared.metrics.inc("mirror_redirects_followed", 1),
-                    ForwardKind::Registry => {}
+                match self.apply_forward(
+                    &shared,
+                    f,
+                    credential_fingerprint(authorization.as_deref()),
+                ) {
+                    Ok(()) => Action::Continue,
+                    Err(e) => {
+                        warn!("cannot rewrite the request: {e:?}");
+                        self.fail(500, ErrorCode::Unsupported, "cannot rewrite the request")
+                    }
                 }
-                self.set_http_request_header(":authority", Some(&f.authority));
-                self.set_http_request_header(":path", Some(&f.path));
-                self.set_http_request_header("x-mirror-registry", None);
-                if f.set_registry_header {
-                    self.set_http_request_header("x-mirror-registry", Some(&f.registry));
-                }
-                if f.strip_authorization {
-                    self.set_http_request_header("authorization", None);
-                }
-                self.state = Some(ResponseState {
-                    cred: credential_fingerprint(authorization.as_deref()),
-                    registry: f.registry,
-                    mirror_base: f.mirror_base,
-                    upstream_authority: f.authority,
-                    upstream_path: f.path,
-                    oci_namespace: f.oci_namespace_echo,
-                });
-                Action::Continue
+            }
+            Decision::LearnRealm(lr) => {
+                let cred = credential_fingerprint(authorization.as_deref());
+                self.learn_and_forward(&shared, lr, cred)
             }
         }
     }

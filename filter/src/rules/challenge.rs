@@ -1,6 +1,7 @@
 //! RFC 7235 `WWW-Authenticate` parsing, serialization and realm rewriting.
 
 use super::config::{any_match, HostPattern};
+use super::token::LearnedRealm;
 use std::fmt;
 
 /// Longest header value accepted.
@@ -338,7 +339,7 @@ pub fn parse_url(url: &str) -> Option<UrlParts> {
     })
 }
 
-/// Result of [`rewrite_realms`].
+/// Result of [`rewrite_realms`] / [`rewrite_challenges`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rewritten {
     /// The new header value (the original when nothing was rewritten).
@@ -347,30 +348,66 @@ pub struct Rewritten {
     pub rewritten: usize,
     /// Bearer realms left alone (not allowlisted, not a URL) or unparseable headers.
     pub rejected: usize,
+    /// The upstream realm and service of the first rewritten challenge.
+    pub learned: Option<LearnedRealm>,
 }
 
 /// Rewrites allowlisted Bearer realms to `<mirror_base>/_mirror/auth/<host><path>[?query]`.
 pub fn rewrite_realms(header: &str, allowlist: &[HostPattern], mirror_base: &str) -> Rewritten {
+    rewrite_challenges(header, allowlist, mirror_base, None)
+}
+
+/// Puts `prefix/` in front of the name of every `repository:<name>:<actions>` in a
+/// (space-separated) scope value; other scopes unchanged.
+pub fn prefix_scope(value: &str, prefix: &str) -> String {
+    value
+        .split(' ')
+        .map(|s| match s.strip_prefix("repository:") {
+            Some(rest) if rest.contains(':') && !rest.starts_with(':') => {
+                format!("repository:{prefix}/{rest}")
+            }
+            _ => s.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// [`rewrite_realms`], and for requests routed by path prefix (`scope_prefix` = the
+/// client's registry component) the `scope` of each rewritten challenge is put into the
+/// client's namespace: `repository:<prefix>/<upstream name>:<actions>`.
+pub fn rewrite_challenges(
+    header: &str,
+    allowlist: &[HostPattern],
+    mirror_base: &str,
+    scope_prefix: Option<&str>,
+) -> Rewritten {
     let unchanged = |rejected| Rewritten {
         value: header.to_string(),
         rewritten: 0,
         rejected,
+        learned: None,
     };
     let Ok(mut challenges) = parse(header) else {
         return unchanged(1);
     };
     let mut rewritten = 0;
     let mut rejected = 0;
+    let mut learned = None;
     for ch in challenges.iter_mut() {
         if !ch.scheme.eq_ignore_ascii_case("bearer") {
             continue;
         }
+        let service = ch.param("service").map(str::to_string);
+        let mut this_rewritten = false;
         for (k, v) in ch.params.iter_mut() {
             if !k.eq_ignore_ascii_case("realm") {
                 continue;
             }
             match parse_url(v) {
                 Some(u) if any_match(allowlist, &u.authority) => {
+                    if learned.is_none() {
+                        learned = LearnedRealm::new(v, service.as_deref());
+                    }
                     let mut nv = format!("{mirror_base}/_mirror/auth/{}{}", u.authority, u.path);
                     if let Some(q) = &u.query {
                         nv.push('?');
@@ -378,8 +415,16 @@ pub fn rewrite_realms(header: &str, allowlist: &[HostPattern], mirror_base: &str
                     }
                     *v = nv;
                     rewritten += 1;
+                    this_rewritten = true;
                 }
                 _ => rejected += 1,
+            }
+        }
+        if let (true, Some(prefix)) = (this_rewritten, scope_prefix) {
+            for (k, v) in ch.params.iter_mut() {
+                if k.eq_ignore_ascii_case("scope") {
+                    *v = prefix_scope(v, prefix);
+                }
             }
         }
     }
@@ -390,6 +435,7 @@ pub fn rewrite_realms(header: &str, allowlist: &[HostPattern], mirror_base: &str
         value: serialize(&challenges),
         rewritten,
         rejected,
+        learned,
     }
 }
 
@@ -524,6 +570,35 @@ mod tests {
         let r = rewrite_realms("Bearer realm=\"oops", &allow, "https://m");
         assert_eq!((r.rewritten, r.rejected), (0, 1));
         assert_eq!(r.value, "Bearer realm=\"oops");
+    }
+
+    #[test]
+    fn rewrites_scopes_for_path_prefixes() {
+        let allow = vec![HostPattern::parse("quay.io").unwrap()];
+        let h = r#"Bearer realm="https://quay.io/v2/auth",service="quay.io",scope="repository:coreos/etcd:pull""#;
+        let r = rewrite_challenges(h, &allow, "http://m", Some("quay.io"));
+        assert_eq!(
+            r.value,
+            r#"Bearer realm="http://m/_mirror/auth/quay.io/v2/auth",service="quay.io",scope="repository:quay.io/coreos/etcd:pull""#
+        );
+        assert_eq!(
+            r.learned,
+            LearnedRealm::new("https://quay.io/v2/auth", Some("quay.io"))
+        );
+        // Without a prefix (host mode, ns, default) the scope is the upstream's.
+        let r = rewrite_challenges(h, &allow, "http://m", None);
+        assert!(r.value.contains(r#"scope="repository:coreos/etcd:pull""#));
+        // A challenge whose realm is not rewritten keeps its scope.
+        let h2 = r#"Bearer realm="https://evil.example/t",scope="repository:a:pull""#;
+        let r = rewrite_challenges(h2, &allow, "http://m", Some("quay.io"));
+        assert_eq!((r.value.as_str(), r.learned), (h2, None));
+        assert_eq!(
+            prefix_scope(
+                "repository:a/b:pull,push registry:catalog:* repository:x repository::pull",
+                "docker.io"
+            ),
+            "repository:docker.io/a/b:pull,push registry:catalog:* repository:x repository::pull"
+        );
     }
 
     #[test]

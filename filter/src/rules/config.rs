@@ -69,6 +69,10 @@ pub struct RegistryConfig {
     /// Redirect handling.
     #[serde(default)]
     pub redirects: RedirectMode,
+    /// Envoy cluster of the upstream, for the filter's own calls (learning a realm).
+    /// Default: the upstream host string, as the shipped Envoy configs name clusters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
 }
 
 /// A configuration error.
@@ -88,6 +92,8 @@ pub enum ConfigError {
     BadSigningKey,
     /// `redirect_ttl_seconds` is 0.
     ZeroTtl,
+    /// A `cluster` is empty, too long or has spaces or control characters.
+    BadCluster(String),
 }
 
 impl fmt::Display for ConfigError {
@@ -104,6 +110,7 @@ impl fmt::Display for ConfigError {
                 f.write_str("signing_key must be hex and at least 32 bytes (64 hex chars)")
             }
             ConfigError::ZeroTtl => f.write_str("redirect_ttl_seconds must be > 0"),
+            ConfigError::BadCluster(c) => write!(f, "invalid cluster name {c:?}"),
         }
     }
 }
@@ -135,6 +142,7 @@ fn builtin(
         library_namespace: library,
         cache,
         redirects: RedirectMode::Sign,
+        cluster: None,
     }
 }
 
@@ -249,6 +257,12 @@ pub fn is_valid_authority(a: &str) -> bool {
     }
 }
 
+/// An Envoy cluster name we accept: 1..=255 printable ASCII, no spaces
+/// (Istio's `outbound|443||quay.io` included).
+pub fn is_valid_cluster_name(c: &str) -> bool {
+    !c.is_empty() && c.len() <= 255 && c.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
 /// An exact `host[:port]` or a leading wildcard `*.suffix`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostPattern {
@@ -324,6 +338,8 @@ pub struct Registry {
     pub cache: bool,
     /// Redirect handling.
     pub redirects: RedirectMode,
+    /// Envoy cluster for calls the filter makes to the upstream.
+    pub cluster: String,
     /// Name usable in a metric: non-alphanumerics become `_`.
     pub metric_name: String,
 }
@@ -490,6 +506,16 @@ pub fn compile(cfg: &FilterConfig) -> Result<CompiledConfig, ConfigError> {
             .iter()
             .map(|h| HostPattern::parse(h))
             .collect::<Result<Vec<_>, _>>()?;
+        let cluster = match &r.cluster {
+            None => upstream.clone(),
+            Some(c) => {
+                let c = c.trim();
+                if !is_valid_cluster_name(c) {
+                    return Err(ConfigError::BadCluster(c.to_string()));
+                }
+                c.to_string()
+            }
+        };
         let redirect_hosts = r
             .redirect_hosts
             .iter()
@@ -506,6 +532,7 @@ pub fn compile(cfg: &FilterConfig) -> Result<CompiledConfig, ConfigError> {
             library_namespace: r.library_namespace,
             cache: r.cache,
             redirects: r.redirects,
+            cluster,
         });
     }
 
@@ -560,7 +587,37 @@ mod tests {
             library_namespace: false,
             cache: false,
             redirects: RedirectMode::Sign,
+            cluster: None,
         }
+    }
+
+    #[test]
+    fn clusters() {
+        let c = parse(b"").unwrap();
+        assert_eq!(
+            c.registry("docker.io").unwrap().cluster,
+            "registry-1.docker.io"
+        );
+        let c = parse(
+            br#"{"registries":[{"name":"quay.io","upstream":"quay.io","cluster":" outbound|443||quay.io "}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.registry("quay.io").unwrap().cluster,
+            "outbound|443||quay.io"
+        );
+        for bad in ["", "a b", "a\\u0001"] {
+            let j = format!(
+                r#"{{"registries":[{{"name":"quay.io","upstream":"quay.io","cluster":"{bad}"}}]}}"#
+            );
+            assert!(
+                matches!(parse(j.as_bytes()), Err(ConfigError::BadCluster(_))),
+                "{bad:?}"
+            );
+        }
+        // Absent stays absent when serialized (rendered filter.json unchanged).
+        let out = serde_json::to_string(&default_registries()).unwrap();
+        assert!(!out.contains("cluster"));
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod names;
 pub mod oci_error;
 pub mod redirect;
 pub mod route;
+pub mod token;
 
 pub use config::{
     compile, default_config, parse, CompiledConfig, ConfigError, FilterConfig, RegistryConfig,

@@ -17,6 +17,8 @@ pub enum ErrorCode {
     DigestInvalid,
     /// Access denied.
     Denied,
+    /// A service the mirror depends on is unavailable.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -29,6 +31,7 @@ impl ErrorCode {
             ErrorCode::TagInvalid => "TAG_INVALID",
             ErrorCode::DigestInvalid => "DIGEST_INVALID",
             ErrorCode::Denied => "DENIED",
+            ErrorCode::Unavailable => "UNAVAILABLE",
         }
     }
 }

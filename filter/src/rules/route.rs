@@ -4,6 +4,7 @@ use super::config::{is_valid_authority, CompiledConfig, Registry};
 use super::names::{Digest, NameError, Reference, RepositoryName};
 use super::oci_error::{render, ErrorCode};
 use super::redirect::{credential_fingerprint, SignedRedirect, PREFIX as REDIRECT_PREFIX};
+use super::token::{self, LearnedRealm};
 
 /// Path prefix of token requests.
 pub const AUTH_PREFIX: &str = "/_mirror/auth/";
@@ -55,6 +56,25 @@ pub struct Forward {
     pub strip_authorization: bool,
     /// `<scheme>://<client authority>` for URLs handed back to the client.
     pub mirror_base: String,
+    /// Path-prefix mode: the registry component the client put in front of the name
+    /// (lowercase); challenge scopes are rewritten into that namespace.
+    pub path_prefix: Option<String>,
+}
+
+/// A token request for a registry whose realm is not the one the client asked: the
+/// filter must know that registry's realm (shared data, else a `GET /v2/` to `cluster`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LearnRealm {
+    /// Target registry (canonical name).
+    pub registry: String,
+    /// Envoy cluster of its upstream.
+    pub cluster: String,
+    /// Its upstream `host[:port]` (`:authority` of the `/v2/` call).
+    pub upstream: String,
+    /// The client's query with scopes rewritten (`service` replaced once learned).
+    pub query: Option<String>,
+    /// `<scheme>://<client authority>`.
+    pub mirror_base: String,
 }
 
 /// Why a request was answered locally with an error.
@@ -78,11 +98,13 @@ pub enum RejectReason {
     RealmDenied,
     /// Signed redirect refused.
     RedirectDenied,
+    /// A registry's realm could not be learned.
+    RealmUnavailable,
 }
 
 impl RejectReason {
     /// All reasons (for defining metrics).
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 10] = [
         RejectReason::Method,
         RejectReason::NotFound,
         RejectReason::BadRequest,
@@ -92,6 +114,7 @@ impl RejectReason {
         RejectReason::NameUnknown,
         RejectReason::RealmDenied,
         RejectReason::RedirectDenied,
+        RejectReason::RealmUnavailable,
     ];
 
     /// Snake-case name used in metrics and logs.
@@ -106,6 +129,7 @@ impl RejectReason {
             RejectReason::NameUnknown => "name_unknown",
             RejectReason::RealmDenied => "realm_denied",
             RejectReason::RedirectDenied => "redirect_denied",
+            RejectReason::RealmUnavailable => "realm_unavailable",
         }
     }
 }
@@ -132,6 +156,8 @@ pub enum Decision {
     Forward(Forward),
     /// Reply locally.
     Reply(Reply),
+    /// Token request for another registry's realm: learn it, then forward.
+    LearnRealm(LearnRealm),
 }
 
 fn base_headers() -> Vec<(String, String)> {
@@ -382,6 +408,7 @@ fn route_v2(
     };
     let echo = ns_reg.as_ref().map(|(d, _)| d.clone());
     let mut name_comps = parsed.as_ref().map(|p| p.0.clone()).unwrap_or_default();
+    let mut path_prefix = None;
     let registry: Option<&Registry> = if let Some(r) = cfg.registry_for_host(&host) {
         Some(r)
     } else if let Some((_, r)) = ns_reg {
@@ -393,6 +420,7 @@ fn route_v2(
     {
         match cfg.registry(first) {
             Some(r) => {
+                path_prefix = Some(first.to_ascii_lowercase());
                 name_comps.remove(0);
                 Some(r)
             }
@@ -412,7 +440,7 @@ fn route_v2(
                 reason: None,
                 message: "local /v2/".into(),
             }),
-            Some(r) => forward(r, req, "/v2/".into(), query_rest.as_deref(), echo),
+            Some(r) => forward(r, req, "/v2/".into(), query_rest.as_deref(), echo, None),
         };
     };
     let Some(registry) = registry else {
@@ -459,7 +487,14 @@ fn route_v2(
             Err(e) => return reference_error(&e),
         },
     };
-    forward(registry, req, upstream_path, query_rest.as_deref(), echo)
+    forward(
+        registry,
+        req,
+        upstream_path,
+        query_rest.as_deref(),
+        echo,
+        path_prefix,
+    )
 }
 
 fn reference_error(e: &NameError) -> Decision {
@@ -491,6 +526,7 @@ fn forward(
     path: String,
     query: Option<&str>,
     echo: Option<String>,
+    path_prefix: Option<String>,
 ) -> Decision {
     Decision::Forward(Forward {
         kind: ForwardKind::Registry,
@@ -501,6 +537,7 @@ fn forward(
         oci_namespace_echo: echo,
         strip_authorization: false,
         mirror_base: mirror_base(req),
+        path_prefix,
     })
 }
 
@@ -516,22 +553,104 @@ fn route_auth(
         return denied(RejectReason::RealmDenied, "realm host not allowed");
     }
     // Prefer the registry the client addresses by host mode, else the first match.
-    let preferred = cfg
-        .registry_for_host(&host_without_port(req.authority))
-        .filter(|r| super::config::any_match(&r.realm_hosts, &host));
-    let Some(registry) = preferred.or_else(|| cfg.registry_for_realm(&host)) else {
+    let host_mode = cfg.registry_for_host(&host_without_port(req.authority));
+    let preferred = host_mode.filter(|r| super::config::any_match(&r.realm_hosts, &host));
+    let Some(realm_registry) = preferred.or_else(|| cfg.registry_for_realm(&host)) else {
         return denied(RejectReason::RealmDenied, "realm host not allowed");
     };
+    // Scopes in the client's namespace (path prefixes) → the target registry's.
+    let plan = match token::plan(cfg, realm_registry, host_mode.is_none(), query) {
+        Ok(p) => p,
+        Err(token::ScopeError::NameInvalid) => {
+            return reject(
+                400,
+                ErrorCode::NameInvalid,
+                RejectReason::NameInvalid,
+                token::ScopeError::NameInvalid.as_str(),
+            )
+        }
+        Err(e) => return bad_request(e.as_str()),
+    };
+    let target = plan.target;
+    if target.cache {
+        // Envoy sends a cached registry to cache-service, which authenticates upstream
+        // itself and ignores the client's Authorization: no upstream token is needed.
+        return Decision::Reply(Reply {
+            status: 200,
+            body: token::CACHED_TOKEN_BODY.into(),
+            headers: base_headers(),
+            reason: None,
+            message: format!("placeholder token for cached registry {}", target.name),
+        });
+    }
+    if !super::config::any_match(&target.realm_hosts, &host) {
+        return Decision::LearnRealm(LearnRealm {
+            registry: target.name.clone(),
+            cluster: target.cluster.clone(),
+            upstream: target.upstream.clone(),
+            query: plan.query,
+            mirror_base: mirror_base(req),
+        });
+    }
     Decision::Forward(Forward {
         kind: ForwardKind::Auth,
-        registry: registry.name.clone(),
+        registry: target.name.clone(),
         authority: host,
-        path: with_query(format!("/{tail}"), query),
+        path: with_query(format!("/{tail}"), plan.query.as_deref()),
         set_registry_header: true,
         oci_namespace_echo: None,
         strip_authorization: false,
         mirror_base: mirror_base(req),
+        path_prefix: None,
     })
+}
+
+/// The token request of `lr` sent to `learned`, the target registry's realm; the realm
+/// host must be on the registry's `realm_hosts`, else 502 `DENIED`.
+pub fn forward_to_learned(
+    cfg: &CompiledConfig,
+    lr: &LearnRealm,
+    learned: &LearnedRealm,
+) -> Result<Forward, Reply> {
+    let allowed = cfg
+        .registry(&lr.registry)
+        .is_some_and(|r| learned.allowed_for(r));
+    let target = if allowed {
+        token::learned_target(learned, lr.query.as_deref())
+    } else {
+        None
+    };
+    let Some((authority, path)) = target else {
+        return Err(realm_failure(
+            ErrorCode::Denied,
+            &format!(
+                "the token realm {:?} of {} is not on its realm_hosts",
+                learned.realm, lr.registry
+            ),
+        ));
+    };
+    Ok(Forward {
+        kind: ForwardKind::Auth,
+        registry: lr.registry.clone(),
+        authority,
+        path,
+        set_registry_header: true,
+        oci_namespace_echo: None,
+        strip_authorization: false,
+        mirror_base: lr.mirror_base.clone(),
+        path_prefix: None,
+    })
+}
+
+/// 502 with an OCI error: a registry's realm could not be learned or is not allowed.
+pub fn realm_failure(code: ErrorCode, message: &str) -> Reply {
+    Reply {
+        status: 502,
+        body: render(code, message, None),
+        headers: base_headers(),
+        reason: Some(RejectReason::RealmUnavailable),
+        message: message.to_string(),
+    }
 }
 
 fn route_redirect(cfg: &CompiledConfig, req: &Request<'_>, key: &[u8], now: u64) -> Decision {
@@ -555,6 +674,7 @@ fn route_redirect(cfg: &CompiledConfig, req: &Request<'_>, key: &[u8], now: u64)
         oci_namespace_echo: None,
         strip_authorization: strip,
         mirror_base: mirror_base(req),
+        path_prefix: None,
     })
 }
 
@@ -580,14 +700,21 @@ mod tests {
     fn fwd(d: Decision) -> Forward {
         match d {
             Decision::Forward(f) => f,
-            Decision::Reply(r) => panic!("expected forward, got {r:?}"),
+            other => panic!("expected forward, got {other:?}"),
         }
     }
 
     fn reply(d: Decision) -> Reply {
         match d {
             Decision::Reply(r) => r,
-            Decision::Forward(f) => panic!("expected reply, got {f:?}"),
+            other => panic!("expected reply, got {other:?}"),
+        }
+    }
+
+    fn learn(d: Decision) -> LearnRealm {
+        match d {
+            Decision::LearnRealm(l) => l,
+            other => panic!("expected learn-realm, got {other:?}"),
         }
     }
 
@@ -972,6 +1099,152 @@ mod tests {
             0,
         ));
         assert_eq!(r.status, 400);
+    }
+
+    #[test]
+    fn path_prefix_is_remembered_for_challenges() {
+        let cfg = parse_config(b"").unwrap();
+        let f = fwd(route(
+            &cfg,
+            &get("m", "/v2/Quay.io/coreos/etcd/manifests/v3.5"),
+            &KEY,
+            0,
+        ));
+        assert_eq!(f.path_prefix.as_deref(), Some("quay.io"));
+        for p in [
+            "/v2/coreos/etcd/manifests/v3.5?ns=quay.io",
+            "/v2/library/alpine/manifests/1",
+            "/v2/",
+        ] {
+            assert_eq!(fwd(route(&cfg, &get("m", p), &KEY, 0)).path_prefix, None);
+        }
+        let f = fwd(route(
+            &host_cfg(),
+            &get("docker.mirror.test", "/v2/quay.io/x/manifests/1"),
+            &KEY,
+            0,
+        ));
+        assert_eq!(f.path_prefix, None);
+    }
+
+    #[test]
+    fn auth_with_path_prefixed_scopes() {
+        let cfg = parse_config(b"").unwrap();
+        // docker.io prefix on docker.io's realm: stripped, forwarded.
+        let f = fwd(route(
+            &cfg,
+            &get("127.0.0.1:5000", "/_mirror/auth/auth.docker.io/token?account=a&scope=repository%3Adocker.io%2Flibrary%2Falpine%3Apull&service=registry.docker.io"),
+            &KEY,
+            0,
+        ));
+        assert_eq!(
+            (f.registry.as_str(), f.authority.as_str()),
+            ("docker.io", "auth.docker.io")
+        );
+        assert_eq!(
+            f.path,
+            "/token?account=a&scope=repository%3Alibrary%2Falpine%3Apull&service=registry.docker.io"
+        );
+        // quay.io prefix on docker.io's realm: learn quay's realm.
+        let l = learn(route(
+            &cfg,
+            &get("127.0.0.1:5000", "/_mirror/auth/auth.docker.io/token?scope=repository:quay.io/coreos/etcd:pull&service=registry.docker.io"),
+            &KEY,
+            0,
+        ));
+        assert_eq!(
+            l,
+            LearnRealm {
+                registry: "quay.io".into(),
+                cluster: "quay.io".into(),
+                upstream: "quay.io".into(),
+                query: Some("scope=repository:coreos/etcd:pull&service=registry.docker.io".into()),
+                mirror_base: "http://127.0.0.1:5000".into(),
+            }
+        );
+        let learned = LearnedRealm::new("https://quay.io/v2/auth", Some("quay.io")).unwrap();
+        let f = forward_to_learned(&cfg, &l, &learned).unwrap();
+        assert_eq!(f.kind, ForwardKind::Auth);
+        assert_eq!(
+            (f.registry.as_str(), f.authority.as_str()),
+            ("quay.io", "quay.io")
+        );
+        assert_eq!(
+            f.path,
+            "/v2/auth?scope=repository:coreos/etcd:pull&service=quay.io"
+        );
+        // A learned realm that is not on the registry's realm_hosts: 502 DENIED.
+        let evil = LearnedRealm::new("https://auth.docker.io/token", Some("x")).unwrap();
+        let r = forward_to_learned(&cfg, &l, &evil).unwrap_err();
+        assert_eq!((r.status, code(&r).as_str()), (502, "DENIED"));
+        assert_eq!(r.reason, Some(RejectReason::RealmUnavailable));
+        // quay.io prefix on quay's own realm: forwarded with the name stripped.
+        let f = fwd(route(
+            &cfg,
+            &get("m", "/_mirror/auth/quay.io/v2/auth?scope=repository:quay.io/coreos/etcd:pull&service=quay.io"),
+            &KEY,
+            0,
+        ));
+        assert_eq!(
+            f.path,
+            "/v2/auth?scope=repository:coreos/etcd:pull&service=quay.io"
+        );
+        // A cached registry needs no upstream token: answered locally.
+        let r = reply(route(
+            &cfg,
+            &get(
+                "m",
+                "/_mirror/auth/auth.docker.io/token?scope=repository:gcr.io/p/i:pull",
+            ),
+            &KEY,
+            0,
+        ));
+        assert_eq!((r.status, r.reason), (200, None));
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert!(v["token"].as_str().is_some_and(|t| !t.is_empty()));
+        // Host mode: the client's names are the registry's own; no prefix interpreted.
+        let f = fwd(route(
+            &host_cfg(),
+            &get(
+                "docker.mirror.test",
+                "/_mirror/auth/auth.docker.io/token?scope=repository:alpine:pull",
+            ),
+            &KEY,
+            0,
+        ));
+        assert_eq!(f.path, "/token?scope=repository:library/alpine:pull");
+        // Hostile scopes.
+        let r = reply(route(
+            &cfg,
+            &get(
+                "m",
+                "/_mirror/auth/auth.docker.io/token?scope=repository:quay.io:pull",
+            ),
+            &KEY,
+            0,
+        ));
+        assert_eq!((r.status, code(&r).as_str()), (400, "NAME_INVALID"));
+        let r = reply(route(
+            &cfg,
+            &get("m", "/_mirror/auth/auth.docker.io/token?scope=%zz"),
+            &KEY,
+            0,
+        ));
+        assert_eq!((r.status, code(&r).as_str()), (400, "UNSUPPORTED"));
+        // Configured cluster names are used for the realm call.
+        let ist = parse_config(br#"{"default_registry":"docker.io","registries":[
+            {"name":"docker.io","upstream":"registry-1.docker.io","realm_hosts":["auth.docker.io"],"library_namespace":true},
+            {"name":"quay.io","upstream":"quay.io","realm_hosts":["quay.io"],"cluster":"outbound|443||quay.io"}]}"#).unwrap();
+        let l = learn(route(
+            &ist,
+            &get(
+                "m",
+                "/_mirror/auth/auth.docker.io/token?scope=repository:quay.io/a/b:pull",
+            ),
+            &KEY,
+            0,
+        ));
+        assert_eq!(l.cluster, "outbound|443||quay.io");
     }
 
     #[test]
