@@ -144,34 +144,71 @@ pub fn verify_dir(dir: tempfile::TempDir) -> Result<PulledDir> {
     })
 }
 
-/// A registries.conf (v2) sending `docker.io` to `mirror` (host:port), the podman /
-/// CRI-O way. The primary location is a closed local port so a failing mirror can never
-/// make skopeo fall back to the internet.
-pub fn write_registries_conf(path: &Path, registry: &str, mirror: &str) -> Result<()> {
-    let dead = format!("127.0.0.1:{}", crate::free_port());
-    std::fs::write(
-        path,
-        format!(
-            "unqualified-search-registries = [\"{registry}\"]\nshort-name-mode = \"permissive\"\n\n[[registry]]\nprefix = \"{registry}\"\nlocation = \"{dead}\"\n\n[[registry.mirror]]\nlocation = \"{mirror}\"\n"
-        ),
+/// Runs `regmirror client-config RUNTIME --mirror https://<mirror> [ARGS]`, the generator
+/// users run, over the shipped `envoy/registries.toml`.
+fn client_config(runtime: &str, mirror: &str, args: &[&str]) -> Result<String> {
+    let root = crate::build::workspace_root();
+    let out = crate::proc::run(
+        std::process::Command::new(crate::build::regmirror()?)
+            .args([
+                "client-config",
+                runtime,
+                "--mirror",
+                &format!("https://{mirror}"),
+            ])
+            .arg("--registries")
+            .arg(root.join("envoy/registries.toml"))
+            .args(args),
     )?;
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Points every fallback to a real registry at a closed local port, so a failing mirror
+/// can never make a client reach the internet. The only change the tests make to the
+/// generated client configuration.
+fn close_fallbacks(config: &str, key: &str, keep: impl Fn(&str) -> bool) -> String {
+    let dead = format!("127.0.0.1:{}", crate::free_port());
+    config
+        .lines()
+        .map(|line| match line.strip_prefix(key) {
+            Some(value) if !keep(value) => format!("{key}\"{dead}\""),
+            _ => line.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+/// The registries.conf `regmirror client-config podman` generates for `mirror`
+/// (host:port): a path-prefix mirror location per registry, the podman / CRI-O way.
+pub fn write_registries_conf(path: &Path, registry: &str, mirror: &str) -> Result<()> {
+    let generated = client_config("podman", mirror, &[])?;
+    anyhow::ensure!(
+        generated.contains(&format!("prefix = \"{registry}\"")),
+        "the generated registries.conf has no entry for {registry}:\n{generated}"
+    );
+    // Primary locations are bare registry names; mirror locations start with the mirror.
+    let closed = close_fallbacks(&generated, "location = ", |v| v.contains(mirror));
+    std::fs::write(path, closed)?;
     Ok(())
 }
 
-/// `DIR/<registry>/hosts.toml` sending pulls of `registry` to `mirror` (`host:port`)
-/// over TLS with the test CA. The `server` is a closed local port, not the real
-/// registry, so a failing mirror never makes containerd fall back to the internet.
+/// The `hosts.toml` files `regmirror client-config containerd --ca CA` generates for
+/// `mirror` (host:port), in `hosts_dir/<registry>/hosts.toml`.
 pub fn write_hosts_toml(hosts_dir: &Path, registry: &str, mirror: &str, ca: &Path) -> Result<()> {
-    let d = hosts_dir.join(registry);
-    std::fs::create_dir_all(&d)?;
-    let dead = crate::free_port();
-    std::fs::write(
-        d.join("hosts.toml"),
-        format!(
-            "server = \"https://127.0.0.1:{dead}\"\n\n[host.\"https://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = \"{}\"\n",
-            ca.display()
-        ),
+    let ca = ca.display().to_string();
+    client_config(
+        "containerd",
+        mirror,
+        &["--ca", &ca, "--out", &hosts_dir.display().to_string()],
     )?;
+    let file = hosts_dir.join(registry).join("hosts.toml");
+    let generated = std::fs::read_to_string(&file)
+        .map_err(|e| anyhow::anyhow!("no generated {}: {e}", file.display()))?;
+    // `server` is containerd's fallback to the real registry.
+    let closed = close_fallbacks(&generated, "server = ", |_| false)
+        .replace("server = \"127.0.0.1", "server = \"https://127.0.0.1");
+    std::fs::write(&file, closed)?;
     Ok(())
 }
 

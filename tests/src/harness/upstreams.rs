@@ -160,7 +160,7 @@ fn distribution_config(
     s
 }
 
-fn start_distribution(
+pub fn start_distribution(
     name: &str,
     dir: &Path,
     storage: &Path,
