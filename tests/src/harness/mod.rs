@@ -5,6 +5,7 @@ pub mod build;
 pub mod cache;
 pub mod clients;
 pub mod envoy;
+pub mod faults;
 pub mod images;
 pub mod mirror;
 pub mod pki;
