@@ -1,15 +1,18 @@
 //! `regmirror`: pull-through OCI registry cache (`serve`, the default), the mirror's config
-//! generator (`render`) and client configuration (`client-config`).
+//! generator (`render`), client configuration (`client-config`) and operator tools (`warm`,
+//! `doctor`).
 
 mod cache;
 mod client_config;
 mod config;
+mod doctor;
 mod http;
 mod metrics;
 mod oci;
 mod render;
 mod store;
 mod upstream;
+mod warm;
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -72,6 +75,10 @@ enum Command {
     Render(render::RenderArgs),
     /// Print (or write) a container runtime's configuration for pulling through the mirror.
     ClientConfig(client_config::ClientConfigArgs),
+    /// Pre-pull images through a running mirror so its caches fill.
+    Warm(warm::WarmArgs),
+    /// Check a running mirror, registry by registry: /v2/, token round-trip, manifest HEAD.
+    Doctor(doctor::DoctorArgs),
 }
 
 fn main() -> ExitCode {
@@ -79,6 +86,8 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Render(args)) => render::run(&args),
         Some(Command::ClientConfig(args)) => client_config::run(&args),
+        Some(Command::Warm(args)) => warm::run(&args),
+        Some(Command::Doctor(args)) => doctor::run(&args),
         Some(Command::Serve(args)) => serve(&args),
         None => serve(&cli.serve),
     }
@@ -174,6 +183,7 @@ async fn run(cfg: Config) -> ExitCode {
     let app = http::router(http::AppState {
         cache: cache.clone(),
         client_tokens: Arc::new(client_tokens),
+        status: Arc::default(),
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(

@@ -19,6 +19,11 @@ impl Lru {
         self.total
     }
 
+    /// Stored blobs and manifests.
+    pub fn count(&self) -> usize {
+        self.entries.len()
+    }
+
     /// Register a stored blob (idempotent: a blob shared by repositories is counted once).
     /// `order` lets startup seed the order from file times; `None` means "now".
     pub fn insert(&mut self, d: &Digest, size: u64, order: Option<u64>) {

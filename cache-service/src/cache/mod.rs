@@ -209,6 +209,20 @@ impl Cache {
         lock(&self.lru).total()
     }
 
+    /// Stored blobs and manifests.
+    pub fn entries(&self) -> usize {
+        lock(&self.lru).count()
+    }
+
+    /// `max_size` in bytes; 0 = unlimited.
+    pub fn max_size(&self) -> u64 {
+        self.max_size
+    }
+
+    pub fn upstreams(&self) -> impl Iterator<Item = &Arc<Upstream>> {
+        self.upstreams.values()
+    }
+
     pub fn inflight(&self) -> usize {
         lock(&self.flights).len()
     }

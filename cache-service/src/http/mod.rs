@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod range;
+pub mod status;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,6 +26,8 @@ pub type ClientTokens = BTreeMap<String, String>;
 pub struct AppState {
     pub cache: Arc<Cache>,
     pub client_tokens: Arc<ClientTokens>,
+    /// Status page state (request counts per repository).
+    pub status: Arc<status::StatusState>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -131,6 +134,17 @@ async fn handle(
                 .render(st.cache.store_bytes(), st.cache.inflight());
             return ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response();
         }
+        "/_status" | "/" if matches!(method, Method::GET | Method::HEAD) => {
+            let body = status::render(&status::Snapshot::read(&st.cache, &st.status));
+            return (
+                [
+                    (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                    (header::CACHE_CONTROL, "no-store"),
+                ],
+                body,
+            )
+                .into_response();
+        }
         _ => {}
     }
     let metrics = st.cache.metrics.clone();
@@ -194,6 +208,13 @@ async fn handle_v2(
 
     let up = st.cache.upstream(registry.as_deref())?.clone();
     check_client(st, &up.name, headers)?;
+    if let Route::Manifest(name, _)
+    | Route::Blob(name, _)
+    | Route::Tags(name)
+    | Route::Referrers(name, _) = &route
+    {
+        st.status.record_request(&up.name, name.as_str());
+    }
     let mut resp = match route {
         Route::Base => return Err(ApiError::not_found()),
         Route::Manifest(name, reference) => {

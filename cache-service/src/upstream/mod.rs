@@ -48,6 +48,15 @@ fn host_key(u: &Url) -> String {
     )
 }
 
+/// Outcome of the latest upstream calls, for the status page. A call fails when no response
+/// came (connection, TLS, redirect or token errors) or the answer was 5xx/429.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    pub last_success: Option<std::time::SystemTime>,
+    pub last_failure: Option<std::time::SystemTime>,
+    pub last_error: Option<String>,
+}
+
 #[derive(Debug)]
 pub struct Upstream {
     pub name: String,
@@ -59,6 +68,7 @@ pub struct Upstream {
     /// Last Bearer challenge (realm, service) seen from the upstream host; lets us fetch a token
     /// before the first request instead of after a 401.
     challenge: Mutex<Option<(String, String)>>,
+    health: Mutex<Health>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -108,7 +118,32 @@ impl Upstream {
             realm_hosts: cfg.realm_hosts.clone(),
             tokens: Mutex::new(TokenCache::default()),
             challenge: Mutex::new(None),
+            health: Mutex::new(Health::default()),
         })
+    }
+
+    pub fn base_url(&self) -> &Url {
+        &self.base
+    }
+
+    pub fn health(&self) -> Health {
+        lock(&self.health).clone()
+    }
+
+    fn record(&self, r: &Result<reqwest::Response, UpstreamError>) {
+        let now = std::time::SystemTime::now();
+        let mut h = lock(&self.health);
+        match r {
+            Ok(resp) if !retryable(resp.status()) => h.last_success = Some(now),
+            Ok(resp) => {
+                h.last_failure = Some(now);
+                h.last_error = Some(format!("HTTP {}", resp.status()));
+            }
+            Err(e) => {
+                h.last_failure = Some(now);
+                h.last_error = Some(e.to_string());
+            }
+        }
     }
 
     /// May the configured credentials be sent to this token realm? Only to the upstream's own
@@ -306,6 +341,7 @@ impl Upstream {
         let mut attempt = 1;
         loop {
             let r = self.send_once(&method, path_and_query, name, accept).await;
+            self.record(&r);
             let last = attempt >= attempts;
             let wait = match &r {
                 Ok(resp) if retryable(resp.status()) && !last => {

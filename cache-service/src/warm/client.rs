@@ -1,0 +1,291 @@
+//! A small registry client for talking to the mirror the way a container runtime does:
+//! Bearer challenges answered anonymously through the (rewritten) realm, redirects followed
+//! by hand, and an `Authorization` only ever sent to the host whose challenge issued it.
+//! Used by `regmirror warm` and `regmirror doctor`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, LOCATION, WWW_AUTHENTICATE};
+use reqwest::{Method, StatusCode};
+use url::Url;
+
+use crate::upstream::auth::{parse_challenges, Challenge};
+
+const MAX_REDIRECTS: usize = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("{url}: {reason}")]
+    Http { url: String, reason: String },
+    #[error("more than {MAX_REDIRECTS} redirects")]
+    TooManyRedirects,
+    #[error("bad redirect {0}")]
+    BadRedirect(String),
+    #[error("token from {realm}: {reason}")]
+    Token { realm: String, reason: String },
+}
+
+/// Host identity an `Authorization` is bound to: scheme, host and effective port.
+pub fn host_key(u: &Url) -> String {
+    format!(
+        "{}://{}:{}",
+        u.scheme(),
+        u.host_str().unwrap_or("").to_ascii_lowercase(),
+        u.port_or_known_default().unwrap_or(0)
+    )
+}
+
+/// The Bearer challenge of a response, if any: (realm, service, scope).
+pub fn bearer_challenge(resp: &reqwest::Response) -> Option<(String, String, Option<String>)> {
+    let challenges: Vec<Challenge> = resp
+        .headers()
+        .get_all(WWW_AUTHENTICATE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(parse_challenges)
+        .collect();
+    let b = challenges.iter().find(|c| c.scheme == "bearer")?;
+    Some((
+        b.param("realm")?.to_owned(),
+        b.param("service").unwrap_or("").to_owned(),
+        b.param("scope").map(str::to_owned),
+    ))
+}
+
+#[derive(Debug)]
+pub struct MirrorClient {
+    pub base: Url,
+    http: reqwest::Client,
+    /// (realm, service, scope) → token.
+    tokens: Mutex<HashMap<(String, String, String), String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl MirrorClient {
+    /// `mirror`: base URL (`https://mirror.example.com`); `ca_pem`: extra trusted CAs.
+    pub fn new(mirror: &str, ca_pem: Option<&[u8]>) -> Result<Self, ClientError> {
+        let base = Url::parse(mirror)
+            .map_err(|e| ClientError::Setup(format!("--mirror {mirror:?}: {e}")))?;
+        if base.scheme() != "http" && base.scheme() != "https" {
+            return Err(ClientError::Setup(format!(
+                "--mirror {mirror:?}: not an http(s) URL"
+            )));
+        }
+        let mut b = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(120))
+            .user_agent(concat!("regmirror/", env!("CARGO_PKG_VERSION")))
+            .use_rustls_tls();
+        if let Some(pem) = ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| ClientError::Setup(format!("--ca: {e}")))?;
+            if certs.is_empty() {
+                return Err(ClientError::Setup("--ca: no PEM certificate found".into()));
+            }
+            for c in certs {
+                b = b.add_root_certificate(c);
+            }
+        }
+        let http = b.build().map_err(|e| ClientError::Setup(e.to_string()))?;
+        Ok(Self {
+            base,
+            http,
+            tokens: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// `<mirror>/v2/<repo>/<kind>/<reference>?ns=<registry>` (or `/v2/?ns=` for an empty repo).
+    pub fn v2_url(&self, registry: &str, repo: &str, rest: &str) -> Result<Url, ClientError> {
+        let path = if repo.is_empty() {
+            "v2/".to_owned()
+        } else {
+            format!("v2/{repo}/{rest}")
+        };
+        let mut u = self.base.join(&path).map_err(|e| ClientError::Http {
+            url: path.clone(),
+            reason: e.to_string(),
+        })?;
+        u.query_pairs_mut().append_pair("ns", registry);
+        Ok(u)
+    }
+
+    /// Does `u` point at the mirror itself?
+    pub fn on_mirror(&self, u: &Url) -> bool {
+        host_key(u) == host_key(&self.base)
+    }
+
+    /// Anonymous token from a realm (`realm?service=…&scope=…`), cached.
+    pub async fn token(
+        &self,
+        realm: &str,
+        service: &str,
+        scope: &str,
+    ) -> Result<String, ClientError> {
+        let key = (realm.to_owned(), service.to_owned(), scope.to_owned());
+        if let Some(t) = lock(&self.tokens).get(&key) {
+            return Ok(t.clone());
+        }
+        let terr = |reason: String| ClientError::Token {
+            realm: realm.to_owned(),
+            reason,
+        };
+        let mut url = Url::parse(realm).map_err(|e| terr(e.to_string()))?;
+        if url.scheme() != "https" && url.scheme() != "http" {
+            return Err(terr("realm is not an http(s) URL".into()));
+        }
+        {
+            let mut q = url.query_pairs_mut();
+            if !service.is_empty() {
+                q.append_pair("service", service);
+            }
+            if !scope.is_empty() {
+                q.append_pair("scope", scope);
+            }
+        }
+        let resp = self
+            .http
+            .get(url)
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .map_err(|e| terr(e.to_string()))?;
+        if !resp.status().is_success() {
+            return Err(terr(format!("HTTP {}", resp.status())));
+        }
+        let body: serde_json::Value = resp.json().await.map_err(|e| terr(e.to_string()))?;
+        let token = body
+            .get("token")
+            .or_else(|| body.get("access_token"))
+            .and_then(|t| t.as_str())
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| terr("response has no token".into()))?
+            .to_owned();
+        lock(&self.tokens).insert(key, token.clone());
+        Ok(token)
+    }
+
+    /// A GET with nothing done about challenges or redirects: the raw answer, to be checked.
+    pub async fn get_raw(&self, url: Url) -> Result<reqwest::Response, String> {
+        self.http.get(url).send().await.map_err(|e| error_chain(&e))
+    }
+
+    /// One request with challenges answered and redirects followed. `auth` optionally seeds an
+    /// `Authorization` for the first URL's host. A 401 is answered once per URL; an
+    /// `Authorization` goes only to the host it was issued for.
+    pub async fn send(
+        &self,
+        method: Method,
+        url: Url,
+        accept: Option<&str>,
+        default_scope: &str,
+        auth: Option<String>,
+    ) -> Result<reqwest::Response, ClientError> {
+        let mut url = url;
+        let mut auth: Option<(String, HeaderValue)> = auth
+            .and_then(|t| HeaderValue::from_str(&format!("Bearer {t}")).ok())
+            .map(|v| (host_key(&url), v));
+        let mut redirects = 0;
+        let mut answered = false;
+        loop {
+            let hk = host_key(&url);
+            let mut req = self.http.request(method.clone(), url.clone());
+            if let Some(a) = accept {
+                req = req.header(ACCEPT, a);
+            }
+            if let Some((h, v)) = &auth {
+                if *h == hk {
+                    req = req.header(AUTHORIZATION, v.clone());
+                }
+            }
+            let resp = req.send().await.map_err(|e| ClientError::Http {
+                url: url.to_string(),
+                reason: error_chain(&e),
+            })?;
+            let status = resp.status();
+            if status == StatusCode::UNAUTHORIZED && !answered {
+                if let Some((realm, service, scope)) = bearer_challenge(&resp) {
+                    let scope = scope.unwrap_or_else(|| default_scope.to_owned());
+                    let tok = self.token(&realm, &service, &scope).await?;
+                    if let Ok(v) = HeaderValue::from_str(&format!("Bearer {tok}")) {
+                        auth = Some((hk, v));
+                        answered = true;
+                        continue;
+                    }
+                }
+                return Ok(resp);
+            }
+            if status.is_redirection() && status != StatusCode::NOT_MODIFIED {
+                let Some(loc) = resp.headers().get(LOCATION).and_then(|l| l.to_str().ok()) else {
+                    return Ok(resp);
+                };
+                redirects += 1;
+                if redirects > MAX_REDIRECTS {
+                    return Err(ClientError::TooManyRedirects);
+                }
+                let next = url
+                    .join(loc)
+                    .map_err(|e| ClientError::BadRedirect(format!("{loc}: {e}")))?;
+                if next.scheme() != "https" && next.scheme() != "http" {
+                    return Err(ClientError::BadRedirect(format!("{loc}: not http(s)")));
+                }
+                url = next;
+                answered = false;
+                continue;
+            }
+            return Ok(resp);
+        }
+    }
+}
+
+/// An error with its sources (reqwest hides the interesting part in them).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_and_hosts() {
+        let c = MirrorClient::new("http://127.0.0.1:5000", None).unwrap();
+        assert_eq!(
+            c.v2_url("docker.io", "library/alpine", "manifests/3.20")
+                .unwrap()
+                .as_str(),
+            "http://127.0.0.1:5000/v2/library/alpine/manifests/3.20?ns=docker.io"
+        );
+        assert_eq!(
+            c.v2_url("quay.io", "", "").unwrap().as_str(),
+            "http://127.0.0.1:5000/v2/?ns=quay.io"
+        );
+        assert!(c.on_mirror(&Url::parse("http://127.0.0.1:5000/_mirror/auth/x").unwrap()));
+        assert!(!c.on_mirror(&Url::parse("https://127.0.0.1:5000/x").unwrap()));
+        assert!(!c.on_mirror(&Url::parse("http://auth.docker.io/token").unwrap()));
+        assert!(MirrorClient::new("ftp://x", None).is_err());
+    }
+}
