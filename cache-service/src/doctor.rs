@@ -129,6 +129,7 @@ async fn check_registry(client: &MirrorClient, registry: &str, probe: Option<&Im
                     }
                     Err(e) => {
                         row.v2 = Check::Fail(e.clone());
+                        row.token = Check::Skip("skipped".into());
                         row.notes.push(format!("/v2/: {e}"));
                     }
                 },
@@ -187,6 +188,12 @@ async fn check_registry(client: &MirrorClient, registry: &str, probe: Option<&Im
         .await
     {
         Ok(resp) if resp.status() == StatusCode::OK => {
+            if !client.on_mirror(resp.url()) {
+                row.notes.push(format!(
+                    "manifest answered by {} (a redirect left the mirror)",
+                    resp.url().host_str().unwrap_or("?")
+                ));
+            }
             let digest = resp
                 .headers()
                 .get("docker-content-digest")
@@ -200,10 +207,17 @@ async fn check_registry(client: &MirrorClient, registry: &str, probe: Option<&Im
         }
         Ok(resp) => {
             let e = format!(
-                "HEAD {}:{} → HTTP {}",
+                "HEAD {}:{} → HTTP {}{}",
                 p.repo,
                 p.reference,
-                resp.status().as_u16()
+                resp.status().as_u16(),
+                match resp.status() {
+                    StatusCode::NOT_FOUND =>
+                        " (probe image missing upstream, or registry not routed)",
+                    StatusCode::UNAUTHORIZED => " (token not accepted)",
+                    StatusCode::TOO_MANY_REQUESTS => " (rate limited)",
+                    _ => "",
+                }
             );
             row.manifest = Check::Fail(e.clone());
             row.notes.push(e);
@@ -299,7 +313,10 @@ pub fn run(args: &DoctorArgs) -> ExitCode {
         None => None,
     };
     let client = match MirrorClient::new(&args.mirror, ca.as_deref()) {
-        Ok(c) => c,
+        Ok(mut c) => {
+            c.strict_realms = true;
+            c
+        }
         Err(e) => {
             eprintln!("regmirror doctor: {e}");
             return ExitCode::from(2);

@@ -60,6 +60,9 @@ pub fn bearer_challenge(resp: &reqwest::Response) -> Option<(String, String, Opt
 pub struct MirrorClient {
     pub base: Url,
     http: reqwest::Client,
+    /// Refuse challenges whose realm is not on the mirror (`doctor`: such a realm means the
+    /// mirror did not rewrite it).
+    pub strict_realms: bool,
     /// (realm, service, scope) → token.
     tokens: Mutex<HashMap<(String, String, String), String>>,
 }
@@ -98,6 +101,7 @@ impl MirrorClient {
         Ok(Self {
             base,
             http,
+            strict_realms: false,
             tokens: Mutex::new(HashMap::new()),
         })
     }
@@ -213,6 +217,12 @@ impl MirrorClient {
             if status == StatusCode::UNAUTHORIZED && !answered {
                 if let Some((realm, service, scope)) = bearer_challenge(&resp) {
                     let scope = scope.unwrap_or_else(|| default_scope.to_owned());
+                    if self.strict_realms && !Url::parse(&realm).is_ok_and(|r| self.on_mirror(&r)) {
+                        return Err(ClientError::Token {
+                            realm,
+                            reason: "realm points away from the mirror (not rewritten)".into(),
+                        });
+                    }
                     let tok = self.token(&realm, &service, &scope).await?;
                     if let Ok(v) = HeaderValue::from_str(&format!("Bearer {tok}")) {
                         auth = Some((hk, v));

@@ -290,6 +290,7 @@ struct Ctx {
     sel: Selection,
     jobs: usize,
     bars: MultiProgress,
+    quiet: bool,
 }
 
 fn scope(img: &ImageRef) -> String {
@@ -365,7 +366,7 @@ fn short_error(body: &str) -> String {
 
 fn bar_style() -> ProgressStyle {
     ProgressStyle::with_template(
-        "{prefix:>20} [{bar:30}] {bytes:>10}/{total_bytes:<10} {bytes_per_sec:>12} {eta:>4}",
+        "{prefix:>12} [{bar:30}] {bytes:>10}/{total_bytes:<10} {bytes_per_sec:>12} {eta:>4}",
     )
     .unwrap_or_else(|_| ProgressStyle::default_bar())
     .progress_chars("=> ")
@@ -564,6 +565,17 @@ pub fn summary(outcomes: &[Outcome]) -> String {
     )
 }
 
+/// A progress line: above the bars on a terminal, plain on stderr otherwise (not with -q).
+fn say(ctx: &Ctx, line: String) {
+    if ctx.bars.is_hidden() {
+        if !ctx.quiet {
+            eprintln!("{line}");
+        }
+    } else {
+        let _ = ctx.bars.println(line);
+    }
+}
+
 fn read_images(args: &WarmArgs) -> Result<Vec<ImageRef>, String> {
     let mut raw: Vec<String> = args.images.clone();
     if let Some(f) = &args.file {
@@ -631,6 +643,7 @@ pub fn run(args: &WarmArgs) -> ExitCode {
         sel,
         jobs: args.jobs as usize,
         bars,
+        quiet: args.quiet,
     });
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -654,17 +667,20 @@ pub fn run(args: &WarmArgs) -> ExitCode {
                 time: Duration::ZERO,
                 error: None,
             };
-            let _ = ctx.bars.println(format!("warming {img}"));
+            say(&ctx, format!("warming {img}"));
             if let Err(e) = warm_image(&ctx, img, &mut o).await {
                 o.error = Some(e);
             }
             o.time = start.elapsed();
-            let _ = ctx.bars.println(format!(
-                "  {} {} in {:.1}s",
-                if o.error.is_some() { "FAILED" } else { "done" },
-                human_bytes(o.bytes),
-                o.time.as_secs_f64()
-            ));
+            say(
+                &ctx,
+                format!(
+                    "  {} {} in {:.1}s",
+                    if o.error.is_some() { "FAILED" } else { "done" },
+                    human_bytes(o.bytes),
+                    o.time.as_secs_f64()
+                ),
+            );
             outcomes.push(o);
         }
         outcomes
