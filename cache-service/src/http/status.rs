@@ -233,7 +233,7 @@ h1{font-size:20px;margin:0 0 4px}h2{font-size:15px;margin:0 0 10px;color:#3a4356
 .card{background:#fff;border:1px solid #dde1e8;border-radius:8px;padding:14px 16px}\
 .big{font-size:26px;font-weight:600}\
 table{border-collapse:collapse;width:100%}td,th{text-align:left;padding:4px 8px;border-bottom:1px solid #eceef2;vertical-align:top}\
-th{color:#6b7385;font-weight:500}td.n{text-align:right;font-variant-numeric:tabular-nums}\
+th{color:#6b7385;font-weight:500}td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}\
 .bar{background:#e8ebf0;border-radius:4px;height:10px;overflow:hidden;margin:6px 0}\
 .fill{background:#3d7be0;height:100%}.fill.hit{background:#2e9e5b}.fill.warn{background:#e0a03d}\
 .ok{color:#2e9e5b;font-weight:600}.bad{color:#c8372d;font-weight:600}.idle{color:#6b7385}\

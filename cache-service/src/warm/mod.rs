@@ -819,3 +819,164 @@ mod tests {
         assert_eq!(human_bytes(10), "10 B");
     }
 }
+
+/// warm against an in-process fake mirror: Bearer challenge with a realm on the mirror,
+/// blobs redirected to another host name (which must not get the token), digest checks.
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod fake_mirror_tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::{header, HeaderMap, Response, StatusCode as S, Uri};
+    use std::collections::HashMap;
+
+    struct Fake {
+        port: u16,
+        blobs: HashMap<String, Vec<u8>>,
+        manifests: HashMap<String, (String, Vec<u8>)>,
+    }
+
+    fn resp(status: S, headers: &[(&str, String)], body: Vec<u8>) -> Response<Body> {
+        let mut b = Response::builder().status(status);
+        for (k, v) in headers {
+            b = b.header(*k, v);
+        }
+        b.body(Body::from(body)).unwrap()
+    }
+
+    async fn handle(fake: Arc<Fake>, uri: Uri, headers: HeaderMap) -> Response<Body> {
+        let path = uri.path().to_owned();
+        let host = headers[header::HOST].to_str().unwrap().to_owned();
+        let auth = headers
+            .get(header::AUTHORIZATION)
+            .map(|v| v.to_str().unwrap().to_owned());
+        if path == "/_mirror/auth/auth.test/token" {
+            assert!(uri.query().unwrap().contains("scope=repository"));
+            return resp(S::OK, &[], br#"{"token":"T0K"}"#.to_vec());
+        }
+        if let Some(d) = path.strip_prefix("/dl/") {
+            assert!(host.starts_with("localhost:"), "{host}");
+            if auth.is_some() {
+                return resp(S::BAD_REQUEST, &[], b"Authorization leaked".to_vec());
+            }
+            return resp(S::OK, &[], fake.blobs[d].clone());
+        }
+        assert!(host.starts_with("127.0.0.1:"), "{host}");
+        assert_eq!(uri.query(), Some("ns=test"));
+        if auth.as_deref() != Some("Bearer T0K") {
+            let realm = format!(
+                "http://127.0.0.1:{}/_mirror/auth/auth.test/token",
+                fake.port
+            );
+            return resp(
+                S::UNAUTHORIZED,
+                &[(
+                    "www-authenticate",
+                    format!("Bearer realm=\"{realm}\",service=\"test\""),
+                )],
+                vec![],
+            );
+        }
+        let parts: Vec<&str> = path.rsplitn(3, '/').collect();
+        match parts[1] {
+            "manifests" => match fake.manifests.get(parts[0]) {
+                Some((mt, body)) => resp(S::OK, &[("content-type", mt.clone())], body.clone()),
+                None => resp(S::NOT_FOUND, &[], vec![]),
+            },
+            "blobs" => resp(
+                S::TEMPORARY_REDIRECT,
+                &[(
+                    "location",
+                    format!("http://localhost:{}/dl/{}", fake.port, parts[0]),
+                )],
+                vec![],
+            ),
+            _ => resp(S::NOT_FOUND, &[], vec![]),
+        }
+    }
+
+    fn manifest(blobs: &mut HashMap<String, Vec<u8>>, layer: &[u8], claim: &[u8]) -> Vec<u8> {
+        let cfg = br#"{"os":"linux","architecture":"amd64"}"#.to_vec();
+        let cd = Digest::of_bytes(&cfg);
+        let ld = Digest::of_bytes(claim);
+        blobs.insert(cd.to_string(), cfg.clone());
+        blobs.insert(ld.to_string(), layer.to_vec());
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": oci::MT_OCI_MANIFEST,
+            "config": {"digest": cd.as_str(), "size": cfg.len()},
+            "layers": [{"digest": ld.as_str(), "size": layer.len()}],
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn warm_through_challenge_and_redirect() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut blobs = HashMap::new();
+        let mut manifests = HashMap::new();
+        let good = manifest(&mut blobs, &[7u8; 100_000], &[7u8; 100_000]);
+        let gd = Digest::of_bytes(&good);
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": oci::MT_OCI_INDEX,
+            "manifests": [{"digest": gd.as_str(), "size": good.len(),
+                "mediaType": oci::MT_OCI_MANIFEST,
+                "platform": {"os": "linux", "architecture": "amd64"}}],
+        }))
+        .unwrap();
+        manifests.insert("v1".to_owned(), (oci::MT_OCI_INDEX.to_owned(), index));
+        manifests.insert(gd.to_string(), (oci::MT_OCI_MANIFEST.to_owned(), good));
+        let bad = manifest(&mut blobs, b"tampered", b"original");
+        manifests.insert("bad".to_owned(), (oci::MT_OCI_MANIFEST.to_owned(), bad));
+        let fake = Arc::new(Fake {
+            port,
+            blobs,
+            manifests,
+        });
+        let app = axum::Router::new()
+            .fallback(move |uri: Uri, headers: HeaderMap| handle(fake.clone(), uri, headers));
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+        let bars = MultiProgress::new();
+        bars.set_draw_target(ProgressDrawTarget::hidden());
+        let ctx = Ctx {
+            client: MirrorClient::new(&format!("http://127.0.0.1:{port}"), None).unwrap(),
+            sel: Selection::Some(vec![Platform::parse("linux/amd64").unwrap()]),
+            jobs: 2,
+            bars,
+            quiet: true,
+        };
+        let run = |r: &str| {
+            let img = ImageRef::parse(r).unwrap();
+            let ctx = &ctx;
+            async move {
+                let mut o = Outcome {
+                    image: img.to_string(),
+                    platforms: vec![],
+                    layers: 0,
+                    bytes: 0,
+                    time: Duration::ZERO,
+                    error: None,
+                };
+                let r = warm_image(ctx, &img, &mut o).await;
+                (r, o)
+            }
+        };
+        let (r, o) = run("test=team/app:v1").await;
+        r.unwrap();
+        assert_eq!(o.platforms, vec!["linux/amd64".to_owned()]);
+        assert_eq!(o.layers, 2);
+        assert!(o.bytes > 100_000);
+        let (r, _) = run("test=team/app:bad").await;
+        assert!(r.unwrap_err().contains("digest mismatch"));
+        let (r, _) = run("test=team/app:missing").await;
+        assert!(r.unwrap_err().contains("HTTP 404"));
+    }
+}
