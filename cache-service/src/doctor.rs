@@ -410,3 +410,86 @@ mod tests {
         assert!(t.contains("/v2/: realm elsewhere"), "{t}");
     }
 }
+
+/// doctor against an in-process fake mirror.
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod fake_mirror_tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::{header, HeaderMap, Response, StatusCode as S, Uri};
+
+    async fn handle(port: u16, uri: Uri, headers: HeaderMap) -> Response<Body> {
+        let q = uri.query().unwrap_or("").to_owned();
+        let authed = headers
+            .get(header::AUTHORIZATION)
+            .is_some_and(|v| v == "Bearer T0K");
+        let b = Response::builder();
+        if uri.path().starts_with("/_mirror/auth/") {
+            return b.body(Body::from(r#"{"token":"T0K"}"#)).unwrap();
+        }
+        let realm = if q.contains("ns=evil") {
+            "https://auth.elsewhere.example/token".to_owned()
+        } else {
+            format!("http://127.0.0.1:{port}/_mirror/auth/auth.test/token")
+        };
+        if q.contains("ns=open") || authed {
+            if uri.path() == "/v2/" {
+                return b.body(Body::from("{}")).unwrap();
+            }
+            return b
+                .header(
+                    "docker-content-digest",
+                    format!("sha256:{}", "ab".repeat(32)),
+                )
+                .body(Body::empty())
+                .unwrap();
+        }
+        b.status(S::UNAUTHORIZED)
+            .header(
+                "www-authenticate",
+                format!("Bearer realm=\"{realm}\",service=\"x\""),
+            )
+            .body(Body::empty())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn checks() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let app = axum::Router::new()
+            .fallback(move |uri: Uri, headers: HeaderMap| handle(port, uri, headers));
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let mut c = MirrorClient::new(&format!("http://127.0.0.1:{port}"), None).unwrap();
+        c.strict_realms = true;
+        let probe = ImageRef::parse("x=team/app:1").unwrap();
+
+        let good = check_registry(&c, "good", Some(&probe)).await;
+        assert!(!good.failed(), "{good:?}");
+        assert_eq!(
+            good.v2,
+            Check::Pass("401, realm via mirror (auth.test)".into())
+        );
+        assert_eq!(good.token, Check::Pass("anonymous".into()));
+        assert_eq!(good.manifest, Check::Pass("200 sha256:abababababab".into()));
+
+        let open = check_registry(&c, "open", Some(&probe)).await;
+        assert!(!open.failed(), "{open:?}");
+        assert_eq!(open.v2, Check::Pass("200 (open)".into()));
+
+        let evil = check_registry(&c, "evil", Some(&probe)).await;
+        assert!(evil.failed());
+        assert!(matches!(&evil.v2, Check::Fail(e) if e.contains("points away")));
+        assert!(matches!(&evil.manifest, Check::Fail(e) if e.contains("points away")));
+
+        let none = check_registry(&c, "good", None).await;
+        assert!(!none.failed());
+        assert!(matches!(none.manifest, Check::Skip(_)));
+    }
+}

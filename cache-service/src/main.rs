@@ -64,7 +64,8 @@ const CONFIG_HELP: &str = r#"Configuration file (--config FILE; flags override i
   public = false                # with credentials: refused at startup unless public = true
   client_token_env = "TOKEN_VAR"      # ... or clients present `Authorization: Bearer <token>`
 
-Endpoints: /v2/... (pull API), /healthz, /readyz (storage writable), /metrics (Prometheus).
+Endpoints: /v2/... (pull API), /healthz, /readyz (storage writable), /metrics (Prometheus),
+/_status and / (HTML status page).
 Logs go to stderr; RUST_LOG filters them (default info). Exit status 2: bad configuration."#;
 
 #[derive(Debug, Subcommand)]
