@@ -22,8 +22,8 @@ use rules::challenge::rewrite_challenges;
 use rules::oci_error::ErrorCode;
 use rules::redirect::{credential_fingerprint, rewrite_location, LocationOutcome, SignParams};
 use rules::route::{
-    forward_to_learned, realm_failure, route, Decision, Forward, ForwardKind, LearnRealm,
-    RejectReason, Reply, Request,
+    forward_to_learned, placeholder_token, realm_failure, route, Decision, Forward, ForwardKind,
+    LearnRealm, RejectReason, Reply, Request,
 };
 use rules::token::{learn_realm, realm_key, LearnError, LearnedRealm};
 use rules::CompiledConfig;
@@ -276,7 +276,7 @@ impl Context for MirrorHttp {
             .filter_map(|(_, v)| String::from_utf8(v).ok())
             .collect();
         let Some(reg) = shared.cfg.registry(&registry) else {
-            self.fail_paused(
+            self.reply_paused(
                 &shared,
                 &realm_failure(ErrorCode::Unavailable, "registry gone"),
             );
@@ -284,17 +284,25 @@ impl Context for MirrorHttp {
         };
         let learned = match learn_realm(reg, &challenges) {
             Ok(l) => l,
+            Err(LearnError::NoChallenge) if status.starts_with('2') => {
+                // An anonymous registry: nothing to learn, no token needed.
+                let r = placeholder_token(&format!(
+                    "placeholder token: {registry} answered /v2/ {status} without a challenge"
+                ));
+                self.reply_paused(&shared, &r);
+                return;
+            }
             Err(LearnError::NoChallenge) => {
                 let msg = format!(
                     "cannot learn the token realm of {registry}: its /v2/ answered {status} without a Bearer challenge"
                 );
-                self.fail_paused(&shared, &realm_failure(ErrorCode::Unavailable, &msg));
+                self.reply_paused(&shared, &realm_failure(ErrorCode::Unavailable, &msg));
                 return;
             }
             Err(LearnError::NotAllowlisted(host)) => {
                 let msg =
                     format!("the token realm host {host} of {registry} is not on its realm_hosts");
-                self.fail_paused(&shared, &realm_failure(ErrorCode::Denied, &msg));
+                self.reply_paused(&shared, &realm_failure(ErrorCode::Denied, &msg));
                 return;
             }
         };
@@ -304,14 +312,14 @@ impl Context for MirrorHttp {
                 if let Err(e) = self.apply_forward(&shared, f, p.cred) {
                     warn!("cannot rewrite the paused token request: {e:?}");
                     let r = realm_failure(ErrorCode::Unavailable, "cannot rewrite the request");
-                    self.fail_paused(&shared, &r);
+                    self.reply_paused(&shared, &r);
                     return;
                 }
                 if let Err(e) = hostcalls::resume_http_request() {
                     warn!("cannot resume the token request: {e:?}");
                 }
             }
-            Err(r) => self.fail_paused(&shared, &r),
+            Err(r) => self.reply_paused(&shared, &r),
         }
     }
 }
@@ -347,7 +355,7 @@ impl MirrorHttp {
     }
 
     /// Answers a paused request locally (from a callback: errors only logged).
-    fn fail_paused(&self, shared: &Shared, r: &Reply) {
+    fn reply_paused(&self, shared: &Shared, r: &Reply) {
         if let Some(reason) = r.reason {
             shared.metrics.rejection(reason);
         }
@@ -443,7 +451,7 @@ impl MirrorHttp {
                     lr.registry, lr.cluster
                 );
                 let r = realm_failure(ErrorCode::Unavailable, &msg);
-                self.fail_paused(shared, &r);
+                self.reply_paused(shared, &r);
                 Action::Pause
             }
         }

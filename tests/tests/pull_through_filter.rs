@@ -127,15 +127,14 @@ fn skopeo_pulls_quay_etcd_in_host_mode() {
 
 /// skopeo (containers/image) learns the realm from its `/v2/` ping, which on
 /// `127.0.0.1:PORT` names the default registry's realm (auth.docker.io); it then asks that
-/// realm for `repository:quay.io/coreos/etcd:pull` (the client-side name), presents the
-/// docker.io token to quay, and on quay's 401 retries the *same* realm with the extra
-/// scope: quay never accepts it. (For `127.0.0.1:PORT/docker.io/library/alpine` the same
-/// retry happens to work: the second token carries `library/alpine` too.) The filter
-/// would have to translate path-prefixed scopes in `/_mirror/auth/…` (strip the registry,
-/// add `library/`) and send a scope naming another registry to that registry's realm.
+/// realm for `repository:quay.io/coreos/etcd:pull` (the client-side name). The filter
+/// follows the path-prefix namespace in token requests: the `quay.io/` prefix selects
+/// quay.io as the token's registry, the scope becomes `repository:coreos/etcd:pull`, and
+/// the request goes to quay's own realm (learned from quay's `/v2/` challenge, kept in
+/// shared data) with quay's `service`. Challenges in path-prefix responses name
+/// `repository:quay.io/…`, so a retry with the ping-time realm stays right.
 /// containerd (realm from the manifest 401, `?ns=`) is unaffected.
 #[test]
-#[ignore = "filter: path-prefix mode, a client that keeps the /v2/ realm (skopeo) asks auth.docker.io for repository:quay.io/...; see the comment"]
 fn skopeo_pulls_quay_etcd_with_a_path_prefix() {
     let m = mirror::shared();
     let etcd = &m.up.images.etcd;

@@ -575,13 +575,10 @@ fn route_auth(
     if target.cache {
         // Envoy sends a cached registry to cache-service, which authenticates upstream
         // itself and ignores the client's Authorization: no upstream token is needed.
-        return Decision::Reply(Reply {
-            status: 200,
-            body: token::CACHED_TOKEN_BODY.into(),
-            headers: base_headers(),
-            reason: None,
-            message: format!("placeholder token for cached registry {}", target.name),
-        });
+        return Decision::Reply(placeholder_token(&format!(
+            "placeholder token for cached registry {}",
+            target.name
+        )));
     }
     if !super::config::any_match(&target.realm_hosts, &host) {
         return Decision::LearnRealm(LearnRealm {
@@ -640,6 +637,18 @@ pub fn forward_to_learned(
         mirror_base: lr.mirror_base.clone(),
         path_prefix: None,
     })
+}
+
+/// Local 200 with a placeholder token, for registries that need no upstream token
+/// (cached ones; ones whose `/v2/` answers 2xx without a challenge).
+pub fn placeholder_token(message: &str) -> Reply {
+    Reply {
+        status: 200,
+        body: token::PLACEHOLDER_TOKEN_BODY.into(),
+        headers: base_headers(),
+        reason: None,
+        message: message.to_string(),
+    }
 }
 
 /// 502 with an OCI error: a registry's realm could not be learned or is not allowed.

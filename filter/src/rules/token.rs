@@ -454,9 +454,11 @@ pub fn learned_target(learned: &LearnedRealm, query: Option<&str>) -> Option<(St
     Some((u.authority, path))
 }
 
-/// Local answer to a token request for a cached registry: cache-service authenticates
-/// upstream itself and ignores the client's `Authorization`, so any token will do.
-pub const CACHED_TOKEN_BODY: &str = r#"{"token":"mirror-cache-no-upstream-token","access_token":"mirror-cache-no-upstream-token","expires_in":300}"#;
+/// Local answer to a token request for a registry that needs no upstream token: a cached
+/// one (cache-service authenticates upstream itself and ignores the client's
+/// `Authorization`) or one whose `/v2/` answers 2xx without a challenge (anonymous).
+/// The client only needs something to present.
+pub const PLACEHOLDER_TOKEN_BODY: &str = r#"{"token":"mirror-no-upstream-token","access_token":"mirror-no-upstream-token","expires_in":300}"#;
 
 #[cfg(test)]
 mod tests {
