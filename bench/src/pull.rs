@@ -1,0 +1,749 @@
+//! Rows 2–4: end-to-end pulls (direct / filter route / cache route), 32 concurrent cold
+//! pulls through the cache route, and regmirror against distribution's proxy mode and nginx.
+//!
+//! Layout of the fixtures (all 127.0.0.1):
+//! - the harness' upstreams: hub distribution with token auth behind the nginx hub front
+//!   (307 to the CDN), token server — the filter route pulls through these;
+//! - `direct`: a distribution over the same storage without auth, TLS with the test leaf —
+//!   the direct baseline (no auth: skopeo cannot reach the fixture realm directly);
+//! - `origin`: a distribution over the same storage without auth, plain HTTP, behind an nginx
+//!   that logs `$body_bytes_sent` — the upstream of regmirror and of distribution's proxy;
+//! - Envoy from the shipped `envoy/local.yaml` (harness substitution, TLS listener) whose
+//!   `cache_service` cluster points at regmirror (`gcr.io` = cache route).
+
+use crate::util::{self, fmt_runs, median, Row};
+use crate::Bins;
+use anyhow::{anyhow, bail, Context, Result};
+use mirror_tests::envoy::{Envoy, Substitution};
+use mirror_tests::images::{build_layout, SeededImage, MT_MANIFEST};
+use mirror_tests::proc::{run as run_cmd, Proc};
+use mirror_tests::upstreams::Upstreams;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const S2: &str = "2. end-to-end pull";
+const S3: &str = "3. concurrency";
+const S4: &str = "4. cache vs peers";
+const MIB: usize = 1024 * 1024;
+
+struct Fixture {
+    up: Upstreams,
+    dir: PathBuf,
+    big: SeededImage,
+    huge: SeededImage,
+    three: SeededImage,
+    /// Bytes of each blob, by digest.
+    sizes: BTreeMap<String, u64>,
+    direct: SocketAddr,
+    origin: SocketAddr,
+    origin_log: PathBuf,
+    _procs: Vec<Proc>,
+}
+
+impl Fixture {
+    fn image_bytes(&self, img: &SeededImage) -> u64 {
+        img.all_blobs()
+            .iter()
+            .map(|d| self.sizes.get(d).copied().unwrap_or(0))
+            .sum::<u64>()
+            + self.sizes.get(&img.digest).copied().unwrap_or(0)
+    }
+    fn blob_path(&self, img: &SeededImage, digest: &str) -> PathBuf {
+        img.layout
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    }
+}
+
+fn push(image: &SeededImage, registry: SocketAddr) -> Result<()> {
+    let skopeo = util::which_or("skopeo", "apt-get install skopeo")?;
+    run_cmd(
+        Command::new(skopeo)
+            .args([
+                "--insecure-policy",
+                "copy",
+                "--preserve-digests",
+                "--dest-tls-verify=false",
+            ])
+            .arg(format!("oci:{}:{}", image.layout.display(), image.tag))
+            .arg(format!("docker://{registry}/{}:{}", image.name, image.tag)),
+    )
+    .with_context(|| format!("seed {}", image.name))?;
+    Ok(())
+}
+
+fn setup(base: &Path, log: &mut crate::util::Log) -> Result<Fixture> {
+    let t = Instant::now();
+    mirror_tests::ensure_etc_hosts()?;
+    let up = Upstreams::start().context("harness upstreams")?;
+    let dir = base.join("pulls");
+    std::fs::create_dir_all(&dir)?;
+    let layouts = dir.join("layouts");
+    let big = build_layout(
+        &layouts.join("big"),
+        "gcr.io",
+        "bench/big",
+        "1",
+        101,
+        &["amd64"],
+        &[40 * MIB; 5],
+    )?;
+    let huge = build_layout(
+        &layouts.join("huge"),
+        "gcr.io",
+        "bench/huge",
+        "1",
+        102,
+        &["amd64"],
+        &[256 * MIB],
+    )?;
+    let three = build_layout(
+        &layouts.join("three"),
+        "gcr.io",
+        "bench/three",
+        "1",
+        103,
+        &["amd64"],
+        &[16 * MIB, 8 * MIB, 24 * MIB],
+    )?;
+    let mut sizes = BTreeMap::new();
+    for img in [&big, &huge, &three] {
+        for entry in std::fs::read_dir(img.layout.join("blobs/sha256"))? {
+            let e = entry?;
+            sizes.insert(
+                format!("sha256:{}", e.file_name().to_string_lossy()),
+                e.metadata()?.len(),
+            );
+        }
+    }
+    let storage = &up.hub.storage;
+    let mut procs = Vec::new();
+    // Plain-HTTP distribution over the hub storage: seeding, then the origin.
+    let plain = util::addr();
+    procs.push(util::start_distribution(
+        &dir,
+        "plain-distribution",
+        storage,
+        plain,
+        "",
+    )?);
+    std::thread::scope(|s| -> Result<()> {
+        let hs: Vec<_> = [&big, &huge, &three]
+            .into_iter()
+            .map(|i| s.spawn(move || push(i, plain)))
+            .collect();
+        for h in hs {
+            h.join().map_err(|_| anyhow!("seed thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    let direct = util::addr();
+    procs.push(util::start_distribution(
+        &dir,
+        "direct-distribution",
+        storage,
+        direct,
+        &format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            up.pki.cert.display(),
+            up.pki.key.display()
+        ),
+    )?);
+    let origin = util::addr();
+    let origin_log = dir.join("origin-nginx/origin.log");
+    procs.push(util::start_nginx(
+        &dir,
+        "origin-nginx",
+        &format!(
+            "  log_format bytes '$body_bytes_sent';\n  server {{\n    listen {origin};\n    access_log {} bytes;\n    proxy_http_version 1.1;\n    proxy_buffering off;\n    proxy_request_buffering off;\n    location / {{ proxy_set_header Host $http_host; proxy_pass http://{plain}; }}\n  }}",
+            origin_log.display()
+        ),
+        &[origin],
+    )?);
+    let f = Fixture {
+        up,
+        dir,
+        big,
+        huge,
+        three,
+        sizes,
+        direct,
+        origin,
+        origin_log,
+        _procs: procs,
+    };
+    log.push(format!(
+        "setup {:.1}s: images bench/big {} B (5 layers), bench/huge {} B, bench/three {} B",
+        t.elapsed().as_secs_f64(),
+        f.image_bytes(&f.big),
+        f.image_bytes(&f.huge),
+        f.image_bytes(&f.three)
+    ));
+    Ok(f)
+}
+
+/// A regmirror with fresh (or given) storage at `listen`, upstream `gcr.io` = origin.
+fn regmirror(
+    f: &Fixture,
+    bins: &Bins,
+    name: &str,
+    listen: SocketAddr,
+    storage: &Path,
+) -> Result<Proc> {
+    util::start_regmirror(
+        &bins.regmirror,
+        &f.dir,
+        name,
+        listen,
+        storage,
+        &format!("gcr.io=http://{}", f.origin),
+        None,
+    )
+}
+
+fn fresh(f: &Fixture, what: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    f.dir.join(format!("storage-{what}-{n}"))
+}
+
+/// containerd-style pull with reqwest: manifest by tag, then config and layers; bodies
+/// discarded, byte counts checked. Returns the bytes read.
+fn client_pull(
+    c: &reqwest::blocking::Client,
+    base: &str,
+    img: &SeededImage,
+    f: &Fixture,
+) -> Result<u64> {
+    let url = format!(
+        "{base}/v2/{}/manifests/{}",
+        img.name.trim_start_matches("gcr.io/"),
+        img.tag
+    );
+    let resp = c.get(&url).header("Accept", MT_MANIFEST).send()?;
+    if !resp.status().is_success() {
+        bail!("GET {url}: {}", resp.status());
+    }
+    let m: serde_json::Value = serde_json::from_slice(&resp.bytes()?)?;
+    let mut total = 0;
+    let digest_of = |v: Option<&serde_json::Value>| {
+        v.and_then(|v| v.get("digest"))
+            .and_then(|d| d.as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    let mut digests = vec![digest_of(m.get("config"))];
+    for l in m
+        .get("layers")
+        .and_then(|l| l.as_array())
+        .into_iter()
+        .flatten()
+    {
+        digests.push(digest_of(Some(l)));
+    }
+    for d in digests {
+        let n = util::get_discard(c, &format!("{base}/v2/{}/blobs/{d}", img.name), None)?;
+        if Some(n) != f.sizes.get(&d).copied() {
+            bail!("blob {d}: read {n} bytes, expected {:?}", f.sizes.get(&d));
+        }
+        total += n;
+    }
+    Ok(total)
+}
+
+fn tls_client(f: &Fixture, envoy_port: u16) -> Result<reqwest::blocking::Client> {
+    let ca = reqwest::Certificate::from_pem(f.up.pki.ca_pem.as_bytes())?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], envoy_port));
+    let mut b = reqwest::blocking::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .timeout(Duration::from_secs(300));
+    for h in mirror_tests::MIRROR_HOSTS {
+        b = b.resolve(h, addr);
+    }
+    Ok(b.build()?)
+}
+
+pub fn run(
+    base: &Path,
+    bins: &Bins,
+    pulls: bool,
+    peers: bool,
+    log: &mut crate::util::Log,
+) -> Vec<Row> {
+    let f = match setup(base, log) {
+        Ok(f) => f,
+        Err(e) => return vec![Row::not_measured(S2, "fixtures", &format!("{e:#}"))],
+    };
+    let mut rows = Vec::new();
+    if pulls {
+        match pull_rows(&f, bins, log) {
+            Ok(r) => rows.extend(r),
+            Err(e) => rows.push(Row::not_measured(
+                S2,
+                "end-to-end / concurrency",
+                &format!("{e:#}"),
+            )),
+        }
+    }
+    if peers {
+        match peer_rows(&f, bins, log) {
+            Ok(r) => rows.extend(r),
+            Err(e) => rows.push(Row::not_measured(S4, "cache vs peers", &format!("{e:#}"))),
+        }
+    }
+    rows
+}
+
+fn pull_rows(f: &Fixture, bins: &Bins, log: &mut crate::util::Log) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let rm_addr = util::addr();
+    let mut rm = regmirror(f, bins, "regmirror-route", rm_addr, &fresh(f, "route"))?;
+    let envoy_dir = f.dir.join("envoy");
+    std::fs::create_dir_all(&envoy_dir)?;
+    let sub = Substitution {
+        clusters: f
+            .up
+            .cluster_map()
+            .into_iter()
+            .chain([("cache_service".to_string(), rm_addr)])
+            .collect(),
+        blackhole: Some(util::addr()),
+        ca: Some(f.up.pki.ca.clone()),
+        wasm: Some(bins.wasm.clone()),
+        host_suffix: Some(mirror_tests::mirror::HOST_SUFFIX.to_string()),
+        tls: Some((f.up.pki.cert.clone(), f.up.pki.key.clone())),
+        add_tls: true,
+    };
+    let envoy = Envoy::start(
+        &mirror_tests::build::workspace_root().join("envoy/local.yaml"),
+        &sub,
+        &envoy_dir,
+    )?;
+    let port = envoy.port();
+    let cert_dir = f.up.pki.cert_dir.clone();
+    let direct_ref = format!("{}/{}:{}", f.direct, f.big.name, f.big.tag);
+    let filter_ref = format!("docker.mirror.test:{port}/{}:{}", f.big.name, f.big.tag);
+    let cache_ref = format!("gcr.mirror.test:{port}/{}:{}", f.big.name, f.big.tag);
+    let (mut direct, mut filter, mut cold, mut warm) = (vec![], vec![], vec![], vec![]);
+    for round in 0..3 {
+        direct.extend(util::time_runs(1, |_| {
+            util::skopeo_copy(&direct_ref, Some(&cert_dir), false)
+        })?);
+        filter.extend(
+            util::time_runs(1, |_| {
+                util::skopeo_copy(&filter_ref, Some(&cert_dir), false)
+            })
+            .with_context(|| envoy.log_tail(20))?,
+        );
+        drop(rm);
+        rm = regmirror(
+            f,
+            bins,
+            &format!("regmirror-route-{round}"),
+            rm_addr,
+            &fresh(f, "route"),
+        )?;
+        cold.extend(
+            util::time_runs(1, |_| util::skopeo_copy(&cache_ref, Some(&cert_dir), false))
+                .with_context(|| format!("{}\n{}", envoy.log_tail(20), rm.log_tail(20)))?,
+        );
+        warm.extend(util::time_runs(1, |_| {
+            util::skopeo_copy(&cache_ref, Some(&cert_dir), false)
+        })?);
+    }
+    log.push(format!(
+        "pull direct (distribution, TLS, no auth): {}",
+        fmt_runs(&direct)
+    ));
+    log.push(format!(
+        "pull filter route (Envoy TLS → hub front → 307 CDN, token auth): {}",
+        fmt_runs(&filter)
+    ));
+    log.push(format!(
+        "pull cache route cold (Envoy → regmirror → origin): {}",
+        fmt_runs(&cold)
+    ));
+    log.push(format!("pull cache route warm: {}", fmt_runs(&warm)));
+    let dm = median(&direct);
+    let mb = f.image_bytes(&f.big) as f64 / 1e6;
+    rows.push(Row::ratio(S2, &format!("skopeo copy {mb:.0} MB 5-layer image: filter route (Envoy TLS + wasm → nginx hub front, token auth, 307 → CDN) vs direct distribution (TLS, no auth)"), (median(&filter), "s"), (dm, "s direct"), 1.10, false));
+    let mut r = Row::ratio(S2, "same image: cache route cold (Envoy TLS + wasm → regmirror → nginx → distribution, no auth) vs direct", (median(&cold), "s"), (dm, "s direct"), 1.0, false);
+    r.target = "info".into();
+    r.pass = None;
+    rows.push(r);
+    rows.push(Row::ratio(
+        S2,
+        "same image: cache route warm (Envoy TLS + wasm → regmirror) vs direct",
+        (median(&warm), "s"),
+        (dm, "s direct"),
+        1.0,
+        false,
+    ));
+
+    // 3. Concurrency: 32 clients, same cold image, cache route.
+    let client = tls_client(f, port)?;
+    let base = format!("https://gcr.mirror.test:{port}");
+    let img_bytes = f.image_bytes(&f.big);
+    let mut one = |n: usize, round: &str| -> Result<(f64, u64)> {
+        drop(std::mem::replace(
+            &mut rm,
+            regmirror(
+                f,
+                bins,
+                &format!("regmirror-conc-{round}"),
+                rm_addr,
+                &fresh(f, "conc"),
+            )?,
+        ));
+        let before = util::sum_log_bytes(&f.origin_log);
+        let t = Instant::now();
+        std::thread::scope(|s| -> Result<()> {
+            let hs: Vec<_> = (0..n)
+                .map(|_| s.spawn(|| client_pull(&client, &base, &f.big, f)))
+                .collect();
+            for h in hs {
+                h.join().map_err(|_| anyhow!("client thread panicked"))??;
+            }
+            Ok(())
+        })?;
+        let el = t.elapsed().as_secs_f64();
+        Ok((
+            el,
+            util::sum_log_bytes(&f.origin_log).saturating_sub(before),
+        ))
+    };
+    let (t1, b1) = one(1, "1")?;
+    let (t32, b32) = one(32, "32")?;
+    log.push(format!("concurrency: 1 client {t1:.2}s, upstream {b1} B; 32 clients {t32:.2}s, upstream {b32} B; image {img_bytes} B"));
+    let mut r = Row::ratio(S3, "32 concurrent cold pulls (reqwest, manifest + blobs) via cache route: upstream body bytes / image size", (b32 as f64 / 1e6, "MB upstream"), (img_bytes as f64 / 1e6, "MB image"), 1.0, false);
+    r.target = "≤ 1.0× (1.0 = fetched once)".into();
+    rows.push(r);
+    rows.push(Row::ratio(
+        S3,
+        "32 concurrent cold pulls: wall time vs one cold pull (1 run each)",
+        (t32, "s (32)"),
+        (t1, "s (1)"),
+        1.5,
+        false,
+    ));
+    let mut r = Row::ratio(
+        S3,
+        "one cold pull via cache route: upstream body bytes / image size",
+        (b1 as f64 / 1e6, "MB upstream"),
+        (img_bytes as f64 / 1e6, "MB image"),
+        1.0,
+        false,
+    );
+    r.target = "≤ 1.0×".into();
+    rows.push(r);
+    drop(rm);
+    drop(envoy);
+    Ok(rows)
+}
+
+fn curl_blob(url: &str) -> Result<(u64, f64)> {
+    let o = run_cmd(Command::new("curl").args([
+        "-sf",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_download} %{time_total}",
+        url,
+    ]))?;
+    let s = String::from_utf8_lossy(&o.stdout).to_string();
+    let mut it = s.split_whitespace();
+    let n = it.next().and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0) as u64;
+    let t = it
+        .next()
+        .and_then(|x| x.parse::<f64>().ok())
+        .unwrap_or(f64::NAN);
+    Ok((n, t))
+}
+
+/// Samples VmRSS of `pid` while `work` runs; returns (max VmRSS, VmHWM) in KiB.
+fn rss_during(pid: u32, work: impl FnOnce() -> Result<()> + Send) -> Result<(u64, u64)> {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (max, res) = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut max = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(v) = util::proc_status_kib(pid, "VmRSS") {
+                    max = max.max(v);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            max
+        });
+        let res = work();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (sampler.join().unwrap_or(0), res)
+    });
+    res?;
+    Ok((max, util::proc_status_kib(pid, "VmHWM")?))
+}
+
+fn eight_blobs(url: &str, size: u64) -> Result<()> {
+    std::thread::scope(|s| -> Result<()> {
+        let hs: Vec<_> = (0..8).map(|_| s.spawn(|| curl_blob(url))).collect();
+        for h in hs {
+            let (n, _) = h.join().map_err(|_| anyhow!("curl thread panicked"))??;
+            if n != size {
+                bail!("{url}: {n} bytes, expected {size}");
+            }
+        }
+        Ok(())
+    })
+}
+
+fn peer_rows(f: &Fixture, bins: &Bins, log: &mut crate::util::Log) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let proxy_cfg = format!("proxy:\n  remoteurl: http://{}\n", f.origin);
+    let rm_addr = util::addr();
+    let rm_storage = fresh(f, "peer-rm");
+    let rm = regmirror(f, bins, "regmirror-peer", rm_addr, &rm_storage)?;
+    let dp_addr = util::addr();
+    let dp = util::start_distribution(
+        &f.dir,
+        "distribution-proxy",
+        &fresh(f, "peer-dp"),
+        dp_addr,
+        &proxy_cfg,
+    )?;
+    let layer = f
+        .huge
+        .platforms
+        .first()
+        .and_then(|p| p.layer_digests.first())
+        .cloned()
+        .ok_or_else(|| anyhow!("huge image has no layer"))?;
+    let size = f.sizes.get(&layer).copied().unwrap_or(0);
+    let blob_path = f.blob_path(&f.huge, &layer);
+    let www = f.dir.join("www");
+    std::fs::create_dir_all(&www)?;
+    std::fs::hard_link(&blob_path, www.join("layer"))
+        .or_else(|_| std::fs::copy(&blob_path, www.join("layer")).map(|_| ()))?;
+    let ng_addr = util::addr();
+    let _ng = util::start_nginx(
+        &f.dir,
+        "nginx-sendfile",
+        &format!("  sendfile on;\n  tcp_nopush on;\n  server {{\n    listen {ng_addr};\n    root {};\n  }}", www.display()),
+        &[ng_addr],
+    )?;
+    let rm_url = format!("http://{rm_addr}/v2/{}/blobs/{layer}", f.huge.name);
+    let dp_url = format!("http://{dp_addr}/v2/{}/blobs/{layer}", f.huge.name);
+    let ng_url = format!("http://{ng_addr}/layer");
+    // Fill both caches (and the page cache), then 3 interleaved warm runs.
+    for u in [&rm_url, &dp_url, &ng_url] {
+        let (n, t) = curl_blob(u)?;
+        log.push(format!("fill {u}: {n} B in {t:.2}s"));
+        if n != size {
+            bail!("{u}: {n} bytes, expected {size}");
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (mut r_rm, mut r_dp, mut r_ng) = (vec![], vec![], vec![]);
+    for _ in 0..3 {
+        for (u, v) in [
+            (&rm_url, &mut r_rm),
+            (&dp_url, &mut r_dp),
+            (&ng_url, &mut r_ng),
+        ] {
+            let (n, t) = curl_blob(u)?;
+            v.push(n as f64 / 1e6 / t);
+        }
+    }
+    log.push(format!(
+        "warm 256 MiB blob MB/s: regmirror {}, distribution proxy {}, nginx sendfile {}",
+        fmt_runs(&r_rm),
+        fmt_runs(&r_dp),
+        fmt_runs(&r_ng)
+    ));
+    rows.push(Row::ratio(
+        S4,
+        "warm 256 MiB blob throughput (curl, 3 runs): regmirror vs distribution proxy",
+        (median(&r_rm), "MB/s"),
+        (median(&r_dp), "MB/s distribution"),
+        1.5,
+        true,
+    ));
+    rows.push(Row::ratio(
+        S4,
+        "warm 256 MiB blob throughput: regmirror vs nginx sendfile (same file)",
+        (median(&r_rm), "MB/s"),
+        (median(&r_ng), "MB/s nginx"),
+        0.9,
+        true,
+    ));
+
+    // Manifests: make both caches hold bench/three, then wrk by digest and by tag.
+    util::skopeo_copy(
+        &format!("{rm_addr}/{}:{}", f.three.name, f.three.tag),
+        None,
+        true,
+    )?;
+    util::skopeo_copy(
+        &format!("{dp_addr}/{}:{}", f.three.name, f.three.tag),
+        None,
+        true,
+    )?;
+    let accept = format!("Accept: {MT_MANIFEST}");
+    let mut res: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
+    for _ in 0..3 {
+        for (kind, reference) in [
+            ("digest", f.three.digest.as_str()),
+            ("tag", f.three.tag.as_str()),
+        ] {
+            for (side, a) in [("regmirror", rm_addr), ("distribution", dp_addr)] {
+                let r = util::wrk(
+                    &format!("http://{a}/v2/{}/manifests/{reference}", f.three.name),
+                    16,
+                    4,
+                    &[&accept],
+                )?;
+                log.push(format!(
+                    "wrk manifest by {kind} {side}: {:.0} rps p99 {:.0}us non-2xx {}",
+                    r.rps, r.p99_us, r.non2xx
+                ));
+                if r.non2xx > 0 {
+                    bail!(
+                        "manifest by {kind} on {side}: {} non-2xx responses",
+                        r.non2xx
+                    );
+                }
+                res.entry((kind, side)).or_default().push(r.rps);
+            }
+        }
+    }
+    let get = |k: &str, s: &str| res.get(&(k, s)).map(|v| median(v)).unwrap_or(f64::NAN);
+    let mut r = Row::ratio(
+        S4,
+        "manifest by digest, req/s (wrk -t1 -c16 -d4s)",
+        (get("digest", "regmirror"), "req/s"),
+        (get("digest", "distribution"), "req/s distribution"),
+        1.0,
+        true,
+    );
+    r.target = "info".into();
+    r.pass = None;
+    rows.push(r);
+    rows.push(Row::ratio(
+        S4,
+        "manifest by tag, req/s (wrk -t1 -c16 -d4s)",
+        (get("tag", "regmirror"), "req/s"),
+        (get("tag", "distribution"), "req/s distribution"),
+        10.0,
+        true,
+    ));
+
+    // Cold pull of the 3-layer image: fresh storage each run.
+    let (mut c_rm, mut c_dp) = (vec![], vec![]);
+    for i in 0..3 {
+        let a = util::addr();
+        let p = regmirror(
+            f,
+            bins,
+            &format!("regmirror-cold-{i}"),
+            a,
+            &fresh(f, "cold-rm"),
+        )?;
+        c_rm.extend(util::time_runs(1, |_| {
+            util::skopeo_copy(&format!("{a}/{}:{}", f.three.name, f.three.tag), None, true)
+        })?);
+        drop(p);
+        let a = util::addr();
+        let p = util::start_distribution(
+            &f.dir,
+            &format!("distribution-cold-{i}"),
+            &fresh(f, "cold-dp"),
+            a,
+            &proxy_cfg,
+        )?;
+        c_dp.extend(util::time_runs(1, |_| {
+            util::skopeo_copy(&format!("{a}/{}:{}", f.three.name, f.three.tag), None, true)
+        })?);
+        drop(p);
+    }
+    log.push(format!(
+        "cold pull bench/three: regmirror {}, distribution proxy {}",
+        fmt_runs(&c_rm),
+        fmt_runs(&c_dp)
+    ));
+    rows.push(Row::ratio(
+        S4,
+        &format!(
+            "cold pull of a 3-layer {:.0} MB image (skopeo, plain HTTP), time",
+            f.image_bytes(&f.three) as f64 / 1e6
+        ),
+        (median(&c_rm), "s"),
+        (median(&c_dp), "s distribution"),
+        1.0,
+        false,
+    ));
+
+    // RSS while streaming 8 concurrent 256 MiB blobs: warm (fresh process over the warm
+    // storage) and cold (fresh storage, coalesced).
+    drop(rm);
+    drop(dp);
+    let mut rss_rows = Vec::new();
+    for (label, warm) in [("warm", true), ("cold, coalesced", false)] {
+        let a = util::addr();
+        let st = if warm {
+            rm_storage.clone()
+        } else {
+            fresh(f, "rss-rm")
+        };
+        let p = regmirror(
+            f,
+            bins,
+            &format!("regmirror-rss-{}", if warm { "warm" } else { "cold" }),
+            a,
+            &st,
+        )?;
+        let url = format!("http://{a}/v2/{}/blobs/{layer}", f.huge.name);
+        let (max_rm, hwm_rm) = rss_during(p.pid(), || eight_blobs(&url, size))?;
+        drop(p);
+        let a = util::addr();
+        let dst = if warm {
+            fresh(f, "rss-dp-warm")
+        } else {
+            fresh(f, "rss-dp")
+        };
+        let p = util::start_distribution(
+            &f.dir,
+            &format!("distribution-rss-{}", if warm { "warm" } else { "cold" }),
+            &dst,
+            a,
+            &proxy_cfg,
+        )?;
+        let url = format!("http://{a}/v2/{}/blobs/{layer}", f.huge.name);
+        if warm {
+            curl_blob(&url)?;
+        }
+        let (max_dp, hwm_dp) = rss_during(p.pid(), || eight_blobs(&url, size))?;
+        drop(p);
+        log.push(format!("RSS 8×256 MiB {label}: regmirror max VmRSS {max_rm} KiB VmHWM {hwm_rm} KiB; distribution max VmRSS {max_dp} KiB VmHWM {hwm_dp} KiB"));
+        let hwm = util::mib(hwm_rm);
+        rss_rows.push(Row {
+            section: S4,
+            metric: format!(
+                "regmirror memory streaming 8 concurrent 256 MiB blobs ({label}), VmHWM"
+            ),
+            ours: format!("{hwm:.1} MiB (max sampled VmRSS {:.1})", util::mib(max_rm)),
+            peer: format!(
+                "{:.1} MiB distribution (max VmRSS {:.1})",
+                util::mib(hwm_dp),
+                util::mib(max_dp)
+            ),
+            ratio: Some(hwm_rm as f64 / hwm_dp as f64),
+            target: "≤ 64 MiB".into(),
+            pass: Some(hwm <= 64.0),
+        });
+    }
+    rows.extend(rss_rows);
+    Ok(rows)
+}
