@@ -425,6 +425,7 @@ async fn serve_conn(client: TcpStream, st: Arc<ProxyState>) -> io::Result<()> {
     };
     let mut pending = rbuf[rend..].to_vec();
     let mut offset = 0u64;
+    let body_start = tokio::time::Instant::now();
     loop {
         let mut data = if pending.is_empty() {
             let n = read_some(&up, &mut chunk).await?;
@@ -447,10 +448,14 @@ async fn serve_conn(client: TcpStream, st: Arc<ProxyState>) -> io::Result<()> {
                 write_all(&client, &data).await?;
             }
             Some(Fault::Throttle(bps)) => {
+                // Paced against the start of the body: `bps` on average.
                 let piece = (bps / 20).max(1) as usize;
+                let mut sent = offset;
                 for p in data.chunks(piece) {
                     write_all(&client, p).await?;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    sent += p.len() as u64;
+                    let due = Duration::from_secs_f64(sent as f64 / bps.max(1) as f64);
+                    tokio::time::sleep_until(body_start + due).await;
                 }
             }
             _ => write_all(&client, &data).await?,
