@@ -339,3 +339,11 @@ impl Log {
         self.0.push(line);
     }
 }
+
+/// Requests in an nginx access log (one line each).
+pub fn count_log_lines(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .count()
+}
