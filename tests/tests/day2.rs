@@ -169,7 +169,10 @@ fn doctor_tells_which_registries_work_and_why_others_do_not() {
     }
     // gcr.io goes to the cache-service, which needs no client token.
     let gcr = row("gcr.io");
-    assert!(!gcr.contains("FAIL") && gcr.contains("no challenge"), "{gcr}");
+    assert!(
+        !gcr.contains("FAIL") && gcr.contains("no challenge"),
+        "{gcr}"
+    );
     assert_eq!(gcr.matches("OK").count(), 2, "{gcr}");
     // ghcr.io and registry.k8s.io have no upstream here: reported as failing, with a reason,
     // and the exit status says so.
@@ -182,4 +185,31 @@ fn doctor_tells_which_registries_work_and_why_others_do_not() {
         );
     }
     assert!(!out.status.success());
+}
+
+#[test]
+fn warm_follows_docker_hub_redirects_without_leaking_the_token() {
+    let c = cache::shared();
+    let multi = &c.mirror.up.images.multi;
+    let out = regmirror(
+        c,
+        &[
+            "warm",
+            "--all-platforms",
+            &format!("docker.io/{}:{}", multi.name, multi.tag),
+        ],
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), c.logs());
+    // Every blob of both platforms came from the CDN, none of them with a credential.
+    let cdn = c.mirror.up.access_log(Front::Cdn);
+    for blob in multi.all_blobs() {
+        let hex = blob.trim_start_matches("sha256:");
+        let hits: Vec<_> = cdn.iter().filter(|e| e.path().contains(hex)).collect();
+        assert!(!hits.is_empty(), "{blob} never fetched from the CDN");
+        assert!(
+            hits.iter()
+                .all(|e| e.status() == 200 && !e.has_authorization()),
+            "{hits:#?}"
+        );
+    }
 }
