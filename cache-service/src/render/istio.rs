@@ -16,7 +16,25 @@ fn indent(text: &str, by: &str) -> String {
     text.lines().map(|l| format!("{by}{l}\n")).collect()
 }
 
-pub fn render(declaration: &Declaration, filter_json_pretty: &str) -> String {
+/// The filter configuration with Istio's cluster names: the filter calls an upstream's
+/// `/v2/` (to learn its token realm) through `outbound|80||<host>`, the cluster Istio builds
+/// from the ServiceEntry below.
+fn plugin_config(filter_json: &str) -> String {
+    let Ok(mut config) = serde_json::from_str::<serde_json::Value>(filter_json) else {
+        return filter_json.to_owned();
+    };
+    if let Some(registries) = config["registries"].as_array_mut() {
+        for registry in registries.iter_mut().filter(|r| r["cache"] != true) {
+            if let Some(upstream) = registry["upstream"].as_str() {
+                let cluster = format!("outbound|80||{upstream}");
+                registry["cluster"] = serde_json::Value::String(cluster);
+            }
+        }
+    }
+    serde_json::to_string_pretty(&config).unwrap_or_else(|_| filter_json.to_owned())
+}
+
+pub fn render(declaration: &Declaration, filter_json: &str) -> String {
     let mut out = String::new();
     let w = &mut out;
     let suffix = declaration
@@ -49,9 +67,9 @@ pub fn render(declaration: &Declaration, filter_json_pretty: &str) -> String {
          \x20 phase: AUTHN\n\
          \x20 # Fail closed: without the filter nothing may be forwarded unchecked.\n\
          \x20 failStrategy: FAIL_CLOSE\n\
-         \x20 # Same content as envoy/filter.json.\n\
+         \x20 # envoy/filter.json, plus each upstream's Istio cluster name.\n\
          \x20 pluginConfig:\n{}",
-        indent(filter_json_pretty, "    ")
+        indent(&plugin_config(filter_json), "    ")
     );
     let mirror_hosts = vec![suffix.clone(), format!("*.{suffix}")];
     let mut gateway_hosts = mirror_hosts.clone();

@@ -121,7 +121,7 @@ pub fn render_files(registries: &Path) -> Result<Vec<Rendered>, RenderError> {
         },
         Rendered {
             name: "istio/mirror.yaml",
-            content: istio::render(&declaration, &pretty_json(&filter_json)),
+            content: istio::render(&declaration, &filter_json),
         },
     ])
 }
