@@ -379,11 +379,17 @@ fn istio_plugin_config_is_what_the_filter_accepts() {
     for registry in shipped["registries"].as_array_mut().unwrap() {
         if registry["cache"] != true {
             let upstream = registry["upstream"].as_str().unwrap().to_string();
-            assert!(entries.contains(upstream.as_str()), "no ServiceEntry for {upstream}");
+            assert!(
+                entries.contains(upstream.as_str()),
+                "no ServiceEntry for {upstream}"
+            );
             registry["cluster"] = format!("outbound|80||{upstream}").into();
         }
     }
-    assert_eq!(plugin_config, &shipped, "pluginConfig differs from envoy/filter.json");
+    assert_eq!(
+        plugin_config, &shipped,
+        "pluginConfig differs from envoy/filter.json"
+    );
     // Routes to upstreams have no timeout: multi-gigabyte layers.
     let vs = docs.iter().find(|d| d["kind"] == "VirtualService").unwrap();
     for route in vs["spec"]["http"].as_array().unwrap() {
