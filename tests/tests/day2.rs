@@ -4,7 +4,6 @@
 
 use mirror_tests::cache::{self, CachedMirror};
 use mirror_tests::clients::{self, SkopeoPull};
-use mirror_tests::images::SeededImage;
 use mirror_tests::proc::run;
 use mirror_tests::upstreams::Front;
 use mirror_tests::{build, require_tool};
@@ -29,23 +28,6 @@ fn text(out: &Output) -> String {
     )
 }
 
-/// Blob GETs the gcr-like upstream answered for `image`.
-fn upstream_blob_gets(c: &CachedMirror, image: &SeededImage) -> usize {
-    let blobs = image.all_blobs();
-    c.mirror
-        .up
-        .access_log(Front::Gcr)
-        .iter()
-        .filter(|e| {
-            e.method == "GET"
-                && e.status() == 200
-                && blobs
-                    .iter()
-                    .any(|b| e.path().ends_with(&format!("/blobs/{b}")))
-        })
-        .count()
-}
-
 #[test]
 fn warm_fills_the_cache_and_the_status_page_shows_it() {
     let c = cache::shared();
@@ -54,7 +36,7 @@ fn warm_fills_the_cache_and_the_status_page_shows_it() {
     let out = regmirror(c, &["warm", &reference]);
     assert!(out.status.success(), "{}\n{}", text(&out), c.logs());
     assert!(text(&out).contains(&pause.name), "{}", text(&out));
-    let fetched = upstream_blob_gets(c, pause);
+    let fetched = c.upstream_blob_gets(pause);
     assert_eq!(fetched, pause.all_blobs().len(), "each blob fetched once");
 
     // Now a node pulls it: everything comes from the cache, the upstream sees nothing new.
@@ -68,7 +50,7 @@ fn warm_fills_the_cache_and_the_status_page_shows_it() {
     )
     .unwrap();
     pulled.assert_is(pause, false);
-    assert_eq!(upstream_blob_gets(c, pause), fetched, "{}", c.logs());
+    assert_eq!(c.upstream_blob_gets(pause), fetched, "{}", c.logs());
 
     // The status page (cache-service's own port, as an operator opens it).
     let url = format!("http://{}/_status", c.cache.addr);

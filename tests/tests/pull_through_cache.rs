@@ -4,7 +4,6 @@
 
 use mirror_tests::cache::{self, CachedMirror};
 use mirror_tests::clients::{self, SkopeoPull};
-use mirror_tests::images::SeededImage;
 use mirror_tests::upstreams::Front;
 
 fn ok<T>(c: &CachedMirror, r: anyhow::Result<T>) -> T {
@@ -23,23 +22,6 @@ fn skopeo(c: &CachedMirror, reference: &str) -> clients::PulledDir {
     ok(c, clients::skopeo_pull(reference, &opts))
 }
 
-/// Successful blob GETs the gcr-like upstream served for `image`'s blobs.
-fn upstream_blob_gets(c: &CachedMirror, image: &SeededImage) -> usize {
-    let blobs = image.all_blobs();
-    c.mirror
-        .up
-        .access_log(Front::Gcr)
-        .iter()
-        .filter(|e| {
-            e.method == "GET"
-                && e.status() == 200
-                && blobs
-                    .iter()
-                    .any(|b| e.path().ends_with(&format!("/blobs/{b}")))
-        })
-        .count()
-}
-
 #[test]
 fn skopeo_pulls_through_the_cache_and_repeats_are_served_from_it() {
     let c = cache::shared();
@@ -47,7 +29,7 @@ fn skopeo_pulls_through_the_cache_and_repeats_are_served_from_it() {
     let image = &m.up.images.distroless;
     let reference = format!("{}/distroless/static:nonroot", m.host("gcr"));
     skopeo(c, &reference).assert_is(image, false);
-    let after_first = upstream_blob_gets(c, image);
+    let after_first = c.upstream_blob_gets(image);
     assert!(
         after_first >= image.all_blobs().len(),
         "the upstream served {after_first} blobs\n{}",
@@ -62,7 +44,7 @@ fn skopeo_pulls_through_the_cache_and_repeats_are_served_from_it() {
 
     skopeo(c, &reference).assert_is(image, false);
     assert_eq!(
-        upstream_blob_gets(c, image),
+        c.upstream_blob_gets(image),
         after_first,
         "a repeat pull fetched blobs from the upstream again\n{}",
         c.logs()

@@ -62,6 +62,23 @@ pub struct CachedMirror {
 }
 
 impl CachedMirror {
+    /// Blob GETs the gcr-like upstream answered (200) for `image`'s blobs.
+    pub fn upstream_blob_gets(&self, image: &crate::images::SeededImage) -> usize {
+        let blobs = image.all_blobs();
+        self.mirror
+            .up
+            .access_log(crate::upstreams::Front::Gcr)
+            .iter()
+            .filter(|e| {
+                e.method == "GET"
+                    && e.status() == 200
+                    && blobs
+                        .iter()
+                        .any(|b| e.path().ends_with(&format!("/blobs/{b}")))
+            })
+            .count()
+    }
+
     /// Envoy's log, the fixtures' logs and the cache-service's log.
     pub fn logs(&self) -> String {
         format!(
