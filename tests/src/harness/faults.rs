@@ -139,7 +139,7 @@ impl FaultUpstream {
                 &i.cut, &i.flip, &i.kill, &i.big, &i.small, &i.crowd, &i.tag_a,
             ]
             .into_iter()
-            .map(|img| s.spawn(move || push(img, seed.addr)))
+            .map(|img| s.spawn(move || crate::upstreams::push(img, seed.addr)))
             .collect();
             for h in hs {
                 h.join().map_err(|_| anyhow!("seeding thread panicked"))??;
@@ -165,30 +165,13 @@ impl FaultUpstream {
 
     /// Pushes `image` (its layout's tag) through the auth-less instance: moves the tag.
     pub fn push(&self, image: &SeededImage) -> Result<()> {
-        push(image, self.seed.addr)
+        crate::upstreams::push(image, self.seed.addr)
     }
 
     /// The token-auth registry's log tail.
     pub fn log_tail(&self, lines: usize) -> String {
         self.registry.proc.log_tail(lines)
     }
-}
-
-fn push(image: &SeededImage, registry: SocketAddr) -> Result<()> {
-    let skopeo = crate::require_tool("skopeo", "apt-get install skopeo");
-    run(Command::new(skopeo)
-        .args([
-            "--insecure-policy",
-            "copy",
-            "--preserve-digests",
-            "--dest-tls-verify=false",
-            "--retry-times",
-            "2",
-        ])
-        .arg(format!("oci:{}:{}", image.layout.display(), image.tag))
-        .arg(format!("docker://{registry}/{}:{}", image.name, image.tag)))
-    .with_context(|| format!("push {}:{}", image.name, image.tag))?;
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------

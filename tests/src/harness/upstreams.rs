@@ -183,7 +183,8 @@ pub fn start_distribution(
     })
 }
 
-fn push(image: &SeededImage, registry: SocketAddr) -> Result<()> {
+/// Pushes `image` (every platform) from its OCI layout to a registry without auth.
+pub fn push(image: &SeededImage, registry: SocketAddr) -> Result<()> {
     let skopeo = crate::require_tool("skopeo", "apt-get install skopeo");
     run(Command::new(skopeo)
         .args([
