@@ -15,6 +15,7 @@ pub const LEAF_NAMES: &[&str] = &[
     "auth.docker.io",
     "production.cloudflare.docker.com",
     "quay.io",
+    "cdn.quay.io",
     "gcr.io",
     "ghcr.io",
     "registry.k8s.io",

@@ -1,6 +1,8 @@
 //! The upstream fixtures: token server, two distribution registries with real token auth,
 //! and nginx fronts that behave like Docker Hub (blob GET → 307 to a CDN that rejects
-//! `Authorization`) and quay.io (token realm on the registry's own host).
+//! `Authorization`) and quay.io (token realm on the registry's own host; one repository,
+//! `redirected/…`, answered `307` to `cdn.quay.io`, which challenges again with quay's
+//! realm, the way registry.k8s.io redirects to Artifact Registry).
 //!
 //! Seeding: images are pushed with skopeo to a distribution instance WITHOUT auth (plain
 //! HTTP) over the same storage directory, which is then stopped before the token-auth
@@ -28,6 +30,10 @@ pub const HUB_HOST: &str = "registry-1.docker.io";
 pub const HUB_AUTH_HOST: &str = "auth.docker.io";
 pub const CDN_HOST: &str = "production.cloudflare.docker.com";
 pub const QUAY_HOST: &str = "quay.io";
+/// The quay redirect target that challenges again (realm `https://quay.io/v2/auth`).
+pub const QUAY_CDN_HOST: &str = "cdn.quay.io";
+/// The quay repository whose every `/v2/<name>/…` request is a `307` to [`QUAY_CDN_HOST`].
+pub const QUAY_REDIRECTED_REPO: &str = "redirected/app";
 /// gcr-like upstream (`cache = true` in the shipped declaration: reached through the
 /// cache-service only). Like gcr.io its realm is on its own host, `/v2/token`; its host
 /// here is `127.0.0.1:<gcr front port>` because the cache-service dials it by address.
@@ -49,6 +55,8 @@ pub enum Front {
     Cdn,
     /// `quay.io`.
     Quay,
+    /// `cdn.quay.io`: quay's redirect target, token auth with quay's realm.
+    QuayCdn,
     /// The gcr-like upstream of the cache-service.
     Gcr,
 }
@@ -91,6 +99,7 @@ pub struct Nginx {
     pub hub_front: SocketAddr,
     pub cdn: SocketAddr,
     pub quay_front: SocketAddr,
+    pub quay_cdn: SocketAddr,
     pub gcr_front: SocketAddr,
     pub dir: PathBuf,
     pub proc: Proc,
@@ -106,6 +115,9 @@ pub struct Images {
     pub tool: SeededImage,
     /// quay `coreos/etcd:v3.5`, 2 layers.
     pub etcd: SeededImage,
+    /// quay `redirected/app:1`, 2 layers; quay.io answers its requests with a `307` to
+    /// `cdn.quay.io`.
+    pub redirected: SeededImage,
     /// gcr `distroless/static:nonroot`, 2 layers.
     pub distroless: SeededImage,
     /// gcr `google-containers/pause:3.9`, 1 layer (kept cold for the single-flight test).
@@ -251,6 +263,15 @@ impl Upstreams {
                 &["amd64"],
                 &[MIB + 9, MIB + MIB / 2],
             )?,
+            redirected: crate::images::build_layout(
+                &layouts.join("redirected"),
+                "quay.io",
+                QUAY_REDIRECTED_REPO,
+                "1",
+                7,
+                &["amd64"],
+                &[MIB + 11, MIB / 5],
+            )?,
             distroless: crate::images::build_layout(
                 &layouts.join("distroless"),
                 "gcr.io",
@@ -287,9 +308,10 @@ impl Upstreams {
                 let b = s.spawn(|| push(&images.multi, hub_seed.addr));
                 let c = s.spawn(|| push(&images.tool, hub_seed.addr));
                 let d = s.spawn(|| push(&images.etcd, quay_seed.addr));
+                let g = s.spawn(|| push(&images.redirected, quay_seed.addr));
                 let e = s.spawn(|| push(&images.distroless, gcr_seed.addr));
                 let f = s.spawn(|| push(&images.pause, gcr_seed.addr));
-                for h in [a, b, c, d, e, f] {
+                for h in [a, b, c, d, e, f, g] {
                     h.join().map_err(|_| anyhow!("seeding thread panicked"))??;
                 }
                 Ok(())
@@ -353,6 +375,7 @@ impl Upstreams {
             (HUB_AUTH_HOST.to_string(), self.token.addr),
             (CDN_HOST.to_string(), self.nginx.cdn),
             (QUAY_HOST.to_string(), self.nginx.quay_front),
+            (QUAY_CDN_HOST.to_string(), self.nginx.quay_cdn),
         ])
     }
 
@@ -370,6 +393,7 @@ impl Upstreams {
             Front::Hub => "hub-front.log",
             Front::Cdn => "cdn.log",
             Front::Quay => "quay-front.log",
+            Front::QuayCdn => "quay-cdn.log",
             Front::Gcr => "gcr-front.log",
         };
         std::fs::read_to_string(self.nginx.dir.join(file))
@@ -403,6 +427,7 @@ pub struct NginxPorts {
     pub hub_front: SocketAddr,
     pub cdn: SocketAddr,
     pub quay_front: SocketAddr,
+    pub quay_cdn: SocketAddr,
     pub gcr_front: SocketAddr,
 }
 
@@ -414,6 +439,7 @@ impl NginxPorts {
             hub_front: p()?,
             cdn: p()?,
             quay_front: p()?,
+            quay_cdn: p()?,
             gcr_front: p()?,
         })
     }
@@ -446,6 +472,7 @@ fn start_nginx(dir: &Path, pki: &Pki, ports: &NginxPorts, b: Backends) -> Result
         hub_front: ports.hub_front,
         cdn: ports.cdn,
         quay_front: ports.quay_front,
+        quay_cdn: ports.quay_cdn,
         gcr_front: ports.gcr_front,
     });
     let conf_path = ndir.join("nginx.conf");
@@ -472,6 +499,7 @@ fn start_nginx(dir: &Path, pki: &Pki, ports: &NginxPorts, b: Backends) -> Result
         ports.hub_front,
         ports.cdn,
         ports.quay_front,
+        ports.quay_cdn,
         ports.gcr_front,
     ] {
         proc.wait_for_port(a, Duration::from_secs(10))
@@ -481,6 +509,7 @@ fn start_nginx(dir: &Path, pki: &Pki, ports: &NginxPorts, b: Backends) -> Result
         hub_front: ports.hub_front,
         cdn: ports.cdn,
         quay_front: ports.quay_front,
+        quay_cdn: ports.quay_cdn,
         gcr_front: ports.gcr_front,
         dir: ndir,
         proc,
@@ -500,6 +529,7 @@ struct NginxConf<'a> {
     hub_front: SocketAddr,
     cdn: SocketAddr,
     quay_front: SocketAddr,
+    quay_cdn: SocketAddr,
     gcr_front: SocketAddr,
 }
 
@@ -587,16 +617,34 @@ http {{
     }}
   }}
 
-  # quay.io: the token realm lives on the registry's own host.
+  # quay.io: the token realm lives on the registry's own host. Every request for the
+  # repository {redirected} is a 307 to cdn.quay.io (registry.k8s.io's shape: the target
+  # registry challenges again).
   server {{
     listen {quay_front} ssl;
     server_name quay.io;
     access_log {d}/quay-front.log mt;
+    location ^~ /v2/{redirected}/ {{
+      return 307 "https://cdn.quay.io$request_uri";
+    }}
     location = /v2/auth {{
       proxy_set_header Host quay.io;
       proxy_ssl_name quay.io;
       proxy_pass https://{token};
     }}
+    location / {{
+      proxy_set_header Host quay.io;
+      proxy_ssl_name quay.io;
+      proxy_pass https://{quay};
+    }}
+  }}
+
+  # cdn.quay.io: the quay registry again (token auth, realm https://quay.io/v2/auth), so
+  # a redirect to it is answered with a Bearer challenge of its own.
+  server {{
+    listen {quay_cdn} ssl;
+    server_name cdn.quay.io;
+    access_log {d}/quay-cdn.log mt;
     location / {{
       proxy_set_header Host quay.io;
       proxy_ssl_name quay.io;
@@ -630,6 +678,8 @@ http {{
         cdn = c.cdn,
         hub_storage = c.hub_storage.display(),
         quay_front = c.quay_front,
+        quay_cdn = c.quay_cdn,
+        redirected = QUAY_REDIRECTED_REPO,
         token = c.token,
         quay = c.quay,
         gcr_front = c.gcr_front,
