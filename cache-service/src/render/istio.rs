@@ -23,12 +23,17 @@ fn plugin_config(filter_json: &str) -> String {
     let Ok(mut config) = serde_json::from_str::<serde_json::Value>(filter_json) else {
         return filter_json.to_owned();
     };
-    if let Some(registries) = config["registries"].as_array_mut() {
-        for registry in registries.iter_mut().filter(|r| r["cache"] != true) {
-            if let Some(upstream) = registry["upstream"].as_str() {
-                let cluster = format!("outbound|80||{upstream}");
-                registry["cluster"] = serde_json::Value::String(cluster);
-            }
+    let registries = config
+        .get_mut("registries")
+        .and_then(serde_json::Value::as_array_mut)
+        .into_iter()
+        .flatten();
+    for registry in registries.filter_map(serde_json::Value::as_object_mut) {
+        let cached = registry.get("cache") == Some(&serde_json::Value::Bool(true));
+        let upstream = registry.get("upstream").and_then(|u| u.as_str());
+        if let (false, Some(upstream)) = (cached, upstream) {
+            let cluster = serde_json::Value::String(format!("outbound|80||{upstream}"));
+            registry.insert("cluster".to_owned(), cluster);
         }
     }
     serde_json::to_string_pretty(&config).unwrap_or_else(|_| filter_json.to_owned())
