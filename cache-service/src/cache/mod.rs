@@ -3,15 +3,15 @@
 
 pub mod flight;
 pub mod lru;
+pub mod single;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::StreamExt;
-use reqwest::header::{CONTENT_TYPE, LINK};
+use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, LINK};
 use reqwest::{Method, StatusCode};
 use sha2::Digest as _;
 use tokio::sync::watch;
@@ -22,6 +22,7 @@ use crate::store::{BlobStore, CommitError, TagRecord, TempBlob};
 use crate::upstream::{Upstream, UpstreamError};
 use flight::{FlightState, InFlight, Tail, MAX_TAIL_BYTES};
 use lru::{Lru, PinGuard};
+use single::{Role, SingleFlight};
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -75,7 +76,7 @@ fn storage_err(e: std::io::Error) -> CacheError {
     CacheError::Storage(e.to_string())
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Kind {
     Manifest,
     Blob,
@@ -99,6 +100,67 @@ fn status_error(resp: &reqwest::Response, kind: Kind) -> CacheError {
                 .map(str::to_owned),
         },
         s => CacheError::UpstreamStatus(s.as_u16()),
+    }
+}
+
+/// Statuses by which an upstream says it does not do HEAD on this resource.
+fn head_unsupported(s: StatusCode) -> bool {
+    matches!(
+        s,
+        StatusCode::METHOD_NOT_ALLOWED | StatusCode::BAD_REQUEST | StatusCode::NOT_IMPLEMENTED
+    )
+}
+
+/// What an upstream HEAD said.
+#[derive(Debug, Clone)]
+struct HeadInfo {
+    status: u16,
+    digest: Option<String>,
+    content_type: Option<String>,
+    /// From the `Content-Length` header (the body of a HEAD answer is empty).
+    size: Option<u64>,
+}
+
+impl HeadInfo {
+    fn of(resp: &reqwest::Response) -> Self {
+        let hdr = |n| {
+            resp.headers()
+                .get(n)
+                .and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        Self {
+            status: resp.status().as_u16(),
+            digest: hdr("docker-content-digest"),
+            content_type: hdr(CONTENT_TYPE.as_str()),
+            size: hdr(CONTENT_LENGTH.as_str()).and_then(|l| l.trim().parse().ok()),
+        }
+    }
+
+    /// The Content-Type if it is one of the manifest media types we serve.
+    fn manifest_media_type(&self) -> Option<String> {
+        self.content_type
+            .as_deref()
+            .map(|c| c.split(';').next().unwrap_or("").trim().to_owned())
+            .filter(|c| {
+                matches!(
+                    c.as_str(),
+                    oci::MT_DOCKER_MANIFEST
+                        | oci::MT_DOCKER_LIST
+                        | oci::MT_OCI_MANIFEST
+                        | oci::MT_OCI_INDEX
+                )
+            })
+    }
+}
+
+/// A HEAD answer from a tag record.
+fn record_reply(rec: &TagRecord) -> ManifestReply {
+    ManifestReply {
+        digest: rec.digest.clone(),
+        media_type: rec.media_type.clone(),
+        size: rec.size,
+        body: None,
     }
 }
 
@@ -144,8 +206,10 @@ pub struct SmallReply {
     pub body: Bytes,
 }
 
-type ManifestFuture = Shared<BoxFuture<'static, Result<ManifestReply, CacheError>>>;
 type FlightKey = (String, RepoName, Digest);
+type TagKey = (String, RepoName, Tag);
+type ManifestKey = (String, RepoName, Digest);
+type HeadKey = (String, RepoName, Digest, Kind);
 
 const SMALL_TTL: Duration = Duration::from_secs(30);
 const MAX_SMALL_BYTES: usize = 16 * 1024 * 1024;
@@ -158,7 +222,12 @@ pub struct Cache {
     pub metrics: Arc<Metrics>,
     lru: Arc<Mutex<Lru>>,
     flights: Mutex<HashMap<FlightKey, Arc<InFlight>>>,
-    manifest_flights: Mutex<HashMap<String, ManifestFuture>>,
+    /// Tag resolutions (HEAD, or GET when HEAD says too little) in progress.
+    tag_flights: SingleFlight<TagKey, ManifestReply>,
+    /// Manifest GETs by digest in progress.
+    manifest_flights: SingleFlight<ManifestKey, ManifestReply>,
+    /// Upstream HEADs (confirmations, HEAD of uncached content) in progress.
+    head_flights: SingleFlight<HeadKey, HeadInfo>,
     small: Mutex<HashMap<String, (Instant, SmallReply)>>,
 }
 
@@ -198,7 +267,9 @@ impl Cache {
             metrics: Arc::new(Metrics::default()),
             lru: Arc::new(Mutex::new(lru)),
             flights: Mutex::new(HashMap::new()),
-            manifest_flights: Mutex::new(HashMap::new()),
+            tag_flights: SingleFlight::default(),
+            manifest_flights: SingleFlight::default(),
+            head_flights: SingleFlight::default(),
             small: Mutex::new(HashMap::new()),
         };
         cache.make_room(0);
@@ -285,7 +356,7 @@ impl Cache {
         head: bool,
     ) -> Result<ManifestReply, CacheError> {
         match reference {
-            Reference::Digest(d) => self.manifest_by_digest(up, name, d).await,
+            Reference::Digest(d) => self.manifest_by_digest(up, name, d, head).await,
             Reference::Tag(t) => self.manifest_by_tag(up, name, t, head).await,
         }
     }
@@ -320,6 +391,7 @@ impl Cache {
         up: &Arc<Upstream>,
         name: &RepoName,
         d: &Digest,
+        head: bool,
     ) -> Result<ManifestReply, CacheError> {
         if let Some(m) = self.load_manifest(d)? {
             if self.store.has_link(&up.name, name, d)
@@ -331,8 +403,88 @@ impl Cache {
             }
         }
         Metrics::inc(&self.metrics.misses);
-        self.fetch_manifest_shared(up, name, Reference::Digest(d.clone()))
-            .await
+        if head {
+            // A HEAD is answered from an upstream HEAD (a GET counts against Docker Hub's pull
+            // limit); the body is fetched by the GET that usually follows.
+            if let Some(m) = self.head_manifest(up, name, d).await? {
+                return Ok(m);
+            }
+        }
+        self.fetch_manifest_shared(up, name, d).await
+    }
+
+    /// Upstream HEAD of a manifest by digest; `None` when the answer lacks what a HEAD reply
+    /// needs (media type, length) or the upstream does not support HEAD: then GET it.
+    async fn head_manifest(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        name: &RepoName,
+        d: &Digest,
+    ) -> Result<Option<ManifestReply>, CacheError> {
+        let info = self.head_shared(up, name, d, Kind::Manifest).await?;
+        if info.status != StatusCode::OK.as_u16() {
+            return Ok(None);
+        }
+        if let Some(h) = info.digest.as_deref().filter(|h| h.starts_with("sha256:")) {
+            if h != d.as_str() {
+                Metrics::inc(&self.metrics.verify_failures);
+                return Err(CacheError::DigestMismatch(format!(
+                    "asked {d}, Docker-Content-Digest {h}"
+                )));
+            }
+        }
+        let (Some(media_type), Some(size)) = (info.manifest_media_type(), info.size) else {
+            return Ok(None);
+        };
+        if size > oci::MAX_MANIFEST_BYTES as u64 {
+            return Err(CacheError::TooLarge);
+        }
+        // The upstream confirmed the digest belongs to this repository.
+        if let Err(e) = self.store.add_link(&up.name, name, d) {
+            tracing::warn!(error = %e, "could not write link");
+        }
+        Ok(Some(ManifestReply {
+            digest: d.clone(),
+            media_type,
+            size,
+            body: None,
+        }))
+    }
+
+    /// One upstream HEAD shared by every concurrent request for the same
+    /// (registry, repository, digest, kind). `Ok` for 200 and for "HEAD not supported"
+    /// (405/400/501, see `status`); other answers are errors.
+    async fn head_shared(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        name: &RepoName,
+        d: &Digest,
+        kind: Kind,
+    ) -> Result<HeadInfo, CacheError> {
+        let key: HeadKey = (up.name.clone(), name.clone(), d.clone(), kind);
+        let (up, name, d) = (up.clone(), name.clone(), d.clone());
+        let (r, role) = self
+            .head_flights
+            .run(key, move || async move {
+                let (path, accept) = match kind {
+                    Kind::Manifest => (
+                        format!("/v2/{name}/manifests/{d}"),
+                        Some(oci::MANIFEST_ACCEPT),
+                    ),
+                    _ => (format!("/v2/{name}/blobs/{d}"), None),
+                };
+                let resp = up.send(Method::HEAD, &path, &name, accept, 3).await?;
+                let status = resp.status();
+                if status != StatusCode::OK && !head_unsupported(status) {
+                    return Err(status_error(&resp, kind));
+                }
+                Ok(HeadInfo::of(&resp))
+            })
+            .await;
+        if role == Role::Joined {
+            Metrics::inc(&self.metrics.coalesced_waiters);
+        }
+        r
     }
 
     fn tag_fresh(&self, rec: &TagRecord) -> bool {
@@ -347,14 +499,9 @@ impl Cache {
         head: bool,
     ) -> Result<ManifestReply, CacheError> {
         if head {
-            return Ok(ManifestReply {
-                digest: rec.digest.clone(),
-                media_type: rec.media_type.clone(),
-                size: rec.size,
-                body: None,
-            });
+            return Ok(record_reply(rec));
         }
-        self.manifest_by_digest(up, name, &rec.digest).await
+        self.manifest_by_digest(up, name, &rec.digest, false).await
     }
 
     async fn manifest_by_tag(
@@ -372,7 +519,29 @@ impl Cache {
                 return self.reply_from_record(up, name, rec, head).await;
             }
         }
-        let result = self.revalidate_tag(up, name, tag, rec.as_ref(), head).await;
+        let result = match self.resolve_tag_shared(up, name, tag).await {
+            Ok(m) if m.body.is_none() && !head => {
+                let full = self.manifest_by_digest(up, name, &m.digest, false).await;
+                if let Ok(f) = &full {
+                    if f.media_type != m.media_type || f.size != m.size {
+                        // The HEAD's headers disagreed with the body: keep what the body says.
+                        self.save_tag(
+                            reg,
+                            name,
+                            tag,
+                            &TagRecord {
+                                digest: f.digest.clone(),
+                                media_type: f.media_type.clone(),
+                                size: f.size,
+                                fetched_at: unix_now(),
+                            },
+                        );
+                    }
+                }
+                full
+            }
+            r => r,
+        };
         match (result, rec) {
             (Err(e), Some(rec)) if e.is_upstream_failure() => {
                 tracing::warn!(registry = reg, %name, %tag, error = %e, "upstream failed; serving stale tag");
@@ -383,53 +552,58 @@ impl Cache {
         }
     }
 
-    async fn revalidate_tag(
+    /// Resolve a tag upstream, once for every concurrent request for the same
+    /// (registry, repository, tag). The answer has no body when a HEAD resolved it.
+    async fn resolve_tag_shared(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
         name: &RepoName,
         tag: &Tag,
-        rec: Option<&TagRecord>,
-        head: bool,
+    ) -> Result<ManifestReply, CacheError> {
+        let key: TagKey = (up.name.clone(), name.clone(), tag.clone());
+        let (this, up, name, tag) = (self.clone(), up.clone(), name.clone(), tag.clone());
+        let (r, role) = self
+            .tag_flights
+            .run(key, move || async move {
+                this.resolve_tag(&up, &name, &tag).await
+            })
+            .await;
+        if role == Role::Joined {
+            Metrics::inc(&self.metrics.coalesced_waiters);
+        }
+        r
+    }
+
+    async fn resolve_tag(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        name: &RepoName,
+        tag: &Tag,
     ) -> Result<ManifestReply, CacheError> {
         let reg = up.name.as_str();
+        // Read again: a call that just finished may have refreshed it.
+        let rec = self.store.read_tag(reg, name, tag).map_err(storage_err)?;
+        if let Some(rec) = rec.as_ref().filter(|r| self.tag_fresh(r)) {
+            return Ok(record_reply(rec));
+        }
         let path = format!("/v2/{}/manifests/{}", name, tag);
         // A HEAD does not count against Docker Hub's pull limit; one attempt keeps stale
         // answers fast when the upstream is down.
         let resp = up
             .send(Method::HEAD, &path, name, Some(oci::MANIFEST_ACCEPT), 1)
             .await?;
-        if matches!(
-            resp.status(),
-            StatusCode::METHOD_NOT_ALLOWED | StatusCode::BAD_REQUEST | StatusCode::NOT_IMPLEMENTED
-        ) {
+        if head_unsupported(resp.status()) {
             // Upstream without manifest HEAD support: ask with a GET.
             return self
-                .fetch_manifest_shared(up, name, Reference::Tag(tag.clone()))
+                .fetch_manifest(up, name, &Reference::Tag(tag.clone()))
                 .await;
         }
         if resp.status() != StatusCode::OK {
             return Err(status_error(&resp, Kind::Manifest));
         }
-        let hdr = |n: &str| {
-            resp.headers()
-                .get(n)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        let digest = hdr("docker-content-digest").and_then(|d| Digest::parse(&d).ok());
-        let media_type = hdr("content-type")
-            .map(|c| c.split(';').next().unwrap_or("").trim().to_owned())
-            .filter(|c| {
-                matches!(
-                    c.as_str(),
-                    oci::MT_DOCKER_MANIFEST
-                        | oci::MT_DOCKER_LIST
-                        | oci::MT_OCI_MANIFEST
-                        | oci::MT_OCI_INDEX
-                )
-            });
-        let size = resp.content_length().filter(|l| *l > 0);
-        if let (Some(d), Some(old)) = (&digest, rec) {
+        let info = HeadInfo::of(&resp);
+        let digest = info.digest.as_deref().and_then(|d| Digest::parse(d).ok());
+        if let (Some(d), Some(old)) = (&digest, &rec) {
             if *d == old.digest {
                 let mut fresh = old.clone();
                 fresh.fetched_at = unix_now();
@@ -437,39 +611,27 @@ impl Cache {
                     tracing::warn!(error = %e, "could not refresh tag record");
                 }
                 Metrics::inc(&self.metrics.hits);
-                return self.reply_from_record(up, name, &fresh, head).await;
+                return Ok(record_reply(&fresh));
             }
         }
         Metrics::inc(&self.metrics.misses);
-        match (digest, media_type, size) {
+        match (
+            digest,
+            info.manifest_media_type(),
+            info.size.filter(|l| *l > 0),
+        ) {
             (Some(d), Some(mt), Some(size)) => {
                 let new = TagRecord {
-                    digest: d.clone(),
+                    digest: d,
                     media_type: mt,
                     size,
                     fetched_at: unix_now(),
                 };
-                if head {
-                    self.save_tag(reg, name, tag, &new);
-                    return self.reply_from_record(up, name, &new, true).await;
-                }
-                let m = self
-                    .fetch_manifest_shared(up, name, Reference::Digest(d))
-                    .await?;
-                self.save_tag(
-                    reg,
-                    name,
-                    tag,
-                    &TagRecord {
-                        media_type: m.media_type.clone(),
-                        size: m.size,
-                        ..new
-                    },
-                );
-                Ok(m)
+                self.save_tag(reg, name, tag, &new);
+                Ok(record_reply(&new))
             }
             _ => {
-                self.fetch_manifest_shared(up, name, Reference::Tag(tag.clone()))
+                self.fetch_manifest(up, name, &Reference::Tag(tag.clone()))
                     .await
             }
         }
@@ -487,58 +649,47 @@ impl Cache {
 
     /// Ask upstream whether `d` belongs to `name` before serving stored content to it.
     async fn confirm(
-        &self,
+        self: &Arc<Self>,
         up: &Arc<Upstream>,
         name: &RepoName,
         d: &Digest,
         kind: Kind,
     ) -> Result<bool, CacheError> {
-        let (path, accept) = match kind {
-            Kind::Manifest => (
-                format!("/v2/{name}/manifests/{d}"),
-                Some(oci::MANIFEST_ACCEPT),
-            ),
-            _ => (format!("/v2/{name}/blobs/{d}"), None),
-        };
-        let resp = up.send(Method::HEAD, &path, name, accept, 3).await?;
-        if resp.status() == StatusCode::OK {
+        let info = self.head_shared(up, name, d, kind).await?;
+        if info.status == StatusCode::OK.as_u16() {
             self.store
                 .add_link(&up.name, name, d)
                 .map_err(storage_err)?;
             return Ok(true);
         }
-        Err(status_error(&resp, kind))
+        Err(CacheError::UpstreamStatus(info.status))
     }
 
+    /// GET a manifest by digest, once for every concurrent request for the same
+    /// (registry, repository, digest).
     async fn fetch_manifest_shared(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
         name: &RepoName,
-        reference: Reference,
+        d: &Digest,
     ) -> Result<ManifestReply, CacheError> {
-        let key = format!("{}\n{}\n{}", up.name, name, reference);
-        let fut = {
-            let mut map = lock(&self.manifest_flights);
-            if let Some(f) = map.get(&key) {
-                Metrics::inc(&self.metrics.coalesced_waiters);
-                f.clone()
-            } else {
-                let this = self.clone();
-                let up = up.clone();
-                let name = name.clone();
-                let key2 = key.clone();
-                let f = async move {
-                    let r = this.fetch_manifest(&up, &name, &reference).await;
-                    lock(&this.manifest_flights).remove(&key2);
-                    r
-                }
-                .boxed()
-                .shared();
-                map.insert(key, f.clone());
-                f
-            }
-        };
-        fut.await
+        let key: ManifestKey = (up.name.clone(), name.clone(), d.clone());
+        let (this, up, name, reference) = (
+            self.clone(),
+            up.clone(),
+            name.clone(),
+            Reference::Digest(d.clone()),
+        );
+        let (r, role) = self
+            .manifest_flights
+            .run(key, move || async move {
+                this.fetch_manifest(&up, &name, &reference).await
+            })
+            .await;
+        if role == Role::Joined {
+            Metrics::inc(&self.metrics.coalesced_waiters);
+        }
+        r
     }
 
     async fn fetch_manifest(
@@ -591,6 +742,10 @@ impl Cache {
                 )));
             }
         }
+        // Link first: a request that finds the stored manifest then needs no confirming HEAD.
+        if let Err(e) = self.store.add_link(&up.name, name, &digest) {
+            tracing::warn!(error = %e, "could not write link");
+        }
         if let Err(e) = self.store_manifest(&digest, &body, &media_type).await {
             Metrics::inc(&self.metrics.store_write_errors);
             tracing::error!(%digest, error = %e, "could not store manifest; serving it uncached");
@@ -613,8 +768,6 @@ impl Cache {
                     fetched_at: unix_now(),
                 },
             );
-        } else if let Err(e) = self.store.add_link(&up.name, name, &digest) {
-            tracing::warn!(error = %e, "could not write link");
         }
         Ok(reply)
     }
@@ -674,19 +827,11 @@ impl Cache {
         }
         Metrics::inc(&self.metrics.misses);
         if head {
-            let resp = up
-                .send(
-                    Method::HEAD,
-                    &format!("/v2/{name}/blobs/{d}"),
-                    name,
-                    None,
-                    3,
-                )
-                .await?;
-            if resp.status() != StatusCode::OK {
-                return Err(status_error(&resp, Kind::Blob));
+            let info = self.head_shared(up, name, d, Kind::Blob).await?;
+            if info.status != StatusCode::OK.as_u16() {
+                return Err(CacheError::UpstreamStatus(info.status));
             }
-            if let Some(size) = resp.content_length() {
+            if let Some(size) = info.size {
                 return Ok(BlobReply::Head { size });
             }
             // No length on HEAD: fall through to a download, which tells us.
@@ -765,6 +910,11 @@ impl Cache {
         if resp.status() != StatusCode::OK {
             return Err(status_error(&resp, Kind::Blob));
         }
+        // The upstream served it for this repository. Linked now (a link without content is
+        // harmless) so requests that find the committed blob need no confirming HEAD.
+        if let Err(e) = self.store.add_link(&up.name, name, d) {
+            tracing::warn!(error = %e, "could not write link");
+        }
         let total = resp.content_length();
         if let Some(t) = total {
             if self.max_size > 0 && t > self.max_size {
@@ -839,9 +989,6 @@ impl Cache {
             (Some(t), _) => match t.commit(d, Some(received)).await {
                 Ok(_) => {
                     lock(&self.lru).insert(d, received, None);
-                    if let Err(e) = self.store.add_link(&up.name, name, d) {
-                        tracing::warn!(error = %e, "could not write link");
-                    }
                     self.make_room(0);
                     Ok(())
                 }
@@ -933,7 +1080,10 @@ impl Cache {
     pub async fn drain(&self, grace: Duration) {
         let deadline = Instant::now() + grace;
         loop {
-            let n = self.inflight();
+            let n = self.inflight()
+                + self.tag_flights.len()
+                + self.manifest_flights.len()
+                + self.head_flights.len();
             if n == 0 {
                 return;
             }
