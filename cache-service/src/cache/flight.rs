@@ -175,27 +175,63 @@ pub fn reader(
     )
 }
 
-async fn read_at(f: Arc<std::fs::File>, pos: u64, len: u64) -> io::Result<Bytes> {
-    tokio::task::spawn_blocking(move || {
-        let n = usize::try_from(len).map_err(io::Error::other)?;
-        let mut buf = vec![0u8; n];
-        let mut filled = 0;
-        while filled < n {
-            let slice = buf.get_mut(filled..).unwrap_or_default();
-            let r = f.read_at(slice, pos + filled as u64)?;
-            if r == 0 {
-                break;
-            }
-            filled += r;
+/// `pread` until `len` bytes or end of file.
+fn pread(f: &std::fs::File, pos: u64, len: u64) -> io::Result<Bytes> {
+    let n = usize::try_from(len).map_err(io::Error::other)?;
+    let mut buf = vec![0u8; n];
+    let mut filled = 0;
+    while filled < n {
+        let slice = buf.get_mut(filled..).unwrap_or_default();
+        let r = f.read_at(slice, pos + filled as u64)?;
+        if r == 0 {
+            break;
         }
-        buf.truncate(filled);
-        Ok(Bytes::from(buf))
-    })
-    .await
-    .map_err(io::Error::other)?
+        filled += r;
+    }
+    buf.truncate(filled);
+    Ok(Bytes::from(buf))
 }
 
-/// Read `[start, end)` of a stored (verified) blob file.
+async fn read_at(f: Arc<std::fs::File>, pos: u64, len: u64) -> io::Result<Bytes> {
+    tokio::task::spawn_blocking(move || pread(&f, pos, len))
+        .await
+        .map_err(io::Error::other)?
+}
+
+/// Chunk size for stored blobs: few blocking-pool hops and large writes to the socket.
+const FILE_CHUNK: u64 = 1024 * 1024;
+
+type PendingRead = tokio::task::JoinHandle<io::Result<Bytes>>;
+
+struct FileRead {
+    f: Arc<std::fs::File>,
+    /// Start of the next read to issue.
+    next: u64,
+    end: u64,
+    /// The read of the chunk after the one being sent (read-ahead of one chunk).
+    pending: Option<(PendingRead, u64)>,
+    done: bool,
+    _pin: super::lru::PinGuard,
+}
+
+impl FileRead {
+    fn issue(&mut self) -> Option<(PendingRead, u64)> {
+        if self.next >= self.end {
+            return None;
+        }
+        let (pos, want) = (self.next, std::cmp::min(FILE_CHUNK, self.end - self.next));
+        self.next += want;
+        let f = self.f.clone();
+        Some((
+            tokio::task::spawn_blocking(move || pread(&f, pos, want)),
+            want,
+        ))
+    }
+}
+
+/// Read `[start, end)` of a stored (verified) blob file, in 1 MiB chunks with the next chunk
+/// read on the blocking pool while the current one is written to the client. The pin keeps
+/// the blob from eviction until the stream is dropped.
 pub fn file_reader(
     file: std::fs::File,
     start: u64,
@@ -203,25 +239,42 @@ pub fn file_reader(
     metrics: Arc<Metrics>,
     pin: super::lru::PinGuard,
 ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
-    let f = Arc::new(file);
-    futures::stream::unfold((f, start, pin), move |(f, pos, pin)| {
+    let st = FileRead {
+        f: Arc::new(file),
+        next: start,
+        end,
+        pending: None,
+        done: false,
+        _pin: pin,
+    };
+    futures::stream::unfold(st, move |mut st| {
         let metrics = metrics.clone();
         async move {
-            if pos >= end {
+            if st.done {
                 return None;
             }
-            let want = std::cmp::min(READ_CHUNK, end - pos);
-            match read_at(f.clone(), pos, want).await {
-                Ok(b) if !b.is_empty() => {
-                    metrics.add_cache_bytes(b.len() as u64);
-                    let next = pos + b.len() as u64;
-                    Some((Ok(b), (f, next, pin)))
+            let (handle, want) = match st.pending.take() {
+                Some(p) => p,
+                None => st.issue()?,
+            };
+            let r = handle.await.map_err(io::Error::other).and_then(|r| r);
+            match r {
+                Ok(b) if b.len() as u64 == want => {
+                    st.pending = st.issue();
+                    metrics.add_cache_bytes(want);
+                    Some((Ok(b), st))
                 }
-                Ok(_) => Some((
-                    Err(io::Error::other("stored blob shorter than expected")),
-                    (f, end, pin),
-                )),
-                Err(e) => Some((Err(e), (f, end, pin))),
+                Ok(_) => {
+                    st.done = true;
+                    Some((
+                        Err(io::Error::other("stored blob shorter than expected")),
+                        st,
+                    ))
+                }
+                Err(e) => {
+                    st.done = true;
+                    Some((Err(e), st))
+                }
             }
         }
     })
@@ -346,6 +399,39 @@ mod tests {
             .await
             .concat();
         assert_eq!(all, b"abcdef");
+    }
+
+    #[tokio::test]
+    async fn file_reader_ranges_and_short_files() {
+        let m = Arc::new(Metrics::default());
+        let lru = Arc::new(Mutex::new(super::super::lru::Lru::default()));
+        let data: Vec<u8> = (0..(2 * FILE_CHUNK + 12345))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let mut tmp = tempfile::NamedTempFile::new().unwrap();
+        tmp.write_all(&data).unwrap();
+        let d = crate::oci::Digest::of_bytes(&data);
+        let len = data.len() as u64;
+        for (s, e) in [(0, len), (5, len - 2), (FILE_CHUNK, FILE_CHUNK + 1), (7, 7)] {
+            let pin = super::super::lru::PinGuard::new(&lru, &d);
+            let f = std::fs::File::open(tmp.path()).unwrap();
+            let got: Vec<u8> = file_reader(f, s, e, m.clone(), pin)
+                .map(|c| c.unwrap())
+                .collect::<Vec<_>>()
+                .await
+                .concat();
+            assert_eq!(got, &data[s as usize..e as usize], "range {s}-{e}");
+        }
+        assert!(
+            !super::super::lock(&lru).is_pinned(&d),
+            "unpinned when done"
+        );
+
+        // The file is shorter than the size the response announced: the stream fails.
+        let pin = super::super::lru::PinGuard::new(&lru, &d);
+        let f = std::fs::File::open(tmp.path()).unwrap();
+        let items: Vec<_> = file_reader(f, 0, len + 10, m, pin).collect().await;
+        assert!(items.last().unwrap().is_err());
     }
 
     fn lock_tail(f: &InFlight) -> std::sync::MutexGuard<'_, Tail> {
