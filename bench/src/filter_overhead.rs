@@ -279,12 +279,17 @@ pub fn run(dir: &Path, wasm_file: &Path, log: &mut crate::util::Log) -> Result<V
         }
     }
     let mut res: Vec<Vec<WrkResult>> = vec![Vec::new(); 4]; // [401 wasm, 401 native, 200 wasm, 200 native]
+                                                            // Envoy CPU µs per request, same order: less sensitive to other load than req/s.
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); 4];
     for round in 0..3 {
         for (ci, p) in [P401, P200].iter().enumerate() {
             for (vi, e) in [&we, &ne].iter().enumerate() {
+                let c0 = util::proc_cpu_us(e.proc.pid())?;
                 let r = util::wrk(&format!("http://127.0.0.1:{}{p}", e.port), 16, 5, &[])?;
+                let c1 = util::proc_cpu_us(e.proc.pid())?;
+                let per_req = (c1.saturating_sub(c0)) as f64 / (r.rps * 5.0).max(1.0);
                 log.push(format!(
-                    "wrk round {round} {p} {}: {:.0} rps p50 {:.0}us p99 {:.0}us non-2xx {}",
+                    "wrk round {round} {p} {}: {:.0} rps p50 {:.0}us p99 {:.0}us non-2xx {} envoy cpu {per_req:.1}us/req",
                     if vi == 0 { "wasm" } else { "native" },
                     r.rps,
                     r.p50_us,
@@ -293,6 +298,9 @@ pub fn run(dir: &Path, wasm_file: &Path, log: &mut crate::util::Log) -> Result<V
                 ));
                 if let Some(v) = res.get_mut(ci * 2 + vi) {
                     v.push(r);
+                }
+                if let Some(v) = cpu.get_mut(ci * 2 + vi) {
+                    v.push(per_req);
                 }
             }
         }
@@ -314,6 +322,17 @@ pub fn run(dir: &Path, wasm_file: &Path, log: &mut crate::util::Log) -> Result<V
             0.9,
             true,
         ));
+        let wc = median(cpu.get(ci * 2).map(Vec::as_slice).unwrap_or_default());
+        let nc = median(cpu.get(ci * 2 + 1).map(Vec::as_slice).unwrap_or_default());
+        rows.push(Row {
+            section: S,
+            metric: format!("{label}: Envoy CPU per request (utime+stime / requests)"),
+            ours: format!("{wc:.1} µs (wasm)"),
+            peer: format!("{nc:.1} µs (native)"),
+            ratio: Some(wc / nc),
+            target: format!("info (filter adds {:+.1} µs)", wc - nc),
+            pass: None,
+        });
         let added = p99(&w) - p99(&n);
         rows.push(Row {
             section: S,

@@ -167,6 +167,30 @@ pub fn wrk(url: &str, conns: u32, secs: u32, headers: &[&str]) -> Result<WrkResu
 }
 
 /// A field (`VmRSS`, `VmHWM`) of /proc/<pid>/status in KiB.
+/// User + system CPU time of `pid` so far, in µs (from `/proc/PID/stat`, clock ticks).
+pub fn proc_cpu_us(pid: u32) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the `(comm)`: state is field 3, utime 14, stime 15.
+    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
+    Ok(ticks * 1_000_000 / clk_tck())
+}
+
+fn clk_tck() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .filter(|&t| t > 0)
+        .unwrap_or(100)
+}
+
 pub fn proc_status_kib(pid: u32, field: &str) -> Result<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     s.lines()

@@ -27,7 +27,7 @@ use rules::route::{
 };
 use rules::token::{learn_realm, realm_key, LearnError, LearnedRealm};
 use rules::CompiledConfig;
-use std::collections::HashMap;
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -54,22 +54,54 @@ fn store_realm(registry: &str, learned: &LearnedRealm) {
     }
 }
 
+/// [`store_realm`] from a registry's own challenge (every 401): skips the shared-data
+/// round trip when this VM already stored or found this very value for `registry`.
+fn store_realm_seen(shared: &Shared, registry: &str, learned: LearnedRealm) {
+    let Ok(mut seen) = shared.seen_realms.try_borrow_mut() else {
+        store_realm(registry, &learned);
+        return;
+    };
+    if let Some((_, l)) = seen.iter().find(|(r, _)| r == registry) {
+        if *l == learned {
+            return;
+        }
+    }
+    store_realm(registry, &learned);
+    match seen.iter_mut().find(|(r, _)| r == registry) {
+        Some((_, l)) => *l = learned,
+        None => seen.push((registry.to_string(), learned)),
+    }
+}
+
 /// Shared-data key holding the per-Envoy signing key.
 pub const SIGNING_KEY_SHARED_DATA: &str = "mirror.signing_key";
 
 proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Trace);
+    // Until the host's level is known (see `MirrorRoot::on_vm_start`): Envoy's default.
+    proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(MirrorRoot::default()) });
 }}
+
+/// Filters log records in the VM at the host's level, so records the host would drop
+/// are neither formatted nor copied across the VM boundary.
+fn use_host_log_level() {
+    if let Ok(level) = hostcalls::get_log_level() {
+        proxy_wasm::set_log_level(level);
+    }
+}
 
 /// Counter ids, defined once per VM.
 #[derive(Default)]
 struct Metrics {
-    requests: HashMap<String, u32>,
-    named: HashMap<&'static str, u32>,
-    rejections: HashMap<&'static str, u32>,
+    /// `(registry name, id)` in configuration order (a handful: a scan beats hashing).
+    requests: Vec<(String, u32)>,
+    /// By [`Counter`] index.
+    named: [Option<u32>; COUNTERS.len()],
+    /// By position in [`RejectReason::ALL`].
+    rejections: Vec<(RejectReason, u32)>,
 }
 
+/// The fixed counters, indexed by [`Counter`].
 const COUNTERS: [&str; 7] = [
     "mirror_challenges_rewritten",
     "mirror_challenges_rejected",
@@ -79,6 +111,18 @@ const COUNTERS: [&str; 7] = [
     "mirror_auth_requests",
     "mirror_rejections",
 ];
+
+/// Index into [`COUNTERS`].
+#[derive(Clone, Copy)]
+enum Counter {
+    ChallengesRewritten = 0,
+    ChallengesRejected = 1,
+    RedirectsSigned = 2,
+    RedirectsUnsigned = 3,
+    RedirectsFollowed = 4,
+    AuthRequests = 5,
+    Rejections = 6,
+}
 
 fn define(name: &str) -> Option<u32> {
     match hostcalls::define_metric(MetricType::Counter, name) {
@@ -95,47 +139,57 @@ impl Metrics {
         let mut m = Metrics::default();
         for r in cfg.registries() {
             if let Some(id) = define(&format!("mirror_requests_{}", r.metric_name)) {
-                m.requests.insert(r.name.clone(), id);
+                m.requests.push((r.name.clone(), id));
             }
         }
-        for c in COUNTERS {
-            if let Some(id) = define(c) {
-                m.named.insert(c, id);
-            }
+        for (slot, c) in m.named.iter_mut().zip(COUNTERS) {
+            *slot = define(c);
         }
         for r in RejectReason::ALL {
             if let Some(id) = define(&format!("mirror_rejections_{}", r.as_str())) {
-                m.rejections.insert(r.as_str(), id);
+                m.rejections.push((r, id));
             }
         }
         m
     }
 
-    fn add(id: Option<&u32>, n: usize) {
-        if let (Some(&id), Ok(n)) = (id, i64::try_from(n)) {
+    fn add(id: Option<u32>, n: usize) {
+        if let (Some(id), Ok(n)) = (id, i64::try_from(n)) {
             if n > 0 {
                 let _ = hostcalls::increment_metric(id, n);
             }
         }
     }
 
-    fn inc(&self, name: &'static str, n: usize) {
-        Self::add(self.named.get(name), n);
+    fn inc(&self, c: Counter, n: usize) {
+        Self::add(self.named.get(c as usize).copied().flatten(), n);
     }
 
     fn request(&self, registry: &str) {
-        Self::add(self.requests.get(registry), 1);
+        let id = self
+            .requests
+            .iter()
+            .find(|(name, _)| name == registry)
+            .map(|&(_, id)| id);
+        Self::add(id, 1);
     }
 
     fn rejection(&self, reason: RejectReason) {
-        self.inc("mirror_rejections", 1);
-        Self::add(self.rejections.get(reason.as_str()), 1);
+        self.inc(Counter::Rejections, 1);
+        let id = self
+            .rejections
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map(|&(_, id)| id);
+        Self::add(id, 1);
     }
 }
 
 struct Shared {
     cfg: CompiledConfig,
     metrics: Metrics,
+    /// Realms this VM last stored (or found stored) per registry; see [`store_realm_seen`].
+    seen_realms: RefCell<Vec<(String, LearnedRealm)>>,
 }
 
 impl Shared {
@@ -181,7 +235,13 @@ struct MirrorRoot {
 impl Context for MirrorRoot {}
 
 impl RootContext for MirrorRoot {
+    fn on_vm_start(&mut self, _size: usize) -> bool {
+        use_host_log_level();
+        true
+    }
+
     fn on_configure(&mut self, _size: usize) -> bool {
+        use_host_log_level();
         let bytes = self.get_plugin_configuration().unwrap_or_default();
         if bytes.iter().all(u8::is_ascii_whitespace) {
             info!("no plugin configuration, using the built-in registries");
@@ -202,7 +262,11 @@ impl RootContext for MirrorRoot {
             cfg.registries().len(),
             cfg.default_registry().map(|r| r.name.as_str())
         );
-        self.shared = Some(Rc::new(Shared { cfg, metrics }));
+        self.shared = Some(Rc::new(Shared {
+            cfg,
+            metrics,
+            seen_realms: RefCell::new(Vec::new()),
+        }));
         true
     }
 
@@ -225,7 +289,9 @@ struct ResponseState {
     mirror_base: String,
     upstream_authority: String,
     upstream_path: String,
-    cred: String,
+    /// The client's `Authorization`, hashed ([`credential_fingerprint`]) only when a
+    /// redirect is signed.
+    authorization: Option<String>,
     oci_namespace: Option<String>,
     kind: ForwardKind,
     scope_prefix: Option<String>,
@@ -235,7 +301,7 @@ struct ResponseState {
 struct Pending {
     token: u32,
     learn: LearnRealm,
-    cred: String,
+    authorization: Option<String>,
 }
 
 struct MirrorHttp {
@@ -309,7 +375,7 @@ impl Context for MirrorHttp {
         store_realm(&registry, &learned);
         match forward_to_learned(&shared.cfg, &p.learn, &learned) {
             Ok(f) => {
-                if let Err(e) = self.apply_forward(&shared, f, p.cred) {
+                if let Err(e) = self.apply_forward(&shared, f, p.authorization) {
                     warn!("cannot rewrite the paused token request: {e:?}");
                     let r = realm_failure(ErrorCode::Unavailable, "cannot rewrite the request");
                     self.reply_paused(&shared, &r);
@@ -375,26 +441,25 @@ impl MirrorHttp {
         &mut self,
         shared: &Shared,
         f: Forward,
-        cred: String,
+        authorization: Option<String>,
     ) -> Result<(), proxy_wasm::types::Status> {
         shared.metrics.request(&f.registry);
         match f.kind {
-            ForwardKind::Auth => shared.metrics.inc("mirror_auth_requests", 1),
-            ForwardKind::Redirect => shared.metrics.inc("mirror_redirects_followed", 1),
+            ForwardKind::Auth => shared.metrics.inc(Counter::AuthRequests, 1),
+            ForwardKind::Redirect => shared.metrics.inc(Counter::RedirectsFollowed, 1),
             ForwardKind::Registry => {}
         }
         let req = MapType::HttpRequestHeaders;
         hostcalls::set_map_value(req, ":authority", Some(&f.authority))?;
         hostcalls::set_map_value(req, ":path", Some(&f.path))?;
-        hostcalls::set_map_value(req, "x-mirror-registry", None)?;
-        if f.set_registry_header {
-            hostcalls::set_map_value(req, "x-mirror-registry", Some(&f.registry))?;
-        }
+        // Replacing removes every client-sent copy, so one call either way.
+        let registry_header = f.set_registry_header.then_some(f.registry.as_str());
+        hostcalls::set_map_value(req, "x-mirror-registry", registry_header)?;
         if f.strip_authorization {
             hostcalls::set_map_value(req, "authorization", None)?;
         }
         self.state = Some(ResponseState {
-            cred,
+            authorization,
             registry: f.registry,
             mirror_base: f.mirror_base,
             upstream_authority: f.authority,
@@ -408,14 +473,19 @@ impl MirrorHttp {
 
     /// A token request for another registry: forward to its learned realm, or pause
     /// and learn the realm with a `GET /v2/` to the registry's cluster.
-    fn learn_and_forward(&mut self, shared: &Shared, lr: LearnRealm, cred: String) -> Action {
+    fn learn_and_forward(
+        &mut self,
+        shared: &Shared,
+        lr: LearnRealm,
+        authorization: Option<String>,
+    ) -> Action {
         if let Some(learned) = stored_realm(&lr.registry) {
             if let Ok(f) = forward_to_learned(&shared.cfg, &lr, &learned) {
                 debug!(
                     "token request for {} -> {} {}",
                     lr.registry, f.authority, f.path
                 );
-                return match self.apply_forward(shared, f, cred) {
+                return match self.apply_forward(shared, f, authorization) {
                     Ok(()) => Action::Continue,
                     Err(e) => {
                         warn!("cannot rewrite the token request: {e:?}");
@@ -441,7 +511,7 @@ impl MirrorHttp {
                 self.pending = Some(Pending {
                     token,
                     learn: lr,
-                    cred,
+                    authorization,
                 });
                 Action::Pause
             }
@@ -463,16 +533,29 @@ impl MirrorHttp {
         self.reply(status, &headers, &body)
     }
 
-    fn rewrite_challenges(&self, shared: &Shared, st: &ResponseState) {
-        let Some(reg) = shared.cfg.registry(&st.registry) else {
-            return;
-        };
-        let values: Vec<Vec<u8>> = self
-            .get_http_response_headers_bytes()
+    /// Every `WWW-Authenticate` value. A 401 carries one, so read the whole map at
+    /// once; other responses rarely do, so first ask for the one header (the host
+    /// returns only the first of several values, hence the full read when present).
+    fn challenge_values(&self, status: Option<u32>) -> Vec<Vec<u8>> {
+        if status != Some(401)
+            && self
+                .get_http_response_header_bytes("www-authenticate")
+                .is_none()
+        {
+            return Vec::new();
+        }
+        self.get_http_response_headers_bytes()
             .into_iter()
             .filter(|(k, _)| k.eq_ignore_ascii_case("www-authenticate"))
             .map(|(_, v)| v)
-            .collect();
+            .collect()
+    }
+
+    fn rewrite_challenges(&self, shared: &Shared, st: &ResponseState, status: Option<u32>) {
+        let Some(reg) = shared.cfg.registry(&st.registry) else {
+            return;
+        };
+        let values = self.challenge_values(status);
         if values.is_empty() {
             return;
         }
@@ -515,18 +598,14 @@ impl MirrorHttp {
                 st.upstream_authority, st.registry
             );
         }
-        shared.metrics.inc("mirror_challenges_rewritten", rewritten);
-        shared.metrics.inc("mirror_challenges_rejected", rejected);
+        shared.metrics.inc(Counter::ChallengesRewritten, rewritten);
+        shared.metrics.inc(Counter::ChallengesRejected, rejected);
         if let Some(l) = learned {
-            store_realm(&st.registry, &l);
+            store_realm_seen(shared, &st.registry, l);
         }
     }
 
-    fn rewrite_redirect(&self, shared: &Shared, st: &ResponseState) {
-        let status = self
-            .get_http_response_header_bytes(":status")
-            .and_then(|s| String::from_utf8(s).ok())
-            .and_then(|s| s.parse::<u32>().ok());
+    fn rewrite_redirect(&self, shared: &Shared, st: &ResponseState, status: Option<u32>) {
         if !matches!(status, Some(301 | 302 | 303 | 307 | 308)) {
             return;
         }
@@ -534,30 +613,31 @@ impl MirrorHttp {
             return;
         };
         let Ok(loc) = String::from_utf8(loc) else {
-            shared.metrics.inc("mirror_redirects_unsigned", 1);
+            shared.metrics.inc(Counter::RedirectsUnsigned, 1);
             info!("non-UTF-8 Location left alone");
             return;
         };
         let key = shared.signing_key();
+        let cred = credential_fingerprint(st.authorization.as_deref());
         let params = SignParams {
             registry: &st.registry,
             base_host: &st.upstream_authority,
             base_path: &st.upstream_path,
             mirror_base: &st.mirror_base,
-            cred: &st.cred,
+            cred: &cred,
             key: &key,
             now: now_secs(self),
         };
         match rewrite_location(&shared.cfg, &params, &loc) {
             LocationOutcome::Signed(u) => {
                 self.set_http_response_header("location", Some(&u));
-                shared.metrics.inc("mirror_redirects_signed", 1);
+                shared.metrics.inc(Counter::RedirectsSigned, 1);
             }
             LocationOutcome::Passthrough => {
-                shared.metrics.inc("mirror_redirects_unsigned", 1);
+                shared.metrics.inc(Counter::RedirectsUnsigned, 1);
             }
             LocationOutcome::Rejected => {
-                shared.metrics.inc("mirror_redirects_unsigned", 1);
+                shared.metrics.inc(Counter::RedirectsUnsigned, 1);
                 info!(
                     "redirect from {} for {} not signed (host not allowed, not https, or no key): {}",
                     st.upstream_authority,
@@ -587,7 +667,7 @@ impl HttpContext for MirrorHttp {
         let (method, authority, path, scheme, xfp, authorization) = match headers {
             Ok(h) => h,
             Err(HeaderError::NotUtf8(name)) => {
-                info!("rejected request: header {name} is not UTF-8");
+                debug!("rejected request: header {name} is not UTF-8");
                 shared.metrics.rejection(RejectReason::BadRequest);
                 return self.fail(400, ErrorCode::Unsupported, "invalid header encoding");
             }
@@ -602,16 +682,17 @@ impl HttpContext for MirrorHttp {
             forwarded_proto: xfp.as_deref(),
             authorization: authorization.as_deref(),
         };
-        let key = if path.starts_with(rules::redirect::PREFIX) {
-            shared.signing_key()
+        // Key and clock are only needed to verify a signed redirect.
+        let (key, now) = if path.starts_with(rules::redirect::PREFIX) {
+            (shared.signing_key(), now_secs(self))
         } else {
-            Vec::new()
+            (Vec::new(), 0)
         };
-        match route(&shared.cfg, &req, &key, now_secs(self)) {
+        match route(&shared.cfg, &req, &key, now) {
             Decision::Reply(r) => {
                 if let Some(reason) = r.reason {
                     shared.metrics.rejection(reason);
-                    info!(
+                    debug!(
                         "{} {} {}: {} ({})",
                         r.status,
                         method,
@@ -622,27 +703,14 @@ impl HttpContext for MirrorHttp {
                 }
                 self.reply(r.status, &r.headers, &r.body)
             }
-            Decision::Forward(f) => {
-                debug!(
-                    "{method} {path} -> {} {} ({})",
-                    f.authority, f.path, f.registry
-                );
-                match self.apply_forward(
-                    &shared,
-                    f,
-                    credential_fingerprint(authorization.as_deref()),
-                ) {
-                    Ok(()) => Action::Continue,
-                    Err(e) => {
-                        warn!("cannot rewrite the request: {e:?}");
-                        self.fail(500, ErrorCode::Unsupported, "cannot rewrite the request")
-                    }
+            Decision::Forward(f) => match self.apply_forward(&shared, f, authorization) {
+                Ok(()) => Action::Continue,
+                Err(e) => {
+                    warn!("cannot rewrite the request: {e:?}");
+                    self.fail(500, ErrorCode::Unsupported, "cannot rewrite the request")
                 }
-            }
-            Decision::LearnRealm(lr) => {
-                let cred = credential_fingerprint(authorization.as_deref());
-                self.learn_and_forward(&shared, lr, cred)
-            }
+            },
+            Decision::LearnRealm(lr) => self.learn_and_forward(&shared, lr, authorization),
         }
     }
 
@@ -650,8 +718,11 @@ impl HttpContext for MirrorHttp {
         let (Some(shared), Some(st)) = (self.shared.as_ref(), self.state.as_ref()) else {
             return Action::Continue;
         };
-        self.rewrite_challenges(shared, st);
-        self.rewrite_redirect(shared, st);
+        let status = self
+            .get_http_response_header_bytes(":status")
+            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u32>().ok());
+        self.rewrite_challenges(shared, st, status);
+        self.rewrite_redirect(shared, st, status);
         if let Some(ns) = &st.oci_namespace {
             self.set_http_response_header("oci-namespace", Some(ns));
         }

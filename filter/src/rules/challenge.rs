@@ -245,8 +245,9 @@ pub fn parse(value: &str) -> Result<Vec<Challenge>, ChallengeError> {
     Ok(out)
 }
 
-fn quote(v: &str) -> String {
-    let mut s = String::with_capacity(v.len() + 2);
+/// Appends `v` to `s` as a quoted-string.
+fn push_quoted(s: &mut String, v: &str) {
+    s.reserve(v.len() + 2);
     s.push('"');
     for c in v.chars() {
         if c == '"' || c == '\\' {
@@ -255,13 +256,12 @@ fn quote(v: &str) -> String {
         s.push(c);
     }
     s.push('"');
-    s
 }
 
 /// Serializes challenges. Values are written as quoted-strings (always valid,
 /// and what registries send), separated by `,`; challenges by `, `.
 pub fn serialize(challenges: &[Challenge]) -> String {
-    let mut out = String::new();
+    let mut out = String::with_capacity(256);
     for (i, c) in challenges.iter().enumerate() {
         if i > 0 {
             out.push_str(", ");
@@ -278,7 +278,7 @@ pub fn serialize(challenges: &[Challenge]) -> String {
                 }
                 out.push_str(k);
                 out.push('=');
-                out.push_str(&quote(v));
+                push_quoted(&mut out, v);
             }
         }
     }

@@ -248,13 +248,17 @@ fn host_without_port(a: &str) -> String {
 
 /// Path tricks that must not reach routing components.
 fn has_path_tricks(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
+    let encoded_trick = |w: &[u8]| {
+        matches!(
+            w,
+            [b'%', b'2', b'f' | b'F' | b'e' | b'E']
+                | [b'%', b'5', b'c' | b'C']
+                | [b'%', b'0', b'0']
+        )
+    };
     path.contains("//")
         || path.contains('\\')
-        || lower.contains("%2f")
-        || lower.contains("%2e")
-        || lower.contains("%5c")
-        || lower.contains("%00")
+        || path.as_bytes().windows(3).any(encoded_trick)
         || path.split('/').any(|s| s == "." || s == "..")
 }
 
