@@ -76,7 +76,7 @@ lint:
 
 # The whole test suite: unit tests, config drift, then the integration tests (real Envoy, registries, clients).
 test: setup build lint
-    MIRROR_WASM="$PWD/{{wasm}}" REGMIRROR_BIN="$PWD/{{regmirror}}" cargo test --workspace --release
+    MIRROR_WASM="$PWD/{{wasm}}" REGMIRROR_BIN="$PWD/{{regmirror}}" cargo test --workspace --exclude mirror-bench --release
 
 # Benchmarks (not tests): the data path measured side by side with its peers; prints a table of ratios.
 bench: setup build
