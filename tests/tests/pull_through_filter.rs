@@ -628,7 +628,6 @@ fn containerd_pulls_hub_images_in_host_mode() {
 /// containerd adds `?ns=quay.io` even with `override_path` (the mirror host is not
 /// quay.io), so the request is `/v2/quay.io/coreos/etcd/manifests/v3.5?ns=quay.io`.
 #[test]
-#[ignore = "filter: `/v2/quay.io/coreos/etcd/manifests/v3.5?ns=quay.io` is routed by ns and reaches quay.io as /v2/quay.io/coreos/etcd/... (prefix not stripped) → 401 insufficient_scope"]
 fn containerd_pulls_quay_etcd_with_a_path_prefix() {
     let m = mirror::shared();
     let c = clients::containerd();

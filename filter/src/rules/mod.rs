@@ -7,6 +7,7 @@ pub mod oci_error;
 pub mod redirect;
 pub mod route;
 pub mod token;
+pub mod token_host;
 
 pub use config::{
     compile, default_config, parse, CompiledConfig, ConfigError, FilterConfig, RegistryConfig,

@@ -3,8 +3,9 @@
 use super::config::{is_valid_authority, CompiledConfig, Registry};
 use super::names::{Digest, NameError, Reference, RepositoryName};
 use super::oci_error::{render, ErrorCode};
-use super::redirect::{credential_fingerprint, SignedRedirect, PREFIX as REDIRECT_PREFIX};
+use super::redirect::{SignedRedirect, PREFIX as REDIRECT_PREFIX};
 use super::token::{self, LearnedRealm};
+use super::token_host::strip_credential;
 
 /// Path prefix of token requests.
 pub const AUTH_PREFIX: &str = "/_mirror/auth/";
@@ -317,6 +318,18 @@ fn with_query(path: String, query: Option<&str>) -> String {
 /// `key` is the signing key (only used for `/_mirror/redirect/`; shorter than
 /// 32 bytes means every signed URL is refused), `now` is unix seconds.
 pub fn route(cfg: &CompiledConfig, req: &Request<'_>, key: &[u8], now: u64) -> Decision {
+    route_with(cfg, req, key, now, &|_, _| false)
+}
+
+/// [`route`], with `is_token_host(registry, host)` telling whether a signed redirect
+/// target is a recorded token host of its registry (see [`super::token_host`]).
+pub fn route_with(
+    cfg: &CompiledConfig,
+    req: &Request<'_>,
+    key: &[u8],
+    now: u64,
+    is_token_host: &dyn Fn(&str, &str) -> bool,
+) -> Decision {
     if req.method != "GET" && req.method != "HEAD" {
         return reject(
             405,
@@ -337,9 +350,8 @@ pub fn route(cfg: &CompiledConfig, req: &Request<'_>, key: &[u8], now: u64) -> D
         None => (full, None),
     };
 
-    if let Some(rest) = full.strip_prefix(REDIRECT_PREFIX) {
-        let _ = rest;
-        return route_redirect(cfg, req, key, now);
+    if full.starts_with(REDIRECT_PREFIX) {
+        return route_redirect(cfg, req, key, now, is_token_host);
     }
     if has_path_tricks(path) {
         return bad_request("invalid request path");
@@ -416,6 +428,17 @@ fn route_v2(
     let registry: Option<&Registry> = if let Some(r) = cfg.registry_for_host(&host) {
         Some(r)
     } else if let Some((_, r)) = ns_reg {
+        // containerd's path-prefix mode (`override_path`) still adds `ns`: a first
+        // component naming the ns registry itself is the client's prefix, not part of
+        // the name. A component naming another registry stays (a legal repository path).
+        if let Some(first) = name_comps
+            .first()
+            .copied()
+            .filter(|f| cfg.registry(f).is_some_and(|p| p.name == r.name))
+        {
+            path_prefix = Some(first.to_ascii_lowercase());
+            name_comps.remove(0);
+        }
         Some(r)
     } else if let Some(first) = name_comps
         .first()
@@ -666,7 +689,13 @@ pub fn realm_failure(code: ErrorCode, message: &str) -> Reply {
     }
 }
 
-fn route_redirect(cfg: &CompiledConfig, req: &Request<'_>, key: &[u8], now: u64) -> Decision {
+fn route_redirect(
+    cfg: &CompiledConfig,
+    req: &Request<'_>,
+    key: &[u8],
+    now: u64,
+    is_token_host: &dyn Fn(&str, &str) -> bool,
+) -> Decision {
     let sr = match SignedRedirect::parse(req.path).and_then(|sr| {
         sr.verify(cfg, key, now)?;
         Ok(sr)
@@ -674,10 +703,9 @@ fn route_redirect(cfg: &CompiledConfig, req: &Request<'_>, key: &[u8], now: u64)
         Ok(sr) => sr,
         Err(e) => return denied(RejectReason::RedirectDenied, e.as_str()),
     };
-    let strip = sr.cred != "-"
-        && req
-            .authorization
-            .is_some_and(|a| credential_fingerprint(Some(a)) == sr.cred);
+    let strip = strip_credential(&sr.cred, req.authorization, || {
+        is_token_host(&sr.registry, &sr.target.host)
+    });
     Decision::Forward(Forward {
         kind: ForwardKind::Redirect,
         path: sr.target.path_and_query(),
@@ -695,7 +723,7 @@ fn route_redirect(cfg: &CompiledConfig, req: &Request<'_>, key: &[u8], now: u64)
 mod tests {
     use super::*;
     use crate::rules::config::parse as parse_config;
-    use crate::rules::redirect::{mirror_url, Target};
+    use crate::rules::redirect::{credential_fingerprint, mirror_url, Target};
 
     const KEY: [u8; 32] = [9u8; 32];
 
@@ -887,6 +915,74 @@ mod tests {
         assert_eq!((r.status, code(&r).as_str()), (404, "NAME_UNKNOWN"));
         let r = reply(route(&cfg, &get("m", "/v2/quay.io/manifests/1"), &KEY, 0));
         assert_eq!((r.status, code(&r).as_str()), (400, "NAME_INVALID"));
+    }
+
+    #[test]
+    fn ns_with_its_own_path_prefix() {
+        let cfg = parse_config(b"").unwrap();
+        // containerd `override_path` on `https://mirror/v2/quay.io`: prefix and ns agree.
+        let f = fwd(route(
+            &cfg,
+            &get("m", "/v2/quay.io/coreos/etcd/manifests/v3.5?ns=quay.io"),
+            &KEY,
+            0,
+        ));
+        assert_eq!(
+            (f.registry.as_str(), f.authority.as_str()),
+            ("quay.io", "quay.io")
+        );
+        assert_eq!(f.path, "/v2/coreos/etcd/manifests/v3.5");
+        assert_eq!(f.oci_namespace_echo.as_deref(), Some("quay.io"));
+        // An alias of the ns registry is stripped too, then library/ applies.
+        let f = fwd(route(
+            &cfg,
+            &get("m", "/v2/index.docker.io/alpine/manifests/3?ns=docker.io"),
+            &KEY,
+            0,
+        ));
+        assert_eq!(f.path, "/v2/library/alpine/manifests/3");
+        assert_eq!(f.path_prefix.as_deref(), Some("index.docker.io"));
+        let f = fwd(route(
+            &cfg,
+            &get("m", "/v2/docker.io/alpine/manifests/3?ns=index.docker.io"),
+            &KEY,
+            0,
+        ));
+        assert_eq!(f.path, "/v2/library/alpine/manifests/3");
+        // A first component naming another registry stays part of the name.
+        let f = fwd(route(
+            &cfg,
+            &get("m", "/v2/docker.io/library/x/manifests/1?ns=quay.io"),
+            &KEY,
+            0,
+        ));
+        assert_eq!(f.registry, "quay.io");
+        assert_eq!(f.path, "/v2/docker.io/library/x/manifests/1");
+        // A host-like component that is no registry: also part of the name.
+        let f = fwd(route(
+            &cfg,
+            &get("m", "/v2/example.com/x/manifests/1?ns=quay.io"),
+            &KEY,
+            0,
+        ));
+        assert_eq!(f.path, "/v2/example.com/x/manifests/1");
+        // Only the prefix: no name left.
+        let r = reply(route(
+            &cfg,
+            &get("m", "/v2/quay.io/manifests/1?ns=quay.io"),
+            &KEY,
+            0,
+        ));
+        assert_eq!((r.status, code(&r).as_str()), (400, "NAME_INVALID"));
+        // Host mode wins over ns; nothing is stripped there.
+        let f = fwd(route(
+            &host_cfg(),
+            &get("quay.mirror.test", "/v2/quay.io/x/manifests/1?ns=quay.io"),
+            &KEY,
+            0,
+        ));
+        assert_eq!(f.path, "/v2/quay.io/x/manifests/1");
+        assert_eq!(f.path_prefix, None);
     }
 
     #[test]
@@ -1124,6 +1220,23 @@ mod tests {
             0,
         ));
         assert_eq!(f.path_prefix.as_deref(), Some("quay.io"));
+        // ns plus the ns registry's own prefix (containerd `override_path`): the client's
+        // names carry the prefix, so challenges do too.
+        let f = fwd(route(
+            &cfg,
+            &get("m", "/v2/Quay.io/coreos/etcd/manifests/v3.5?ns=quay.io"),
+            &KEY,
+            0,
+        ));
+        assert_eq!(f.path_prefix.as_deref(), Some("quay.io"));
+        // Another registry's name after ns: part of the repository name, no prefix.
+        let f = fwd(route(
+            &cfg,
+            &get("m", "/v2/docker.io/x/manifests/1?ns=quay.io"),
+            &KEY,
+            0,
+        ));
+        assert_eq!(f.path_prefix, None);
         for p in [
             "/v2/coreos/etcd/manifests/v3.5?ns=quay.io",
             "/v2/library/alpine/manifests/1",
@@ -1296,6 +1409,27 @@ mod tests {
         assert!(!f.strip_authorization);
         let f = fwd(route(&cfg, &get("m", &url), &KEY, 50));
         assert!(!f.strip_authorization);
+        // A recorded token host of the registry keeps the registry's token.
+        let asked = std::cell::RefCell::new(Vec::new());
+        let is_token_host = |r: &str, h: &str| {
+            asked.borrow_mut().push(format!("{r} {h}"));
+            true
+        };
+        let f = fwd(route_with(
+            &cfg,
+            &Request {
+                authorization: Some("Bearer up"),
+                ..get("m", &url)
+            },
+            &KEY,
+            50,
+            &is_token_host,
+        ));
+        assert!(!f.strip_authorization);
+        assert_eq!(
+            asked.borrow().as_slice(),
+            ["docker.io production.cloudflare.docker.com"]
+        );
         // Expired, wrong key, no key, tampered.
         for (k, now, u) in [
             (&KEY[..], 101, url.clone()),
