@@ -22,10 +22,11 @@ use rules::challenge::rewrite_challenges;
 use rules::oci_error::ErrorCode;
 use rules::redirect::{credential_fingerprint, rewrite_location, LocationOutcome, SignParams};
 use rules::route::{
-    forward_to_learned, placeholder_token, realm_failure, route, Decision, Forward, ForwardKind,
-    LearnRealm, RejectReason, Reply, Request,
+    forward_to_learned, placeholder_token, realm_failure, route_with, Decision, Forward,
+    ForwardKind, LearnRealm, RejectReason, Reply, Request,
 };
 use rules::token::{learn_realm, realm_key, LearnError, LearnedRealm};
+use rules::token_host::{self, is_token_host_challenge, TokenHosts};
 use rules::CompiledConfig;
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -70,6 +71,42 @@ fn store_realm_seen(shared: &Shared, registry: &str, learned: LearnedRealm) {
     match seen.iter_mut().find(|(r, _)| r == registry) {
         Some((_, l)) => *l = learned,
         None => seen.push((registry.to_string(), learned)),
+    }
+}
+
+/// The recorded token hosts of `registry` and the shared-data CAS of their key.
+fn token_hosts(registry: &str) -> (TokenHosts, Option<u32>) {
+    match hostcalls::get_shared_data(&token_host::key(registry)) {
+        Ok((Some(v), cas)) => (TokenHosts::decode(&v), cas),
+        Ok((None, cas)) => (TokenHosts::default(), cas),
+        Err(_) => (TokenHosts::default(), None),
+    }
+}
+
+/// Is `host` a recorded token host of `registry` (its tokens are meant for it)?
+fn is_recorded_token_host(registry: &str, host: &str) -> bool {
+    token_hosts(registry).0.contains(host)
+}
+
+/// Records `host` as a token host of `registry` (bounded list; CAS against other VMs).
+fn record_token_host(registry: &str, host: &str) {
+    for _ in 0..3 {
+        let (mut hosts, cas) = token_hosts(registry);
+        if !hosts.insert(host) {
+            return;
+        }
+        let v = hosts.encode();
+        match hostcalls::set_shared_data(&token_host::key(registry), Some(v.as_bytes()), cas) {
+            Ok(()) => {
+                info!("{host} challenges with the realm of {registry}: its tokens now pass there");
+                return;
+            }
+            Err(proxy_wasm::types::Status::CasMismatch) => continue,
+            Err(e) => {
+                warn!("cannot record token host {host} of {registry}: {e:?}");
+                return;
+            }
+        }
     }
 }
 
@@ -559,6 +596,17 @@ impl MirrorHttp {
         if values.is_empty() {
             return;
         }
+        // A redirect target challenging with the registry's own realm is a resource
+        // server of its token service: record it, so the registry's tokens pass there.
+        if st.kind == ForwardKind::Redirect && status == Some(401) {
+            let texts: Vec<String> = values
+                .iter()
+                .filter_map(|v| String::from_utf8(v.clone()).ok())
+                .collect();
+            if is_token_host_challenge(reg, status, &texts) {
+                record_token_host(&st.registry, &st.upstream_authority);
+            }
+        }
         let (mut rewritten, mut rejected) = (0, 0);
         let mut learned: Option<LearnedRealm> = None;
         let mut out = Vec::with_capacity(values.len());
@@ -688,7 +736,7 @@ impl HttpContext for MirrorHttp {
         } else {
             (Vec::new(), 0)
         };
-        match route(&shared.cfg, &req, &key, now) {
+        match route_with(&shared.cfg, &req, &key, now, &is_recorded_token_host) {
             Decision::Reply(r) => {
                 if let Some(reason) = r.reason {
                     shared.metrics.rejection(reason);
