@@ -302,17 +302,7 @@ pub fn run(args: &DoctorArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let ca = match &args.ca {
-        Some(p) => match std::fs::read(p) {
-            Ok(b) => Some(b),
-            Err(e) => {
-                eprintln!("regmirror doctor: --ca {}: {e}", p.display());
-                return ExitCode::from(2);
-            }
-        },
-        None => None,
-    };
-    let client = match MirrorClient::new(&args.mirror, ca.as_deref()) {
+    let client = match MirrorClient::from_flags(&args.mirror, args.ca.as_deref()) {
         Ok(mut c) => {
             c.strict_realms = true;
             c

@@ -72,6 +72,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl MirrorClient {
+    /// From the `--mirror URL [--ca FILE]` flags warm and doctor share.
+    pub fn from_flags(
+        mirror: &str,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<Self, ClientError> {
+        let ca_pem = ca_file
+            .map(|path| {
+                std::fs::read(path)
+                    .map_err(|e| ClientError::Setup(format!("--ca {}: {e}", path.display())))
+            })
+            .transpose()?;
+        Self::new(mirror, ca_pem.as_deref())
+    }
+
     /// `mirror`: base URL (`https://mirror.example.com`); `ca_pem`: extra trusted CAs.
     pub fn new(mirror: &str, ca_pem: Option<&[u8]>) -> Result<Self, ClientError> {
         let base = Url::parse(mirror)

@@ -617,17 +617,7 @@ pub fn run(args: &WarmArgs) -> ExitCode {
             }
         }
     };
-    let ca = match &args.ca {
-        Some(p) => match std::fs::read(p) {
-            Ok(b) => Some(b),
-            Err(e) => {
-                eprintln!("regmirror warm: --ca {}: {e}", p.display());
-                return ExitCode::from(2);
-            }
-        },
-        None => None,
-    };
-    let client = match MirrorClient::new(&args.mirror, ca.as_deref()) {
+    let client = match MirrorClient::from_flags(&args.mirror, args.ca.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("regmirror warm: {e}");
