@@ -3,6 +3,9 @@
 //! Every value that ends up in a filesystem path or an upstream URL goes through one of these
 //! newtypes first; constructing one is the validation (distribution grammar).
 
+// The distribution grammar lives in one place, the filter's rules, which check the same
+// requests before they reach the cache.
+use mirror_filter::rules::names;
 use std::fmt;
 
 use sha2::{Digest as _, Sha256};
@@ -22,64 +25,11 @@ pub enum GrammarError {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RepoName(String);
 
-fn is_alnum_lower(b: u8) -> bool {
-    b.is_ascii_lowercase() || b.is_ascii_digit()
-}
-
-/// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`
-fn valid_component(c: &[u8]) -> bool {
-    let mut i = 0;
-    let n = c.len();
-    // first run of alnum
-    let start = i;
-    while i < n && c.get(i).copied().is_some_and(is_alnum_lower) {
-        i += 1;
-    }
-    if i == start {
-        return false;
-    }
-    while i < n {
-        // separator
-        let sep_start = i;
-        match c.get(i).copied() {
-            Some(b'.') => i += 1,
-            Some(b'_') => {
-                i += 1;
-                if c.get(i).copied() == Some(b'_') {
-                    i += 1;
-                }
-            }
-            Some(b'-') => {
-                while c.get(i).copied() == Some(b'-') {
-                    i += 1;
-                }
-            }
-            _ => return false,
-        }
-        if i == sep_start {
-            return false;
-        }
-        let run_start = i;
-        while i < n && c.get(i).copied().is_some_and(is_alnum_lower) {
-            i += 1;
-        }
-        if i == run_start {
-            return false;
-        }
-    }
-    true
-}
-
 impl RepoName {
     pub fn parse(s: &str) -> Result<Self, GrammarError> {
-        if s.is_empty() || s.len() > 255 {
-            return Err(GrammarError::Name);
-        }
-        if s.split('/').all(|c| valid_component(c.as_bytes())) {
-            Ok(Self(s.to_owned()))
-        } else {
-            Err(GrammarError::Name)
-        }
+        names::RepositoryName::parse(s)
+            .map(|name| Self(name.as_str().to_owned()))
+            .map_err(|_| GrammarError::Name)
     }
     pub fn as_str(&self) -> &str {
         &self.0
@@ -98,15 +48,7 @@ pub struct Tag(String);
 
 impl Tag {
     pub fn parse(s: &str) -> Result<Self, GrammarError> {
-        let b = s.as_bytes();
-        let first_ok = b
-            .first()
-            .is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_');
-        let rest_ok = b
-            .iter()
-            .skip(1)
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
-        if first_ok && rest_ok && b.len() <= 128 {
+        if names::is_valid_tag(s) {
             Ok(Self(s.to_owned()))
         } else {
             Err(GrammarError::Tag)
