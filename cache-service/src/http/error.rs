@@ -5,7 +5,6 @@ use axum::response::{IntoResponse, Response};
 
 use crate::cache::CacheError;
 use crate::oci::GrammarError;
-use crate::upstream::UpstreamError;
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -70,10 +69,7 @@ impl From<CacheError> for ApiError {
                 }
                 a
             }
-            CacheError::UpstreamStatus(_)
-            | CacheError::Upstream(UpstreamError::TooManyRedirects) => {
-                ApiError::new(S::BAD_GATEWAY, "UNAVAILABLE", msg)
-            }
+            CacheError::UpstreamStatus(_) => ApiError::new(S::BAD_GATEWAY, "UNAVAILABLE", msg),
             CacheError::Upstream(_) => ApiError::new(S::BAD_GATEWAY, "UNAVAILABLE", msg),
             CacheError::ManifestInvalid(_) => {
                 ApiError::new(S::BAD_GATEWAY, "MANIFEST_INVALID", msg)

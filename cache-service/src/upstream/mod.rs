@@ -19,14 +19,48 @@ const MAX_REDIRECTS: usize = 5;
 /// A Retry-After longer than this is not waited for: the 429 goes to the client.
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
 
+/// A redirect the registry clients (the cache's and `warm`'s) will not follow.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RedirectError {
+    #[error("more than {MAX_REDIRECTS} redirects")]
+    TooMany,
+    #[error("bad redirect: {0}")]
+    Bad(String),
+}
+
+/// Where `resp` redirects the next request, counting `hops`: `None` when it is no redirect
+/// to follow (not 3xx, 304, or no `Location`). Relative locations resolve against `current`.
+pub fn redirect_target(
+    current: &Url,
+    resp: &reqwest::Response,
+    hops: &mut usize,
+) -> Result<Option<Url>, RedirectError> {
+    let status = resp.status();
+    if !status.is_redirection() || status == StatusCode::NOT_MODIFIED {
+        return Ok(None);
+    }
+    let Some(loc) = resp.headers().get(LOCATION).and_then(|l| l.to_str().ok()) else {
+        return Ok(None);
+    };
+    *hops += 1;
+    if *hops > MAX_REDIRECTS {
+        return Err(RedirectError::TooMany);
+    }
+    let next = current
+        .join(loc)
+        .map_err(|e| RedirectError::Bad(format!("{loc}: {e}")))?;
+    if next.scheme() != "https" && next.scheme() != "http" {
+        return Err(RedirectError::Bad(format!("{loc}: not http(s)")));
+    }
+    Ok(Some(next))
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
     #[error("upstream unreachable: {0}")]
     Connect(String),
-    #[error("more than {MAX_REDIRECTS} redirects")]
-    TooManyRedirects,
-    #[error("bad redirect: {0}")]
-    BadRedirect(String),
+    #[error(transparent)]
+    Redirect(#[from] RedirectError),
     #[error("token request to {realm} failed: {reason}")]
     Token { realm: String, reason: String },
     #[error("building the HTTP client: {0}")]
@@ -261,7 +295,7 @@ impl Upstream {
         let mut url = self
             .base
             .join(path_and_query)
-            .map_err(|e| UpstreamError::BadRedirect(e.to_string()))?;
+            .map_err(|e| RedirectError::Bad(e.to_string()))?;
         // Authorization bound to the host it was issued for.
         let mut auth: Option<(String, HeaderValue)> = None;
         let known = lock(&self.challenge).clone();
@@ -304,20 +338,7 @@ impl Upstream {
                 }
                 return Ok(resp);
             }
-            if status.is_redirection() && status != StatusCode::NOT_MODIFIED {
-                let Some(loc) = resp.headers().get(LOCATION).and_then(|l| l.to_str().ok()) else {
-                    return Ok(resp);
-                };
-                redirects += 1;
-                if redirects > MAX_REDIRECTS {
-                    return Err(UpstreamError::TooManyRedirects);
-                }
-                let next = url
-                    .join(loc)
-                    .map_err(|e| UpstreamError::BadRedirect(format!("{loc}: {e}")))?;
-                if next.scheme() != "https" && next.scheme() != "http" {
-                    return Err(UpstreamError::BadRedirect(format!("{loc}: not http(s)")));
-                }
+            if let Some(next) = redirect_target(&url, &resp, &mut redirects)? {
                 tracing::debug!(upstream = %self.name, from = %url, to = %next, "following redirect");
                 url = next;
                 retried_auth_for = None;

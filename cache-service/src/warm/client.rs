@@ -7,13 +7,12 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, LOCATION, WWW_AUTHENTICATE};
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
 use reqwest::{Method, StatusCode};
 use url::Url;
 
 use crate::upstream::auth::{parse_challenges, Challenge};
-
-const MAX_REDIRECTS: usize = 5;
+use crate::upstream::{redirect_target, RedirectError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -21,10 +20,8 @@ pub enum ClientError {
     Setup(String),
     #[error("{url}: {reason}")]
     Http { url: String, reason: String },
-    #[error("more than {MAX_REDIRECTS} redirects")]
-    TooManyRedirects,
-    #[error("bad redirect {0}")]
-    BadRedirect(String),
+    #[error(transparent)]
+    Redirect(#[from] RedirectError),
     #[error("token from {realm}: {reason}")]
     Token { realm: String, reason: String },
 }
@@ -246,20 +243,7 @@ impl MirrorClient {
                 }
                 return Ok(resp);
             }
-            if status.is_redirection() && status != StatusCode::NOT_MODIFIED {
-                let Some(loc) = resp.headers().get(LOCATION).and_then(|l| l.to_str().ok()) else {
-                    return Ok(resp);
-                };
-                redirects += 1;
-                if redirects > MAX_REDIRECTS {
-                    return Err(ClientError::TooManyRedirects);
-                }
-                let next = url
-                    .join(loc)
-                    .map_err(|e| ClientError::BadRedirect(format!("{loc}: {e}")))?;
-                if next.scheme() != "https" && next.scheme() != "http" {
-                    return Err(ClientError::BadRedirect(format!("{loc}: not http(s)")));
-                }
+            if let Some(next) = redirect_target(&url, &resp, &mut redirects)? {
                 url = next;
                 answered = false;
                 continue;
