@@ -158,6 +158,25 @@ impl TokenCache {
     }
 }
 
+/// The token request for a Bearer challenge: `<realm>?service=…&scope=…` (the realm's own
+/// query kept). Only http(s) realms.
+pub fn token_url(realm: &str, service: &str, scope: &str) -> Result<url::Url, String> {
+    let mut url = url::Url::parse(realm).map_err(|e| e.to_string())?;
+    if url.scheme() != "https" && url.scheme() != "http" {
+        return Err("realm is not an http(s) URL".into());
+    }
+    {
+        let mut query = url.query_pairs_mut();
+        if !service.is_empty() {
+            query.append_pair("service", service);
+        }
+        if !scope.is_empty() {
+            query.append_pair("scope", scope);
+        }
+    }
+    Ok(url)
+}
+
 #[cfg(test)]
 #[allow(
     clippy::unwrap_used,

@@ -210,19 +210,7 @@ impl Upstream {
             realm: realm.to_owned(),
             reason,
         };
-        let mut url = Url::parse(realm).map_err(|e| terr(e.to_string()))?;
-        if url.scheme() != "https" && url.scheme() != "http" {
-            return Err(terr("realm is not an http(s) URL".into()));
-        }
-        {
-            let mut q = url.query_pairs_mut();
-            if !service.is_empty() {
-                q.append_pair("service", service);
-            }
-            if !scope.is_empty() {
-                q.append_pair("scope", scope);
-            }
-        }
+        let url = auth::token_url(realm, service, scope).map_err(terr)?;
         let mut req = self.http.get(url.clone()).timeout(Duration::from_secs(30));
         if let Some(c) = self.credentials_for_realm(&url) {
             req = req.basic_auth(&c.username, Some(&c.password));

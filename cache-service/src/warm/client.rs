@@ -152,19 +152,7 @@ impl MirrorClient {
             realm: realm.to_owned(),
             reason,
         };
-        let mut url = Url::parse(realm).map_err(|e| terr(e.to_string()))?;
-        if url.scheme() != "https" && url.scheme() != "http" {
-            return Err(terr("realm is not an http(s) URL".into()));
-        }
-        {
-            let mut q = url.query_pairs_mut();
-            if !service.is_empty() {
-                q.append_pair("service", service);
-            }
-            if !scope.is_empty() {
-                q.append_pair("scope", scope);
-            }
-        }
+        let url = crate::upstream::auth::token_url(realm, service, scope).map_err(terr)?;
         let resp = self
             .http
             .get(url)
