@@ -17,7 +17,7 @@ pub mod rules;
 use log::{debug, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 use rules::challenge::rewrite_challenges;
 use rules::oci_error::ErrorCode;
 use rules::redirect::{credential_fingerprint, rewrite_location, LocationOutcome, SignParams};
@@ -28,7 +28,7 @@ use rules::route::{
 use rules::token::{learn_realm, realm_key, LearnError, LearnedRealm};
 use rules::token_host::{self, is_token_host_challenge, TokenHosts};
 use rules::CompiledConfig;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -127,15 +127,55 @@ fn use_host_log_level() {
     }
 }
 
-/// Counter ids, defined once per VM.
+/// How often each VM hands its counted events to Envoy's stats.
+const METRICS_FLUSH_PERIOD: Duration = Duration::from_secs(1);
+
+/// One Envoy counter, counted inside the VM and flushed on the root context's tick:
+/// a host call costs more than the filter's own work on a request (see bench/RESULTS.md).
+struct BatchedCounter {
+    id: u32,
+    pending: Cell<i64>,
+}
+
+impl BatchedCounter {
+    fn define(name: &str) -> Option<Self> {
+        match hostcalls::define_metric(MetricType::Counter, name) {
+            Ok(id) => Some(BatchedCounter {
+                id,
+                pending: Cell::new(0),
+            }),
+            Err(e) => {
+                warn!("cannot define metric {name}: {e:?}");
+                None
+            }
+        }
+    }
+
+    fn add(&self, n: usize) {
+        if let Ok(n) = i64::try_from(n) {
+            self.pending.set(self.pending.get().saturating_add(n));
+        }
+    }
+
+    fn flush(&self) {
+        let n = self.pending.take();
+        if n > 0 {
+            if let Err(e) = hostcalls::increment_metric(self.id, n) {
+                debug!("cannot increment metric {}: {e:?}", self.id);
+            }
+        }
+    }
+}
+
+/// The filter's counters, defined once per VM.
 #[derive(Default)]
 struct Metrics {
-    /// `(registry name, id)` in configuration order (a handful: a scan beats hashing).
-    requests: Vec<(String, u32)>,
+    /// `(registry name, counter)` in configuration order (a handful: a scan beats hashing).
+    requests: Vec<(String, BatchedCounter)>,
     /// By [`Counter`] index.
-    named: [Option<u32>; COUNTERS.len()],
+    named: [Option<BatchedCounter>; COUNTERS.len()],
     /// By position in [`RejectReason::ALL`].
-    rejections: Vec<(RejectReason, u32)>,
+    rejections: Vec<(RejectReason, BatchedCounter)>,
 }
 
 /// The fixed counters, indexed by [`Counter`].
@@ -161,64 +201,55 @@ enum Counter {
     Rejections = 6,
 }
 
-fn define(name: &str) -> Option<u32> {
-    match hostcalls::define_metric(MetricType::Counter, name) {
-        Ok(id) => Some(id),
-        Err(e) => {
-            warn!("cannot define metric {name}: {e:?}");
-            None
-        }
-    }
-}
-
 impl Metrics {
     fn define(cfg: &CompiledConfig) -> Self {
         let mut m = Metrics::default();
         for r in cfg.registries() {
-            if let Some(id) = define(&format!("mirror_requests_{}", r.metric_name)) {
-                m.requests.push((r.name.clone(), id));
+            let name = format!("mirror_requests_{}", r.metric_name);
+            if let Some(c) = BatchedCounter::define(&name) {
+                m.requests.push((r.name.clone(), c));
             }
         }
-        for (slot, c) in m.named.iter_mut().zip(COUNTERS) {
-            *slot = define(c);
+        for (slot, name) in m.named.iter_mut().zip(COUNTERS) {
+            *slot = BatchedCounter::define(name);
         }
         for r in RejectReason::ALL {
-            if let Some(id) = define(&format!("mirror_rejections_{}", r.as_str())) {
-                m.rejections.push((r, id));
+            let name = format!("mirror_rejections_{}", r.as_str());
+            if let Some(c) = BatchedCounter::define(&name) {
+                m.rejections.push((r, c));
             }
         }
         m
     }
 
-    fn add(id: Option<u32>, n: usize) {
-        if let (Some(id), Ok(n)) = (id, i64::try_from(n)) {
-            if n > 0 {
-                let _ = hostcalls::increment_metric(id, n);
-            }
+    fn inc(&self, c: Counter, n: usize) {
+        if let Some(Some(counter)) = self.named.get(c as usize) {
+            counter.add(n);
         }
     }
 
-    fn inc(&self, c: Counter, n: usize) {
-        Self::add(self.named.get(c as usize).copied().flatten(), n);
-    }
-
     fn request(&self, registry: &str) {
-        let id = self
-            .requests
-            .iter()
-            .find(|(name, _)| name == registry)
-            .map(|&(_, id)| id);
-        Self::add(id, 1);
+        if let Some((_, c)) = self.requests.iter().find(|(name, _)| name == registry) {
+            c.add(1);
+        }
     }
 
     fn rejection(&self, reason: RejectReason) {
         self.inc(Counter::Rejections, 1);
-        let id = self
-            .rejections
-            .iter()
-            .find(|(r, _)| *r == reason)
-            .map(|&(_, id)| id);
-        Self::add(id, 1);
+        if let Some((_, c)) = self.rejections.iter().find(|(r, _)| *r == reason) {
+            c.add(1);
+        }
+    }
+
+    fn flush(&self) {
+        let requests = self.requests.iter().map(|(_, c)| c);
+        let rejections = self.rejections.iter().map(|(_, c)| c);
+        for c in requests
+            .chain(self.named.iter().flatten())
+            .chain(rejections)
+        {
+            c.flush();
+        }
     }
 }
 
@@ -279,7 +310,11 @@ impl RootContext for MirrorRoot {
 
     fn on_configure(&mut self, _size: usize) -> bool {
         use_host_log_level();
-        let bytes = self.get_plugin_configuration().unwrap_or_default();
+        // The SDK's accessors unwrap host errors (a panic kills the VM): host calls direct.
+        let bytes = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
         if bytes.iter().all(u8::is_ascii_whitespace) {
             info!("no plugin configuration, using the built-in registries");
         }
@@ -299,12 +334,24 @@ impl RootContext for MirrorRoot {
             cfg.registries().len(),
             cfg.default_registry().map(|r| r.name.as_str())
         );
+        if let Some(previous) = &self.shared {
+            previous.metrics.flush();
+        }
+        if let Err(e) = hostcalls::set_tick_period(METRICS_FLUSH_PERIOD) {
+            warn!("no tick from the host ({e:?}): counters will not be reported");
+        }
         self.shared = Some(Rc::new(Shared {
             cfg,
             metrics,
             seen_realms: RefCell::new(Vec::new()),
         }));
         true
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(shared) = &self.shared {
+            shared.metrics.flush();
+        }
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -338,7 +385,7 @@ struct ResponseState {
 struct Pending {
     token: u32,
     learn: LearnRealm,
-    authorization: Option<String>,
+    client: RequestHeaders,
 }
 
 struct MirrorHttp {
@@ -412,7 +459,7 @@ impl Context for MirrorHttp {
         store_realm(&registry, &learned);
         match forward_to_learned(&shared.cfg, &p.learn, &learned) {
             Ok(f) => {
-                if let Err(e) = self.apply_forward(&shared, f, p.authorization) {
+                if let Err(e) = self.apply_forward(&shared, f, p.client) {
                     warn!("cannot rewrite the paused token request: {e:?}");
                     let r = realm_failure(ErrorCode::Unavailable, "cannot rewrite the request");
                     self.reply_paused(&shared, &r);
@@ -427,33 +474,104 @@ impl Context for MirrorHttp {
     }
 }
 
-fn now_secs(ctx: &dyn Context) -> u64 {
-    ctx.get_current_time()
+fn set_response_header(name: &str, value: &str) {
+    if let Err(e) = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value)) {
+        warn!("cannot set response header {name}: {e:?}");
+    }
+}
+
+/// Seconds since the epoch; 0 (every signature expired) if the host cannot tell.
+fn now_secs() -> u64 {
+    hostcalls::get_current_time()
+        .unwrap_or(UNIX_EPOCH)
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
 
-enum HeaderError {
-    NotUtf8(&'static str),
+/// The request headers the rules look at, from one read of the whole map (one host
+/// call instead of one per header). Envoy hands names over lowercase.
+#[derive(Default)]
+struct RequestHeaders {
+    method: String,
+    authority: String,
+    path: String,
+    scheme: Option<String>,
+    forwarded_proto: Option<String>,
+    authorization: Option<String>,
+    /// A client-sent `x-mirror-registry`, which must never reach an upstream.
+    has_registry_header: bool,
+}
+
+impl RequestHeaders {
+    /// The first value of each header; `Err(name)` when one of them is not UTF-8.
+    fn from_map(map: Vec<(String, Vec<u8>)>) -> Result<Self, &'static str> {
+        let mut h = RequestHeaders::default();
+        let (mut method, mut authority, mut path) = (None, None, None);
+        for (name, value) in map {
+            let (slot, label) = match name.as_str() {
+                ":method" => (&mut method, ":method"),
+                ":authority" => (&mut authority, ":authority"),
+                ":path" => (&mut path, ":path"),
+                ":scheme" => (&mut h.scheme, ":scheme"),
+                "x-forwarded-proto" => (&mut h.forwarded_proto, "x-forwarded-proto"),
+                "authorization" => (&mut h.authorization, "authorization"),
+                "x-mirror-registry" => {
+                    h.has_registry_header = true;
+                    continue;
+                }
+                _ => continue,
+            };
+            if slot.is_none() {
+                *slot = Some(String::from_utf8(value).map_err(|_| label)?);
+            }
+        }
+        h.method = method.unwrap_or_default();
+        h.authority = authority.unwrap_or_default();
+        h.path = path.unwrap_or_default();
+        Ok(h)
+    }
+}
+
+/// The response headers the filter looks at, from one read of the whole map.
+struct ResponseHeaders {
+    status: Option<u32>,
+    challenges: Vec<Vec<u8>>,
+    location: Option<Vec<u8>>,
+}
+
+impl ResponseHeaders {
+    fn from_map(map: Vec<(String, Vec<u8>)>) -> Self {
+        let mut h = ResponseHeaders {
+            status: None,
+            challenges: Vec::new(),
+            location: None,
+        };
+        for (name, value) in map {
+            match name.as_str() {
+                ":status" => {
+                    h.status = std::str::from_utf8(&value)
+                        .ok()
+                        .and_then(|s| s.parse().ok());
+                }
+                "www-authenticate" => h.challenges.push(value),
+                "location" if h.location.is_none() => h.location = Some(value),
+                _ => {}
+            }
+        }
+        h
+    }
 }
 
 impl MirrorHttp {
-    fn req_header(&self, name: &'static str) -> Result<Option<String>, HeaderError> {
-        match self.get_http_request_header_bytes(name) {
-            None => Ok(None),
-            Some(b) => String::from_utf8(b)
-                .map(Some)
-                .map_err(|_| HeaderError::NotUtf8(name)),
-        }
-    }
-
     fn reply(&self, status: u32, headers: &[(String, String)], body: &str) -> Action {
         let h: Vec<(&str, &str)> = headers
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        self.send_http_response(status, h, Some(body.as_bytes()));
+        if let Err(e) = hostcalls::send_http_response(status, h, Some(body.as_bytes())) {
+            warn!("cannot send the local reply {status}: {e:?}");
+        }
         Action::Pause
     }
 
@@ -474,11 +592,12 @@ impl MirrorHttp {
     }
 
     /// Rewrites the request headers for `f` and keeps what the response phase needs.
+    /// Touches only headers that change: every host call costs more than the rules.
     fn apply_forward(
         &mut self,
         shared: &Shared,
         f: Forward,
-        authorization: Option<String>,
+        client: RequestHeaders,
     ) -> Result<(), proxy_wasm::types::Status> {
         shared.metrics.request(&f.registry);
         match f.kind {
@@ -487,16 +606,23 @@ impl MirrorHttp {
             ForwardKind::Registry => {}
         }
         let req = MapType::HttpRequestHeaders;
-        hostcalls::set_map_value(req, ":authority", Some(&f.authority))?;
-        hostcalls::set_map_value(req, ":path", Some(&f.path))?;
+        if f.authority != client.authority {
+            hostcalls::set_map_value(req, ":authority", Some(&f.authority))?;
+        }
+        if f.path != client.path {
+            hostcalls::set_map_value(req, ":path", Some(&f.path))?;
+        }
         // Replacing removes every client-sent copy, so one call either way.
-        let registry_header = f.set_registry_header.then_some(f.registry.as_str());
-        hostcalls::set_map_value(req, "x-mirror-registry", registry_header)?;
-        if f.strip_authorization {
+        if f.set_registry_header {
+            hostcalls::set_map_value(req, "x-mirror-registry", Some(&f.registry))?;
+        } else if client.has_registry_header {
+            hostcalls::set_map_value(req, "x-mirror-registry", None)?;
+        }
+        if f.strip_authorization && client.authorization.is_some() {
             hostcalls::set_map_value(req, "authorization", None)?;
         }
         self.state = Some(ResponseState {
-            authorization,
+            authorization: client.authorization,
             registry: f.registry,
             mirror_base: f.mirror_base,
             upstream_authority: f.authority,
@@ -514,7 +640,7 @@ impl MirrorHttp {
         &mut self,
         shared: &Shared,
         lr: LearnRealm,
-        authorization: Option<String>,
+        client: RequestHeaders,
     ) -> Action {
         if let Some(learned) = stored_realm(&lr.registry) {
             if let Ok(f) = forward_to_learned(&shared.cfg, &lr, &learned) {
@@ -522,7 +648,7 @@ impl MirrorHttp {
                     "token request for {} -> {} {}",
                     lr.registry, f.authority, f.path
                 );
-                return match self.apply_forward(shared, f, authorization) {
+                return match self.apply_forward(shared, f, client) {
                     Ok(()) => Action::Continue,
                     Err(e) => {
                         warn!("cannot rewrite the token request: {e:?}");
@@ -548,7 +674,7 @@ impl MirrorHttp {
                 self.pending = Some(Pending {
                     token,
                     learn: lr,
-                    authorization,
+                    client,
                 });
                 Action::Pause
             }
@@ -570,32 +696,19 @@ impl MirrorHttp {
         self.reply(status, &headers, &body)
     }
 
-    /// Every `WWW-Authenticate` value. A 401 carries one, so read the whole map at
-    /// once; other responses rarely do, so first ask for the one header (the host
-    /// returns only the first of several values, hence the full read when present).
-    fn challenge_values(&self, status: Option<u32>) -> Vec<Vec<u8>> {
-        if status != Some(401)
-            && self
-                .get_http_response_header_bytes("www-authenticate")
-                .is_none()
-        {
-            return Vec::new();
-        }
-        self.get_http_response_headers_bytes()
-            .into_iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case("www-authenticate"))
-            .map(|(_, v)| v)
-            .collect()
-    }
-
-    fn rewrite_challenges(&self, shared: &Shared, st: &ResponseState, status: Option<u32>) {
-        let Some(reg) = shared.cfg.registry(&st.registry) else {
-            return;
-        };
-        let values = self.challenge_values(status);
+    fn rewrite_challenges(
+        &self,
+        shared: &Shared,
+        st: &ResponseState,
+        status: Option<u32>,
+        values: Vec<Vec<u8>>,
+    ) {
         if values.is_empty() {
             return;
         }
+        let Some(reg) = shared.cfg.registry(&st.registry) else {
+            return;
+        };
         // A redirect target challenging with the registry's own realm is a resource
         // server of its token service: record it, so the registry's tokens pass there.
         if st.kind == ForwardKind::Redirect && status == Some(401) {
@@ -635,9 +748,13 @@ impl MirrorHttp {
             }
         }
         if rewritten > 0 {
-            self.set_http_response_header("www-authenticate", None);
-            for v in &out {
-                self.add_http_response_header_bytes("www-authenticate", v);
+            let resp = MapType::HttpResponseHeaders;
+            let written = hostcalls::set_map_value(resp, "www-authenticate", None).and_then(|()| {
+                out.iter()
+                    .try_for_each(|v| hostcalls::add_map_value_bytes(resp, "www-authenticate", v))
+            });
+            if let Err(e) = written {
+                warn!("cannot rewrite the challenge: {e:?}");
             }
         }
         if rejected > 0 {
@@ -653,11 +770,17 @@ impl MirrorHttp {
         }
     }
 
-    fn rewrite_redirect(&self, shared: &Shared, st: &ResponseState, status: Option<u32>) {
+    fn rewrite_redirect(
+        &self,
+        shared: &Shared,
+        st: &ResponseState,
+        status: Option<u32>,
+        location: Option<Vec<u8>>,
+    ) {
         if !matches!(status, Some(301 | 302 | 303 | 307 | 308)) {
             return;
         }
-        let Some(loc) = self.get_http_response_header_bytes("location") else {
+        let Some(loc) = location else {
             return;
         };
         let Ok(loc) = String::from_utf8(loc) else {
@@ -674,11 +797,11 @@ impl MirrorHttp {
             mirror_base: &st.mirror_base,
             cred: &cred,
             key: &key,
-            now: now_secs(self),
+            now: now_secs(),
         };
         match rewrite_location(&shared.cfg, &params, &loc) {
             LocationOutcome::Signed(u) => {
-                self.set_http_response_header("location", Some(&u));
+                set_response_header("location", &u);
                 shared.metrics.inc(Counter::RedirectsSigned, 1);
             }
             LocationOutcome::Passthrough => {
@@ -702,37 +825,32 @@ impl HttpContext for MirrorHttp {
         let Some(shared) = self.shared.clone() else {
             return self.fail(500, ErrorCode::Unsupported, "mirror not configured");
         };
-        let headers = (|| -> Result<_, HeaderError> {
-            Ok((
-                self.req_header(":method")?,
-                self.req_header(":authority")?,
-                self.req_header(":path")?,
-                self.req_header(":scheme")?,
-                self.req_header("x-forwarded-proto")?,
-                self.req_header("authorization")?,
-            ))
-        })();
-        let (method, authority, path, scheme, xfp, authorization) = match headers {
+        let map = match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!("cannot read the request headers: {e:?}");
+                return self.fail(500, ErrorCode::Unsupported, "cannot read the request");
+            }
+        };
+        let client = match RequestHeaders::from_map(map) {
             Ok(h) => h,
-            Err(HeaderError::NotUtf8(name)) => {
+            Err(name) => {
                 debug!("rejected request: header {name} is not UTF-8");
                 shared.metrics.rejection(RejectReason::BadRequest);
                 return self.fail(400, ErrorCode::Unsupported, "invalid header encoding");
             }
         };
-        let method = method.unwrap_or_default();
-        let path = path.unwrap_or_default();
         let req = Request {
-            method: &method,
-            authority: authority.as_deref().unwrap_or_default(),
-            path: &path,
-            scheme: scheme.as_deref().unwrap_or("http"),
-            forwarded_proto: xfp.as_deref(),
-            authorization: authorization.as_deref(),
+            method: &client.method,
+            authority: &client.authority,
+            path: &client.path,
+            scheme: client.scheme.as_deref().unwrap_or("http"),
+            forwarded_proto: client.forwarded_proto.as_deref(),
+            authorization: client.authorization.as_deref(),
         };
         // Key and clock are only needed to verify a signed redirect.
-        let (key, now) = if path.starts_with(rules::redirect::PREFIX) {
-            (shared.signing_key(), now_secs(self))
+        let (key, now) = if client.path.starts_with(rules::redirect::PREFIX) {
+            (shared.signing_key(), now_secs())
         } else {
             (Vec::new(), 0)
         };
@@ -743,22 +861,22 @@ impl HttpContext for MirrorHttp {
                     debug!(
                         "{} {} {}: {} ({})",
                         r.status,
-                        method,
-                        path.chars().take(300).collect::<String>(),
+                        client.method,
+                        client.path.chars().take(300).collect::<String>(),
                         reason.as_str(),
                         r.message
                     );
                 }
                 self.reply(r.status, &r.headers, &r.body)
             }
-            Decision::Forward(f) => match self.apply_forward(&shared, f, authorization) {
+            Decision::Forward(f) => match self.apply_forward(&shared, f, client) {
                 Ok(()) => Action::Continue,
                 Err(e) => {
                     warn!("cannot rewrite the request: {e:?}");
                     self.fail(500, ErrorCode::Unsupported, "cannot rewrite the request")
                 }
             },
-            Decision::LearnRealm(lr) => self.learn_and_forward(&shared, lr, authorization),
+            Decision::LearnRealm(lr) => self.learn_and_forward(&shared, lr, client),
         }
     }
 
@@ -766,13 +884,17 @@ impl HttpContext for MirrorHttp {
         let (Some(shared), Some(st)) = (self.shared.as_ref(), self.state.as_ref()) else {
             return Action::Continue;
         };
-        let status = self
-            .get_http_response_header_bytes(":status")
-            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u32>().ok());
-        self.rewrite_challenges(shared, st, status);
-        self.rewrite_redirect(shared, st, status);
+        let h = match hostcalls::get_map_bytes(MapType::HttpResponseHeaders) {
+            Ok(m) => ResponseHeaders::from_map(m),
+            Err(e) => {
+                warn!("cannot read the response headers: {e:?}");
+                return Action::Continue;
+            }
+        };
+        self.rewrite_challenges(shared, st, h.status, h.challenges);
+        self.rewrite_redirect(shared, st, h.status, h.location);
         if let Some(ns) = &st.oci_namespace {
-            self.set_http_response_header("oci-namespace", Some(ns));
+            set_response_header("oci-namespace", ns);
         }
         Action::Continue
     }

@@ -398,6 +398,56 @@ fn unknown_registries_are_404() {
     assert_eq!(resp.status(), 404);
 }
 
+/// A counter of the filter from Envoy's `/stats` (`0` until first reported).
+fn filter_counter(m: &Mirror, name: &str) -> u64 {
+    let stats = ok(m, m.envoy.admin("/stats?filter=mirror_"));
+    stats
+        .lines()
+        .filter_map(|l| l.split_once(": "))
+        .find(|(k, _)| k.ends_with(name))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn the_filter_counts_requests_and_rejections_in_envoy_stats() {
+    let m = mirror::shared();
+    // Other tests share this Envoy: compare against a reading taken first.
+    let requests = filter_counter(m, "mirror_requests_docker_io");
+    let unknown = filter_counter(m, "mirror_rejections_name_unknown");
+    let client = m.client();
+    for _ in 0..3 {
+        let resp = client
+            .get(m.url("/v2/evil.example/library/alpine/manifests/3.20"))
+            .send()
+            .unwrap();
+        assert_eq!(resp.status(), 404);
+    }
+    let url = format!(
+        "https://{}/v2/library/alpine/manifests/3.20",
+        m.host("docker")
+    );
+    let resp = client.head(url).send().unwrap();
+    assert_eq!(resp.status(), 401, "anonymous manifest HEAD is challenged");
+    // Each VM counts in memory and reports once a second.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (r, u) = (
+            filter_counter(m, "mirror_requests_docker_io"),
+            filter_counter(m, "mirror_rejections_name_unknown"),
+        );
+        if r > requests && u >= unknown + 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "counters not reported: requests {requests} -> {r}, name_unknown {unknown} -> {u}\n{}",
+            ok(m, m.envoy.admin("/stats?filter=mirror_"))
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn token_requests_to_unlisted_realms_are_403() {
     let m = mirror::shared();
