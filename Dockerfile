@@ -7,6 +7,7 @@ WORKDIR /src
 RUN rustup target add wasm32-wasip1
 COPY . .
 RUN cargo build -p mirror-filter --target wasm32-wasip1 --profile wasm \
+ && python3 filter/trim-exports.py target/wasm32-wasip1/wasm/mirror_filter.wasm \
  && cargo build --release -p cache-service
 
 FROM envoyproxy/envoy:v1.40-latest AS envoy

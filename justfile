@@ -42,6 +42,7 @@ setup: setup-run
 # Build the wasm filter and the regmirror binary (cache-service and operator tools).
 build: setup-run
     cargo build -p mirror-filter --target wasm32-wasip1 --profile wasm
+    python3 filter/trim-exports.py {{wasm}}
     cargo build --release -p cache-service
 
 # Re-render the Envoy, filter and cache configs from envoy/registries.toml.
@@ -85,4 +86,5 @@ bench: setup build
     for tool in wrk hyperfine valgrind; do
       command -v "$tool" >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -qq "$tool" >/dev/null; } || { echo "missing $tool: apt-get install $tool" >&2; exit 1; }
     done
+    cargo build -p mirror-bench-floor --target wasm32-wasip1 --profile wasm
     MIRROR_WASM="$PWD/{{wasm}}" REGMIRROR_BIN="$PWD/{{regmirror}}" cargo run --release -p mirror-bench

@@ -95,7 +95,7 @@ fn main() -> Result<()> {
         match bins
             .as_ref()
             .map_err(|e| anyhow::anyhow!("{e:#}"))
-            .and_then(|b| filter_overhead::run(&dir, &b.wasm, &mut log))
+            .and_then(|b| filter_overhead::run(&dir, &b.wasm, &b.floor_wasm, &mut log))
         {
             Ok(r) => rows.extend(r),
             Err(e) => rows.push(Row::not_measured(
@@ -138,6 +138,8 @@ fn main() -> Result<()> {
 /// The built artefacts.
 pub struct Bins {
     pub wasm: std::path::PathBuf,
+    /// `bench/floor-filter`, the filter-overhead baseline.
+    pub floor_wasm: std::path::PathBuf,
     pub regmirror: std::path::PathBuf,
 }
 
@@ -162,7 +164,12 @@ fn prepare(_args: &[String]) -> Result<Bins> {
         wasm: pick(
             "MIRROR_WASM",
             target.join("wasm32-wasip1/wasm/mirror_filter.wasm"),
-            "cargo build -p mirror-filter --target wasm32-wasip1 --profile wasm",
+            "cargo build -p mirror-filter --target wasm32-wasip1 --profile wasm; python3 filter/trim-exports.py FILE",
+        )?,
+        floor_wasm: pick(
+            "MIRROR_BENCH_FLOOR_WASM",
+            target.join("wasm32-wasip1/wasm/mirror_bench_floor.wasm"),
+            "cargo build -p mirror-bench-floor --target wasm32-wasip1 --profile wasm",
         )?,
         regmirror: pick(
             "REGMIRROR_BIN",

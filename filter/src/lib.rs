@@ -820,6 +820,9 @@ impl MirrorHttp {
     }
 }
 
+/// Header callbacks only. The body, trailer and log callbacks keep the SDK's defaults and
+/// `filter/trim-exports.py` removes their exports, so Envoy never enters the VM for them
+/// (no VM entry per blob chunk); implementing one means removing it from that list.
 impl HttpContext for MirrorHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let Some(shared) = self.shared.clone() else {

@@ -35,7 +35,8 @@ fn once(
 }
 
 /// `target/wasm32-wasip1/wasm/mirror_filter.wasm`, built with
-/// `cargo build -p mirror-filter --target wasm32-wasip1 --profile wasm` (or `$MIRROR_WASM`).
+/// `cargo build -p mirror-filter --target wasm32-wasip1 --profile wasm` and trimmed by
+/// `filter/trim-exports.py`, as `just build` does (or `$MIRROR_WASM`).
 pub fn wasm() -> Result<PathBuf> {
     static W: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     once(&W, || {
@@ -60,6 +61,10 @@ pub fn wasm() -> Result<PathBuf> {
         if !p.is_file() {
             bail!("cargo built the filter but {} is missing", p.display());
         }
+        run(Command::new("python3")
+            .arg(workspace_root().join("filter/trim-exports.py"))
+            .arg(&p))
+        .context("trimming the filter's exports")?;
         Ok(p)
     })
 }
