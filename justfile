@@ -87,4 +87,5 @@ bench: setup build
       command -v "$tool" >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -qq "$tool" >/dev/null; } || { echo "missing $tool: apt-get install $tool" >&2; exit 1; }
     done
     cargo build -p mirror-bench-floor --target wasm32-wasip1 --profile wasm
+    python3 filter/trim-exports.py target/wasm32-wasip1/wasm/mirror_bench_floor.wasm
     MIRROR_WASM="$PWD/{{wasm}}" REGMIRROR_BIN="$PWD/{{regmirror}}" cargo run --release -p mirror-bench

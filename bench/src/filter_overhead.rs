@@ -5,7 +5,7 @@ use crate::util::{self, median, Row, WrkResult};
 use anyhow::{bail, Context, Result};
 use mirror_tests::proc::Proc;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -210,7 +210,7 @@ fn yaml_ports(yaml: &str) -> [u64; 2] {
     [listener, admin]
 }
 
-fn check(port: u16, wasm: bool) -> Result<String> {
+fn check(port: u16, variant: Variant) -> Result<String> {
     let c = reqwest::blocking::Client::new();
     let r = c.get(format!("http://127.0.0.1:{port}{P401}")).send()?;
     let www = r
@@ -220,11 +220,7 @@ fn check(port: u16, wasm: bool) -> Result<String> {
         .unwrap_or("")
         .to_string();
     if r.status().as_u16() != 401 {
-        bail!(
-            "{P401} through {} answered {}",
-            if wasm { "wasm" } else { "native" },
-            r.status()
-        );
+        bail!("{P401} through {} answered {}", variant.name(), r.status());
     }
     let r2 = c.get(format!("http://127.0.0.1:{port}{P200}")).send()?;
     if r2.status().as_u16() != 200 {
@@ -234,7 +230,51 @@ fn check(port: u16, wasm: bool) -> Result<String> {
     Ok(format!("401 WWW-Authenticate: {www}; 200 body {len} bytes"))
 }
 
-pub fn run(dir: &Path, wasm_file: &Path, log: &mut crate::util::Log) -> Result<Vec<Row>> {
+/// The three Envoys compared, all `--concurrency 1` with the same routes and upstream.
+#[derive(Clone, Copy, PartialEq)]
+enum Variant {
+    /// The mirror filter with the shipped `envoy/filter.json`.
+    Mirror,
+    /// `bench/floor-filter`: the host calls the job needs, no rules.
+    Floor,
+    /// No wasm: `host_rewrite_literal`.
+    Native,
+}
+
+impl Variant {
+    const ALL: [Variant; 3] = [Variant::Mirror, Variant::Floor, Variant::Native];
+
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Mirror => "mirror",
+            Variant::Floor => "floor",
+            Variant::Native => "native",
+        }
+    }
+}
+
+/// The two requests measured: path and label.
+const CASES: [(&str, &str); 2] = [
+    (P401, "401 challenge (realm rewritten)"),
+    (P200, "200 manifest 1.5 KB"),
+];
+
+/// Per (case, variant) samples over the rounds.
+#[derive(Default, Clone)]
+struct Samples {
+    /// wrk -c16: throughput and Envoy CPU per request.
+    loaded: Vec<WrkResult>,
+    cpu_us: Vec<f64>,
+    /// wrk -c1: latency of one request at a time.
+    single: Vec<WrkResult>,
+}
+
+pub fn run(
+    dir: &Path,
+    wasm_file: &Path,
+    floor_wasm: &Path,
+    log: &mut crate::util::Log,
+) -> Result<Vec<Row>> {
     let dir = dir.join("filter-overhead");
     std::fs::create_dir_all(&dir)?;
     let manifest = manifest_body();
@@ -257,115 +297,170 @@ pub fn run(dir: &Path, wasm_file: &Path, log: &mut crate::util::Log) -> Result<V
     let cfg =
         std::fs::read_to_string(mirror_tests::build::workspace_root().join("envoy/filter.json"))
             .context("read envoy/filter.json")?;
-    let start = |name: &str, wasm: bool, conc: u32| -> Result<RunningEnvoy> {
-        let y = envoy_yaml(
-            util::addr(),
-            util::addr(),
-            up,
-            wasm.then_some((wasm_file, cfg.as_str())),
-        )?;
-        start_envoy(&dir, name, &y, conc)
+    let yaml = |v: Variant| -> Result<String> {
+        let wasm = match v {
+            Variant::Mirror => Some((wasm_file, cfg.as_str())),
+            Variant::Floor => Some((floor_wasm, cfg.as_str())),
+            Variant::Native => None,
+        };
+        envoy_yaml(util::addr(), util::addr(), up, wasm)
     };
-    let we = start("envoy-wasm-c1", true, 1)?;
-    let ne = start("envoy-native-c1", false, 1)?;
-    log.push(format!("filter check (wasm): {}", check(we.port, true)?));
-    log.push(format!("filter check (native): {}", check(ne.port, false)?));
+
+    let mut envoys = Vec::new();
+    for v in Variant::ALL {
+        envoys.push((
+            v,
+            start_envoy(&dir, &format!("envoy-{}-c1", v.name()), &yaml(v)?, 1)?,
+        ));
+    }
+    // `envoy` on PATH may be a wrapper script (PyPI, func-e): valgrind needs the binary.
+    let envoy_bin = envoys
+        .first()
+        .map(|(_, e)| std::fs::read_link(format!("/proc/{}/exe", e.proc.pid())))
+        .transpose()?
+        .ok_or_else(|| anyhow::anyhow!("no Envoy running"))?;
+    // Instruction counts before the wrk rounds (counts do not depend on load, but
+    // valgrind's Envoys would slow the rounds down).
+    let instructions = envoy_instructions(&dir, &envoy_bin, &yaml, log)?;
+    for (v, e) in &envoys {
+        log.push(format!(
+            "filter check ({}): {}",
+            v.name(),
+            check(e.port, *v)?
+        ));
+    }
     log.push(format!("manifest body: {} bytes", manifest.len()));
 
     // Warm-up, then 3 interleaved rounds.
-    for e in [&we, &ne] {
-        for p in [P401, P200] {
+    for (_, e) in &envoys {
+        for (p, _) in CASES {
             util::wrk(&format!("http://127.0.0.1:{}{p}", e.port), 16, 1, &[])?;
         }
     }
-    let mut res: Vec<Vec<WrkResult>> = vec![Vec::new(); 4]; // [401 wasm, 401 native, 200 wasm, 200 native]
-                                                            // Envoy CPU µs per request, same order: less sensitive to other load than req/s.
-    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); 4];
+    let mut samples = vec![Samples::default(); CASES.len() * Variant::ALL.len()];
     for round in 0..3 {
-        for (ci, p) in [P401, P200].iter().enumerate() {
-            for (vi, e) in [&we, &ne].iter().enumerate() {
+        for (ci, (p, _)) in CASES.iter().enumerate() {
+            for (vi, (v, e)) in envoys.iter().enumerate() {
+                let url = format!("http://127.0.0.1:{}{p}", e.port);
                 let c0 = util::proc_cpu_us(e.proc.pid())?;
-                let r = util::wrk(&format!("http://127.0.0.1:{}{p}", e.port), 16, 5, &[])?;
+                let r = util::wrk(&url, 16, 4, &[])?;
                 let c1 = util::proc_cpu_us(e.proc.pid())?;
-                let per_req = (c1.saturating_sub(c0)) as f64 / (r.rps * 5.0).max(1.0);
+                let per_req = (c1.saturating_sub(c0)) as f64 / (r.rps * 4.0).max(1.0);
+                let one = util::wrk(&url, 1, 2, &[])?;
                 log.push(format!(
-                    "wrk round {round} {p} {}: {:.0} rps p50 {:.0}us p99 {:.0}us non-2xx {} envoy cpu {per_req:.1}us/req",
-                    if vi == 0 { "wasm" } else { "native" },
-                    r.rps,
-                    r.p50_us,
-                    r.p99_us,
-                    r.non2xx
+                    "wrk round {round} {p} {}: -c16 {:.0} rps p99 {:.0}us non-2xx {} envoy cpu {per_req:.1}us/req; -c1 {:.0} rps p50 {:.0}us p99 {:.0}us",
+                    v.name(), r.rps, r.p99_us, r.non2xx, one.rps, one.p50_us, one.p99_us
                 ));
-                if let Some(v) = res.get_mut(ci * 2 + vi) {
-                    v.push(r);
-                }
-                if let Some(v) = cpu.get_mut(ci * 2 + vi) {
-                    v.push(per_req);
+                if let Some(s) = samples.get_mut(ci * Variant::ALL.len() + vi) {
+                    s.loaded.push(r);
+                    s.cpu_us.push(per_req);
+                    s.single.push(one);
                 }
             }
         }
     }
     let mut rows = Vec::new();
-    for (ci, label) in ["401 challenge (realm rewritten)", "200 manifest 1.5 KB"]
-        .iter()
-        .enumerate()
-    {
-        let w = res.get(ci * 2).cloned().unwrap_or_default();
-        let n = res.get(ci * 2 + 1).cloned().unwrap_or_default();
-        let rps = |v: &[WrkResult]| median(&v.iter().map(|r| r.rps).collect::<Vec<_>>());
-        let p99 = |v: &[WrkResult]| median(&v.iter().map(|r| r.p99_us).collect::<Vec<_>>());
-        rows.push(Row::ratio(
+    for (ci, (_, label)) in CASES.iter().enumerate() {
+        let get = |v: Variant| {
+            let vi = Variant::ALL.iter().position(|x| *x == v).unwrap_or(0);
+            samples
+                .get(ci * Variant::ALL.len() + vi)
+                .cloned()
+                .unwrap_or_default()
+        };
+        let (m, f, n) = (
+            get(Variant::Mirror),
+            get(Variant::Floor),
+            get(Variant::Native),
+        );
+        let rps = |s: &Samples| median(&s.loaded.iter().map(|r| r.rps).collect::<Vec<_>>());
+        let cpu = |s: &Samples| median(&s.cpu_us);
+        let p99 = |s: &Samples| median(&s.single.iter().map(|r| r.p99_us).collect::<Vec<_>>());
+        let p50 = |s: &Samples| median(&s.single.iter().map(|r| r.p50_us).collect::<Vec<_>>());
+        let mut r = Row::ratio(
             S,
-            &format!("{label}: req/s, wasm vs native (wrk -t1 -c16 -d5s, concurrency 1)"),
-            (rps(&w), "req/s"),
+            &format!(
+                "{label}: req/s, mirror filter vs native (wrk -t1 -c16 -d4s, --concurrency 1)"
+            ),
+            (rps(&m), "req/s"),
             (rps(&n), "req/s (native)"),
             0.9,
             true,
-        ));
-        let wc = median(cpu.get(ci * 2).map(Vec::as_slice).unwrap_or_default());
-        let nc = median(cpu.get(ci * 2 + 1).map(Vec::as_slice).unwrap_or_default());
+        );
+        r.target = format!("≥ 0.9× (floor filter: {:.2}×)", rps(&f) / rps(&n).max(1.0));
+        rows.push(r);
+        if let Some((mi, fi, ni)) = instructions.get(ci) {
+            rows.push(Row {
+                section: S,
+                metric: format!("{label}: Envoy instructions per request (callgrind, one connection; deterministic)"),
+                ours: format!("{:.0} k (mirror)", mi / 1e3),
+                peer: format!("{:.0} k (native)", ni / 1e3),
+                ratio: Some(mi / ni),
+                target: format!(
+                    "info: native/mirror = {:.2}× req/s at full CPU; floor filter {:.0} k = {:.2}× (VM + host calls {:+.0} k, mirror's own code {:+.0} k)",
+                    ni / mi,
+                    fi / 1e3,
+                    ni / fi,
+                    (fi - ni) / 1e3,
+                    (mi - fi) / 1e3
+                ),
+                pass: None,
+            });
+        }
         rows.push(Row {
             section: S,
-            metric: format!("{label}: Envoy CPU per request (utime+stime / requests)"),
-            ours: format!("{wc:.1} µs (wasm)"),
-            peer: format!("{nc:.1} µs (native)"),
-            ratio: Some(wc / nc),
-            target: format!("info (filter adds {:+.1} µs)", wc - nc),
+            metric: format!("{label}: Envoy CPU per request at full load (utime+stime / requests)"),
+            ours: format!("{:.1} µs (mirror)", cpu(&m)),
+            peer: format!("{:.1} µs (native)", cpu(&n)),
+            ratio: Some(cpu(&m) / cpu(&n)),
+            target: format!(
+                "info (mirror adds {:+.1} µs, floor filter {:+.1} µs)",
+                cpu(&m) - cpu(&n),
+                cpu(&f) - cpu(&n)
+            ),
             pass: None,
         });
-        let added = p99(&w) - p99(&n);
+        let added = p99(&m) - p99(&n);
         rows.push(Row {
             section: S,
-            metric: format!("{label}: added p99 latency"),
-            ours: format!("p99 {:.0} µs", p99(&w)),
-            peer: format!("p99 {:.0} µs (native)", p99(&n)),
-            ratio: Some(p99(&w) / p99(&n)),
-            target: format!("added ≤ 100 µs (measured {added:+.0} µs)"),
+            metric: format!("{label}: latency, one request at a time (wrk -c1), p99 (p50)"),
+            ours: format!("{:.0} µs ({:.0})", p99(&m), p50(&m)),
+            peer: format!("{:.0} µs ({:.0}) native", p99(&n), p50(&n)),
+            ratio: Some(p99(&m) / p99(&n)),
+            target: format!("added p99 ≤ 100 µs (measured {added:+.0} µs)"),
             pass: Some(added <= 100.0),
         });
     }
 
     // RSS after warm-up, concurrency 1 and 2.
     let rss = |e: &RunningEnvoy| -> Result<u64> {
-        util::wrk(&format!("http://127.0.0.1:{}{P401}", e.port), 16, 2, &[])?;
-        util::wrk(&format!("http://127.0.0.1:{}{P200}", e.port), 16, 2, &[])?;
+        for (p, _) in CASES {
+            util::wrk(&format!("http://127.0.0.1:{}{p}", e.port), 16, 2, &[])?;
+        }
         util::proc_status_kib(e.proc.pid(), "VmRSS")
     };
-    let w1 = rss(&we)?;
-    let n1 = rss(&ne)?;
-    drop(we);
-    drop(ne);
-    let we2 = start("envoy-wasm-c2", true, 2)?;
+    let mut rss1 = Vec::new();
+    for (v, e) in &envoys {
+        if *v != Variant::Floor {
+            rss1.push(rss(e)?);
+        }
+    }
+    drop(envoys);
+    let (w1, n1) = (
+        rss1.first().copied().unwrap_or(0),
+        rss1.get(1).copied().unwrap_or(0),
+    );
+    let we2 = start_envoy(&dir, "envoy-mirror-c2", &yaml(Variant::Mirror)?, 2)?;
     let w2 = rss(&we2)?;
     drop(we2);
-    let ne2 = start("envoy-native-c2", false, 2)?;
+    let ne2 = start_envoy(&dir, "envoy-native-c2", &yaml(Variant::Native)?, 2)?;
     let n2 = rss(&ne2)?;
     drop(ne2);
     for (c, w, n) in [(1, w1, n1), (2, w2, n2)] {
         let mut r = Row::info(
             S,
             &format!("Envoy VmRSS after warm-up, --concurrency {c}"),
-            format!("{:.1} MiB (wasm)", util::mib(w)),
+            format!("{:.1} MiB (mirror)", util::mib(w)),
             format!("{:.1} MiB (native)", util::mib(n)),
         );
         r.ratio = Some(w as f64 / n as f64);
@@ -373,4 +468,166 @@ pub fn run(dir: &Path, wasm_file: &Path, log: &mut crate::util::Log) -> Result<V
         rows.push(r);
     }
     Ok(rows)
+}
+
+/// Requests measured per case under callgrind: the difference of two runs (`N2 − N1`
+/// requests) cancels start-up and the counters' own commands.
+const CG_WARM: usize = 100;
+const CG_N1: usize = 100;
+const CG_N2: usize = 600;
+
+/// Envoy instructions per request for each case: `(mirror, floor, native)`. The three
+/// Envoys run under `valgrind --tool=callgrind` side by side; counts do not depend on load.
+fn envoy_instructions(
+    dir: &Path,
+    envoy: &Path,
+    yaml: &dyn Fn(Variant) -> Result<String>,
+    log: &mut crate::util::Log,
+) -> Result<Vec<(f64, f64, f64)>> {
+    if mirror_tests::which("valgrind").is_none()
+        || mirror_tests::which("callgrind_control").is_none()
+    {
+        bail!("valgrind is not on PATH (apt-get install valgrind)");
+    }
+    let yamls: Vec<(Variant, String)> = Variant::ALL
+        .iter()
+        .map(|&v| yaml(v).map(|y| (v, y)))
+        .collect::<Result<_>>()?;
+    let per_variant: Vec<Result<Vec<f64>>> = std::thread::scope(|s| {
+        let hs: Vec<_> = yamls
+            .iter()
+            .map(|(v, y)| s.spawn(move || callgrind_envoy(dir, envoy, v.name(), y)))
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("callgrind thread panicked")))
+            })
+            .collect()
+    });
+    let mut by_variant = Vec::new();
+    for (r, v) in per_variant.into_iter().zip(Variant::ALL) {
+        let counts = r.with_context(|| format!("callgrind Envoy ({})", v.name()))?;
+        log.push(format!(
+            "callgrind envoy {}: instructions/request {}",
+            v.name(),
+            CASES
+                .iter()
+                .zip(&counts)
+                .map(|((p, _), c)| format!("{p} {c:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        by_variant.push(counts);
+    }
+    let at = |vi: usize, ci: usize| {
+        by_variant
+            .get(vi)
+            .and_then(|c| c.get(ci))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    Ok((0..CASES.len())
+        .map(|ci| (at(0, ci), at(1, ci), at(2, ci)))
+        .collect())
+}
+
+/// One Envoy under callgrind: instructions per request of each case.
+fn callgrind_envoy(dir: &Path, envoy: &Path, name: &str, yaml: &str) -> Result<Vec<f64>> {
+    let cfg = dir.join(format!("cg-{name}.yaml"));
+    std::fs::write(&cfg, yaml)?;
+    let out_prefix = dir.join(format!("cg-{name}.out"));
+    let mut cmd = Command::new("valgrind");
+    cmd.args(["--tool=callgrind", "--smc-check=all-non-file"])
+        .arg(format!("--callgrind-out-file={}", out_prefix.display()))
+        .arg(envoy)
+        .arg("-c")
+        .arg(&cfg)
+        .args([
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "--log-level",
+            "warn",
+        ]);
+    let mut proc = Proc::spawn(
+        &format!("cg-{name}"),
+        &cmd,
+        &dir.join(format!("cg-{name}.log")),
+    )?;
+    let [lp, _] = yaml_ports(yaml).map(|p| u16::try_from(p).unwrap_or(0));
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(1)
+        .build()?;
+    let t = Instant::now();
+    while client
+        .get(format!("http://127.0.0.1:{lp}{P200}"))
+        .send()
+        .map(|r| r.status().as_u16() != 200)
+        .unwrap_or(true)
+    {
+        proc.check_running()?;
+        if t.elapsed() > Duration::from_secs(300) {
+            bail!("Envoy under valgrind not serving:\n{}", proc.log_tail(20));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let pid = proc.pid().to_string();
+    let control = |arg: &str| -> Result<()> {
+        let o = Command::new("callgrind_control")
+            .args([arg, &pid])
+            .output()?;
+        if !o.status.success() {
+            bail!(
+                "callgrind_control {arg}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        Ok(())
+    };
+    let requests = |path: &str, n: usize| -> Result<()> {
+        for _ in 0..n {
+            let r = client.get(format!("http://127.0.0.1:{lp}{path}")).send()?;
+            r.bytes()?;
+        }
+        Ok(())
+    };
+    // Each dump writes `<prefix>.<n>`; the total is on its `totals:`/`summary:` line.
+    let mut dumps = 0;
+    let mut measure = |path: &str, n: usize| -> Result<u64> {
+        control("-z")?;
+        requests(path, n)?;
+        control("-d")?;
+        dumps += 1;
+        let file = PathBuf::from(format!("{}.{dumps}", out_prefix.display()));
+        // The dump happens when valgrind next takes the command: wait for the whole file.
+        let t = Instant::now();
+        let text = loop {
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            if text.contains("\ntotals:") || text.contains("\nsummary:") {
+                break text;
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("callgrind wrote no {}", file.display());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("totals:")
+                    .or_else(|| l.strip_prefix("summary:"))
+            })
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no totals in {}", file.display()))
+    };
+    let mut per_case = Vec::new();
+    for (path, _) in CASES {
+        requests(path, CG_WARM)?;
+        let a = measure(path, CG_N1)?;
+        let b = measure(path, CG_N2)?;
+        per_case.push(b.saturating_sub(a) as f64 / (CG_N2 - CG_N1) as f64);
+    }
+    drop(proc);
+    Ok(per_case)
 }

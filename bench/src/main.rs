@@ -169,7 +169,7 @@ fn prepare(_args: &[String]) -> Result<Bins> {
         floor_wasm: pick(
             "MIRROR_BENCH_FLOOR_WASM",
             target.join("wasm32-wasip1/wasm/mirror_bench_floor.wasm"),
-            "cargo build -p mirror-bench-floor --target wasm32-wasip1 --profile wasm",
+            "cargo build -p mirror-bench-floor --target wasm32-wasip1 --profile wasm; python3 filter/trim-exports.py FILE",
         )?,
         regmirror: pick(
             "REGMIRROR_BIN",

@@ -181,7 +181,7 @@ pub fn proc_cpu_us(pid: u32) -> Result<u64> {
     Ok(ticks * 1_000_000 / clk_tck())
 }
 
-fn clk_tck() -> u64 {
+pub fn clk_tck() -> u64 {
     Command::new("getconf")
         .arg("CLK_TCK")
         .output()
