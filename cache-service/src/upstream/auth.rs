@@ -177,13 +177,15 @@ pub fn token_url(realm: &str, service: &str, scope: &str) -> Result<url::Url, St
     Ok(url)
 }
 
+/// The token of a token service's JSON answer: `token`, else OAuth2's `access_token`.
+pub fn token_of(body: &serde_json::Value) -> Option<&str> {
+    body.get("token")
+        .or_else(|| body.get("access_token"))
+        .and_then(|t| t.as_str())
+        .filter(|t| !t.is_empty())
+}
+
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
 mod tests {
     use super::*;
 

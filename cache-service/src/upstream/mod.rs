@@ -220,11 +220,7 @@ impl Upstream {
             return Err(terr(format!("status {}", resp.status())));
         }
         let body: serde_json::Value = resp.json().await.map_err(|e| terr(e.to_string()))?;
-        let token = body
-            .get("token")
-            .or_else(|| body.get("access_token"))
-            .and_then(|t| t.as_str())
-            .filter(|t| !t.is_empty())
+        let token = auth::token_of(&body)
             .ok_or_else(|| terr("response has no token".into()))?
             .to_owned();
         let ttl = body
@@ -406,12 +402,6 @@ mod base64_engine {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
 mod tests {
     use super::*;
 

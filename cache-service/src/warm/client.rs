@@ -164,11 +164,7 @@ impl MirrorClient {
             return Err(terr(format!("HTTP {}", resp.status())));
         }
         let body: serde_json::Value = resp.json().await.map_err(|e| terr(e.to_string()))?;
-        let token = body
-            .get("token")
-            .or_else(|| body.get("access_token"))
-            .and_then(|t| t.as_str())
-            .filter(|t| !t.is_empty())
+        let token = crate::upstream::auth::token_of(&body)
             .ok_or_else(|| terr("response has no token".into()))?
             .to_owned();
         lock(&self.tokens).insert(key, token.clone());
@@ -257,12 +253,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
 mod tests {
     use super::*;
 
