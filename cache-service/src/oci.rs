@@ -192,12 +192,6 @@ pub fn manifest_media_type(content_type: Option<&str>, body: &[u8]) -> Result<St
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
 mod tests {
     use super::*;
 

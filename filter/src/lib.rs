@@ -2,15 +2,6 @@
 //!
 //! All decisions live in [`rules`] (plain Rust, unit-tested on the host); this file
 //! is the thin glue to the proxy-wasm host: read headers, call `rules`, apply.
-#![cfg_attr(
-    test,
-    allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::indexing_slicing
-    )
-)]
 
 pub mod rules;
 

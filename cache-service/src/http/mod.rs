@@ -499,12 +499,6 @@ fn tags_query(query: &[(String, String)]) -> Result<String, ApiError> {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
 mod tests {
     use super::*;
 

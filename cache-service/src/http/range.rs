@@ -62,12 +62,6 @@ pub fn resolve(spec: RangeSpec, size: u64) -> Result<(u64, u64), RangeError> {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
 mod tests {
     use super::*;
 

@@ -390,12 +390,6 @@ pub fn render(s: &Snapshot) -> String {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
 mod tests {
     use super::*;
     use std::time::Duration;
@@ -494,12 +488,6 @@ mod tests {
 
 /// The Grafana dashboard shipped in envoy/grafana/ only queries metrics `/metrics` exports.
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
 mod dashboard_tests {
     const DASHBOARD: &str = include_str!("../../../envoy/grafana/regmirror-dashboard.json");
 
