@@ -439,17 +439,15 @@ pub fn run(
         }
         util::proc_status_kib(e.proc.pid(), "VmRSS")
     };
-    let mut rss1 = Vec::new();
-    for (v, e) in &envoys {
-        if *v != Variant::Floor {
-            rss1.push(rss(e)?);
-        }
-    }
+    let rss_of = |variant: Variant| -> Result<u64> {
+        let (_, e) = envoys
+            .iter()
+            .find(|(v, _)| *v == variant)
+            .ok_or_else(|| anyhow::anyhow!("no {} Envoy", variant.name()))?;
+        rss(e)
+    };
+    let (w1, n1) = (rss_of(Variant::Mirror)?, rss_of(Variant::Native)?);
     drop(envoys);
-    let (w1, n1) = (
-        rss1.first().copied().unwrap_or(0),
-        rss1.get(1).copied().unwrap_or(0),
-    );
     let we2 = start_envoy(&dir, "envoy-mirror-c2", &yaml(Variant::Mirror)?, 2)?;
     let w2 = rss(&we2)?;
     drop(we2);
