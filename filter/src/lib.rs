@@ -9,15 +9,16 @@ use log::{debug, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
-use rules::challenge::rewrite_challenges;
 use rules::oci_error::ErrorCode;
+use rules::realms::{self, IssuedRealms, RealmUrl};
 use rules::redirect::{credential_fingerprint, rewrite_location, LocationOutcome, SignParams};
+use rules::response::{plan_challenges, Answer};
 use rules::route::{
-    forward_to_learned, placeholder_token, realm_failure, route_with, Decision, Forward,
-    ForwardKind, LearnRealm, RejectReason, Reply, Request,
+    forward_to_learned, ping_reply, placeholder_token, realm_failure, route_with, Decision,
+    Forward, ForwardKind, LearnRealm, Learned, Ping, RejectReason, Reply, Request,
 };
-use rules::token::{learn_realm, realm_key, LearnError, LearnedRealm};
-use rules::token_host::{self, is_token_host_challenge, TokenHosts};
+use rules::token::{classify_realm_call, realm_key, LearnError, LearnedRealm, RealmCall};
+use rules::token_host::{self, TokenHosts};
 use rules::CompiledConfig;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -34,7 +35,7 @@ fn stored_realm(registry: &str) -> Option<LearnedRealm> {
     }
 }
 
-/// Stores `learned` for `registry` unless that value is already there.
+/// Stores `learned` for `registry` (and marks it issued) unless it is already there.
 fn store_realm(registry: &str, learned: &LearnedRealm) {
     if stored_realm(registry).as_ref() == Some(learned) {
         return;
@@ -44,18 +45,66 @@ fn store_realm(registry: &str, learned: &LearnedRealm) {
         Ok(()) => info!("learned token realm of {registry}: {}", learned.realm),
         Err(e) => warn!("cannot store the token realm of {registry}: {e:?}"),
     }
+    if let Some(u) = RealmUrl::from_realm(&learned.realm) {
+        add_issued_realm(registry, &u);
+    }
+}
+
+/// The issued realm URLs of `registry` and the shared-data CAS of their key.
+fn issued_realms(registry: &str) -> (IssuedRealms, Option<u32>) {
+    match hostcalls::get_shared_data(&realms::key(registry)) {
+        Ok((Some(v), cas)) => (IssuedRealms::decode(&v), cas),
+        Ok((None, cas)) => (IssuedRealms::default(), cas),
+        Err(_) => (IssuedRealms::default(), None),
+    }
+}
+
+/// Adds `realm` to `registry`'s issued realms (bounded; CAS against other VMs).
+fn add_issued_realm(registry: &str, realm: &RealmUrl) {
+    for _ in 0..3 {
+        let (mut set, cas) = issued_realms(registry);
+        if !set.insert(realm) {
+            return;
+        }
+        let v = set.encode();
+        match hostcalls::set_shared_data(&realms::key(registry), Some(v.as_bytes()), cas) {
+            Ok(()) => return,
+            Err(proxy_wasm::types::Status::CasMismatch) => continue,
+            Err(e) => {
+                warn!("cannot record an issued realm of {registry}: {e:?}");
+                return;
+            }
+        }
+    }
+}
+
+/// What this Envoy learned, read from shared data when routing asks.
+struct SharedLearned;
+
+impl Learned for SharedLearned {
+    fn is_token_host(&self, registry: &str, host: &str) -> bool {
+        token_hosts(registry).0.contains(host)
+    }
+
+    fn is_issued_realm(&self, registry: &str, authority: &str, path: &str) -> bool {
+        issued_realms(registry).0.contains(authority, path)
+            || stored_realm(registry)
+                .and_then(|l| RealmUrl::from_realm(&l.realm))
+                .is_some_and(|u| u.authority == authority && u.path == path)
+    }
 }
 
 /// [`store_realm`] from a registry's own challenge (every 401): skips the shared-data
 /// round trip when this VM already stored or found this very value for `registry`.
-fn store_realm_seen(shared: &Shared, registry: &str, learned: LearnedRealm) {
+/// False when skipped.
+fn store_realm_seen(shared: &Shared, registry: &str, learned: LearnedRealm) -> bool {
     let Ok(mut seen) = shared.seen_realms.try_borrow_mut() else {
         store_realm(registry, &learned);
-        return;
+        return true;
     };
     if let Some((_, l)) = seen.iter().find(|(r, _)| r == registry) {
         if *l == learned {
-            return;
+            return false;
         }
     }
     store_realm(registry, &learned);
@@ -63,6 +112,7 @@ fn store_realm_seen(shared: &Shared, registry: &str, learned: LearnedRealm) {
         Some((_, l)) => *l = learned,
         None => seen.push((registry.to_string(), learned)),
     }
+    true
 }
 
 /// The recorded token hosts of `registry` and the shared-data CAS of their key.
@@ -72,11 +122,6 @@ fn token_hosts(registry: &str) -> (TokenHosts, Option<u32>) {
         Ok((None, cas)) => (TokenHosts::default(), cas),
         Err(_) => (TokenHosts::default(), None),
     }
-}
-
-/// Is `host` a recorded token host of `registry` (its tokens are meant for it)?
-fn is_recorded_token_host(registry: &str, host: &str) -> bool {
-    token_hosts(registry).0.contains(host)
 }
 
 /// Records `host` as a token host of `registry` (bounded list; CAS against other VMs).
@@ -372,11 +417,20 @@ struct ResponseState {
     scope_prefix: Option<String>,
 }
 
-/// A token request paused while the target registry's realm is learned.
+/// A request paused while a registry's realm is learned.
 struct Pending {
     token: u32,
-    learn: LearnRealm,
-    client: RequestHeaders,
+    what: Paused,
+}
+
+enum Paused {
+    /// A token request for the target registry's realm.
+    Token {
+        learn: Box<LearnRealm>,
+        client: RequestHeaders,
+    },
+    /// A shared-host `/v2/` ping.
+    Ping(Ping),
 }
 
 struct MirrorHttp {
@@ -403,19 +457,21 @@ impl Context for MirrorHttp {
             self.pending = Some(p);
             return;
         }
-        let registry = p.learn.registry.clone();
         let headers =
             hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders).unwrap_or_default();
-        let status = headers
+        let status: Option<u32> = headers
             .iter()
             .find(|(k, _)| k == ":status")
-            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-            .unwrap_or_default();
+            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok());
         let challenges: Vec<String> = headers
             .into_iter()
             .filter(|(k, _)| k.eq_ignore_ascii_case("www-authenticate"))
             .filter_map(|(_, v)| String::from_utf8(v).ok())
             .collect();
+        let registry = match &p.what {
+            Paused::Token { learn, .. } => learn.registry.clone(),
+            Paused::Ping(ping) => ping.registry.clone(),
+        };
         let Some(reg) = shared.cfg.registry(&registry) else {
             self.reply_paused(
                 &shared,
@@ -423,9 +479,25 @@ impl Context for MirrorHttp {
             );
             return;
         };
-        let learned = match learn_realm(reg, &challenges) {
-            Ok(l) => l,
-            Err(LearnError::NoChallenge) if status.starts_with('2') => {
+        let call = classify_realm_call(reg, status, &challenges);
+        if let RealmCall::Learned(l) = &call {
+            store_realm(&registry, l);
+        }
+        let (learn, client) = match p.what {
+            Paused::Ping(ping) => {
+                let learned = match &call {
+                    RealmCall::Learned(l) => Some(l),
+                    _ => None,
+                };
+                self.reply_paused(&shared, &ping_reply(&ping, learned));
+                return;
+            }
+            Paused::Token { learn, client } => (learn, client),
+        };
+        let status = status.map_or("no answer".to_string(), |s| s.to_string());
+        let learned = match call {
+            RealmCall::Learned(l) => l,
+            RealmCall::Anonymous => {
                 // An anonymous registry: nothing to learn, no token needed.
                 let r = placeholder_token(&format!(
                     "placeholder token: {registry} answered /v2/ {status} without a challenge"
@@ -433,24 +505,23 @@ impl Context for MirrorHttp {
                 self.reply_paused(&shared, &r);
                 return;
             }
-            Err(LearnError::NoChallenge) => {
+            RealmCall::Failed(LearnError::NoChallenge) => {
                 let msg = format!(
                     "cannot learn the token realm of {registry}: its /v2/ answered {status} without a Bearer challenge"
                 );
                 self.reply_paused(&shared, &realm_failure(ErrorCode::Unavailable, &msg));
                 return;
             }
-            Err(LearnError::NotAllowlisted(host)) => {
+            RealmCall::Failed(LearnError::NotAllowlisted(host)) => {
                 let msg =
                     format!("the token realm host {host} of {registry} is not on its realm_hosts");
                 self.reply_paused(&shared, &realm_failure(ErrorCode::Denied, &msg));
                 return;
             }
         };
-        store_realm(&registry, &learned);
-        match forward_to_learned(&shared.cfg, &p.learn, &learned) {
+        match forward_to_learned(&shared.cfg, &learn, &learned) {
             Ok(f) => {
-                if let Err(e) = self.apply_forward(&shared, f, p.client) {
+                if let Err(e) = self.apply_forward(&shared, f, client) {
                     warn!("cannot rewrite the paused token request: {e:?}");
                     let r = realm_failure(ErrorCode::Unavailable, "cannot rewrite the request");
                     self.reply_paused(&shared, &r);
@@ -571,7 +642,7 @@ impl MirrorHttp {
         if let Some(reason) = r.reason {
             shared.metrics.rejection(reason);
         }
-        info!("token request: {} ({})", r.status, r.message);
+        info!("paused request: {} ({})", r.status, r.message);
         let h: Vec<(&str, &str)> = r
             .headers
             .iter()
@@ -633,7 +704,9 @@ impl MirrorHttp {
         lr: LearnRealm,
         client: RequestHeaders,
     ) -> Action {
-        if let Some(learned) = stored_realm(&lr.registry) {
+        // A realm URL the client asked itself is checked against a fresh answer.
+        let stored = lr.expect.is_none().then(|| stored_realm(&lr.registry));
+        if let Some(learned) = stored.flatten() {
             if let Ok(f) = forward_to_learned(&shared.cfg, &lr, &learned) {
                 debug!(
                     "token request for {} -> {} {}",
@@ -649,33 +722,56 @@ impl MirrorHttp {
             }
             // Stored but no longer allowed (configuration changed): learn again.
         }
+        let (cluster, upstream) = (lr.cluster.clone(), lr.upstream.clone());
+        let paused = Paused::Token {
+            learn: Box::new(lr),
+            client,
+        };
+        match self.learn_realm(&cluster, &upstream, paused) {
+            Ok(()) => Action::Pause,
+            Err(e) => {
+                let msg = format!(
+                    "cannot learn the token realm: call to cluster {cluster} failed ({e:?})"
+                );
+                self.reply_paused(shared, &realm_failure(ErrorCode::Unavailable, &msg));
+                Action::Pause
+            }
+        }
+    }
+
+    /// Sends the realm-learning `GET /v2/` to `cluster` and keeps `what` for its answer.
+    fn learn_realm(
+        &mut self,
+        cluster: &str,
+        upstream: &str,
+        what: Paused,
+    ) -> Result<(), proxy_wasm::types::Status> {
         let headers = vec![
             (":method", "GET"),
             (":path", "/v2/"),
-            (":authority", lr.upstream.as_str()),
+            (":authority", upstream),
             (":scheme", "https"),
         ];
-        match hostcalls::dispatch_http_call(&lr.cluster, headers, None, vec![], REALM_CALL_TIMEOUT)
-        {
-            Ok(token) => {
-                debug!(
-                    "learning the token realm of {} via cluster {}",
-                    lr.registry, lr.cluster
-                );
-                self.pending = Some(Pending {
-                    token,
-                    learn: lr,
-                    client,
-                });
-                Action::Pause
-            }
+        let token =
+            hostcalls::dispatch_http_call(cluster, headers, None, vec![], REALM_CALL_TIMEOUT)?;
+        debug!("learning a token realm via cluster {cluster}");
+        self.pending = Some(Pending { token, what });
+        Ok(())
+    }
+
+    /// A shared-host `/v2/` ping: the default registry's known challenge, else learn it
+    /// (its upstream may be down: then anonymous 200, see [`ping_reply`]).
+    fn answer_ping(&mut self, shared: &Shared, ping: Ping) -> Action {
+        if let Some(learned) = stored_realm(&ping.registry) {
+            let r = ping_reply(&ping, Some(&learned));
+            return self.reply(r.status, &r.headers, &r.body);
+        }
+        let (cluster, upstream) = (ping.cluster.clone(), ping.upstream.clone());
+        match self.learn_realm(&cluster, &upstream, Paused::Ping(ping.clone())) {
+            Ok(()) => Action::Pause,
             Err(e) => {
-                let msg = format!(
-                    "cannot learn the token realm of {}: call to cluster {} failed ({e:?})",
-                    lr.registry, lr.cluster
-                );
-                let r = realm_failure(ErrorCode::Unavailable, &msg);
-                self.reply_paused(shared, &r);
+                debug!("cannot call cluster {cluster} for the /v2/ ping: {e:?}");
+                self.reply_paused(shared, &ping_reply(&ping, None));
                 Action::Pause
             }
         }
@@ -700,45 +796,15 @@ impl MirrorHttp {
         let Some(reg) = shared.cfg.registry(&st.registry) else {
             return;
         };
-        // A redirect target challenging with the registry's own realm is a resource
-        // server of its token service: record it, so the registry's tokens pass there.
-        if st.kind == ForwardKind::Redirect && status == Some(401) {
-            let texts: Vec<String> = values
-                .iter()
-                .filter_map(|v| String::from_utf8(v.clone()).ok())
-                .collect();
-            if is_token_host_challenge(reg, status, &texts) {
-                record_token_host(&st.registry, &st.upstream_authority);
-            }
-        }
-        let (mut rewritten, mut rejected) = (0, 0);
-        let mut learned: Option<LearnedRealm> = None;
-        let mut out = Vec::with_capacity(values.len());
-        for v in values {
-            match String::from_utf8(v) {
-                Ok(s) => {
-                    let r = rewrite_challenges(
-                        &s,
-                        &reg.realm_hosts,
-                        &st.mirror_base,
-                        st.scope_prefix.as_deref(),
-                    );
-                    rewritten += r.rewritten;
-                    rejected += r.rejected;
-                    // The registry's own challenge names its realm: remember it for
-                    // token requests that arrive at another registry's realm.
-                    if let (ForwardKind::Registry, None, Some(l)) = (st.kind, &learned, r.learned) {
-                        learned = Some(l);
-                    }
-                    out.push(r.value.into_bytes());
-                }
-                Err(e) => {
-                    rejected += 1;
-                    out.push(e.into_bytes());
-                }
-            }
-        }
-        if rewritten > 0 {
+        let answer = Answer {
+            registry: reg,
+            kind: st.kind,
+            status,
+            mirror_base: &st.mirror_base,
+            scope_prefix: st.scope_prefix.as_deref(),
+        };
+        let plan = plan_challenges(&answer, values);
+        if let Some(out) = &plan.values {
             let resp = MapType::HttpResponseHeaders;
             let written = hostcalls::set_map_value(resp, "www-authenticate", None).and_then(|()| {
                 out.iter()
@@ -748,16 +814,37 @@ impl MirrorHttp {
                 warn!("cannot rewrite the challenge: {e:?}");
             }
         }
-        if rejected > 0 {
+        if plan.rejected > 0 {
             info!(
-                "{rejected} challenge realm(s) from {} not allowlisted for {}, left alone",
-                st.upstream_authority, st.registry
+                "{} challenge realm(s) from {} not allowlisted for {}, left alone",
+                plan.rejected, st.upstream_authority, st.registry
             );
         }
-        shared.metrics.inc(Counter::ChallengesRewritten, rewritten);
-        shared.metrics.inc(Counter::ChallengesRejected, rejected);
-        if let Some(l) = learned {
-            store_realm_seen(shared, &st.registry, l);
+        shared
+            .metrics
+            .inc(Counter::ChallengesRewritten, plan.rewritten);
+        shared
+            .metrics
+            .inc(Counter::ChallengesRejected, plan.rejected);
+        // A redirect target challenging with the registry's own realm is a resource
+        // server of its token service: its tokens pass there, its realm is issued.
+        if plan.record_token_host {
+            record_token_host(&st.registry, &st.upstream_authority);
+        }
+        match plan.store_realm {
+            // The registry's own 401: its realm (and the other issued ones) once per VM.
+            Some(l) => {
+                if store_realm_seen(shared, &st.registry, l) {
+                    for u in &plan.issued {
+                        add_issued_realm(&st.registry, u);
+                    }
+                }
+            }
+            None => {
+                for u in &plan.issued {
+                    add_issued_realm(&st.registry, u);
+                }
+            }
         }
     }
 
@@ -848,7 +935,7 @@ impl HttpContext for MirrorHttp {
         } else {
             (Vec::new(), 0)
         };
-        match route_with(&shared.cfg, &req, &key, now, &is_recorded_token_host) {
+        match route_with(&shared.cfg, &req, &key, now, &SharedLearned) {
             Decision::Reply(r) => {
                 if let Some(reason) = r.reason {
                     shared.metrics.rejection(reason);
@@ -871,6 +958,7 @@ impl HttpContext for MirrorHttp {
                 }
             },
             Decision::LearnRealm(lr) => self.learn_and_forward(&shared, lr, client),
+            Decision::Ping(ping) => self.answer_ping(&shared, ping),
         }
     }
 

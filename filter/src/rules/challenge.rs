@@ -348,8 +348,8 @@ pub struct Rewritten {
     pub rewritten: usize,
     /// Bearer realms left alone (not allowlisted, not a URL) or unparseable headers.
     pub rejected: usize,
-    /// The upstream realm and service of the first rewritten challenge.
-    pub learned: Option<LearnedRealm>,
+    /// The upstream realm and service of every rewritten challenge, in order.
+    pub realms: Vec<LearnedRealm>,
 }
 
 /// Rewrites allowlisted Bearer realms to `<mirror_base>/_mirror/auth/<host><path>[?query]`.
@@ -385,14 +385,14 @@ pub fn rewrite_challenges(
         value: header.to_string(),
         rewritten: 0,
         rejected,
-        learned: None,
+        realms: Vec::new(),
     };
     let Ok(mut challenges) = parse(header) else {
         return unchanged(1);
     };
     let mut rewritten = 0;
     let mut rejected = 0;
-    let mut learned = None;
+    let mut realms = Vec::new();
     for ch in challenges.iter_mut() {
         if !ch.scheme.eq_ignore_ascii_case("bearer") {
             continue;
@@ -405,9 +405,7 @@ pub fn rewrite_challenges(
             }
             match parse_url(v) {
                 Some(u) if any_match(allowlist, &u.authority) => {
-                    if learned.is_none() {
-                        learned = LearnedRealm::new(v, service.as_deref());
-                    }
+                    realms.extend(LearnedRealm::new(v, service.as_deref()));
                     let mut nv = format!("{mirror_base}/_mirror/auth/{}{}", u.authority, u.path);
                     if let Some(q) = &u.query {
                         nv.push('?');
@@ -435,7 +433,7 @@ pub fn rewrite_challenges(
         value: serialize(&challenges),
         rewritten,
         rejected,
-        learned,
+        realms,
     }
 }
 
@@ -582,7 +580,7 @@ mod tests {
             r#"Bearer realm="http://m/_mirror/auth/quay.io/v2/auth",service="quay.io",scope="repository:quay.io/coreos/etcd:pull""#
         );
         assert_eq!(
-            r.learned,
+            r.realms.first().cloned(),
             LearnedRealm::new("https://quay.io/v2/auth", Some("quay.io"))
         );
         // Without a prefix (host mode, ns, default) the scope is the upstream's.
@@ -591,7 +589,8 @@ mod tests {
         // A challenge whose realm is not rewritten keeps its scope.
         let h2 = r#"Bearer realm="https://evil.example/t",scope="repository:a:pull""#;
         let r = rewrite_challenges(h2, &allow, "http://m", Some("quay.io"));
-        assert_eq!((r.value.as_str(), r.learned), (h2, None));
+        assert_eq!(r.value.as_str(), h2);
+        assert!(r.realms.is_empty());
         assert_eq!(
             prefix_scope(
                 "repository:a/b:pull,push registry:catalog:* repository:x repository::pull",

@@ -23,6 +23,11 @@ pub struct FilterConfig {
     /// Hex HMAC key (>= 32 bytes); absent: generated once per Envoy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_key: Option<String>,
+    /// `http(s)://host[:port]` the mirror is reached at: URLs handed to clients are built
+    /// from it (never from the request's Host), and other Hosts are refused with 421.
+    /// Absent: the client's (validated) Host is used, fit for local use only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
     /// Registries. Empty or absent: the five built-in registries (and, when
     /// `default_registry` is absent too, default registry `docker.io`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -73,6 +78,12 @@ pub struct RegistryConfig {
     /// Default: the upstream host string, as the shipped Envoy configs name clusters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
+    /// Forward a client's `Authorization` on token requests for this registry that
+    /// arrive on the shared mirror host (one credential domain for every registry).
+    /// Default: true for the default registry, false for the others. Host mode ignores
+    /// it: `<host_prefix>.<host_suffix>` is the registry's own credential domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_client_credentials: Option<bool>,
 }
 
 /// A configuration error.
@@ -94,6 +105,8 @@ pub enum ConfigError {
     ZeroTtl,
     /// A `cluster` is empty, too long or has spaces or control characters.
     BadCluster(String),
+    /// `public_url` is not `http(s)://host[:port]`.
+    BadPublicUrl(String),
 }
 
 impl fmt::Display for ConfigError {
@@ -111,6 +124,10 @@ impl fmt::Display for ConfigError {
             }
             ConfigError::ZeroTtl => f.write_str("redirect_ttl_seconds must be > 0"),
             ConfigError::BadCluster(c) => write!(f, "invalid cluster name {c:?}"),
+            ConfigError::BadPublicUrl(u) => write!(
+                f,
+                "public_url {u:?} must be http(s)://host[:port] without path or query"
+            ),
         }
     }
 }
@@ -143,6 +160,7 @@ fn builtin(
         cache,
         redirects: RedirectMode::Sign,
         cluster: None,
+        forward_client_credentials: None,
     }
 }
 
@@ -220,6 +238,7 @@ pub fn default_config() -> FilterConfig {
         default_registry: Some("docker.io".to_string()),
         redirect_ttl_seconds: Some(DEFAULT_REDIRECT_TTL_SECONDS),
         signing_key: None,
+        public_url: None,
         registries: default_registries(),
     }
 }
@@ -317,6 +336,47 @@ pub fn any_match(patterns: &[HostPattern], authority: &str) -> bool {
     patterns.iter().any(|p| p.matches(authority))
 }
 
+/// The validated `public_url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicUrl {
+    /// `http` or `https`.
+    pub scheme: String,
+    /// Lowercase host.
+    pub host: String,
+    /// `:port` or empty (default ports dropped).
+    pub port: String,
+}
+
+impl PublicUrl {
+    /// Parses `http(s)://host[:port]` (one trailing `/` tolerated).
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let bad = || ConfigError::BadPublicUrl(s.to_string());
+        let t = s.trim();
+        let (scheme, rest) = t.split_once("://").ok_or_else(bad)?;
+        let scheme = scheme.to_ascii_lowercase();
+        let default_port = match scheme.as_str() {
+            "https" => "443",
+            "http" => "80",
+            _ => return Err(bad()),
+        };
+        let auth = rest.strip_suffix('/').unwrap_or(rest).to_ascii_lowercase();
+        if !is_valid_authority(&auth) {
+            return Err(bad());
+        }
+        let (host, port) = match auth.split_once(':') {
+            Some((h, p)) if p != default_port => (h.to_string(), format!(":{p}")),
+            Some((h, _)) => (h.to_string(), String::new()),
+            None => (auth, String::new()),
+        };
+        Ok(PublicUrl { scheme, host, port })
+    }
+
+    /// `<scheme>://<host>[:port]` for `host` (the public host or a host-mode host).
+    pub fn base_for(&self, host: &str) -> String {
+        format!("{}://{host}{}", self.scheme, self.port)
+    }
+}
+
 /// A compiled registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registry {
@@ -342,6 +402,8 @@ pub struct Registry {
     pub cluster: String,
     /// Name usable in a metric: non-alphanumerics become `_`.
     pub metric_name: String,
+    /// Forward client credentials to its realm from the shared mirror host.
+    pub forward_client_credentials: bool,
 }
 
 impl Registry {
@@ -364,6 +426,8 @@ pub struct CompiledConfig {
     pub redirect_ttl_seconds: u64,
     /// Configured signing key bytes.
     pub signing_key: Option<Vec<u8>>,
+    /// Where clients reach the mirror; `None`: the client's Host.
+    pub public_url: Option<PublicUrl>,
 }
 
 impl CompiledConfig {
@@ -387,6 +451,15 @@ impl CompiledConfig {
     /// The default registry.
     pub fn default_registry(&self) -> Option<&Registry> {
         self.default_registry.and_then(|i| self.registries.get(i))
+    }
+
+    /// Does the mirror answer requests for `host` (lowercase, no port)? Always, without
+    /// `public_url`; with it, its host and the host-mode hosts only.
+    pub fn serves_host(&self, host: &str) -> bool {
+        match &self.public_url {
+            None => true,
+            Some(p) => p.host == host || self.by_host.contains_key(host),
+        }
     }
 
     /// First registry whose realm hosts match `authority`.
@@ -457,6 +530,11 @@ pub fn compile(cfg: &FilterConfig) -> Result<CompiledConfig, ConfigError> {
             }
             Some(bytes)
         }
+    };
+
+    let public_url = match &cfg.public_url {
+        Some(u) => Some(PublicUrl::parse(u)?),
+        None => None,
     };
 
     let mut registries = Vec::with_capacity(regs.len());
@@ -533,6 +611,7 @@ pub fn compile(cfg: &FilterConfig) -> Result<CompiledConfig, ConfigError> {
             cache: r.cache,
             redirects: r.redirects,
             cluster,
+            forward_client_credentials: r.forward_client_credentials.unwrap_or(false),
         });
     }
 
@@ -551,6 +630,13 @@ pub fn compile(cfg: &FilterConfig) -> Result<CompiledConfig, ConfigError> {
         ),
     };
 
+    // Default: the default registry's realm gets client credentials (`docker login`).
+    for (i, (r, c)) in registries.iter_mut().zip(&regs).enumerate() {
+        if c.forward_client_credentials.is_none() {
+            r.forward_client_credentials = default_registry == Some(i);
+        }
+    }
+
     Ok(CompiledConfig {
         registries,
         by_name,
@@ -559,6 +645,7 @@ pub fn compile(cfg: &FilterConfig) -> Result<CompiledConfig, ConfigError> {
         host_suffix,
         redirect_ttl_seconds: ttl,
         signing_key,
+        public_url,
     })
 }
 
@@ -588,6 +675,7 @@ mod tests {
             cache: false,
             redirects: RedirectMode::Sign,
             cluster: None,
+            forward_client_credentials: None,
         }
     }
 
@@ -765,6 +853,64 @@ mod tests {
             parse(br#"{"registries":[{"name":"a.io"}]}"#),
             Err(ConfigError::Json(_))
         ));
+    }
+
+    #[test]
+    fn public_url_and_credential_forwarding() {
+        let json =
+            br#"{"public_url":"HTTPS://Mirror.Example.com:443/","host_suffix":"mirror.example.com",
+            "default_registry":"docker.io","registries":[
+              {"name":"docker.io","upstream":"registry-1.docker.io","host_prefix":"docker"},
+              {"name":"quay.io","upstream":"quay.io","forward_client_credentials":true},
+              {"name":"ghcr.io","upstream":"ghcr.io"}]}"#;
+        let c = parse(json).unwrap();
+        let p = c.public_url.as_ref().unwrap();
+        assert_eq!(
+            (p.scheme.as_str(), p.host.as_str(), p.port.as_str()),
+            ("https", "mirror.example.com", "")
+        );
+        assert!(c.serves_host("mirror.example.com"));
+        assert!(c.serves_host("docker.mirror.example.com"));
+        assert!(!c.serves_host("quay.mirror.example.com"));
+        assert!(!c.serves_host("evil.example"));
+        // Default: only the default registry's realm gets client credentials.
+        let fwd = |n: &str| c.registry(n).unwrap().forward_client_credentials;
+        assert!(fwd("docker.io"));
+        assert!(fwd("quay.io"));
+        assert!(!fwd("ghcr.io"));
+        let d = parse(b"").unwrap();
+        assert!(d.public_url.is_none());
+        assert!(d.serves_host("anything.example"));
+        assert!(d.registry("docker.io").unwrap().forward_client_credentials);
+        for n in ["quay.io", "gcr.io", "ghcr.io", "registry.k8s.io"] {
+            assert!(!d.registry(n).unwrap().forward_client_credentials, "{n}");
+        }
+        let p = PublicUrl::parse("http://127.0.0.1:5000").unwrap();
+        assert_eq!(p.base_for(&p.host), "http://127.0.0.1:5000");
+        for bad in [
+            "mirror.example.com",
+            "ftp://mirror.example.com",
+            "https://mirror.example.com/v2",
+            "https://mirror.example.com?x",
+            "https://user@mirror.example.com",
+            "https://mirror.example.com:0",
+            "https://",
+            "https://[::1]",
+        ] {
+            let j = format!(r#"{{"public_url":"{bad}"}}"#);
+            assert!(
+                matches!(parse(j.as_bytes()), Err(ConfigError::BadPublicUrl(_))),
+                "{bad}"
+            );
+        }
+        // Both fields round-trip through the serde types.
+        let cfg: FilterConfig = serde_json::from_slice(json).unwrap();
+        let out = serde_json::to_string(&cfg).unwrap();
+        assert!(out.contains(r#""public_url":"HTTPS://Mirror.Example.com:443/""#));
+        assert!(out.contains(r#""forward_client_credentials":true"#));
+        let back: FilterConfig = serde_json::from_str(&out).unwrap();
+        assert_eq!(back, cfg);
+        assert_eq!(parse(out.as_bytes()).unwrap(), c);
     }
 
     #[test]

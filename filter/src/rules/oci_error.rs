@@ -17,6 +17,8 @@ pub enum ErrorCode {
     DigestInvalid,
     /// Access denied.
     Denied,
+    /// Authentication required.
+    Unauthorized,
     /// A service the mirror depends on is unavailable.
     Unavailable,
 }
@@ -31,6 +33,7 @@ impl ErrorCode {
             ErrorCode::TagInvalid => "TAG_INVALID",
             ErrorCode::DigestInvalid => "DIGEST_INVALID",
             ErrorCode::Denied => "DENIED",
+            ErrorCode::Unauthorized => "UNAUTHORIZED",
             ErrorCode::Unavailable => "UNAVAILABLE",
         }
     }

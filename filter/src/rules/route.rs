@@ -1,8 +1,9 @@
 //! Request routing: from the client's request line to a [`Decision`].
 
-use super::config::{is_valid_authority, CompiledConfig, Registry};
+use super::config::{any_match, is_valid_authority, CompiledConfig, Registry};
 use super::names::{Digest, NameError, Reference, RepositoryName};
 use super::oci_error::{render, ErrorCode};
+use super::realms::RealmUrl;
 use super::redirect::{SignedRedirect, PREFIX as REDIRECT_PREFIX};
 use super::token::{self, LearnedRealm};
 use super::token_host::strip_credential;
@@ -76,6 +77,46 @@ pub struct LearnRealm {
     pub query: Option<String>,
     /// `<scheme>://<client authority>`.
     pub mirror_base: String,
+    /// The realm URL the client asked, when it is the registry's own realm host but not
+    /// (yet) known as issued: forwarded only if the learned realm is exactly this one.
+    pub expect: Option<RealmUrl>,
+    /// Remove the client's `Authorization` (see [`Forward::strip_authorization`]).
+    pub strip_authorization: bool,
+}
+
+/// A `/v2/` ping on the shared mirror host, answered locally so that it does not depend
+/// on the default registry's upstream: `401` with that registry's last known challenge,
+/// else learned with a `GET /v2/` to `cluster` (see [`ping_reply`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ping {
+    /// The default registry (canonical name).
+    pub registry: String,
+    /// Envoy cluster of its upstream.
+    pub cluster: String,
+    /// Its upstream `host[:port]`.
+    pub upstream: String,
+    /// Base of URLs handed to the client.
+    pub mirror_base: String,
+}
+
+/// What the filter has learned from upstream answers (shared data, in the glue).
+pub trait Learned {
+    /// Is `host` a recorded token host of `registry` (see [`super::token_host`])?
+    fn is_token_host(&self, registry: &str, host: &str) -> bool;
+    /// Did `registry` issue the realm `authority` + `path` (see [`super::realms`])?
+    fn is_issued_realm(&self, registry: &str, authority: &str, path: &str) -> bool;
+}
+
+/// Nothing learned yet (a fresh Envoy).
+pub struct NothingLearned;
+
+impl Learned for NothingLearned {
+    fn is_token_host(&self, _: &str, _: &str) -> bool {
+        false
+    }
+    fn is_issued_realm(&self, _: &str, _: &str, _: &str) -> bool {
+        false
+    }
 }
 
 /// Why a request was answered locally with an error.
@@ -101,11 +142,13 @@ pub enum RejectReason {
     RedirectDenied,
     /// A registry's realm could not be learned.
     RealmUnavailable,
+    /// The request's Host is not one the mirror serves (`public_url` set).
+    Misdirected,
 }
 
 impl RejectReason {
     /// All reasons (for defining metrics).
-    pub const ALL: [RejectReason; 10] = [
+    pub const ALL: [RejectReason; 11] = [
         RejectReason::Method,
         RejectReason::NotFound,
         RejectReason::BadRequest,
@@ -116,6 +159,7 @@ impl RejectReason {
         RejectReason::RealmDenied,
         RejectReason::RedirectDenied,
         RejectReason::RealmUnavailable,
+        RejectReason::Misdirected,
     ];
 
     /// Snake-case name used in metrics and logs.
@@ -131,6 +175,7 @@ impl RejectReason {
             RejectReason::RealmDenied => "realm_denied",
             RejectReason::RedirectDenied => "redirect_denied",
             RejectReason::RealmUnavailable => "realm_unavailable",
+            RejectReason::Misdirected => "misdirected",
         }
     }
 }
@@ -157,8 +202,10 @@ pub enum Decision {
     Forward(Forward),
     /// Reply locally.
     Reply(Reply),
-    /// Token request for another registry's realm: learn it, then forward.
+    /// Token request for a realm the filter must learn first: learn it, then forward.
     LearnRealm(LearnRealm),
+    /// Shared-host `/v2/` ping: answer from the default registry's known challenge.
+    Ping(Ping),
 }
 
 fn base_headers() -> Vec<(String, String)> {
@@ -171,18 +218,22 @@ fn base_headers() -> Vec<(String, String)> {
     ]
 }
 
-fn reject(status: u32, code: ErrorCode, reason: RejectReason, message: &str) -> Decision {
+fn reject_reply(status: u32, code: ErrorCode, reason: RejectReason, message: &str) -> Reply {
     let mut headers = base_headers();
     if status == 405 {
         headers.push(("allow".into(), "GET, HEAD".into()));
     }
-    Decision::Reply(Reply {
+    Reply {
         status,
         body: render(code, message, None),
         headers,
         reason: Some(reason),
         message: message.to_string(),
-    })
+    }
+}
+
+fn reject(status: u32, code: ErrorCode, reason: RejectReason, message: &str) -> Decision {
+    Decision::Reply(reject_reply(status, code, reason, message))
 }
 
 fn not_found(message: &str) -> Decision {
@@ -211,8 +262,17 @@ fn denied(reason: RejectReason, message: &str) -> Decision {
     reject(403, ErrorCode::Denied, reason, message)
 }
 
-/// `<scheme>://<authority>` for URLs given back to the client.
-fn mirror_base(req: &Request<'_>) -> String {
+/// `<scheme>://<authority>` for URLs given back to the client: from `public_url` when
+/// configured (host-mode hosts keep their name), else from the request.
+fn mirror_base(cfg: &CompiledConfig, req: &Request<'_>) -> String {
+    if let Some(p) = &cfg.public_url {
+        let host = host_without_port(req.authority);
+        return if cfg.registry_for_host(&host).is_some() {
+            p.base_for(&host)
+        } else {
+            p.base_for(&p.host)
+        };
+    }
     let proto = req
         .forwarded_proto
         .and_then(|p| p.split(',').next())
@@ -313,22 +373,21 @@ fn with_query(path: String, query: Option<&str>) -> String {
     }
 }
 
-/// Routes one request.
+/// Routes one request on a fresh Envoy (nothing learned).
 ///
 /// `key` is the signing key (only used for `/_mirror/redirect/`; shorter than
 /// 32 bytes means every signed URL is refused), `now` is unix seconds.
 pub fn route(cfg: &CompiledConfig, req: &Request<'_>, key: &[u8], now: u64) -> Decision {
-    route_with(cfg, req, key, now, &|_, _| false)
+    route_with(cfg, req, key, now, &NothingLearned)
 }
 
-/// [`route`], with `is_token_host(registry, host)` telling whether a signed redirect
-/// target is a recorded token host of its registry (see [`super::token_host`]).
+/// [`route`], with what the filter has `learned` (token hosts, issued realms).
 pub fn route_with(
     cfg: &CompiledConfig,
     req: &Request<'_>,
     key: &[u8],
     now: u64,
-    is_token_host: &dyn Fn(&str, &str) -> bool,
+    learned: &dyn Learned,
 ) -> Decision {
     if req.method != "GET" && req.method != "HEAD" {
         return reject(
@@ -341,6 +400,15 @@ pub fn route_with(
     if !is_sane_authority(req.authority) {
         return bad_request("invalid host");
     }
+    let host = host_without_port(req.authority);
+    if !cfg.serves_host(&host) {
+        return reject(
+            421,
+            ErrorCode::Denied,
+            RejectReason::Misdirected,
+            &format!("host {host} is not served by this mirror"),
+        );
+    }
     let full = req.path;
     if !full.starts_with('/') || !full.bytes().all(super::challenge::is_url_char) {
         return bad_request("invalid request path");
@@ -351,13 +419,13 @@ pub fn route_with(
     };
 
     if full.starts_with(REDIRECT_PREFIX) {
-        return route_redirect(cfg, req, key, now, is_token_host);
+        return route_redirect(cfg, req, key, now, learned);
     }
     if has_path_tricks(path) {
         return bad_request("invalid request path");
     }
     if let Some(rest) = path.strip_prefix(AUTH_PREFIX) {
-        return route_auth(cfg, req, rest, query);
+        return route_auth(cfg, req, rest, query, learned);
     }
     if path == "/v2" || path == "/v2/" {
         return route_v2(cfg, req, None, query);
@@ -425,6 +493,7 @@ fn route_v2(
     let echo = ns_reg.as_ref().map(|(d, _)| d.clone());
     let mut name_comps = parsed.as_ref().map(|p| p.0.clone()).unwrap_or_default();
     let mut path_prefix = None;
+    let mut by_default = false;
     let registry: Option<&Registry> = if let Some(r) = cfg.registry_for_host(&host) {
         Some(r)
     } else if let Some((_, r)) = ns_reg {
@@ -454,6 +523,7 @@ fn route_v2(
             None => return name_unknown("unknown registry"),
         }
     } else {
+        by_default = true;
         cfg.default_registry()
     };
 
@@ -467,7 +537,22 @@ fn route_v2(
                 reason: None,
                 message: "local /v2/".into(),
             }),
-            Some(r) => forward(r, req, "/v2/".into(), query_rest.as_deref(), echo, None),
+            // The shared host's ping must not depend on one upstream being up.
+            Some(r) if by_default => Decision::Ping(Ping {
+                registry: r.name.clone(),
+                cluster: r.cluster.clone(),
+                upstream: r.upstream.clone(),
+                mirror_base: mirror_base(cfg, req),
+            }),
+            Some(r) => forward(
+                cfg,
+                r,
+                req,
+                "/v2/".into(),
+                query_rest.as_deref(),
+                echo,
+                None,
+            ),
         };
     };
     let Some(registry) = registry else {
@@ -515,6 +600,7 @@ fn route_v2(
         },
     };
     forward(
+        cfg,
         registry,
         req,
         upstream_path,
@@ -548,6 +634,7 @@ fn reference_error(e: &NameError) -> Decision {
 }
 
 fn forward(
+    cfg: &CompiledConfig,
     r: &Registry,
     req: &Request<'_>,
     path: String,
@@ -563,7 +650,7 @@ fn forward(
         set_registry_header: true,
         oci_namespace_echo: echo,
         strip_authorization: false,
-        mirror_base: mirror_base(req),
+        mirror_base: mirror_base(cfg, req),
         path_prefix,
     })
 }
@@ -573,17 +660,27 @@ fn route_auth(
     req: &Request<'_>,
     rest: &str,
     query: Option<&str>,
+    learned: &dyn Learned,
 ) -> Decision {
     let (host, tail) = rest.split_once('/').unwrap_or((rest, ""));
     let host = host.to_ascii_lowercase();
     if !is_valid_authority(&host) {
         return denied(RejectReason::RealmDenied, "realm host not allowed");
     }
-    // Prefer the registry the client addresses by host mode, else the first match.
+    // Host mode: the host is one registry's own credential domain; only its realms.
     let host_mode = cfg.registry_for_host(&host_without_port(req.authority));
-    let preferred = host_mode.filter(|r| super::config::any_match(&r.realm_hosts, &host));
-    let Some(realm_registry) = preferred.or_else(|| cfg.registry_for_realm(&host)) else {
-        return denied(RejectReason::RealmDenied, "realm host not allowed");
+    let realm_registry = match host_mode {
+        Some(r) if any_match(&r.realm_hosts, &host) => r,
+        Some(r) => {
+            return denied(
+                RejectReason::RealmDenied,
+                &format!("realm host not allowed for {}", r.name),
+            )
+        }
+        None => match cfg.registry_for_realm(&host) {
+            Some(r) => r,
+            None => return denied(RejectReason::RealmDenied, "realm host not allowed"),
+        },
     };
     // Scopes in the client's namespace (path prefixes) → the target registry's.
     let plan = match token::plan(cfg, realm_registry, host_mode.is_none(), query) {
@@ -607,30 +704,49 @@ fn route_auth(
             target.name
         )));
     }
-    if !super::config::any_match(&target.realm_hosts, &host) {
-        return Decision::LearnRealm(LearnRealm {
+    // The shared host is one credential domain: the operator says per registry whether
+    // its realm gets the client's credentials.
+    let strip_authorization = host_mode.is_none() && !target.forward_client_credentials;
+    let path = format!("/{tail}");
+    let learn = |expect| {
+        Decision::LearnRealm(LearnRealm {
             registry: target.name.clone(),
             cluster: target.cluster.clone(),
             upstream: target.upstream.clone(),
-            query: plan.query,
-            mirror_base: mirror_base(req),
-        });
+            query: plan.query.clone(),
+            mirror_base: mirror_base(cfg, req),
+            expect,
+            strip_authorization,
+        })
+    };
+    if !any_match(&target.realm_hosts, &host) {
+        // Another registry's token: sent to that registry's own (learned) realm.
+        return learn(None);
+    }
+    if !learned.is_issued_realm(&target.name, &host, &path) {
+        // Only a realm URL the registry issued; learn its realm once before refusing.
+        return match RealmUrl::new(&host, &path) {
+            Some(u) => learn(Some(u)),
+            None => denied(RejectReason::RealmDenied, "realm URL not issued"),
+        };
     }
     Decision::Forward(Forward {
         kind: ForwardKind::Auth,
         registry: target.name.clone(),
         authority: host,
-        path: with_query(format!("/{tail}"), plan.query.as_deref()),
+        path: with_query(path, plan.query.as_deref()),
         set_registry_header: true,
         oci_namespace_echo: None,
-        strip_authorization: false,
-        mirror_base: mirror_base(req),
+        strip_authorization,
+        mirror_base: mirror_base(cfg, req),
         path_prefix: None,
     })
 }
 
-/// The token request of `lr` sent to `learned`, the target registry's realm; the realm
-/// host must be on the registry's `realm_hosts`, else 502 `DENIED`.
+/// The token request of `lr` once `learned` (the target registry's realm) is known: sent
+/// to that realm (its host must be on the registry's `realm_hosts`, else 502 `DENIED`);
+/// when the client asked a realm URL itself (`expect`), sent there only if it is the
+/// learned one, else 403 `DENIED`.
 pub fn forward_to_learned(
     cfg: &CompiledConfig,
     lr: &LearnRealm,
@@ -639,10 +755,23 @@ pub fn forward_to_learned(
     let allowed = cfg
         .registry(&lr.registry)
         .is_some_and(|r| learned.allowed_for(r));
-    let target = if allowed {
-        token::learned_target(learned, lr.query.as_deref())
-    } else {
-        None
+    let target = match (&lr.expect, allowed) {
+        (_, false) => None,
+        (None, true) => token::learned_target(learned, lr.query.as_deref()),
+        (Some(want), true) => {
+            if RealmUrl::from_realm(&learned.realm).as_ref() != Some(want) {
+                return Err(reject_reply(
+                    403,
+                    ErrorCode::Denied,
+                    RejectReason::RealmDenied,
+                    &format!("realm URL not issued by {}", lr.registry),
+                ));
+            }
+            Some((
+                want.authority.clone(),
+                with_query(want.path.clone(), lr.query.as_deref()),
+            ))
+        }
     };
     let Some((authority, path)) = target else {
         return Err(realm_failure(
@@ -660,7 +789,7 @@ pub fn forward_to_learned(
         path,
         set_registry_header: true,
         oci_namespace_echo: None,
-        strip_authorization: false,
+        strip_authorization: lr.strip_authorization,
         mirror_base: lr.mirror_base.clone(),
         path_prefix: None,
     })
@@ -694,7 +823,7 @@ fn route_redirect(
     req: &Request<'_>,
     key: &[u8],
     now: u64,
-    is_token_host: &dyn Fn(&str, &str) -> bool,
+    learned: &dyn Learned,
 ) -> Decision {
     let sr = match SignedRedirect::parse(req.path).and_then(|sr| {
         sr.verify(cfg, key, now)?;
@@ -703,8 +832,8 @@ fn route_redirect(
         Ok(sr) => sr,
         Err(e) => return denied(RejectReason::RedirectDenied, e.as_str()),
     };
-    let strip = strip_credential(&sr.cred, req.authorization, || {
-        is_token_host(&sr.registry, &sr.target.host)
+    let strip = strip_credential(req.authorization, || {
+        learned.is_token_host(&sr.registry, &sr.target.host)
     });
     Decision::Forward(Forward {
         kind: ForwardKind::Redirect,
@@ -714,9 +843,57 @@ fn route_redirect(
         set_registry_header: true,
         oci_namespace_echo: None,
         strip_authorization: strip,
-        mirror_base: mirror_base(req),
+        mirror_base: mirror_base(cfg, req),
         path_prefix: None,
     })
+}
+
+/// The local answer to a shared-host `/v2/` ping: `401` with the default registry's
+/// challenge rewritten to the mirror when its realm is known, else `200 {}` (anonymous;
+/// the addressed registry challenges on its own if it needs a token).
+pub fn ping_reply(ping: &Ping, realm: Option<&LearnedRealm>) -> Reply {
+    let challenge = realm.and_then(|l| {
+        let u = super::challenge::parse_url(&l.realm)?;
+        let mut realm = format!(
+            "{}/_mirror/auth/{}{}",
+            ping.mirror_base, u.authority, u.path
+        );
+        if let Some(q) = &u.query {
+            realm.push('?');
+            realm.push_str(q);
+        }
+        let mut params = vec![("realm".to_string(), realm)];
+        if !l.service.is_empty() {
+            params.push(("service".to_string(), l.service.clone()));
+        }
+        Some(super::challenge::serialize(&[
+            super::challenge::Challenge {
+                scheme: "Bearer".into(),
+                token68: None,
+                params,
+            },
+        ]))
+    });
+    let mut headers = base_headers();
+    match challenge {
+        Some(c) => {
+            headers.push(("www-authenticate".into(), c));
+            Reply {
+                status: 401,
+                body: render(ErrorCode::Unauthorized, "authentication required", None),
+                headers,
+                reason: None,
+                message: format!("local /v2/ with the challenge of {}", ping.registry),
+            }
+        }
+        None => Reply {
+            status: 200,
+            body: "{}".into(),
+            headers,
+            reason: None,
+            message: format!("local /v2/ ({} challenge unknown)", ping.registry),
+        },
+    }
 }
 
 #[cfg(test)]
@@ -762,6 +939,41 @@ mod tests {
     fn code(r: &Reply) -> String {
         let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
         v["errors"][0]["code"].as_str().unwrap().to_string()
+    }
+
+    /// What a running Envoy has learned: issued realms and token hosts.
+    #[derive(Default)]
+    struct Known {
+        realms: Vec<(&'static str, &'static str, &'static str)>,
+        token_hosts: Vec<(&'static str, &'static str)>,
+        asked: std::cell::RefCell<Vec<String>>,
+    }
+
+    impl Learned for Known {
+        fn is_token_host(&self, registry: &str, host: &str) -> bool {
+            self.asked.borrow_mut().push(format!("{registry} {host}"));
+            self.token_hosts.contains(&(registry, host))
+        }
+        fn is_issued_realm(&self, registry: &str, authority: &str, path: &str) -> bool {
+            self.realms.contains(&(registry, authority, path))
+        }
+    }
+
+    /// The realms the shipped registries' challenges name.
+    fn known() -> Known {
+        Known {
+            realms: vec![
+                ("docker.io", "auth.docker.io", "/token"),
+                ("quay.io", "quay.io", "/v2/auth"),
+                ("registry.k8s.io", "us-docker.pkg.dev", "/v2/token"),
+            ],
+            ..Known::default()
+        }
+    }
+
+    /// [`route`] on an Envoy that has seen the shipped registries' challenges.
+    fn route_known(cfg: &CompiledConfig, req: &Request<'_>) -> Decision {
+        route_with(cfg, req, &KEY, 0, &known())
     }
 
     fn host_cfg() -> CompiledConfig {
@@ -1023,11 +1235,20 @@ mod tests {
     #[test]
     fn v2_base() {
         let cfg = parse_config(b"").unwrap();
+        // The shared host's ping is answered locally (see `ping_on_the_shared_host`).
         for p in ["/v2/", "/v2"] {
-            let f = fwd(route(&cfg, &get("m", p), &KEY, 0));
+            let ping = match route(&cfg, &get("m", p), &KEY, 0) {
+                Decision::Ping(ping) => ping,
+                other => panic!("expected a ping, got {other:?}"),
+            };
             assert_eq!(
-                (f.authority.as_str(), f.path.as_str()),
-                ("registry-1.docker.io", "/v2/")
+                ping,
+                Ping {
+                    registry: "docker.io".into(),
+                    cluster: "registry-1.docker.io".into(),
+                    upstream: "registry-1.docker.io".into(),
+                    mirror_base: "http://m".into(),
+                }
             );
         }
         let f = fwd(route(&cfg, &get("m", "/v2/?ns=quay.io"), &KEY, 0));
@@ -1128,7 +1349,7 @@ mod tests {
             &cfg,
             &Request {
                 forwarded_proto: Some("HTTPS, http"),
-                ..get("m", "/v2/")
+                ..get("m", "/v2/a/manifests/1")
             },
             &KEY,
             0,
@@ -1138,7 +1359,7 @@ mod tests {
             &cfg,
             &Request {
                 scheme: "https",
-                ..get("m", "/v2/")
+                ..get("m", "/v2/a/manifests/1")
             },
             &KEY,
             0,
@@ -1148,7 +1369,7 @@ mod tests {
             &cfg,
             &Request {
                 forwarded_proto: Some("gopher"),
-                ..get("m", "/v2/")
+                ..get("m", "/v2/a/manifests/1")
             },
             &KEY,
             0,
@@ -1159,11 +1380,9 @@ mod tests {
     #[test]
     fn auth() {
         let cfg = parse_config(b"").unwrap();
-        let f = fwd(route(
+        let f = fwd(route_known(
             &cfg,
             &get("m", "/_mirror/auth/auth.docker.io/token?service=registry.docker.io&scope=repository:library/alpine:pull&scope=x"),
-            &KEY,
-            0,
         ));
         assert_eq!(f.kind, ForwardKind::Auth);
         assert_eq!(f.registry, "docker.io");
@@ -1172,18 +1391,14 @@ mod tests {
             f.path,
             "/token?service=registry.docker.io&scope=repository:library/alpine:pull&scope=x"
         );
-        let f = fwd(route(
+        let f = fwd(route_known(
             &cfg,
             &get("m", "/_mirror/auth/us-docker.pkg.dev/v2/token"),
-            &KEY,
-            0,
         ));
         assert_eq!(
             (f.registry.as_str(), f.path.as_str()),
             ("registry.k8s.io", "/v2/token")
         );
-        let f = fwd(route(&cfg, &get("m", "/_mirror/auth/quay.io"), &KEY, 0));
-        assert_eq!(f.path, "/");
         for p in [
             "/_mirror/auth/evil.example/token",
             "/_mirror/auth/auth.docker.io.evil.example/token",
@@ -1208,6 +1423,276 @@ mod tests {
             0,
         ));
         assert_eq!(r.status, 400);
+    }
+
+    #[test]
+    fn only_issued_realm_urls_are_forwarded() {
+        let cfg = parse_config(b"").unwrap();
+        // Paths a realm host serves besides its realm: never forwarded as they are; the
+        // registry's realm is learned once, and they are refused unless it is that one.
+        for (p, registry, host, path) in [
+            (
+                "/_mirror/auth/quay.io/api/v1/user/",
+                "quay.io",
+                "quay.io",
+                "/api/v1/user/",
+            ),
+            (
+                "/_mirror/auth/quay.io/v2/_catalog?n=99999",
+                "quay.io",
+                "quay.io",
+                "/v2/_catalog",
+            ),
+            ("/_mirror/auth/quay.io", "quay.io", "quay.io", "/"),
+            (
+                "/_mirror/auth/auth.docker.io/v2/token",
+                "docker.io",
+                "auth.docker.io",
+                "/v2/token",
+            ),
+            (
+                "/_mirror/auth/evil.pkg.dev/v2/token",
+                "registry.k8s.io",
+                "evil.pkg.dev",
+                "/v2/token",
+            ),
+            (
+                "/_mirror/auth/us-docker.pkg.dev/v2/x/y",
+                "registry.k8s.io",
+                "us-docker.pkg.dev",
+                "/v2/x/y",
+            ),
+        ] {
+            let l = learn(route_known(&cfg, &get("m", p)));
+            assert_eq!(l.registry, registry, "{p}");
+            assert_eq!(l.expect, RealmUrl::new(host, path), "{p}");
+            // The registry's realm as learned from its /v2/: not the asked URL → 403.
+            let own = match registry {
+                "quay.io" => "https://quay.io/v2/auth",
+                "docker.io" => "https://auth.docker.io/token",
+                _ => "https://us-docker.pkg.dev/v2/token",
+            };
+            let learned = LearnedRealm::new(own, Some("s")).unwrap();
+            let r = forward_to_learned(&cfg, &l, &learned).unwrap_err();
+            assert_eq!((r.status, code(&r).as_str()), (403, "DENIED"), "{p}");
+            assert_eq!(r.reason, Some(RejectReason::RealmDenied));
+        }
+        // An unknown realm URL that the learned realm confirms: forwarded there, the
+        // client's query kept.
+        let l = learn(route(
+            &cfg,
+            &get(
+                "m",
+                "/_mirror/auth/quay.io/v2/auth?service=quay.io&scope=repository:a/b:pull",
+            ),
+            &KEY,
+            0,
+        ));
+        let learned = LearnedRealm::new("https://quay.io/v2/auth", Some("quay.io")).unwrap();
+        let f = forward_to_learned(&cfg, &l, &learned).unwrap();
+        assert_eq!(
+            (f.authority.as_str(), f.path.as_str()),
+            (
+                "quay.io",
+                "/v2/auth?service=quay.io&scope=repository:a/b:pull"
+            )
+        );
+        // Host mode: only the host registry's realm hosts.
+        let hc = host_cfg();
+        for p in [
+            "/_mirror/auth/quay.io/v2/auth?scope=repository:a/b:pull",
+            "/_mirror/auth/us-docker.pkg.dev/v2/token",
+        ] {
+            let r = reply(route_known(&hc, &get("docker.mirror.test", p)));
+            assert_eq!((r.status, code(&r).as_str()), (403, "DENIED"), "{p}");
+        }
+        let f = fwd(route_known(
+            &hc,
+            &get("quay.mirror.test", "/_mirror/auth/quay.io/v2/auth"),
+        ));
+        assert_eq!(f.registry, "quay.io");
+    }
+
+    #[test]
+    fn client_credentials_go_only_to_the_addressed_registry() {
+        let cfg = parse_config(b"").unwrap();
+        let with_basic = |authority: &'static str, path: &'static str| Request {
+            authorization: Some("Basic dTpw"),
+            ..get(authority, path)
+        };
+        // Shared host, the default registry's own realm: forwarded (docker login).
+        let f = fwd(route_known(
+            &cfg,
+            &with_basic(
+                "m",
+                "/_mirror/auth/auth.docker.io/token?service=registry.docker.io",
+            ),
+        ));
+        assert!(!f.strip_authorization);
+        // docker.io's realm URL with a quay.io scope: quay's realm, without the credential.
+        let l = learn(route_known(
+            &cfg,
+            &with_basic(
+                "m",
+                "/_mirror/auth/auth.docker.io/token?scope=repository:quay.io/a/b:pull",
+            ),
+        ));
+        assert_eq!(
+            (l.registry.as_str(), l.strip_authorization),
+            ("quay.io", true)
+        );
+        let learned = LearnedRealm::new("https://quay.io/v2/auth", Some("quay.io")).unwrap();
+        assert!(
+            forward_to_learned(&cfg, &l, &learned)
+                .unwrap()
+                .strip_authorization
+        );
+        // quay's own realm on the shared host: the credential is stripped too.
+        let f = fwd(route_known(
+            &cfg,
+            &with_basic(
+                "m",
+                "/_mirror/auth/quay.io/v2/auth?scope=repository:a/b:pull",
+            ),
+        ));
+        assert_eq!(
+            (f.registry.as_str(), f.strip_authorization),
+            ("quay.io", true)
+        );
+        // The operator opts quay.io in (and docker.io out).
+        let mut c = crate::rules::config::default_config();
+        for r in &mut c.registries {
+            r.forward_client_credentials = Some(r.name == "quay.io");
+        }
+        let opted = crate::rules::config::compile(&c).unwrap();
+        let f = fwd(route_known(
+            &opted,
+            &with_basic(
+                "m",
+                "/_mirror/auth/quay.io/v2/auth?scope=repository:a/b:pull",
+            ),
+        ));
+        assert!(!f.strip_authorization);
+        let f = fwd(route_known(
+            &opted,
+            &with_basic("m", "/_mirror/auth/auth.docker.io/token"),
+        ));
+        assert!(f.strip_authorization);
+        // Host mode: the host is the registry's own credential domain, flag or not.
+        let hc = host_cfg();
+        let f = fwd(route_known(
+            &hc,
+            &with_basic("quay.mirror.test", "/_mirror/auth/quay.io/v2/auth"),
+        ));
+        assert!(!f.strip_authorization);
+        // ...and another registry's scope is not translated into it.
+        let f = fwd(route_known(
+            &hc,
+            &with_basic(
+                "docker.mirror.test",
+                "/_mirror/auth/auth.docker.io/token?scope=repository:quay.io/a/b:pull",
+            ),
+        ));
+        assert_eq!(f.registry, "docker.io");
+        assert_eq!(f.path, "/token?scope=repository:quay.io/a/b:pull");
+    }
+
+    #[test]
+    fn public_url_builds_every_client_url_and_refuses_other_hosts() {
+        let mut c = crate::rules::config::default_config();
+        c.host_suffix = Some("mirror.example.com".into());
+        c.public_url = Some("https://mirror.example.com:8443".into());
+        let cfg = crate::rules::config::compile(&c).unwrap();
+        // The client's Host is never echoed: the configured URL is.
+        let f = fwd(route(
+            &cfg,
+            &Request {
+                scheme: "http",
+                forwarded_proto: Some("http"),
+                ..get("MIRROR.example.com:1234", "/v2/a/manifests/1")
+            },
+            &KEY,
+            0,
+        ));
+        assert_eq!(f.mirror_base, "https://mirror.example.com:8443");
+        let f = fwd(route(
+            &cfg,
+            &get("quay.mirror.example.com", "/v2/a/b/manifests/1"),
+            &KEY,
+            0,
+        ));
+        assert_eq!(f.mirror_base, "https://quay.mirror.example.com:8443");
+        // Hosts the mirror does not serve: 421 before anything else.
+        for host in [
+            "evil.example",
+            "127.0.0.1:5000",
+            "mirror.example.com.evil",
+            "x.mirror.example.com",
+        ] {
+            for p in [
+                "/v2/",
+                "/v2/a/manifests/1",
+                "/_mirror/auth/auth.docker.io/token",
+                "/_mirror/redirect/x",
+            ] {
+                let r = reply(route_known(&cfg, &get(host, p)));
+                assert_eq!((r.status, code(&r).as_str()), (421, "DENIED"), "{host} {p}");
+                assert_eq!(r.reason, Some(RejectReason::Misdirected));
+                assert!(r.message.contains("not served"), "{}", r.message);
+            }
+        }
+        // Without public_url, today's behaviour: the client's authority.
+        let f = fwd(route(
+            &parse_config(b"").unwrap(),
+            &get("evil.example", "/v2/a/manifests/1"),
+            &KEY,
+            0,
+        ));
+        assert_eq!(f.mirror_base, "http://evil.example");
+    }
+
+    #[test]
+    fn ping_on_the_shared_host() {
+        let ping = Ping {
+            registry: "docker.io".into(),
+            cluster: "registry-1.docker.io".into(),
+            upstream: "registry-1.docker.io".into(),
+            mirror_base: "https://m:5000".into(),
+        };
+        let learned =
+            LearnedRealm::new("https://auth.docker.io/token", Some("registry.docker.io")).unwrap();
+        let r = ping_reply(&ping, Some(&learned));
+        assert_eq!((r.status, code(&r).as_str()), (401, "UNAUTHORIZED"));
+        let c = r
+            .headers
+            .iter()
+            .find(|(k, _)| k == "www-authenticate")
+            .map(|(_, v)| v.as_str());
+        assert_eq!(
+            c,
+            Some(
+                r#"Bearer realm="https://m:5000/_mirror/auth/auth.docker.io/token",service="registry.docker.io""#
+            )
+        );
+        // Unknown (the upstream is down and never answered): anonymous 200.
+        let r = ping_reply(&ping, None);
+        assert_eq!((r.status, r.body.as_str()), (200, "{}"));
+        assert!(r.headers.iter().all(|(k, _)| k != "www-authenticate"));
+        // Host mode and ?ns= pings still go to their registry.
+        let f = fwd(route(
+            &host_cfg(),
+            &get("quay.mirror.test", "/v2/"),
+            &KEY,
+            0,
+        ));
+        assert_eq!((f.authority.as_str(), f.path.as_str()), ("quay.io", "/v2/"));
+        let f = fwd(route(
+            &parse_config(b"").unwrap(),
+            &get("m", "/v2/?ns=docker.io"),
+            &KEY,
+            0,
+        ));
+        assert_eq!(f.authority, "registry-1.docker.io");
     }
 
     #[test]
@@ -1240,7 +1725,7 @@ mod tests {
         for p in [
             "/v2/coreos/etcd/manifests/v3.5?ns=quay.io",
             "/v2/library/alpine/manifests/1",
-            "/v2/",
+            "/v2/?ns=docker.io",
         ] {
             assert_eq!(fwd(route(&cfg, &get("m", p), &KEY, 0)).path_prefix, None);
         }
@@ -1257,11 +1742,9 @@ mod tests {
     fn auth_with_path_prefixed_scopes() {
         let cfg = parse_config(b"").unwrap();
         // docker.io prefix on docker.io's realm: stripped, forwarded.
-        let f = fwd(route(
+        let f = fwd(route_known(
             &cfg,
             &get("127.0.0.1:5000", "/_mirror/auth/auth.docker.io/token?account=a&scope=repository%3Adocker.io%2Flibrary%2Falpine%3Apull&service=registry.docker.io"),
-            &KEY,
-            0,
         ));
         assert_eq!(
             (f.registry.as_str(), f.authority.as_str()),
@@ -1286,6 +1769,8 @@ mod tests {
                 upstream: "quay.io".into(),
                 query: Some("scope=repository:coreos/etcd:pull&service=registry.docker.io".into()),
                 mirror_base: "http://127.0.0.1:5000".into(),
+                expect: None,
+                strip_authorization: true,
             }
         );
         let learned = LearnedRealm::new("https://quay.io/v2/auth", Some("quay.io")).unwrap();
@@ -1305,11 +1790,9 @@ mod tests {
         assert_eq!((r.status, code(&r).as_str()), (502, "DENIED"));
         assert_eq!(r.reason, Some(RejectReason::RealmUnavailable));
         // quay.io prefix on quay's own realm: forwarded with the name stripped.
-        let f = fwd(route(
+        let f = fwd(route_known(
             &cfg,
             &get("m", "/_mirror/auth/quay.io/v2/auth?scope=repository:quay.io/coreos/etcd:pull&service=quay.io"),
-            &KEY,
-            0,
         ));
         assert_eq!(
             f.path,
@@ -1329,14 +1812,12 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
         assert!(v["token"].as_str().is_some_and(|t| !t.is_empty()));
         // Host mode: the client's names are the registry's own; no prefix interpreted.
-        let f = fwd(route(
+        let f = fwd(route_known(
             &host_cfg(),
             &get(
                 "docker.mirror.test",
                 "/_mirror/auth/auth.docker.io/token?scope=repository:alpine:pull",
             ),
-            &KEY,
-            0,
         ));
         assert_eq!(f.path, "/token?scope=repository:library/alpine:pull");
         // Hostile scopes.
@@ -1397,23 +1878,55 @@ mod tests {
         assert_eq!(f.path, "/registry-v2/x/data?verify=1");
         assert_eq!(f.registry, "docker.io");
         assert!(f.strip_authorization);
-        let f = fwd(route(
-            &cfg,
-            &Request {
-                authorization: Some("Bearer other"),
-                ..get("m", &url)
-            },
-            &KEY,
-            50,
-        ));
-        assert!(!f.strip_authorization);
+        // Any other credential to a host that is not a token host: dropped too (a
+        // refreshed token, another spelling of the scheme, Basic).
+        for a in ["Bearer other", "bearer up", "Basic dTpw"] {
+            let f = fwd(route(
+                &cfg,
+                &Request {
+                    authorization: Some(a),
+                    ..get("m", &url)
+                },
+                &KEY,
+                50,
+            ));
+            assert!(f.strip_authorization, "{a}");
+        }
         let f = fwd(route(&cfg, &get("m", &url), &KEY, 50));
         assert!(!f.strip_authorization);
-        // A recorded token host of the registry keeps the registry's token.
-        let asked = std::cell::RefCell::new(Vec::new());
-        let is_token_host = |r: &str, h: &str| {
-            asked.borrow_mut().push(format!("{r} {h}"));
-            true
+        // A recorded token host of the registry gets Bearer tokens, never Basic.
+        let learned = Known {
+            token_hosts: vec![("docker.io", "production.cloudflare.docker.com")],
+            ..Known::default()
+        };
+        for (a, strip) in [
+            ("Bearer up", false),
+            ("BEARER fresh", false),
+            ("Basic dTpw", true),
+        ] {
+            let f = fwd(route_with(
+                &cfg,
+                &Request {
+                    authorization: Some(a),
+                    ..get("m", &url)
+                },
+                &KEY,
+                50,
+                &learned,
+            ));
+            assert_eq!(f.strip_authorization, strip, "{a}");
+        }
+        assert_eq!(
+            learned.asked.borrow().as_slice(),
+            [
+                "docker.io production.cloudflare.docker.com",
+                "docker.io production.cloudflare.docker.com"
+            ]
+        );
+        // Another registry's token host does not count.
+        let other = Known {
+            token_hosts: vec![("quay.io", "production.cloudflare.docker.com")],
+            ..Known::default()
         };
         let f = fwd(route_with(
             &cfg,
@@ -1423,13 +1936,9 @@ mod tests {
             },
             &KEY,
             50,
-            &is_token_host,
+            &other,
         ));
-        assert!(!f.strip_authorization);
-        assert_eq!(
-            asked.borrow().as_slice(),
-            ["docker.io production.cloudflare.docker.com"]
-        );
+        assert!(f.strip_authorization);
         // Expired, wrong key, no key, tampered.
         for (k, now, u) in [
             (&KEY[..], 101, url.clone()),

@@ -435,6 +435,33 @@ pub fn learn_realm(
     Err(refused.map_or(LearnError::NoChallenge, LearnError::NotAllowlisted))
 }
 
+/// What a realm-learning `GET /v2/` call to a registry's own upstream answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RealmCall {
+    /// A 401 with a well-formed Bearer challenge naming a realm on `realm_hosts`.
+    Learned(LearnedRealm),
+    /// 2xx: an anonymous registry, nothing to learn.
+    Anonymous,
+    /// Anything else (no answer, another status, no usable challenge).
+    Failed(LearnError),
+}
+
+/// Classifies the answer of a realm-learning call: a realm is learned only from a 401.
+pub fn classify_realm_call(
+    registry: &Registry,
+    status: Option<u32>,
+    www_authenticate: &[String],
+) -> RealmCall {
+    match status {
+        Some(401) => match learn_realm(registry, www_authenticate) {
+            Ok(l) => RealmCall::Learned(l),
+            Err(e) => RealmCall::Failed(e),
+        },
+        Some(200..=299) => RealmCall::Anonymous,
+        _ => RealmCall::Failed(LearnError::NoChallenge),
+    }
+}
+
 /// `:authority` and `:path` for a token request sent to a learned realm: the realm's
 /// path and query, then `query` with `service` set to the learned service.
 pub fn learned_target(learned: &LearnedRealm, query: Option<&str>) -> Option<(String, String)> {

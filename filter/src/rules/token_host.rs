@@ -5,9 +5,6 @@
 //! Recorded per Envoy in proxy-wasm shared data, one key per registry
 //! ([`key`]) holding a bounded newline-separated list of hosts ([`TokenHosts`]).
 
-use super::config::Registry;
-use super::token::learn_realm;
-
 /// Shared-data key prefix; the key is `mirror.token_host.<registry>`.
 pub const KEY_PREFIX: &str = "mirror.token_host.";
 
@@ -69,77 +66,56 @@ fn is_recordable(h: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b".-:[]".contains(&b))
 }
 
-/// Response phase of a signed redirect target: does this answer make the target a token
-/// host of `registry`? Only a 401 whose Bearer challenge names a realm on the registry's
-/// `realm_hosts` (S3-style stores never challenge with a registry's realm).
-pub fn is_token_host_challenge(
-    registry: &Registry,
-    status: Option<u32>,
-    www_authenticate: &[String],
-) -> bool {
-    status == Some(401) && learn_realm(registry, www_authenticate).is_ok()
+/// Request phase of a signed redirect target: remove the client's `Authorization`?
+/// Always, except a Bearer token (scheme case-insensitive) to a recorded token host of
+/// the registry, which challenged with that registry's realm and so wants its tokens.
+/// Basic credentials never reach a redirect target. `is_token_host` is only asked for a
+/// Bearer credential.
+pub fn strip_credential(authorization: Option<&str>, is_token_host: impl FnOnce() -> bool) -> bool {
+    match authorization {
+        None => false,
+        Some(a) => !(is_bearer(a) && is_token_host()),
+    }
 }
 
-/// Request phase of a signed redirect target: remove the client's `Authorization`?
-/// Yes when its fingerprint is the URL's `<cred>` (a token issued for the registry that
-/// redirected), unless the target is a recorded token host of that registry, which wants
-/// that very token. `is_token_host` is only asked when the fingerprint matches.
-pub fn strip_credential(
-    cred: &str,
-    authorization: Option<&str>,
-    is_token_host: impl FnOnce() -> bool,
-) -> bool {
-    let matches = cred != "-"
-        && authorization.is_some_and(|a| super::redirect::credential_fingerprint(Some(a)) == cred);
-    matches && !is_token_host()
+/// `Bearer <token>`, the scheme compared case-insensitively.
+fn is_bearer(authorization: &str) -> bool {
+    authorization
+        .split_once(' ')
+        .is_some_and(|(scheme, token)| {
+            scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::config::parse as parse_config;
-    use crate::rules::redirect::credential_fingerprint;
 
     #[test]
     fn strip_decision() {
-        let cred = credential_fingerprint(Some("Bearer quay"));
-        // The registry's token on a store that is not a token host: dropped.
-        assert!(strip_credential(&cred, Some("Bearer quay"), || false));
-        // On a recorded token host: kept.
-        assert!(!strip_credential(&cred, Some("Bearer quay"), || true));
-        // Another credential (from the target's own challenge) or none: never stripped,
-        // and the token-host state is not consulted.
+        // Any credential to a target that is not a token host: dropped (a refreshed
+        // token, Basic, another spelling of the scheme alike).
+        for a in [
+            "Bearer quay",
+            "bearer quay",
+            "BEARER fresh",
+            "Basic dTpw",
+            "Bearer",
+            "x",
+        ] {
+            assert!(strip_credential(Some(a), || false), "{a}");
+        }
+        // A Bearer token to a recorded token host: kept, whatever the spelling.
+        for a in ["Bearer quay", "bearer fresh", "BeArEr t"] {
+            assert!(!strip_credential(Some(a), || true), "{a}");
+        }
+        // Basic (or no token) never passes, and the token-host state is not consulted.
         let never = || -> bool { panic!("consulted") };
-        assert!(!strip_credential(&cred, Some("Bearer fresh"), never));
-        assert!(!strip_credential(&cred, None, never));
-        assert!(!strip_credential("-", Some("Bearer quay"), never));
-        assert!(!strip_credential("-", None, never));
-    }
-
-    #[test]
-    fn recording_decision() {
-        let cfg = parse_config(b"").unwrap();
-        let quay = cfg.registry("quay.io").unwrap();
-        let own = vec![
-            r#"Bearer realm="https://quay.io/v2/auth",service="quay.io",scope="repository:a/b:pull""#
-                .to_string(),
-        ];
-        assert!(is_token_host_challenge(quay, Some(401), &own));
-        // Not a 401, or a realm not on quay's realm_hosts, or no Bearer: not recorded.
-        assert!(!is_token_host_challenge(quay, Some(403), &own));
-        assert!(!is_token_host_challenge(quay, None, &own));
-        let foreign =
-            vec![r#"Bearer realm="https://auth.docker.io/token",service="x""#.to_string()];
-        assert!(!is_token_host_challenge(quay, Some(401), &foreign));
-        let basic = vec![r#"Basic realm="https://quay.io/v2/auth""#.to_string()];
-        assert!(!is_token_host_challenge(quay, Some(401), &basic));
-        assert!(!is_token_host_challenge(quay, Some(401), &[]));
-        // A foreign challenge followed by the registry's own: recorded.
-        let both = vec![foreign[0].clone(), own[0].clone()];
-        assert!(is_token_host_challenge(quay, Some(401), &both));
-        // docker.io's realm is another registry's: not a token host of quay.io.
-        let docker = cfg.registry("docker.io").unwrap();
-        assert!(!is_token_host_challenge(docker, Some(401), &own));
+        for a in ["Basic dTpw", "Bearer ", "Bearer", "Token abc"] {
+            assert!(strip_credential(Some(a), never), "{a}");
+        }
+        // Nothing to strip.
+        assert!(!strip_credential(None, never));
     }
 
     #[test]

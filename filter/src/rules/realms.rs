@@ -1,0 +1,164 @@
+//! Issued realms: the token realm URLs a registry actually sent in a challenge the filter
+//! rewrote. Only those may be asked through `/_mirror/auth/`: a realm host on
+//! `realm_hosts` alone would open every path of that host (or of every host a wildcard
+//! matches) to clients and their credentials.
+//!
+//! Recorded per Envoy in proxy-wasm shared data, one key per registry ([`key`]) holding a
+//! bounded newline-separated list of `<host[:port]><path>` ([`IssuedRealms`]).
+
+use super::challenge::{is_url_char, parse_url};
+use super::config::is_valid_authority;
+
+/// Shared-data key prefix; the key is `mirror.realms.<registry>`.
+pub const KEY_PREFIX: &str = "mirror.realms.";
+
+/// At most this many realm URLs are kept per registry; the oldest goes first.
+pub const MAX_REALMS: usize = 8;
+
+/// Longest realm URL (`host` + `path`) kept.
+const MAX_LEN: usize = 512;
+
+/// Shared-data key of `registry`'s issued realms.
+pub fn key(registry: &str) -> String {
+    format!("{KEY_PREFIX}{registry}")
+}
+
+/// A realm URL without scheme and query: what a `/_mirror/auth/<host><path>` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RealmUrl {
+    /// Lowercase `host[:port]` (default port dropped).
+    pub authority: String,
+    /// Path starting with `/`.
+    pub path: String,
+}
+
+impl RealmUrl {
+    /// From a realm URL as a challenge sends it; `None` unless absolute http(s).
+    pub fn from_realm(realm: &str) -> Option<Self> {
+        let u = parse_url(realm)?;
+        let path = if u.path.is_empty() {
+            "/".to_string()
+        } else {
+            u.path
+        };
+        RealmUrl::new(&u.authority, &path)
+    }
+
+    /// Validated: a plain authority and a printable path without query.
+    pub fn new(authority: &str, path: &str) -> Option<Self> {
+        let ok = is_valid_authority(authority)
+            && path.starts_with('/')
+            && authority.len() + path.len() <= MAX_LEN
+            && path.bytes().all(|b| is_url_char(b) && b != b'?');
+        ok.then(|| RealmUrl {
+            authority: authority.to_string(),
+            path: path.to_string(),
+        })
+    }
+
+    fn encode(&self) -> String {
+        format!("{}{}", self.authority, self.path)
+    }
+
+    fn decode(s: &str) -> Option<Self> {
+        let i = s.find('/')?;
+        RealmUrl::new(s.get(..i)?, s.get(i..)?)
+    }
+}
+
+/// The issued realm URLs of one registry, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IssuedRealms {
+    realms: Vec<RealmUrl>,
+}
+
+impl IssuedRealms {
+    /// Parses a shared-data value; malformed entries are ignored, at most [`MAX_REALMS`].
+    pub fn decode(bytes: &[u8]) -> Self {
+        let realms = std::str::from_utf8(bytes)
+            .unwrap_or_default()
+            .split('\n')
+            .filter_map(RealmUrl::decode)
+            .take(MAX_REALMS)
+            .collect();
+        IssuedRealms { realms }
+    }
+
+    /// Shared-data value.
+    pub fn encode(&self) -> String {
+        let v: Vec<String> = self.realms.iter().map(RealmUrl::encode).collect();
+        v.join("\n")
+    }
+
+    /// Was `authority` + `path` issued?
+    pub fn contains(&self, authority: &str, path: &str) -> bool {
+        self.realms
+            .iter()
+            .any(|r| r.authority == authority && r.path == path)
+    }
+
+    /// Adds `realm` (dropping the oldest when full); false when it was already there.
+    pub fn insert(&mut self, realm: &RealmUrl) -> bool {
+        if self.contains(&realm.authority, &realm.path) {
+            return false;
+        }
+        if self.realms.len() >= MAX_REALMS {
+            self.realms.remove(0);
+        }
+        self.realms.push(realm.clone());
+        true
+    }
+
+    /// Number of realm URLs kept.
+    pub fn len(&self) -> usize {
+        self.realms.len()
+    }
+
+    /// True when none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.realms.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_and_round_trips() {
+        assert_eq!(key("quay.io"), "mirror.realms.quay.io");
+        let mut s = IssuedRealms::decode(b"");
+        assert!(s.is_empty());
+        let quay = RealmUrl::from_realm("https://Quay.io:443/v2/auth?x=1").unwrap();
+        assert_eq!(
+            quay,
+            RealmUrl {
+                authority: "quay.io".into(),
+                path: "/v2/auth".into()
+            }
+        );
+        assert!(s.insert(&quay));
+        assert!(!s.insert(&quay));
+        assert!(s.contains("quay.io", "/v2/auth"));
+        assert!(!s.contains("quay.io", "/api/v1/user/"));
+        assert!(!s.contains("quay.io", "/v2/auth/"));
+        assert_eq!(IssuedRealms::decode(s.encode().as_bytes()), s);
+        for i in 0..20 {
+            s.insert(&RealmUrl::new(&format!("h{i}.pkg.dev"), "/v2/token").unwrap());
+        }
+        assert_eq!(s.len(), MAX_REALMS);
+        // The oldest went first; the newest are kept.
+        assert!(!s.contains("quay.io", "/v2/auth"));
+        assert!(s.contains("h19.pkg.dev", "/v2/token"));
+        let d = IssuedRealms::decode(b"quay.io/v2/auth\nBAD HOST/x\nnoslash\nq.io/a?b\n\x01");
+        assert_eq!(d.len(), 1);
+        assert_eq!(IssuedRealms::decode(&[0xff]), IssuedRealms::default());
+        for bad in ["ftp://quay.io/x", "quay.io/v2/auth", "https://u@quay.io/x"] {
+            assert_eq!(RealmUrl::from_realm(bad), None, "{bad}");
+        }
+        assert_eq!(
+            RealmUrl::from_realm("https://quay.io").unwrap().path,
+            "/".to_string()
+        );
+    }
+}
