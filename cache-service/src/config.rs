@@ -6,7 +6,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use mirror_filter::rules::config::HostPattern;
 use serde::Deserialize;
+
+/// Longest `--shutdown-grace` honoured: a larger value is capped (it is added to the clock).
+pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(86_400);
+const DEFAULT_MAX_BLOB_SIZE: u64 = 32 << 30;
+const DEFAULT_MAX_PASS_THROUGH_MEMORY: u64 = 256 << 20;
 
 /// Flags of `regmirror serve` (also the default command).
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -46,9 +52,33 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "REGMIRROR_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
-    /// Seconds in-flight downloads may run after SIGTERM/SIGINT [default: 30].
+    /// Seconds in-flight downloads may run after SIGTERM/SIGINT [default: 30, at most 86400].
     #[arg(long, env = "REGMIRROR_SHUTDOWN_GRACE", value_name = "SECONDS")]
     pub shutdown_grace: Option<u64>,
+    /// A token realm host an upstream may use, as NAME=PATTERN (`host[:port]` or `*.suffix`;
+    /// repeatable). The upstream's own host is always allowed.
+    #[arg(
+        long = "realm-host",
+        env = "REGMIRROR_REALM_HOST",
+        value_name = "NAME=PATTERN",
+        value_delimiter = ','
+    )]
+    pub realm_hosts: Vec<String>,
+    /// A host an upstream may redirect to, as NAME=PATTERN (repeatable).
+    #[arg(
+        long = "redirect-host",
+        env = "REGMIRROR_REDIRECT_HOST",
+        value_name = "NAME=PATTERN",
+        value_delimiter = ','
+    )]
+    pub redirect_hosts: Vec<String>,
+    /// Largest blob the cache downloads; a larger one is aborted [default: 32GiB].
+    #[arg(long, env = "REGMIRROR_MAX_BLOB_SIZE", value_name = "BYTES")]
+    pub max_blob_size: Option<String>,
+    /// Memory all downloads together may hold when the disk cannot take their bytes
+    /// (disk full) [default: 256MiB].
+    #[arg(long, env = "REGMIRROR_MAX_PASS_THROUGH_MEMORY", value_name = "BYTES")]
+    pub max_pass_through_memory: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -67,6 +97,8 @@ pub struct FileConfig {
     pub max_size: Option<SizeValue>,
     pub tag_ttl_seconds: Option<u64>,
     pub shutdown_grace_seconds: Option<u64>,
+    pub max_blob_size: Option<SizeValue>,
+    pub max_pass_through_memory: Option<SizeValue>,
     #[serde(default)]
     pub upstream: Vec<FileUpstream>,
 }
@@ -88,9 +120,13 @@ pub struct FileUpstream {
     pub username: Option<String>,
     pub password_env: Option<String>,
     pub password_file: Option<PathBuf>,
-    /// Token realm hosts (besides the upstream's own host) that may receive the credentials.
+    /// Token realm hosts (besides the upstream's own host) the cache asks for tokens; they
+    /// may receive the credentials. `host[:port]` or `*.suffix`.
     #[serde(default)]
     pub realm_hosts: Vec<String>,
+    /// Hosts (besides the upstream's own host) the cache follows redirects to.
+    #[serde(default)]
+    pub redirect_hosts: Vec<String>,
     pub public: Option<bool>,
     /// Environment variable holding a static token clients must present to read this upstream.
     pub client_token_env: Option<String>,
@@ -136,8 +172,12 @@ pub enum ConfigError {
     Credentials { name: String, reason: String },
     #[error("upstream {name:?} has credentials and is not public: set `public = true` (anyone who can reach the cache may read it) or `client_token_env` (clients must present that token)")]
     PrivateUpstream { name: String },
-    #[error("invalid realm host {host:?} for upstream {name:?}")]
-    RealmHost { name: String, host: String },
+    #[error(
+        "invalid host pattern {host:?} for upstream {name:?} (expected host[:port] or *.suffix)"
+    )]
+    HostPattern { name: String, host: String },
+    #[error("invalid --{flag} {spec:?}: expected NAME=PATTERN for a configured upstream NAME")]
+    HostFlag { flag: &'static str, spec: String },
 }
 
 #[derive(Debug, Clone)]
@@ -153,7 +193,10 @@ pub struct UpstreamConfig {
     /// PEM bundles trusted for this upstream (global --upstream-ca plus ca_file).
     pub ca_pems: Vec<Vec<u8>>,
     pub credentials: Option<Credentials>,
-    pub realm_hosts: Vec<String>,
+    /// Token realm hosts besides the upstream's own.
+    pub realm_hosts: Vec<HostPattern>,
+    /// Redirect target hosts besides the upstream's own.
+    pub redirect_hosts: Vec<HostPattern>,
     /// Static token clients must present (`Authorization: Bearer <t>` or Basic password).
     pub client_token: Option<String>,
 }
@@ -166,6 +209,10 @@ pub struct Config {
     pub max_size: u64,
     pub tag_ttl: Duration,
     pub shutdown_grace: Duration,
+    /// Downloads larger than this are aborted.
+    pub max_blob_size: u64,
+    /// Bytes all downloads together may keep in memory when the disk cannot take them.
+    pub max_pass_through_memory: u64,
     pub log_format: LogFormat,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
 }
@@ -200,6 +247,18 @@ fn valid_upstream_name(n: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'_'))
         && !n.starts_with('.')
         && !n.contains("..")
+}
+
+/// Host patterns with the declaration's syntax (the filter's parser: one grammar for both).
+fn host_patterns(name: &str, raw: &[String]) -> Result<Vec<HostPattern>, ConfigError> {
+    raw.iter()
+        .map(|h| {
+            HostPattern::parse(h).map_err(|_| ConfigError::HostPattern {
+                name: name.to_owned(),
+                host: h.clone(),
+            })
+        })
+        .collect()
 }
 
 fn read_ca(path: &PathBuf) -> Result<Vec<u8>, ConfigError> {
@@ -285,18 +344,31 @@ impl Config {
             .clone()
             .or(file.storage)
             .ok_or(ConfigError::NoStorage)?;
-        let max_size = match (&args.max_size, file.max_size) {
-            (Some(s), _) => parse_size(s)?,
-            (None, Some(SizeValue::Bytes(b))) => b,
-            (None, Some(SizeValue::Text(s))) => parse_size(&s)?,
-            (None, None) => 0,
+        let size = |flag: &Option<String>, file: Option<SizeValue>, default: u64| match (flag, file)
+        {
+            (Some(s), _) => parse_size(s),
+            (None, Some(SizeValue::Bytes(b))) => Ok(b),
+            (None, Some(SizeValue::Text(s))) => parse_size(&s),
+            (None, None) => Ok(default),
         };
+        let max_size = size(&args.max_size, file.max_size, 0)?;
+        let max_blob_size = size(
+            &args.max_blob_size,
+            file.max_blob_size,
+            DEFAULT_MAX_BLOB_SIZE,
+        )?;
+        let max_pass_through_memory = size(
+            &args.max_pass_through_memory,
+            file.max_pass_through_memory,
+            DEFAULT_MAX_PASS_THROUGH_MEMORY,
+        )?;
         let tag_ttl = Duration::from_secs(args.tag_ttl.or(file.tag_ttl_seconds).unwrap_or(300));
         let shutdown_grace = Duration::from_secs(
             args.shutdown_grace
                 .or(file.shutdown_grace_seconds)
                 .unwrap_or(30),
-        );
+        )
+        .min(MAX_SHUTDOWN_GRACE);
         let mut global_cas = Vec::new();
         for p in &args.upstream_cas {
             global_cas.push(read_ca(p)?);
@@ -327,6 +399,7 @@ impl Config {
                 ca_pems: global_cas.clone(),
                 credentials: None,
                 realm_hosts: Vec::new(),
+                redirect_hosts: Vec::new(),
                 client_token: None,
             })?;
         }
@@ -387,26 +460,34 @@ impl Config {
             if credentials.is_some() && !public && client_token.is_none() {
                 return Err(ConfigError::PrivateUpstream { name: fu.name });
             }
-            for h in &fu.realm_hosts {
-                if h.is_empty() || h.contains('/') || h.contains('*') || h.contains('@') {
-                    return Err(ConfigError::RealmHost {
-                        name: fu.name.clone(),
-                        host: h.clone(),
-                    });
-                }
-            }
             add(UpstreamConfig {
                 name: fu.name.clone(),
                 url,
                 ca_pems,
                 credentials,
-                realm_hosts: fu
-                    .realm_hosts
-                    .iter()
-                    .map(|h| h.to_ascii_lowercase())
-                    .collect(),
+                realm_hosts: host_patterns(&fu.name, &fu.realm_hosts)?,
+                redirect_hosts: host_patterns(&fu.name, &fu.redirect_hosts)?,
                 client_token,
             })?;
+        }
+        for (flag, specs) in [
+            ("realm-host", &args.realm_hosts),
+            ("redirect-host", &args.redirect_hosts),
+        ] {
+            for spec in specs {
+                let bad = || ConfigError::HostFlag {
+                    flag,
+                    spec: spec.clone(),
+                };
+                let (name, pattern) = spec.split_once('=').ok_or_else(bad)?;
+                let u = upstreams.get_mut(name.trim()).ok_or_else(bad)?;
+                let p = host_patterns(&u.name, &[pattern.to_owned()])?;
+                if flag == "realm-host" {
+                    u.realm_hosts.extend(p);
+                } else {
+                    u.redirect_hosts.extend(p);
+                }
+            }
         }
         if upstreams.is_empty() {
             return Err(ConfigError::NoUpstream);
@@ -417,6 +498,8 @@ impl Config {
             max_size,
             tag_ttl,
             shutdown_grace,
+            max_blob_size,
+            max_pass_through_memory,
             log_format: args.log_format,
             upstreams,
         })
@@ -468,7 +551,8 @@ name = "gcr.io"
 url = "https://gcr.io"
 username = "u"
 password_env = "PW"
-realm_hosts = ["auth.example.com"]
+realm_hosts = ["auth.example.com", "*.pkg.dev"]
+redirect_hosts = ["storage.googleapis.com", "*.r2.cloudflarestorage.com"]
 public = true
 "#;
         let file: FileConfig = toml::from_str(text).unwrap();
@@ -477,7 +561,18 @@ public = true
         assert_eq!(c.max_size, 1 << 30);
         let u = &c.upstreams["gcr.io"];
         assert_eq!(u.credentials.as_ref().unwrap().password, "secret");
-        assert_eq!(u.realm_hosts, vec!["auth.example.com".to_owned()]);
+        assert_eq!(
+            u.realm_hosts,
+            vec![
+                HostPattern::Exact("auth.example.com".into()),
+                HostPattern::Wildcard("pkg.dev".into())
+            ]
+        );
+        assert!(u
+            .redirect_hosts
+            .iter()
+            .any(|p| p.matches("x.r2.cloudflarestorage.com")));
+        assert_eq!(c.max_blob_size, DEFAULT_MAX_BLOB_SIZE);
 
         // Credentials without public/client token: refused.
         let text = r#"
@@ -506,5 +601,55 @@ password_env = "PW"
             );
         }
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+
+        for bad in ["a/b", "*", "user@host", "*.", "http://x"] {
+            let text = format!(
+                "storage = \"/x\"\n[[upstream]]\nname = \"g\"\nurl = \"https://g\"\nredirect_hosts = [{bad:?}]\n"
+            );
+            let file: FileConfig = toml::from_str(&text).unwrap();
+            assert!(
+                matches!(
+                    Config::merge(&ServeArgs::default(), file, &no_env),
+                    Err(ConfigError::HostPattern { .. })
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn host_flags_and_bounds() {
+        let args = ServeArgs {
+            storage: Some("/x".into()),
+            upstreams: vec!["faulty=http://127.0.0.1:5000".into()],
+            realm_hosts: vec!["faulty=127.0.0.1:5443".into()],
+            redirect_hosts: vec!["faulty=*.cdn.example".into()],
+            shutdown_grace: Some(u64::MAX),
+            max_blob_size: Some("1GiB".into()),
+            ..Default::default()
+        };
+        let c = Config::merge(&args, FileConfig::default(), &no_env).unwrap();
+        let u = &c.upstreams["faulty"];
+        assert_eq!(
+            u.realm_hosts,
+            vec![HostPattern::Exact("127.0.0.1:5443".into())]
+        );
+        assert!(u.redirect_hosts.iter().any(|p| p.matches("a.cdn.example")));
+        assert_eq!(
+            c.shutdown_grace, MAX_SHUTDOWN_GRACE,
+            "capped, never overflows"
+        );
+        assert_eq!(c.max_blob_size, 1 << 30);
+        assert_eq!(c.max_pass_through_memory, DEFAULT_MAX_PASS_THROUGH_MEMORY);
+        for bad in ["127.0.0.1:5443", "other=127.0.0.1", "faulty=a/b"] {
+            let args = ServeArgs {
+                realm_hosts: vec![bad.into()],
+                ..args.clone()
+            };
+            assert!(
+                Config::merge(&args, FileConfig::default(), &no_env).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

@@ -140,7 +140,7 @@ async fn check_registry(client: &MirrorClient, registry: &str, probe: Option<&Im
                 }
             },
             s => {
-                let body = resp.text().await.unwrap_or_default();
+                let body = crate::warm::client::error_body(resp).await;
                 let e = format!("HTTP {}{}", s.as_u16(), first_error(&body));
                 row.v2 = Check::Fail(e.clone());
                 row.notes.push(format!("/v2/: {e}"));

@@ -53,14 +53,17 @@ const CONFIG_HELP: &str = r#"Configuration file (--config FILE; flags override i
   storage = "/var/lib/regmirror"
   max_size = "50GiB"            # optional; 0 or absent = unlimited
   tag_ttl_seconds = 300
-  shutdown_grace_seconds = 30   # optional
+  shutdown_grace_seconds = 30   # optional; at most 86400
+  max_blob_size = "32GiB"       # optional; larger downloads are aborted
+  max_pass_through_memory = "256MiB"  # optional; memory for downloads when the disk is full
   [[upstream]]
   name = "gcr.io"               # matched against x-mirror-registry / ?ns=
   url = "https://gcr.io"
   ca_file = "/path/ca.pem"      # optional extra CA for this upstream
   username = "..."              # optional; password from password_env or password_file
   password_env = "GCR_PASSWORD"
-  realm_hosts = ["auth.example.com"]  # token realms (besides the upstream host) that may get the credentials
+  realm_hosts = ["auth.example.com", "*.pkg.dev"]  # token realms besides the upstream host
+  redirect_hosts = ["storage.googleapis.com"]      # redirect targets besides the upstream host
   public = false                # with credentials: refused at startup unless public = true
   client_token_env = "TOKEN_VAR"      # ... or clients present `Authorization: Bearer <token>`
 
@@ -143,7 +146,7 @@ async fn run(cfg: Config) -> ExitCode {
     let mut upstreams = BTreeMap::new();
     let mut client_tokens = BTreeMap::new();
     for (name, u) in &cfg.upstreams {
-        match upstream::Upstream::new(u) {
+        match upstream::Upstream::new(u, Some(cfg.listen)) {
             Ok(c) => {
                 upstreams.insert(name.clone(), Arc::new(c));
             }
@@ -156,7 +159,12 @@ async fn run(cfg: Config) -> ExitCode {
             client_tokens.insert(name.clone(), t.clone());
         }
     }
-    let cache = match cache::Cache::open(store, upstreams, cfg.tag_ttl, cfg.max_size) {
+    let limits = cache::Limits {
+        max_size: cfg.max_size,
+        max_blob_size: cfg.max_blob_size,
+        max_pass_through_memory: cfg.max_pass_through_memory,
+    };
+    let cache = match cache::Cache::open(store, upstreams, cfg.tag_ttl, limits) {
         Ok(c) => Arc::new(c),
         Err(e) => {
             eprintln!(
@@ -178,6 +186,7 @@ async fn run(cfg: Config) -> ExitCode {
         storage = %cfg.storage.display(),
         upstreams = ?cache.upstream_names().collect::<Vec<_>>(),
         max_size = cfg.max_size,
+        max_blob_size = cfg.max_blob_size,
         tag_ttl_seconds = cfg.tag_ttl.as_secs(),
         "regmirror serving"
     );
@@ -208,7 +217,9 @@ async fn run(cfg: Config) -> ExitCode {
         grace_seconds = cfg.shutdown_grace.as_secs(),
         "shutting down: no new connections; letting downloads and responses finish"
     );
-    let deadline = tokio::time::Instant::now() + cfg.shutdown_grace;
+    // The grace is capped at load; checked anyway: an overflow here would panic.
+    let now = tokio::time::Instant::now();
+    let deadline = now.checked_add(cfg.shutdown_grace).unwrap_or(now);
     let _ = stop_tx.send(());
     cache.drain(cfg.shutdown_grace).await;
     if tokio::time::timeout_at(deadline, &mut server)

@@ -23,6 +23,20 @@ pub const ERROR_CODES: [&str; 16] = [
     "OTHER",
 ];
 
+/// Levels of the bounded structures, read when the page is rendered.
+#[derive(Debug, Default)]
+pub struct Gauges {
+    pub store_bytes: u64,
+    pub inflight: usize,
+    pub pass_through_bytes: u64,
+    pub pass_through_rejections: u64,
+    pub small_cache_entries: usize,
+    pub small_cache_bytes: u64,
+    pub small_cache_evictions: u64,
+    pub token_cache_entries: usize,
+    pub token_cache_evictions: u64,
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub hits: AtomicU64,
@@ -59,7 +73,7 @@ impl Metrics {
         }
     }
 
-    pub fn render(&self, store_bytes: u64, inflight: usize) -> String {
+    pub fn render(&self, g: &Gauges) -> String {
         let mut s = String::new();
         let mut counter = |name: &str, help: &str, v: u64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
@@ -119,6 +133,21 @@ impl Metrics {
             "Downloads whose digest or length did not verify.",
             self.verify_failures.load(Relaxed),
         );
+        counter(
+            "regmirror_pass_through_rejections_total",
+            "Downloads failed because the pass-through memory (max_pass_through_memory) was spent.",
+            g.pass_through_rejections,
+        );
+        counter(
+            "regmirror_small_cache_evictions_total",
+            "Live tags-list/referrers answers dropped to keep the small cache in bounds.",
+            g.small_cache_evictions,
+        );
+        counter(
+            "regmirror_token_cache_evictions_total",
+            "Live upstream tokens dropped to keep the token caches in bounds.",
+            g.token_cache_evictions,
+        );
         let _ = writeln!(s, "# HELP regmirror_errors_total Error responses by OCI code.\n# TYPE regmirror_errors_total counter");
         for (code, c) in ERROR_CODES.iter().zip(self.errors.iter()) {
             let _ = writeln!(
@@ -127,8 +156,39 @@ impl Metrics {
                 c.load(Relaxed)
             );
         }
-        let _ = writeln!(s, "# HELP regmirror_store_bytes Bytes of blobs and manifests stored.\n# TYPE regmirror_store_bytes gauge\nregmirror_store_bytes {store_bytes}");
-        let _ = writeln!(s, "# HELP regmirror_inflight_downloads Downloads in progress.\n# TYPE regmirror_inflight_downloads gauge\nregmirror_inflight_downloads {inflight}");
+        let mut gauge = |name: &str, help: &str, v: u64| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        gauge(
+            "regmirror_store_bytes",
+            "Bytes of blobs and manifests stored.",
+            g.store_bytes,
+        );
+        gauge(
+            "regmirror_inflight_downloads",
+            "Downloads in progress.",
+            g.inflight as u64,
+        );
+        gauge(
+            "regmirror_pass_through_bytes",
+            "Download bytes held in memory because the disk could not take them.",
+            g.pass_through_bytes,
+        );
+        gauge(
+            "regmirror_small_cache_entries",
+            "Tags-list/referrers answers cached.",
+            g.small_cache_entries as u64,
+        );
+        gauge(
+            "regmirror_small_cache_bytes",
+            "Body bytes of the cached tags-list/referrers answers.",
+            g.small_cache_bytes,
+        );
+        gauge(
+            "regmirror_token_cache_entries",
+            "Upstream tokens cached (all upstreams).",
+            g.token_cache_entries as u64,
+        );
         s
     }
 }

@@ -12,6 +12,7 @@
 
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -21,8 +22,6 @@ use tokio::sync::watch;
 use super::CacheError;
 use crate::metrics::Metrics;
 
-/// Memory allowed for bytes that could not be written to disk (ENOSPC) in one download.
-pub const MAX_TAIL_BYTES: u64 = 512 * 1024 * 1024;
 const READ_CHUNK: u64 = 256 * 1024;
 
 #[derive(Debug, Clone, Default)]
@@ -37,11 +36,91 @@ pub struct FlightState {
     pub done: Option<Result<(), CacheError>>,
 }
 
+/// Memory all downloads together may hold for bytes the disk could not take.
+#[derive(Debug, Default)]
+pub struct MemoryBudget {
+    limit: u64,
+    used: AtomicU64,
+    rejections: AtomicU64,
+}
+
+impl MemoryBudget {
+    pub fn new(limit: u64) -> Self {
+        Self {
+            limit,
+            ..Default::default()
+        }
+    }
+
+    /// Reserve `n` bytes; `false` (counted as a rejection) when that would pass the limit.
+    fn take(&self, n: u64) -> bool {
+        let ok = self
+            .used
+            .fetch_update(Relaxed, Relaxed, |u| {
+                u.checked_add(n).filter(|t| *t <= self.limit)
+            })
+            .is_ok();
+        if !ok {
+            self.rejections.fetch_add(1, Relaxed);
+        }
+        ok
+    }
+
+    fn give(&self, n: u64) {
+        let _ = self
+            .used
+            .fetch_update(Relaxed, Relaxed, |u| Some(u.saturating_sub(n)));
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.load(Relaxed)
+    }
+
+    pub fn rejections(&self) -> u64 {
+        self.rejections.load(Relaxed)
+    }
+}
+
+/// Bytes of a download kept in memory after the disk failed, charged to a shared budget
+/// until the download (and every reader of it) is gone.
 #[derive(Debug, Default)]
 pub struct Tail {
     pub start: u64,
     pub chunks: Vec<Bytes>,
     pub len: u64,
+    budget: Option<Arc<MemoryBudget>>,
+}
+
+impl Tail {
+    pub fn new(budget: Arc<MemoryBudget>) -> Self {
+        Self {
+            start: 0,
+            chunks: Vec::new(),
+            len: 0,
+            budget: Some(budget),
+        }
+    }
+
+    /// Keep `chunk`; `false` when the budget is spent (the download must fail).
+    pub fn push(&mut self, chunk: Bytes) -> bool {
+        let n = chunk.len() as u64;
+        if let Some(b) = &self.budget {
+            if !b.take(n) {
+                return false;
+            }
+        }
+        self.len += n;
+        self.chunks.push(chunk);
+        true
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        if let Some(b) = &self.budget {
+            b.give(self.len);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -378,8 +457,7 @@ mod tests {
         {
             let mut t = lock_tail(&f);
             t.start = 3;
-            t.chunks.push(Bytes::from_static(b"def"));
-            t.len = 3;
+            assert!(t.push(Bytes::from_static(b"def")));
         }
         tx.send_modify(|s| {
             s.started = Some(None);
@@ -426,6 +504,28 @@ mod tests {
         let f = std::fs::File::open(tmp.path()).unwrap();
         let items: Vec<_> = file_reader(f, 0, len + 10, m, pin).collect().await;
         assert!(items.last().unwrap().is_err());
+    }
+
+    #[test]
+    fn memory_budget_is_global_and_returned() {
+        let budget = Arc::new(MemoryBudget::new(10));
+        let mut a = Tail::new(budget.clone());
+        let mut b = Tail::new(budget.clone());
+        assert!(a.push(Bytes::from_static(b"123456")));
+        assert!(
+            !b.push(Bytes::from_static(b"12345")),
+            "6 + 5 > 10 across downloads"
+        );
+        assert!(b.push(Bytes::from_static(b"1234")));
+        assert_eq!((budget.used(), budget.rejections()), (10, 1));
+        drop(a);
+        assert_eq!(
+            budget.used(),
+            4,
+            "a finished download gives its memory back"
+        );
+        drop(b);
+        assert_eq!(budget.used(), 0);
     }
 
     fn lock_tail(f: &InFlight) -> std::sync::MutexGuard<'_, Tail> {

@@ -1,14 +1,17 @@
 //! Size accounting and least-recently-used eviction order, with pins: a pinned digest (being
 //! served or fetched) is never chosen as a victim.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use crate::oci::Digest;
 
+/// Entries by digest plus an index ordered by last access, so choosing victims walks the
+/// oldest entries only (it runs under the cache's lock on every download).
 #[derive(Debug, Default)]
 pub struct Lru {
     entries: HashMap<Digest, (u64, u64)>, // size, last-access tick
+    order: BTreeSet<(u64, Digest)>,
     pins: HashMap<Digest, usize>,
     total: u64,
     tick: u64,
@@ -29,9 +32,11 @@ impl Lru {
     pub fn insert(&mut self, d: &Digest, size: u64, order: Option<u64>) {
         self.tick += 1;
         let t = order.unwrap_or(self.tick);
-        if let Some((old, _)) = self.entries.insert(d.clone(), (size, t)) {
+        if let Some((old, old_t)) = self.entries.insert(d.clone(), (size, t)) {
             self.total -= old;
+            self.order.remove(&(old_t, d.clone()));
         }
+        self.order.insert((t, d.clone()));
         self.total += size;
     }
 
@@ -39,13 +44,16 @@ impl Lru {
         self.tick += 1;
         let t = self.tick;
         if let Some(e) = self.entries.get_mut(d) {
+            self.order.remove(&(e.1, d.clone()));
             e.1 = t;
+            self.order.insert((t, d.clone()));
         }
     }
 
     pub fn remove(&mut self, d: &Digest) {
-        if let Some((size, _)) = self.entries.remove(d) {
+        if let Some((size, t)) = self.entries.remove(d) {
             self.total -= size;
+            self.order.remove(&(t, d.clone()));
         }
     }
 
@@ -73,22 +81,24 @@ impl Lru {
         if max == 0 {
             return Vec::new();
         }
-        let mut order: Vec<(u64, Digest, u64)> = self
-            .entries
-            .iter()
-            .filter(|(d, _)| !self.pins.contains_key(*d))
-            .map(|(d, (size, t))| (*t, d.clone(), *size))
-            .collect();
-        order.sort();
-        let mut out = Vec::new();
-        for (_, d, size) in order {
-            if self.total.saturating_add(incoming) <= max {
+        let mut chosen = Vec::new();
+        let mut freed: u64 = 0;
+        for (_, d) in &self.order {
+            if self.total.saturating_sub(freed).saturating_add(incoming) <= max {
                 break;
             }
-            self.remove(&d);
-            out.push((d, size));
+            if self.pins.contains_key(d) {
+                continue;
+            }
+            if let Some((size, _)) = self.entries.get(d) {
+                freed += size;
+                chosen.push((d.clone(), *size));
+            }
         }
-        out
+        for (d, _) in &chosen {
+            self.remove(d);
+        }
+        chosen
     }
 }
 
@@ -142,6 +152,27 @@ mod tests {
         assert_eq!(v, vec![(d(2), 10), (d(1), 10)]);
         assert_eq!(l.total(), 0);
         assert!(l.victims(1000, 0).is_empty(), "0 = unlimited");
+    }
+
+    #[test]
+    fn order_index_follows_touches_and_removals() {
+        let mut l = Lru::default();
+        for i in 0..100u8 {
+            l.insert(&d(i), 1, None);
+        }
+        for i in (0..50u8).rev() {
+            l.touch(&d(i));
+        }
+        l.remove(&d(60));
+        l.insert(&d(70), 1, None); // re-insert = most recent
+        assert_eq!(l.order.len(), l.count());
+        let v: Vec<Digest> = l.victims(0, 95).into_iter().map(|(d, _)| d).collect();
+        assert_eq!(
+            v,
+            vec![d(50), d(51), d(52), d(53)],
+            "oldest untouched first"
+        );
+        assert_eq!(l.total(), 95);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, LINK};
 use reqwest::{Method, StatusCode};
@@ -19,8 +19,8 @@ use tokio::sync::watch;
 use crate::metrics::Metrics;
 use crate::oci::{self, Digest, Reference, RepoName, Tag};
 use crate::store::{BlobStore, CommitError, TagRecord, TempBlob};
-use crate::upstream::{Upstream, UpstreamError};
-use flight::{FlightState, InFlight, Tail, MAX_TAIL_BYTES};
+use crate::upstream::{read_body, BodyError, Upstream, UpstreamError};
+use flight::{FlightState, InFlight, MemoryBudget, Tail};
 use lru::{Lru, PinGuard};
 use single::{Role, SingleFlight};
 
@@ -212,13 +212,96 @@ type ManifestKey = (String, RepoName, Digest);
 type HeadKey = (String, RepoName, Digest, Kind);
 
 const SMALL_TTL: Duration = Duration::from_secs(30);
-const MAX_SMALL_BYTES: usize = 16 * 1024 * 1024;
+/// A tags list or referrers answer is read up to this size.
+const MAX_SMALL_BYTES: usize = 8 * 1024 * 1024;
+/// Small answers larger than this are served but not kept.
+const MAX_SMALL_ENTRY_BYTES: usize = 1024 * 1024;
+/// Bounds of the small-answer cache as a whole.
+const MAX_SMALL_CACHE_BYTES: usize = 32 * 1024 * 1024;
+const MAX_SMALL_ENTRIES: usize = 1000;
+
+/// Size bounds of the cache (see `Config`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Stored bytes; 0 = unlimited.
+    pub max_size: u64,
+    /// Largest blob downloaded at all.
+    pub max_blob_size: u64,
+    /// Memory all downloads together may hold when the disk cannot take their bytes.
+    pub max_pass_through_memory: u64,
+}
+
+/// Short-lived answers (tags lists, referrers), bounded in entries and bytes.
+#[derive(Debug, Default)]
+struct SmallCache {
+    map: HashMap<String, (Instant, SmallReply)>,
+    bytes: usize,
+    evictions: u64,
+}
+
+impl SmallCache {
+    fn get(&self, key: &str, now: Instant) -> Option<SmallReply> {
+        let (at, r) = self.map.get(key)?;
+        (now.saturating_duration_since(*at) < SMALL_TTL).then(|| r.clone())
+    }
+
+    fn remove(&mut self, key: &str) -> bool {
+        match self.map.remove(key) {
+            Some((_, r)) => {
+                self.bytes -= r.body.len();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn put(&mut self, key: String, reply: SmallReply, now: Instant) {
+        let len = reply.body.len();
+        if len > MAX_SMALL_ENTRY_BYTES {
+            return;
+        }
+        self.remove(&key);
+        let expired: Vec<String> =
+            if self.map.len() >= MAX_SMALL_ENTRIES || self.bytes + len > MAX_SMALL_CACHE_BYTES {
+                self.map
+                    .iter()
+                    .filter(|(_, (at, _))| now.saturating_duration_since(*at) >= SMALL_TTL)
+                    .map(|(k, _)| k.clone())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+        for k in expired {
+            self.remove(&k);
+        }
+        // Still over: drop the oldest live answers.
+        while self.map.len() >= MAX_SMALL_ENTRIES || self.bytes + len > MAX_SMALL_CACHE_BYTES {
+            let oldest = self
+                .map
+                .iter()
+                .min_by_key(|(_, (at, _))| *at)
+                .map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => {
+                    self.remove(&k);
+                    self.evictions += 1;
+                }
+                None => break,
+            }
+        }
+        self.bytes += len;
+        self.map.insert(key, (now, reply));
+    }
+}
 
 pub struct Cache {
     store: Arc<dyn BlobStore>,
     upstreams: BTreeMap<String, Arc<Upstream>>,
     tag_ttl: Duration,
     max_size: u64,
+    max_blob_size: u64,
+    /// Shared by every download's in-memory tail.
+    pass_through: Arc<MemoryBudget>,
     pub metrics: Arc<Metrics>,
     lru: Arc<Mutex<Lru>>,
     flights: Mutex<HashMap<FlightKey, Arc<InFlight>>>,
@@ -228,7 +311,7 @@ pub struct Cache {
     manifest_flights: SingleFlight<ManifestKey, ManifestReply>,
     /// Upstream HEADs (confirmations, HEAD of uncached content) in progress.
     head_flights: SingleFlight<HeadKey, HeadInfo>,
-    small: Mutex<HashMap<String, (Instant, SmallReply)>>,
+    small: Mutex<SmallCache>,
 }
 
 impl std::fmt::Debug for Cache {
@@ -246,7 +329,7 @@ impl Cache {
         store: Arc<dyn BlobStore>,
         upstreams: BTreeMap<String, Arc<Upstream>>,
         tag_ttl: Duration,
-        max_size: u64,
+        limits: Limits,
     ) -> std::io::Result<Self> {
         let cleaned = store.clean_tmp()?;
         if cleaned > 0 {
@@ -263,14 +346,16 @@ impl Cache {
             store,
             upstreams,
             tag_ttl,
-            max_size,
+            max_size: limits.max_size,
+            max_blob_size: limits.max_blob_size,
+            pass_through: Arc::new(MemoryBudget::new(limits.max_pass_through_memory)),
             metrics: Arc::new(Metrics::default()),
             lru: Arc::new(Mutex::new(lru)),
             flights: Mutex::new(HashMap::new()),
             tag_flights: SingleFlight::default(),
             manifest_flights: SingleFlight::default(),
             head_flights: SingleFlight::default(),
-            small: Mutex::new(HashMap::new()),
+            small: Mutex::new(SmallCache::default()),
         };
         cache.make_room(0);
         Ok(cache)
@@ -296,6 +381,30 @@ impl Cache {
 
     pub fn inflight(&self) -> usize {
         lock(&self.flights).len()
+    }
+
+    /// The Prometheus page: counters plus the gauges of every bounded structure.
+    pub fn render_metrics(&self) -> String {
+        let (tokens, token_evictions) = self
+            .upstreams
+            .values()
+            .map(|u| u.token_stats())
+            .fold((0, 0), |(n, e), (n2, e2)| (n + n2, e + e2));
+        let (small_entries, small_bytes, small_evictions) = {
+            let s = lock(&self.small);
+            (s.map.len(), s.bytes, s.evictions)
+        };
+        self.metrics.render(&crate::metrics::Gauges {
+            store_bytes: self.store_bytes(),
+            inflight: self.inflight(),
+            pass_through_bytes: self.pass_through.used(),
+            pass_through_rejections: self.pass_through.rejections(),
+            small_cache_entries: small_entries,
+            small_cache_bytes: small_bytes as u64,
+            small_cache_evictions: small_evictions,
+            token_cache_entries: tokens,
+            token_cache_evictions: token_evictions,
+        })
     }
 
     pub fn check_ready(&self) -> std::io::Result<()> {
@@ -452,8 +561,8 @@ impl Cache {
     }
 
     /// One upstream HEAD shared by every concurrent request for the same
-    /// (registry, repository, digest, kind). `Ok` for 200 and for "HEAD not supported"
-    /// (405/400/501, see `status`); other answers are errors.
+    /// (registry, repository, digest, kind); a GET's headers when the upstream does not do
+    /// HEAD (405/400/501). `Ok` only for 200; other answers are errors.
     async fn head_shared(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
@@ -473,9 +582,13 @@ impl Cache {
                     ),
                     _ => (format!("/v2/{name}/blobs/{d}"), None),
                 };
-                let resp = up.send(Method::HEAD, &path, &name, accept, 3).await?;
-                let status = resp.status();
-                if status != StatusCode::OK && !head_unsupported(status) {
+                let mut resp = up.send(Method::HEAD, &path, &name, accept, 3).await?;
+                if head_unsupported(resp.status()) {
+                    // No HEAD upstream: a GET's headers say the same. Its body is never
+                    // read (dropping the response closes the connection).
+                    resp = up.send(Method::GET, &path, &name, accept, 3).await?;
+                }
+                if resp.status() != StatusCode::OK {
                     return Err(status_error(&resp, kind));
                 }
                 Ok(HeadInfo::of(&resp))
@@ -870,7 +983,7 @@ impl Cache {
         let flight = Arc::new(InFlight {
             file: read_handle,
             state: rx,
-            tail: Mutex::new(Tail::default()),
+            tail: Mutex::new(Tail::new(self.pass_through.clone())),
         });
         flights.insert(key.clone(), flight.clone());
         drop(flights);
@@ -916,6 +1029,17 @@ impl Cache {
             tracing::warn!(error = %e, "could not write link");
         }
         let total = resp.content_length();
+        // Bytes this download may bring: what it announced, never past max_blob_size; with
+        // no length, no more than the cache could store.
+        let limit = match total {
+            Some(t) if t > self.max_blob_size => {
+                tracing::warn!(digest = %d, size = t, max = self.max_blob_size, "blob larger than max_blob_size; refused");
+                return Err(CacheError::TooLarge);
+            }
+            Some(t) => t,
+            None if self.max_size > 0 => self.max_blob_size.min(self.max_size),
+            None => self.max_blob_size,
+        };
         if let Some(t) = total {
             if self.max_size > 0 && t > self.max_size {
                 tracing::warn!(digest = %d, size = t, "blob larger than max_size; not caching");
@@ -937,10 +1061,14 @@ impl Cache {
             let chunk =
                 chunk.map_err(|e| CacheError::Upstream(UpstreamError::Connect(e.to_string())))?;
             let len = chunk.len() as u64;
-            if total.is_some_and(|t| received + len > t) {
-                return Err(CacheError::DigestMismatch(
-                    "upstream sent more than Content-Length".into(),
-                ));
+            if received.saturating_add(len) > limit {
+                Metrics::inc(&self.metrics.verify_failures);
+                return Err(match total {
+                    Some(_) => {
+                        CacheError::DigestMismatch("upstream sent more than Content-Length".into())
+                    }
+                    None => CacheError::TooLarge,
+                });
             }
             if let Some(t) = temp.as_mut() {
                 match t.write(&chunk).await {
@@ -965,15 +1093,10 @@ impl Cache {
             if let Some(h) = hasher.as_mut() {
                 h.update(&chunk);
             }
-            {
-                let mut tail = lock(&flight.tail);
-                tail.len += len;
-                if tail.len > MAX_TAIL_BYTES {
-                    return Err(CacheError::Storage(
-                        "disk full and the blob is too large to pass through from memory".into(),
-                    ));
-                }
-                tail.chunks.push(chunk);
+            if !lock(&flight.tail).push(chunk) {
+                return Err(CacheError::Storage(
+                    "disk full and the pass-through memory is spent".into(),
+                ));
             }
             received += len;
             tx.send_modify(|s| s.received = received);
@@ -1029,14 +1152,9 @@ impl Cache {
         accept: Option<&str>,
     ) -> Result<SmallReply, CacheError> {
         let key = format!("{}\n{}\n{}", up.name, path_and_query, accept.unwrap_or(""));
-        {
-            let map = lock(&self.small);
-            if let Some((at, r)) = map.get(&key) {
-                if at.elapsed() < SMALL_TTL {
-                    Metrics::inc(&self.metrics.hits);
-                    return Ok(r.clone());
-                }
-            }
+        if let Some(r) = lock(&self.small).get(&key, Instant::now()) {
+            Metrics::inc(&self.metrics.hits);
+            return Ok(r);
         }
         Metrics::inc(&self.metrics.misses);
         let resp = up
@@ -1064,21 +1182,18 @@ impl Cache {
             body,
         };
         if status == StatusCode::OK {
-            let mut map = lock(&self.small);
-            if map.len() > 1000 {
-                map.retain(|_, (at, _)| at.elapsed() < SMALL_TTL);
-                if map.len() > 1000 {
-                    map.clear();
-                }
-            }
-            map.insert(key, (Instant::now(), reply.clone()));
+            lock(&self.small).put(key, reply.clone(), Instant::now());
         }
         Ok(reply)
     }
 
     /// Wait (bounded) for downloads in progress to finish.
     pub async fn drain(&self, grace: Duration) {
-        let deadline = Instant::now() + grace;
+        let now = Instant::now();
+        let deadline = now
+            .checked_add(grace)
+            .or_else(|| now.checked_add(crate::config::MAX_SHUTDOWN_GRACE))
+            .unwrap_or(now);
         loop {
             let n = self.inflight()
                 + self.tag_flights.len()
@@ -1103,14 +1218,8 @@ impl Cache {
 }
 
 async fn read_limited(resp: reqwest::Response, max: usize) -> Result<Bytes, CacheError> {
-    let mut buf = BytesMut::new();
-    let mut s = resp.bytes_stream();
-    while let Some(c) = s.next().await {
-        let c = c.map_err(|e| CacheError::Upstream(UpstreamError::Connect(e.to_string())))?;
-        if buf.len() + c.len() > max {
-            return Err(CacheError::TooLarge);
-        }
-        buf.extend_from_slice(&c);
-    }
-    Ok(buf.freeze())
+    read_body(resp, max).await.map_err(|e| match e {
+        BodyError::TooLarge(_) => CacheError::TooLarge,
+        BodyError::Read(r) => CacheError::Upstream(UpstreamError::Connect(r)),
+    })
 }

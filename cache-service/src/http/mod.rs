@@ -128,10 +128,7 @@ async fn handle(
             }
         }
         "/metrics" => {
-            let body = st
-                .cache
-                .metrics
-                .render(st.cache.store_bytes(), st.cache.inflight());
+            let body = st.cache.render_metrics();
             return ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response();
         }
         "/_status" | "/" if matches!(method, Method::GET | Method::HEAD) => {

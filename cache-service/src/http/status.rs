@@ -530,7 +530,8 @@ mod dashboard_tests {
         let mut all = Vec::new();
         exprs(&v, &mut all);
         assert!(all.len() >= 10, "{all:?}");
-        let exported = crate::metrics::Metrics::default().render(0, 0);
+        let exported =
+            crate::metrics::Metrics::default().render(&crate::metrics::Gauges::default());
         let exported: std::collections::BTreeSet<&str> = exported
             .lines()
             .filter(|l| !l.starts_with('#'))

@@ -116,17 +116,28 @@ pub fn parse_challenges(value: &str) -> Vec<Challenge> {
     out
 }
 
-/// Cached bearer tokens per (realm, service, scope).
+/// Cached bearer tokens per (realm, service, scope), at most [`MAX_TOKEN_ENTRIES`].
 #[derive(Debug, Default)]
 pub struct TokenCache {
     map: HashMap<(String, String, String), (String, Instant)>,
+    evictions: u64,
 }
 
 /// Lifetime used when the token response has no `expires_in`.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(60);
+/// Longest a token is used, whatever `expires_in` says (and `Instant` arithmetic stays far
+/// from overflow).
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(86_400);
+/// Tokens kept per client; one per (realm, service, scope), so per repository.
+pub const MAX_TOKEN_ENTRIES: usize = 4096;
+/// A token service's answer is read up to this size (Docker Hub's is ~2 KiB).
+pub const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
+/// A token longer than this is no plausible header value.
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 
 /// How long before its stated expiry a token is no longer used.
 pub fn usable_for(expires_in: Duration) -> Duration {
+    let expires_in = expires_in.min(MAX_TOKEN_TTL);
     let margin = std::cmp::min(Duration::from_secs(10), expires_in / 5);
     expires_in.saturating_sub(margin)
 }
@@ -148,14 +159,82 @@ impl TokenCache {
         expires_in: Duration,
         now: Instant,
     ) {
-        if self.map.len() > 4096 {
+        let key = (realm.to_owned(), service.to_owned(), scope.to_owned());
+        if self.map.len() >= MAX_TOKEN_ENTRIES && !self.map.contains_key(&key) {
             self.map.retain(|_, (_, until)| *until > now);
+            // Still full of live tokens: drop the one closest to expiry.
+            if self.map.len() >= MAX_TOKEN_ENTRIES {
+                let soonest = self
+                    .map
+                    .iter()
+                    .min_by_key(|(_, (_, until))| *until)
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = soonest {
+                    self.map.remove(&k);
+                    self.evictions += 1;
+                }
+            }
         }
-        self.map.insert(
-            (realm.to_owned(), service.to_owned(), scope.to_owned()),
-            (token, now + usable_for(expires_in)),
-        );
+        let until = now.checked_add(usable_for(expires_in)).unwrap_or(now);
+        self.map.insert(key, (token, until));
     }
+
+    /// Forget `token` for this key (the registry refused it: revoked or expired early). A
+    /// different token stored meanwhile by another request stays.
+    pub fn invalidate(&mut self, realm: &str, service: &str, scope: &str, token: &str) {
+        let key = (realm.to_owned(), service.to_owned(), scope.to_owned());
+        if self.map.get(&key).is_some_and(|(t, _)| t == token) {
+            self.map.remove(&key);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Live tokens dropped because the cache was full.
+    pub fn evictions(&self) -> u64 {
+        self.evictions
+    }
+}
+
+/// Why a token service's answer is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("response is not JSON: {0}")]
+    Json(String),
+    #[error("response has no token")]
+    Missing,
+    #[error("token is not a plausible header value ({0} bytes, or characters outside token68)")]
+    Implausible(usize),
+}
+
+/// A token that can go into `Authorization: Bearer <token>`: RFC 7235 token68 (what JWTs and
+/// OAuth2 access tokens are made of), bounded in length.
+pub fn plausible_token(t: &str) -> bool {
+    let body = t.trim_end_matches('=');
+    !body.is_empty()
+        && t.len() <= MAX_TOKEN_LEN
+        && body.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
+        })
+}
+
+/// A token service's answer (already read, bounded): the token and how long to use it.
+pub fn parse_token_response(body: &[u8]) -> Result<(String, Duration), TokenError> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| TokenError::Json(e.to_string()))?;
+    let token = token_of(&v).ok_or(TokenError::Missing)?;
+    if !plausible_token(token) {
+        return Err(TokenError::Implausible(token.len()));
+    }
+    let ttl = v
+        .get("expires_in")
+        .and_then(|e| e.as_u64())
+        .filter(|e| *e > 0)
+        .map(|e| Duration::from_secs(e).min(MAX_TOKEN_TTL))
+        .unwrap_or(DEFAULT_TOKEN_TTL);
+    Ok((token.to_owned(), ttl))
 }
 
 /// The token request for a Bearer challenge: `<realm>?service=…&scope=…` (the realm's own
@@ -178,7 +257,7 @@ pub fn token_url(realm: &str, service: &str, scope: &str) -> Result<url::Url, St
 }
 
 /// The token of a token service's JSON answer: `token`, else OAuth2's `access_token`.
-pub fn token_of(body: &serde_json::Value) -> Option<&str> {
+fn token_of(body: &serde_json::Value) -> Option<&str> {
     body.get("token")
         .or_else(|| body.get("access_token"))
         .and_then(|t| t.as_str())
@@ -247,5 +326,118 @@ mod tests {
         assert!(tc
             .get("r", "s", "sc", t0 + Duration::from_secs(5))
             .is_none());
+    }
+
+    #[test]
+    fn huge_expires_in_is_capped_not_a_panic() {
+        let body = br#"{"token":"abc.def-_","expires_in":18446744073709551615}"#;
+        let (t, ttl) = parse_token_response(body).unwrap();
+        assert_eq!((t.as_str(), ttl), ("abc.def-_", MAX_TOKEN_TTL));
+        let mut tc = TokenCache::default();
+        let t0 = Instant::now();
+        tc.put("r", "s", "sc", t, Duration::MAX, t0);
+        assert!(tc
+            .get("r", "s", "sc", t0 + Duration::from_secs(3600))
+            .is_some());
+        assert!(tc.get("r", "s", "sc", t0 + MAX_TOKEN_TTL).is_none());
+    }
+
+    #[test]
+    fn implausible_tokens_refused() {
+        let long = format!(r#"{{"token":"{}"}}"#, "a".repeat(MAX_TOKEN_LEN + 1));
+        for body in [
+            r#"{"token":"a\r\nX-Evil: 1"}"#,
+            r#"{"token":"two words"}"#,
+            r#"{"token":"==="}"#,
+            r#"{"token":"caf\u00e9"}"#,
+            long.as_str(),
+        ] {
+            assert!(
+                matches!(
+                    parse_token_response(body.as_bytes()),
+                    Err(TokenError::Implausible(_))
+                ),
+                "{body}"
+            );
+        }
+        assert_eq!(
+            parse_token_response(br#"{"access_token":"ya29.a0Af/x+y=="}"#)
+                .unwrap()
+                .0,
+            "ya29.a0Af/x+y=="
+        );
+        assert_eq!(parse_token_response(b"{}"), Err(TokenError::Missing));
+        assert!(matches!(
+            parse_token_response(b"<html>"),
+            Err(TokenError::Json(_))
+        ));
+    }
+
+    #[test]
+    fn token_cache_is_bounded_and_invalidates() {
+        let mut tc = TokenCache::default();
+        let t0 = Instant::now();
+        for i in 0..MAX_TOKEN_ENTRIES + 10 {
+            let ttl = Duration::from_secs(1000 + i as u64);
+            tc.put("r", "s", &format!("sc{i}"), format!("t{i}"), ttl, t0);
+        }
+        assert_eq!(tc.len(), MAX_TOKEN_ENTRIES);
+        assert_eq!(tc.evictions(), 10);
+        assert!(
+            tc.get("r", "s", "sc0", t0).is_none(),
+            "closest to expiry went first"
+        );
+        let last = format!("sc{}", MAX_TOKEN_ENTRIES + 9);
+        assert!(tc.get("r", "s", &last, t0).is_some());
+
+        tc.invalidate("r", "s", &last, "someone else's");
+        assert!(
+            tc.get("r", "s", &last, t0).is_some(),
+            "only the refused token goes"
+        );
+        tc.invalidate("r", "s", &last, &format!("t{}", MAX_TOKEN_ENTRIES + 9));
+        assert!(tc.get("r", "s", &last, t0).is_none());
+    }
+
+    mod proptest_challenges {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(4000))]
+
+            #[test]
+            fn proptest_parse_challenges_never_panics(s in "\\PC{0,200}") {
+                for c in parse_challenges(&s) {
+                    prop_assert!(!c.scheme.is_empty());
+                    prop_assert_eq!(c.scheme.clone(), c.scheme.to_ascii_lowercase());
+                }
+            }
+
+            #[test]
+            fn proptest_challenge_round_trip(
+                scheme in "[A-Za-z][A-Za-z0-9]{0,10}",
+                realm in "[ -~]{0,60}",
+                service in "[A-Za-z0-9.:-]{1,30}",
+            ) {
+                let quoted = realm.replace('\\', "\\\\").replace('"', "\\\"");
+                let header = format!("{scheme} realm=\"{quoted}\", service={service}, Basic");
+                let c = parse_challenges(&header);
+                prop_assert_eq!(c.len(), 2);
+                prop_assert_eq!(c[0].scheme.clone(), scheme.to_ascii_lowercase());
+                prop_assert_eq!(c[0].param("realm"), Some(realm.as_str()));
+                prop_assert_eq!(c[0].param("service"), Some(service.as_str()));
+            }
+
+            #[test]
+            fn proptest_token_response_never_panics(body in proptest::collection::vec(any::<u8>(), 0..300), exp in any::<u64>()) {
+                let _ = parse_token_response(&body);
+                let json = format!(r#"{{"token":"t","expires_in":{exp}}}"#);
+                let (_, ttl) = parse_token_response(json.as_bytes()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert!(ttl <= MAX_TOKEN_TTL);
+                let mut tc = TokenCache::default();
+                tc.put("r", "s", "c", "t".into(), Duration::from_secs(exp), Instant::now());
+            }
+        }
     }
 }

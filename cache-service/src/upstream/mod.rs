@@ -1,10 +1,14 @@
-//! Registry client for one upstream: token auth, manual redirect following, retries.
+//! Registry client for one upstream: token auth, manual redirect following within the
+//! upstream's declared hosts, retries, bounded body reads.
 
 pub mod auth;
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
+use mirror_filter::rules::config::{any_match, HostPattern};
 use reqwest::header::{
     HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE,
 };
@@ -13,7 +17,7 @@ use url::Url;
 
 use crate::config::{Credentials, UpstreamConfig};
 use crate::oci::RepoName;
-use auth::{parse_challenges, Challenge, TokenCache, DEFAULT_TOKEN_TTL};
+use auth::{parse_challenges, Challenge, TokenCache, MAX_TOKEN_RESPONSE_BYTES};
 
 const MAX_REDIRECTS: usize = 5;
 /// A Retry-After longer than this is not waited for: the 429 goes to the client.
@@ -26,6 +30,32 @@ pub enum RedirectError {
     TooMany,
     #[error("bad redirect: {0}")]
     Bad(String),
+    #[error("refused redirect to {target}: {reason}")]
+    Refused { target: String, reason: HostRefusal },
+}
+
+/// Why a redirect target or token realm is not contacted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HostRefusal {
+    #[error("not an http(s) URL")]
+    Scheme,
+    #[error("https to http downgrade")]
+    Downgrade,
+    #[error("it is this cache's own address")]
+    OwnAddress,
+    #[error("host not declared for this upstream")]
+    NotDeclared,
+}
+
+/// Resolve a `Location` against the URL that answered it; only http(s) results.
+pub fn resolve_location(current: &Url, location: &str) -> Result<Url, RedirectError> {
+    let next = current
+        .join(location)
+        .map_err(|e| RedirectError::Bad(format!("{location}: {e}")))?;
+    if next.scheme() != "https" && next.scheme() != "http" {
+        return Err(RedirectError::Bad(format!("{location}: not http(s)")));
+    }
+    Ok(next)
 }
 
 /// Where `resp` redirects the next request, counting `hops`: `None` when it is no redirect
@@ -46,13 +76,121 @@ pub fn redirect_target(
     if *hops > MAX_REDIRECTS {
         return Err(RedirectError::TooMany);
     }
-    let next = current
-        .join(loc)
-        .map_err(|e| RedirectError::Bad(format!("{loc}: {e}")))?;
-    if next.scheme() != "https" && next.scheme() != "http" {
-        return Err(RedirectError::Bad(format!("{loc}: not http(s)")));
+    resolve_location(current, loc).map(Some)
+}
+
+/// The hosts one upstream may send the cache to: its own host, the declared realm and
+/// redirect hosts, never a scheme downgrade and never the cache itself.
+#[derive(Debug, Clone)]
+pub struct HostPolicy {
+    base: Url,
+    realm_hosts: Vec<HostPattern>,
+    redirect_hosts: Vec<HostPattern>,
+    /// The cache's listen address: a target there would be a request to itself.
+    own_addr: Option<SocketAddr>,
+}
+
+/// `host[:port]` as the declaration writes it: lowercase, port only when not the default.
+fn authority(u: &Url) -> Option<String> {
+    let host = u.host_str()?.to_ascii_lowercase();
+    Some(match u.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host,
+    })
+}
+
+impl HostPolicy {
+    pub fn new(cfg: &UpstreamConfig, own_addr: Option<SocketAddr>) -> Self {
+        Self {
+            base: cfg.url.clone(),
+            realm_hosts: cfg.realm_hosts.clone(),
+            redirect_hosts: cfg.redirect_hosts.clone(),
+            own_addr,
+        }
     }
-    Ok(Some(next))
+
+    fn is_upstream_host(&self, u: &Url) -> bool {
+        host_key(u) == host_key(&self.base)
+    }
+
+    fn is_own_address(&self, u: &Url) -> bool {
+        let Some(own) = self.own_addr else {
+            return false;
+        };
+        if u.port_or_known_default() != Some(own.port()) {
+            return false;
+        }
+        let ip = match u.host() {
+            Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip),
+            Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip),
+            Some(url::Host::Domain(d)) => {
+                return d.eq_ignore_ascii_case("localhost") || d.ends_with(".localhost")
+            }
+            None => return false,
+        };
+        let local = |a: IpAddr| a.is_loopback() || a.is_unspecified();
+        ip == own.ip() || own.ip().is_unspecified() || (local(ip) && local(own.ip()))
+    }
+
+    fn check(&self, from: &Url, to: &Url, declared: &[HostPattern]) -> Result<(), HostRefusal> {
+        if to.scheme() != "https" && to.scheme() != "http" {
+            return Err(HostRefusal::Scheme);
+        }
+        if from.scheme() == "https" && to.scheme() == "http" {
+            return Err(HostRefusal::Downgrade);
+        }
+        if self.is_own_address(to) {
+            return Err(HostRefusal::OwnAddress);
+        }
+        let declared = authority(to).is_some_and(|a| any_match(declared, &a));
+        if self.is_upstream_host(to) || declared {
+            Ok(())
+        } else {
+            Err(HostRefusal::NotDeclared)
+        }
+    }
+
+    /// May a redirect from `from` be followed to `to`?
+    pub fn check_redirect(&self, from: &Url, to: &Url) -> Result<(), RedirectError> {
+        self.check(from, to, &self.redirect_hosts)
+            .map_err(|reason| RedirectError::Refused {
+                target: to.to_string(),
+                reason,
+            })
+    }
+
+    /// May the cache ask this token realm for tokens (no downgrade from the upstream's scheme)?
+    pub fn check_realm(&self, realm: &Url) -> Result<(), HostRefusal> {
+        self.check(&self.base, realm, &self.realm_hosts)
+    }
+}
+
+/// Why a body was not read whole.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("body larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("reading the body: {0}")]
+    Read(String),
+}
+
+/// Read a response body of at most `max` bytes; stops reading as soon as it is over.
+pub async fn read_body(mut resp: reqwest::Response, max: usize) -> Result<Bytes, BodyError> {
+    if resp.content_length().is_some_and(|l| l > max as u64) {
+        return Err(BodyError::TooLarge(max));
+    }
+    let mut buf = BytesMut::new();
+    while let Some(c) = resp
+        .chunk()
+        .await
+        .map_err(|e| BodyError::Read(e.to_string()))?
+    {
+        if buf.len().saturating_add(c.len()) > max {
+            return Err(BodyError::TooLarge(max));
+        }
+        buf.extend_from_slice(&c);
+    }
+    Ok(buf.freeze())
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -97,12 +235,38 @@ pub struct Upstream {
     base: Url,
     http: reqwest::Client,
     credentials: Option<Credentials>,
-    realm_hosts: Vec<String>,
+    policy: HostPolicy,
     tokens: Mutex<TokenCache>,
     /// Last Bearer challenge (realm, service) seen from the upstream host; lets us fetch a token
     /// before the first request instead of after a 401.
     challenge: Mutex<Option<(String, String)>>,
     health: Mutex<Health>,
+}
+
+/// An `Authorization` for one host and, for a Bearer token, the key it is cached under.
+#[derive(Debug, Clone)]
+struct SentAuth {
+    host: String,
+    value: HeaderValue,
+    token: Option<(String, String, String, String)>,
+    /// Fetched for this request (not from the cache): if refused, nothing better exists.
+    fresh: bool,
+}
+
+impl SentAuth {
+    fn bearer(
+        host: String,
+        (realm, service, scope): (&str, &str, &str),
+        (tok, fresh): (String, bool),
+    ) -> Option<Self> {
+        let value = HeaderValue::from_str(&format!("Bearer {tok}")).ok()?;
+        Some(Self {
+            host,
+            value,
+            token: Some((realm.to_owned(), service.to_owned(), scope.to_owned(), tok)),
+            fresh,
+        })
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -127,7 +291,8 @@ fn retryable(s: StatusCode) -> bool {
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig) -> Result<Self, UpstreamError> {
+    /// `own_addr`: the cache's listen address, never contacted as an upstream target.
+    pub fn new(cfg: &UpstreamConfig, own_addr: Option<SocketAddr>) -> Result<Self, UpstreamError> {
         let mut b = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
@@ -149,7 +314,7 @@ impl Upstream {
             base: cfg.url.clone(),
             http,
             credentials: cfg.credentials.clone(),
-            realm_hosts: cfg.realm_hosts.clone(),
+            policy: HostPolicy::new(cfg, own_addr),
             tokens: Mutex::new(TokenCache::default()),
             challenge: Mutex::new(None),
             health: Mutex::new(Health::default()),
@@ -180,37 +345,43 @@ impl Upstream {
         }
     }
 
-    /// May the configured credentials be sent to this token realm? Only to the upstream's own
-    /// host or a host listed in `realm_hosts` — never to whatever realm a server names.
-    fn credentials_for_realm(&self, realm: &Url) -> Option<&Credentials> {
-        let creds = self.credentials.as_ref()?;
-        let host = realm.host_str()?.to_ascii_lowercase();
-        let same_as_upstream = host_key(realm) == host_key(&self.base);
-        let listed = self.realm_hosts.iter().any(|h| {
-            *h == host
-                || realm
-                    .port_or_known_default()
-                    .is_some_and(|p| *h == format!("{host}:{p}"))
-        });
-        let secure =
-            realm.scheme() == "https" || (same_as_upstream && self.base.scheme() == "http");
-        (secure && (same_as_upstream || listed)).then_some(creds)
+    /// Tokens cached and live tokens dropped because the cache was full.
+    pub fn token_stats(&self) -> (usize, u64) {
+        let t = lock(&self.tokens);
+        (t.len(), t.evictions())
     }
 
+    /// May the configured credentials be sent to this token realm? Only to an allowed realm
+    /// (the upstream's own host or `realm_hosts`), over https unless the upstream itself is
+    /// plain http on that very host.
+    fn credentials_for_realm(&self, realm: &Url) -> Option<&Credentials> {
+        let creds = self.credentials.as_ref()?;
+        let same_as_upstream = host_key(realm) == host_key(&self.base);
+        let secure =
+            realm.scheme() == "https" || (same_as_upstream && self.base.scheme() == "http");
+        (secure && self.policy.check_realm(realm).is_ok()).then_some(creds)
+    }
+
+    /// A token for (realm, service, scope): cached (`false`), else fetched from an allowed
+    /// realm (`true`).
     async fn token(
         &self,
         realm: &str,
         service: &str,
         scope: &str,
-    ) -> Result<String, UpstreamError> {
+    ) -> Result<(String, bool), UpstreamError> {
         if let Some(t) = lock(&self.tokens).get(realm, service, scope, Instant::now()) {
-            return Ok(t);
+            return Ok((t, false));
         }
         let terr = |reason: String| UpstreamError::Token {
             realm: realm.to_owned(),
             reason,
         };
         let url = auth::token_url(realm, service, scope).map_err(terr)?;
+        if let Err(why) = self.policy.check_realm(&url) {
+            tracing::warn!(upstream = %self.name, %realm, reason = %why, "token realm refused");
+            return Err(terr(format!("realm refused: {why}")));
+        }
         let mut req = self.http.get(url.clone()).timeout(Duration::from_secs(30));
         if let Some(c) = self.credentials_for_realm(&url) {
             req = req.basic_auth(&c.username, Some(&c.password));
@@ -219,38 +390,38 @@ impl Upstream {
         if !resp.status().is_success() {
             return Err(terr(format!("status {}", resp.status())));
         }
-        let body: serde_json::Value = resp.json().await.map_err(|e| terr(e.to_string()))?;
-        let token = auth::token_of(&body)
-            .ok_or_else(|| terr("response has no token".into()))?
-            .to_owned();
-        let ttl = body
-            .get("expires_in")
-            .and_then(|e| e.as_u64())
-            .filter(|e| *e > 0)
-            .map(Duration::from_secs)
-            .unwrap_or(DEFAULT_TOKEN_TTL);
+        let body = read_body(resp, MAX_TOKEN_RESPONSE_BYTES)
+            .await
+            .map_err(|e| terr(e.to_string()))?;
+        let (token, ttl) = auth::parse_token_response(&body).map_err(|e| terr(e.to_string()))?;
         lock(&self.tokens).put(realm, service, scope, token.clone(), ttl, Instant::now());
-        Ok(token)
+        Ok((token, true))
     }
 
-    /// Turn a 401's challenges into an Authorization value for the host that sent them.
+    /// Turn a 401's challenges into an Authorization for the host that sent them, with the
+    /// token key it came from (to drop it if the host refuses it).
     async fn answer_challenge(
         &self,
         challenges: &[Challenge],
         target: &Url,
         default_scope: &str,
-    ) -> Result<Option<HeaderValue>, UpstreamError> {
+    ) -> Result<Option<SentAuth>, UpstreamError> {
         if let Some(b) = challenges.iter().find(|c| c.scheme == "bearer") {
             let Some(realm) = b.param("realm") else {
                 return Ok(None);
             };
             let service = b.param("service").unwrap_or("");
             let scope = b.param("scope").unwrap_or(default_scope);
+            let tok = self.token(realm, service, scope).await?;
+            // Remembered only once the realm proved allowed (token() checks it).
             if host_key(target) == host_key(&self.base) {
                 *lock(&self.challenge) = Some((realm.to_owned(), service.to_owned()));
             }
-            let tok = self.token(realm, service, scope).await?;
-            return Ok(HeaderValue::from_str(&format!("Bearer {tok}")).ok());
+            return Ok(SentAuth::bearer(
+                host_key(target),
+                (realm, service, scope),
+                tok,
+            ));
         }
         if challenges.iter().any(|c| c.scheme == "basic")
             && host_key(target) == host_key(&self.base)
@@ -261,7 +432,12 @@ impl Upstream {
                     "Basic {}",
                     encode(&format!("{}:{}", c.username, c.password))
                 );
-                return Ok(HeaderValue::from_str(&v).ok());
+                return Ok(HeaderValue::from_str(&v).ok().map(|value| SentAuth {
+                    host: host_key(target),
+                    value,
+                    token: None,
+                    fresh: true,
+                }));
             }
         }
         Ok(None)
@@ -281,51 +457,58 @@ impl Upstream {
             .join(path_and_query)
             .map_err(|e| RedirectError::Bad(e.to_string()))?;
         // Authorization bound to the host it was issued for.
-        let mut auth: Option<(String, HeaderValue)> = None;
+        let mut auth: Option<SentAuth> = None;
         let known = lock(&self.challenge).clone();
         if let Some((realm, service)) = known {
             if let Ok(tok) = self.token(&realm, &service, &scope).await {
-                if let Ok(v) = HeaderValue::from_str(&format!("Bearer {tok}")) {
-                    auth = Some((host_key(&self.base), v));
-                }
+                auth = SentAuth::bearer(host_key(&self.base), (&realm, &service, &scope), tok);
             }
         }
         let mut redirects = 0;
-        let mut retried_auth_for: Option<String> = None;
+        // Challenges answered on the current host (a guard; the rule is: a refused cached
+        // token is dropped and a fresh one fetched once, a refused fresh one ends it).
+        let mut answered = 0;
         loop {
             let hk = host_key(&url);
             let mut req = self.http.request(method.clone(), url.clone());
             if let Some(a) = accept {
                 req = req.header(ACCEPT, a);
             }
-            if let Some((h, v)) = &auth {
-                if *h == hk {
-                    req = req.header(AUTHORIZATION, v.clone());
-                }
+            let sent = auth.as_ref().filter(|a| a.host == hk);
+            if let Some(a) = sent {
+                req = req.header(AUTHORIZATION, a.value.clone());
             }
             let resp = req.send().await.map_err(UpstreamError::from_reqwest)?;
             let status = resp.status();
-            if status == StatusCode::UNAUTHORIZED
-                && retried_auth_for.as_deref() != Some(hk.as_str())
-            {
-                let challenges: Vec<Challenge> = resp
-                    .headers()
-                    .get_all(WWW_AUTHENTICATE)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .flat_map(parse_challenges)
-                    .collect();
-                if let Some(v) = self.answer_challenge(&challenges, &url, &scope).await? {
-                    auth = Some((hk.clone(), v));
-                    retried_auth_for = Some(hk);
-                    continue;
+            if status == StatusCode::UNAUTHORIZED {
+                if let Some((realm, service, scope, tok)) = sent.and_then(|a| a.token.as_ref()) {
+                    // Revoked or expired early: never send it again.
+                    lock(&self.tokens).invalidate(realm, service, scope, tok);
+                }
+                if answered < 2 && !sent.is_some_and(|a| a.fresh) {
+                    let challenges: Vec<Challenge> = resp
+                        .headers()
+                        .get_all(WWW_AUTHENTICATE)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .flat_map(parse_challenges)
+                        .collect();
+                    if let Some(a) = self.answer_challenge(&challenges, &url, &scope).await? {
+                        auth = Some(a);
+                        answered += 1;
+                        continue;
+                    }
                 }
                 return Ok(resp);
             }
             if let Some(next) = redirect_target(&url, &resp, &mut redirects)? {
+                if let Err(e) = self.policy.check_redirect(&url, &next) {
+                    tracing::warn!(upstream = %self.name, from = %url, error = %e, "redirect refused");
+                    return Err(e.into());
+                }
                 tracing::debug!(upstream = %self.name, from = %url, to = %next, "following redirect");
                 url = next;
-                retried_auth_for = None;
+                answered = 0;
                 continue;
             }
             return Ok(resp);
@@ -368,7 +551,7 @@ impl Upstream {
 }
 
 /// Minimal base64 (standard alphabet, padded) for Basic credentials.
-mod base64_engine {
+pub(crate) mod base64_engine {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
     pub fn encode(s: &str) -> String {
@@ -406,17 +589,24 @@ mod tests {
     use super::*;
 
     fn up(url: &str, realm_hosts: &[&str]) -> Upstream {
-        Upstream::new(&UpstreamConfig {
-            name: "x".into(),
-            url: Url::parse(url).unwrap(),
-            ca_pems: vec![],
-            credentials: Some(Credentials {
-                username: "u".into(),
-                password: "p".into(),
-            }),
-            realm_hosts: realm_hosts.iter().map(|s| s.to_string()).collect(),
-            client_token: None,
-        })
+        Upstream::new(
+            &UpstreamConfig {
+                name: "x".into(),
+                url: Url::parse(url).unwrap(),
+                ca_pems: vec![],
+                credentials: Some(Credentials {
+                    username: "u".into(),
+                    password: "p".into(),
+                }),
+                realm_hosts: realm_hosts
+                    .iter()
+                    .map(|s| HostPattern::parse(s).unwrap())
+                    .collect(),
+                redirect_hosts: vec![],
+                client_token: None,
+            },
+            None,
+        )
         .unwrap()
     }
 

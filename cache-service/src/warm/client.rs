@@ -3,16 +3,26 @@
 //! by hand, and an `Authorization` only ever sent to the host whose challenge issued it.
 //! Used by `regmirror warm` and `regmirror doctor`.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
 use reqwest::{Method, StatusCode};
 use url::Url;
 
-use crate::upstream::auth::{parse_challenges, Challenge};
-use crate::upstream::{redirect_target, RedirectError};
+use crate::upstream::auth::{parse_challenges, Challenge, TokenCache, MAX_TOKEN_RESPONSE_BYTES};
+use crate::upstream::{read_body, redirect_target, RedirectError};
+
+/// An error answer's body is read up to this size (for its message only).
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// The text of an error answer, bounded; empty when it cannot be read.
+pub async fn error_body(resp: reqwest::Response) -> String {
+    read_body(resp, MAX_ERROR_BODY)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -60,8 +70,9 @@ pub struct MirrorClient {
     /// Refuse challenges whose realm is not on the mirror (`doctor`: such a realm means the
     /// mirror did not rewrite it).
     pub strict_realms: bool,
-    /// (realm, service, scope) → token.
-    tokens: Mutex<HashMap<(String, String, String), String>>,
+    /// Tokens by (realm, service, scope), expiring as the token service said (the same
+    /// cache type and rules as the cache's upstream client).
+    tokens: Mutex<TokenCache>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -113,7 +124,7 @@ impl MirrorClient {
             base,
             http,
             strict_realms: false,
-            tokens: Mutex::new(HashMap::new()),
+            tokens: Mutex::new(TokenCache::default()),
         })
     }
 
@@ -137,16 +148,15 @@ impl MirrorClient {
         host_key(u) == host_key(&self.base)
     }
 
-    /// Anonymous token from a realm (`realm?service=…&scope=…`), cached.
+    /// Anonymous token from a realm (`realm?service=…&scope=…`), cached until it expires.
     pub async fn token(
         &self,
         realm: &str,
         service: &str,
         scope: &str,
     ) -> Result<String, ClientError> {
-        let key = (realm.to_owned(), service.to_owned(), scope.to_owned());
-        if let Some(t) = lock(&self.tokens).get(&key) {
-            return Ok(t.clone());
+        if let Some(t) = lock(&self.tokens).get(realm, service, scope, Instant::now()) {
+            return Ok(t);
         }
         let terr = |reason: String| ClientError::Token {
             realm: realm.to_owned(),
@@ -163,11 +173,12 @@ impl MirrorClient {
         if !resp.status().is_success() {
             return Err(terr(format!("HTTP {}", resp.status())));
         }
-        let body: serde_json::Value = resp.json().await.map_err(|e| terr(e.to_string()))?;
-        let token = crate::upstream::auth::token_of(&body)
-            .ok_or_else(|| terr("response has no token".into()))?
-            .to_owned();
-        lock(&self.tokens).insert(key, token.clone());
+        let body = read_body(resp, MAX_TOKEN_RESPONSE_BYTES)
+            .await
+            .map_err(|e| terr(e.to_string()))?;
+        let (token, ttl) =
+            crate::upstream::auth::parse_token_response(&body).map_err(|e| terr(e.to_string()))?;
+        lock(&self.tokens).put(realm, service, scope, token.clone(), ttl, Instant::now());
         Ok(token)
     }
 
@@ -177,7 +188,8 @@ impl MirrorClient {
     }
 
     /// One request with challenges answered and redirects followed. `auth` optionally seeds an
-    /// `Authorization` for the first URL's host. A 401 is answered once per URL; an
+    /// `Authorization` for the first URL's host. A 401 is answered once per URL, and once more
+    /// with a fresh token if the cached one was refused (expired or revoked); an
     /// `Authorization` goes only to the host it was issued for.
     pub async fn send(
         &self,
@@ -193,6 +205,8 @@ impl MirrorClient {
             .map(|v| (host_key(&url), v));
         let mut redirects = 0;
         let mut answered = false;
+        // The cached token last sent, to drop it if refused: (realm, service, scope, token).
+        let mut cached: Option<(String, String, String, String)> = None;
         loop {
             let hk = host_key(&url);
             let mut req = self.http.request(method.clone(), url.clone());
@@ -209,7 +223,11 @@ impl MirrorClient {
                 reason: error_chain(&e),
             })?;
             let status = resp.status();
-            if status == StatusCode::UNAUTHORIZED && !answered {
+            let refused = cached.take().filter(|_| status == StatusCode::UNAUTHORIZED);
+            if let Some((realm, service, scope, tok)) = &refused {
+                lock(&self.tokens).invalidate(realm, service, scope, tok);
+            }
+            if status == StatusCode::UNAUTHORIZED && (!answered || refused.is_some()) {
                 if let Some((realm, service, scope)) = bearer_challenge(&resp) {
                     let scope = scope.unwrap_or_else(|| default_scope.to_owned());
                     if self.strict_realms && !Url::parse(&realm).is_ok_and(|r| self.on_mirror(&r)) {
@@ -218,10 +236,16 @@ impl MirrorClient {
                             reason: "realm points away from the mirror (not rewritten)".into(),
                         });
                     }
+                    let was_cached = lock(&self.tokens)
+                        .get(&realm, &service, &scope, Instant::now())
+                        .is_some();
                     let tok = self.token(&realm, &service, &scope).await?;
                     if let Ok(v) = HeaderValue::from_str(&format!("Bearer {tok}")) {
                         auth = Some((hk, v));
                         answered = true;
+                        if was_cached {
+                            cached = Some((realm, service, scope, tok));
+                        }
                         continue;
                     }
                 }

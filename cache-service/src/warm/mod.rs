@@ -14,6 +14,7 @@ use reqwest::{Method, StatusCode};
 use sha2::{Digest as _, Sha256};
 
 use crate::oci::{self, Digest};
+use crate::upstream::read_body;
 use client::{error_chain, MirrorClient};
 
 #[derive(Debug, clap::Args)]
@@ -319,7 +320,7 @@ async fn get_manifest(
         .map_err(|e| e.to_string())?;
     let status = resp.status();
     if status != StatusCode::OK {
-        let body = resp.text().await.unwrap_or_default();
+        let body = client::error_body(resp).await;
         return Err(format!(
             "manifest {reference}: HTTP {}{}",
             status.as_u16(),
@@ -331,13 +332,9 @@ async fn get_manifest(
         .get(reqwest::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let body = resp
-        .bytes()
+    let body = read_body(resp, oci::MAX_MANIFEST_BYTES)
         .await
-        .map_err(|e| format!("manifest {reference}: {}", error_chain(&e)))?;
-    if body.len() > oci::MAX_MANIFEST_BYTES {
-        return Err(format!("manifest {reference}: larger than 4 MiB"));
-    }
+        .map_err(|e| format!("manifest {reference}: {e}"))?;
     let digest = Digest::of_bytes(&body);
     if reference.starts_with("sha256:") && digest.as_str() != reference {
         return Err(format!(
@@ -386,7 +383,7 @@ async fn pull_blob(ctx: &Ctx, img: &ImageRef, d: &Descriptor) -> Result<u64, Str
         .map_err(|e| format!("blob {short}: {e}"))?;
     if resp.status() != StatusCode::OK {
         let s = resp.status().as_u16();
-        let body = resp.text().await.unwrap_or_default();
+        let body = client::error_body(resp).await;
         return Err(format!("blob {short}: HTTP {s}{}", short_error(&body)));
     }
     let total = d.size.or(resp.content_length());
