@@ -1,14 +1,16 @@
 //! The shipped Envoy configurations, run with the documented substitution only:
 //! every one validates; the standalone TLS config (`envoy/mirror.yaml`) serves the mirror
 //! and redirects plain HTTP to HTTPS; the behind-a-TLS-proxy config builds `https` mirror
-//! URLs from the proxy's `X-Forwarded-Proto`.
+//! URLs from the proxy's `X-Forwarded-Proto`; mirror-internal headers reach cache-service
+//! only, never a realm or a CDN.
 
 use mirror_tests::build::workspace_root;
 use mirror_tests::envoy::{self, Substitution};
 use mirror_tests::mirror::{Mirror, HOST_SUFFIX};
-use mirror_tests::upstreams;
+use mirror_tests::upstreams::{self, CDN_HOST, HUB_AUTH_HOST, HUB_REALM, HUB_SERVICE};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 fn substituted(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let up = upstreams::shared();
@@ -117,4 +119,198 @@ fn behind_a_tls_proxy_mirror_urls_are_https() {
         )),
         "{challenge}"
     );
+}
+
+/// One request a [`Recorder`] received.
+#[derive(Clone, Debug)]
+struct Seen {
+    host: String,
+    path: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Seen {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// An upstream that records every request's headers and answers like a token service
+/// (`200 {"token": …}`): over TLS with the test leaf (a realm, a CDN) and in plain HTTP
+/// (cache-service's port).
+struct Recorder {
+    tls: SocketAddr,
+    plain: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Recorder {
+    fn start(pki: &mirror_tests::pki::Pki) -> Recorder {
+        mirror_tests::install_crypto_provider();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let log = log.clone();
+            async move {
+                let headers = req
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.as_str().to_owned(),
+                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                        )
+                    })
+                    .collect::<Vec<_>>();
+                let host = req
+                    .headers()
+                    .get("host")
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                log.lock().unwrap().push(Seen {
+                    host,
+                    path: req.uri().path().to_owned(),
+                    headers,
+                });
+                axum::Json(serde_json::json!({"token": "recorded", "expires_in": 300}))
+            }
+        });
+        let tls_config = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(
+            pki.rustls_server_config().unwrap(),
+        ));
+        let bind = || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.set_nonblocking(true).unwrap();
+            l
+        };
+        let (tls_listener, plain_listener) = (bind(), bind());
+        let (tls, plain) = (
+            tls_listener.local_addr().unwrap(),
+            plain_listener.local_addr().unwrap(),
+        );
+        let rt = mirror_tests::runtime();
+        let _guard = rt.enter();
+        let secure = axum_server::from_tcp_rustls(tls_listener, tls_config)
+            .serve(app.clone().into_make_service());
+        let insecure = axum_server::from_tcp(plain_listener).serve(app.into_make_service());
+        rt.spawn(secure);
+        rt.spawn(insecure);
+        Recorder { tls, plain, seen }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// What a client might send to make the mirror's internal headers look set, and what
+/// Envoy adds itself: none of it may leave the mirror towards a realm or a CDN.
+const HOSTILE: &[(&str, &str)] = &[
+    ("x-mirror-registry", "quay.io"),
+    ("x-forwarded-for", "192.0.2.10"),
+    ("x-envoy-external-address", "192.0.2.10"),
+    ("x-request-id", "client-chosen"),
+];
+
+#[test]
+fn internal_headers_reach_only_the_cache_service() {
+    let up = upstreams::shared();
+    let recorder = Recorder::start(&up.pki);
+    // The registry is the real hub front; its realm, its CDN and cache-service record.
+    let m = Mirror::start_with(
+        up,
+        &workspace_root().join("envoy/local.yaml"),
+        true,
+        BTreeMap::from([
+            (HUB_AUTH_HOST.to_string(), recorder.tls),
+            (CDN_HOST.to_string(), recorder.tls),
+            ("cache_service".to_string(), recorder.plain),
+        ]),
+    )
+    .unwrap();
+    let client = m.client();
+    let get = |url: &str, auth: Option<&str>| {
+        let mut req = client.get(url);
+        for (k, v) in HOSTILE {
+            req = req.header(*k, *v);
+        }
+        if let Some(token) = auth {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        req.send().unwrap()
+    };
+    let docker = format!("https://{}", m.host("docker"));
+
+    // A token request through the realm the registry's challenge names.
+    let resp = get(&format!("{docker}/v2/"), None);
+    assert_eq!(resp.status(), 401, "{}", m.logs());
+    let challenge = resp.headers()["www-authenticate"].to_str().unwrap();
+    let realm = challenge
+        .split("realm=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap();
+    let resp = get(
+        &format!("{realm}?service={HUB_SERVICE}&scope=repository:library/alpine:pull"),
+        None,
+    );
+    assert_eq!(resp.status(), 200, "{}", m.logs());
+
+    // A blob: the hub answers with a CDN redirect, which the mirror signs and fetches.
+    let token = up
+        .pull_token(HUB_REALM, HUB_SERVICE, "library/alpine")
+        .unwrap();
+    let blob = &up.images.alpine.all_blobs()[0];
+    let resp = get(
+        &format!("{docker}/v2/library/alpine/blobs/{blob}"),
+        Some(&token),
+    );
+    assert_eq!(resp.status(), 307, "{}", m.logs());
+    let location = resp.headers()["location"].to_str().unwrap().to_owned();
+    let resp = get(&location, None);
+    assert_eq!(resp.status(), 200, "{location}\n{}", m.logs());
+
+    // A cached registry: cache-service is told which registry, and nothing else leaks there
+    // that it does not need.
+    let resp = get(
+        &format!(
+            "https://{}/v2/distroless/static/manifests/nonroot",
+            m.host("gcr")
+        ),
+        None,
+    );
+    assert_eq!(resp.status(), 200, "{}", m.logs());
+
+    let seen = recorder.seen();
+    let external: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| s.host.starts_with(HUB_AUTH_HOST) || s.host.starts_with(CDN_HOST))
+        .collect();
+    assert!(
+        external.iter().any(|s| s.host.starts_with(HUB_AUTH_HOST))
+            && external.iter().any(|s| s.host.starts_with(CDN_HOST)),
+        "the realm and the CDN were both reached: {seen:#?}"
+    );
+    for s in &external {
+        for (name, value) in &s.headers {
+            let internal = HOSTILE.iter().any(|(h, _)| h == name)
+                || name.starts_with("x-envoy-")
+                || name.starts_with("x-forwarded-");
+            assert!(
+                !internal,
+                "{name}: {value} reached {}{}: {s:#?}",
+                s.host, s.path
+            );
+        }
+    }
+    let cache: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| s.path.starts_with("/v2/distroless/"))
+        .collect();
+    assert_eq!(cache.len(), 1, "{seen:#?}");
+    assert_eq!(cache[0].header("x-mirror-registry"), Some("gcr.io"));
 }

@@ -2,6 +2,7 @@
 //! generated from the same registries declaration the mirror runs on.
 
 use crate::render::declaration::{Declaration, Registry};
+use crate::upstream::base64_engine;
 use std::fmt::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,6 +38,43 @@ pub struct ClientConfigArgs {
     /// containerd: write `<dir>/<registry>/hosts.toml` files instead of printing them.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// `USER:PASSWORD` the runtime presents to a mirror with `[access] basic_auth` (from the
+    /// environment keeps it out of the process list).
+    #[arg(long, env = "REGMIRROR_MIRROR_LOGIN", hide_env_values = true)]
+    pub user: Option<String>,
+}
+
+/// The mirror credential a runtime presents (`[access] basic_auth`).
+#[derive(Debug, Clone)]
+pub struct Login {
+    /// Lowercase header name: `authorization`, or a header of the mirror's own.
+    pub header: String,
+    pub user: String,
+    pub password: String,
+}
+
+impl Login {
+    pub fn parse(header: &str, user_password: &str) -> Result<Self, String> {
+        match user_password.split_once(':') {
+            Some((user, password)) if !user.is_empty() && !password.is_empty() => Ok(Self {
+                header: header.to_owned(),
+                user: user.to_owned(),
+                password: password.to_owned(),
+            }),
+            _ => Err("--user must be USER:PASSWORD".to_owned()),
+        }
+    }
+
+    fn in_authorization(&self) -> bool {
+        self.header == "authorization"
+    }
+
+    fn basic(&self) -> String {
+        format!(
+            "Basic {}",
+            base64_engine::encode(&format!("{}:{}", self.user, self.password))
+        )
+    }
 }
 
 /// The mirror as clients address it.
@@ -95,14 +133,42 @@ pub fn run(args: &ClientConfigArgs) -> ExitCode {
         .and_then(|declaration| {
             Mirror::parse(&args.mirror, args.ca.clone()).map(|mirror| (declaration, mirror))
         });
-    let (declaration, mirror) = match result {
+    let login = result.and_then(|(declaration, mirror)| {
+        let header = declaration
+            .access
+            .as_ref()
+            .and_then(|a| a.credential_header());
+        let login = match (header, &args.user) {
+            (Some(header), Some(user)) => Some(Login::parse(header, user)?),
+            (Some(_), None) if args.runtime != Runtime::Docker => {
+                return Err("the mirror requires a login ([access] basic_auth in the \
+                            declaration): pass --user USER:PASSWORD or set REGMIRROR_MIRROR_LOGIN"
+                    .to_owned())
+            }
+            _ => None,
+        };
+        Ok((declaration, mirror, login))
+    });
+    let (declaration, mirror, login) = match login {
         Ok(ok) => ok,
         Err(error) => {
             eprintln!("regmirror client-config: {error}");
             return ExitCode::from(2);
         }
     };
-    let files = generate(args.runtime, &declaration.registries, &mirror);
+    let header = declaration
+        .access
+        .as_ref()
+        .and_then(|a| a.credential_header());
+    let files = generate(
+        args.runtime,
+        &declaration.registries,
+        &mirror,
+        login.as_ref(),
+    );
+    for note in login_notes(args.runtime, header, &mirror) {
+        eprintln!("note: {note}");
+    }
     match (&args.out, args.runtime) {
         (Some(dir), _) => {
             for file in &files {
@@ -137,31 +203,72 @@ pub fn run(args: &ClientConfigArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-pub fn generate(runtime: Runtime, registries: &[Registry], mirror: &Mirror) -> Vec<ClientFile> {
+pub fn generate(
+    runtime: Runtime,
+    registries: &[Registry],
+    mirror: &Mirror,
+    login: Option<&Login>,
+) -> Vec<ClientFile> {
+    // Runtimes that only know registry logins can present the credential only in
+    // `Authorization`; a mirror header of its own needs containerd's hosts.toml.
+    let registry_login = login.filter(|l| l.in_authorization());
     match runtime {
         Runtime::Containerd => registries
             .iter()
             .map(|r| ClientFile {
                 path: format!("{}/hosts.toml", r.name),
-                content: containerd_hosts(r, mirror),
+                content: containerd_hosts(r, mirror, login),
             })
             .collect(),
         Runtime::ContainerdLegacy => vec![ClientFile {
             path: "config.toml".into(),
-            content: containerd_legacy(registries, mirror),
+            content: containerd_legacy(registries, mirror, registry_login),
         }],
         Runtime::Docker => vec![ClientFile {
             path: "daemon.json".into(),
             content: docker_daemon_json(mirror),
         }],
-        Runtime::Podman => vec![ClientFile {
-            path: "registries.conf".into(),
-            content: registries_conf(registries, mirror),
-        }],
+        Runtime::Podman => {
+            let mut files = vec![ClientFile {
+                path: "registries.conf".into(),
+                content: registries_conf(registries, mirror),
+            }];
+            if let Some(login) = registry_login {
+                files.push(ClientFile {
+                    path: "auth.json".into(),
+                    content: containers_auth_json(mirror, login),
+                });
+            }
+            files
+        }
         Runtime::K3s => vec![ClientFile {
             path: "registries.yaml".into(),
-            content: k3s_registries(registries, mirror),
+            content: k3s_registries(registries, mirror, registry_login),
         }],
+    }
+}
+
+/// What the user still has to do, or cannot do, for the mirror's login with `runtime`.
+pub fn login_notes(runtime: Runtime, header: Option<&str>, mirror: &Mirror) -> Vec<String> {
+    let Some(header) = header else {
+        return vec![];
+    };
+    let authority = &mirror.authority;
+    match (runtime, header == "authorization") {
+        (Runtime::Containerd, _) => vec![],
+        (Runtime::Docker, true) => vec![format!(
+            "the mirror requires a login: run `docker login {authority}` on each Docker host"
+        )],
+        (Runtime::Podman, true) => vec![format!(
+            "the mirror requires a login: install auth.json as ${{XDG_RUNTIME_DIR}}/containers/auth.json \
+             (or /etc/containers/auth.json for CRI-O), or run `podman login {authority}`"
+        )],
+        (Runtime::ContainerdLegacy | Runtime::K3s, true) => vec![],
+        (_, false) => vec![format!(
+            "the mirror expects its login in the `{header}` header, which only containerd's \
+             hosts.toml can send (`regmirror client-config containerd`); this runtime cannot pull \
+             through it"
+        )],
     }
 }
 
@@ -180,7 +287,7 @@ fn upstream_url(registry: &Registry) -> String {
 
 /// containerd sends `?ns=<registry>` to a mirror host, which is how the mirror tells
 /// registries apart on one name.
-fn containerd_hosts(registry: &Registry, mirror: &Mirror) -> String {
+fn containerd_hosts(registry: &Registry, mirror: &Mirror, login: Option<&Login>) -> String {
     let mut out = format!(
         "# /etc/containerd/certs.d/{}/hosts.toml (containerd config_path layout)\nserver = {}\n\n[host.{}]\n  capabilities = [\"pull\", \"resolve\"]\n",
         registry.name,
@@ -193,10 +300,20 @@ fn containerd_hosts(registry: &Registry, mirror: &Mirror) -> String {
     if mirror.insecure {
         out.push_str("  # plain HTTP mirror\n  skip_verify = true\n");
     }
+    if let Some(login) = login {
+        // Sent to the mirror host only, on every request: the mirror's login.
+        let _ = write!(
+            out,
+            "\n  [host.{}.header]\n    {} = [{}]\n",
+            toml_str(&mirror.url),
+            toml_str(&login.header),
+            toml_str(&login.basic())
+        );
+    }
     out
 }
 
-fn containerd_legacy(registries: &[Registry], mirror: &Mirror) -> String {
+fn containerd_legacy(registries: &[Registry], mirror: &Mirror, login: Option<&Login>) -> String {
     let mut out = String::from(
         "# containerd < 1.5: merge into /etc/containerd/config.toml and restart containerd.\n",
     );
@@ -217,7 +334,23 @@ fn containerd_legacy(registries: &[Registry], mirror: &Mirror) -> String {
             toml_str(ca)
         );
     }
+    if let Some(login) = login {
+        let _ = write!(
+            out,
+            "[plugins.\"io.containerd.grpc.v1.cri\".registry.configs.{}.auth]\n  username = {}\n  password = {}\n",
+            toml_str(&mirror.authority),
+            toml_str(&login.user),
+            toml_str(&login.password)
+        );
+    }
     out
+}
+
+/// containers-auth.json(5): podman, CRI-O, skopeo and buildah read it.
+fn containers_auth_json(mirror: &Mirror, login: &Login) -> String {
+    let auth = base64_engine::encode(&format!("{}:{}", login.user, login.password));
+    let doc = serde_json::json!({ "auths": { &mirror.authority: { "auth": auth } } });
+    serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
 }
 
 fn docker_daemon_json(mirror: &Mirror) -> String {
@@ -256,7 +389,7 @@ fn registries_conf(registries: &[Registry], mirror: &Mirror) -> String {
     out
 }
 
-fn k3s_registries(registries: &[Registry], mirror: &Mirror) -> String {
+fn k3s_registries(registries: &[Registry], mirror: &Mirror, login: Option<&Login>) -> String {
     let mut out = String::from(
         "# /etc/rancher/k3s/registries.yaml (k3s, RKE2), then restart k3s\nmirrors:\n",
     );
@@ -268,12 +401,18 @@ fn k3s_registries(registries: &[Registry], mirror: &Mirror) -> String {
             json_str(&mirror.url)
         );
     }
+    if mirror.ca.is_some() || login.is_some() {
+        let _ = write!(out, "configs:\n  {}:\n", json_str(&mirror.authority));
+    }
     if let Some(ca) = &mirror.ca {
+        let _ = write!(out, "    tls:\n      ca_file: {}\n", json_str(ca));
+    }
+    if let Some(login) = login {
         let _ = write!(
             out,
-            "configs:\n  {}:\n    tls:\n      ca_file: {}\n",
-            json_str(&mirror.authority),
-            json_str(ca)
+            "    auth:\n      username: {}\n      password: {}\n",
+            json_str(&login.user),
+            json_str(&login.password)
         );
     }
     out
@@ -316,7 +455,7 @@ mod tests {
     /// What a user following containerd's hosts.toml docs would write for Docker Hub.
     #[test]
     fn containerd_hosts_toml_matches_a_hand_written_one() {
-        let files = generate(Runtime::Containerd, &registries(), &mirror());
+        let files = generate(Runtime::Containerd, &registries(), &mirror(), None);
         let hub = files
             .iter()
             .find(|f| f.path == "docker.io/hosts.toml")
@@ -341,6 +480,7 @@ mod tests {
             Runtime::ContainerdLegacy,
             &registries(),
             &mirror(),
+            None,
         )))
         .unwrap();
         let mirrors = &generated["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["mirrors"];
@@ -358,16 +498,21 @@ mod tests {
 
     #[test]
     fn docker_daemon_json_is_hub_only() {
-        let generated: serde_json::Value =
-            serde_json::from_str(&only(generate(Runtime::Docker, &registries(), &mirror())))
-                .unwrap();
+        let generated: serde_json::Value = serde_json::from_str(&only(generate(
+            Runtime::Docker,
+            &registries(),
+            &mirror(),
+            None,
+        )))
+        .unwrap();
         assert_eq!(
             generated,
             serde_json::json!({ "registry-mirrors": ["https://mirror.example.com"] })
         );
         let http = Mirror::parse("http://10.0.0.5:5000", None).unwrap();
         let generated: serde_json::Value =
-            serde_json::from_str(&only(generate(Runtime::Docker, &registries(), &http))).unwrap();
+            serde_json::from_str(&only(generate(Runtime::Docker, &registries(), &http, None)))
+                .unwrap();
         assert_eq!(
             generated,
             serde_json::json!({ "registry-mirrors": ["http://10.0.0.5:5000"],
@@ -377,8 +522,13 @@ mod tests {
 
     #[test]
     fn registries_conf_uses_path_prefix_mirrors() {
-        let generated: toml::Value =
-            toml::from_str(&only(generate(Runtime::Podman, &registries(), &mirror()))).unwrap();
+        let generated: toml::Value = toml::from_str(&only(generate(
+            Runtime::Podman,
+            &registries(),
+            &mirror(),
+            None,
+        )))
+        .unwrap();
         let expected: toml::Value = toml::from_str(
             r#"
             prefix = "quay.io"
@@ -399,8 +549,13 @@ mod tests {
 
     #[test]
     fn k3s_registries_yaml() {
-        let generated: serde_yaml::Value =
-            serde_yaml::from_str(&only(generate(Runtime::K3s, &registries(), &mirror()))).unwrap();
+        let generated: serde_yaml::Value = serde_yaml::from_str(&only(generate(
+            Runtime::K3s,
+            &registries(),
+            &mirror(),
+            None,
+        )))
+        .unwrap();
         let expected: serde_yaml::Value = serde_yaml::from_str(
             r#"
             docker.io:
@@ -420,5 +575,70 @@ mod tests {
             generated["configs"]["mirror.example.com"]["tls"]["ca_file"].as_str(),
             Some("/etc/ssl/mirror-ca.crt")
         );
+    }
+
+    /// A mirror with `[access] basic_auth`: each runtime gets the login in the form it reads.
+    #[test]
+    fn mirror_login_reaches_each_runtime_in_its_own_form() {
+        let basic = "Basic YWxpY2U6czNjcmV0"; // alice:s3cret
+        let header = Login::parse("x-mirror-authorization", "alice:s3cret").unwrap();
+        let files = generate(Runtime::Containerd, &registries(), &mirror(), Some(&header));
+        let hub: toml::Value = toml::from_str(&files[0].content).unwrap();
+        assert_eq!(
+            hub["host"]["https://mirror.example.com"]["header"]["x-mirror-authorization"],
+            toml::Value::try_from([basic]).unwrap()
+        );
+        // Registry-login runtimes cannot send a header of the mirror's own: no login
+        // written, and the note says so.
+        assert!(!only(generate(
+            Runtime::K3s,
+            &registries(),
+            &mirror(),
+            Some(&header)
+        ))
+        .contains("alice"));
+        let notes = login_notes(Runtime::Podman, Some("x-mirror-authorization"), &mirror());
+        assert!(notes[0].contains("only containerd"), "{notes:?}");
+
+        let authz = Login::parse("authorization", "alice:s3cret").unwrap();
+        let files = generate(Runtime::Podman, &registries(), &mirror(), Some(&authz));
+        let auth: serde_json::Value = serde_json::from_str(&files[1].content).unwrap();
+        assert_eq!(files[1].path, "auth.json");
+        assert_eq!(
+            auth,
+            serde_json::json!({ "auths": { "mirror.example.com": { "auth": "YWxpY2U6czNjcmV0" } } })
+        );
+        let k3s: serde_yaml::Value = serde_yaml::from_str(&only(generate(
+            Runtime::K3s,
+            &registries(),
+            &mirror(),
+            Some(&authz),
+        )))
+        .unwrap();
+        let config = &k3s["configs"]["mirror.example.com"];
+        assert_eq!(config["auth"]["username"].as_str(), Some("alice"));
+        assert_eq!(config["auth"]["password"].as_str(), Some("s3cret"));
+        assert_eq!(
+            config["tls"]["ca_file"].as_str(),
+            Some("/etc/ssl/mirror-ca.crt")
+        );
+        let legacy: toml::Value = toml::from_str(&only(generate(
+            Runtime::ContainerdLegacy,
+            &registries(),
+            &mirror(),
+            Some(&authz),
+        )))
+        .unwrap();
+        let configs = &legacy["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["configs"];
+        assert_eq!(
+            configs["mirror.example.com"]["auth"]["username"].as_str(),
+            Some("alice")
+        );
+        let notes = login_notes(Runtime::Docker, Some("authorization"), &mirror());
+        assert!(
+            notes[0].contains("docker login mirror.example.com"),
+            "{notes:?}"
+        );
+        assert!(Login::parse("authorization", "alice").is_err());
     }
 }

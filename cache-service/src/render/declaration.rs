@@ -1,5 +1,6 @@
 //! The registries declaration (`envoy/registries.toml`) and its validation.
 
+use super::access::Access;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
@@ -9,6 +10,8 @@ pub struct Declaration {
     pub mirror: Mirror,
     #[serde(rename = "registry")]
     pub registries: Vec<Registry>,
+    /// Who may use the mirror; absent: anyone who can reach it.
+    pub access: Option<Access>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -20,6 +23,9 @@ pub struct Mirror {
     pub redirect_ttl_seconds: u64,
     /// host:port where Envoy reaches cache-service.
     pub cache_service: String,
+    /// `https://host[:port]` clients reach a public mirror at: the filter builds the URLs it
+    /// hands out from it and refuses other Hosts. Rendered into the public configs only.
+    pub public_url: Option<String>,
 }
 
 fn default_redirect_ttl() -> u64 {
@@ -44,6 +50,10 @@ pub struct Registry {
     pub cache: bool,
     #[serde(default = "default_redirects")]
     pub redirects: String,
+    /// Whether the client's `Authorization` may reach this registry's realm; absent: the
+    /// filter's default (the default registry only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_client_credentials: Option<bool>,
 }
 
 fn default_redirects() -> String {
@@ -120,6 +130,29 @@ fn is_dns_name(host: &str) -> bool {
         })
 }
 
+/// `https://host[:port]`: a base the filter appends paths to, so nothing else.
+fn validate_public_url(url: &str) -> Result<(), DeclarationError> {
+    let invalid = || {
+        DeclarationError::Invalid(format!(
+            "public_url {url:?} must be https://host[:port] without path, query or credentials"
+        ))
+    };
+    let parsed = url::Url::parse(url).map_err(|_| invalid())?;
+    let bare = parsed.scheme() == "https"
+        && parsed.host_str().is_some()
+        && parsed.username().is_empty()
+        && parsed.password().is_none()
+        && parsed.path() == "/"
+        && parsed.query().is_none()
+        && parsed.fragment().is_none()
+        && !url.ends_with('/');
+    if bare {
+        Ok(())
+    } else {
+        Err(invalid())
+    }
+}
+
 impl Declaration {
     pub fn load(path: &std::path::Path) -> Result<Self, DeclarationError> {
         let text = std::fs::read_to_string(path).map_err(|source| DeclarationError::Read {
@@ -170,6 +203,20 @@ impl Declaration {
                     "default_registry {default:?} is not a declared registry"
                 )));
             }
+        }
+        if let Some(url) = &self.mirror.public_url {
+            validate_public_url(url)?;
+        }
+        if let Some(access) = &self.access {
+            let pass_through: Vec<&str> = self
+                .registries
+                .iter()
+                .filter(|r| !r.cache)
+                .map(|r| r.name.as_str())
+                .collect();
+            access
+                .validate(&pass_through)
+                .map_err(DeclarationError::Invalid)?;
         }
         if self.mirror.cache_service.rsplit_once(':').is_none() {
             return Err(DeclarationError::Invalid(format!(
@@ -272,5 +319,28 @@ mod tests {
         "#;
         let declaration: Declaration = toml::from_str(text).unwrap();
         assert!(declaration.validate().is_err());
+    }
+
+    #[test]
+    fn public_url_is_an_https_origin() {
+        let with = |url: &str| {
+            let text = format!(
+                "[mirror]\ncache_service = \"127.0.0.1:5001\"\npublic_url = {url:?}\n\
+                 [[registry]]\nname = \"a.io\"\nupstream = \"a.io\"\n"
+            );
+            toml::from_str::<Declaration>(&text).unwrap().validate()
+        };
+        assert!(with("https://mirror.example.com").is_ok());
+        assert!(with("https://mirror.example.com:8443").is_ok());
+        for bad in [
+            "http://mirror.example.com",
+            "https://mirror.example.com/",
+            "https://mirror.example.com/v2",
+            "https://u:p@mirror.example.com",
+            "https://mirror.example.com?x=1",
+            "mirror.example.com",
+        ] {
+            assert!(with(bad).is_err(), "{bad:?} accepted");
+        }
     }
 }

@@ -37,6 +37,24 @@ const SYSTEM_CA: &str = "/etc/ssl/certs/ca-certificates.crt";
 pub const TLS_CERT: &str = "/etc/regmirror/tls/tls.crt";
 pub const TLS_KEY: &str = "/etc/regmirror/tls/tls.key";
 
+/// Request headers that say something about the mirror or its clients: removed on every
+/// route that leaves the mirror (registries, realms, CDNs). Only cache-service, which needs
+/// `x-mirror-registry`, gets them. Envoy's own `x-envoy-*` headers are suppressed at the
+/// router; `x-envoy-internal` and `x-envoy-external-address` are set by the connection
+/// manager before it and removed here.
+pub const INTERNAL_HEADERS: &[&str] = &[
+    "x-mirror-registry",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-real-ip",
+    "x-request-id",
+    "x-envoy-external-address",
+    "x-envoy-internal",
+    "x-envoy-original-path",
+    "x-envoy-decorator-operation",
+];
+
 fn quoted(value: &str) -> String {
     // JSON string syntax is valid YAML double-quoted scalar syntax.
     serde_json::Value::String(value.to_owned()).to_string()
@@ -68,6 +86,9 @@ pub fn render(declaration: &Declaration, filter_json: &str, variant: Variant) ->
         Variant::BehindTlsProxy => listener(w, "mirror_http", "0.0.0.0", 8080, 1),
     }
     let _ = writeln!(w, "          http_filters:");
+    if let Some(access) = &declaration.access {
+        access.render_filters(w);
+    }
     wasm_filter(w, filter_json, variant.wasm_path());
     if has_wildcards {
         let _ = writeln!(
@@ -78,7 +99,7 @@ pub fn render(declaration: &Declaration, filter_json: &str, variant: Variant) ->
     }
     let _ = writeln!(
         w,
-        "          - name: envoy.filters.http.router\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+        "          - name: envoy.filters.http.router\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\n              # No x-envoy-expected-rq-timeout-ms & co. towards registries, realms and CDNs.\n              suppress_envoy_headers: true"
     );
     route_config(w, declaration, &hosts, variant);
     if variant == Variant::Standalone {
@@ -150,15 +171,22 @@ fn route_config(
         w,
         "          route_config:\n            name: mirror\n            virtual_hosts:"
     );
+    let credential = declaration
+        .access
+        .as_ref()
+        .and_then(|a| a.credential_header());
+    // Leaving the mirror: nothing internal, and never the client's mirror credential.
+    let external: Vec<&str> = INTERNAL_HEADERS.iter().copied().chain(credential).collect();
     for host in hosts {
         let (vhost, cluster) = match host {
             UpstreamHost::Exact { .. } => (host.name(), host.name()),
             UpstreamHost::Wildcard(pattern) => (pattern.clone(), DYNAMIC_CLUSTER.to_owned()),
         };
-        upstream_virtual_host(w, &vhost, &cluster);
+        upstream_virtual_host(w, &vhost, &cluster, &external);
     }
+    let to_cache: Vec<&str> = credential.into_iter().collect();
     for registry in declaration.cached_registries() {
-        upstream_virtual_host(w, &registry.upstream, CACHE_CLUSTER);
+        upstream_virtual_host(w, &registry.upstream, CACHE_CLUSTER, &to_cache);
     }
     let hsts = matches!(variant, Variant::Standalone | Variant::BehindTlsProxy);
     let _ = writeln!(
@@ -173,15 +201,24 @@ fn route_config(
     }
 }
 
-fn upstream_virtual_host(w: &mut String, domain: &str, cluster: &str) {
+fn upstream_virtual_host(w: &mut String, domain: &str, cluster: &str, remove: &[&str]) {
     let domains = match domain.split_once(':') {
         Some(_) => quoted(domain),
         // Clients may keep an explicit :443 on the authority.
         None => format!("{}, {}", quoted(domain), quoted(&format!("{domain}:443"))),
     };
+    let remove = if remove.is_empty() {
+        String::new()
+    } else {
+        let names: Vec<String> = remove.iter().map(|h| quoted(h)).collect();
+        format!(
+            "\n              request_headers_to_remove: [{}]",
+            names.join(", ")
+        )
+    };
     let _ = writeln!(
         w,
-        "            - name: {}\n              domains: [{domains}]\n              routes:\n              - match: {{ safe_regex: {{ regex: \"^/v2/.+/manifests/[^/]+$\" }} }}\n                route:\n                  cluster: {}\n                  timeout: 60s\n                  retry_policy: {{ retry_on: \"connect-failure,refused-stream,reset,retriable-status-codes\", retriable_status_codes: [502, 503, 504], num_retries: 2 }}\n              # Blobs, redirect targets and tokens: no route timeout, multi-gigabyte layers\n              # over slow links must finish; stalled transfers end on the idle timeout.\n              - match: {{ prefix: \"/\" }}\n                route:\n                  cluster: {}\n                  timeout: 0s\n                  idle_timeout: 300s\n                  retry_policy: {{ retry_on: \"connect-failure,refused-stream\", num_retries: 2 }}",
+        "            - name: {}\n              domains: [{domains}]{remove}\n              routes:\n              - match: {{ safe_regex: {{ regex: \"^/v2/.+/manifests/[^/]+$\" }} }}\n                route:\n                  cluster: {}\n                  timeout: 60s\n                  retry_policy: {{ retry_on: \"connect-failure,refused-stream,reset,retriable-status-codes\", retriable_status_codes: [502, 503, 504], num_retries: 2 }}\n              # Blobs, redirect targets and tokens: no route timeout, multi-gigabyte layers\n              # over slow links must finish; stalled transfers end on the idle timeout.\n              - match: {{ prefix: \"/\" }}\n                route:\n                  cluster: {}\n                  timeout: 0s\n                  idle_timeout: 300s\n                  retry_policy: {{ retry_on: \"connect-failure,refused-stream\", num_retries: 2 }}",
         quoted(domain),
         quoted(cluster),
         quoted(cluster)

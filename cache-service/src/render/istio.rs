@@ -1,6 +1,7 @@
 //! Istio manifests for running the mirror on an existing ingress gateway.
 
 use super::declaration::{Declaration, UpstreamHost};
+use super::envoy::INTERNAL_HEADERS;
 use std::fmt::Write;
 
 /// Where `just wasm-image` pushes the filter; users point this at their own registry.
@@ -102,12 +103,14 @@ pub fn render(declaration: &Declaration, filter_json: &str) -> String {
         hosts_list("    ", &mirror_hosts),
     );
     let mut routes = String::new();
+    let internal: Vec<String> = INTERNAL_HEADERS.iter().map(|h| quoted(h)).collect();
     for (host, _) in &exact {
         let _ = write!(
             routes,
-            "  - match:\n    - authority: {{ exact: {} }}\n    route:\n    - destination: {{ host: {}, port: {{ number: 80 }} }}\n    # No route timeout: multi-gigabyte layers over slow links.\n    timeout: 0s\n",
+            "  - match:\n    - authority: {{ exact: {} }}\n    route:\n    - destination: {{ host: {}, port: {{ number: 80 }} }}\n    # No route timeout: multi-gigabyte layers over slow links.\n    timeout: 0s\n    # Mirror-internal and client-identifying headers stay on the mirror.\n    headers:\n      request:\n        remove: [{}]\n",
             quoted(host),
-            quoted(host)
+            quoted(host),
+            internal.join(", ")
         );
     }
     for registry in declaration.cached_registries() {

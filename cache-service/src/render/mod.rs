@@ -1,6 +1,7 @@
 //! `regmirror render`: turns `envoy/registries.toml`, the one declaration of registries,
 //! into the filter's JSON, the Envoy configs and cache-service's config.
 
+mod access;
 pub mod declaration;
 mod envoy;
 mod istio;
@@ -92,24 +93,27 @@ pub fn run(args: &RenderArgs) -> ExitCode {
 
 pub fn render_files(registries: &Path) -> Result<Vec<Rendered>, RenderError> {
     let declaration = Declaration::load(registries)?;
-    let filter_json = filter_json(&declaration);
-    validate_with_filter(&filter_json)?;
+    // `just up` serves 127.0.0.1:5000, not the public name.
+    let local_json = filter_json(&declaration, Audience::Local);
+    let public_json = filter_json(&declaration, Audience::Public);
+    validate_with_filter(&local_json)?;
+    validate_with_filter(&public_json)?;
     Ok(vec![
         Rendered {
             name: "filter.json",
-            content: pretty_json(&filter_json),
+            content: pretty_json(&public_json),
         },
         Rendered {
             name: "local.yaml",
-            content: envoy::render(&declaration, &filter_json, envoy::Variant::Local),
+            content: envoy::render(&declaration, &local_json, envoy::Variant::Local),
         },
         Rendered {
             name: "mirror.yaml",
-            content: envoy::render(&declaration, &filter_json, envoy::Variant::Standalone),
+            content: envoy::render(&declaration, &public_json, envoy::Variant::Standalone),
         },
         Rendered {
             name: "behind-tls-proxy.yaml",
-            content: envoy::render(&declaration, &filter_json, envoy::Variant::BehindTlsProxy),
+            content: envoy::render(&declaration, &public_json, envoy::Variant::BehindTlsProxy),
         },
         Rendered {
             name: "Caddyfile",
@@ -121,7 +125,7 @@ pub fn render_files(registries: &Path) -> Result<Vec<Rendered>, RenderError> {
         },
         Rendered {
             name: "istio/mirror.yaml",
-            content: istio::render(&declaration, &filter_json),
+            content: istio::render(&declaration, &public_json),
         },
     ])
 }
@@ -133,8 +137,17 @@ fn validate_with_filter(filter_json: &str) -> Result<(), RenderError> {
         .map_err(|error| RenderError::Filter(error.to_string()))
 }
 
+/// Who reaches the rendered mirror.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Audience {
+    /// `just up` on 127.0.0.1: no `public_url`.
+    Local,
+    /// The standalone, behind-a-proxy and Istio mirrors, and `filter.json`.
+    Public,
+}
+
 /// The filter's plugin configuration (schema in docs/design.md), compact.
-fn filter_json(declaration: &Declaration) -> String {
+fn filter_json(declaration: &Declaration, audience: Audience) -> String {
     let registries: Vec<_> = declaration
         .registries
         .iter()
@@ -146,7 +159,7 @@ fn filter_json(declaration: &Declaration) -> String {
             } else {
                 (r.realm_hosts.clone(), r.redirect_hosts.clone())
             };
-            serde_json::json!({
+            let mut registry = serde_json::json!({
                 "name": r.name,
                 "aliases": r.aliases,
                 "upstream": r.upstream,
@@ -156,16 +169,36 @@ fn filter_json(declaration: &Declaration) -> String {
                 "library_namespace": r.library_namespace,
                 "cache": r.cache,
                 "redirects": r.redirects,
-            })
+            });
+            // Absent keeps the filter's default (the default registry only).
+            if let (Some(forward), Some(o)) =
+                (r.forward_client_credentials, registry.as_object_mut())
+            {
+                o.insert(
+                    "forward_client_credentials".to_owned(),
+                    serde_json::Value::Bool(forward),
+                );
+            }
+            registry
         })
         .collect();
-    serde_json::json!({
+    let mut config = serde_json::json!({
         "host_suffix": declaration.mirror.host_suffix,
         "default_registry": declaration.mirror.default_registry,
         "redirect_ttl_seconds": declaration.mirror.redirect_ttl_seconds,
         "registries": registries,
-    })
-    .to_string()
+    });
+    if let (Audience::Public, Some(url), Some(o)) = (
+        audience,
+        &declaration.mirror.public_url,
+        config.as_object_mut(),
+    ) {
+        o.insert(
+            "public_url".to_owned(),
+            serde_json::Value::String(url.clone()),
+        );
+    }
+    config.to_string()
 }
 
 fn pretty_json(compact: &str) -> String {
@@ -216,14 +249,17 @@ fn cache_toml(declaration: &Declaration) -> String {
         name,
         upstream,
         realm_hosts,
+        redirect_hosts,
         ..
     } in declaration.cached_registries()
     {
+        // The only hosts cache-service may follow a challenge or a redirect to.
         out.push_str(&format!(
-            "\n[[upstream]]\nname = {}\nurl = {}\nrealm_hosts = {}\n",
+            "\n[[upstream]]\nname = {}\nurl = {}\nrealm_hosts = {}\nredirect_hosts = {}\n",
             toml_string(name),
             toml_string(&format!("https://{upstream}")),
-            toml_list(realm_hosts)
+            toml_list(realm_hosts),
+            toml_list(redirect_hosts)
         ));
     }
     out
@@ -281,5 +317,151 @@ mod tests {
         let upstreams = parsed["upstream"].as_array().unwrap();
         assert_eq!(upstreams.len(), 1);
         assert_eq!(upstreams[0]["url"].as_str(), Some("https://gcr.io"));
+    }
+
+    /// Renders the shipped declaration with `edit` applied to its text.
+    fn render_edited(edit: impl Fn(String) -> String) -> Result<Vec<Rendered>, RenderError> {
+        let shipped = std::fs::read_to_string(repo_root().join("envoy/registries.toml")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registries.toml");
+        std::fs::write(&path, edit(shipped)).unwrap();
+        render_files(&path)
+    }
+
+    fn file<'a>(files: &'a [Rendered], name: &str) -> &'a str {
+        &files.iter().find(|f| f.name == name).unwrap().content
+    }
+
+    /// The filter configuration embedded in an Envoy YAML.
+    fn embedded_filter_json(yaml: &str) -> serde_json::Value {
+        let doc: serde_yaml::Value = serde_yaml::from_str(yaml).unwrap();
+        let filters = &doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+            ["typed_config"]["http_filters"];
+        let wasm = filters
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == "envoy.filters.http.wasm")
+            .unwrap();
+        let value = wasm["typed_config"]["config"]["configuration"]["value"]
+            .as_str()
+            .unwrap();
+        serde_json::from_str(value).unwrap()
+    }
+
+    #[test]
+    fn public_url_goes_to_public_configs_only() {
+        let files = render_edited(|t| {
+            t.replace(
+                "[mirror]\n",
+                "[mirror]\npublic_url = \"https://mirror.example.com\"\n",
+            )
+        })
+        .unwrap();
+        for name in ["mirror.yaml", "behind-tls-proxy.yaml"] {
+            assert_eq!(
+                embedded_filter_json(file(&files, name))["public_url"],
+                "https://mirror.example.com",
+                "{name}"
+            );
+        }
+        let filter: serde_json::Value = serde_json::from_str(file(&files, "filter.json")).unwrap();
+        assert_eq!(filter["public_url"], "https://mirror.example.com");
+        assert!(file(&files, "istio/mirror.yaml")
+            .contains("\"public_url\": \"https://mirror.example.com\""));
+        // `just up` answers on 127.0.0.1:5000.
+        assert!(embedded_filter_json(file(&files, "local.yaml"))
+            .get("public_url")
+            .is_none());
+    }
+
+    #[test]
+    fn forward_client_credentials_is_rendered_only_where_declared() {
+        let declaration: Declaration = toml::from_str(
+            r#"
+            [mirror]
+            cache_service = "127.0.0.1:5001"
+            [[registry]]
+            name = "a.io"
+            upstream = "a.io"
+            forward_client_credentials = true
+            [[registry]]
+            name = "b.io"
+            upstream = "b.io"
+            "#,
+        )
+        .unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&filter_json(&declaration, Audience::Public)).unwrap();
+        assert_eq!(json["registries"][0]["forward_client_credentials"], true);
+        assert!(json["registries"][1]
+            .get("forward_client_credentials")
+            .is_none());
+    }
+
+    #[test]
+    fn cache_toml_bounds_where_cache_service_may_go() {
+        let files = render_files(&repo_root().join("envoy/registries.toml")).unwrap();
+        let parsed: toml::Value = toml::from_str(file(&files, "cache.toml")).unwrap();
+        let gcr = &parsed["upstream"][0];
+        assert_eq!(
+            gcr["realm_hosts"],
+            toml::Value::try_from(["gcr.io"]).unwrap()
+        );
+        assert_eq!(
+            gcr["redirect_hosts"],
+            toml::Value::try_from(["storage.googleapis.com"]).unwrap()
+        );
+    }
+
+    /// Every virtual host that leaves the mirror strips the internal headers; the cache
+    /// route keeps `x-mirror-registry`, which cache-service needs.
+    #[test]
+    fn internal_headers_are_stripped_on_every_route_but_the_cache() {
+        let files = render_files(&repo_root().join("envoy/registries.toml")).unwrap();
+        for name in ["local.yaml", "mirror.yaml", "behind-tls-proxy.yaml"] {
+            let doc: serde_yaml::Value = serde_yaml::from_str(file(&files, name)).unwrap();
+            let hcm = &doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+                ["typed_config"];
+            let vhosts = hcm["route_config"]["virtual_hosts"].as_sequence().unwrap();
+            let mut checked = 0;
+            for vhost in vhosts {
+                let routes = vhost["routes"].as_sequence().unwrap();
+                let to_cache = routes
+                    .iter()
+                    .all(|r| r["route"]["cluster"] == "cache_service");
+                if routes.iter().all(|r| r.get("direct_response").is_some()) {
+                    continue;
+                }
+                let removed: Vec<&str> = vhost["request_headers_to_remove"]
+                    .as_sequence()
+                    .map(|s| s.iter().filter_map(|h| h.as_str()).collect())
+                    .unwrap_or_default();
+                if to_cache {
+                    assert!(!removed.contains(&"x-mirror-registry"), "{name}: {vhost:?}");
+                } else {
+                    for header in envoy::INTERNAL_HEADERS {
+                        assert!(
+                            removed.contains(header),
+                            "{name}: {header} kept on {vhost:?}"
+                        );
+                    }
+                    checked += 1;
+                }
+            }
+            // Including the dynamic-forward-proxy wildcard hosts.
+            assert!(checked > 10, "{name}: {checked} upstream virtual hosts");
+            assert!(vhosts
+                .iter()
+                .any(|v| v["name"] == "*.r2.cloudflarestorage.com"
+                    && v.get("request_headers_to_remove").is_some()));
+            let router = hcm["http_filters"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .find(|f| f["name"] == "envoy.filters.http.router")
+                .unwrap();
+            assert_eq!(router["typed_config"]["suppress_envoy_headers"], true);
+        }
     }
 }
