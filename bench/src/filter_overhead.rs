@@ -1,7 +1,7 @@
 //! Row 1: the wasm filter against the equivalent native Envoy route (`host_rewrite_literal`),
 //! same Envoy binary, same `--concurrency`, the same small nginx responses behind both.
 
-use crate::util::{self, median, Row, WrkResult};
+use crate::util::{self, fmt_runs, Figure, Goal, Row, Side, WrkResult};
 use anyhow::{bail, Context, Result};
 use mirror_tests::proc::Proc;
 use std::net::SocketAddr;
@@ -259,20 +259,51 @@ const CASES: [(&str, &str); 2] = [
     (P200, "200 manifest 1.5 KB"),
 ];
 
-/// Per (case, variant) samples over the rounds.
-#[derive(Default, Clone)]
-struct Samples {
-    /// wrk -c16: throughput and Envoy CPU per request.
-    loaded: Vec<WrkResult>,
-    cpu_us: Vec<f64>,
-    /// wrk -c1: latency of one request at a time.
-    single: Vec<WrkResult>,
+/// One run of one Envoy on one case.
+#[derive(Clone, Copy)]
+struct Run {
+    /// wrk -c16: throughput.
+    loaded: WrkResult,
+    /// Envoy CPU per request during the loaded run, µs.
+    cpu_us: f64,
+    /// wrk -c1: latency of one request at a time (not measured for the floor series).
+    single: Option<WrkResult>,
+}
+
+/// Seconds of each loaded / one-connection wrk run: short, so a pair shares the machine.
+const LOADED_S: u32 = 2;
+const SINGLE_S: u32 = 1;
+
+fn measure(e: &RunningEnvoy, path: &str, single: bool) -> Result<Run> {
+    let url = format!("http://127.0.0.1:{}{path}", e.port);
+    let c0 = util::proc_cpu_us(e.proc.pid())?;
+    let loaded = util::wrk(&url, 16, LOADED_S, &[])?;
+    let c1 = util::proc_cpu_us(e.proc.pid())?;
+    if loaded.non2xx > 0 && path == P200 {
+        bail!("{url}: {} non-2xx responses", loaded.non2xx);
+    }
+    let cpu_us = (c1.saturating_sub(c0)) as f64 / (loaded.rps * f64::from(LOADED_S)).max(1.0);
+    let single = if single {
+        Some(util::wrk(&url, 1, SINGLE_S, &[])?)
+    } else {
+        None
+    };
+    Ok(Run {
+        loaded,
+        cpu_us,
+        single,
+    })
+}
+
+fn p99(r: &Run) -> f64 {
+    r.single.map_or(f64::NAN, |s| s.p99_us)
 }
 
 pub fn run(
     dir: &Path,
     wasm_file: &Path,
     floor_wasm: &Path,
+    pairs: usize,
     log: &mut crate::util::Log,
 ) -> Result<Vec<Row>> {
     let dir = dir.join("filter-overhead");
@@ -330,64 +361,58 @@ pub fn run(
         ));
     }
     log.push(format!("manifest body: {} bytes", manifest.len()));
+    let envoy_of = |variant: Variant| -> Result<&RunningEnvoy> {
+        envoys
+            .iter()
+            .find(|(v, _)| *v == variant)
+            .map(|(_, e)| e)
+            .ok_or_else(|| anyhow::anyhow!("no {} Envoy", variant.name()))
+    };
+    let (mirror, floor, native) = (
+        envoy_of(Variant::Mirror)?,
+        envoy_of(Variant::Floor)?,
+        envoy_of(Variant::Native)?,
+    );
 
-    // Warm-up, then 3 interleaved rounds.
-    for (_, e) in &envoys {
-        for (p, _) in CASES {
-            util::wrk(&format!("http://127.0.0.1:{}{p}", e.port), 16, 1, &[])?;
-        }
-    }
-    let mut samples = vec![Samples::default(); CASES.len() * Variant::ALL.len()];
-    for round in 0..3 {
-        for (ci, (p, _)) in CASES.iter().enumerate() {
-            for (vi, (v, e)) in envoys.iter().enumerate() {
-                let url = format!("http://127.0.0.1:{}{p}", e.port);
-                let c0 = util::proc_cpu_us(e.proc.pid())?;
-                let r = util::wrk(&url, 16, 4, &[])?;
-                let c1 = util::proc_cpu_us(e.proc.pid())?;
-                let per_req = (c1.saturating_sub(c0)) as f64 / (r.rps * 4.0).max(1.0);
-                let one = util::wrk(&url, 1, 2, &[])?;
-                log.push(format!(
-                    "wrk round {round} {p} {}: -c16 {:.0} rps p99 {:.0}us non-2xx {} envoy cpu {per_req:.1}us/req; -c1 {:.0} rps p50 {:.0}us p99 {:.0}us",
-                    v.name(), r.rps, r.p99_us, r.non2xx, one.rps, one.p50_us, one.p99_us
-                ));
-                if let Some(s) = samples.get_mut(ci * Variant::ALL.len() + vi) {
-                    s.loaded.push(r);
-                    s.cpu_us.push(per_req);
-                    s.single.push(one);
-                }
-            }
-        }
-    }
     let mut rows = Vec::new();
-    for (ci, (_, label)) in CASES.iter().enumerate() {
-        let get = |v: Variant| {
-            let vi = Variant::ALL.iter().position(|x| *x == v).unwrap_or(0);
-            samples
-                .get(ci * Variant::ALL.len() + vi)
-                .cloned()
-                .unwrap_or_default()
-        };
-        let (m, f, n) = (
-            get(Variant::Mirror),
-            get(Variant::Floor),
-            get(Variant::Native),
-        );
-        let rps = |s: &Samples| median(&s.loaded.iter().map(|r| r.rps).collect::<Vec<_>>());
-        let cpu = |s: &Samples| median(&s.cpu_us);
-        let p99 = |s: &Samples| median(&s.single.iter().map(|r| r.p99_us).collect::<Vec<_>>());
-        let p50 = |s: &Samples| median(&s.single.iter().map(|r| r.p50_us).collect::<Vec<_>>());
-        let mut r = Row::ratio(
+    for (ci, (path, label)) in CASES.iter().enumerate() {
+        // Mirror against native, then the floor filter against native: each an
+        // interleaved series of its own.
+        let mn = util::interleaved(pairs, util::WARMUP_PAIRS, |side, _| match side {
+            Side::Mirror => measure(mirror, path, true),
+            Side::Peer => measure(native, path, true),
+        })?;
+        let fl = util::interleaved(pairs, util::WARMUP_PAIRS, |side, _| match side {
+            Side::Mirror => measure(floor, path, false),
+            Side::Peer => measure(native, path, false),
+        })?;
+        for (name, runs) in [
+            ("mirror", &mn.mirror),
+            ("native", &mn.peer),
+            ("floor", &fl.mirror),
+        ] {
+            log.push(format!(
+                "wrk {path} {name}: -c16 rps {}; envoy cpu us/req {}; -c1 p99 us {}",
+                fmt_runs(&runs.iter().map(|r| r.loaded.rps).collect::<Vec<_>>()),
+                fmt_runs(&runs.iter().map(|r| r.cpu_us).collect::<Vec<_>>()),
+                fmt_runs(&runs.iter().map(p99).collect::<Vec<_>>()),
+            ));
+        }
+        let floor_rps = fl.ratio(|r| r.loaded.rps);
+        let mut r = Row::paired(
             S,
             &format!(
-                "{label}: req/s, mirror filter vs native (wrk -t1 -c16 -d4s, --concurrency 1)"
+                "{label}: req/s, mirror filter vs native (wrk -t1 -c16 -d{LOADED_S}s, --concurrency 1)"
             ),
-            (rps(&m), "req/s"),
-            (rps(&n), "req/s (native)"),
-            0.9,
-            true,
+            &mn,
+            |r| r.loaded.rps,
+            ("req/s", "req/s (native)"),
+            Some(Goal::AtLeast(0.9)),
         );
-        r.target = format!("≥ 0.9× (floor filter: {:.2}×)", rps(&f) / rps(&n).max(1.0));
+        r.target = format!(
+            "≥ 0.9× (floor filter: {:.2}×, {:.2}–{:.2})",
+            floor_rps.median, floor_rps.min, floor_rps.max
+        );
         rows.push(r);
         if let Some((mi, fi, ni)) = instructions.get(ci) {
             rows.push(Row {
@@ -395,7 +420,8 @@ pub fn run(
                 metric: format!("{label}: Envoy instructions per request (callgrind, one connection; deterministic)"),
                 ours: format!("{:.0} k (mirror)", mi / 1e3),
                 peer: format!("{:.0} k (native)", ni / 1e3),
-                ratio: Some(mi / ni),
+                figure: Figure::One(mi / ni),
+                unit: "×",
                 target: format!(
                     "info: native/mirror = {:.2}× req/s at full CPU; floor filter {:.0} k = {:.2}× (VM + host calls {:+.0} k, mirror's own code {:+.0} k)",
                     ni / mi,
@@ -404,31 +430,47 @@ pub fn run(
                     (fi - ni) / 1e3,
                     (mi - fi) / 1e3
                 ),
-                pass: None,
+                verdict: None,
             });
         }
+        let added = |p: &util::Paired<Run>| p.per_pair(|m, n| m.cpu_us - n.cpu_us).median;
+        let mut r = Row::paired(
+            S,
+            &format!("{label}: Envoy CPU per request at full load (utime+stime / requests)"),
+            &mn,
+            |r| r.cpu_us,
+            ("µs (mirror)", "µs (native)"),
+            None,
+        );
+        r.target = format!(
+            "info (mirror adds {:+.1} µs, floor filter {:+.1} µs)",
+            added(&mn),
+            added(&fl)
+        );
+        rows.push(r);
+        // The target is on the added p99, so the figure is the per-pair difference.
+        let goal = Goal::AtMost(100.0);
+        let diff = mn.per_pair(|m, n| p99(m) - p99(n));
+        let p50 = |side| mn.median_of(side, |r| r.single.map_or(f64::NAN, |s| s.p50_us));
         rows.push(Row {
             section: S,
-            metric: format!("{label}: Envoy CPU per request at full load (utime+stime / requests)"),
-            ours: format!("{:.1} µs (mirror)", cpu(&m)),
-            peer: format!("{:.1} µs (native)", cpu(&n)),
-            ratio: Some(cpu(&m) / cpu(&n)),
-            target: format!(
-                "info (mirror adds {:+.1} µs, floor filter {:+.1} µs)",
-                cpu(&m) - cpu(&n),
-                cpu(&f) - cpu(&n)
+            metric: format!(
+                "{label}: latency, one request at a time (wrk -c1 -d{SINGLE_S}s), p99 (p50); figure: added p99"
             ),
-            pass: None,
-        });
-        let added = p99(&m) - p99(&n);
-        rows.push(Row {
-            section: S,
-            metric: format!("{label}: latency, one request at a time (wrk -c1), p99 (p50)"),
-            ours: format!("{:.0} µs ({:.0})", p99(&m), p50(&m)),
-            peer: format!("{:.0} µs ({:.0}) native", p99(&n), p50(&n)),
-            ratio: Some(p99(&m) / p99(&n)),
-            target: format!("added p99 ≤ 100 µs (measured {added:+.0} µs)"),
-            pass: Some(added <= 100.0),
+            ours: format!(
+                "{:.0} µs ({:.0})",
+                mn.median_of(Side::Mirror, p99),
+                p50(Side::Mirror)
+            ),
+            peer: format!(
+                "{:.0} µs ({:.0}) native",
+                mn.median_of(Side::Peer, p99),
+                p50(Side::Peer)
+            ),
+            figure: Figure::Pairs(diff),
+            unit: " µs",
+            target: format!("added p99 {}", goal.describe(" µs")),
+            verdict: Some(goal.verdict(&diff)),
         });
     }
 
@@ -439,14 +481,7 @@ pub fn run(
         }
         util::proc_status_kib(e.proc.pid(), "VmRSS")
     };
-    let rss_of = |variant: Variant| -> Result<u64> {
-        let (_, e) = envoys
-            .iter()
-            .find(|(v, _)| *v == variant)
-            .ok_or_else(|| anyhow::anyhow!("no {} Envoy", variant.name()))?;
-        rss(e)
-    };
-    let (w1, n1) = (rss_of(Variant::Mirror)?, rss_of(Variant::Native)?);
+    let (w1, n1) = (rss(mirror)?, rss(native)?);
     drop(envoys);
     let we2 = start_envoy(&dir, "envoy-mirror-c2", &yaml(Variant::Mirror)?, 2)?;
     let w2 = rss(&we2)?;
@@ -461,7 +496,7 @@ pub fn run(
             format!("{:.1} MiB (mirror)", util::mib(w)),
             format!("{:.1} MiB (native)", util::mib(n)),
         );
-        r.ratio = Some(w as f64 / n as f64);
+        r.figure = Figure::One(w as f64 / n as f64);
         r.target = format!("info (+{:.1} MiB)", util::mib(w.saturating_sub(n)));
         rows.push(r);
     }

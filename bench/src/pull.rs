@@ -4,20 +4,24 @@
 //! Layout of the fixtures (all 127.0.0.1):
 //! - the harness' upstreams: hub distribution with token auth behind the nginx hub front
 //!   (307 to the CDN), token server — the filter route pulls through these;
+//! - `hub_direct`: the filter route's baseline, the same work without the mirror: a second
+//!   hub distribution over the same storage whose realm is the harness' token server by
+//!   address (`auth.docker.io` does not resolve here), behind an nginx with the same hub
+//!   front (blob GET → 307) and CDN, whose `Location` names the CDN by address;
 //! - `direct`: a distribution over the same storage without auth, TLS with the test leaf —
-//!   the direct baseline (no auth: skopeo cannot reach the fixture realm directly);
+//!   the cache route's baseline (its upstream has no token auth and no CDN either);
 //! - `origin`: a distribution over the same storage without auth, plain HTTP, behind an nginx
 //!   that logs `$body_bytes_sent` — the upstream of regmirror and of distribution's proxy;
 //! - Envoy from the shipped `envoy/local.yaml` (harness substitution, TLS listener) whose
 //!   `cache_service` cluster points at regmirror (`gcr.io` = cache route).
 
-use crate::util::{self, fmt_runs, median, Row};
+use crate::util::{self, fmt_runs, Figure, Goal, Paired, Row, Side, Spread};
 use crate::Bins;
 use anyhow::{anyhow, bail, Context, Result};
 use mirror_tests::envoy::{Envoy, Substitution};
 use mirror_tests::images::{build_layout, SeededImage, MT_MANIFEST};
 use mirror_tests::proc::{run as run_cmd, Proc};
-use mirror_tests::upstreams::Upstreams;
+use mirror_tests::upstreams::{Upstreams, CDN_HOST, HUB_HOST, HUB_SERVICE};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -38,6 +42,8 @@ struct Fixture {
     /// Bytes of each blob, by digest.
     sizes: BTreeMap<String, u64>,
     direct: SocketAddr,
+    /// The hub front of the fair direct baseline.
+    hub_direct: SocketAddr,
     origin: SocketAddr,
     origin_log: PathBuf,
     _procs: Vec<Proc>,
@@ -152,6 +158,8 @@ fn setup(base: &Path, log: &mut crate::util::Log) -> Result<Fixture> {
             up.pki.key.display()
         ),
     )?);
+    let (hub_direct, hub_procs) = start_hub_direct(&up, &dir)?;
+    procs.extend(hub_procs);
     let origin = util::addr();
     let origin_log = dir.join("origin-nginx/origin.log");
     procs.push(util::start_nginx(
@@ -171,6 +179,7 @@ fn setup(base: &Path, log: &mut crate::util::Log) -> Result<Fixture> {
         three,
         sizes,
         direct,
+        hub_direct,
         origin,
         origin_log,
         _procs: procs,
@@ -183,6 +192,90 @@ fn setup(base: &Path, log: &mut crate::util::Log) -> Result<Fixture> {
         f.image_bytes(&f.three)
     ));
     Ok(f)
+}
+
+/// Docker Hub's shape reachable without the mirror: a token-auth distribution over the hub
+/// storage whose realm is the harness' token server by address, and an nginx with the
+/// harness' hub front (blob GET authorised by a HEAD, then 307) and CDN (refuses
+/// `Authorization`, needs `verify`), the `Location` naming the CDN by address. The client
+/// trusts the test CA; the leaf certificate carries `127.0.0.1`. Returns the front.
+fn start_hub_direct(up: &Upstreams, dir: &Path) -> Result<(SocketAddr, Vec<Proc>)> {
+    let realm = format!("https://{}/token", up.token.addr);
+    let registry = mirror_tests::upstreams::start_distribution(
+        "hub-direct-registry",
+        dir,
+        &up.hub.storage,
+        Some((&up.pki.cert, &up.pki.key)),
+        Some((&realm, HUB_SERVICE, &up.pki.token_cert)),
+    )?;
+    let (front, cdn) = (util::addr(), util::addr());
+    let empty = dir.join("hub-direct-empty");
+    std::fs::create_dir_all(&empty)?;
+    let reg = registry.addr;
+    let body = format!(
+        r#"  ssl_certificate {cert};
+  ssl_certificate_key {key};
+  proxy_ssl_trusted_certificate {ca};
+  proxy_ssl_verify on;
+  proxy_ssl_server_name on;
+  proxy_http_version 1.1;
+  proxy_buffering off;
+  proxy_request_buffering off;
+  proxy_redirect off;
+  client_max_body_size 0;
+  server {{
+    listen {front} ssl;
+    server_name {HUB_HOST};
+    root {empty};
+    location ~ "^/v2/.+/blobs/sha256:[a-f0-9]{{64}}$" {{
+      auth_request /_blob_auth;
+      try_files /_never_ @cdn_redirect;
+    }}
+    location = /_blob_auth {{
+      internal;
+      proxy_method HEAD;
+      proxy_pass_request_body off;
+      proxy_set_header Content-Length "";
+      proxy_set_header Host {HUB_HOST};
+      proxy_ssl_name {HUB_HOST};
+      proxy_pass https://{reg}$request_uri;
+    }}
+    location @cdn_redirect {{
+      if ($uri ~ "^/v2/.+/blobs/sha256:(?<p2>[a-f0-9]{{2}})(?<rest>[a-f0-9]{{62}})$") {{
+        return 307 "https://{cdn}/registry-v2/docker/registry/v2/blobs/sha256/$p2/$p2$rest/data?verify=$request_id";
+      }}
+      return 404;
+    }}
+    location / {{
+      proxy_set_header Host {HUB_HOST};
+      proxy_ssl_name {HUB_HOST};
+      proxy_pass https://{reg};
+    }}
+  }}
+  server {{
+    listen {cdn} ssl;
+    server_name {CDN_HOST};
+    location /registry-v2/ {{
+      if ($http_authorization) {{
+        return 400 "<Error><Code>InvalidArgument</Code><Message>Only one auth mechanism allowed</Message></Error>";
+      }}
+      if ($arg_verify = "") {{
+        return 403 "<Error><Code>AccessDenied</Code><Message>missing verify</Message></Error>";
+      }}
+      alias {storage}/;
+    }}
+    location / {{
+      return 404;
+    }}
+  }}"#,
+        cert = up.pki.cert.display(),
+        key = up.pki.key.display(),
+        ca = up.pki.ca.display(),
+        empty = empty.display(),
+        storage = up.hub.storage.display(),
+    );
+    let nginx = util::start_nginx(dir, "hub-direct-nginx", &body, &[front, cdn])?;
+    Ok((front, vec![registry.proc, nginx]))
 }
 
 /// A regmirror with fresh (or given) storage at `listen`, upstream `gcr.io` = origin.
@@ -273,6 +366,7 @@ pub fn run(
     bins: &Bins,
     pulls: bool,
     peers: bool,
+    pairs: usize,
     log: &mut crate::util::Log,
 ) -> Vec<Row> {
     let f = match setup(base, log) {
@@ -281,7 +375,7 @@ pub fn run(
     };
     let mut rows = Vec::new();
     if pulls {
-        match pull_rows(&f, bins, log) {
+        match pull_rows(&f, bins, pairs, log) {
             Ok(r) => rows.extend(r),
             Err(e) => rows.push(Row::not_measured(
                 S2,
@@ -291,7 +385,7 @@ pub fn run(
         }
     }
     if peers {
-        match peer_rows(&f, bins, log) {
+        match peer_rows(&f, bins, pairs, log) {
             Ok(r) => rows.extend(r),
             Err(e) => rows.push(Row::not_measured(S4, "cache vs peers", &format!("{e:#}"))),
         }
@@ -299,10 +393,80 @@ pub fn run(
     rows
 }
 
-fn pull_rows(f: &Fixture, bins: &Bins, log: &mut crate::util::Log) -> Result<Vec<Row>> {
+/// A regmirror at a fixed address (Envoy's `cache_service` cluster points at it) that
+/// restarts on fresh storage for each cold run.
+struct Cache<'a> {
+    f: &'a Fixture,
+    bins: &'a Bins,
+    addr: SocketAddr,
+    what: &'static str,
+    storage: PathBuf,
+    proc: Option<Proc>,
+    starts: usize,
+}
+
+impl<'a> Cache<'a> {
+    fn start(f: &'a Fixture, bins: &'a Bins, addr: SocketAddr, what: &'static str) -> Result<Self> {
+        let mut c = Cache {
+            f,
+            bins,
+            addr,
+            what,
+            storage: fresh(f, what),
+            proc: None,
+            starts: 0,
+        };
+        c.restart_cold()?;
+        Ok(c)
+    }
+
+    /// Stops the running regmirror (before the new one binds the same address), drops its
+    /// storage and starts a new one on empty storage.
+    fn restart_cold(&mut self) -> Result<()> {
+        self.proc = None;
+        let old = std::mem::replace(&mut self.storage, fresh(self.f, self.what));
+        // Only disk space is at stake: the directory is under the bench's temp dir.
+        let _ = std::fs::remove_dir_all(old);
+        self.starts += 1;
+        self.proc = Some(regmirror(
+            self.f,
+            self.bins,
+            &format!("regmirror-{}-{}", self.what, self.starts),
+            self.addr,
+            &self.storage,
+        )?);
+        Ok(())
+    }
+
+    fn pid(&self) -> u32 {
+        self.proc.as_ref().map_or(0, Proc::pid)
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        self.proc
+            .as_ref()
+            .map(|p| p.log_tail(lines))
+            .unwrap_or_default()
+    }
+}
+
+fn log_pairs(log: &mut crate::util::Log, what: &str, p: &Paired<f64>) {
+    log.push(format!(
+        "{what}: mirror {}; peer {}",
+        fmt_runs(&p.mirror),
+        fmt_runs(&p.peer)
+    ));
+}
+
+fn pull_rows(
+    f: &Fixture,
+    bins: &Bins,
+    pairs: usize,
+    log: &mut crate::util::Log,
+) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     let rm_addr = util::addr();
-    let mut rm = regmirror(f, bins, "regmirror-route", rm_addr, &fresh(f, "route"))?;
+    let mut rm = Cache::start(f, bins, rm_addr, "route")?;
     let envoy_dir = f.dir.join("envoy");
     std::fs::create_dir_all(&envoy_dir)?;
     let sub = Substitution {
@@ -326,80 +490,82 @@ fn pull_rows(f: &Fixture, bins: &Bins, log: &mut crate::util::Log) -> Result<Vec
     )?;
     let port = envoy.port();
     let cert_dir = f.up.pki.cert_dir.clone();
-    let direct_ref = format!("{}/{}:{}", f.direct, f.big.name, f.big.tag);
-    let filter_ref = format!("docker.mirror.test:{port}/{}:{}", f.big.name, f.big.tag);
-    let cache_ref = format!("gcr.mirror.test:{port}/{}:{}", f.big.name, f.big.tag);
-    let (mut direct, mut filter, mut cold, mut warm) = (vec![], vec![], vec![], vec![]);
-    for round in 0..3 {
-        direct.extend(util::time_runs(1, |_| {
-            util::skopeo_copy(&direct_ref, Some(&cert_dir), false)
-        })?);
-        filter.extend(
-            util::time_runs(1, |_| {
-                util::skopeo_copy(&filter_ref, Some(&cert_dir), false)
-            })
-            .with_context(|| envoy.log_tail(20))?,
-        );
-        drop(rm);
-        rm = regmirror(
-            f,
-            bins,
-            &format!("regmirror-route-{round}"),
-            rm_addr,
-            &fresh(f, "route"),
-        )?;
-        cold.extend(
-            util::time_runs(1, |_| util::skopeo_copy(&cache_ref, Some(&cert_dir), false))
-                .with_context(|| format!("{}\n{}", envoy.log_tail(20), rm.log_tail(20)))?,
-        );
-        warm.extend(util::time_runs(1, |_| {
-            util::skopeo_copy(&cache_ref, Some(&cert_dir), false)
-        })?);
-    }
-    log.push(format!(
-        "pull direct (distribution, TLS, no auth): {}",
-        fmt_runs(&direct)
-    ));
-    log.push(format!(
-        "pull filter route (Envoy TLS → hub front → 307 CDN, token auth): {}",
-        fmt_runs(&filter)
-    ));
-    log.push(format!(
-        "pull cache route cold (Envoy → regmirror → origin): {}",
-        fmt_runs(&cold)
-    ));
-    log.push(format!("pull cache route warm: {}", fmt_runs(&warm)));
-    let dm = median(&direct);
+    let image = |host: &str| format!("{host}/{}:{}", f.big.name, f.big.tag);
+    let hub_direct_ref = image(&f.hub_direct.to_string());
+    let direct_ref = image(&f.direct.to_string());
+    let filter_ref = image(&format!("docker.mirror.test:{port}"));
+    let cache_ref = image(&format!("gcr.mirror.test:{port}"));
+    let pull = |r: &str| util::timed(|| util::skopeo_copy(r, Some(&cert_dir), false));
+    let warmup = util::WARMUP_PAIRS;
+
+    let filter = util::interleaved(pairs, warmup, |side, _| match side {
+        Side::Mirror => pull(&filter_ref).with_context(|| envoy.log_tail(20)),
+        Side::Peer => pull(&hub_direct_ref),
+    })?;
+    log_pairs(
+        log,
+        "pull s, filter route (Envoy TLS → hub front → 307 CDN, token auth) vs direct (hub front → 307 CDN, token auth)",
+        &filter,
+    );
+    let cold = util::interleaved(pairs, warmup, |side, _| match side {
+        Side::Mirror => {
+            rm.restart_cold()?;
+            pull(&cache_ref).with_context(|| format!("{}\n{}", envoy.log_tail(20), rm.log_tail(20)))
+        }
+        Side::Peer => pull(&direct_ref),
+    })?;
+    log_pairs(
+        log,
+        "pull s, cache route cold (Envoy → regmirror → origin) vs direct distribution (TLS, no auth)",
+        &cold,
+    );
+    let warm = util::interleaved(pairs, warmup, |side, _| match side {
+        Side::Mirror => pull(&cache_ref),
+        Side::Peer => pull(&direct_ref),
+    })?;
+    log_pairs(
+        log,
+        "pull s, cache route warm vs direct distribution (TLS, no auth)",
+        &warm,
+    );
     let mb = f.image_bytes(&f.big) as f64 / 1e6;
-    rows.push(Row::ratio(S2, &format!("skopeo copy {mb:.0} MB 5-layer image: filter route (Envoy TLS + wasm → nginx hub front, token auth, 307 → CDN) vs direct distribution (TLS, no auth)"), (median(&filter), "s"), (dm, "s direct"), 1.10, false));
-    let mut r = Row::ratio(S2, "same image: cache route cold (Envoy TLS + wasm → regmirror → nginx → distribution, no auth) vs direct", (median(&cold), "s"), (dm, "s direct"), 1.0, false);
-    r.target = "info".into();
-    r.pass = None;
-    rows.push(r);
-    rows.push(Row::ratio(
+    let secs = |x: &f64| *x;
+    rows.push(Row::paired(
         S2,
-        "same image: cache route warm (Envoy TLS + wasm → regmirror) vs direct",
-        (median(&warm), "s"),
-        (dm, "s direct"),
-        1.0,
-        false,
+        &format!("skopeo copy {mb:.0} MB 5-layer image: filter route (Envoy TLS + wasm → nginx hub front, token auth, 307 → CDN) vs the same pull direct (nginx hub front, token auth, 307 → CDN)"),
+        &filter,
+        secs,
+        ("s", "s direct"),
+        Some(Goal::AtMost(1.10)),
+    ));
+    rows.push(Row::paired(
+        S2,
+        "same image: cache route cold (Envoy TLS + wasm → regmirror → nginx → distribution, no auth) vs direct distribution (TLS, no auth)",
+        &cold,
+        secs,
+        ("s", "s direct"),
+        None,
+    ));
+    rows.push(Row::paired(
+        S2,
+        "same image: cache route warm (Envoy TLS + wasm → regmirror) vs direct distribution (TLS, no auth)",
+        &warm,
+        secs,
+        ("s", "s direct"),
+        Some(Goal::AtMost(1.0)),
     ));
 
-    // 3. Concurrency: 32 clients, same cold image, cache route.
+    // 3. Concurrency: 32 clients against one, same cold image, cache route, fresh storage
+    // for every run.
     let client = tls_client(f, port)?;
     let base = format!("https://gcr.mirror.test:{port}");
     let img_bytes = f.image_bytes(&f.big);
-    let mut one = |n: usize, round: &str| -> Result<(f64, u64, usize, CpuUse)> {
-        drop(std::mem::replace(
-            &mut rm,
-            regmirror(
-                f,
-                bins,
-                &format!("regmirror-conc-{round}"),
-                rm_addr,
-                &fresh(f, "conc"),
-            )?,
-        ));
+    let conc = util::interleaved(pairs, warmup, |side, _| -> Result<Conc> {
+        let n = match side {
+            Side::Mirror => 32,
+            Side::Peer => 1,
+        };
+        rm.restart_cold()?;
         let before = util::sum_log_bytes(&f.origin_log);
         let lines_before = util::count_log_lines(&f.origin_log);
         let pids = [std::process::id(), envoy.proc.pid(), rm.pid()];
@@ -414,73 +580,101 @@ fn pull_rows(f: &Fixture, bins: &Bins, log: &mut crate::util::Log) -> Result<Vec
             }
             Ok(())
         })?;
-        let el = t.elapsed().as_secs_f64();
+        let secs = t.elapsed().as_secs_f64();
         let cpu = CpuUse::sample(pids)?.minus(&cpu0);
-        let reqs = util::count_log_lines(&f.origin_log).saturating_sub(lines_before);
-        Ok((
-            el,
-            util::sum_log_bytes(&f.origin_log).saturating_sub(before),
-            reqs,
+        Ok(Conc {
+            secs,
+            upstream_bytes: util::sum_log_bytes(&f.origin_log).saturating_sub(before),
+            upstream_requests: util::count_log_lines(&f.origin_log).saturating_sub(lines_before),
             cpu,
-        ))
-    };
-    let (t1, b1, q1, c1) = one(1, "1")?;
-    let (t32, b32, q32, c32) = one(32, "32")?;
-    log.push(format!("concurrency: 1 client {t1:.2}s, upstream {b1} B in {q1} requests, CPU {c1}; 32 clients {t32:.2}s, upstream {b32} B in {q32} requests, CPU {c32}; image {img_bytes} B"));
-    let mut r = Row::ratio(S3, "32 concurrent cold pulls (reqwest, manifest + blobs) via cache route: upstream body bytes / image size", (b32 as f64 / 1e6, "MB upstream"), (img_bytes as f64 / 1e6, "MB image"), 1.0, false);
+        })
+    })?;
+    for (label, runs) in [("32 clients", &conc.mirror), ("1 client", &conc.peer)] {
+        for c in runs {
+            log.push(format!(
+                "concurrency {label}: {:.2}s, upstream {} B in {} requests, CPU {}; image {img_bytes} B",
+                c.secs, c.upstream_bytes, c.upstream_requests, c.cpu
+            ));
+        }
+    }
+    // Bytes are not noise: the worst run decides.
+    let worst = |runs: &[Conc]| runs.iter().map(|c| c.upstream_bytes).max().unwrap_or(0);
+    let (b32, b1) = (worst(&conc.mirror), worst(&conc.peer));
+    let mut r = Row::ratio(
+        S3,
+        &format!("32 concurrent cold pulls (reqwest, manifest + blobs) via cache route: upstream body bytes / image size (worst of {pairs} runs)"),
+        (b32 as f64 / 1e6, "MB upstream"),
+        (img_bytes as f64 / 1e6, "MB image"),
+        Goal::AtMost(1.0),
+    );
     r.target = format!(
         "≤ 1.0× (1.0 = fetched once; {} B more than the image)",
         b32 as i64 - img_bytes as i64
     );
     rows.push(r);
-    rows.push(Row::ratio(
+    rows.push(Row::paired(
         S3,
-        "32 concurrent cold pulls: wall time vs one cold pull (1 run each)",
-        (t32, "s (32)"),
-        (t1, "s (1)"),
-        1.5,
-        false,
+        "32 concurrent cold pulls: wall time vs one cold pull",
+        &conc,
+        |c| c.secs,
+        ("s (32)", "s (1)"),
+        Some(Goal::AtMost(1.5)),
     ));
     // All of it runs on this machine's cores: the CPU work of 32 pulls bounds the wall time.
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1) as f64;
-    let floor = c32.machine_busy_s / cores;
+    let floor = |c: &Conc| c.cpu.machine_busy_s / cores;
+    let to_floor = Spread::of(
+        &conc
+            .mirror
+            .iter()
+            .map(|c| c.secs / floor(c).max(1e-9))
+            .collect::<Vec<_>>(),
+    );
+    let m32 = |g: fn(&Conc) -> f64| conc.median_of(Side::Mirror, g);
+    let m1 = |g: fn(&Conc) -> f64| conc.median_of(Side::Peer, g);
     let mut r = Row::info(
         S3,
-        "32 concurrent cold pulls: wall time vs the machine's CPU floor (busy CPU-seconds / cores)",
-        format!("{t32:.2} s"),
+        "32 concurrent cold pulls: wall time vs the machine's CPU floor (busy CPU-seconds / cores), same run",
+        format!("{:.2} s", m32(|c| c.secs)),
         format!(
-            "{floor:.2} s floor ({:.1} CPU-s on {cores:.0} cores)",
-            c32.machine_busy_s
+            "{:.2} s floor ({:.1} CPU-s on {cores:.0} cores)",
+            conc.median_of(Side::Mirror, floor),
+            m32(|c| c.cpu.machine_busy_s)
         ),
     );
-    r.ratio = Some(t32 / floor.max(1e-9));
-    let tls_floor = (c32.process_s[0] + c32.process_s[1]) / cores;
+    r.figure = Figure::Pairs(to_floor);
     r.target = format!(
-        "info: CPU-s clients {:.1}, Envoy {:.1}, regmirror {:.1} (one pull: {:.1}/{:.1}/{:.1}); clients + Envoy alone (TLS at both ends) need {tls_floor:.2} s of the {cores:.0} cores, against 1.5× one pull = {:.2} s",
-        c32.process_s[0],
-        c32.process_s[1],
-        c32.process_s[2],
-        c1.process_s[0],
-        c1.process_s[1],
-        c1.process_s[2],
-        1.5 * t1,
+        "info (medians): CPU-s clients {:.1}, Envoy {:.1}, regmirror {:.1} (one pull: {:.1}/{:.1}/{:.1}); clients + Envoy alone (TLS at both ends) need {:.2} s of the {cores:.0} cores, against 1.5× one pull = {:.2} s",
+        m32(|c| c.cpu.process_s[0]),
+        m32(|c| c.cpu.process_s[1]),
+        m32(|c| c.cpu.process_s[2]),
+        m1(|c| c.cpu.process_s[0]),
+        m1(|c| c.cpu.process_s[1]),
+        m1(|c| c.cpu.process_s[2]),
+        m32(|c| c.cpu.process_s[0] + c.cpu.process_s[1]) / cores,
+        1.5 * m1(|c| c.secs),
     );
     rows.push(r);
-    let mut r = Row::ratio(
+    rows.push(Row::ratio(
         S3,
-        "one cold pull via cache route: upstream body bytes / image size",
+        &format!("one cold pull via cache route: upstream body bytes / image size (worst of {pairs} runs)"),
         (b1 as f64 / 1e6, "MB upstream"),
         (img_bytes as f64 / 1e6, "MB image"),
-        1.0,
-        false,
-    );
-    r.target = "≤ 1.0×".into();
-    rows.push(r);
+        Goal::AtMost(1.0),
+    ));
     drop(rm);
     drop(envoy);
     Ok(rows)
+}
+
+/// One run of the concurrency comparison.
+struct Conc {
+    secs: f64,
+    upstream_bytes: u64,
+    upstream_requests: usize,
+    cpu: CpuUse,
 }
 
 /// CPU time used so far by the machine (all cores, non-idle) and by given processes.
@@ -592,8 +786,14 @@ fn eight_blobs(url: &str, size: u64) -> Result<()> {
     })
 }
 
-fn peer_rows(f: &Fixture, bins: &Bins, log: &mut crate::util::Log) -> Result<Vec<Row>> {
+fn peer_rows(
+    f: &Fixture,
+    bins: &Bins,
+    pairs: usize,
+    log: &mut crate::util::Log,
+) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
+    let warmup = util::WARMUP_PAIRS;
     let proxy_cfg = format!("proxy:\n  remoteurl: http://{}\n", f.origin);
     let rm_addr = util::addr();
     let rm_storage = fresh(f, "peer-rm");
@@ -629,7 +829,7 @@ fn peer_rows(f: &Fixture, bins: &Bins, log: &mut crate::util::Log) -> Result<Vec
     let rm_url = format!("http://{rm_addr}/v2/{}/blobs/{layer}", f.huge.name);
     let dp_url = format!("http://{dp_addr}/v2/{}/blobs/{layer}", f.huge.name);
     let ng_url = format!("http://{ng_addr}/layer");
-    // Fill both caches (and the page cache), then 3 interleaved warm runs.
+    // Fill both caches (and the page cache) before any warm run.
     for u in [&rm_url, &dp_url, &ng_url] {
         let (n, t) = curl_blob(u)?;
         log.push(format!("fill {u}: {n} B in {t:.2}s"));
@@ -637,42 +837,41 @@ fn peer_rows(f: &Fixture, bins: &Bins, log: &mut crate::util::Log) -> Result<Vec
             bail!("{u}: {n} bytes, expected {size}");
         }
     }
-    std::thread::sleep(Duration::from_millis(500));
-    let (mut r_rm, mut r_dp, mut r_ng) = (vec![], vec![], vec![]);
-    for _ in 0..5 {
-        for (u, v) in [
-            (&rm_url, &mut r_rm),
-            (&dp_url, &mut r_dp),
-            (&ng_url, &mut r_ng),
-        ] {
-            let (n, t) = curl_blob(u)?;
-            v.push(n as f64 / 1e6 / t);
+    let mbps = |u: &str| -> Result<f64> {
+        let (n, t) = curl_blob(u)?;
+        if n != size {
+            bail!("{u}: {n} bytes, expected {size}");
         }
+        Ok(n as f64 / 1e6 / t)
+    };
+    for (peer_url, peer, goal) in [
+        (&dp_url, "distribution proxy", 1.5),
+        (&ng_url, "nginx sendfile (same file)", 0.9),
+    ] {
+        let runs = util::interleaved(pairs, warmup, |side, _| match side {
+            Side::Mirror => mbps(&rm_url),
+            Side::Peer => mbps(peer_url),
+        })?;
+        log_pairs(
+            log,
+            &format!("warm 256 MiB blob MB/s, regmirror vs {peer}"),
+            &runs,
+        );
+        rows.push(Row::paired(
+            S4,
+            &format!("warm 256 MiB blob throughput (curl): regmirror vs {peer}"),
+            &runs,
+            |x| *x,
+            (
+                "MB/s",
+                &format!("MB/s {}", peer.split(' ').next().unwrap_or(peer)),
+            ),
+            Some(Goal::AtLeast(goal)),
+        ));
     }
-    log.push(format!(
-        "warm 256 MiB blob MB/s: regmirror {}, distribution proxy {}, nginx sendfile {}",
-        fmt_runs(&r_rm),
-        fmt_runs(&r_dp),
-        fmt_runs(&r_ng)
-    ));
-    rows.push(Row::ratio(
-        S4,
-        "warm 256 MiB blob throughput (curl, median of 5): regmirror vs distribution proxy",
-        (median(&r_rm), "MB/s"),
-        (median(&r_dp), "MB/s distribution"),
-        1.5,
-        true,
-    ));
-    rows.push(Row::ratio(
-        S4,
-        "warm 256 MiB blob throughput: regmirror vs nginx sendfile (same file)",
-        (median(&r_rm), "MB/s"),
-        (median(&r_ng), "MB/s nginx"),
-        0.9,
-        true,
-    ));
 
-    // Manifests: make both caches hold bench/three, then wrk by digest and by tag.
+    // Manifests: make both caches hold bench/three, then short wrk runs by digest and by
+    // tag, regmirror and distribution alternately.
     util::skopeo_copy(
         &format!("{rm_addr}/{}:{}", f.three.name, f.three.tag),
         None,
@@ -684,97 +883,82 @@ fn peer_rows(f: &Fixture, bins: &Bins, log: &mut crate::util::Log) -> Result<Vec
         true,
     )?;
     let accept = format!("Accept: {MT_MANIFEST}");
-    let mut res: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
-    for _ in 0..3 {
-        for (kind, reference) in [
-            ("digest", f.three.digest.as_str()),
-            ("tag", f.three.tag.as_str()),
-        ] {
-            for (side, a) in [("regmirror", rm_addr), ("distribution", dp_addr)] {
-                let r = util::wrk(
-                    &format!("http://{a}/v2/{}/manifests/{reference}", f.three.name),
-                    16,
-                    4,
-                    &[&accept],
-                )?;
-                log.push(format!(
-                    "wrk manifest by {kind} {side}: {:.0} rps p99 {:.0}us non-2xx {}",
-                    r.rps, r.p99_us, r.non2xx
-                ));
-                if r.non2xx > 0 {
-                    bail!(
-                        "manifest by {kind} on {side}: {} non-2xx responses",
-                        r.non2xx
-                    );
-                }
-                res.entry((kind, side)).or_default().push(r.rps);
+    const WRK_S: u32 = 2;
+    for (kind, reference, goal) in [
+        ("digest", f.three.digest.as_str(), None),
+        ("tag", f.three.tag.as_str(), Some(Goal::AtLeast(10.0))),
+    ] {
+        let rps = |a: SocketAddr, side: &str| -> Result<f64> {
+            let r = util::wrk(
+                &format!("http://{a}/v2/{}/manifests/{reference}", f.three.name),
+                16,
+                WRK_S,
+                &[&accept],
+            )?;
+            if r.non2xx > 0 {
+                bail!(
+                    "manifest by {kind} on {side}: {} non-2xx responses",
+                    r.non2xx
+                );
             }
-        }
+            Ok(r.rps)
+        };
+        let runs = util::interleaved(pairs, warmup, |side, _| match side {
+            Side::Mirror => rps(rm_addr, "regmirror"),
+            Side::Peer => rps(dp_addr, "distribution"),
+        })?;
+        log_pairs(
+            log,
+            &format!("wrk manifest by {kind} req/s, regmirror vs distribution"),
+            &runs,
+        );
+        rows.push(Row::paired(
+            S4,
+            &format!("manifest by {kind}, req/s (wrk -t1 -c16 -d{WRK_S}s)"),
+            &runs,
+            |x| *x,
+            ("req/s", "req/s distribution"),
+            goal,
+        ));
     }
-    let get = |k: &str, s: &str| res.get(&(k, s)).map(|v| median(v)).unwrap_or(f64::NAN);
-    let mut r = Row::ratio(
-        S4,
-        "manifest by digest, req/s (wrk -t1 -c16 -d4s)",
-        (get("digest", "regmirror"), "req/s"),
-        (get("digest", "distribution"), "req/s distribution"),
-        1.0,
-        true,
-    );
-    r.target = "info".into();
-    r.pass = None;
-    rows.push(r);
-    rows.push(Row::ratio(
-        S4,
-        "manifest by tag, req/s (wrk -t1 -c16 -d4s)",
-        (get("tag", "regmirror"), "req/s"),
-        (get("tag", "distribution"), "req/s distribution"),
-        10.0,
-        true,
-    ));
 
-    // Cold pull of the 3-layer image: fresh storage each run.
-    let (mut c_rm, mut c_dp) = (vec![], vec![]);
-    for i in 0..3 {
+    // Cold pull of the 3-layer image: a fresh process on fresh storage for every run.
+    let cold = util::interleaved(pairs, warmup, |side, i| -> Result<f64> {
         let a = util::addr();
-        let p = regmirror(
-            f,
-            bins,
-            &format!("regmirror-cold-{i}"),
-            a,
-            &fresh(f, "cold-rm"),
-        )?;
-        c_rm.extend(util::time_runs(1, |_| {
+        let st = fresh(f, "cold");
+        let p = match side {
+            Side::Mirror => regmirror(f, bins, &format!("regmirror-cold-{i}"), a, &st)?,
+            Side::Peer => util::start_distribution(
+                &f.dir,
+                &format!("distribution-cold-{i}"),
+                &st,
+                a,
+                &proxy_cfg,
+            )?,
+        };
+        let t = util::timed(|| {
             util::skopeo_copy(&format!("{a}/{}:{}", f.three.name, f.three.tag), None, true)
-        })?);
+        });
         drop(p);
-        let a = util::addr();
-        let p = util::start_distribution(
-            &f.dir,
-            &format!("distribution-cold-{i}"),
-            &fresh(f, "cold-dp"),
-            a,
-            &proxy_cfg,
-        )?;
-        c_dp.extend(util::time_runs(1, |_| {
-            util::skopeo_copy(&format!("{a}/{}:{}", f.three.name, f.three.tag), None, true)
-        })?);
-        drop(p);
-    }
-    log.push(format!(
-        "cold pull bench/three: regmirror {}, distribution proxy {}",
-        fmt_runs(&c_rm),
-        fmt_runs(&c_dp)
-    ));
-    rows.push(Row::ratio(
+        // Only disk space is at stake: the directory is under the bench's temp dir.
+        let _ = std::fs::remove_dir_all(&st);
+        t
+    })?;
+    log_pairs(
+        log,
+        "cold pull bench/three s, regmirror vs distribution proxy",
+        &cold,
+    );
+    rows.push(Row::paired(
         S4,
         &format!(
             "cold pull of a 3-layer {:.0} MB image (skopeo, plain HTTP), time",
             f.image_bytes(&f.three) as f64 / 1e6
         ),
-        (median(&c_rm), "s"),
-        (median(&c_dp), "s distribution"),
-        1.0,
-        false,
+        &cold,
+        |x| *x,
+        ("s", "s distribution"),
+        Some(Goal::AtMost(1.0)),
     ));
 
     // RSS while streaming 8 concurrent 256 MiB blobs: warm (fresh process over the warm
@@ -831,9 +1015,10 @@ fn peer_rows(f: &Fixture, bins: &Bins, log: &mut crate::util::Log) -> Result<Vec
                 util::mib(hwm_dp),
                 util::mib(max_dp)
             ),
-            ratio: Some(hwm_rm as f64 / hwm_dp as f64),
+            figure: Figure::One(hwm_rm as f64 / hwm_dp as f64),
+            unit: "×",
             target: "≤ 64 MiB".into(),
-            pass: Some(hwm <= 64.0),
+            verdict: Some(Goal::AtMost(64.0).verdict_one(hwm)),
         });
     }
     rows.extend(rss_rows);

@@ -7,6 +7,195 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// Pairs per interleaved comparison unless `MIRROR_BENCH_PAIRS` says otherwise.
+pub const DEFAULT_PAIRS: usize = 9;
+/// Uncounted pairs before the counted ones (caches, JIT, connection pools warm up).
+pub const WARMUP_PAIRS: usize = 1;
+
+/// Counted pairs per comparison: `MIRROR_BENCH_PAIRS` (e.g. 3 for a smoke run), else
+/// [`DEFAULT_PAIRS`].
+pub fn pairs() -> Result<usize> {
+    pairs_from(std::env::var("MIRROR_BENCH_PAIRS").ok().as_deref())
+}
+
+fn pairs_from(var: Option<&str>) -> Result<usize> {
+    match var {
+        None => Ok(DEFAULT_PAIRS),
+        Some(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => bail!("MIRROR_BENCH_PAIRS={v:?}: expected a whole number of pairs ≥ 1"),
+        },
+    }
+}
+
+/// Which side of a pair a run measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Mirror,
+    Peer,
+}
+
+/// Runs of an interleaved comparison: `mirror[i]` and `peer[i]` ran back to back.
+#[derive(Clone, Debug)]
+pub struct Paired<T> {
+    pub mirror: Vec<T>,
+    pub peer: Vec<T>,
+}
+
+impl<T> Paired<T> {
+    /// The spread of `f(mirror[i], peer[i])` over the pairs.
+    pub fn per_pair(&self, f: impl Fn(&T, &T) -> f64) -> Spread {
+        let v: Vec<f64> = self
+            .mirror
+            .iter()
+            .zip(&self.peer)
+            .map(|(m, p)| f(m, p))
+            .collect();
+        Spread::of(&v)
+    }
+
+    /// The spread of the per-pair ratios `value(mirror) / value(peer)`.
+    pub fn ratio(&self, value: impl Fn(&T) -> f64) -> Spread {
+        self.per_pair(|m, p| value(m) / value(p))
+    }
+
+    /// Median of `value` over one side's runs.
+    pub fn median_of(&self, side: Side, value: impl Fn(&T) -> f64) -> f64 {
+        let runs = match side {
+            Side::Mirror => &self.mirror,
+            Side::Peer => &self.peer,
+        };
+        median(&runs.iter().map(value).collect::<Vec<_>>())
+    }
+}
+
+/// Runs `warmup` uncounted pairs, then `pairs` counted ones, each pair mirror then peer
+/// (A B A B …): both runs of a pair see the same machine, so a drift of the machine
+/// between two blocks of runs cannot turn into a ratio. `run` gets the side and the pair's
+/// index (warm-up pairs included), and returns what it measured.
+pub fn interleaved<T>(
+    pairs: usize,
+    warmup: usize,
+    mut run: impl FnMut(Side, usize) -> Result<T>,
+) -> Result<Paired<T>> {
+    let mut out = Paired {
+        mirror: Vec::with_capacity(pairs),
+        peer: Vec::with_capacity(pairs),
+    };
+    for i in 0..warmup + pairs {
+        let m = run(Side::Mirror, i).context("mirror side")?;
+        let p = run(Side::Peer, i).context("peer side")?;
+        if i >= warmup {
+            out.mirror.push(m);
+            out.peer.push(p);
+        }
+    }
+    Ok(out)
+}
+
+/// Wall time of `f` in seconds.
+pub fn timed(f: impl FnOnce() -> Result<()>) -> Result<f64> {
+    let t = Instant::now();
+    f()?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Median and range of per-pair values (non-finite values, e.g. a division by zero, are
+/// left out; `n` counts the ones kept).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+impl Spread {
+    pub fn of(values: &[f64]) -> Spread {
+        let kept: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+        Spread {
+            median: median(&kept),
+            min: kept.iter().copied().reduce(f64::min).unwrap_or(f64::NAN),
+            max: kept.iter().copied().reduce(f64::max).unwrap_or(f64::NAN),
+            n: kept.len(),
+        }
+    }
+}
+
+/// Which side of `target` is good.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Goal {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+impl Goal {
+    fn met(self, x: f64) -> bool {
+        match self {
+            Goal::AtLeast(t) => x >= t,
+            Goal::AtMost(t) => x <= t,
+        }
+    }
+
+    /// PASS when the whole range is on the good side of the target, MISS when the whole
+    /// range is on the bad side, noise when the range straddles it (or nothing was
+    /// measured): only a range that clears the target says more than the machine's noise.
+    pub fn verdict(self, s: &Spread) -> Verdict {
+        if s.n == 0 || !s.min.is_finite() || !s.max.is_finite() {
+            Verdict::Noise
+        } else if self.met(s.min) && self.met(s.max) {
+            Verdict::Pass
+        } else if !self.met(s.min) && !self.met(s.max) {
+            Verdict::Miss
+        } else {
+            Verdict::Noise
+        }
+    }
+
+    /// A deterministic figure (counts, bytes, callgrind): one value, no noise.
+    pub fn verdict_one(self, x: f64) -> Verdict {
+        if self.met(x) {
+            Verdict::Pass
+        } else {
+            Verdict::Miss
+        }
+    }
+
+    pub fn describe(self, unit: &str) -> String {
+        match self {
+            Goal::AtLeast(t) => format!("≥ {t}{unit}"),
+            Goal::AtMost(t) => format!("≤ {t}{unit}"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Miss,
+    Noise,
+}
+
+impl Verdict {
+    pub fn label(self) -> &'static str {
+        match self {
+            Verdict::Pass => "PASS",
+            Verdict::Miss => "MISS",
+            Verdict::Noise => "noise",
+        }
+    }
+}
+
+/// The figure a row compares.
+#[derive(Clone, Copy, Debug)]
+pub enum Figure {
+    None,
+    /// One value: deterministic, or a single run.
+    One(f64),
+    /// Median and range over interleaved pairs.
+    Pairs(Spread),
+}
+
 /// One line of the results table.
 #[derive(Clone, Debug)]
 pub struct Row {
@@ -16,10 +205,12 @@ pub struct Row {
     pub ours: String,
     /// Value of the peer side, formatted (with the peer's name).
     pub peer: String,
-    pub ratio: Option<f64>,
+    pub figure: Figure,
+    /// Unit of the figure: `×` for ratios, ` µs` for differences.
+    pub unit: &'static str,
     pub target: String,
-    /// Some(true) PASS, Some(false) MISS, None informational / not measured.
-    pub pass: Option<bool>,
+    /// None: informational / not measured.
+    pub verdict: Option<Verdict>,
 }
 
 impl Row {
@@ -29,58 +220,70 @@ impl Row {
             metric: metric.to_string(),
             ours,
             peer,
-            ratio: None,
+            figure: Figure::None,
+            unit: "×",
             target: "—".into(),
-            pass: None,
+            verdict: None,
         }
     }
 
     pub fn not_measured(section: &'static str, metric: &str, why: &str) -> Row {
-        Row {
+        Row::info(
             section,
-            metric: metric.to_string(),
-            ours: format!("not measured: {}", why.replace('|', "/").replace('\n', " ")),
-            peer: "—".into(),
-            ratio: None,
-            target: "—".into(),
-            pass: None,
-        }
+            metric,
+            format!("not measured: {}", why.replace('|', "/").replace('\n', " ")),
+            "—".into(),
+        )
     }
 
-    /// A ratio row: `ratio = ours / peer`; `higher_is_better` decides the comparison with
-    /// `target` (ratio ≥ target, else ratio ≤ target).
+    /// A ratio of one measurement per side (`ours / peer`): for deterministic figures
+    /// (bytes, instruction counts), never for wall-clock comparisons.
     pub fn ratio(
         section: &'static str,
         metric: &str,
         ours: (f64, &str),
         peer: (f64, &str),
-        target: f64,
-        higher_is_better: bool,
+        goal: Goal,
     ) -> Row {
-        let ratio = if peer.0 > 0.0 {
-            Some(ours.0 / peer.0)
-        } else {
-            None
-        };
-        let pass = ratio.map(|r| {
-            if higher_is_better {
-                r >= target
-            } else {
-                r <= target
-            }
-        });
+        let ratio = ours.0 / peer.0;
         Row {
             section,
             metric: metric.to_string(),
             ours: format!("{:.2} {}", ours.0, ours.1),
             peer: format!("{:.2} {}", peer.0, peer.1),
-            ratio,
-            target: format!("{} {target}×", if higher_is_better { "≥" } else { "≤" }),
-            pass,
+            figure: Figure::One(ratio),
+            unit: "×",
+            target: goal.describe("×"),
+            verdict: ratio.is_finite().then(|| goal.verdict_one(ratio)),
+        }
+    }
+
+    /// An interleaved comparison: the sides' medians of `value`, and the median and range
+    /// of the per-pair ratios `value(mirror) / value(peer)` judged against `goal`
+    /// (None: informational).
+    pub fn paired<T>(
+        section: &'static str,
+        metric: &str,
+        runs: &Paired<T>,
+        value: impl Fn(&T) -> f64,
+        units: (&str, &str),
+        goal: Option<Goal>,
+    ) -> Row {
+        let spread = runs.ratio(&value);
+        Row {
+            section,
+            metric: metric.to_string(),
+            ours: format!("{:.2} {}", runs.median_of(Side::Mirror, &value), units.0),
+            peer: format!("{:.2} {}", runs.median_of(Side::Peer, &value), units.1),
+            figure: Figure::Pairs(spread),
+            unit: "×",
+            target: goal.map_or_else(|| "info".into(), |g| g.describe("×")),
+            verdict: goal.map(|g| g.verdict(&spread)),
         }
     }
 }
 
+/// Median of the finite values (NaN when there are none).
 pub fn median(v: &[f64]) -> f64 {
     let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
     s.sort_by(|a, b| a.total_cmp(b));
@@ -292,17 +495,6 @@ pub fn start_regmirror(
     Ok(p)
 }
 
-/// Runs `f` `n` times and returns the wall times in seconds.
-pub fn time_runs(n: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<Vec<f64>> {
-    let mut v = Vec::new();
-    for i in 0..n {
-        let t = Instant::now();
-        f(i)?;
-        v.push(t.elapsed().as_secs_f64());
-    }
-    Ok(v)
-}
-
 /// `skopeo copy docker://REF dir:TMP` (plain HTTP when `insecure`, else `cert_dir`).
 pub fn skopeo_copy(reference: &str, cert_dir: Option<&Path>, insecure: bool) -> Result<()> {
     let skopeo = which_or("skopeo", "apt-get install skopeo")?;
@@ -370,4 +562,148 @@ pub fn count_log_lines(path: &Path) -> usize {
         .unwrap_or_default()
         .lines()
         .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pair_count_defaults_to_nine_and_refuses_nonsense() {
+        assert_eq!(pairs_from(None).unwrap(), DEFAULT_PAIRS);
+        assert_eq!(pairs_from(Some("3")).unwrap(), 3);
+        for bad in ["0", "-1", "three", ""] {
+            let e = pairs_from(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains("MIRROR_BENCH_PAIRS"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn interleaved_alternates_and_drops_the_warmup() {
+        let mut calls = Vec::new();
+        let p = interleaved(3, 1, |side, i| {
+            calls.push((side, i));
+            Ok(format!("{side:?}{i}"))
+        })
+        .unwrap();
+        use Side::{Mirror as M, Peer as P};
+        assert_eq!(
+            calls,
+            [
+                (M, 0),
+                (P, 0),
+                (M, 1),
+                (P, 1),
+                (M, 2),
+                (P, 2),
+                (M, 3),
+                (P, 3)
+            ]
+        );
+        assert_eq!(p.mirror, ["Mirror1", "Mirror2", "Mirror3"]);
+        assert_eq!(p.peer, ["Peer1", "Peer2", "Peer3"]);
+    }
+
+    #[test]
+    fn interleaved_stops_at_the_first_failure_and_names_the_side() {
+        let mut runs = 0;
+        let e = interleaved(5, 0, |side, i| {
+            runs += 1;
+            if side == Side::Peer && i == 1 {
+                bail!("peer down");
+            }
+            Ok(1.0)
+        })
+        .unwrap_err();
+        assert_eq!(runs, 4);
+        assert_eq!(format!("{e:#}"), "peer side: peer down");
+    }
+
+    #[test]
+    fn the_figure_is_the_median_of_per_pair_ratios_not_the_ratio_of_medians() {
+        // The machine slows down for the second pair: both sides take 10× longer there.
+        let p = Paired {
+            mirror: vec![1.0, 10.0, 1.1],
+            peer: vec![2.0, 5.0, 2.0],
+        };
+        let s = p.ratio(|x| *x);
+        assert_eq!(s.n, 3);
+        assert!((s.median - 0.55).abs() < 1e-9, "{s:?}");
+        assert!(
+            (s.min - 0.5).abs() < 1e-9 && (s.max - 2.0).abs() < 1e-9,
+            "{s:?}"
+        );
+        assert_eq!(p.median_of(Side::Mirror, |x| *x), 1.1);
+        assert_eq!(p.median_of(Side::Peer, |x| *x), 2.0);
+    }
+
+    #[test]
+    fn spread_leaves_out_what_was_not_measured() {
+        let s = Spread::of(&[3.0, f64::NAN, 1.0, f64::INFINITY, 2.0, 4.0]);
+        assert_eq!((s.median, s.min, s.max, s.n), (2.5, 1.0, 4.0, 4));
+        let none = Spread::of(&[f64::NAN]);
+        assert_eq!(none.n, 0);
+        assert_eq!(Goal::AtMost(1.0).verdict(&none), Verdict::Noise);
+    }
+
+    fn spread(min: f64, median: f64, max: f64) -> Spread {
+        Spread {
+            median,
+            min,
+            max,
+            n: 9,
+        }
+    }
+
+    #[test]
+    fn verdict_needs_the_whole_range_on_one_side() {
+        let more = Goal::AtLeast(1.5);
+        assert_eq!(more.verdict(&spread(1.5, 1.8, 2.0)), Verdict::Pass);
+        assert_eq!(more.verdict(&spread(1.0, 1.2, 1.49)), Verdict::Miss);
+        // The median clears the target but one pair did not: noise, not PASS.
+        assert_eq!(more.verdict(&spread(1.4, 1.9, 2.0)), Verdict::Noise);
+        assert_eq!(more.verdict(&spread(1.2, 1.3, 1.6)), Verdict::Noise);
+        let less = Goal::AtMost(1.1);
+        assert_eq!(less.verdict(&spread(0.9, 1.0, 1.1)), Verdict::Pass);
+        assert_eq!(less.verdict(&spread(1.11, 1.3, 1.5)), Verdict::Miss);
+        assert_eq!(less.verdict(&spread(1.0, 1.05, 1.2)), Verdict::Noise);
+        assert_eq!(less.verdict_one(1.1), Verdict::Pass);
+        assert_eq!(less.verdict_one(1.2), Verdict::Miss);
+    }
+
+    #[test]
+    fn paired_row_carries_range_pairs_and_verdict() {
+        let p = Paired {
+            mirror: vec![2.0, 2.2, 1.9],
+            peer: vec![2.0, 2.0, 2.0],
+        };
+        let r = Row::paired(
+            "s",
+            "m",
+            &p,
+            |x| *x,
+            ("s", "s direct"),
+            Some(Goal::AtMost(1.05)),
+        );
+        let Figure::Pairs(s) = r.figure else {
+            panic!("{:?}", r.figure)
+        };
+        assert_eq!(s.n, 3);
+        assert_eq!(r.verdict, Some(Verdict::Noise));
+        assert_eq!(r.target, "≤ 1.05×");
+        assert_eq!(r.ours, "2.00 s");
+        let info = Row::paired("s", "m", &p, |x| *x, ("s", "s"), None);
+        assert_eq!((info.verdict, info.target.as_str()), (None, "info"));
+    }
+
+    #[test]
+    fn wrk_output_is_parsed() {
+        let out = "Running 2s test @ http://127.0.0.1:1/\n  1 threads and 16 connections\n  Latency Distribution\n     50%  291.00us\n     75%  400.00us\n     90%  1.20ms\n     99%    2.50ms\n  9438 requests in 2.00s, 1.2MB read\n  Non-2xx or 3xx responses: 7\nRequests/sec:   4719.52\nTransfer/sec:      1.2MB\n";
+        let r = parse_wrk(out).unwrap();
+        assert_eq!(
+            (r.rps, r.p50_us, r.p99_us, r.non2xx),
+            (4719.52, 291.0, 2500.0, 7)
+        );
+        assert!(parse_wrk("garbage").is_err());
+    }
 }
