@@ -6,6 +6,7 @@ pub mod cache;
 pub mod clients;
 pub mod envoy;
 pub mod faults;
+pub mod hostile;
 pub mod images;
 pub mod mirror;
 pub mod pki;
