@@ -79,6 +79,11 @@ lint:
 test: setup build lint
     MIRROR_WASM="$PWD/{{wasm}}" REGMIRROR_BIN="$PWD/{{regmirror}}" cargo test --workspace --exclude mirror-bench --release
 
+# Property tests, long: the filter's parsers and rewriters and the cache's input validation, `cases` per property.
+fuzz cases="200000":
+    PROPTEST_CASES={{cases}} cargo test --release -p mirror-filter proptest
+    PROPTEST_CASES={{cases}} cargo test --release -p cache-service proptest
+
 # Benchmarks (not tests): the data path measured side by side with its peers; prints a table of ratios.
 bench: setup build
     #!/usr/bin/env bash

@@ -4,6 +4,8 @@ pub mod challenge;
 pub mod config;
 pub mod names;
 pub mod oci_error;
+#[cfg(test)]
+mod proptests;
 pub mod realms;
 pub mod redirect;
 pub mod response;

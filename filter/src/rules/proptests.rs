@@ -1,0 +1,556 @@
+//! Property tests of every parser and rewriter in `rules`: hostile input never panics,
+//! round trips hold, URLs handed to clients stay on the mirror and forwards only go to
+//! hosts the configuration allows. `PROPTEST_CASES` sets the cases per property
+//! (`just fuzz` runs many more than the default).
+
+use super::challenge::{self, parse_url, rewrite_challenges, serialize};
+use super::config::{
+    any_match, compile, default_config, parse, FilterConfig, RedirectMode, RegistryConfig,
+};
+use super::names::{Digest, Reference, RepositoryName};
+use super::realms::IssuedRealms;
+use super::redirect::{
+    credential_fingerprint, mirror_url, resolve_location, rewrite_location, LocationOutcome,
+    SignParams, SignedRedirect, Target, PREFIX,
+};
+use super::response::{plan_challenges, Answer};
+use super::route::{route_with, Decision, ForwardKind, Learned, NothingLearned, Request};
+use super::token::{self, decode_query_value, encode_query_value, LearnedRealm};
+use super::token_host::TokenHosts;
+use super::CompiledConfig;
+use proptest::prelude::*;
+
+const KEY: [u8; 32] = [5u8; 32];
+
+/// Cases per property: `PROPTEST_CASES`, else enough to find the shallow bugs in a unit
+/// test run.
+fn config() -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4096);
+    ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+/// Pieces a hostile client or upstream combines: the grammar's delimiters, encodings,
+/// names the configuration knows and parts of the mirror's own paths.
+const PIECES: &[&str] = &[
+    "/",
+    "//",
+    "?",
+    "&",
+    "=",
+    "%",
+    "%2f",
+    "%2F",
+    "%2e",
+    "%00",
+    "%zz",
+    "%3A",
+    "+",
+    "..",
+    ".",
+    ":",
+    "@",
+    "#",
+    "\\",
+    " ",
+    "\t",
+    "\"",
+    "'",
+    ",",
+    ";",
+    "*",
+    "-",
+    "_",
+    "~",
+    "\u{1}",
+    "é",
+    "A",
+    "a",
+    "0",
+    "quay.io",
+    "docker.io",
+    "gcr.io",
+    "auth.docker.io",
+    "evil.example",
+    "us-docker.pkg.dev",
+    "cdn.quay.io",
+    "localhost:5000",
+    "library",
+    "alpine",
+    "manifests",
+    "blobs",
+    "tags",
+    "list",
+    "referrers",
+    "uploads",
+    "_catalog",
+    "latest",
+    "sha256:",
+    "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+    "/v2/",
+    "/v2",
+    "/_mirror/auth/",
+    "/_mirror/redirect/",
+    "/token",
+    "/v2/auth",
+    "scope=",
+    "service=",
+    "repository:",
+    ":pull",
+    ":pull,push",
+    "registry:catalog:*",
+    "ns=",
+    "https://",
+    "http://",
+    "Bearer ",
+    "bearer ",
+    "Basic ",
+    "realm=",
+    "realm=\"",
+    "\",",
+    "service=\"",
+    "scope=\"",
+    "mirror.test",
+    "docker.mirror.test",
+    "quay.mirror.test",
+];
+
+/// Strings built from [`PIECES`], or arbitrary text.
+fn hostile() -> impl Strategy<Value = String> {
+    prop_oneof![
+        3 => prop::collection::vec(prop::sample::select(PIECES), 0..14).prop_map(|v| v.concat()),
+        1 => any::<String>(),
+        1 => "[ -~]{0,60}",
+    ]
+}
+
+/// The shipped registries, host mode on `mirror.test`, with and without `public_url`.
+fn configs() -> Vec<CompiledConfig> {
+    let plain = default_config();
+    let mut host = default_config();
+    host.host_suffix = Some("mirror.test".into());
+    let mut public = host.clone();
+    public.public_url = Some("https://mirror.test:8443".into());
+    [plain, host, public]
+        .iter()
+        .filter_map(|c| compile(c).ok())
+        .collect()
+}
+
+/// An Envoy that has learned everything: every realm issued, every host a token host.
+struct AllLearned;
+
+impl Learned for AllLearned {
+    fn is_token_host(&self, _: &str, _: &str) -> bool {
+        true
+    }
+    fn is_issued_realm(&self, _: &str, _: &str, _: &str) -> bool {
+        true
+    }
+}
+
+/// What routing may do with any request, whatever the configuration learned.
+fn check_decision(cfg: &CompiledConfig, d: &Decision) -> Result<(), TestCaseError> {
+    match d {
+        Decision::Forward(f) => {
+            let reg = cfg.registry(&f.registry);
+            prop_assert!(reg.is_some(), "unknown registry {}", f.registry);
+            let reg = reg.unwrap_or_else(|| unreachable!());
+            let allowed = match f.kind {
+                ForwardKind::Registry => f.authority == reg.upstream,
+                ForwardKind::Auth => any_match(&reg.realm_hosts, &f.authority),
+                ForwardKind::Redirect => reg.redirect_allowed(&f.authority),
+            };
+            prop_assert!(
+                allowed,
+                "{:?} to {} for {}",
+                f.kind,
+                f.authority,
+                f.registry
+            );
+            prop_assert!(f.path.starts_with('/'));
+            prop_assert!(f.path.bytes().all(challenge::is_url_char), "{}", f.path);
+            if let Some(p) = &cfg.public_url {
+                prop_assert!(
+                    f.mirror_base == format!("{}://{}{}", p.scheme, p.host, p.port)
+                        || (f.mirror_base.starts_with(&format!("{}://", p.scheme))
+                            && f.mirror_base.ends_with(&format!(".{}{}", p.host, p.port))),
+                    "{}",
+                    f.mirror_base
+                );
+            }
+        }
+        Decision::LearnRealm(l) => {
+            let reg = cfg.registry(&l.registry);
+            prop_assert!(reg.is_some_and(|r| r.cluster == l.cluster && !r.cache));
+            if let (Some(u), Some(r)) = (&l.expect, reg) {
+                prop_assert!(any_match(&r.realm_hosts, &u.authority));
+            }
+        }
+        Decision::Ping(p) => {
+            prop_assert_eq!(
+                Some(p.registry.as_str()),
+                cfg.default_registry().map(|r| r.name.as_str())
+            );
+        }
+        Decision::Reply(r) => {
+            prop_assert!((200..600).contains(&r.status));
+            prop_assert!(serde_json::from_str::<serde_json::Value>(&r.body).is_ok());
+        }
+    }
+    Ok(())
+}
+
+fn registry_config() -> impl Strategy<Value = RegistryConfig> {
+    let host = prop::sample::select(
+        &[
+            "docker.io",
+            "quay.io",
+            "Quay.IO",
+            "localhost:5000",
+            "a.io",
+            "bad host",
+            "",
+            "*.pkg.dev",
+            "x:0",
+        ][..],
+    );
+    (
+        host.clone(),
+        prop::collection::vec(host.clone(), 0..3),
+        host.clone(),
+        prop::option::of(prop::sample::select(
+            &["docker", "quay", "", "Q", "a b"][..],
+        )),
+        prop::collection::vec(host.clone(), 0..3),
+        prop::collection::vec(host, 0..3),
+        any::<(bool, bool, bool)>(),
+        prop::option::of("[ -~]{0,12}"),
+        prop::option::of(any::<bool>()),
+    )
+        .prop_map(
+            |(name, aliases, upstream, prefix, realms, redirects, flags, cluster, fwd)| {
+                RegistryConfig {
+                    name: name.into(),
+                    aliases: aliases.into_iter().map(String::from).collect(),
+                    upstream: upstream.into(),
+                    host_prefix: prefix.map(String::from),
+                    realm_hosts: realms.into_iter().map(String::from).collect(),
+                    redirect_hosts: redirects.into_iter().map(String::from).collect(),
+                    library_namespace: flags.0,
+                    cache: flags.1,
+                    redirects: if flags.2 {
+                        RedirectMode::Sign
+                    } else {
+                        RedirectMode::Passthrough
+                    },
+                    cluster,
+                    forward_client_credentials: fwd,
+                }
+            },
+        )
+}
+
+fn filter_config() -> impl Strategy<Value = FilterConfig> {
+    (
+        prop::option::of(prop::sample::select(&["mirror.test", "Bad Suffix", ""][..])),
+        prop::option::of(prop::sample::select(
+            &["docker.io", "quay.io", "nope", ""][..],
+        )),
+        prop::option::of(0u64..5000),
+        prop::option::of(prop::sample::select(
+            &[
+                "",
+                "zz",
+                "0001020304050607080900010203040506070809000102030405060708090001",
+            ][..],
+        )),
+        prop::option::of(hostile()),
+        prop::collection::vec(registry_config(), 0..4),
+    )
+        .prop_map(
+            |(suffix, default, ttl, key, public_url, registries)| FilterConfig {
+                host_suffix: suffix.map(String::from),
+                default_registry: default.map(String::from),
+                redirect_ttl_seconds: ttl,
+                signing_key: key.map(String::from),
+                public_url,
+                registries,
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn config_parse_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..200), text in hostile()) {
+        let _ = parse(&bytes);
+        let _ = parse(text.as_bytes());
+    }
+
+    #[test]
+    fn config_round_trips_through_its_serde_types(cfg in filter_config()) {
+        let json = serde_json::to_string(&cfg).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let back: FilterConfig =
+            serde_json::from_str(&json).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(&back, &cfg);
+        prop_assert_eq!(parse(json.as_bytes()), compile(&cfg));
+    }
+
+    #[test]
+    fn routing_any_request_stays_within_the_configuration(
+        method in prop::sample::select(&["GET", "HEAD", "POST", "get", "", "GET "][..]),
+        authority in prop_oneof![
+            prop::sample::select(&["m", "127.0.0.1:5000", "mirror.test:8443", "docker.mirror.test",
+                "QUAY.mirror.test:1", "gcr.mirror.test", "evil.example", "[::1]:5000", ""][..])
+                .prop_map(String::from),
+            hostile(),
+        ],
+        path in hostile(),
+        proto in prop::option::of(prop::sample::select(&["https", "http", "HTTPS, http", "gopher"][..])),
+        authorization in prop::option::of(prop::sample::select(&["Bearer t", "Basic dTpw", "bearer", ""][..])),
+        learned_all in any::<bool>(),
+        now in 0u64..3000,
+    ) {
+        let learned: &dyn Learned = if learned_all { &AllLearned } else { &NothingLearned };
+        for cfg in configs() {
+            let req = Request {
+                method,
+                authority: &authority,
+                path: &path,
+                scheme: "http",
+                forwarded_proto: proto,
+                authorization,
+            };
+            let d = route_with(&cfg, &req, &KEY, now, learned);
+            check_decision(&cfg, &d)?;
+        }
+    }
+
+    #[test]
+    fn challenge_parse_never_panics_and_round_trips(h in hostile()) {
+        if let Ok(c) = challenge::parse(&h) {
+            let s = serialize(&c);
+            prop_assert_eq!(challenge::parse(&s), Ok(c), "{}", s);
+        }
+    }
+
+    #[test]
+    fn rewritten_realms_always_name_the_mirror(
+        realm in prop_oneof![
+            prop::sample::select(&["https://auth.docker.io/token", "https://quay.io/v2/auth",
+                "http://auth.docker.io/t?x=1", "https://us-docker.pkg.dev/v2/token",
+                "https://evil.example/token", "https://auth.docker.io.evil.example/",
+                "https://u@auth.docker.io/", "auth.docker.io/token"][..]).prop_map(String::from),
+            hostile(),
+        ],
+        tail in hostile(),
+        prefix in prop::option::of(prop::sample::select(&["quay.io", "docker.io"][..])),
+        base in prop::sample::select(&["https://m", "http://127.0.0.1:5000"][..]),
+    ) {
+        let cfg = parse(b"").map_err(|e| TestCaseError::fail(e.to_string()))?;
+        for header in [
+            format!("Bearer realm=\"{realm}\",service=\"s\"{tail}"),
+            format!("{tail}, Bearer realm={realm}"),
+            tail.clone(),
+        ] {
+            for reg in cfg.registries() {
+                let r = rewrite_challenges(&header, &reg.realm_hosts, base, prefix);
+                for l in &r.realms {
+                    prop_assert!(l.allowed_for(reg));
+                }
+                if r.rewritten == 0 {
+                    prop_assert_eq!(&r.value, &header);
+                    continue;
+                }
+                let parsed = challenge::parse(&r.value);
+                prop_assert!(parsed.is_ok(), "{}", r.value);
+                for c in parsed.unwrap_or_default() {
+                    if !c.scheme.eq_ignore_ascii_case("bearer") {
+                        continue;
+                    }
+                    for (k, v) in &c.params {
+                        if k.eq_ignore_ascii_case("realm") {
+                            let on_mirror = v.starts_with(&format!("{base}/_mirror/auth/"));
+                            let foreign = parse_url(v)
+                                .is_none_or(|u| !any_match(&reg.realm_hosts, &u.authority));
+                            prop_assert!(on_mirror || foreign, "{}", v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn challenge_plans_learn_only_from_a_registrys_own_401(
+        values in prop::collection::vec(hostile(), 0..3),
+        status in prop::option::of(prop::sample::select(&[200u32, 307, 401, 403][..])),
+        kind in prop::sample::select(&[ForwardKind::Registry, ForwardKind::Auth, ForwardKind::Redirect][..]),
+    ) {
+        let cfg = parse(b"").map_err(|e| TestCaseError::fail(e.to_string()))?;
+        for reg in cfg.registries() {
+            let a = Answer { registry: reg, kind, status, mirror_base: "https://m", scope_prefix: None };
+            let p = plan_challenges(&a, values.iter().map(|v| v.as_bytes().to_vec()).collect());
+            if let Some(l) = &p.store_realm {
+                prop_assert!(status == Some(401) && kind == ForwardKind::Registry);
+                prop_assert!(l.allowed_for(reg));
+            }
+            for u in &p.issued {
+                prop_assert!(status == Some(401) && kind != ForwardKind::Auth);
+                prop_assert!(any_match(&reg.realm_hosts, &u.authority));
+            }
+            prop_assert!(!p.record_token_host || kind == ForwardKind::Redirect);
+        }
+    }
+
+    #[test]
+    fn query_values_round_trip(s in any::<String>(), delims in any::<bool>()) {
+        let e = encode_query_value(&s, delims);
+        prop_assert!(e.bytes().all(challenge::is_url_char) && !e.contains(['&', '=', '+', '?']));
+        prop_assert_eq!(decode_query_value(&e), Some(s));
+    }
+
+    #[test]
+    fn token_plans_name_valid_repositories(q in hostile(), prefixes in any::<bool>()) {
+        let cfg = parse(b"").map_err(|e| TestCaseError::fail(e.to_string()))?;
+        for reg in cfg.registries() {
+            let Ok(plan) = token::plan(&cfg, reg, prefixes, Some(&q)) else {
+                continue;
+            };
+            for seg in plan.query.iter().flat_map(|q| q.split('&')) {
+                let Some(raw) = seg.strip_prefix("scope=") else {
+                    continue;
+                };
+                let decoded = decode_query_value(raw);
+                prop_assert!(decoded.is_some(), "{}", raw);
+                for s in decoded.unwrap_or_default().split(' ').filter(|s| !s.is_empty()) {
+                    if let Some(Ok(r)) = token::parse_repository_scope(s) {
+                        prop_assert!(RepositoryName::parse(r.name).is_ok(), "{}", s);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn signed_redirects_round_trip_and_tampering_never_verifies(
+        registry in prop::sample::select(&["docker.io", "quay.io", "registry.k8s.io"][..]),
+        host in prop::sample::select(&["production.cloudflare.docker.com", "cdn.quay.io",
+            "x.r2.cloudflarestorage.com", "us-docker.pkg.dev", "quay.io", "evil.example"][..]),
+        path in "/[a-zA-Z0-9._~/:@!$'()*+,;=-]{0,40}",
+        query in prop::option::of("[a-zA-Z0-9._~/:@!$'()*+,;=&?%-]{0,30}"),
+        expires in 0u64..u64::MAX,
+        cred in prop::option::of(hostile()),
+        base in prop::sample::select(&["https://m", "http://127.0.0.1:5000", "https://quay.mirror.test:8443"][..]),
+        at in any::<prop::sample::Index>(),
+        with in 0x21u8..0x7f,
+    ) {
+        let cfg = parse(b"").map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let cred = credential_fingerprint(cred.as_deref());
+        let target = Target { host: host.into(), path: path.clone(), query };
+        let url = mirror_url(base, &KEY, registry, expires, &cred, &target);
+        let start = format!("{base}{PREFIX}");
+        prop_assert!(url.starts_with(&start));
+        let path_part = url.strip_prefix(base).unwrap_or_default();
+        let sr = SignedRedirect::parse(path_part);
+        prop_assert!(sr.is_ok(), "{}", url);
+        let sr = sr.map_err(|e| TestCaseError::fail(e.as_str()))?;
+        prop_assert_eq!(&sr.target, &target);
+        prop_assert_eq!((sr.registry.as_str(), sr.expires, sr.cred.as_str()), (registry, expires, cred.as_str()));
+        let allowed = cfg.registry(registry).is_some_and(|r| r.redirect_allowed(host));
+        prop_assert_eq!(sr.verify(&cfg, &KEY, expires).is_ok(), allowed);
+        prop_assert!(sr.verify(&cfg, &[6u8; 32], expires).is_err());
+        if expires < u64::MAX {
+            prop_assert!(sr.verify(&cfg, &KEY, expires + 1).is_err());
+        }
+        // Any one byte changed after the prefix: refused.
+        let mut bytes = path_part.as_bytes().to_vec();
+        let i = PREFIX.len() + at.index(bytes.len() - PREFIX.len());
+        if bytes.get(i) != Some(&with) {
+            if let Some(b) = bytes.get_mut(i) {
+                *b = with;
+            }
+            let tampered = String::from_utf8(bytes).unwrap_or_default();
+            let ok = SignedRedirect::parse(&tampered).and_then(|t| t.verify(&cfg, &KEY, 0));
+            prop_assert!(ok.is_err(), "{}", tampered);
+        }
+    }
+
+    #[test]
+    fn rewritten_locations_stay_on_the_mirror(
+        location in prop_oneof![
+            prop::sample::select(&["https://production.cloudflare.docker.com/x?verify=1",
+                "//cdn.quay.io/a", "/v2/x", "../y", "?q", "http://cdn.quay.io/a",
+                "https://evil.example/", "https://cdn.quay.io:8443/a"][..]).prop_map(String::from),
+            hostile(),
+        ],
+        base_path in hostile(),
+        registry in prop::sample::select(&["docker.io", "quay.io", "registry.k8s.io", "nope"][..]),
+        now in 0u64..(u64::MAX / 2),
+    ) {
+        let cfg = parse(b"").map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let _ = resolve_location(&location, "quay.io", &base_path);
+        let mirror_base = "https://m:5000";
+        let p = SignParams {
+            registry,
+            base_host: "quay.io",
+            base_path: &base_path,
+            mirror_base,
+            cred: "-",
+            key: &KEY,
+            now,
+        };
+        if let LocationOutcome::Signed(u) = rewrite_location(&cfg, &p, &location) {
+            let start = format!("{mirror_base}{PREFIX}");
+            prop_assert!(u.starts_with(&start), "{}", u);
+            let sr = SignedRedirect::parse(u.strip_prefix(mirror_base).unwrap_or_default());
+            prop_assert!(sr.is_ok_and(|s| s.verify(&cfg, &KEY, now).is_ok()), "{}", u);
+        }
+    }
+
+    #[test]
+    fn names_and_references_follow_the_grammar(s in hostile()) {
+        if let Ok(n) = RepositoryName::parse(&s) {
+            prop_assert!(n.as_str().len() <= 255);
+            prop_assert!(n.as_str().bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/".contains(&b)));
+            prop_assert!(!n.as_str().contains("//") && !n.as_str().starts_with('/') && !n.as_str().ends_with('/'));
+        }
+        if let Ok(r) = Reference::parse(&s) {
+            prop_assert_eq!(Reference::parse(&r.to_string()), Ok(r));
+        }
+        if let Ok(d) = Digest::parse(&s) {
+            prop_assert_eq!(d.to_string(), s);
+        }
+    }
+
+    #[test]
+    fn valid_names_parse(
+        comps in prop::collection::vec("[a-z0-9]{1,8}((\\.|_|__|-{1,3})[a-z0-9]{1,8}){0,2}", 1..5),
+        hex in "[a-f0-9]{64}",
+    ) {
+        let name = comps.join("/");
+        prop_assert_eq!(RepositoryName::parse(&name).map(|n| n.to_string()), Ok(name));
+        let d = format!("sha256:{hex}");
+        prop_assert_eq!(Digest::parse(&d).map(|x| x.to_string()), Ok(d));
+    }
+
+    #[test]
+    fn shared_data_values_never_panic_and_stay_bounded(bytes in prop::collection::vec(any::<u8>(), 0..600), text in hostile()) {
+        for b in [&bytes[..], text.as_bytes()] {
+            let _ = LearnedRealm::decode(b);
+            let t = TokenHosts::decode(b);
+            prop_assert_eq!(TokenHosts::decode(t.encode().as_bytes()), t);
+            let r = IssuedRealms::decode(b);
+            prop_assert!(r.len() <= super::realms::MAX_REALMS);
+            prop_assert_eq!(IssuedRealms::decode(r.encode().as_bytes()), r);
+        }
+    }
+}
