@@ -15,6 +15,7 @@ use mirror_tests::hostile::{
 use mirror_tests::token_server::{PUSH_PASSWORD, PUSH_USER};
 use mirror_tests::upstreams::{Front, HUB_HOST};
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -102,11 +103,15 @@ fn token(client: &reqwest::blocking::Client, challenge: &str, scope: &str) -> St
 /// The normal pull after the hostile part: skopeo pulls the real hub image through `m`
 /// in host mode, every digest verified.
 fn normal_pull_through(m: &HostileMirror) {
+    normal_pull_at(m, m.port());
+}
+
+/// [`normal_pull_through`] on `port` (a front relaying to `m`).
+fn normal_pull_at(m: &HostileMirror, port: u16) {
     let img = &m.up.images.alpine;
     let reference = format!(
-        "docker.{}:{}/{}:{}",
+        "docker.{}:{port}/{}:{}",
         mirror_tests::mirror::HOST_SUFFIX,
-        m.port(),
         img.name,
         img.tag
     );
@@ -1172,44 +1177,69 @@ fn a_hostile_challenge_does_not_move_the_realm() {
     normal_pull_through(m);
 }
 
-/// Finding 10: a client sends a Host the mirror does not serve. The challenge realm and
-/// the signed Location are built from configuration (or the request is refused with 421);
-/// the hostile Host is never reflected.
+/// Finding 10: the operator configures `public_url` (the mirror behind a front on
+/// `https://127.0.0.1:<front port>`). A client sending a Host the mirror does not serve
+/// gets 421 for a ping, a realm URL and a blob; served Hosts get challenge realms and
+/// signed Locations built from the configuration, never from the request.
 #[test]
-fn a_host_the_mirror_does_not_serve_is_not_reflected() {
-    let m = mirror();
+fn with_public_url_hosts_the_mirror_does_not_serve_get_421() {
     let h = ghcr();
     let repo = "hostile/t12";
     let image = TinyImage::new("1", 22, 2048);
     ghcr_image_with_cdn(h, repo, "t12", &image);
-    let client = m.client();
+    let front = Relay::start(SocketAddr::from(([127, 0, 0, 1], 9))).expect("front");
+    let port = front.addr.port();
+    let public = format!("https://127.0.0.1:{port}");
+    let fields = serde_json::json!({ "public_url": public });
+    let m = HostileMirror::start_with(
+        BTreeMap::new(),
+        fields.as_object().cloned().unwrap_or_default(),
+    )
+    .expect("mirror with public_url");
+    front.set_target(SocketAddr::from(([127, 0, 0, 1], m.port())));
+    let resolve: Vec<(&str, SocketAddr)> = mirror_tests::MIRROR_HOSTS
+        .iter()
+        .map(|h| (*h, front.addr))
+        .collect();
+    let client = m.up.pki.client(&resolve).expect("client");
+
     let evil = "evil.example";
-    let r = client
-        .get(m.url("/v2/"))
-        .header("host", evil)
-        .send()
-        .expect("GET /v2/");
-    let status = r.status().as_u16();
-    let challenge = r
-        .headers()
-        .get("www-authenticate")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    for path in [
+        "/v2/".to_string(),
+        "/_mirror/auth/auth.docker.io/token?service=registry.docker.io".to_string(),
+        format!("/v2/{repo}/manifests/1?ns={GHCR}"),
+    ] {
+        let r = client
+            .get(format!("{public}{path}"))
+            .header("host", evil)
+            .send()
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let status = r.status().as_u16();
+        let headers = format!("{:?}", r.headers());
+        assert_eq!(status, 421, "Host {evil}, {path}\n{}", m.logs());
+        assert!(!headers.contains(evil), "Host {evil} reflected: {headers}");
+    }
+
+    let realm =
+        param(&challenge_of(&client, &format!("{public}/v2/")), "realm").unwrap_or_default();
     assert!(
-        status == 421 || (status == 401 && !challenge.is_empty() && !challenge.contains(evil)),
-        "Host {evil}: {status} with challenge `{challenge}`"
+        realm.starts_with(&format!("{public}/_mirror/auth/")),
+        "realm `{realm}` is not built from public_url {public}"
     );
-    let challenge = challenge_of(&client, &m.host_url("ghcr", "/v2/"));
+    let ghcr_base = format!("https://ghcr.{}:{port}", mirror_tests::mirror::HOST_SUFFIX);
+    let challenge = challenge_of(&client, &format!("{ghcr_base}/v2/"));
+    assert!(
+        param(&challenge, "realm")
+            .is_some_and(|r| r.starts_with(&format!("{ghcr_base}/_mirror/auth/"))),
+        "host-mode realm `{challenge}`"
+    );
     let tok = token(&client, &challenge, &format!("repository:{repo}:pull"));
-    let (d, _) = image.layer();
+    let (d, layer) = image.layer();
     let r = client
-        .get(m.url(&format!("/v2/{repo}/blobs/{d}?ns={GHCR}")))
-        .header("host", evil)
+        .get(format!("{ghcr_base}/v2/{repo}/blobs/{d}"))
         .header("authorization", format!("Bearer {tok}"))
         .send()
         .expect("blob GET");
-    let status = r.status().as_u16();
     let location = r
         .headers()
         .get("location")
@@ -1217,10 +1247,16 @@ fn a_host_the_mirror_does_not_serve_is_not_reflected() {
         .unwrap_or("")
         .to_string();
     assert!(
-        status == 421 || (status == 307 && !location.contains(evil)),
-        "Host {evil}: {status} with Location `{location}`"
+        location.starts_with(&format!("{ghcr_base}/_mirror/redirect/")),
+        "signed Location `{location}` is not built from the configuration"
     );
-    normal_pull_through(m);
+    let body = client
+        .get(&location)
+        .send()
+        .and_then(|r| r.bytes())
+        .expect("follow");
+    assert_eq!(&body[..], &layer[..]);
+    normal_pull_at(&m, port);
 }
 
 /// Finding 11: Docker Hub's upstream goes down. The mirror's `/v2/` still answers with

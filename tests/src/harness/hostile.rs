@@ -689,10 +689,13 @@ impl TinyImage {
 // ---------------------------------------------------------------------------------------
 // Relay (an upstream outage on demand)
 
-/// A TCP relay to `target` on 127.0.0.1; while down it closes every connection at once.
+/// A TCP relay to a target on 127.0.0.1 (an upstream that can go down, or a front whose
+/// port is known before the Envoy behind it starts); while down it closes every
+/// connection at once.
 pub struct Relay {
     pub addr: SocketAddr,
     up: Arc<AtomicBool>,
+    target: Arc<Mutex<SocketAddr>>,
 }
 
 impl Relay {
@@ -700,7 +703,8 @@ impl Relay {
         let l = TcpListener::bind("127.0.0.1:0")?;
         let addr = l.local_addr()?;
         let up = Arc::new(AtomicBool::new(true));
-        let flag = up.clone();
+        let target = Arc::new(Mutex::new(target));
+        let (flag, to) = (up.clone(), target.clone());
         std::thread::Builder::new()
             .name("relay".into())
             .spawn(move || {
@@ -709,14 +713,18 @@ impl Relay {
                         drop(conn);
                         continue;
                     }
-                    let _ = relay_conn(conn, target);
+                    let _ = relay_conn(conn, *lock(&to));
                 }
             })?;
-        Ok(Relay { addr, up })
+        Ok(Relay { addr, up, target })
     }
 
     pub fn set_up(&self, up: bool) {
         self.up.store(up, Ordering::SeqCst);
+    }
+
+    pub fn set_target(&self, target: SocketAddr) {
+        *lock(&self.target) = target;
     }
 }
 
@@ -749,6 +757,15 @@ impl HostileMirror {
     /// Clusters: the harness fixtures, [`GHCR`], [`GHCR_CDN`] and [`K8S`] → [`Hostile`],
     /// then `overrides`.
     pub fn start(overrides: BTreeMap<String, SocketAddr>) -> Result<HostileMirror> {
+        Self::start_with(overrides, serde_json::Map::new())
+    }
+
+    /// [`HostileMirror::start`] with `filter_fields` set in the filter's JSON
+    /// configuration (e.g. `public_url`).
+    pub fn start_with(
+        overrides: BTreeMap<String, SocketAddr>,
+        filter_fields: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<HostileMirror> {
         let up = crate::upstreams::shared();
         let hostile = shared();
         crate::ensure_etc_hosts()?;
@@ -767,7 +784,11 @@ impl HostileMirror {
             tls: Some((up.pki.cert.clone(), up.pki.key.clone())),
             add_tls: true,
         };
-        let source = crate::build::workspace_root().join("envoy/local.yaml");
+        let shipped = crate::build::workspace_root().join("envoy/local.yaml");
+        let mut doc: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&shipped)?)?;
+        set_filter_fields(&mut doc, &filter_fields)?;
+        let source = tmp.path().join("local.yaml");
+        std::fs::write(&source, serde_yaml::to_string(&doc)?)?;
         let envoy = Envoy::start(&source, &s, tmp.path())?;
         Ok(HostileMirror {
             envoy,
@@ -828,6 +849,40 @@ impl HostileMirror {
             seen.join("\n")
         )
     }
+}
+
+/// Sets `fields` in every filter JSON configuration (`google.protobuf.StringValue`) of an
+/// Envoy bootstrap.
+fn set_filter_fields(
+    v: &mut serde_yaml::Value,
+    fields: &serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
+    match v {
+        serde_yaml::Value::Mapping(m) => {
+            let is_string_value = m
+                .get("@type")
+                .and_then(serde_yaml::Value::as_str)
+                .is_some_and(|t| t.ends_with("google.protobuf.StringValue"));
+            if let (true, Some(serde_yaml::Value::String(json))) =
+                (is_string_value, m.get_mut("value"))
+            {
+                let mut cfg: serde_json::Map<String, serde_json::Value> =
+                    serde_json::from_str(json)?;
+                cfg.extend(fields.clone());
+                *json = serde_json::to_string(&cfg)?;
+            }
+            for (_, child) in m.iter_mut() {
+                set_filter_fields(child, fields)?;
+            }
+        }
+        serde_yaml::Value::Sequence(s) => {
+            for child in s {
+                set_filter_fields(child, fields)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
