@@ -14,6 +14,9 @@ mod store;
 mod upstream;
 mod warm;
 
+#[cfg(test)]
+mod testserver;
+
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::sync::Arc;

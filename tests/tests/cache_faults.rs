@@ -34,11 +34,19 @@ fn session_with(name: &str, extra: &[&str], tmpfs_size: Option<&str>) -> Session
     std::fs::create_dir_all(&storage).expect("storage dir");
     let tmpfs = tmpfs_size.map(|s| Tmpfs::mount(&storage, s).expect("mount tmpfs"));
     let proxy = FaultProxy::start(up.registry.addr).expect("fault proxy");
+    // The token realm is the harness' token server on its own port: declared, as the
+    // declaration's realm_hosts would (the cache asks no undeclared realm).
+    let realm = format!(
+        "faulty=127.0.0.1:{}",
+        mirror_tests::upstreams::shared().token.addr.port()
+    );
+    let mut args = vec!["--realm-host", realm.as_str()];
+    args.extend_from_slice(extra);
     let cache = Regmirror::start(
         &storage,
         &dir.path().join("regmirror.log"),
         &proxy.url(),
-        extra,
+        &args,
     )
     .expect("regmirror starts");
     Session {

@@ -1223,3 +1223,189 @@ async fn read_limited(resp: reqwest::Response, max: usize) -> Result<Bytes, Cach
         BodyError::Read(r) => CacheError::Upstream(UpstreamError::Connect(r)),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::UpstreamConfig;
+    use crate::testserver::{endless, reply, TestServer};
+
+    const MIB: u64 = 1024 * 1024;
+
+    fn open(
+        root: &std::path::Path,
+        server: &TestServer,
+        limits: Limits,
+    ) -> (Arc<Cache>, Arc<Upstream>) {
+        let up = Arc::new(
+            Upstream::new(
+                &UpstreamConfig {
+                    name: "lab".into(),
+                    url: url::Url::parse(&server.url("")).unwrap(),
+                    ca_pems: vec![],
+                    credentials: None,
+                    realm_hosts: vec![],
+                    redirect_hosts: vec![],
+                    client_token: None,
+                },
+                None,
+            )
+            .unwrap(),
+        );
+        let store = Arc::new(crate::store::fs::FsStore::new(root).unwrap());
+        let ups = BTreeMap::from([("lab".to_owned(), up.clone())]);
+        let cache = Cache::open(store, ups, Duration::from_secs(60), limits).unwrap();
+        (Arc::new(cache), up)
+    }
+
+    fn limits(max_blob_size: u64) -> Limits {
+        Limits {
+            max_size: 0,
+            max_blob_size,
+            max_pass_through_memory: 16 * MIB,
+        }
+    }
+
+    fn name(s: &str) -> RepoName {
+        RepoName::parse(s).unwrap()
+    }
+
+    async fn outcome(flight: &InFlight) -> Result<(), CacheError> {
+        let mut rx = flight.state.clone();
+        loop {
+            if let Some(r) = rx.borrow_and_update().done.clone() {
+                return r;
+            }
+            rx.changed().await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn upstream_without_head_answers_from_a_get() {
+        let blob = Bytes::from(vec![7u8; 3000]);
+        let d = Digest::of_bytes(&blob);
+        let path = format!("/blobs/{d}");
+        let body = blob.clone();
+        let server = TestServer::start(move |seen| {
+            if seen.method == axum::http::Method::HEAD {
+                return reply(405, &[], "");
+            }
+            if seen.uri.ends_with(&path) {
+                return reply(200, &[], body.clone());
+            }
+            reply(404, &[], "")
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, up) = open(dir.path(), &server, limits(MIB));
+
+        // HEAD of an uncached blob: the GET's headers give the size.
+        match cache.blob(&up, &name("lab/app"), &d, true).await {
+            Ok(BlobReply::Head { size }) => assert_eq!(size, 3000),
+            Ok(_) => panic!("not a HEAD answer"),
+            Err(e) => panic!("{e}"),
+        }
+        // Fetch it, then ask through another repository: the confirmation falls back to GET.
+        let Ok(BlobReply::Flight { flight, .. }) =
+            cache.blob(&up, &name("lab/app"), &d, false).await
+        else {
+            panic!("no download")
+        };
+        outcome(&flight).await.unwrap();
+        match cache.blob(&up, &name("lab/other"), &d, true).await {
+            Ok(BlobReply::Head { size }) => assert_eq!(size, 3000),
+            Ok(_) => panic!("not a HEAD answer"),
+            Err(e) => panic!("confirmation without HEAD support: {e}"),
+        }
+        let gets = server
+            .seen()
+            .iter()
+            .filter(|s| s.method == axum::http::Method::GET)
+            .count();
+        assert_eq!(gets, 3, "one download and two HEAD fallbacks");
+    }
+
+    #[tokio::test]
+    async fn oversized_downloads_are_aborted_and_nothing_is_kept() {
+        let big = Bytes::from(vec![1u8; (2 * MIB) as usize]);
+        let declared = Digest::of_bytes(&big);
+        let endless_digest = Digest::of_bytes(b"never");
+        let (e1, d1) = (endless_digest.clone(), declared.clone());
+        let server = TestServer::start(move |seen| {
+            if seen.uri.ends_with(e1.as_str()) {
+                reply(200, &[], endless())
+            } else if seen.uri.ends_with(d1.as_str()) {
+                reply(200, &[], big.clone())
+            } else {
+                reply(404, &[], "")
+            }
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, up) = open(dir.path(), &server, limits(MIB));
+
+        // Content-Length over the bound: refused before a byte is stored.
+        let r = cache.blob(&up, &name("lab/app"), &declared, false).await;
+        assert!(matches!(r, Err(CacheError::TooLarge)), "{:?}", r.err());
+
+        // No length and an endless body: aborted at the bound, the temp file removed.
+        let r = tokio::time::timeout(Duration::from_secs(20), async {
+            let Ok(BlobReply::Flight { flight, .. }) = cache
+                .blob(&up, &name("lab/app"), &endless_digest, false)
+                .await
+            else {
+                panic!("no download")
+            };
+            outcome(&flight).await
+        })
+        .await
+        .expect("aborted, not written forever");
+        assert!(matches!(r, Err(CacheError::TooLarge)), "{r:?}");
+        let tmp: Vec<_> = std::fs::read_dir(dir.path().join("tmp")).unwrap().collect();
+        assert!(tmp.is_empty(), "{tmp:?}");
+        assert_eq!(cache.entries(), 0);
+    }
+
+    #[test]
+    fn small_cache_bounds() {
+        let reply = |n: usize| SmallReply {
+            status: 200,
+            content_type: None,
+            link: None,
+            body: Bytes::from(vec![0u8; n]),
+        };
+        let mut c = SmallCache::default();
+        let t0 = Instant::now();
+        c.put("too big".into(), reply(MAX_SMALL_ENTRY_BYTES + 1), t0);
+        assert!(c.map.is_empty(), "served, not kept");
+        for i in 0..(MAX_SMALL_CACHE_BYTES / MAX_SMALL_ENTRY_BYTES + 5) {
+            c.put(
+                format!("k{i}"),
+                reply(MAX_SMALL_ENTRY_BYTES),
+                t0 + Duration::from_millis(i as u64),
+            );
+            assert!(c.bytes <= MAX_SMALL_CACHE_BYTES);
+        }
+        assert_eq!(c.evictions, 5);
+        assert!(c.get("k0", t0).is_none(), "oldest went first");
+        for i in 0..2 * MAX_SMALL_ENTRIES {
+            c.put(format!("n{i}"), reply(1), t0 + Duration::from_secs(1));
+            assert!(c.map.len() <= MAX_SMALL_ENTRIES);
+        }
+        let later = t0 + SMALL_TTL + Duration::from_secs(2);
+        c.put("fresh".into(), reply(10), later);
+        assert!(c.get("n1999", later).is_none(), "expired");
+        assert_eq!(
+            c.bytes,
+            c.map.values().map(|(_, r)| r.body.len()).sum::<usize>()
+        );
+    }
+
+    #[tokio::test]
+    async fn drain_with_an_enormous_grace_does_not_panic() {
+        let server = TestServer::start(|_| reply(404, &[], "")).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, _) = open(dir.path(), &server, limits(MIB));
+        cache.drain(Duration::MAX).await;
+    }
+}

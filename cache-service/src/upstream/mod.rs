@@ -635,4 +635,358 @@ mod tests {
         h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);
     }
+
+    mod served {
+        use super::*;
+        use crate::testserver::{endless, reply, TestServer};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+
+        fn config(url: &str, realms: &[&str], redirects: &[&str]) -> UpstreamConfig {
+            let p = |v: &[&str]| v.iter().map(|h| HostPattern::parse(h).unwrap()).collect();
+            UpstreamConfig {
+                name: "lab".into(),
+                url: Url::parse(url).unwrap(),
+                ca_pems: vec![],
+                credentials: None,
+                realm_hosts: p(realms),
+                redirect_hosts: p(redirects),
+                client_token: None,
+            }
+        }
+
+        fn repo() -> RepoName {
+            RepoName::parse("lab/app").unwrap()
+        }
+
+        async fn get(u: &Upstream, path: &str) -> Result<reqwest::Response, UpstreamError> {
+            tokio::time::timeout(
+                Duration::from_secs(20),
+                u.send(Method::GET, path, &repo(), None, 1),
+            )
+            .await
+            .expect("answered in time, not hung")
+        }
+
+        /// A registry whose realm (`realm_path` on `realm`) issues `tok-<generation>` tokens;
+        /// only the current generation is accepted.
+        fn registry(
+            realm: String,
+            generation: Arc<AtomicU64>,
+        ) -> impl Fn(&crate::testserver::Seen) -> axum::response::Response {
+            move |seen| {
+                let g = generation.load(Ordering::SeqCst);
+                if seen.uri.starts_with("/token") {
+                    let body = format!(r#"{{"token":"tok-{g}","expires_in":300}}"#);
+                    return reply(200, &[("content-type", "application/json")], body);
+                }
+                // u64::MAX: a registry that refuses every token.
+                if g != u64::MAX && seen.authorization() == Some(&format!("Bearer tok-{g}")) {
+                    return reply(200, &[], "ok");
+                }
+                let challenge = format!(r#"Bearer realm="{realm}",service="lab""#);
+                reply(401, &[("www-authenticate", challenge.as_str())], "")
+            }
+        }
+
+        #[tokio::test]
+        async fn revoked_token_is_dropped_and_refetched_once() {
+            let generation = Arc::new(AtomicU64::new(0));
+            let server = {
+                let slot: Arc<Mutex<String>> = Arc::default();
+                let s2 = slot.clone();
+                let g = generation.clone();
+                let srv = TestServer::start(move |seen| {
+                    let realm = s2.lock().unwrap().clone();
+                    registry(realm, g.clone())(seen)
+                })
+                .await;
+                *slot.lock().unwrap() = srv.url("/token");
+                srv
+            };
+            let u = Upstream::new(&config(&server.url(""), &[], &[]), None).unwrap();
+            let r = get(&u, "/v2/lab/app/manifests/1").await.unwrap();
+            assert_eq!(r.status(), 200);
+
+            // The registry revokes every token issued so far.
+            generation.store(1, Ordering::SeqCst);
+            let r = get(&u, "/v2/lab/app/manifests/1").await.unwrap();
+            assert_eq!(
+                r.status(),
+                200,
+                "a fresh token after the cached one was refused"
+            );
+            let tokens = server
+                .seen()
+                .iter()
+                .filter(|s| s.uri.starts_with("/token"))
+                .count();
+            assert_eq!(tokens, 2);
+
+            // A registry that refuses every token: one fresh token, then the 401 goes back.
+            generation.store(u64::MAX, Ordering::SeqCst);
+            let before = server.seen().len();
+            let r = get(&u, "/v2/lab/app/manifests/1").await.unwrap();
+            assert_eq!(r.status(), 401);
+            let after: Vec<_> = server.seen().into_iter().skip(before).collect();
+            assert_eq!(
+                after.iter().filter(|s| s.uri.starts_with("/token")).count(),
+                1,
+                "{after:?}"
+            );
+            assert!(after.len() <= 3, "bounded: {after:?}");
+        }
+
+        #[tokio::test]
+        async fn endless_or_bad_token_answers_are_refused() {
+            for body in ["endless", "control", "huge-expiry"] {
+                let slot: Arc<Mutex<String>> = Arc::default();
+                let s2 = slot.clone();
+                let server = TestServer::start(move |seen| {
+                    if seen.uri.starts_with("/token") {
+                        return match body {
+                            "endless" => reply(200, &[], endless()),
+                            "control" => reply(200, &[], r#"{"token":"a\r\nx-evil: 1"}"#),
+                            _ => reply(
+                                200,
+                                &[],
+                                r#"{"token":"t","expires_in":18446744073709551615}"#,
+                            ),
+                        };
+                    }
+                    if seen.authorization() == Some("Bearer t") {
+                        return reply(200, &[], "ok");
+                    }
+                    let c = format!(r#"Bearer realm="{}""#, s2.lock().unwrap());
+                    reply(401, &[("www-authenticate", c.as_str())], "")
+                })
+                .await;
+                *slot.lock().unwrap() = server.url("/token");
+                let u = Upstream::new(&config(&server.url(""), &[], &[]), None).unwrap();
+                let r = get(&u, "/v2/lab/app/manifests/1").await;
+                match body {
+                    "huge-expiry" => assert_eq!(r.unwrap().status(), 200, "capped, no panic"),
+                    _ => assert!(
+                        matches!(r, Err(UpstreamError::Token { .. })),
+                        "{body}: {r:?}"
+                    ),
+                }
+                assert_eq!(u.token_stats().0, usize::from(body == "huge-expiry"));
+            }
+        }
+
+        #[tokio::test]
+        async fn undeclared_redirects_and_realms_are_never_contacted() {
+            let bystander = TestServer::start(|_| {
+                reply(
+                    200,
+                    &[("content-type", "application/json")],
+                    r#"{"token":"t"}"#,
+                )
+            })
+            .await;
+            let target = bystander.url("/metrics");
+            let own: SocketAddr = "127.0.0.1:5001".parse().unwrap();
+            let to_self = "http://localhost:5001/metrics".to_owned();
+            let hostile_realm = bystander.url("/token");
+            let server = TestServer::start(move |seen| match seen.uri.as_str() {
+                "/v2/lab/app/blobs/undeclared" => reply(307, &[("location", target.as_str())], ""),
+                "/v2/lab/app/blobs/self" => reply(307, &[("location", to_self.as_str())], ""),
+                "/v2/lab/app/blobs/loop" => {
+                    reply(307, &[("location", "/v2/lab/app/blobs/loop")], "")
+                }
+                _ => {
+                    let c = format!(r#"Bearer realm="{hostile_realm}""#);
+                    reply(401, &[("www-authenticate", c.as_str())], "")
+                }
+            })
+            .await;
+            let u = Upstream::new(&config(&server.url(""), &[], &[]), Some(own)).unwrap();
+            for (path, want) in [
+                ("undeclared", HostRefusal::NotDeclared),
+                ("self", HostRefusal::OwnAddress),
+            ] {
+                match get(&u, &format!("/v2/lab/app/blobs/{path}")).await {
+                    Err(UpstreamError::Redirect(RedirectError::Refused { reason, .. })) => {
+                        assert_eq!(reason, want, "{path}")
+                    }
+                    r => panic!("{path}: {r:?}"),
+                }
+            }
+            assert!(matches!(
+                get(&u, "/v2/lab/app/blobs/loop").await,
+                Err(UpstreamError::Redirect(RedirectError::TooMany))
+            ));
+            // A challenge naming an undeclared realm: no token request, and not remembered.
+            assert!(matches!(
+                get(&u, "/v2/lab/app/manifests/1").await,
+                Err(UpstreamError::Token { .. })
+            ));
+            assert!(lock(&u.challenge).is_none());
+            assert!(bystander.seen().is_empty(), "{:?}", bystander.seen());
+
+            // Declared, the same redirect is followed.
+            let declared = bystander.addr.to_string();
+            let u = Upstream::new(&config(&server.url(""), &[], &[&declared]), Some(own)).unwrap();
+            let r = get(&u, "/v2/lab/app/blobs/undeclared").await.unwrap();
+            assert_eq!(r.status(), 200);
+            assert_eq!(bystander.seen().len(), 1);
+        }
+    }
+
+    #[test]
+    fn host_policy() {
+        let cfg = |url: &str| UpstreamConfig {
+            name: "x".into(),
+            url: Url::parse(url).unwrap(),
+            ca_pems: vec![],
+            credentials: None,
+            realm_hosts: vec![HostPattern::parse("*.pkg.dev").unwrap()],
+            redirect_hosts: vec![
+                HostPattern::parse("storage.googleapis.com").unwrap(),
+                HostPattern::parse("127.0.0.1:9000").unwrap(),
+            ],
+            client_token: None,
+        };
+        let own = Some("0.0.0.0:5001".parse().unwrap());
+        let p = HostPolicy::new(&cfg("https://registry.k8s.io"), own);
+        let u = |s: &str| Url::parse(s).unwrap();
+        let from = u("https://registry.k8s.io/v2/x/blobs/y");
+        let redirect = |to: &str| {
+            p.check_redirect(&from, &u(to)).map_err(|e| match e {
+                RedirectError::Refused { reason, .. } => reason,
+                e => panic!("{e}"),
+            })
+        };
+        assert_eq!(redirect("https://storage.googleapis.com/b/o"), Ok(()));
+        assert_eq!(redirect("https://registry.k8s.io:443/v2/"), Ok(()));
+        assert_eq!(
+            redirect("http://storage.googleapis.com/b"),
+            Err(HostRefusal::Downgrade)
+        );
+        assert_eq!(
+            redirect("https://evil.example/"),
+            Err(HostRefusal::NotDeclared)
+        );
+        assert_eq!(
+            redirect("https://storage.googleapis.com.evil/"),
+            Err(HostRefusal::NotDeclared)
+        );
+        assert_eq!(
+            redirect("https://registry.k8s.io:8443/"),
+            Err(HostRefusal::NotDeclared)
+        );
+        assert_eq!(redirect("https://127.0.0.1:9000/"), Ok(()));
+        assert_eq!(
+            redirect("https://127.0.0.1:5001/metrics"),
+            Err(HostRefusal::OwnAddress)
+        );
+        assert_eq!(
+            redirect("https://[::1]:5001/"),
+            Err(HostRefusal::OwnAddress)
+        );
+        assert_eq!(
+            redirect("ftp://storage.googleapis.com/"),
+            Err(HostRefusal::Scheme)
+        );
+        assert_eq!(p.check_realm(&u("https://us-docker.pkg.dev/token")), Ok(()));
+        assert_eq!(
+            p.check_realm(&u("https://pkg.dev/token")),
+            Err(HostRefusal::NotDeclared)
+        );
+        assert_eq!(
+            p.check_realm(&u("http://us-docker.pkg.dev/token")),
+            Err(HostRefusal::Downgrade)
+        );
+        // A plain-http upstream (a lab) may use an http realm on its own host.
+        let lab = HostPolicy::new(&cfg("http://127.0.0.1:5000"), own);
+        assert_eq!(lab.check_realm(&u("http://127.0.0.1:5000/token")), Ok(()));
+        assert_eq!(
+            lab.check_realm(&u("http://127.0.0.1:5002/token")),
+            Err(HostRefusal::NotDeclared)
+        );
+    }
+
+    mod proptest_redirects {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn policy() -> HostPolicy {
+            HostPolicy::new(
+                &UpstreamConfig {
+                    name: "x".into(),
+                    url: Url::parse("https://reg.example").unwrap(),
+                    ca_pems: vec![],
+                    credentials: None,
+                    realm_hosts: vec![],
+                    redirect_hosts: vec![
+                        HostPattern::parse("cdn.example").unwrap(),
+                        HostPattern::parse("*.blob.example").unwrap(),
+                    ],
+                    client_token: None,
+                },
+                Some("127.0.0.1:5001".parse().unwrap()),
+            )
+        }
+
+        /// Independent of the pattern matcher: what the allowlist above means.
+        fn allowed(u: &Url) -> bool {
+            let host = u.host_str().unwrap_or("");
+            let port = u.port_or_known_default();
+            u.scheme() == "https"
+                && port == Some(443)
+                && (host == "reg.example"
+                    || host == "cdn.example"
+                    || (host.ends_with(".blob.example") && host.len() > ".blob.example".len()))
+        }
+
+        fn location() -> impl Strategy<Value = String> {
+            let scheme = prop_oneof![
+                Just("https://"),
+                Just("http://"),
+                Just("//"),
+                Just(""),
+                Just("ftp://"),
+                Just("HTTPS://")
+            ];
+            let host = prop_oneof![
+                Just("reg.example".to_owned()),
+                Just("cdn.example".to_owned()),
+                Just("a.blob.example".to_owned()),
+                Just("blob.example".to_owned()),
+                Just("cdn.example.evil".to_owned()),
+                Just("127.0.0.1".to_owned()),
+                Just("localhost".to_owned()),
+                Just("[::1]".to_owned()),
+                Just("CDN.Example".to_owned()),
+                Just("user@cdn.example".to_owned()),
+                "[a-z0-9.-]{1,20}",
+            ];
+            let port = prop_oneof![
+                Just(String::new()),
+                Just(":443".to_owned()),
+                Just(":5001".to_owned()),
+                (1u16..).prop_map(|p| format!(":{p}"))
+            ];
+            let path = "[ -~]{0,30}";
+            (scheme, host, port, path).prop_map(|(s, h, p, path)| format!("{s}{h}{p}/{path}"))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(4000))]
+
+            #[test]
+            fn proptest_redirect_target_stays_on_the_allowlist(loc in prop_oneof![location(), "\\PC{0,60}"]) {
+                let p = policy();
+                let from = Url::parse("https://reg.example/v2/x/blobs/sha256:0").unwrap();
+                if let Ok(next) = resolve_location(&from, &loc) {
+                    prop_assert_eq!(
+                        p.check_redirect(&from, &next).is_ok(),
+                        allowed(&next),
+                        "{} -> {}", loc, next
+                    );
+                }
+            }
+        }
+    }
 }
