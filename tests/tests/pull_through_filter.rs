@@ -921,3 +921,175 @@ fn a_redirect_to_cdn_quay_io_is_signed_and_its_challenge_answered_on_the_mirror(
     // None of them reached cdn.quay.io.
     assert_eq!(seen(&m.up.access_log(Front::QuayCdn)), before);
 }
+
+/// Only a realm URL a registry issued in a challenge is forwarded: other paths on a realm
+/// host (an API, the catalog) are refused before anything reaches that host, whatever
+/// credential comes with them.
+#[test]
+fn token_requests_for_paths_a_registry_never_issued_are_403() {
+    let m = mirror::shared();
+    let probe = unique();
+    for path in [
+        format!("/_mirror/auth/quay.io/api/v1/user/?probe={probe}"),
+        format!("/_mirror/auth/quay.io/v2/_catalog?n=99999&probe={probe}"),
+        format!("/_mirror/auth/quay.io/v2/auth/x?probe={probe}"),
+        format!("/_mirror/auth/auth.docker.io/v2/token?probe={probe}"),
+    ] {
+        let resp = m
+            .client()
+            .get(m.url(&path))
+            .basic_auth("alice", Some("secret"))
+            .send()
+            .unwrap();
+        assert_eq!(resp.status(), 403, "{path}\n{}", m.logs());
+        assert_eq!(oci_error_code(&resp.text().unwrap()), "DENIED", "{path}");
+    }
+    let quay = m.up.access_log(Front::Quay);
+    assert!(
+        quay.iter()
+            .all(|e| e.query_param("probe").as_deref() != Some(probe.as_str())),
+        "{quay:#?}"
+    );
+    assert!(m
+        .up
+        .token
+        .requests()
+        .iter()
+        .all(|r| !r.path.contains("/api/") && !r.path.contains("_catalog")));
+}
+
+// --- the shared host's ping while the default registry's upstream is down ---------------
+
+/// A TCP relay to `target` that can be cut: while cut, its open connections are shut
+/// and new ones closed at once (an upstream that is down).
+struct Relay {
+    addr: std::net::SocketAddr,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Relay {
+    fn start(target: std::net::SocketAddr) -> Relay {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let relay = Relay {
+            addr: listener.local_addr().unwrap(),
+            up: Default::default(),
+            accepted: Default::default(),
+            open: Default::default(),
+        };
+        let (up, accepted, open) = (
+            relay.up.clone(),
+            relay.accepted.clone(),
+            relay.open.clone(),
+        );
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if !up.load(SeqCst) {
+                    continue; // dropped: closed without an answer
+                }
+                let Ok(server) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                accepted.fetch_add(1, SeqCst);
+                let mut open = open.lock().unwrap();
+                open.extend(client.try_clone().ok());
+                open.extend(server.try_clone().ok());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        relay
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+        if !up {
+            for s in self.open.lock().unwrap().drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// skopeo pings `/v2/` on the mirror host before every pull, whatever registry it pulls
+/// from. With Docker Hub's upstream (the default registry) down, a pull of the cached
+/// gcr.io registry by path prefix still works: the ping is answered by the mirror itself.
+/// Anonymous `200 {}` while the hub's challenge was never seen; once seen, the hub's
+/// challenge (rewritten to the mirror) without asking the hub, so `docker login`-style
+/// clients still find the token realm.
+#[test]
+fn ping_first_clients_pull_a_cached_registry_while_the_default_upstream_is_down() {
+    use mirror_tests::cache::CacheService;
+    let up = mirror::shared().up;
+    let cache = CacheService::start(up).unwrap();
+    let hub = Relay::start(up.nginx.hub_front);
+    let own = Mirror::start_with(
+        up,
+        &mirror_tests::build::workspace_root().join("envoy/local.yaml"),
+        true,
+        std::collections::BTreeMap::from([
+            ("cache_service".to_string(), cache.addr),
+            ("registry-1.docker.io".to_string(), hub.addr),
+        ]),
+    )
+    .unwrap();
+    let m = &own;
+    let logs = || format!("{}\n--- regmirror ---\n{}", m.logs(), cache.proc.log_tail(40));
+    let image = &up.images.distroless;
+    let reference = format!("{}/gcr.io/distroless/static:nonroot", m.addr());
+    let ping = || m.client().get(m.url("/v2/")).send().unwrap();
+
+    // 1. The hub is down and its challenge was never seen: anonymous ping, the pull works.
+    hub.set_up(false);
+    let resp = ping();
+    assert_eq!(resp.status(), 200, "{}", logs());
+    assert_eq!(resp.text().unwrap().trim(), "{}");
+    let opts = SkopeoPull {
+        all: false,
+        cert_dir: Some(up.pki.cert_dir.clone()),
+        registries_conf: None,
+    };
+    match clients::skopeo_pull(&reference, &opts) {
+        Ok(p) => p.assert_is(image, false),
+        Err(e) => panic!("{e:#}\n{}", logs()),
+    }
+
+    // 2. The hub is up: the ping learns its challenge.
+    hub.set_up(true);
+    let realm = format!("https://{}/_mirror/auth/auth.docker.io/token", m.addr());
+    let challenge = |resp: reqwest::blocking::Response| {
+        assert_eq!(resp.status(), 401, "{}", logs());
+        resp.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    let c = challenge(ping());
+    assert!(c.contains(&format!("realm=\"{realm}\"")), "{c}");
+    assert!(c.contains("service=\"registry.docker.io\""), "{c}");
+
+    // 3. The hub is down again: the ping still challenges, without contacting the hub,
+    // and the cached registry still pulls.
+    hub.set_up(false);
+    let before = hub.accepted();
+    let c = challenge(ping());
+    assert!(c.contains(&format!("realm=\"{realm}\"")), "{c}");
+    match clients::skopeo_pull(&reference, &opts) {
+        Ok(p) => p.assert_is(image, false),
+        Err(e) => panic!("{e:#}\n{}", logs()),
+    }
+    assert_eq!(hub.accepted(), before, "the hub was contacted\n{}", logs());
+}
