@@ -189,9 +189,27 @@ fn route_config(
         upstream_virtual_host(w, &registry.upstream, CACHE_CLUSTER, &to_cache);
     }
     let hsts = matches!(variant, Variant::Standalone | Variant::BehindTlsProxy);
+    let unrouted = "direct_response:\n                  status: 404\n                  body:\n                    inline_string: '{\"errors\":[{\"code\":\"NAME_UNKNOWN\",\"message\":\"not routed by the mirror filter\"}]}'";
     let _ = writeln!(
         w,
-        "            # What clients address. The filter rewrites :authority to an upstream host\n            # above, which re-selects the route; a request it did not rewrite stops here.\n            - name: unrouted\n              domains: [\"*\"]\n              routes:\n              - match: {{ prefix: \"/\" }}\n                direct_response:\n                  status: 404\n                  body:\n                    inline_string: '{{\"errors\":[{{\"code\":\"NAME_UNKNOWN\",\"message\":\"not routed by the mirror filter\"}}]}}'"
+        "            # What clients address. The filter rewrites :authority to an upstream host\n            # above, which re-selects the route; a request it did not rewrite stops here.\n            - name: unrouted\n              domains: [\"*\"]\n              routes:"
+    );
+    if declaration
+        .access
+        .as_ref()
+        .is_some_and(|a| a.basic_auth.is_some())
+    {
+        // containerd fetches tokens without its hosts.toml headers, and a token request
+        // carries the registry's credentials, not the mirror's; the token is worth nothing
+        // without the mirror login on /v2/.
+        let _ = writeln!(
+            w,
+            "              - match: {{ prefix: \"/_mirror/auth/\" }}\n                {unrouted}\n                typed_per_filter_config:\n                  envoy.filters.http.basic_auth:\n                    \"@type\": type.googleapis.com/envoy.config.route.v3.FilterConfig\n                    disabled: true"
+        );
+    }
+    let _ = writeln!(
+        w,
+        "              - match: {{ prefix: \"/\" }}\n                {unrouted}"
     );
     if hsts {
         let _ = writeln!(
