@@ -14,10 +14,10 @@ use rules::realms::{self, IssuedRealms, RealmUrl};
 use rules::redirect::{credential_fingerprint, rewrite_location, LocationOutcome, SignParams};
 use rules::response::{plan_challenges, Answer};
 use rules::route::{
-    forward_to_learned, ping_reply, placeholder_token, realm_failure, route_with, Decision,
+    forward_to_learned, ping_reply, realm_failure, route_with, token_after_realm_call, Decision,
     Forward, ForwardKind, LearnRealm, Learned, Ping, RejectReason, Reply, Request,
 };
-use rules::token::{classify_realm_call, realm_key, LearnError, LearnedRealm, RealmCall};
+use rules::token::{classify_realm_call, realm_key, LearnedRealm, RealmCall};
 use rules::token_host::{self, TokenHosts};
 use rules::CompiledConfig;
 use std::cell::{Cell, RefCell};
@@ -494,32 +494,7 @@ impl Context for MirrorHttp {
             }
             Paused::Token { learn, client } => (learn, client),
         };
-        let status = status.map_or("no answer".to_string(), |s| s.to_string());
-        let learned = match call {
-            RealmCall::Learned(l) => l,
-            RealmCall::Anonymous => {
-                // An anonymous registry: nothing to learn, no token needed.
-                let r = placeholder_token(&format!(
-                    "placeholder token: {registry} answered /v2/ {status} without a challenge"
-                ));
-                self.reply_paused(&shared, &r);
-                return;
-            }
-            RealmCall::Failed(LearnError::NoChallenge) => {
-                let msg = format!(
-                    "cannot learn the token realm of {registry}: its /v2/ answered {status} without a Bearer challenge"
-                );
-                self.reply_paused(&shared, &realm_failure(ErrorCode::Unavailable, &msg));
-                return;
-            }
-            RealmCall::Failed(LearnError::NotAllowlisted(host)) => {
-                let msg =
-                    format!("the token realm host {host} of {registry} is not on its realm_hosts");
-                self.reply_paused(&shared, &realm_failure(ErrorCode::Denied, &msg));
-                return;
-            }
-        };
-        match forward_to_learned(&shared.cfg, &learn, &learned) {
+        match token_after_realm_call(&shared.cfg, &learn, &call, status) {
             Ok(f) => {
                 if let Err(e) = self.apply_forward(&shared, f, client) {
                     warn!("cannot rewrite the paused token request: {e:?}");

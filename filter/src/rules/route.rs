@@ -5,7 +5,7 @@ use super::names::{Digest, NameError, Reference, RepositoryName};
 use super::oci_error::{render, ErrorCode};
 use super::realms::RealmUrl;
 use super::redirect::{SignedRedirect, PREFIX as REDIRECT_PREFIX};
-use super::token::{self, LearnedRealm};
+use super::token::{self, LearnError, LearnedRealm, RealmCall};
 use super::token_host::strip_credential;
 
 /// Path prefix of token requests.
@@ -795,6 +795,47 @@ pub fn forward_to_learned(
     })
 }
 
+/// A paused token request once its realm call answered (`status`: the call's
+/// `:status`, `None` when it failed): forwarded as [`forward_to_learned`] says, a local
+/// placeholder token for an anonymous registry, else an error. A realm URL the client
+/// asked itself (`expect`) that cannot be confirmed is refused with 403 `DENIED`.
+pub fn token_after_realm_call(
+    cfg: &CompiledConfig,
+    lr: &LearnRealm,
+    call: &RealmCall,
+    status: Option<u32>,
+) -> Result<Forward, Reply> {
+    let registry = &lr.registry;
+    let status = status.map_or("no answer".to_string(), |s| s.to_string());
+    let (code, message) = match call {
+        RealmCall::Learned(l) => return forward_to_learned(cfg, lr, l),
+        RealmCall::Anonymous if lr.expect.is_none() => {
+            // An anonymous registry: nothing to learn, no token needed.
+            return Err(placeholder_token(&format!(
+                "placeholder token: {registry} answered /v2/ {status} without a challenge"
+            )));
+        }
+        RealmCall::Anonymous => (ErrorCode::Denied, String::new()),
+        RealmCall::Failed(LearnError::NoChallenge) => (
+            ErrorCode::Unavailable,
+            format!("cannot learn the token realm of {registry}: its /v2/ answered {status} without a Bearer challenge"),
+        ),
+        RealmCall::Failed(LearnError::NotAllowlisted(host)) => (
+            ErrorCode::Denied,
+            format!("the token realm host {host} of {registry} is not on its realm_hosts"),
+        ),
+    };
+    if lr.expect.is_some() {
+        return Err(reject_reply(
+            403,
+            ErrorCode::Denied,
+            RejectReason::RealmDenied,
+            &format!("realm URL not issued by {registry}"),
+        ));
+    }
+    Err(realm_failure(code, &message))
+}
+
 /// Local 200 with a placeholder token, for registries that need no upstream token
 /// (cached ones; ones whose `/v2/` answers 2xx without a challenge).
 pub fn placeholder_token(message: &str) -> Reply {
@@ -1511,6 +1552,56 @@ mod tests {
             &get("quay.mirror.test", "/_mirror/auth/quay.io/v2/auth"),
         ));
         assert_eq!(f.registry, "quay.io");
+    }
+
+    #[test]
+    fn token_requests_after_the_realm_call() {
+        let cfg = parse_config(b"").unwrap();
+        let issued = learn(route(
+            &cfg,
+            &get(
+                "m",
+                "/_mirror/auth/quay.io/v2/auth?scope=repository:a/b:pull",
+            ),
+            &KEY,
+            0,
+        ));
+        let other = learn(route(
+            &cfg,
+            &get(
+                "m",
+                "/_mirror/auth/auth.docker.io/token?scope=repository:quay.io/a/b:pull",
+            ),
+            &KEY,
+            0,
+        ));
+        assert!(issued.expect.is_some() && other.expect.is_none());
+        let quay = LearnedRealm::new("https://quay.io/v2/auth", Some("quay.io")).unwrap();
+        let learned = RealmCall::Learned(quay);
+        for lr in [&issued, &other] {
+            let f = token_after_realm_call(&cfg, lr, &learned, Some(401)).unwrap();
+            assert_eq!(
+                (f.kind, f.authority.as_str()),
+                (ForwardKind::Auth, "quay.io")
+            );
+        }
+        // The registry is anonymous, or its realm cannot be learned: a realm URL the
+        // client asked is refused (403); a token for another registry gets a placeholder
+        // or 502.
+        for call in [
+            RealmCall::Anonymous,
+            RealmCall::Failed(LearnError::NoChallenge),
+            RealmCall::Failed(LearnError::NotAllowlisted("evil.example".into())),
+        ] {
+            let r = token_after_realm_call(&cfg, &issued, &call, None).unwrap_err();
+            assert_eq!((r.status, code(&r).as_str()), (403, "DENIED"), "{call:?}");
+            let r = token_after_realm_call(&cfg, &other, &call, Some(503)).unwrap_err();
+            let want = match call {
+                RealmCall::Anonymous => (200, None),
+                _ => (502, Some(RejectReason::RealmUnavailable)),
+            };
+            assert_eq!((r.status, r.reason), want, "{call:?}");
+        }
     }
 
     #[test]
