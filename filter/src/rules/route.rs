@@ -537,8 +537,9 @@ fn route_v2(
                 reason: None,
                 message: "local /v2/".into(),
             }),
-            // The shared host's ping must not depend on one upstream being up.
-            Some(r) if by_default => Decision::Ping(Ping {
+            // The shared host's ping must not depend on one upstream being up (a cached
+            // default registry's ping goes to the local cache-service, as before).
+            Some(r) if by_default && !r.cache => Decision::Ping(Ping {
                 registry: r.name.clone(),
                 cluster: r.cluster.clone(),
                 upstream: r.upstream.clone(),
@@ -1769,6 +1770,13 @@ mod tests {
         let r = ping_reply(&ping, None);
         assert_eq!((r.status, r.body.as_str()), (200, "{}"));
         assert!(r.headers.iter().all(|(k, _)| k != "www-authenticate"));
+        // A cached default registry: the ping goes to cache-service, as any request.
+        let gcr = parse_config(
+            br#"{"default_registry":"gcr.io","registries":[{"name":"gcr.io","upstream":"gcr.io","cache":true}]}"#,
+        )
+        .unwrap();
+        let f = fwd(route(&gcr, &get("m", "/v2/"), &KEY, 0));
+        assert_eq!((f.authority.as_str(), f.path.as_str()), ("gcr.io", "/v2/"));
         // Host mode and ?ns= pings still go to their registry.
         let f = fwd(route(
             &host_cfg(),
