@@ -390,12 +390,20 @@ pub fn run(
             ("mirror", &mn.mirror),
             ("native", &mn.peer),
             ("floor", &fl.mirror),
+            ("native (floor series)", &fl.peer),
         ] {
+            let single = if runs.iter().any(|r| r.single.is_some()) {
+                format!(
+                    "; -c1 p99 us {}",
+                    fmt_runs(&runs.iter().map(p99).collect::<Vec<_>>())
+                )
+            } else {
+                String::new()
+            };
             log.push(format!(
-                "wrk {path} {name}: -c16 rps {}; envoy cpu us/req {}; -c1 p99 us {}",
+                "wrk {path} {name}: -c16 rps {}; envoy cpu us/req {}{single}",
                 fmt_runs(&runs.iter().map(|r| r.loaded.rps).collect::<Vec<_>>()),
                 fmt_runs(&runs.iter().map(|r| r.cpu_us).collect::<Vec<_>>()),
-                fmt_runs(&runs.iter().map(p99).collect::<Vec<_>>()),
             ));
         }
         let floor_rps = fl.ratio(|r| r.loaded.rps);

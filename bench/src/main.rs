@@ -2,7 +2,9 @@
 //! 127.0.0.1. Prints a markdown table and writes it to bench/RESULTS.md.
 //!
 //! `mirror-bench [SECTION…]` runs a subset (filter, pull, peers, profile); no argument runs
-//! everything. `mirror-bench hot FUNC N` is the callgrind target (see `profile`).
+//! everything. `MIRROR_BENCH_PAIRS=N` sets the pairs per interleaved comparison (default 9);
+//! a subset or fewer pairs writes `target/bench-RESULTS.md` instead. `mirror-bench hot FUNC
+//! N` is the callgrind target (see `profile`).
 
 mod filter_overhead;
 mod profile;
@@ -56,12 +58,20 @@ fn table(rows: &[Row]) -> String {
         "| section | metric | mirror | peer | median | range (min–max) | pairs | target | verdict |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for r in rows {
+        // Ratios with two decimals, differences (µs) signed and whole.
+        let fig = |x: f64| {
+            if r.unit == "×" {
+                format!("{x:.2}")
+            } else {
+                format!("{x:+.0}")
+            }
+        };
         let (median, range, pairs) = match r.figure {
             Figure::None => ("—".into(), "—".into(), "—".into()),
-            Figure::One(x) => (format!("{x:.2}{}", r.unit), "—".into(), "—".into()),
+            Figure::One(x) => (format!("{}{}", fig(x), r.unit), "—".into(), "—".into()),
             Figure::Pairs(p) => (
-                format!("{:.2}{}", p.median, r.unit),
-                format!("{:.2}–{:.2}{}", p.min, p.max, r.unit),
+                format!("{}{}", fig(p.median), r.unit),
+                format!("{}–{}{}", fig(p.min), fig(p.max), r.unit),
                 p.n.to_string(),
             ),
         };
@@ -165,7 +175,12 @@ fn main() -> Result<()> {
         log.0.join("\n"),
         warmup = util::WARMUP_PAIRS,
     );
-    let path = mirror_tests::build::workspace_root().join("bench/RESULTS.md");
+    // bench/RESULTS.md is what the README quotes: only a full run replaces it.
+    let path = if args.is_empty() && pairs >= util::DEFAULT_PAIRS {
+        mirror_tests::build::workspace_root().join("bench/RESULTS.md")
+    } else {
+        target_dir().join("bench-RESULTS.md")
+    };
     std::fs::write(&path, out).with_context(|| format!("write {}", path.display()))?;
     eprintln!("[bench] wrote {}", path.display());
     Ok(())
@@ -179,13 +194,16 @@ pub struct Bins {
     pub regmirror: std::path::PathBuf,
 }
 
+fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| mirror_tests::build::workspace_root().join("target"))
+}
+
 fn prepare(_args: &[String]) -> Result<Bins> {
     // `just bench` depends on `just build`, which builds both; the harness' variables
     // override the paths.
-    let root = mirror_tests::build::workspace_root();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
+    let target = target_dir();
     let pick =
         |var: &str, default: std::path::PathBuf, build: &str| -> Result<std::path::PathBuf> {
             let p = std::env::var_os(var)
@@ -258,5 +276,9 @@ mod tests {
             "{n}"
         );
         assert!(noise_bound(&rows[1..]).contains("none"));
+        let mut diff = Row::info("1. filter", "added p99", "a".into(), "b".into());
+        diff.figure = Figure::Pairs(util::Spread::of(&[-12.0, 40.4, 95.0]));
+        diff.unit = " µs";
+        assert!(table(&[diff]).contains("| +40 µs | -12–+95 µs | 3 |"));
     }
 }

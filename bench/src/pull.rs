@@ -21,7 +21,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use mirror_tests::envoy::{Envoy, Substitution};
 use mirror_tests::images::{build_layout, SeededImage, MT_MANIFEST};
 use mirror_tests::proc::{run as run_cmd, Proc};
-use mirror_tests::upstreams::{Upstreams, CDN_HOST, HUB_HOST, HUB_SERVICE};
+use mirror_tests::upstreams::{Front, Upstreams, CDN_HOST, HUB_HOST, HUB_SERVICE};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -44,6 +44,8 @@ struct Fixture {
     direct: SocketAddr,
     /// The hub front of the fair direct baseline.
     hub_direct: SocketAddr,
+    /// Its CDN's access log (one line per request).
+    hub_direct_cdn_log: PathBuf,
     origin: SocketAddr,
     origin_log: PathBuf,
     _procs: Vec<Proc>,
@@ -158,7 +160,8 @@ fn setup(base: &Path, log: &mut crate::util::Log) -> Result<Fixture> {
             up.pki.key.display()
         ),
     )?);
-    let (hub_direct, hub_procs) = start_hub_direct(&up, &dir)?;
+    let hub_direct_cdn_log = dir.join("hub-direct-cdn.log");
+    let (hub_direct, hub_procs) = start_hub_direct(&up, &dir, &hub_direct_cdn_log)?;
     procs.extend(hub_procs);
     let origin = util::addr();
     let origin_log = dir.join("origin-nginx/origin.log");
@@ -180,6 +183,7 @@ fn setup(base: &Path, log: &mut crate::util::Log) -> Result<Fixture> {
         sizes,
         direct,
         hub_direct,
+        hub_direct_cdn_log,
         origin,
         origin_log,
         _procs: procs,
@@ -199,7 +203,7 @@ fn setup(base: &Path, log: &mut crate::util::Log) -> Result<Fixture> {
 /// harness' hub front (blob GET authorised by a HEAD, then 307) and CDN (refuses
 /// `Authorization`, needs `verify`), the `Location` naming the CDN by address. The client
 /// trusts the test CA; the leaf certificate carries `127.0.0.1`. Returns the front.
-fn start_hub_direct(up: &Upstreams, dir: &Path) -> Result<(SocketAddr, Vec<Proc>)> {
+fn start_hub_direct(up: &Upstreams, dir: &Path, cdn_log: &Path) -> Result<(SocketAddr, Vec<Proc>)> {
     let realm = format!("https://{}/token", up.token.addr);
     let registry = mirror_tests::upstreams::start_distribution(
         "hub-direct-registry",
@@ -255,6 +259,7 @@ fn start_hub_direct(up: &Upstreams, dir: &Path) -> Result<(SocketAddr, Vec<Proc>
   server {{
     listen {cdn} ssl;
     server_name {CDN_HOST};
+    access_log {cdn_log};
     location /registry-v2/ {{
       if ($http_authorization) {{
         return 400 "<Error><Code>InvalidArgument</Code><Message>Only one auth mechanism allowed</Message></Error>";
@@ -273,6 +278,7 @@ fn start_hub_direct(up: &Upstreams, dir: &Path) -> Result<(SocketAddr, Vec<Proc>
         ca = up.pki.ca.display(),
         empty = empty.display(),
         storage = up.hub.storage.display(),
+        cdn_log = cdn_log.display(),
     );
     let nginx = util::start_nginx(dir, "hub-direct-nginx", &body, &[front, cdn])?;
     Ok((front, vec![registry.proc, nginx]))
@@ -498,10 +504,51 @@ fn pull_rows(
     let pull = |r: &str| util::timed(|| util::skopeo_copy(r, Some(&cert_dir), false));
     let warmup = util::WARMUP_PAIRS;
 
-    let filter = util::interleaved(pairs, warmup, |side, _| match side {
-        Side::Mirror => pull(&filter_ref).with_context(|| envoy.log_tail(20)),
-        Side::Peer => pull(&hub_direct_ref),
-    })?;
+    // Each run also counts the token requests and CDN GETs it caused: the baseline must do
+    // the work the filter route does, or the ratio measures something else.
+    let hub_pull = |side: Side| -> Result<HubPull> {
+        let cdn_lines = || match side {
+            Side::Mirror => f.up.access_log(Front::Cdn).len(),
+            Side::Peer => util::count_log_lines(&f.hub_direct_cdn_log),
+        };
+        let (tokens0, cdn0) = (f.up.token.requests().len(), cdn_lines());
+        let secs = match side {
+            Side::Mirror => pull(&filter_ref).with_context(|| envoy.log_tail(20))?,
+            Side::Peer => pull(&hub_direct_ref)?,
+        };
+        Ok(HubPull {
+            secs,
+            tokens: f.up.token.requests().len().saturating_sub(tokens0),
+            cdn_gets: cdn_lines().saturating_sub(cdn0),
+        })
+    };
+    let filter = util::interleaved(pairs, warmup, |side, _| hub_pull(side))?;
+    let work = |runs: &[HubPull]| {
+        runs.iter()
+            .map(|r| format!("{}/{}", r.tokens, r.cdn_gets))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    log.push(format!(
+        "token requests/CDN GETs per pull: filter route {}; direct {}",
+        work(&filter.mirror),
+        work(&filter.peer)
+    ));
+    if let Some(r) = filter
+        .peer
+        .iter()
+        .find(|r| r.tokens == 0 || r.cdn_gets == 0)
+    {
+        bail!(
+            "the direct baseline skipped the token exchange or the CDN ({} token requests, {} CDN GETs): not the filter route's work",
+            r.tokens,
+            r.cdn_gets
+        );
+    }
+    let filter = Paired {
+        mirror: filter.mirror.iter().map(|r| r.secs).collect(),
+        peer: filter.peer.iter().map(|r| r.secs).collect(),
+    };
     log_pairs(
         log,
         "pull s, filter route (Envoy TLS → hub front → 307 CDN, token auth) vs direct (hub front → 307 CDN, token auth)",
@@ -667,6 +714,13 @@ fn pull_rows(
     drop(rm);
     drop(envoy);
     Ok(rows)
+}
+
+/// One skopeo pull from the Docker Hub-shaped upstream.
+struct HubPull {
+    secs: f64,
+    tokens: usize,
+    cdn_gets: usize,
 }
 
 /// One run of the concurrency comparison.
