@@ -1,6 +1,6 @@
 //! Token hosts: signed redirect targets that are resource servers of their registry's
-//! token service (they challenge with the registry's own realm), so the registry's
-//! tokens are meant for them and are not dropped when a client repeats one.
+//! token service (they challenge with the registry's own realm), so Bearer tokens are
+//! meant for them; every other redirect target gets no credential at all.
 //!
 //! Recorded per Envoy in proxy-wasm shared data, one key per registry
 //! ([`key`]) holding a bounded newline-separated list of hosts ([`TokenHosts`]).
