@@ -979,11 +979,7 @@ impl Relay {
             accepted: Default::default(),
             open: Default::default(),
         };
-        let (up, accepted, open) = (
-            relay.up.clone(),
-            relay.accepted.clone(),
-            relay.open.clone(),
-        );
+        let (up, accepted, open) = (relay.up.clone(), relay.accepted.clone(), relay.open.clone());
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 if !up.load(SeqCst) {
@@ -1047,7 +1043,13 @@ fn ping_first_clients_pull_a_cached_registry_while_the_default_upstream_is_down(
     )
     .unwrap();
     let m = &own;
-    let logs = || format!("{}\n--- regmirror ---\n{}", m.logs(), cache.proc.log_tail(40));
+    let logs = || {
+        format!(
+            "{}\n--- regmirror ---\n{}",
+            m.logs(),
+            cache.proc.log_tail(40)
+        )
+    };
     let image = &up.images.distroless;
     let reference = format!("{}/gcr.io/distroless/static:nonroot", m.addr());
     let ping = || m.client().get(m.url("/v2/")).send().unwrap();
