@@ -239,3 +239,81 @@ fn a_client_over_its_rate_gets_429_and_others_are_not_slowed() {
     let resp = ping(g, ALLOWED, Some(&login));
     assert_ne!(resp.status(), 429, "{}", g.mirror.logs());
 }
+
+/// A login in `Authorization` (what `docker login`, podman's auth.json and k3s send) on a
+/// mirror whose registries are all cached: cache-service answers the registry's auth
+/// itself, so no registry token ever competes with the login for the header.
+#[test]
+fn a_registry_login_in_authorization_pulls_through_the_cache() {
+    let up = upstreams::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(&htpasswd, htpasswd_line()).unwrap();
+    let declaration = dir.path().join("registries.toml");
+    std::fs::write(
+        &declaration,
+        format!(
+            "[mirror]\ndefault_registry = \"gcr.io\"\ncache_service = \"127.0.0.1:5001\"\n\n\
+             [access]\nbasic_auth = {{ htpasswd = {:?} }}\n\n\
+             [[registry]]\nname = \"gcr.io\"\nupstream = \"gcr.io\"\nhost_prefix = \"gcr\"\n\
+             realm_hosts = [\"gcr.io\"]\ncache = true\n",
+            htpasswd.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("rendered");
+    run(Command::new(regmirror().unwrap())
+        .arg("render")
+        .arg("--registries")
+        .arg(&declaration)
+        .arg("--out")
+        .arg(&out))
+    .unwrap();
+    let cache = mirror_tests::cache::CacheService::start(up).unwrap();
+    let m = Mirror::start_with(
+        up,
+        &out.join("local.yaml"),
+        true,
+        BTreeMap::from([("cache_service".to_string(), cache.addr)]),
+    )
+    .unwrap();
+
+    // podman/skopeo: the auth.json `regmirror client-config podman --user` writes.
+    let config = tempfile::tempdir().unwrap();
+    run(Command::new(regmirror().unwrap())
+        .args(["client-config", "podman", "--mirror"])
+        .arg(format!("https://{}", m.addr()))
+        .arg("--registries")
+        .arg(&declaration)
+        .arg("--out")
+        .arg(config.path())
+        .env("REGMIRROR_MIRROR_LOGIN", format!("{USER}:{PASSWORD}")))
+    .unwrap();
+    let reference = format!("docker://{}/gcr.io/distroless/static:nonroot", m.addr());
+    let skopeo = |auth: &[&str]| {
+        let target = mirror_tests::temp_dir("skopeo").unwrap();
+        let result = run(Command::new("skopeo")
+            .args(["--insecure-policy", "copy", "--retry-times", "0"])
+            .args(auth)
+            .arg("--src-cert-dir")
+            .arg(&up.pki.cert_dir)
+            .arg(&reference)
+            .arg(format!("dir:{}", target.path().display())));
+        (result, target)
+    };
+    let authfile = config.path().join("auth.json").display().to_string();
+    let (result, target) = skopeo(&["--src-authfile", &authfile]);
+    if let Err(e) = result {
+        panic!("{e:#}\n{}\n{}", m.logs(), cache.proc.log_tail(30));
+    }
+    clients::verify_dir(target)
+        .unwrap()
+        .assert_is(&up.images.distroless, false);
+
+    let (result, _) = skopeo(&["--src-no-creds"]);
+    let error = format!("{:#}", result.unwrap_err());
+    assert!(
+        error.contains("401") || error.contains("authentication required"),
+        "{error}"
+    );
+}

@@ -58,6 +58,14 @@ pub fn render(declaration: &Declaration, filter_json: &str) -> String {
             UpstreamHost::Wildcard(_) => None,
         })
         .collect();
+    if declaration.access.is_some() {
+        // Silently dropping a declared restriction would open what the operator closed.
+        let _ = write!(
+            w,
+            "# [access] is not rendered for Istio: restrict the gateway with an AuthorizationPolicy\n\
+             # (remoteIpBlocks), Istio's local rate limit and mTLS or RequestAuthentication.\n"
+        );
+    }
     let _ = write!(
         w,
         "# Rendered by `regmirror render` from envoy/registries.toml: edit that file, not this one.\n\

@@ -464,4 +464,73 @@ mod tests {
             assert_eq!(router["typed_config"]["suppress_envoy_headers"], true);
         }
     }
+
+    const ACCESS: &str = "[access]\nallow_networks = [\"10.0.0.0/8\"]\n\
+        rate_limit = { requests_per_second = 5, burst = 20 }\n\
+        basic_auth = { htpasswd = \"/etc/regmirror/htpasswd\", header = \"x-mirror-authorization\" }\n\n";
+
+    /// `[access]` becomes Envoy filters ahead of the mirror filter in every listener, and
+    /// the mirror login goes nowhere past Envoy.
+    #[test]
+    fn access_is_enforced_before_the_filter_and_the_login_stays_on_the_mirror() {
+        let shipped = render_files(&repo_root().join("envoy/registries.toml")).unwrap();
+        let files =
+            render_edited(|t| t.replacen("[[registry]]", &format!("{ACCESS}[[registry]]"), 1))
+                .unwrap();
+        for name in ["local.yaml", "mirror.yaml", "behind-tls-proxy.yaml"] {
+            // Off unless declared.
+            assert!(!file(&shipped, name).contains("basic_auth"), "{name}");
+            let doc: serde_yaml::Value = serde_yaml::from_str(file(&files, name)).unwrap();
+            let hcm = &doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+                ["typed_config"];
+            let order: Vec<&str> = hcm["http_filters"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .filter_map(|f| f["name"].as_str())
+                .take(4)
+                .collect();
+            assert_eq!(
+                order,
+                [
+                    "envoy.filters.http.rbac",
+                    "envoy.filters.http.local_ratelimit",
+                    "envoy.filters.http.basic_auth",
+                    "envoy.filters.http.wasm"
+                ],
+                "{name}"
+            );
+            let vhosts = hcm["route_config"]["virtual_hosts"].as_sequence().unwrap();
+            for vhost in vhosts.iter().filter(|v| v["name"] != "unrouted") {
+                let removed = vhost["request_headers_to_remove"].as_sequence().unwrap();
+                assert!(
+                    removed.iter().any(|h| h == "x-mirror-authorization"),
+                    "{name}: {vhost:?}"
+                );
+            }
+            let unrouted = vhosts.iter().find(|v| v["name"] == "unrouted").unwrap();
+            let token_route = &unrouted["routes"][0];
+            assert_eq!(token_route["match"]["prefix"], "/_mirror/auth/");
+            assert_eq!(
+                token_route["typed_per_filter_config"]["envoy.filters.http.basic_auth"]["disabled"],
+                true
+            );
+        }
+        assert!(file(&files, "istio/mirror.yaml").contains("[access] is not rendered"));
+    }
+
+    #[test]
+    fn a_login_in_authorization_needs_every_registry_cached() {
+        let error = render_edited(|t| {
+            t.replacen(
+                "[[registry]]",
+                "[access]\nbasic_auth = { htpasswd = \"/etc/regmirror/htpasswd\" }\n\n[[registry]]",
+                1,
+            )
+        })
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(error.contains("cache = true"), "{error}");
+    }
 }
