@@ -652,4 +652,31 @@ password_env = "PW"
             );
         }
     }
+
+    mod proptest_sizes {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(crate::testserver::proptest_config())]
+
+            #[test]
+            fn proptest_parse_size_never_panics(s in "\\PC{0,30}") {
+                let _ = parse_size(&s);
+            }
+
+            #[test]
+            fn proptest_parse_size_round_trip(
+                n in any::<u64>(),
+                (unit, mult) in prop_oneof![
+                    Just(("", 1u64)), Just(("B", 1)), Just(("k", 1 << 10)), Just(("KiB", 1 << 10)),
+                    Just(("MiB", 1 << 20)), Just(("GiB", 1 << 30)), Just(("T", 1 << 40)),
+                    Just(("kb", 1_000)), Just(("MB", 1_000_000)), Just(("GB", 1_000_000_000)),
+                ],
+            ) {
+                let got = parse_size(&format!("{n}{unit}")).ok();
+                prop_assert_eq!(got, n.checked_mul(mult));
+            }
+        }
+    }
 }

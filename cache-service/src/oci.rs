@@ -290,4 +290,48 @@ mod tests {
             MT_DOCKER_MANIFEST
         );
     }
+
+    mod proptest_grammar {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(crate::testserver::proptest_config())]
+
+            #[test]
+            fn proptest_parsers_never_panic(s in "\\PC{0,300}") {
+                if let Ok(n) = RepoName::parse(&s) {
+                    prop_assert!(n.as_str().len() <= 255);
+                    prop_assert_eq!(RepoName::parse(n.as_str()), Ok(n.clone()));
+                }
+                if let Ok(t) = Tag::parse(&s) {
+                    prop_assert_eq!(t.as_str(), s.as_str());
+                    prop_assert!(t.as_str().len() <= 128);
+                }
+                if let Ok(d) = Digest::parse(&s) {
+                    prop_assert_eq!(d.as_str(), s.as_str());
+                    prop_assert_eq!(d.hex().len(), 64);
+                }
+                if let Ok(r) = Reference::parse(&s) {
+                    prop_assert_eq!(r.to_string(), s.clone());
+                }
+                let _ = manifest_media_type(None, s.as_bytes());
+            }
+
+            #[test]
+            fn proptest_valid_names_round_trip(
+                parts in proptest::collection::vec("[a-z0-9]{1,8}([._-][a-z0-9]{1,8}){0,2}", 1..5),
+                tag in "[A-Za-z0-9_][A-Za-z0-9._-]{0,127}",
+                bytes in proptest::collection::vec(any::<u8>(), 0..64),
+            ) {
+                let name = parts.join("/");
+                prop_assert_eq!(RepoName::parse(&name).map(|n| n.to_string()), Ok(name.clone()));
+                prop_assert_eq!(Reference::parse(&tag).map(|r| r.to_string()), Ok(tag.clone()));
+                let d = Digest::of_bytes(&bytes);
+                prop_assert_eq!(Digest::parse(d.as_str()), Ok(d.clone()));
+                prop_assert!(Digest::parse(&d.as_str().to_uppercase()).is_err());
+                prop_assert!(Digest::parse(d.hex()).is_err());
+            }
+        }
+    }
 }

@@ -96,3 +96,12 @@ pub fn endless() -> Body {
         Ok::<_, std::io::Error>(chunk.clone())
     }))
 }
+
+/// Property-test settings: a few thousand cases, or `PROPTEST_CASES` when set (`just fuzz`).
+pub fn proptest_config() -> proptest::test_runner::Config {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(4000);
+    proptest::test_runner::Config::with_cases(cases)
+}

@@ -105,4 +105,37 @@ mod tests {
             Err(RangeError::Unsatisfiable)
         );
     }
+
+    mod proptest_range {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(crate::testserver::proptest_config())]
+
+            #[test]
+            fn proptest_range_never_panics(h in "\\PC{0,40}", size in any::<u64>()) {
+                if let Ok(spec) = parse(&h) {
+                    if let Ok((s, e)) = resolve(spec, size) {
+                        prop_assert!(s < e && e <= size);
+                    }
+                }
+            }
+
+            #[test]
+            fn proptest_range_round_trip(a in any::<u64>(), b in any::<u64>(), size in 1u64..u64::MAX) {
+                let (s, e) = (a.min(b), a.max(b));
+                prop_assert_eq!(parse(&format!("bytes={s}-{e}")), Ok(RangeSpec::FromTo(s, e)));
+                prop_assert_eq!(parse(&format!("bytes={s}-")), Ok(RangeSpec::From(s)));
+                prop_assert_eq!(parse(&format!(" bytes=-{e} ")), Ok(RangeSpec::Suffix(e)));
+                match resolve(RangeSpec::FromTo(s, e), size) {
+                    Ok((rs, re)) => prop_assert!(rs == s && re == e.saturating_add(1).min(size)),
+                    Err(err) => prop_assert!(s >= size && err == RangeError::Unsatisfiable),
+                }
+                if s != e {
+                    prop_assert_eq!(parse(&format!("bytes={e}-{s}")), Err(RangeError::Malformed));
+                }
+            }
+        }
+    }
 }

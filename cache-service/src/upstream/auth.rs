@@ -404,7 +404,7 @@ mod tests {
         use proptest::prelude::*;
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(4000))]
+            #![proptest_config(crate::testserver::proptest_config())]
 
             #[test]
             fn proptest_parse_challenges_never_panics(s in "\\PC{0,200}") {

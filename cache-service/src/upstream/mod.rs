@@ -248,12 +248,30 @@ pub struct Upstream {
 struct SentAuth {
     host: String,
     value: HeaderValue,
-    token: Option<(String, String, String, String)>,
+    token: Option<(TokenKey, String)>,
     /// Fetched for this request (not from the cache): if refused, nothing better exists.
     fresh: bool,
 }
 
+/// The token key a set of challenges asks for: the first Bearer challenge's
+/// (realm, service, scope), `default_scope` when it names none.
+fn bearer_key(challenges: &[Challenge], default_scope: &str) -> Option<TokenKey> {
+    let b = challenges.iter().find(|c| c.scheme == "bearer")?;
+    Some((
+        b.param("realm")?.to_owned(),
+        b.param("service").unwrap_or("").to_owned(),
+        b.param("scope").unwrap_or(default_scope).to_owned(),
+    ))
+}
+
+/// (realm, service, scope) a token is cached under.
+type TokenKey = (String, String, String);
+
 impl SentAuth {
+    fn key(&self) -> Option<&TokenKey> {
+        self.token.as_ref().map(|(k, _)| k)
+    }
+
     fn bearer(
         host: String,
         (realm, service, scope): (&str, &str, &str),
@@ -263,7 +281,10 @@ impl SentAuth {
         Some(Self {
             host,
             value,
-            token: Some((realm.to_owned(), service.to_owned(), scope.to_owned(), tok)),
+            token: Some((
+                (realm.to_owned(), service.to_owned(), scope.to_owned()),
+                tok,
+            )),
             fresh,
         })
     }
@@ -406,20 +427,18 @@ impl Upstream {
         target: &Url,
         default_scope: &str,
     ) -> Result<Option<SentAuth>, UpstreamError> {
-        if let Some(b) = challenges.iter().find(|c| c.scheme == "bearer") {
-            let Some(realm) = b.param("realm") else {
+        if challenges.iter().any(|c| c.scheme == "bearer") {
+            let Some((realm, service, scope)) = bearer_key(challenges, default_scope) else {
                 return Ok(None);
             };
-            let service = b.param("service").unwrap_or("");
-            let scope = b.param("scope").unwrap_or(default_scope);
-            let tok = self.token(realm, service, scope).await?;
+            let tok = self.token(&realm, &service, &scope).await?;
             // Remembered only once the realm proved allowed (token() checks it).
             if host_key(target) == host_key(&self.base) {
-                *lock(&self.challenge) = Some((realm.to_owned(), service.to_owned()));
+                *lock(&self.challenge) = Some((realm.clone(), service.clone()));
             }
             return Ok(SentAuth::bearer(
                 host_key(target),
-                (realm, service, scope),
+                (&realm, &service, &scope),
                 tok,
             ));
         }
@@ -481,18 +500,23 @@ impl Upstream {
             let resp = req.send().await.map_err(UpstreamError::from_reqwest)?;
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED {
-                if let Some((realm, service, scope, tok)) = sent.and_then(|a| a.token.as_ref()) {
+                if let Some(((realm, service, scope), tok)) = sent.and_then(|a| a.token.as_ref()) {
                     // Revoked or expired early: never send it again.
                     lock(&self.tokens).invalidate(realm, service, scope, tok);
                 }
-                if answered < 2 && !sent.is_some_and(|a| a.fresh) {
-                    let challenges: Vec<Challenge> = resp
-                        .headers()
-                        .get_all(WWW_AUTHENTICATE)
-                        .iter()
-                        .filter_map(|v| v.to_str().ok())
-                        .flat_map(parse_challenges)
-                        .collect();
+                let challenges: Vec<Challenge> = resp
+                    .headers()
+                    .get_all(WWW_AUTHENTICATE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(parse_challenges)
+                    .collect();
+                // A fresh credential refused for the very challenge it answered: no better
+                // one exists. (A challenge asking another realm or scope is answered.)
+                let hopeless = sent.is_some_and(|a| {
+                    a.fresh && a.key() == bearer_key(&challenges, &scope).as_ref()
+                });
+                if answered < 2 && !hopeless {
                     if let Some(a) = self.answer_challenge(&challenges, &url, &scope).await? {
                         auth = Some(a);
                         answered += 1;
@@ -907,6 +931,30 @@ mod tests {
         );
     }
 
+    mod proptest_retry_after {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(crate::testserver::proptest_config())]
+
+            #[test]
+            fn proptest_retry_after_never_panics(v in "[ -~]{0,40}", secs in any::<u64>()) {
+                let mut h = HeaderMap::new();
+                if let Ok(hv) = HeaderValue::from_str(&v) {
+                    h.insert(RETRY_AFTER, hv);
+                    let _ = retry_after(&h);
+                }
+                h.insert(RETRY_AFTER, HeaderValue::from_str(&secs.to_string()).unwrap());
+                prop_assert_eq!(retry_after(&h), Some(Duration::from_secs(secs)));
+                // A date far in the future is a long wait, never a panic.
+                let far = std::time::SystemTime::now() + Duration::from_secs(secs % (1 << 34));
+                h.insert(RETRY_AFTER, HeaderValue::from_str(&httpdate::fmt_http_date(far)).unwrap());
+                prop_assert!(retry_after(&h).is_some());
+            }
+        }
+    }
+
     mod proptest_redirects {
         use super::*;
         use proptest::prelude::*;
@@ -973,7 +1021,7 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(4000))]
+            #![proptest_config(crate::testserver::proptest_config())]
 
             #[test]
             fn proptest_redirect_target_stays_on_the_allowlist(loc in prop_oneof![location(), "\\PC{0,60}"]) {

@@ -298,4 +298,72 @@ mod tests {
         assert!(!c.on_mirror(&Url::parse("http://auth.docker.io/token").unwrap()));
         assert!(MirrorClient::new("ftp://x", None).is_err());
     }
+
+    /// A registry behind the mirror whose tokens live `expires_in` = 1 s (Docker Hub: 300 s),
+    /// and which can revoke every token issued so far.
+    #[tokio::test]
+    async fn tokens_expire_and_refused_tokens_are_refreshed() {
+        use crate::testserver::{reply, TestServer};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        use std::time::Instant;
+
+        #[derive(Default)]
+        struct State {
+            realm: Mutex<String>,
+            /// Token number → when issued.
+            issued: Mutex<Vec<Instant>>,
+            revoked_below: AtomicU64,
+        }
+        let st: Arc<State> = Arc::default();
+        let s2 = st.clone();
+        let server = TestServer::start(move |seen| {
+            let mut issued = s2.issued.lock().unwrap();
+            if seen.uri.starts_with("/token") {
+                issued.push(Instant::now());
+                let body = format!(r#"{{"token":"tok-{}","expires_in":1}}"#, issued.len() - 1);
+                return reply(200, &[], body);
+            }
+            let valid = seen
+                .authorization()
+                .and_then(|a| a.strip_prefix("Bearer tok-"))
+                .and_then(|n| n.parse::<u64>().ok())
+                .filter(|n| *n >= s2.revoked_below.load(Ordering::SeqCst))
+                .and_then(|n| issued.get(n as usize))
+                .is_some_and(|at| at.elapsed() < Duration::from_secs(1));
+            if valid {
+                return reply(200, &[], "ok");
+            }
+            let c = format!(
+                r#"Bearer realm="{}",service="lab""#,
+                s2.realm.lock().unwrap()
+            );
+            reply(401, &[("www-authenticate", c.as_str())], "")
+        })
+        .await;
+        *st.realm.lock().unwrap() = server.url("/token");
+        let c = MirrorClient::new(&server.url(""), None).unwrap();
+        let get = || async {
+            let url = c.v2_url("lab", "lab/app", "manifests/1").unwrap();
+            c.send(Method::GET, url, None, "repository:lab/app:pull", None)
+                .await
+                .unwrap()
+                .status()
+        };
+        assert_eq!(get().await, 200);
+        assert_eq!(get().await, 200, "cached token reused");
+        assert_eq!(st.issued.lock().unwrap().len(), 1);
+
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(get().await, 200, "expired token not reused");
+        assert_eq!(st.issued.lock().unwrap().len(), 2);
+
+        st.revoked_below.store(2, Ordering::SeqCst);
+        assert_eq!(
+            get().await,
+            200,
+            "revoked token dropped, a fresh one fetched"
+        );
+        assert_eq!(st.issued.lock().unwrap().len(), 3);
+    }
 }

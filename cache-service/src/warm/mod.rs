@@ -402,6 +402,10 @@ async fn pull_blob(ctx: &Ctx, img: &ImageRef, d: &Descriptor) -> Result<u64, Str
             Ok(Some(chunk)) => {
                 hasher.update(&chunk);
                 n += chunk.len() as u64;
+                // Past the manifest's size (or Content-Length): it can only fail; stop now.
+                if let Some(t) = total.filter(|t| n > *t) {
+                    break Err(format!("blob {short}: more than the {t} bytes expected"));
+                }
                 if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut sink, &chunk).await {
                     break Err(format!("blob {short}: {e}"));
                 }
