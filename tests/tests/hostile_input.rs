@@ -245,8 +245,8 @@ fn ghcr_image_with_cdn(h: &Hostile, repo: &str, cdn_dir: &str, image: &TinyImage
 // cache-service stories
 
 /// Finding 1: a realm answering an endless body, a 100 MB token, or a token with control
-/// characters. regmirror answers with an error, stays small and alive, and never sends
-/// such a token upstream.
+/// characters, and a 256 KiB challenge. regmirror answers with an error, stays small and
+/// alive, and never sends such a token upstream.
 #[test]
 fn token_answers_that_never_end_or_are_no_header_value_are_refused() {
     let h = hostile::shared();
@@ -292,15 +292,27 @@ fn token_answers_that_never_end_or_are_no_header_value_are_refused() {
     );
     let image = TinyImage::new("1", 11, 4096);
     let client = http();
-    for case in ["endless", "endless-cl", "huge", "ctl"] {
+    // A 256 KiB challenge naming an honest realm: only a bounded reader refuses it.
+    h.on(
+        None,
+        "/token/t1-enormous",
+        Action::Token {
+            ns: "t1".into(),
+            expires_in: "300".into(),
+        },
+    );
+    let enormous = format!(
+        "{},scope=\"{}\"",
+        bearer(&realm("enormous"), "hostile"),
+        "a".repeat(256 * 1024)
+    );
+    for case in ["endless", "endless-cl", "huge", "ctl", "enormous"] {
         let repo = format!("t1/{case}");
-        h.serve_image(
-            None,
-            &repo,
-            &image,
-            Some(&bearer(&realm(case), "hostile")),
-            false,
-        );
+        let challenge = match case {
+            "enormous" => enormous.clone(),
+            _ => bearer(&realm(case), "hostile"),
+        };
+        h.serve_image(None, &repo, &image, Some(&challenge), false);
         let (status, took) = timed_get(&client, &cache.hostile_url(&repo, "manifests", "1"), &[]);
         assert!(
             (400..600).contains(&status),
@@ -1073,7 +1085,7 @@ fn internal_headers_stay_inside_the_mirror() {
 }
 
 /// Finding 9: registry.k8s.io answers a 200 and a 404 carrying a challenge that names
-/// another realm path, and a 401 with a malformed challenge; its CDN-side never counts.
+/// another realm path, a 200 with a 40 KiB one, and a 401 with a malformed challenge.
 /// Token requests that arrive at the docker.io realm with a registry.k8s.io scope still
 /// go to the realm of registry.k8s.io's own well-formed 401.
 #[test]
@@ -1139,9 +1151,16 @@ fn a_hostile_challenge_does_not_move_the_realm() {
             "",
         ),
     );
+    // 40 KiB: under Envoy's response header limit, so it reaches the filter.
+    let enormous = format!("{stolen},scope=\"{}\"", "a".repeat(40 * 1024));
+    h.on(
+        Some(K8S),
+        "/v2/hostile/t11/manifests/enormous",
+        Action::reply(200, &[("www-authenticate", &enormous)], ""),
+    );
     let client = m.client();
     challenge_of(&client, &m.host_url("k8s", "/v2/"));
-    for tag in ["ok", "missing", "malformed"] {
+    for tag in ["ok", "missing", "malformed", "enormous"] {
         let _ = client
             .get(m.host_url("k8s", &format!("/v2/hostile/t11/manifests/{tag}")))
             .send();
@@ -1298,4 +1317,76 @@ fn the_v2_ping_answers_while_docker_hub_is_down() {
     }
     relay.set_up(true);
     normal_pull_through(&m);
+}
+
+/// Finding 14: an operator warms two images of one repository from a registry whose
+/// tokens live 2 s, the first with a layer that takes 3 s. `regmirror warm` gets a fresh
+/// token for the second image instead of sending the expired one.
+#[test]
+fn warm_fetches_a_fresh_token_after_the_old_one_expired() {
+    let h = hostile::shared();
+    h.on(
+        None,
+        "/token/t14",
+        Action::Token {
+            ns: "t14".into(),
+            expires_in: "2".into(),
+        },
+    );
+    let challenge = bearer(&format!("{}/token/t14", h.url()), "hostile");
+    let first = TinyImage::new("1", 24, 300 * 1024);
+    let second = TinyImage::new("2", 25, 4096);
+    h.serve_image(None, "t14/app", &first, Some(&challenge), false);
+    h.serve_image(None, "t14/app", &second, Some(&challenge), false);
+    let (d, bytes) = first.layer();
+    h.on(
+        None,
+        &format!("/v2/t14/app/blobs/{d}"),
+        Action::gated(
+            &challenge,
+            Action::body(
+                200,
+                &[("content-type", "application/octet-stream")],
+                Body::Slow {
+                    data: bytes.clone(),
+                    bytes_per_sec: 100 * 1024,
+                },
+            ),
+        ),
+    );
+    let bin = mirror_tests::build::regmirror().expect("regmirror binary");
+    let out = std::process::Command::new(bin)
+        .arg("warm")
+        .arg("--mirror")
+        .arg(h.url())
+        .arg("--ca")
+        .arg(&h.pki.bundle)
+        .args([
+            "--quiet",
+            "--jobs",
+            "1",
+            "hostile=t14/app:1",
+            "hostile=t14/app:2",
+        ])
+        .env_remove("REGMIRROR_MIRROR")
+        .output()
+        .expect("regmirror warm runs");
+    assert!(
+        out.status.success(),
+        "regmirror warm failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        h.seen_under("/token/t14").len() >= 2,
+        "warm never asked for a fresh token"
+    );
+    let second_layer = &second.layer().0;
+    assert!(
+        h.seen_under(&format!("/v2/t14/app/blobs/{second_layer}"))
+            .iter()
+            .any(|s| s.header("authorization").is_some()),
+        "the second image's layer was not fetched"
+    );
 }

@@ -24,7 +24,7 @@ use crate::envoy::{Envoy, Substitution};
 use crate::proc::Proc;
 use crate::upstreams::Upstreams;
 use anyhow::{bail, Result};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -135,6 +135,11 @@ pub enum Body {
         declared: u64,
         data: Vec<u8>,
     },
+    /// `data` at about `bytes_per_sec`.
+    Slow {
+        data: Vec<u8>,
+        bytes_per_sec: usize,
+    },
 }
 
 /// What the fixture does for a matching request.
@@ -152,7 +157,7 @@ pub enum Action {
         then: Box<Action>,
     },
     /// A token endpoint: issues `tok-<ns>-<n>` (valid for [`Action::Gated`]) with the raw
-    /// JSON number `expires_in`.
+    /// JSON number `expires_in`; the gate refuses it once that many seconds passed.
     Token { ns: String, expires_in: String },
     /// HEAD gets 405; other methods `then`.
     NoHead(Box<Action>),
@@ -254,7 +259,8 @@ fn host_only(h: &str) -> String {
 #[derive(Default)]
 struct Tokens {
     next: u64,
-    valid: HashSet<String>,
+    /// Issued token → when it expires (`None`: an `expires_in` beyond an hour).
+    valid: HashMap<String, Option<Instant>>,
     revoked: HashSet<String>,
 }
 
@@ -371,7 +377,7 @@ impl Hostile {
         let prefix = format!("tok-{ns}-");
         let gone: Vec<String> = t
             .valid
-            .iter()
+            .keys()
             .filter(|v| v.starts_with(&prefix))
             .cloned()
             .collect();
@@ -542,7 +548,12 @@ fn act<S: Write>(s: &mut S, seen: &Seen, a: &Action, st: &State) -> io::Result<(
                 .header("authorization")
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .map(str::to_string);
-            let ok = token.is_some_and(|t| lock(&st.tokens).valid.contains(&t));
+            let ok = token.is_some_and(|t| {
+                lock(&st.tokens)
+                    .valid
+                    .get(&t)
+                    .is_some_and(|until| until.is_none_or(|u| Instant::now() < u))
+            });
             if ok {
                 act(s, seen, then, st)
             } else {
@@ -566,7 +577,12 @@ fn act<S: Write>(s: &mut S, seen: &Seen, a: &Action, st: &State) -> io::Result<(
                 let mut t = lock(&st.tokens);
                 t.next += 1;
                 let tok = format!("tok-{ns}-{}", t.next);
-                t.valid.insert(tok.clone());
+                let until = expires_in
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|s| *s <= 3600)
+                    .map(|s| Instant::now() + Duration::from_secs(s));
+                t.valid.insert(tok.clone(), until);
                 tok
             };
             let body = format!(r#"{{"token":"{token}","expires_in":{expires_in}}}"#);
@@ -602,6 +618,7 @@ fn write_reply<S: Write>(
         Body::Overlong { declared, .. } => {
             head.push_str(&format!("Content-Length: {declared}\r\n"))
         }
+        Body::Slow { data, .. } => head.push_str(&format!("Content-Length: {}\r\n", data.len())),
     }
     head.push_str("\r\n");
     s.write_all(head.as_bytes())?;
@@ -610,6 +627,16 @@ fn write_reply<S: Write>(
     }
     match body {
         Body::Bytes(b) | Body::Overlong { data: b, .. } => s.write_all(b)?,
+        Body::Slow {
+            data,
+            bytes_per_sec,
+        } => {
+            for piece in data.chunks((bytes_per_sec / 10).max(1)) {
+                s.write_all(piece)?;
+                s.flush()?;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
         Body::Endless {
             prefix,
             content_length,
