@@ -317,3 +317,62 @@ fn a_registry_login_in_authorization_pulls_through_the_cache() {
         "{error}"
     );
 }
+
+/// `client_ca` on the standalone TLS mirror: a client certificate is the credential, so no
+/// header is involved and a pass-through registry's token flow runs unchanged.
+#[test]
+fn a_client_certificate_is_required_on_the_standalone_mirror() {
+    let up = upstreams::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = std::fs::read_to_string(workspace_root().join("envoy/registries.toml")).unwrap();
+    let declaration = dir.path().join("registries.toml");
+    std::fs::write(
+        &declaration,
+        shipped.replacen(
+            "\n[[registry]]",
+            &format!(
+                "\n[access]\nclient_ca = {:?}\n\n[[registry]]",
+                up.pki.ca.display().to_string()
+            ),
+            1,
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("rendered");
+    run(Command::new(regmirror().unwrap())
+        .arg("render")
+        .arg("--registries")
+        .arg(&declaration)
+        .arg("--out")
+        .arg(&out))
+    .unwrap();
+    let m = Mirror::start_with(up, &out.join("mirror.yaml"), false, BTreeMap::new()).unwrap();
+    let port = m.envoy.listener("mirror_https").unwrap();
+
+    // Without a certificate the handshake fails: nothing reaches the filter.
+    let ca = std::fs::read(&up.pki.ca).unwrap();
+    let anonymous = reqwest::blocking::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .build()
+        .unwrap()
+        .get(format!("https://127.0.0.1:{port}/v2/"))
+        .send();
+    assert!(anonymous.is_err(), "{anonymous:?}");
+
+    // skopeo with a certificate from the client CA pulls, token flow and CDN redirect
+    // included. containers/image reads client.cert/client.key next to ca.crt.
+    let certs = tempfile::tempdir().unwrap();
+    std::fs::copy(&up.pki.ca, certs.path().join("ca.crt")).unwrap();
+    std::fs::copy(&up.pki.cert, certs.path().join("client.cert")).unwrap();
+    std::fs::copy(&up.pki.key, certs.path().join("client.key")).unwrap();
+    let opts = clients::SkopeoPull {
+        all: false,
+        cert_dir: Some(certs.path().to_path_buf()),
+        registries_conf: None,
+    };
+    let reference = format!("docker.{HOST_SUFFIX}:{port}/library/alpine:3.20");
+    match clients::skopeo_pull(&reference, &opts) {
+        Ok(pulled) => pulled.assert_is(&up.images.alpine, false),
+        Err(e) => panic!("{e:#}\n{}", m.logs()),
+    }
+}

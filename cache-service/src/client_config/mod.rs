@@ -42,6 +42,12 @@ pub struct ClientConfigArgs {
     /// environment keeps it out of the process list).
     #[arg(long, env = "REGMIRROR_MIRROR_LOGIN", hide_env_values = true)]
     pub user: Option<String>,
+    /// Client certificate for a mirror with `[access] client_ca` (path on the client).
+    #[arg(long, requires = "client_key")]
+    pub client_cert: Option<String>,
+    /// Its private key (path on the client).
+    #[arg(long, requires = "client_cert")]
+    pub client_key: Option<String>,
 }
 
 /// The mirror credential a runtime presents (`[access] basic_auth`).
@@ -86,6 +92,8 @@ pub struct Mirror {
     pub authority: String,
     pub insecure: bool,
     pub ca: Option<String>,
+    /// (certificate, key) paths the runtime presents to the mirror (`[access] client_ca`).
+    pub client_cert: Option<(String, String)>,
 }
 
 impl Mirror {
@@ -117,6 +125,7 @@ impl Mirror {
             authority,
             insecure,
             ca,
+            client_cert: None,
         })
     }
 }
@@ -149,13 +158,24 @@ pub fn run(args: &ClientConfigArgs) -> ExitCode {
         };
         Ok((declaration, mirror, login))
     });
-    let (declaration, mirror, login) = match login {
+    let (declaration, mut mirror, login) = match login {
         Ok(ok) => ok,
         Err(error) => {
             eprintln!("regmirror client-config: {error}");
             return ExitCode::from(2);
         }
     };
+    mirror.client_cert = args.client_cert.clone().zip(args.client_key.clone());
+    let needs_cert = declaration
+        .access
+        .as_ref()
+        .is_some_and(|a| a.client_ca.is_some());
+    if needs_cert && mirror.client_cert.is_none() {
+        eprintln!(
+            "note: the mirror requires a client certificate ([access] client_ca): pass \
+             --client-cert FILE --client-key FILE"
+        );
+    }
     let header = declaration
         .access
         .as_ref()
@@ -166,7 +186,10 @@ pub fn run(args: &ClientConfigArgs) -> ExitCode {
         &mirror,
         login.as_ref(),
     );
-    for note in login_notes(args.runtime, header, &mirror) {
+    for note in login_notes(args.runtime, header, &mirror)
+        .into_iter()
+        .chain(client_cert_notes(args.runtime, &mirror))
+    {
         eprintln!("note: {note}");
     }
     match (&args.out, args.runtime) {
@@ -272,6 +295,20 @@ pub fn login_notes(runtime: Runtime, header: Option<&str>, mirror: &Mirror) -> V
     }
 }
 
+/// Where Docker and containers/image read a client certificate for a host: no config key.
+pub fn client_cert_notes(runtime: Runtime, mirror: &Mirror) -> Vec<String> {
+    let dir = match (runtime, &mirror.client_cert) {
+        (Runtime::Docker, Some(_)) => "/etc/docker/certs.d",
+        (Runtime::Podman, Some(_)) => "/etc/containers/certs.d",
+        _ => return vec![],
+    };
+    vec![format!(
+        "the mirror requires a client certificate: copy it to {dir}/{}/client.cert and its key \
+         to {dir}/{}/client.key",
+        mirror.authority, mirror.authority
+    )]
+}
+
 fn toml_str(value: &str) -> String {
     toml::Value::String(value.to_owned()).to_string()
 }
@@ -300,6 +337,9 @@ fn containerd_hosts(registry: &Registry, mirror: &Mirror, login: Option<&Login>)
     if mirror.insecure {
         out.push_str("  # plain HTTP mirror\n  skip_verify = true\n");
     }
+    if let Some((cert, key)) = &mirror.client_cert {
+        let _ = writeln!(out, "  client = [[{}, {}]]", toml_str(cert), toml_str(key));
+    }
     if let Some(login) = login {
         // Sent to the mirror host only, on every request: the mirror's login.
         let _ = write!(
@@ -326,12 +366,22 @@ fn containerd_legacy(registries: &[Registry], mirror: &Mirror, login: Option<&Lo
             toml_str(&upstream_url(registry))
         );
     }
-    if let Some(ca) = &mirror.ca {
-        let _ = write!(
+    if mirror.ca.is_some() || mirror.client_cert.is_some() {
+        let _ = writeln!(
             out,
-            "[plugins.\"io.containerd.grpc.v1.cri\".registry.configs.{}.tls]\n  ca_file = {}\n",
-            toml_str(&mirror.authority),
-            toml_str(ca)
+            "[plugins.\"io.containerd.grpc.v1.cri\".registry.configs.{}.tls]",
+            toml_str(&mirror.authority)
+        );
+    }
+    if let Some(ca) = &mirror.ca {
+        let _ = writeln!(out, "  ca_file = {}", toml_str(ca));
+    }
+    if let Some((cert, key)) = &mirror.client_cert {
+        let _ = writeln!(
+            out,
+            "  cert_file = {}\n  key_file = {}",
+            toml_str(cert),
+            toml_str(key)
         );
     }
     if let Some(login) = login {
@@ -401,11 +451,22 @@ fn k3s_registries(registries: &[Registry], mirror: &Mirror, login: Option<&Login
             json_str(&mirror.url)
         );
     }
-    if mirror.ca.is_some() || login.is_some() {
+    if mirror.ca.is_some() || mirror.client_cert.is_some() || login.is_some() {
         let _ = write!(out, "configs:\n  {}:\n", json_str(&mirror.authority));
     }
+    if mirror.ca.is_some() || mirror.client_cert.is_some() {
+        out.push_str("    tls:\n");
+    }
     if let Some(ca) = &mirror.ca {
-        let _ = write!(out, "    tls:\n      ca_file: {}\n", json_str(ca));
+        let _ = writeln!(out, "      ca_file: {}", json_str(ca));
+    }
+    if let Some((cert, key)) = &mirror.client_cert {
+        let _ = writeln!(
+            out,
+            "      cert_file: {}\n      key_file: {}",
+            json_str(cert),
+            json_str(key)
+        );
     }
     if let Some(login) = login {
         let _ = write!(
@@ -640,5 +701,45 @@ mod tests {
             "{notes:?}"
         );
         assert!(Login::parse("authorization", "alice").is_err());
+    }
+
+    /// A mirror with `[access] client_ca`: the certificate reaches each runtime's TLS settings.
+    #[test]
+    fn client_certificate_reaches_each_runtime() {
+        let mut m = mirror();
+        m.client_cert = Some((
+            "/etc/regmirror/client.crt".into(),
+            "/etc/regmirror/client.key".into(),
+        ));
+        let files = generate(Runtime::Containerd, &registries(), &m, None);
+        let hub: toml::Value = toml::from_str(&files[0].content).unwrap();
+        assert_eq!(
+            hub["host"]["https://mirror.example.com"]["client"],
+            toml::Value::try_from([["/etc/regmirror/client.crt", "/etc/regmirror/client.key"]])
+                .unwrap()
+        );
+        let k3s: serde_yaml::Value =
+            serde_yaml::from_str(&only(generate(Runtime::K3s, &registries(), &m, None))).unwrap();
+        let tls = &k3s["configs"]["mirror.example.com"]["tls"];
+        assert_eq!(tls["cert_file"].as_str(), Some("/etc/regmirror/client.crt"));
+        assert_eq!(tls["key_file"].as_str(), Some("/etc/regmirror/client.key"));
+        assert_eq!(tls["ca_file"].as_str(), Some("/etc/ssl/mirror-ca.crt"));
+        let legacy: toml::Value = toml::from_str(&only(generate(
+            Runtime::ContainerdLegacy,
+            &registries(),
+            &m,
+            None,
+        )))
+        .unwrap();
+        let tls = &legacy["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["configs"]
+            ["mirror.example.com"]["tls"];
+        assert_eq!(tls["cert_file"].as_str(), Some("/etc/regmirror/client.crt"));
+        assert_eq!(tls["ca_file"].as_str(), Some("/etc/ssl/mirror-ca.crt"));
+        let notes = client_cert_notes(Runtime::Docker, &m);
+        assert!(
+            notes[0].contains("/etc/docker/certs.d/mirror.example.com/client.cert"),
+            "{notes:?}"
+        );
+        assert!(client_cert_notes(Runtime::Docker, &mirror()).is_empty());
     }
 }

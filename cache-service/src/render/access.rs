@@ -1,5 +1,6 @@
 //! `[access]`: who may use the mirror, enforced by Envoy's own filters in front of the wasm
-//! filter (network allowlist → 403, per-client rate limit → 429, Basic credentials → 401).
+//! filter (network allowlist → 403, per-client rate limit → 429, Basic credentials → 401),
+//! and by the TLS handshake (client certificates) where Envoy terminates TLS.
 
 use serde::Deserialize;
 use std::fmt::Write;
@@ -14,6 +15,10 @@ pub struct Access {
     /// Per client address.
     pub rate_limit: Option<RateLimit>,
     pub basic_auth: Option<BasicAuth>,
+    /// CA file (on the Envoy host) whose client certificates may connect: mutual TLS on
+    /// the standalone mirror's listener. Needs no header, so it works with every runtime
+    /// and every registry.
+    pub client_ca: Option<String>,
 }
 
 /// `10.0.0.0/8`, `2001:db8::/32`, or a single address.
@@ -156,6 +161,13 @@ impl Access {
             .is_some_and(|a| !a.htpasswd.starts_with('/'))
         {
             return Err("access.basic_auth.htpasswd must be an absolute path".to_owned());
+        }
+        if self
+            .client_ca
+            .as_ref()
+            .is_some_and(|ca| !ca.starts_with('/'))
+        {
+            return Err("access.client_ca must be an absolute path".to_owned());
         }
         Ok(())
     }

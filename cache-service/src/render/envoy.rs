@@ -80,6 +80,22 @@ pub fn render(declaration: &Declaration, filter_json: &str, variant: Variant) ->
                 "Mirror behind a TLS-terminating proxy (compose profile `acme`): HTTP on :8080.",
         }
     );
+    let client_ca = declaration
+        .access
+        .as_ref()
+        .is_some_and(|a| a.client_ca.is_some());
+    if client_ca && variant != Variant::Standalone {
+        // Said where an operator reads it: this listener does not check client certificates.
+        let _ = writeln!(
+            w,
+            "  # [access] client_ca is NOT enforced here: {}",
+            match variant {
+                Variant::BehindTlsProxy =>
+                    "TLS ends at the proxy in front, which must require the client certificates.",
+                _ => "this listener speaks plain HTTP.",
+            }
+        );
+    }
     match variant {
         Variant::Local => listener(w, "mirror_http", "127.0.0.1", 5000, 0),
         Variant::Standalone => listener(w, "mirror_https", "0.0.0.0", 443, 0),
@@ -103,7 +119,11 @@ pub fn render(declaration: &Declaration, filter_json: &str, variant: Variant) ->
     );
     route_config(w, declaration, &hosts, variant);
     if variant == Variant::Standalone {
-        downstream_tls(w);
+        let client_ca = declaration
+            .access
+            .as_ref()
+            .and_then(|a| a.client_ca.as_deref());
+        downstream_tls(w, client_ca);
         https_redirect_listener(w);
     }
     let _ = writeln!(w, "  clusters:");
@@ -132,11 +152,18 @@ fn listener(w: &mut String, name: &str, address: &str, port: u16, trusted_hops: 
     );
 }
 
-fn downstream_tls(w: &mut String) {
+fn downstream_tls(w: &mut String, client_ca: Option<&str>) {
     let _ = writeln!(
         w,
         "      transport_socket:\n        name: envoy.transport_sockets.tls\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n          common_tls_context:\n            alpn_protocols: [h2, http/1.1]\n            tls_certificates:\n            - certificate_chain: {{ filename: {TLS_CERT} }}\n              private_key: {{ filename: {TLS_KEY} }}"
     );
+    if let Some(ca) = client_ca {
+        let _ = writeln!(
+            w,
+            "            # [access] client_ca: only clients with a certificate from this CA connect.\n            validation_context:\n              trusted_ca: {{ filename: {} }}\n          require_client_certificate: true",
+            quoted(ca)
+        );
+    }
 }
 
 fn https_redirect_listener(w: &mut String) {

@@ -533,4 +533,30 @@ mod tests {
         .to_string();
         assert!(error.contains("cache = true"), "{error}");
     }
+
+    #[test]
+    fn client_ca_requires_certificates_where_envoy_terminates_tls() {
+        let files = render_edited(|t| {
+            t.replacen(
+                "[[registry]]",
+                "[access]\nclient_ca = \"/etc/regmirror/clients-ca.crt\"\n\n[[registry]]",
+                1,
+            )
+        })
+        .unwrap();
+        let doc: serde_yaml::Value = serde_yaml::from_str(file(&files, "mirror.yaml")).unwrap();
+        let tls = &doc["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"]
+            ["typed_config"];
+        assert_eq!(tls["require_client_certificate"], true);
+        assert_eq!(
+            tls["common_tls_context"]["validation_context"]["trusted_ca"]["filename"],
+            "/etc/regmirror/clients-ca.crt"
+        );
+        for name in ["local.yaml", "behind-tls-proxy.yaml"] {
+            assert!(
+                file(&files, name).contains("[access] client_ca is NOT enforced here"),
+                "{name}"
+            );
+        }
+    }
 }
