@@ -191,9 +191,46 @@ pub fn manifest_media_type(content_type: Option<&str>, body: &[u8]) -> Result<St
     }
 }
 
+/// The (digest, size) of every descriptor a manifest names: `config`, `layers`, an index's
+/// `manifests`. Malformed entries are skipped (the manifest was verified by its digest; the
+/// sizes only bound later downloads).
+pub fn descriptor_sizes(body: &[u8]) -> Vec<(Digest, u64)> {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Vec::new();
+    };
+    let one = |d: &serde_json::Value| {
+        let digest = Digest::parse(d.get("digest")?.as_str()?).ok()?;
+        Some((digest, d.get("size")?.as_u64()?))
+    };
+    let lists = ["layers", "manifests"]
+        .into_iter()
+        .filter_map(|k| v.get(k).and_then(|l| l.as_array()))
+        .flatten();
+    v.get("config")
+        .into_iter()
+        .chain(lists)
+        .filter_map(one)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn descriptor_sizes_of_manifests() {
+        let (a, b) = (Digest::of_bytes(b"a"), Digest::of_bytes(b"b"));
+        let m = format!(
+            r#"{{"schemaVersion":2,"config":{{"digest":"{a}","size":3}},"layers":[{{"digest":"{b}","size":1000}},{{"digest":"bad","size":1}},{{"digest":"{a}"}}]}}"#
+        );
+        assert_eq!(
+            descriptor_sizes(m.as_bytes()),
+            vec![(a.clone(), 3), (b, 1000)]
+        );
+        let i = format!(r#"{{"manifests":[{{"digest":"{a}","size":7}}]}}"#);
+        assert_eq!(descriptor_sizes(i.as_bytes()), vec![(a, 7)]);
+        assert!(descriptor_sizes(b"[1,2]").is_empty());
+    }
 
     #[test]
     fn names() {

@@ -219,6 +219,8 @@ const MAX_SMALL_ENTRY_BYTES: usize = 1024 * 1024;
 /// Bounds of the small-answer cache as a whole.
 const MAX_SMALL_CACHE_BYTES: usize = 32 * 1024 * 1024;
 const MAX_SMALL_ENTRIES: usize = 1000;
+/// Blob sizes remembered from manifests (~100 bytes each); emptied when full.
+const MAX_KNOWN_SIZES: usize = 100_000;
 
 /// Size bounds of the cache (see `Config`).
 #[derive(Debug, Clone, Copy)]
@@ -312,6 +314,10 @@ pub struct Cache {
     /// Upstream HEADs (confirmations, HEAD of uncached content) in progress.
     head_flights: SingleFlight<HeadKey, HeadInfo>,
     small: Mutex<SmallCache>,
+    /// Sizes the verified manifests of each upstream gave their blobs: a download longer
+    /// than that is aborted at once. Keyed by upstream, so one registry's manifests do not
+    /// bound another's downloads.
+    known_sizes: Mutex<HashMap<(String, Digest), u64>>,
 }
 
 impl std::fmt::Debug for Cache {
@@ -356,6 +362,7 @@ impl Cache {
             manifest_flights: SingleFlight::default(),
             head_flights: SingleFlight::default(),
             small: Mutex::new(SmallCache::default()),
+            known_sizes: Mutex::new(HashMap::new()),
         };
         cache.make_room(0);
         Ok(cache)
@@ -855,6 +862,7 @@ impl Cache {
                 )));
             }
         }
+        self.remember_sizes(&up.name, &body);
         // Link first: a request that finds the stored manifest then needs no confirming HEAD.
         if let Err(e) = self.store.add_link(&up.name, name, &digest) {
             tracing::warn!(error = %e, "could not write link");
@@ -883,6 +891,17 @@ impl Cache {
             );
         }
         Ok(reply)
+    }
+
+    fn remember_sizes(&self, registry: &str, manifest: &[u8]) {
+        let sizes = oci::descriptor_sizes(manifest);
+        let mut known = lock(&self.known_sizes);
+        if known.len() + sizes.len() > MAX_KNOWN_SIZES {
+            known.clear();
+        }
+        for (d, size) in sizes {
+            known.insert((registry.to_owned(), d), size);
+        }
     }
 
     async fn store_manifest(
@@ -1029,9 +1048,20 @@ impl Cache {
             tracing::warn!(error = %e, "could not write link");
         }
         let total = resp.content_length();
-        // Bytes this download may bring: what it announced, never past max_blob_size; with
-        // no length, no more than the cache could store.
-        let limit = match total {
+        let known = lock(&self.known_sizes)
+            .get(&(up.name.clone(), d.clone()))
+            .copied();
+        if let (Some(k), Some(t)) = (known, total) {
+            if k != t {
+                Metrics::inc(&self.metrics.verify_failures);
+                return Err(CacheError::DigestMismatch(format!(
+                    "Content-Length {t}, the manifest says {k}"
+                )));
+            }
+        }
+        // Bytes this download may bring: what it announced or its manifest said, never past
+        // max_blob_size; with no length, no more than the cache could store.
+        let limit = match total.or(known) {
             Some(t) if t > self.max_blob_size => {
                 tracing::warn!(digest = %d, size = t, max = self.max_blob_size, "blob larger than max_blob_size; refused");
                 return Err(CacheError::TooLarge);
@@ -1364,6 +1394,49 @@ mod tests {
         let tmp: Vec<_> = std::fs::read_dir(dir.path().join("tmp")).unwrap().collect();
         assert!(tmp.is_empty(), "{tmp:?}");
         assert_eq!(cache.entries(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_blob_longer_than_its_manifest_says_is_cut_at_that_size() {
+        let layer = Digest::of_bytes(b"the real layer, 29 bytes long");
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"digest":"{layer}","size":29}},"layers":[]}}"#,
+            oci::MT_OCI_MANIFEST
+        );
+        let md = Digest::of_bytes(manifest.as_bytes());
+        let (l2, m2) = (layer.clone(), manifest.clone());
+        let server = TestServer::start(move |seen| {
+            if seen.uri.contains("/manifests/") {
+                reply(200, &[("content-type", oci::MT_OCI_MANIFEST)], m2.clone())
+            } else if seen.uri.ends_with(l2.as_str()) {
+                reply(200, &[], endless())
+            } else {
+                reply(404, &[], "")
+            }
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, up) = open(dir.path(), &server, limits(1 << 40));
+        let repo = name("lab/app");
+        cache
+            .manifest(&up, &repo, &Reference::Digest(md), false)
+            .await
+            .unwrap();
+        // Cut before the answer is even passed on (the first chunk is already too long), or
+        // while streaming: either way an error, never more than 29 bytes.
+        let r = match cache.blob(&up, &repo, &layer, false).await {
+            Ok(BlobReply::Flight { flight, .. }) => {
+                let r = tokio::time::timeout(Duration::from_secs(20), outcome(&flight))
+                    .await
+                    .expect("cut, not read on");
+                assert!(flight.state.borrow().received <= 29);
+                r
+            }
+            Ok(_) => panic!("not a download"),
+            Err(e) => Err(e),
+        };
+        assert!(matches!(r, Err(CacheError::TooLarge)), "{r:?}");
+        assert_eq!(cache.entries(), 1, "only the manifest is stored");
     }
 
     #[test]
