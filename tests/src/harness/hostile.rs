@@ -717,12 +717,14 @@ impl TinyImage {
 // Relay (an upstream outage on demand)
 
 /// A TCP relay to a target on 127.0.0.1 (an upstream that can go down, or a front whose
-/// port is known before the Envoy behind it starts); while down it closes every
+/// port is known before the Envoy behind it starts). Going down cuts the connections it
+/// relays (no pooled connection outlives an outage); while down it closes every new
 /// connection at once.
 pub struct Relay {
     pub addr: SocketAddr,
     up: Arc<AtomicBool>,
     target: Arc<Mutex<SocketAddr>>,
+    live: Arc<Mutex<Vec<TcpStream>>>,
 }
 
 impl Relay {
@@ -731,7 +733,8 @@ impl Relay {
         let addr = l.local_addr()?;
         let up = Arc::new(AtomicBool::new(true));
         let target = Arc::new(Mutex::new(target));
-        let (flag, to) = (up.clone(), target.clone());
+        let live = Arc::new(Mutex::new(Vec::new()));
+        let (flag, to, conns) = (up.clone(), target.clone(), live.clone());
         std::thread::Builder::new()
             .name("relay".into())
             .spawn(move || {
@@ -740,14 +743,24 @@ impl Relay {
                         drop(conn);
                         continue;
                     }
-                    let _ = relay_conn(conn, *lock(&to));
+                    let _ = relay_conn(conn, *lock(&to), &conns);
                 }
             })?;
-        Ok(Relay { addr, up, target })
+        Ok(Relay {
+            addr,
+            up,
+            target,
+            live,
+        })
     }
 
     pub fn set_up(&self, up: bool) {
         self.up.store(up, Ordering::SeqCst);
+        if !up {
+            for c in lock(&self.live).drain(..) {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        }
     }
 
     pub fn set_target(&self, target: SocketAddr) {
@@ -755,8 +768,18 @@ impl Relay {
     }
 }
 
-fn relay_conn(client: TcpStream, target: SocketAddr) -> io::Result<()> {
+fn relay_conn(
+    client: TcpStream,
+    target: SocketAddr,
+    live: &Mutex<Vec<TcpStream>>,
+) -> io::Result<()> {
     let server = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
+    {
+        // Kept until the next outage; a story makes a handful of connections.
+        let mut live = lock(live);
+        live.push(client.try_clone()?);
+        live.push(server.try_clone()?);
+    }
     let pipe = |mut from: TcpStream, mut to: TcpStream| {
         std::thread::spawn(move || {
             let _ = io::copy(&mut from, &mut to);
