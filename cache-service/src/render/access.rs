@@ -52,7 +52,7 @@ impl TryFrom<String> for Network {
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields, try_from = "RawRateLimit")]
+#[serde(try_from = "RawRateLimit")]
 pub struct RateLimit {
     /// Sustained requests per second per client address.
     pub requests_per_second: u32,
