@@ -120,6 +120,8 @@ pub fn parse_challenges(value: &str) -> Vec<Challenge> {
 #[derive(Debug, Default)]
 pub struct TokenCache {
     map: HashMap<(String, String, String), (String, Instant)>,
+    /// Bytes of keys and tokens held.
+    bytes: usize,
     evictions: u64,
 }
 
@@ -130,10 +132,16 @@ pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(60);
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(86_400);
 /// Tokens kept per client; one per (realm, service, scope), so per repository.
 pub const MAX_TOKEN_ENTRIES: usize = 4096;
+/// Bytes of keys and tokens kept per client (a hostile challenge's realm or scope can be long).
+pub const MAX_TOKEN_CACHE_BYTES: usize = 8 * 1024 * 1024;
 /// A token service's answer is read up to this size (Docker Hub's is ~2 KiB).
 pub const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
 /// A token longer than this is no plausible header value.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+fn entry_size((realm, service, scope): &(String, String, String), token: &str) -> usize {
+    realm.len() + service.len() + scope.len() + token.len()
+}
 
 /// How long before its stated expiry a token is no longer used.
 pub fn usable_for(expires_in: Duration) -> Duration {
@@ -160,23 +168,37 @@ impl TokenCache {
         now: Instant,
     ) {
         let key = (realm.to_owned(), service.to_owned(), scope.to_owned());
-        if self.map.len() >= MAX_TOKEN_ENTRIES && !self.map.contains_key(&key) {
+        let size = entry_size(&key, &token);
+        if size > MAX_TOKEN_CACHE_BYTES / 16 {
+            return; // used once, not kept
+        }
+        self.remove(&key);
+        let full =
+            |c: &Self| c.map.len() >= MAX_TOKEN_ENTRIES || c.bytes + size > MAX_TOKEN_CACHE_BYTES;
+        if full(self) {
             self.map.retain(|_, (_, until)| *until > now);
-            // Still full of live tokens: drop the one closest to expiry.
-            if self.map.len() >= MAX_TOKEN_ENTRIES {
-                let soonest = self
-                    .map
-                    .iter()
-                    .min_by_key(|(_, (_, until))| *until)
-                    .map(|(k, _)| k.clone());
-                if let Some(k) = soonest {
-                    self.map.remove(&k);
-                    self.evictions += 1;
-                }
-            }
+            self.bytes = self.map.iter().map(|(k, (t, _))| entry_size(k, t)).sum();
+        }
+        // Still full of live tokens: drop those closest to expiry.
+        while full(self) {
+            let soonest = self
+                .map
+                .iter()
+                .min_by_key(|(_, (_, until))| *until)
+                .map(|(k, _)| k.clone());
+            let Some(k) = soonest else { break };
+            self.remove(&k);
+            self.evictions += 1;
         }
         let until = now.checked_add(usable_for(expires_in)).unwrap_or(now);
+        self.bytes += size;
         self.map.insert(key, (token, until));
+    }
+
+    fn remove(&mut self, key: &(String, String, String)) {
+        if let Some((t, _)) = self.map.remove(key) {
+            self.bytes -= entry_size(key, &t);
+        }
     }
 
     /// Forget `token` for this key (the registry refused it: revoked or expired early). A
@@ -184,7 +206,7 @@ impl TokenCache {
     pub fn invalidate(&mut self, realm: &str, service: &str, scope: &str, token: &str) {
         let key = (realm.to_owned(), service.to_owned(), scope.to_owned());
         if self.map.get(&key).is_some_and(|(t, _)| t == token) {
-            self.map.remove(&key);
+            self.remove(&key);
         }
     }
 
@@ -397,6 +419,42 @@ mod tests {
         );
         tc.invalidate("r", "s", &last, &format!("t{}", MAX_TOKEN_ENTRIES + 9));
         assert!(tc.get("r", "s", &last, t0).is_none());
+
+        // Long realms and scopes (a hostile challenge): bounded in bytes too.
+        let mut tc = TokenCache::default();
+        let long = "x".repeat(MAX_TOKEN_CACHE_BYTES / 64);
+        for i in 0..200 {
+            tc.put(
+                &long,
+                "s",
+                &format!("sc{i}"),
+                "t".into(),
+                Duration::from_secs(60 + i),
+                t0,
+            );
+            assert!(tc.bytes <= MAX_TOKEN_CACHE_BYTES);
+        }
+        assert!(tc.len() < 200 && tc.len() > 50, "{}", tc.len());
+        tc.put(
+            &"y".repeat(MAX_TOKEN_CACHE_BYTES),
+            "s",
+            "c",
+            "t".into(),
+            Duration::from_secs(60),
+            t0,
+        );
+        assert!(
+            tc.get(&"y".repeat(MAX_TOKEN_CACHE_BYTES), "s", "c", t0)
+                .is_none(),
+            "not kept"
+        );
+        assert_eq!(
+            tc.bytes,
+            tc.map
+                .iter()
+                .map(|(k, (t, _))| entry_size(k, t))
+                .sum::<usize>()
+        );
     }
 
     mod proptest_challenges {
