@@ -629,8 +629,9 @@ fn head_on_an_upstream_without_head_falls_back_to_get() {
     cache_still_serves(&mut cache);
 }
 
-/// Finding 12 (and 1 for manifests): blobs of unknown length that never end, a blob
-/// announcing 8 GiB, a blob longer than its `Content-Length`, a manifest that never ends.
+/// Finding 12 (and 1 for manifests, tags lists, error bodies): blobs of unknown length
+/// that never end, a blob announcing 8 GiB, a blob longer than its `Content-Length`, and
+/// a manifest, a tags list and an error body that never end.
 /// With `--max-size 32MiB`, tmp/ never holds much more than the bound, nothing is stored,
 /// RSS stays bounded, the process lives.
 #[test]
@@ -746,30 +747,48 @@ fn bodies_of_unknown_or_lying_length_are_bounded() {
         );
     }
 
-    // A manifest that never ends.
+    // A manifest, a tags list and an error body that never end. The client gets an error
+    // (or, for the error, at most what it reads); the cache never buffers them whole.
+    let endless_json = |prefix: &[u8]| Body::Endless {
+        prefix: prefix.to_vec(),
+        content_length: None,
+    };
+    let json = [("content-type", "application/json")];
     h.on(
         None,
         "/v2/t6/manifest/manifests/1",
         Action::body(
             200,
             &[("content-type", mirror_tests::images::MT_MANIFEST)],
-            Body::Endless {
-                prefix: br#"{"schemaVersion":2,"x":""#.to_vec(),
-                content_length: None,
-            },
+            endless_json(br#"{"schemaVersion":2,"x":""#),
         ),
     );
-    let (status, took) = timed_get(
-        &client,
-        &cache.hostile_url("t6/manifest", "manifests", "1"),
-        &[],
+    h.on(
+        None,
+        "/v2/t6/tags/tags/list",
+        Action::body(200, &json, endless_json(br#"{"name":"t6/tags","tags":[""#)),
     );
-    assert!((400..600).contains(&status), "endless manifest: {status}");
-    assert!(
-        took < ERROR_WITHIN,
-        "endless manifest took {took:?} to fail"
+    h.on(
+        None,
+        "/v2/t6/error/manifests/1",
+        Action::body(500, &json, endless_json(br#"{"errors":[{"message":""#)),
     );
-    assert_memory_bounded(&mut cache, "an endless manifest");
+    for (what, url) in [
+        (
+            "manifest",
+            cache.hostile_url("t6/manifest", "manifests", "1"),
+        ),
+        ("tags list", cache.hostile_url("t6/tags", "tags", "list")),
+        (
+            "error body",
+            cache.hostile_url("t6/error", "manifests", "1"),
+        ),
+    ] {
+        let (status, took) = timed_get(&client, &url, &[]);
+        assert!((400..600).contains(&status), "endless {what}: {status}");
+        assert!(took < ERROR_WITHIN, "endless {what} took {took:?} to fail");
+        assert_memory_bounded(&mut cache, &format!("an endless {what}"));
+    }
     cache_still_serves(&mut cache);
 }
 
@@ -984,6 +1003,60 @@ fn redirect_targets_get_no_credential() {
             s.target
         );
     }
+    normal_pull_through(m);
+}
+
+/// Hostile `Location`s from ghcr.io (siblings of finding 5 on the filter side): to a
+/// non-allowlisted `http://127.0.0.1:<port>`, an https → http downgrade to its own CDN,
+/// and hosts that only look like its CDN. The mirror signs none of them, so no mirror URL
+/// ever fetches them, and Envoy never contacts them.
+#[test]
+fn hostile_locations_are_never_signed() {
+    let m = mirror();
+    let h = ghcr();
+    let repo = "hostile/t15";
+    let challenge = ghcr_challenge(repo);
+    let locations = [
+        h.canary_url("/canary/t15"),
+        format!("http://{GHCR_CDN}/t15/downgrade"),
+        format!("https://{GHCR_CDN}.evil.example/t15/suffix"),
+        "https://evil.example/t15/other".to_string(),
+    ];
+    let client = m.client();
+    let ping = challenge_of(&client, &m.host_url("ghcr", "/v2/"));
+    let tok = token(&client, &ping, &format!("repository:{repo}:pull"));
+    for (i, loc) in locations.iter().enumerate() {
+        let d = mirror_tests::digest_of(&[i as u8]);
+        h.on(
+            Some(GHCR),
+            &format!("/v2/{repo}/blobs/{d}"),
+            Action::gated(&challenge, Action::redirect(loc)),
+        );
+        let r = client
+            .get(m.host_url("ghcr", &format!("/v2/{repo}/blobs/{d}")))
+            .header("authorization", format!("Bearer {tok}"))
+            .send()
+            .expect("blob GET");
+        let location = r
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        assert!(
+            !location.contains("/_mirror/redirect/"),
+            "the mirror signed `{loc}` as `{location}`"
+        );
+    }
+    let reached: Vec<_> = h
+        .seen()
+        .into_iter()
+        .filter(|s| s.path().starts_with("/canary/t15") || s.path().starts_with("/t15/"))
+        .collect();
+    assert!(
+        reached.is_empty(),
+        "hostile Locations were fetched: {reached:?}"
+    );
     normal_pull_through(m);
 }
 
