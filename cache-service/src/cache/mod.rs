@@ -250,7 +250,7 @@ impl SmallCache {
     fn remove(&mut self, key: &str) -> bool {
         match self.map.remove(key) {
             Some((_, r)) => {
-                self.bytes -= r.body.len();
+                self.bytes -= key.len() + r.body.len();
                 true
             }
             None => false,
@@ -258,8 +258,9 @@ impl SmallCache {
     }
 
     fn put(&mut self, key: String, reply: SmallReply, now: Instant) {
-        let len = reply.body.len();
-        if len > MAX_SMALL_ENTRY_BYTES {
+        // The key is the client's path and query: counted too.
+        let len = key.len() + reply.body.len();
+        if reply.body.len() > MAX_SMALL_ENTRY_BYTES {
             return;
         }
         self.remove(&key);
@@ -1459,7 +1460,7 @@ mod tests {
             );
             assert!(c.bytes <= MAX_SMALL_CACHE_BYTES);
         }
-        assert_eq!(c.evictions, 5);
+        assert_eq!(c.evictions, 6, "31 entries of 1 MiB plus their keys fit");
         assert!(c.get("k0", t0).is_none(), "oldest went first");
         for i in 0..2 * MAX_SMALL_ENTRIES {
             c.put(format!("n{i}"), reply(1), t0 + Duration::from_secs(1));
@@ -1470,7 +1471,10 @@ mod tests {
         assert!(c.get("n1999", later).is_none(), "expired");
         assert_eq!(
             c.bytes,
-            c.map.values().map(|(_, r)| r.body.len()).sum::<usize>()
+            c.map
+                .iter()
+                .map(|(k, (_, r))| k.len() + r.body.len())
+                .sum::<usize>()
         );
     }
 
