@@ -5,8 +5,9 @@
 //!   port: the first byte decides, so a `http://` Location to its own host:port is a
 //!   real scheme downgrade). Per (host, path prefix) it is told what to answer: endless
 //!   or huge bodies with or without `Content-Length`, a body longer than its
-//!   `Content-Length`, hostile challenges and `Location`s, token endpoints answering junk,
-//!   405 on HEAD, a token gate that can revoke what it issued. It records every request
+//!   `Content-Length`, slow bodies, hostile challenges and `Location`s, token endpoints
+//!   answering junk, 405 on HEAD, a token gate whose tokens expire and can be revoked
+//!   (what no distribution registry does on demand). It records every request
 //!   (method, target, headers, TLS or not). Its certificate names `ghcr.io`,
 //!   `pkg-containers.githubusercontent.com`, `registry.k8s.io`, `localhost` and
 //!   `127.0.0.1`, signed by its own CA; [`HostilePki::bundle`] trusts it and the harness CA.
@@ -17,8 +18,9 @@
 //! - [`Cache`]: a `regmirror serve` with the upstreams `hostile` (this fixture, as
 //!   `https://localhost:<port>`) and `gcr.io` (the harness' real gcr-like registry).
 //!
-//! Normal pulls always go to the real registries of the harness; this fixture only
-//! misbehaves.
+//! It serves small images of its own only where a story needs a registry misbehaving
+//! around them (revocation, expiry, 405 on HEAD); the normal pull that ends each story
+//! goes to the harness' real registries.
 
 use crate::envoy::{Envoy, Substitution};
 use crate::proc::Proc;
