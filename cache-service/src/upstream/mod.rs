@@ -43,6 +43,8 @@ pub enum HostRefusal {
     Downgrade,
     #[error("it is this cache's own address")]
     OwnAddress,
+    #[error("it carries user info (credentials chosen by whoever wrote the URL)")]
+    UserInfo,
     #[error("host not declared for this upstream")]
     NotDeclared,
 }
@@ -138,6 +140,9 @@ impl HostPolicy {
         }
         if from.scheme() == "https" && to.scheme() == "http" {
             return Err(HostRefusal::Downgrade);
+        }
+        if !to.username().is_empty() || to.password().is_some() {
+            return Err(HostRefusal::UserInfo);
         }
         if self.is_own_address(to) {
             return Err(HostRefusal::OwnAddress);
@@ -913,6 +918,10 @@ mod tests {
             redirect("ftp://storage.googleapis.com/"),
             Err(HostRefusal::Scheme)
         );
+        assert_eq!(
+            redirect("https://u:p@storage.googleapis.com/"),
+            Err(HostRefusal::UserInfo)
+        );
         assert_eq!(p.check_realm(&u("https://us-docker.pkg.dev/token")), Ok(()));
         assert_eq!(
             p.check_realm(&u("https://pkg.dev/token")),
@@ -983,6 +992,8 @@ mod tests {
             let port = u.port_or_known_default();
             u.scheme() == "https"
                 && port == Some(443)
+                && u.username().is_empty()
+                && u.password().is_none()
                 && (host == "reg.example"
                     || host == "cdn.example"
                     || (host.ends_with(".blob.example") && host.len() > ".blob.example".len()))
