@@ -1071,10 +1071,13 @@ impl Cache {
             None if self.max_size > 0 => self.max_blob_size.min(self.max_size),
             None => self.max_blob_size,
         };
+        // Larger than the whole cache: streamed through the temp file (not memory), verified,
+        // never committed.
+        let mut cacheable = true;
         if let Some(t) = total {
             if self.max_size > 0 && t > self.max_size {
                 tracing::warn!(digest = %d, size = t, "blob larger than max_size; not caching");
-                temp = None;
+                cacheable = false;
             } else {
                 self.make_room(t);
             }
@@ -1140,6 +1143,7 @@ impl Cache {
             }
         }
         match (temp, hasher) {
+            (Some(t), _) if !cacheable => self.verify_uncached(d, t.abandon()),
             (Some(t), _) => match t.commit(d, Some(received)).await {
                 Ok(_) => {
                     lock(&self.lru).insert(d, received, None);
@@ -1157,18 +1161,21 @@ impl Cache {
                     Err(CacheError::DigestMismatch(e.to_string()))
                 }
             },
-            (None, Some(h)) => {
-                let got = Digest::from_sha256(h);
-                if got == *d {
-                    Ok(())
-                } else {
-                    Metrics::inc(&self.metrics.verify_failures);
-                    Err(CacheError::DigestMismatch(format!(
-                        "expected {d}, got {got}"
-                    )))
-                }
-            }
+            (None, Some(h)) => self.verify_uncached(d, h),
             (None, None) => Err(CacheError::Internal("no hash state".into())),
+        }
+    }
+
+    /// Verify a download that is served but not stored.
+    fn verify_uncached(&self, d: &Digest, hash: sha2::Sha256) -> Result<(), CacheError> {
+        let got = Digest::from_sha256(hash);
+        if got == *d {
+            Ok(())
+        } else {
+            Metrics::inc(&self.metrics.verify_failures);
+            Err(CacheError::DigestMismatch(format!(
+                "expected {d}, got {got}"
+            )))
         }
     }
 
@@ -1438,6 +1445,34 @@ mod tests {
         };
         assert!(matches!(r, Err(CacheError::TooLarge)), "{r:?}");
         assert_eq!(cache.entries(), 1, "only the manifest is stored");
+    }
+
+    #[tokio::test]
+    async fn a_blob_larger_than_the_cache_streams_from_disk_not_memory() {
+        let blob = Bytes::from(vec![9u8; 3000]);
+        let d = Digest::of_bytes(&blob);
+        let body = blob.clone();
+        let server = TestServer::start(move |_| reply(200, &[], body.clone())).await;
+        let dir = tempfile::tempdir().unwrap();
+        let tiny = Limits {
+            max_size: 1000,
+            max_blob_size: MIB,
+            max_pass_through_memory: 0,
+        };
+        let (cache, up) = open(dir.path(), &server, tiny);
+        let Ok(BlobReply::Flight { flight, .. }) =
+            cache.blob(&up, &name("lab/app"), &d, false).await
+        else {
+            panic!("no download")
+        };
+        let got: Vec<u8> = flight::reader(flight.clone(), 0, None, cache.metrics.clone())
+            .map(|c| c.unwrap())
+            .collect::<Vec<_>>()
+            .await
+            .concat();
+        assert_eq!(got, blob, "served whole without any pass-through memory");
+        outcome(&flight).await.unwrap();
+        assert_eq!(cache.entries(), 0, "not stored: larger than max_size");
     }
 
     #[test]
