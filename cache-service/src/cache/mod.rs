@@ -1071,13 +1071,10 @@ impl Cache {
             None if self.max_size > 0 => self.max_blob_size.min(self.max_size),
             None => self.max_blob_size,
         };
-        // Larger than the whole cache: streamed through the temp file (not memory), verified,
-        // never committed.
-        let mut cacheable = true;
         if let Some(t) = total {
             if self.max_size > 0 && t > self.max_size {
                 tracing::warn!(digest = %d, size = t, "blob larger than max_size; not caching");
-                cacheable = false;
+                temp = None;
             } else {
                 self.make_room(t);
             }
@@ -1143,7 +1140,6 @@ impl Cache {
             }
         }
         match (temp, hasher) {
-            (Some(t), _) if !cacheable => self.verify_uncached(d, t.abandon()),
             (Some(t), _) => match t.commit(d, Some(received)).await {
                 Ok(_) => {
                     lock(&self.lru).insert(d, received, None);
@@ -1161,21 +1157,18 @@ impl Cache {
                     Err(CacheError::DigestMismatch(e.to_string()))
                 }
             },
-            (None, Some(h)) => self.verify_uncached(d, h),
+            (None, Some(h)) => {
+                let got = Digest::from_sha256(h);
+                if got == *d {
+                    Ok(())
+                } else {
+                    Metrics::inc(&self.metrics.verify_failures);
+                    Err(CacheError::DigestMismatch(format!(
+                        "expected {d}, got {got}"
+                    )))
+                }
+            }
             (None, None) => Err(CacheError::Internal("no hash state".into())),
-        }
-    }
-
-    /// Verify a download that is served but not stored.
-    fn verify_uncached(&self, d: &Digest, hash: sha2::Sha256) -> Result<(), CacheError> {
-        let got = Digest::from_sha256(hash);
-        if got == *d {
-            Ok(())
-        } else {
-            Metrics::inc(&self.metrics.verify_failures);
-            Err(CacheError::DigestMismatch(format!(
-                "expected {d}, got {got}"
-            )))
         }
     }
 
@@ -1448,7 +1441,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_blob_larger_than_the_cache_streams_from_disk_not_memory() {
+    async fn a_blob_larger_than_the_cache_passes_through_memory_not_disk() {
         let blob = Bytes::from(vec![9u8; 3000]);
         let d = Digest::of_bytes(&blob);
         let body = blob.clone();
@@ -1457,7 +1450,7 @@ mod tests {
         let tiny = Limits {
             max_size: 1000,
             max_blob_size: MIB,
-            max_pass_through_memory: 0,
+            max_pass_through_memory: 4000,
         };
         let (cache, up) = open(dir.path(), &server, tiny);
         let Ok(BlobReply::Flight { flight, .. }) =
@@ -1470,9 +1463,21 @@ mod tests {
             .collect::<Vec<_>>()
             .await
             .concat();
-        assert_eq!(got, blob, "served whole without any pass-through memory");
+        assert_eq!(got, blob);
         outcome(&flight).await.unwrap();
         assert_eq!(cache.entries(), 0, "not stored: larger than max_size");
+        let on_disk: u64 = std::fs::read_dir(dir.path().join("tmp"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert_eq!(on_disk, 0, "the disk bound holds while it streams");
+        assert_eq!(
+            cache.pass_through.used(),
+            3000,
+            "held while the download is referenced"
+        );
+        drop(flight);
+        assert_eq!(cache.pass_through.used(), 0, "given back");
     }
 
     #[test]
