@@ -19,7 +19,7 @@ use rules::route::{
 };
 use rules::token::{classify_realm_call, realm_key, LearnedRealm, RealmCall};
 use rules::token_host::{self, TokenHosts};
-use rules::CompiledConfig;
+use rules::{CompiledConfig, SharedSet};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -50,32 +50,38 @@ fn store_realm(registry: &str, learned: &LearnedRealm) {
     }
 }
 
-/// The issued realm URLs of `registry` and the shared-data CAS of their key.
-fn issued_realms(registry: &str) -> (IssuedRealms, Option<u32>) {
-    match hostcalls::get_shared_data(&realms::key(registry)) {
-        Ok((Some(v), cas)) => (IssuedRealms::decode(&v), cas),
-        Ok((None, cas)) => (IssuedRealms::default(), cas),
-        Err(_) => (IssuedRealms::default(), None),
+/// The set under `key` and the shared-data CAS of that key.
+fn read_set<S: SharedSet>(key: &str) -> (S, Option<u32>) {
+    match hostcalls::get_shared_data(key) {
+        Ok((Some(v), cas)) => (S::decode(&v), cas),
+        Ok((None, cas)) => (S::default(), cas),
+        Err(_) => (S::default(), None),
     }
 }
 
-/// Adds `realm` to `registry`'s issued realms (bounded; CAS against other VMs).
-fn add_issued_realm(registry: &str, realm: &RealmUrl) {
+/// Adds `item` to the set under `key`, retrying on a CAS race with another VM. True when
+/// this call stored a changed set.
+fn add_to_set<S: SharedSet>(key: &str, item: &S::Item) -> bool {
     for _ in 0..3 {
-        let (mut set, cas) = issued_realms(registry);
-        if !set.insert(realm) {
-            return;
+        let (mut set, cas) = read_set::<S>(key);
+        if !set.insert(item) {
+            return false;
         }
-        let v = set.encode();
-        match hostcalls::set_shared_data(&realms::key(registry), Some(v.as_bytes()), cas) {
-            Ok(()) => return,
+        match hostcalls::set_shared_data(key, Some(set.encode().as_bytes()), cas) {
+            Ok(()) => return true,
             Err(proxy_wasm::types::Status::CasMismatch) => continue,
             Err(e) => {
-                warn!("cannot record an issued realm of {registry}: {e:?}");
-                return;
+                warn!("cannot update shared data {key}: {e:?}");
+                return false;
             }
         }
     }
+    false
+}
+
+/// Adds `realm` to `registry`'s issued realms (bounded).
+fn add_issued_realm(registry: &str, realm: &RealmUrl) {
+    add_to_set::<IssuedRealms>(&realms::key(registry), realm);
 }
 
 /// What this Envoy learned, read from shared data when routing asks.
@@ -83,11 +89,15 @@ struct SharedLearned;
 
 impl Learned for SharedLearned {
     fn is_token_host(&self, registry: &str, host: &str) -> bool {
-        token_hosts(registry).0.contains(host)
+        read_set::<TokenHosts>(&token_host::key(registry))
+            .0
+            .contains(host)
     }
 
     fn is_issued_realm(&self, registry: &str, authority: &str, path: &str) -> bool {
-        issued_realms(registry).0.contains(authority, path)
+        read_set::<IssuedRealms>(&realms::key(registry))
+            .0
+            .contains(authority, path)
             || stored_realm(registry)
                 .and_then(|l| RealmUrl::from_realm(&l.realm))
                 .is_some_and(|u| u.authority == authority && u.path == path)
@@ -115,34 +125,11 @@ fn store_realm_seen(shared: &Shared, registry: &str, learned: LearnedRealm) -> b
     true
 }
 
-/// The recorded token hosts of `registry` and the shared-data CAS of their key.
-fn token_hosts(registry: &str) -> (TokenHosts, Option<u32>) {
-    match hostcalls::get_shared_data(&token_host::key(registry)) {
-        Ok((Some(v), cas)) => (TokenHosts::decode(&v), cas),
-        Ok((None, cas)) => (TokenHosts::default(), cas),
-        Err(_) => (TokenHosts::default(), None),
-    }
-}
-
-/// Records `host` as a token host of `registry` (bounded list; CAS against other VMs).
+/// Records `host` as a token host of `registry` (bounded list).
 fn record_token_host(registry: &str, host: &str) {
-    for _ in 0..3 {
-        let (mut hosts, cas) = token_hosts(registry);
-        if !hosts.insert(host) {
-            return;
-        }
-        let v = hosts.encode();
-        match hostcalls::set_shared_data(&token_host::key(registry), Some(v.as_bytes()), cas) {
-            Ok(()) => {
-                info!("{host} challenges with the realm of {registry}: its tokens now pass there");
-                return;
-            }
-            Err(proxy_wasm::types::Status::CasMismatch) => continue,
-            Err(e) => {
-                warn!("cannot record token host {host} of {registry}: {e:?}");
-                return;
-            }
-        }
+    let key = token_host::key(registry);
+    if add_to_set::<TokenHosts>(&key, host) {
+        info!("{host} challenges with the realm of {registry}: its tokens now pass there");
     }
 }
 

@@ -13,6 +13,18 @@ pub mod route;
 pub mod token;
 pub mod token_host;
 
+/// A small bounded set the filter keeps in proxy-wasm shared data (one per registry), so
+/// every worker VM of an Envoy sees what one of them learned.
+pub trait SharedSet: Default {
+    type Item: ?Sized;
+    /// Parses a shared-data value; malformed entries are ignored.
+    fn decode(bytes: &[u8]) -> Self;
+    /// The shared-data value.
+    fn encode(&self) -> String;
+    /// Adds `item`; false when the set did not change.
+    fn insert(&mut self, item: &Self::Item) -> bool;
+}
+
 pub use config::{
     compile, default_config, parse, CompiledConfig, ConfigError, FilterConfig, RegistryConfig,
 };

@@ -17,7 +17,7 @@ use super::response::{plan_challenges, Answer};
 use super::route::{route_with, Decision, ForwardKind, Learned, NothingLearned, Request};
 use super::token::{self, decode_query_value, encode_query_value, LearnedRealm};
 use super::token_host::TokenHosts;
-use super::CompiledConfig;
+use super::{CompiledConfig, SharedSet};
 use proptest::prelude::*;
 
 const KEY: [u8; 32] = [5u8; 32];

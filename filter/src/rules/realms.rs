@@ -8,6 +8,7 @@
 
 use super::challenge::{is_url_char, parse_url};
 use super::config::is_valid_authority;
+use super::SharedSet;
 
 /// Shared-data key prefix; the key is `mirror.realms.<registry>`.
 pub const KEY_PREFIX: &str = "mirror.realms.";
@@ -72,9 +73,11 @@ pub struct IssuedRealms {
     realms: Vec<RealmUrl>,
 }
 
-impl IssuedRealms {
+impl SharedSet for IssuedRealms {
+    type Item = RealmUrl;
+
     /// Parses a shared-data value; malformed entries are ignored, at most [`MAX_REALMS`].
-    pub fn decode(bytes: &[u8]) -> Self {
+    fn decode(bytes: &[u8]) -> Self {
         let realms = std::str::from_utf8(bytes)
             .unwrap_or_default()
             .split('\n')
@@ -85,20 +88,13 @@ impl IssuedRealms {
     }
 
     /// Shared-data value.
-    pub fn encode(&self) -> String {
+    fn encode(&self) -> String {
         let v: Vec<String> = self.realms.iter().map(RealmUrl::encode).collect();
         v.join("\n")
     }
 
-    /// Was `authority` + `path` issued?
-    pub fn contains(&self, authority: &str, path: &str) -> bool {
-        self.realms
-            .iter()
-            .any(|r| r.authority == authority && r.path == path)
-    }
-
     /// Adds `realm` (dropping the oldest when full); false when it was already there.
-    pub fn insert(&mut self, realm: &RealmUrl) -> bool {
+    fn insert(&mut self, realm: &RealmUrl) -> bool {
         if self.contains(&realm.authority, &realm.path) {
             return false;
         }
@@ -107,6 +103,15 @@ impl IssuedRealms {
         }
         self.realms.push(realm.clone());
         true
+    }
+}
+
+impl IssuedRealms {
+    /// Was `authority` + `path` issued?
+    pub fn contains(&self, authority: &str, path: &str) -> bool {
+        self.realms
+            .iter()
+            .any(|r| r.authority == authority && r.path == path)
     }
 
     /// Number of realm URLs kept.

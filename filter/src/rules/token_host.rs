@@ -5,6 +5,8 @@
 //! Recorded per Envoy in proxy-wasm shared data, one key per registry
 //! ([`key`]) holding a bounded newline-separated list of hosts ([`TokenHosts`]).
 
+use super::SharedSet;
+
 /// Shared-data key prefix; the key is `mirror.token_host.<registry>`.
 pub const KEY_PREFIX: &str = "mirror.token_host.";
 
@@ -25,9 +27,11 @@ pub struct TokenHosts {
     hosts: Vec<String>,
 }
 
-impl TokenHosts {
+impl SharedSet for TokenHosts {
+    type Item = str;
+
     /// Parses a shared-data value; malformed entries are ignored, at most [`MAX_HOSTS`] kept.
-    pub fn decode(bytes: &[u8]) -> Self {
+    fn decode(bytes: &[u8]) -> Self {
         let hosts = std::str::from_utf8(bytes)
             .unwrap_or_default()
             .split('\n')
@@ -39,23 +43,25 @@ impl TokenHosts {
     }
 
     /// Shared-data value.
-    pub fn encode(&self) -> String {
+    fn encode(&self) -> String {
         self.hosts.join("\n")
-    }
-
-    /// Is `host` (lowercase `host[:port]`) recorded?
-    pub fn contains(&self, host: &str) -> bool {
-        self.hosts.iter().any(|h| h == host)
     }
 
     /// Adds `host`; false when it was already there, the list is full or `host` is
     /// not a plain lowercase authority.
-    pub fn insert(&mut self, host: &str) -> bool {
+    fn insert(&mut self, host: &str) -> bool {
         if self.contains(host) || self.hosts.len() >= MAX_HOSTS || !is_recordable(host) {
             return false;
         }
         self.hosts.push(host.to_string());
         true
+    }
+}
+
+impl TokenHosts {
+    /// Is `host` (lowercase `host[:port]`) recorded?
+    pub fn contains(&self, host: &str) -> bool {
+        self.hosts.iter().any(|h| h == host)
     }
 }
 
