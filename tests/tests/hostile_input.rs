@@ -1295,13 +1295,23 @@ fn with_public_url_hosts_the_mirror_does_not_serve_get_421() {
         .collect();
     let client = m.up.pki.client(&resolve).expect("client");
 
+    // HTTP/1.1: an HTTP/2 client takes `:authority` from the URL and drops a `Host` header.
+    let ca = reqwest::Certificate::from_pem(m.up.pki.ca_pem.as_bytes()).expect("test CA");
+    let h1 = reqwest::blocking::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .http1_only()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("HTTP/1.1 client");
     let evil = "evil.example";
     for path in [
         "/v2/".to_string(),
         "/_mirror/auth/auth.docker.io/token?service=registry.docker.io".to_string(),
         format!("/v2/{repo}/manifests/1?ns={GHCR}"),
     ] {
-        let r = client
+        let r = h1
             .get(format!("{public}{path}"))
             .header("host", evil)
             .send()
