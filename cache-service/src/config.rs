@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mirror_filter::rules::config::HostPattern;
@@ -180,13 +180,13 @@ pub enum ConfigError {
     HostFlag { flag: &'static str, spec: String },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credentials {
     pub username: String,
     pub password: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamConfig {
     pub name: String,
     pub url: url::Url,
@@ -261,6 +261,14 @@ fn host_patterns(name: &str, raw: &[String]) -> Result<Vec<HostPattern>, ConfigE
         .collect()
 }
 
+/// The config file's text.
+pub fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 fn read_ca(path: &PathBuf) -> Result<Vec<u8>, ConfigError> {
     let pem = std::fs::read(path).map_err(|e| ConfigError::Ca {
         path: path.clone(),
@@ -305,24 +313,32 @@ fn parse_url(name: &str, raw: &str) -> Result<url::Url, ConfigError> {
 
 impl Config {
     /// Merge flags over the file and validate; `env` looks up secrets (passwords, tokens).
+    /// Also returns the file's text (`None` without `--config`): its hash names the version.
     pub fn load(
         args: &ServeArgs,
         env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Self, ConfigError> {
-        let file = match &args.config {
+    ) -> Result<(Self, Option<String>), ConfigError> {
+        match &args.config {
             Some(path) => {
-                let text =
-                    std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
-                        path: path.clone(),
-                        source,
-                    })?;
-                toml::from_str::<FileConfig>(&text).map_err(|source| ConfigError::Parse {
-                    path: path.clone(),
-                    source,
-                })?
+                let text = read_file(path)?;
+                let cfg = Self::from_text(args, path, &text, env)?;
+                Ok((cfg, Some(text)))
             }
-            None => FileConfig::default(),
-        };
+            None => Ok((Self::merge(args, FileConfig::default(), env)?, None)),
+        }
+    }
+
+    /// Flags merged over the config file's `text` (read from `path`).
+    pub fn from_text(
+        args: &ServeArgs,
+        path: &Path,
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let file = toml::from_str::<FileConfig>(text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::merge(args, file, env)
     }
 

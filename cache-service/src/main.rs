@@ -9,6 +9,7 @@ mod doctor;
 mod http;
 mod metrics;
 mod oci;
+mod reload;
 mod render;
 mod store;
 mod upstream;
@@ -70,8 +71,10 @@ const CONFIG_HELP: &str = r#"Configuration file (--config FILE; flags override i
   public = false                # with credentials: refused at startup unless public = true
   client_token_env = "TOKEN_VAR"      # ... or clients present `Authorization: Bearer <token>`
 
-Endpoints: /v2/... (pull API), /healthz, /readyz (storage writable), /metrics (Prometheus),
-/_status and / (HTML status page).
+Endpoints: /v2/... (pull API), /healthz, /readyz (storage writable; the config version in
+force), /metrics (Prometheus), /_status and / (HTML status page).
+SIGHUP, or a change of the config file (watched), reloads it without dropping anything; an
+invalid file, or a changed listen/storage, is logged and the running config kept.
 Logs go to stderr; RUST_LOG filters them (default info). Exit status 2: bad configuration."#;
 
 #[derive(Debug, Subcommand)]
@@ -114,7 +117,7 @@ fn init_tracing(format: LogFormat) {
 
 fn serve(args: &ServeArgs) -> ExitCode {
     let env = |k: &str| std::env::var(k).ok();
-    let cfg = match Config::load(args, &env) {
+    let (cfg, text) = match Config::load(args, &env) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("regmirror: configuration error: {e}");
@@ -132,10 +135,21 @@ fn serve(args: &ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(run(cfg))
+    let config = Arc::new(reload::ConfigState::new(cfg, text.as_deref()));
+    rt.block_on(run(args.clone(), config))
 }
 
-async fn run(cfg: Config) -> ExitCode {
+async fn run(args: ServeArgs, config: Arc<reload::ConfigState>) -> ExitCode {
+    let live = config.current();
+    let cfg = &live.config;
+    // Before anything can be reached: SIGHUP's default action would end the process.
+    let hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("regmirror: cannot install the SIGHUP handler: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let store = match store::fs::FsStore::new(&cfg.storage) {
         Ok(s) => Arc::new(s),
         Err(e) => {
@@ -146,28 +160,14 @@ async fn run(cfg: Config) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut upstreams = BTreeMap::new();
-    let mut client_tokens = BTreeMap::new();
-    for (name, u) in &cfg.upstreams {
-        match upstream::Upstream::new(u, Some(cfg.listen)) {
-            Ok(c) => {
-                upstreams.insert(name.clone(), Arc::new(c));
-            }
-            Err(e) => {
-                eprintln!("regmirror: upstream {name}: {e}");
-                return ExitCode::from(2);
-            }
+    let upstreams = match reload::build_upstreams(cfg, &BTreeMap::new(), cfg) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("regmirror: {e}");
+            return ExitCode::from(2);
         }
-        if let Some(t) = &u.client_token {
-            client_tokens.insert(name.clone(), t.clone());
-        }
-    }
-    let limits = cache::Limits {
-        max_size: cfg.max_size,
-        max_blob_size: cfg.max_blob_size,
-        max_pass_through_memory: cfg.max_pass_through_memory,
     };
-    let cache = match cache::Cache::open(store, upstreams, cfg.tag_ttl, limits) {
+    let cache = match cache::Cache::open(store, upstreams, cfg.tag_ttl, reload::limits(cfg)) {
         Ok(c) => Arc::new(c),
         Err(e) => {
             eprintln!(
@@ -187,15 +187,18 @@ async fn run(cfg: Config) -> ExitCode {
     tracing::info!(
         listen = %cfg.listen,
         storage = %cfg.storage.display(),
-        upstreams = ?cache.upstream_names().collect::<Vec<_>>(),
+        upstreams = ?cache.upstream_names(),
         max_size = cfg.max_size,
         max_blob_size = cfg.max_blob_size,
         tag_ttl_seconds = cfg.tag_ttl.as_secs(),
+        config_version = %live.version,
         "regmirror serving"
     );
+    let reloader =
+        tokio::spawn(reload::Reloader::new(args, cache.clone(), config.clone()).run(hup));
     let app = http::router(http::AppState {
         cache: cache.clone(),
-        client_tokens: Arc::new(client_tokens),
+        config: config.clone(),
         status: Arc::default(),
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -216,15 +219,18 @@ async fn run(cfg: Config) -> ExitCode {
         }
         () = shutdown_signal() => {}
     }
+    reloader.abort();
+    // The grace in force now: a reload may have changed it.
+    let grace = config.current().config.shutdown_grace;
     tracing::info!(
-        grace_seconds = cfg.shutdown_grace.as_secs(),
+        grace_seconds = grace.as_secs(),
         "shutting down: no new connections; letting downloads and responses finish"
     );
     // The grace is capped at load; checked anyway: an overflow here would panic.
     let now = tokio::time::Instant::now();
-    let deadline = now.checked_add(cfg.shutdown_grace).unwrap_or(now);
+    let deadline = now.checked_add(grace).unwrap_or(now);
     let _ = stop_tx.send(());
-    cache.drain(cfg.shutdown_grace).await;
+    cache.drain(grace).await;
     if tokio::time::timeout_at(deadline, &mut server)
         .await
         .is_err()

@@ -50,6 +50,9 @@ pub struct Metrics {
     pub evicted_bytes: AtomicU64,
     pub store_write_errors: AtomicU64,
     pub verify_failures: AtomicU64,
+    /// Configuration reloads put in force / refused (invalid file, restart-only change).
+    pub config_reloads: AtomicU64,
+    pub config_reload_failures: AtomicU64,
     errors: [AtomicU64; 16],
 }
 
@@ -132,6 +135,16 @@ impl Metrics {
             "regmirror_verify_failures_total",
             "Downloads whose digest or length did not verify.",
             self.verify_failures.load(Relaxed),
+        );
+        counter(
+            "regmirror_config_reloads_total",
+            "Configuration reloads put in force (SIGHUP or the config file changed).",
+            self.config_reloads.load(Relaxed),
+        );
+        counter(
+            "regmirror_config_reload_failures_total",
+            "Configuration reloads refused; the running configuration was kept.",
+            self.config_reload_failures.load(Relaxed),
         );
         counter(
             "regmirror_pass_through_rejections_total",

@@ -39,7 +39,8 @@ pub struct FlightState {
 /// Memory all downloads together may hold for bytes the disk could not take.
 #[derive(Debug, Default)]
 pub struct MemoryBudget {
-    limit: u64,
+    /// Changes on a reload; bytes already taken stay taken.
+    limit: AtomicU64,
     used: AtomicU64,
     rejections: AtomicU64,
 }
@@ -47,9 +48,13 @@ pub struct MemoryBudget {
 impl MemoryBudget {
     pub fn new(limit: u64) -> Self {
         Self {
-            limit,
+            limit: AtomicU64::new(limit),
             ..Default::default()
         }
+    }
+
+    pub fn set_limit(&self, limit: u64) {
+        self.limit.store(limit, Relaxed);
     }
 
     /// Reserve `n` bytes; `false` (counted as a rejection) when that would pass the limit.
@@ -57,7 +62,7 @@ impl MemoryBudget {
         let ok = self
             .used
             .fetch_update(Relaxed, Relaxed, |u| {
-                u.checked_add(n).filter(|t| *t <= self.limit)
+                u.checked_add(n).filter(|t| *t <= self.limit.load(Relaxed))
             })
             .is_ok();
         if !ok {

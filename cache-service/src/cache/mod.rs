@@ -6,7 +6,8 @@ pub mod lru;
 pub mod single;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -297,12 +298,18 @@ impl SmallCache {
     }
 }
 
+/// The upstreams in force, by name: swapped whole on a reload.
+pub type Upstreams = BTreeMap<String, Arc<Upstream>>;
+
 pub struct Cache {
     store: Arc<dyn BlobStore>,
-    upstreams: BTreeMap<String, Arc<Upstream>>,
-    tag_ttl: Duration,
-    max_size: u64,
-    max_blob_size: u64,
+    /// Read once per request (a clone of the `Arc<Upstream>`), so a request keeps the
+    /// upstream it started with across a reload.
+    upstreams: RwLock<Arc<Upstreams>>,
+    /// Seconds; the settings below change on a reload and apply to the next decision.
+    tag_ttl: AtomicU64,
+    max_size: AtomicU64,
+    max_blob_size: AtomicU64,
     /// Shared by every download's in-memory tail.
     pass_through: Arc<MemoryBudget>,
     pub metrics: Arc<Metrics>,
@@ -324,7 +331,7 @@ pub struct Cache {
 impl std::fmt::Debug for Cache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cache")
-            .field("max_size", &self.max_size)
+            .field("max_size", &self.max_size())
             .finish()
     }
 }
@@ -334,7 +341,7 @@ impl Cache {
     /// evicts down to `max_size`.
     pub fn open(
         store: Arc<dyn BlobStore>,
-        upstreams: BTreeMap<String, Arc<Upstream>>,
+        upstreams: Upstreams,
         tag_ttl: Duration,
         limits: Limits,
     ) -> std::io::Result<Self> {
@@ -351,10 +358,10 @@ impl Cache {
         tracing::info!(blobs = blobs.len(), bytes = lru.total(), "cache opened");
         let cache = Self {
             store,
-            upstreams,
-            tag_ttl,
-            max_size: limits.max_size,
-            max_blob_size: limits.max_blob_size,
+            upstreams: RwLock::new(Arc::new(upstreams)),
+            tag_ttl: AtomicU64::new(tag_ttl.as_secs()),
+            max_size: AtomicU64::new(limits.max_size),
+            max_blob_size: AtomicU64::new(limits.max_blob_size),
             pass_through: Arc::new(MemoryBudget::new(limits.max_pass_through_memory)),
             metrics: Arc::new(Metrics::default()),
             lru: Arc::new(Mutex::new(lru)),
@@ -380,11 +387,34 @@ impl Cache {
 
     /// `max_size` in bytes; 0 = unlimited.
     pub fn max_size(&self) -> u64 {
-        self.max_size
+        self.max_size.load(Relaxed)
     }
 
-    pub fn upstreams(&self) -> impl Iterator<Item = &Arc<Upstream>> {
-        self.upstreams.values()
+    fn max_blob_size(&self) -> u64 {
+        self.max_blob_size.load(Relaxed)
+    }
+
+    /// The upstreams in force now (a snapshot).
+    pub fn upstreams(&self) -> Arc<Upstreams> {
+        match self.upstreams.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Put a reloaded configuration in force. Requests and downloads already running keep
+    /// the upstream they hold; a smaller `max_size` applies at the next eviction, which runs
+    /// now.
+    pub fn reconfigure(&self, upstreams: Upstreams, tag_ttl: Duration, limits: Limits) {
+        match self.upstreams.write() {
+            Ok(mut g) => *g = Arc::new(upstreams),
+            Err(p) => *p.into_inner() = Arc::new(upstreams),
+        }
+        self.tag_ttl.store(tag_ttl.as_secs(), Relaxed);
+        self.max_size.store(limits.max_size, Relaxed);
+        self.max_blob_size.store(limits.max_blob_size, Relaxed);
+        self.pass_through.set_limit(limits.max_pass_through_memory);
+        self.make_room(0);
     }
 
     pub fn inflight(&self) -> usize {
@@ -394,7 +424,7 @@ impl Cache {
     /// The Prometheus page: counters plus the gauges of every bounded structure.
     pub fn render_metrics(&self) -> String {
         let (tokens, token_evictions) = self
-            .upstreams
+            .upstreams()
             .values()
             .map(|u| u.token_stats())
             .fold((0, 0), |(n, e), (n2, e2)| (n + n2, e + e2));
@@ -419,21 +449,22 @@ impl Cache {
         self.store.check_writable()
     }
 
-    pub fn upstream_names(&self) -> impl Iterator<Item = &String> {
-        self.upstreams.keys()
+    pub fn upstream_names(&self) -> Vec<String> {
+        self.upstreams().keys().cloned().collect()
     }
 
     /// Upstream for a request: the named registry, or the only one when none is named.
-    pub fn upstream(&self, registry: Option<&str>) -> Result<&Arc<Upstream>, CacheError> {
+    pub fn upstream(&self, registry: Option<&str>) -> Result<Arc<Upstream>, CacheError> {
+        let ups = self.upstreams();
         match registry {
-            Some(r) => self
-                .upstreams
+            Some(r) => ups
                 .get(r)
+                .cloned()
                 .ok_or_else(|| CacheError::UnknownRegistry(r.to_owned())),
-            None if self.upstreams.len() == 1 => self
-                .upstreams
+            None if ups.len() == 1 => ups
                 .values()
                 .next()
+                .cloned()
                 .ok_or_else(|| CacheError::UnknownRegistry(String::new())),
             None => Err(CacheError::UnknownRegistry(
                 "(none named: send x-mirror-registry or ?ns=)".to_owned(),
@@ -443,7 +474,7 @@ impl Cache {
 
     /// Evict least-recently-used unpinned blobs until `incoming` bytes fit.
     fn make_room(&self, incoming: u64) {
-        let victims = lock(&self.lru).victims(incoming, self.max_size);
+        let victims = lock(&self.lru).victims(incoming, self.max_size());
         for (d, size) in victims {
             match self.store.delete(&d) {
                 Ok(_) => {
@@ -609,7 +640,7 @@ impl Cache {
     }
 
     fn tag_fresh(&self, rec: &TagRecord) -> bool {
-        unix_now().saturating_sub(rec.fetched_at) < self.tag_ttl.as_secs()
+        unix_now().saturating_sub(rec.fetched_at) < self.tag_ttl.load(Relaxed)
     }
 
     async fn reply_from_record(
@@ -1062,17 +1093,19 @@ impl Cache {
         }
         // Bytes this download may bring: what it announced or its manifest said, never past
         // max_blob_size; with no length, no more than the cache could store.
+        // Read once: a reload during the download does not move its bounds.
+        let (max_size, max_blob_size) = (self.max_size(), self.max_blob_size());
         let limit = match total.or(known) {
-            Some(t) if t > self.max_blob_size => {
-                tracing::warn!(digest = %d, size = t, max = self.max_blob_size, "blob larger than max_blob_size; refused");
+            Some(t) if t > max_blob_size => {
+                tracing::warn!(digest = %d, size = t, max = max_blob_size, "blob larger than max_blob_size; refused");
                 return Err(CacheError::TooLarge);
             }
             Some(t) => t,
-            None if self.max_size > 0 => self.max_blob_size.min(self.max_size),
-            None => self.max_blob_size,
+            None if max_size > 0 => max_blob_size.min(max_size),
+            None => max_blob_size,
         };
         if let Some(t) = total {
-            if self.max_size > 0 && t > self.max_size {
+            if max_size > 0 && t > max_size {
                 tracing::warn!(digest = %d, size = t, "blob larger than max_size; not caching");
                 temp = None;
             } else {

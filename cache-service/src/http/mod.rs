@@ -5,7 +5,6 @@ pub mod error;
 pub mod range;
 pub mod status;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -19,13 +18,11 @@ use crate::metrics::Metrics;
 use crate::oci::{Digest, Reference, RepoName, Tag};
 use error::ApiError;
 
-/// Tokens clients must present per upstream (`client_token_env`).
-pub type ClientTokens = BTreeMap<String, String>;
-
 #[derive(Clone)]
 pub struct AppState {
     pub cache: Arc<Cache>,
-    pub client_tokens: Arc<ClientTokens>,
+    /// The configuration in force (client tokens, version); swapped by a reload.
+    pub config: Arc<crate::reload::ConfigState>,
     /// Status page state (request counts per repository).
     pub status: Arc<status::StatusState>,
 }
@@ -35,6 +32,8 @@ pub fn router(state: AppState) -> Router {
 }
 
 const API_VERSION: &str = "registry/2.0";
+/// On `/readyz`: the configuration version in force (`<serial>-<file hash>`).
+pub const CONFIG_VERSION_HEADER: &str = "x-regmirror-config-version";
 const MAX_TAGS_N: u32 = 10_000;
 
 fn base_headers(h: &mut HeaderMap) {
@@ -118,21 +117,26 @@ async fn handle(
     match path {
         "/healthz" => return (StatusCode::OK, "ok\n").into_response(),
         "/readyz" => {
-            return match st.cache.check_ready() {
-                Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+            let version = st.config.current().version.to_string();
+            let (status, body) = match st.cache.check_ready() {
+                Ok(()) => (StatusCode::OK, "ready".to_owned()),
                 Err(e) => (
                     StatusCode::SERVICE_UNAVAILABLE,
-                    format!("storage not writable: {e}\n"),
-                )
-                    .into_response(),
+                    format!("storage not writable: {e}"),
+                ),
+            };
+            let mut r = (status, format!("{body}\nconfig-version: {version}\n")).into_response();
+            if let Ok(v) = HeaderValue::from_str(&version) {
+                r.headers_mut().insert(CONFIG_VERSION_HEADER, v);
             }
+            return r;
         }
         "/metrics" => {
             let body = st.cache.render_metrics();
             return ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response();
         }
         "/_status" | "/" if matches!(method, Method::GET | Method::HEAD) => {
-            let body = status::render(&status::Snapshot::read(&st.cache, &st.status));
+            let body = status::render(&status::Snapshot::read(&st.cache, &st.status, &st.config));
             return (
                 [
                     (header::CONTENT_TYPE, "text/html; charset=utf-8"),
@@ -203,7 +207,7 @@ async fn handle_v2(
         return Ok(r);
     }
 
-    let up = st.cache.upstream(registry.as_deref())?.clone();
+    let up = st.cache.upstream(registry.as_deref())?;
     check_client(st, &up.name, headers)?;
     if let Route::Manifest(name, _)
     | Route::Blob(name, _)
@@ -289,7 +293,13 @@ fn pagination_error() -> ApiError {
 }
 
 fn check_client(st: &AppState, registry: &str, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(want) = st.client_tokens.get(registry) else {
+    let live = st.config.current();
+    let Some(want) = live
+        .config
+        .upstreams
+        .get(registry)
+        .and_then(|u| u.client_token.as_deref())
+    else {
         return Ok(());
     };
     let got = headers

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::time::{Instant, SystemTime};
 
 use crate::cache::Cache;
+use crate::reload::ConfigState;
 
 /// Repositories tracked at most; the rest are folded in with the Space-Saving algorithm
 /// (the least-counted entry is replaced and the newcomer inherits its count), so heavy
@@ -95,6 +96,9 @@ pub struct UpstreamRow {
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub version: String,
+    /// The configuration in force, and why the last reload was refused (if it was).
+    pub config_version: String,
+    pub config_refusal: Option<String>,
     pub uptime_secs: u64,
     pub now: Option<SystemTime>,
     pub store_bytes: u64,
@@ -118,7 +122,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn read(cache: &Cache, st: &StatusState) -> Self {
+    pub fn read(cache: &Cache, st: &StatusState, config: &ConfigState) -> Self {
         let m = &cache.metrics;
         let (top, tracked) = {
             let r = crate::cache::lock(&st.repos);
@@ -126,6 +130,8 @@ impl Snapshot {
         };
         Self {
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            config_version: config.current().version.to_string(),
+            config_refusal: config.refusal(),
             uptime_secs: st.started.elapsed().as_secs(),
             now: Some(SystemTime::now()),
             store_bytes: cache.store_bytes(),
@@ -147,6 +153,7 @@ impl Snapshot {
             tracked,
             upstreams: cache
                 .upstreams()
+                .values()
                 .map(|u| {
                     let h = u.health();
                     UpstreamRow {
@@ -247,10 +254,19 @@ pub fn render(s: &Snapshot) -> String {
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
 <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
 <title>regmirror status</title><style>{CSS}</style></head><body>\
-<h1>regmirror cache</h1><div class=\"sub\">version {} · up {} · counters since start</div>",
+<h1>regmirror cache</h1><div class=\"sub\">version {} · config {} · up {} · counters since start</div>",
         esc(&s.version),
+        esc(&s.config_version),
         duration(s.uptime_secs)
     );
+    if let Some(why) = &s.config_refusal {
+        let _ = write!(
+            h,
+            "<div class=\"card err\">Last configuration reload refused (config {} still in force): {}</div>",
+            esc(&s.config_version),
+            esc(why)
+        );
+    }
 
     // Storage
     let fill = percent(s.store_bytes, s.max_size);
@@ -419,6 +435,13 @@ mod tests {
         assert!(page.contains("test/&lt;img src=x onerror=alert(1)&gt;"));
         assert!(page.contains("a&amp;b"));
         assert!(page.contains("&lt;oops&gt;"));
+        let page = render(&Snapshot {
+            config_version: "3-0123456789ab".into(),
+            config_refusal: Some("parsing <cache.toml>".into()),
+            ..Snapshot::default()
+        });
+        assert!(page.contains("config 3-0123456789ab"), "{page}");
+        assert!(page.contains("reload refused") && page.contains("&lt;cache.toml&gt;"));
         assert!(page.contains("failing"));
         assert!(!page.contains("<script"));
     }
