@@ -89,6 +89,9 @@ enum Command {
     Warm(warm::WarmArgs),
     /// Check a running mirror, registry by registry: /v2/, token round-trip, manifest HEAD.
     Doctor(doctor::DoctorArgs),
+    /// Start Envoy with these arguments: through func-e (>= 1.5.0) with an explicit Envoy
+    /// when func-e is installed, else `envoy`.
+    Envoy(render::launcher::EnvoyArgs),
 }
 
 fn main() -> ExitCode {
@@ -98,6 +101,7 @@ fn main() -> ExitCode {
         Some(Command::ClientConfig(args)) => client_config::run(&args),
         Some(Command::Warm(args)) => warm::run(&args),
         Some(Command::Doctor(args)) => doctor::run(&args),
+        Some(Command::Envoy(args)) => render::launcher::run(&args),
         Some(Command::Serve(args)) => serve(&args),
         None => serve(&cli.serve),
     }
