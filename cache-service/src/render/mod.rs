@@ -717,4 +717,99 @@ mod tests {
             );
         }
     }
+
+    /// The xDS layouts carry exactly the static render's listeners and clusters, and a
+    /// bootstrap that reads them from files in a watched directory.
+    #[test]
+    fn xds_layout_is_the_static_config_split_into_watched_files() {
+        let files = render_files(&repo_root().join("envoy/registries.toml")).unwrap();
+        for (dir, static_name, watched) in [
+            ("xds/local", "local.yaml", "envoy/xds/local"),
+            ("xds/mirror", "mirror.yaml", "/etc/regmirror/xds"),
+        ] {
+            let yaml = |name: &str| -> serde_yaml::Value {
+                serde_yaml::from_str(file(&files, name)).unwrap()
+            };
+            let static_doc = yaml(static_name);
+            let bootstrap = yaml(&format!("{dir}/envoy.yaml"));
+            assert!(bootstrap.get("static_resources").is_none(), "{dir}");
+            assert_eq!(bootstrap["admin"], static_doc["admin"]);
+            for (kind, key, type_url) in [
+                ("lds", "listeners", "envoy.config.listener.v3.Listener"),
+                ("cds", "clusters", "envoy.config.cluster.v3.Cluster"),
+            ] {
+                let source =
+                    &bootstrap["dynamic_resources"][format!("{kind}_config")]["path_config_source"];
+                assert_eq!(source["path"], format!("{watched}/{kind}.yaml").as_str());
+                assert_eq!(source["watched_directory"]["path"], watched);
+                let resources = yaml(&format!("{dir}/{kind}.yaml"));
+                assert!(resources["version_info"]
+                    .as_str()
+                    .is_some_and(|v| v.len() == 16));
+                let mut items = resources["resources"].as_sequence().unwrap().clone();
+                let expected = static_doc["static_resources"][key].as_sequence().unwrap();
+                assert_eq!(items.len(), expected.len(), "{dir} {kind}");
+                for (item, expected) in items.iter_mut().zip(expected) {
+                    let m = item.as_mapping_mut().unwrap();
+                    let t = m.remove("@type").unwrap();
+                    assert_eq!(
+                        t.as_str(),
+                        Some(format!("type.googleapis.com/{type_url}").as_str())
+                    );
+                    if kind == "lds" {
+                        // The only difference: routes may name a cluster CDS delivers later.
+                        let hcm = &mut item["filter_chains"][0]["filters"][0]["typed_config"];
+                        let rc = hcm["route_config"].as_mapping_mut().unwrap();
+                        assert_eq!(rc.remove("validate_clusters"), Some(false.into()));
+                    }
+                    assert_eq!(&*item, expected, "{dir} {kind}");
+                }
+            }
+        }
+        // Clusters are written before the listeners that route to them.
+        let order: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
+        let at = |n: &str| order.iter().position(|o| *o == n).unwrap();
+        assert!(at("xds/local/cds.yaml") < at("xds/local/lds.yaml"));
+    }
+
+    /// A write replaces the file in one step and leaves no temp file behind; an unchanged
+    /// file is not rewritten (Envoy would reload it for nothing).
+    #[test]
+    fn writes_are_atomic_and_only_for_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = vec![Rendered {
+            name: "xds/local/lds.yaml".to_owned(),
+            content: "a\n".to_owned(),
+        }];
+        write_files(dir.path(), &files).unwrap();
+        let path = dir.path().join("xds/local/lds.yaml");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "a\n");
+        let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+        let before = inode(&path);
+        write_files(dir.path(), &files).unwrap();
+        assert_eq!(inode(&path), before, "an unchanged file was rewritten");
+        let changed = vec![Rendered {
+            name: "xds/local/lds.yaml".to_owned(),
+            content: "b\n".to_owned(),
+        }];
+        write_files(dir.path(), &changed).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "b\n");
+        // Renamed over, not written in place: a reader never sees a partial file.
+        assert_ne!(inode(&path), before);
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("xds/local"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["lds.yaml"]);
+    }
+
+    /// An invalid declaration is refused with its reason (`run` writes only after this).
+    #[test]
+    fn an_invalid_declaration_is_refused_with_its_reason() {
+        let error = render_edited(|t| t.replacen("upstream = \"quay.io\"\n", "", 1))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("missing field `upstream`"), "{error}");
+    }
 }
