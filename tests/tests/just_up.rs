@@ -1,5 +1,6 @@
 //! The README's first command: `just up` starts a local mirror on 127.0.0.1:5000 from the
-//! shipped `envoy/local.yaml` and `envoy/cache.toml`, with nothing else to configure.
+//! shipped file-based xDS layout `envoy/xds/local` and `envoy/cache.toml`, with nothing
+//! else to configure.
 
 use mirror_tests::build::workspace_root;
 use mirror_tests::proc::Proc;
@@ -56,6 +57,24 @@ fn just_up_serves_the_registry_api_on_port_5000() {
         [200, 401, 503].contains(&hub.status().as_u16()),
         "{}",
         hub.status()
+    );
+    // Envoy runs the xDS layout: its listener came from envoy/xds/local/lds.yaml, whose
+    // version Envoy reports.
+    let lds = std::fs::read_to_string(workspace_root().join("envoy/xds/local/lds.yaml")).unwrap();
+    let version = lds
+        .lines()
+        .find_map(|l| l.strip_prefix("version_info: "))
+        .unwrap()
+        .to_string();
+    let stats = client
+        .get("http://127.0.0.1:9901/stats?filter=listener_manager.lds")
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        stats.contains(&format!("listener_manager.lds.version_text: {version}")),
+        "{stats}"
     );
     up.stop();
 }
