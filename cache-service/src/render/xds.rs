@@ -119,6 +119,7 @@ fn resources(comments: &str, what: &str, type_url: &str, block: &str) -> String 
             let _ = writeln!(items, "{line}");
         }
     }
-    let version = hex::encode(&Sha256::digest(items.as_bytes())[..8]);
+    let mut version = hex::encode(Sha256::digest(items.as_bytes()));
+    version.truncate(16);
     format!("{comments}# {what} of this mirror.\nversion_info: \"{version}\"\nresources:\n{items}")
 }
