@@ -339,11 +339,19 @@ impl Reloader {
             return Ok(None);
         }
         let ups = build_upstreams(&live.config, &self.cache.upstreams(), &new)?;
-        self.cache.reconfigure(ups, new.tag_ttl, limits(&new));
+        let (tag_ttl, limits) = (new.tag_ttl, limits(&new));
         let version = ConfigVersion {
             serial: live.version.serial + 1,
             hash,
         };
+        // Client tokens first, upstreams second: in between, an added or changed upstream
+        // is unknown (404) or already asks for its new token, never served without it. The
+        // new version shows once all of it is in force.
+        self.state.set(Live {
+            config: new.clone(),
+            version: live.version.clone(),
+        });
+        self.cache.reconfigure(ups, tag_ttl, limits);
         self.state.set(Live {
             config: new,
             version: version.clone(),
