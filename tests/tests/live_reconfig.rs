@@ -378,3 +378,56 @@ fn refused_changes_leave_the_running_config_serving() {
         .unwrap_or_else(|e| panic!("{e:#}\n{}", live.envoy.log_tail(60)));
     pulled.assert_is(&live.up.images.etcd, false);
 }
+
+/// `regmirror render --watch`: an edit of the declaration is rendered by itself; a broken
+/// edit is refused with its reason and nothing is written; the next good edit applies.
+#[test]
+fn render_watch_follows_the_declaration_and_refuses_broken_edits() {
+    let shipped = std::fs::read_to_string(workspace_root().join("envoy/registries.toml")).unwrap();
+    let tmp = mirror_tests::temp_dir("watch").unwrap();
+    let (decl, out) = (tmp.path().join("registries.toml"), tmp.path().join("envoy"));
+    std::fs::write(&decl, without_registry(&shipped, "quay.io")).unwrap();
+    let mut cmd = Command::new(regmirror().unwrap());
+    cmd.current_dir(workspace_root())
+        .args(["render", "--watch", "--registries"])
+        .arg(&decl)
+        .arg("--out")
+        .arg(&out);
+    let log = tmp.path().join("watch.log");
+    let mut watch = mirror_tests::proc::Proc::spawn("render-watch", &cmd, &log).unwrap();
+    let lds = out.join("xds/local/lds.yaml");
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let t0 = Instant::now();
+        while !done() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "{what}\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("render --watch: {what} after {:?}", t0.elapsed());
+    };
+    let has_quay = || {
+        std::fs::read_to_string(&lds)
+            .map(|t| t.contains("\"quay.io\""))
+            .unwrap_or(false)
+    };
+    wait("first render", &|| lds.is_file());
+    assert!(!has_quay());
+    let before = std::fs::read(&lds).unwrap();
+
+    std::fs::write(&decl, shipped.replacen("upstream = \"quay.io\"\n", "", 1)).unwrap();
+    wait("broken edit refused", &|| {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("refused"))
+    });
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(said.contains("missing field `upstream`"), "{said}");
+    assert!(said.contains("nothing written"), "{said}");
+    assert_eq!(std::fs::read(&lds).unwrap(), before);
+
+    std::fs::write(&decl, &shipped).unwrap();
+    wait("good edit applied", &has_quay);
+    watch.check_running().unwrap();
+    watch.stop();
+}

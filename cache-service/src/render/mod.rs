@@ -146,7 +146,10 @@ fn watch(args: &RenderArgs) -> ExitCode {
     let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let mut rendered: Option<SystemTime> = None;
     let mut seen = modified(&args.registries);
-    let mut since = Instant::now() - SETTLE;
+    // The declaration as found at start is rendered at once.
+    let mut since = Instant::now()
+        .checked_sub(SETTLE)
+        .unwrap_or_else(Instant::now);
     eprintln!(
         "regmirror render: watching {} (Ctrl-C to stop)",
         args.registries.display()
