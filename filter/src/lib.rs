@@ -107,20 +107,20 @@ impl Learned for SharedLearned {
 /// [`store_realm`] from a registry's own challenge (every 401): skips the shared-data
 /// round trip when this VM already stored or found this very value for `registry`.
 /// False when skipped.
-fn store_realm_seen(shared: &Shared, registry: &str, learned: LearnedRealm) -> bool {
+fn store_realm_seen(shared: &Shared, registry: &str, learned: &LearnedRealm) -> bool {
     let Ok(mut seen) = shared.seen_realms.try_borrow_mut() else {
-        store_realm(registry, &learned);
+        store_realm(registry, learned);
         return true;
     };
     if let Some((_, l)) = seen.iter().find(|(r, _)| r == registry) {
-        if *l == learned {
+        if l == learned {
             return false;
         }
     }
-    store_realm(registry, &learned);
+    store_realm(registry, learned);
     match seen.iter_mut().find(|(r, _)| r == registry) {
-        Some((_, l)) => *l = learned,
-        None => seen.push((registry.to_string(), learned)),
+        Some((_, l)) => *l = learned.clone(),
+        None => seen.push((registry.to_string(), learned.clone())),
     }
     true
 }
@@ -768,10 +768,16 @@ impl MirrorHttp {
         let plan = plan_challenges(&answer, values);
         if let Some(out) = &plan.values {
             let resp = MapType::HttpResponseHeaders;
-            let written = hostcalls::set_map_value(resp, "www-authenticate", None).and_then(|()| {
-                out.iter()
-                    .try_for_each(|v| hostcalls::add_map_value_bytes(resp, "www-authenticate", v))
-            });
+            // One value (the usual case) replaces the only one in one host call; more are
+            // removed and added (older Envoys replace only the first on a set).
+            let written = match out.as_slice() {
+                [v] => hostcalls::set_map_value_bytes(resp, "www-authenticate", Some(v)),
+                _ => hostcalls::set_map_value(resp, "www-authenticate", None).and_then(|()| {
+                    out.iter().try_for_each(|v| {
+                        hostcalls::add_map_value_bytes(resp, "www-authenticate", v)
+                    })
+                }),
+            };
             if let Err(e) = written {
                 warn!("cannot rewrite the challenge: {e:?}");
             }
@@ -793,19 +799,13 @@ impl MirrorHttp {
         if plan.record_token_host {
             record_token_host(&st.registry, &st.upstream_authority);
         }
-        match plan.store_realm {
-            // The registry's own 401: its realm (and the other issued ones) once per VM.
-            Some(l) => {
-                if store_realm_seen(shared, &st.registry, l) {
-                    for u in &plan.issued {
-                        add_issued_realm(&st.registry, u);
-                    }
-                }
-            }
-            None => {
-                for u in &plan.issued {
-                    add_issued_realm(&st.registry, u);
-                }
+        // The registry's own 401: its realm (and the other issued ones) once per VM.
+        let changed = plan
+            .store_realm()
+            .is_none_or(|l| store_realm_seen(shared, &st.registry, l));
+        if changed {
+            for u in &plan.issued() {
+                add_issued_realm(&st.registry, u);
             }
         }
     }

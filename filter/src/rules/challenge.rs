@@ -51,15 +51,87 @@ impl fmt::Display for ChallengeError {
     }
 }
 
+// `matches!` on byte ranges compiles to a table lookup; a scan of the punctuation per
+// byte was most of a challenge's parse.
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    matches!(b, b'0'..=b'9' | b'a'..=b'z' | b'A'..=b'Z'
+        | b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_'
+        | b'`' | b'|' | b'~')
 }
 
 fn is_token68_char(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-._~+/".contains(&b)
+    matches!(b, b'0'..=b'9' | b'a'..=b'z' | b'A'..=b'Z' | b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
 }
 
+/// An auth-param value as it appears in the header: a token, or the inside of a
+/// quoted-string with its quoted-pairs still escaped.
+#[derive(Debug, Clone, Copy)]
+struct RawValue<'a> {
+    text: &'a str,
+    quoted: bool,
+}
+
+impl<'a> RawValue<'a> {
+    /// The value (quoted-pairs resolved); borrowed unless it holds one.
+    fn unescaped(self) -> std::borrow::Cow<'a, str> {
+        if !self.quoted || !self.text.contains('\\') {
+            return self.text.into();
+        }
+        let mut out = String::with_capacity(self.text.len());
+        push_unescaped(&mut out, self.text, false);
+        out.into()
+    }
+
+    /// Appends the value as a quoted-string, exactly as [`push_quoted`] writes
+    /// [`RawValue::unescaped`], without building it.
+    fn push_quoted_to(self, out: &mut String) {
+        out.push('"');
+        if self.quoted {
+            push_unescaped(out, self.text, true);
+        } else {
+            // A token holds neither `"` nor `\`.
+            out.push_str(self.text);
+        }
+        out.push('"');
+    }
+}
+
+/// Appends the inside of a quoted-string with its quoted-pairs resolved; `keep` keeps
+/// the escape of `"` and `\` (what [`push_quoted`] would write back).
+fn push_unescaped(out: &mut String, text: &str, keep: bool) {
+    let mut rest = text;
+    while let Some(i) = rest.find('\\') {
+        // The byte after an ASCII `\` starts a character (the parser saw it escaped).
+        let (Some(head), Some(tail)) = (rest.get(..i), rest.get(i + 1..)) else {
+            break;
+        };
+        out.push_str(head);
+        if keep && (tail.starts_with('"') || tail.starts_with('\\')) {
+            out.push('\\');
+        }
+        let Some(c) = tail.chars().next() else {
+            break;
+        };
+        out.push(c);
+        rest = tail.get(c.len_utf8()..).unwrap_or_default();
+    }
+    out.push_str(rest);
+}
+
+/// One challenge as it appears in the header; its params are a range of the list
+/// [`parse_raw`] returns beside.
+#[derive(Debug, Clone)]
+struct RawChallenge<'a> {
+    scheme: &'a str,
+    token68: Option<&'a str>,
+    params: std::ops::Range<usize>,
+}
+
+/// An auth-param name and value as they appear in the header.
+type RawParam<'a> = (&'a str, RawValue<'a>);
+
 struct Parser<'a> {
+    src: &'a str,
     s: &'a [u8],
     i: usize,
 }
@@ -86,25 +158,24 @@ impl<'a> Parser<'a> {
         }
         j
     }
-    fn slice(&self, a: usize, b: usize) -> Result<String, ChallengeError> {
-        let bytes = self.s.get(a..b).ok_or(ChallengeError::Syntax(a))?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| ChallengeError::Syntax(a))
+    fn slice(&self, a: usize, b: usize) -> Result<&'a str, ChallengeError> {
+        self.src.get(a..b).ok_or(ChallengeError::Syntax(a))
     }
     /// After a token68 candidate at `j`: end or comma (after OWS)?
     fn at_item_end(&self, j: usize) -> bool {
         let k = self.skip_ws_from(j);
         matches!(self.peek_at(k), None | Some(b','))
     }
-    fn quoted(&mut self) -> Result<String, ChallengeError> {
+    /// A quoted-string at the cursor: its inside, quoted-pairs still escaped.
+    fn quoted(&mut self) -> Result<&'a str, ChallengeError> {
         let start = self.i;
         self.i += 1; // opening quote
-        let mut out = Vec::new();
         loop {
             match self.peek() {
                 None => return Err(ChallengeError::Syntax(start)),
                 Some(b'"') => {
                     self.i += 1;
-                    break;
+                    return self.slice(start + 1, self.i - 1);
                 }
                 Some(b'\\') => {
                     let c = self
@@ -113,33 +184,49 @@ impl<'a> Parser<'a> {
                     if c < 0x20 && c != b'\t' || c == 0x7f {
                         return Err(ChallengeError::Syntax(self.i));
                     }
-                    out.push(c);
                     self.i += 2;
                 }
                 Some(c) => {
                     if c < 0x20 && c != b'\t' || c == 0x7f {
                         return Err(ChallengeError::Syntax(self.i));
                     }
-                    out.push(c);
                     self.i += 1;
                 }
             }
         }
-        String::from_utf8(out).map_err(|_| ChallengeError::Syntax(start))
     }
 }
 
 /// Parses a header value as a list of challenges.
 pub fn parse(value: &str) -> Result<Vec<Challenge>, ChallengeError> {
+    let (challenges, params) = parse_raw(value)?;
+    Ok(challenges
+        .into_iter()
+        .map(|c| Challenge {
+            scheme: c.scheme.to_string(),
+            token68: c.token68.map(str::to_string),
+            params: params
+                .get(c.params)
+                .unwrap_or_default()
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.unescaped().into_owned()))
+                .collect(),
+        })
+        .collect())
+}
+
+/// [`parse`] without copying: slices of `value`.
+fn parse_raw(value: &str) -> Result<(Vec<RawChallenge<'_>>, Vec<RawParam<'_>>), ChallengeError> {
     if value.len() > MAX_HEADER_LEN {
         return Err(ChallengeError::TooLong);
     }
     let mut p = Parser {
+        src: value,
         s: value.as_bytes(),
         i: 0,
     };
     let mut out = Vec::new();
-    let mut nparams = 0usize;
+    let mut params = Vec::new();
     loop {
         // Skip empty list elements.
         while matches!(p.peek(), Some(b' ' | b'\t' | b',')) {
@@ -153,10 +240,10 @@ pub fn parse(value: &str) -> Result<Vec<Challenge>, ChallengeError> {
         if s1 == s0 {
             return Err(ChallengeError::Syntax(s0));
         }
-        let mut ch = Challenge {
+        let mut ch = RawChallenge {
             scheme: p.slice(s0, s1)?,
             token68: None,
-            params: Vec::new(),
+            params: params.len()..params.len(),
         };
         p.i = s1;
         if p.at_item_end(p.i) {
@@ -202,7 +289,10 @@ pub fn parse(value: &str) -> Result<Vec<Challenge>, ChallengeError> {
             p.i += 1;
             p.skip_ws();
             let val = if p.peek() == Some(b'"') {
-                p.quoted()?
+                RawValue {
+                    text: p.quoted()?,
+                    quoted: true,
+                }
             } else {
                 let v0 = p.i;
                 let v1 = p.token_end(v0);
@@ -210,13 +300,16 @@ pub fn parse(value: &str) -> Result<Vec<Challenge>, ChallengeError> {
                     return Err(ChallengeError::Syntax(v0));
                 }
                 p.i = v1;
-                p.slice(v0, v1)?
+                RawValue {
+                    text: p.slice(v0, v1)?,
+                    quoted: false,
+                }
             };
-            nparams += 1;
-            if nparams > MAX_PARAMS {
+            if params.len() >= MAX_PARAMS {
                 return Err(ChallengeError::TooManyParams);
             }
-            ch.params.push((name, val));
+            params.push((name, val));
+            ch.params.end = params.len();
             p.skip_ws();
             match p.peek() {
                 None => break,
@@ -242,7 +335,7 @@ pub fn parse(value: &str) -> Result<Vec<Challenge>, ChallengeError> {
         }
         out.push(ch);
     }
-    Ok(out)
+    Ok((out, params))
 }
 
 /// Appends `v` to `s` as a quoted-string.
@@ -372,9 +465,34 @@ pub fn prefix_scope(value: &str, prefix: &str) -> String {
         .join(" ")
 }
 
+/// Appends `v` with `"` and `\` escaped (the inside of a quoted-string).
+fn push_escaped(s: &mut String, v: &str) {
+    if !v.bytes().any(|b| b == b'"' || b == b'\\') {
+        s.push_str(v);
+        return;
+    }
+    let mut rest = v;
+    while let Some(i) = rest.find(['"', '\\']) {
+        let (Some(head), Some(tail)) = (rest.get(..i), rest.get(i..)) else {
+            break;
+        };
+        s.push_str(head);
+        s.push('\\');
+        let Some(c) = tail.chars().next() else {
+            break;
+        };
+        s.push(c);
+        rest = tail.get(1..).unwrap_or_default();
+    }
+    s.push_str(rest);
+}
+
 /// [`rewrite_realms`], and for requests routed by path prefix (`scope_prefix` = the
 /// client's registry component) the `scope` of each rewritten challenge is put into the
 /// client's namespace: `repository:<prefix>/<upstream name>:<actions>`.
+///
+/// The result is [`serialize`] of the rewritten [`parse`], written in one pass from
+/// slices of `header` (this runs on every 401 a registry sends).
 pub fn rewrite_challenges(
     header: &str,
     allowlist: &[HostPattern],
@@ -387,50 +505,90 @@ pub fn rewrite_challenges(
         rejected,
         realms: Vec::new(),
     };
-    let Ok(mut challenges) = parse(header) else {
+    let Ok((challenges, params)) = parse_raw(header) else {
         return unchanged(1);
     };
     let mut rewritten = 0;
     let mut rejected = 0;
     let mut realms = Vec::new();
-    for ch in challenges.iter_mut() {
+    // The mirror's URL of each rewritten realm, by param index.
+    let mut new_realms: Vec<(usize, UrlParts)> = Vec::new();
+    // Challenges whose scopes are prefixed.
+    let mut prefixed: Vec<usize> = Vec::new();
+    for (ci, ch) in challenges.iter().enumerate() {
         if !ch.scheme.eq_ignore_ascii_case("bearer") {
             continue;
         }
-        let service = ch.param("service").map(str::to_string);
+        let ps = params.get(ch.params.clone()).unwrap_or_default();
+        let mut service = None;
         let mut this_rewritten = false;
-        for (k, v) in ch.params.iter_mut() {
+        for (pi, (k, v)) in ps.iter().enumerate() {
             if !k.eq_ignore_ascii_case("realm") {
                 continue;
             }
-            match parse_url(v) {
+            let realm = v.unescaped();
+            match parse_url(&realm) {
                 Some(u) if any_match(allowlist, &u.authority) => {
-                    realms.extend(LearnedRealm::new(v, service.as_deref()));
-                    let mut nv = format!("{mirror_base}/_mirror/auth/{}{}", u.authority, u.path);
-                    if let Some(q) = &u.query {
-                        nv.push('?');
-                        nv.push_str(q);
-                    }
-                    *v = nv;
+                    let service = service.get_or_insert_with(|| {
+                        ps.iter()
+                            .find(|(k, _)| k.eq_ignore_ascii_case("service"))
+                            .map(|(_, v)| v.unescaped())
+                    });
+                    realms.extend(LearnedRealm::from_url(&realm, service.as_deref()));
+                    new_realms.push((ch.params.start + pi, u));
                     rewritten += 1;
                     this_rewritten = true;
                 }
                 _ => rejected += 1,
             }
         }
-        if let (true, Some(prefix)) = (this_rewritten, scope_prefix) {
-            for (k, v) in ch.params.iter_mut() {
-                if k.eq_ignore_ascii_case("scope") {
-                    *v = prefix_scope(v, prefix);
-                }
-            }
+        if this_rewritten && scope_prefix.is_some() {
+            prefixed.push(ci);
         }
     }
     if rewritten == 0 {
         return unchanged(rejected);
     }
+    let mut out = String::with_capacity(header.len() + 64 * rewritten);
+    let mut next_realm = new_realms.iter().peekable();
+    for (ci, c) in challenges.iter().enumerate() {
+        if ci > 0 {
+            out.push_str(", ");
+        }
+        out.push_str(c.scheme);
+        if let Some(t) = c.token68 {
+            out.push(' ');
+            out.push_str(t);
+            continue;
+        }
+        let prefix = scope_prefix.filter(|_| prefixed.contains(&ci));
+        for pi in c.params.clone() {
+            let Some((k, v)) = params.get(pi) else {
+                continue;
+            };
+            out.push(if pi == c.params.start { ' ' } else { ',' });
+            out.push_str(k);
+            out.push('=');
+            if let Some((_, u)) = next_realm.next_if(|r| r.0 == pi) {
+                out.push('"');
+                push_escaped(&mut out, mirror_base);
+                out.push_str("/_mirror/auth/");
+                push_escaped(&mut out, &u.authority);
+                push_escaped(&mut out, &u.path);
+                if let Some(q) = &u.query {
+                    out.push('?');
+                    push_escaped(&mut out, q);
+                }
+                out.push('"');
+            } else if let (Some(prefix), true) = (prefix, k.eq_ignore_ascii_case("scope")) {
+                push_quoted(&mut out, &prefix_scope(&v.unescaped(), prefix));
+            } else {
+                v.push_quoted_to(&mut out);
+            }
+        }
+    }
     Rewritten {
-        value: serialize(&challenges),
+        value: out,
         rewritten,
         rejected,
         realms,

@@ -130,6 +130,100 @@ fn hostile() -> impl Strategy<Value = String> {
     ]
 }
 
+/// Pieces of `WWW-Authenticate` values: schemes, params, realms on and off the
+/// allowlists, quoted-pairs, token68 and list separators.
+const CHALLENGE_PIECES: &[&str] = &[
+    "Bearer ",
+    "bearer ",
+    "Basic ",
+    "Negotiate abc==",
+    "realm=",
+    "REALM = ",
+    "service=",
+    "scope=",
+    "x=",
+    "\"https://auth.docker.io/token\"",
+    "\"https://Auth.Docker.io:443/t?a=1\"",
+    "\"https://quay.io/v2/auth\"",
+    "\"https://quay.io/v2/a\\\"b?q=\\\\\"",
+    "\"https://evil.example/t\"",
+    "https://quay.io/x",
+    "\"registry.docker.io\"",
+    "\"repository:a/b:pull\"",
+    "\"repository:a/b:pull repository:c:push\"",
+    "\"a\\zb\\é\"",
+    "tok",
+    ",",
+    ", ",
+    " ",
+    "\t",
+    "\"",
+    "é",
+];
+
+/// Auth-param values, tokens and quoted-strings with quoted-pairs.
+const PARAM_VALUES: &[&str] = &[
+    "\"https://auth.docker.io/token\"",
+    "\"https://quay.io/v2/auth?a=\\\"b\\\\c\"",
+    "\"https://quay.io/v2/a\\\"b\"",
+    "https://quay.io/v2/auth",
+    "\"https://evil.example/t\"",
+    "\"quay.io\"",
+    "\"repository:a/b:pull\"",
+    "\"repository:a\\\"b:pull\"",
+    "\"x\\\"y\\\\z\\q\"",
+    "\"é\\é\"",
+    "tok",
+    "\"\"",
+];
+
+/// `rewrite_challenges` as parse, edit, serialize (its definition before the one-pass
+/// rewrite): `(value, rewritten, rejected, realms)`.
+fn rewrite_by_parse(
+    header: &str,
+    allowlist: &[super::config::HostPattern],
+    mirror_base: &str,
+    scope_prefix: Option<&str>,
+) -> (String, usize, usize, Vec<LearnedRealm>) {
+    let Ok(mut challenges) = challenge::parse(header) else {
+        return (header.to_string(), 0, 1, Vec::new());
+    };
+    let (mut rewritten, mut rejected, mut realms) = (0, 0, Vec::new());
+    for ch in challenges.iter_mut() {
+        if !ch.scheme.eq_ignore_ascii_case("bearer") {
+            continue;
+        }
+        let service = ch.param("service").map(str::to_string);
+        let mut this_rewritten = false;
+        for (k, v) in ch.params.iter_mut() {
+            if !k.eq_ignore_ascii_case("realm") {
+                continue;
+            }
+            match parse_url(v) {
+                Some(u) if any_match(allowlist, &u.authority) => {
+                    realms.extend(LearnedRealm::new(v, service.as_deref()));
+                    let q = u.query.map(|q| format!("?{q}")).unwrap_or_default();
+                    *v = format!("{mirror_base}/_mirror/auth/{}{}{q}", u.authority, u.path);
+                    rewritten += 1;
+                    this_rewritten = true;
+                }
+                _ => rejected += 1,
+            }
+        }
+        if let (true, Some(prefix)) = (this_rewritten, scope_prefix) {
+            for (k, v) in ch.params.iter_mut() {
+                if k.eq_ignore_ascii_case("scope") {
+                    *v = challenge::prefix_scope(v, prefix);
+                }
+            }
+        }
+    }
+    if rewritten == 0 {
+        return (header.to_string(), 0, rejected, Vec::new());
+    }
+    (serialize(&challenges), rewritten, rejected, realms)
+}
+
 /// The shipped registries, host mode on `mirror.test`, with and without `public_url`.
 fn configs() -> Vec<CompiledConfig> {
     let plain = default_config();
@@ -343,6 +437,35 @@ proptest! {
     }
 
     #[test]
+    fn one_pass_rewrite_equals_parse_edit_serialize(
+        header in prop_oneof![
+            3 => prop::collection::vec(prop::sample::select(CHALLENGE_PIECES), 0..16)
+                .prop_map(|v| v.concat()),
+            3 => (
+                prop::sample::select(&["Bearer", "bearer", "Basic"][..]),
+                prop::collection::vec((
+                    prop::sample::select(&["realm", "Realm", "service", "scope", "x"][..]),
+                    prop::sample::select(PARAM_VALUES),
+                ), 1..5),
+                prop::collection::vec(prop::sample::select(CHALLENGE_PIECES), 0..4),
+            ).prop_map(|(scheme, params, tail)| {
+                let params: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!("{scheme} {}{}", params.join(","), tail.concat())
+            }),
+            1 => hostile(),
+        ],
+        prefix in prop::option::of(prop::sample::select(&["quay.io", "docker.io"][..])),
+        base in prop::sample::select(&["https://m", "http://127.0.0.1:5000", "http://a\"b"][..]),
+    ) {
+        let cfg = parse(b"").map_err(|e| TestCaseError::fail(e.to_string()))?;
+        for reg in cfg.registries() {
+            let r = rewrite_challenges(&header, &reg.realm_hosts, base, prefix);
+            let want = rewrite_by_parse(&header, &reg.realm_hosts, base, prefix);
+            prop_assert_eq!((&r.value, r.rewritten, r.rejected, &r.realms), (&want.0, want.1, want.2, &want.3));
+        }
+    }
+
+    #[test]
     fn rewritten_realms_always_name_the_mirror(
         realm in prop_oneof![
             prop::sample::select(&["https://auth.docker.io/token", "https://quay.io/v2/auth",
@@ -399,11 +522,11 @@ proptest! {
         for reg in cfg.registries() {
             let a = Answer { registry: reg, kind, status, mirror_base: "https://m", scope_prefix: None };
             let p = plan_challenges(&a, values.iter().map(|v| v.as_bytes().to_vec()).collect());
-            if let Some(l) = &p.store_realm {
+            if let Some(l) = p.store_realm() {
                 prop_assert!(status == Some(401) && kind == ForwardKind::Registry);
                 prop_assert!(l.allowed_for(reg));
             }
-            for u in &p.issued {
+            for u in &p.issued() {
                 prop_assert!(status == Some(401) && kind != ForwardKind::Auth);
                 prop_assert!(any_match(&reg.realm_hosts, &u.authority));
             }

@@ -32,13 +32,36 @@ pub struct ChallengePlan {
     pub rewritten: usize,
     /// Realms left alone, or values that did not parse.
     pub rejected: usize,
-    /// The registry's realm to store: only from a well-formed challenge on a 401 of the
-    /// registry's own upstream, with its realm host on `realm_hosts`.
-    pub store_realm: Option<LearnedRealm>,
-    /// Realm URLs the registry issued, for its set of issued realms.
-    pub issued: Vec<RealmUrl>,
+    /// The realms of the rewritten challenges of an answer that learns, in order.
+    learned: Vec<LearnedRealm>,
+    /// The first of `learned` is the registry's realm.
+    stores: bool,
     /// The redirect target is a token host of the registry (see [`super::token_host`]).
     pub record_token_host: bool,
+}
+
+impl ChallengePlan {
+    /// The registry's realm to store: only from a well-formed challenge on a 401 of the
+    /// registry's own upstream, with its realm host on `realm_hosts`.
+    pub fn store_realm(&self) -> Option<&LearnedRealm> {
+        self.learned.first().filter(|_| self.stores)
+    }
+
+    /// Realm URLs the registry issued, for its set of issued realms. Computed on demand:
+    /// the glue needs them only when the stored realm changed or from a redirect target.
+    pub fn issued(&self) -> Vec<RealmUrl> {
+        let mut issued: Vec<RealmUrl> = Vec::new();
+        for u in self
+            .learned
+            .iter()
+            .filter_map(|l| RealmUrl::from_realm(&l.realm))
+        {
+            if !issued.contains(&u) {
+                issued.push(u);
+            }
+        }
+        issued
+    }
 }
 
 /// Plans the rewrite of `values` and what may be learned from them.
@@ -53,6 +76,7 @@ pub fn plan_challenges(a: &Answer<'_>, values: Vec<Vec<u8>>) -> ChallengePlan {
         return plan;
     }
     let learns = a.status == Some(401) && a.kind != ForwardKind::Auth;
+    plan.stores = learns && a.kind == ForwardKind::Registry;
     let mut out = Vec::with_capacity(values.len());
     for v in values {
         match String::from_utf8(v) {
@@ -62,16 +86,7 @@ pub fn plan_challenges(a: &Answer<'_>, values: Vec<Vec<u8>>) -> ChallengePlan {
                 plan.rewritten += r.rewritten;
                 plan.rejected += r.rejected;
                 if learns {
-                    if a.kind == ForwardKind::Registry && plan.store_realm.is_none() {
-                        plan.store_realm = r.realms.first().cloned();
-                    }
-                    for l in &r.realms {
-                        if let Some(u) = RealmUrl::from_realm(&l.realm) {
-                            if !plan.issued.contains(&u) {
-                                plan.issued.push(u);
-                            }
-                        }
-                    }
+                    plan.learned.extend(r.realms);
                 }
                 out.push(r.value.into_bytes());
             }
@@ -81,7 +96,7 @@ pub fn plan_challenges(a: &Answer<'_>, values: Vec<Vec<u8>>) -> ChallengePlan {
             }
         }
     }
-    plan.record_token_host = a.kind == ForwardKind::Redirect && !plan.issued.is_empty();
+    plan.record_token_host = a.kind == ForwardKind::Redirect && !plan.issued().is_empty();
     if plan.rewritten > 0 {
         plan.values = Some(out);
     }
@@ -118,8 +133,8 @@ mod tests {
         let cfg = parse_config(b"").unwrap();
         let quay_realm = LearnedRealm::new("https://quay.io/v2/auth", Some("quay.io"));
         let p = plan(&cfg, "quay.io", ForwardKind::Registry, 401, &[QUAY]);
-        assert_eq!(p.store_realm, quay_realm);
-        assert_eq!(p.issued, [RealmUrl::new("quay.io", "/v2/auth").unwrap()]);
+        assert_eq!(p.store_realm().cloned(), quay_realm);
+        assert_eq!(p.issued(), [RealmUrl::new("quay.io", "/v2/auth").unwrap()]);
         assert!(!p.record_token_host);
         assert_eq!(p.rewritten, 1);
         let v = String::from_utf8(p.values.unwrap().remove(0)).unwrap();
@@ -135,7 +150,7 @@ mod tests {
             (ForwardKind::Redirect, 307),
         ] {
             let p = plan(&cfg, "quay.io", kind, status, &[QUAY]);
-            assert_eq!(p.store_realm, None, "{kind:?} {status}");
+            assert_eq!(p.store_realm(), None, "{kind:?} {status}");
             assert_eq!(p.rewritten, 1, "{kind:?} {status}");
         }
         // A hostile challenge: realm not on quay's realm_hosts, or malformed.
@@ -146,8 +161,8 @@ mod tests {
             r#"Basic realm="https://quay.io/v2/auth""#,
         ] {
             let p = plan(&cfg, "quay.io", ForwardKind::Registry, 401, &[hostile]);
-            assert_eq!(p.store_realm, None, "{hostile}");
-            assert!(p.issued.is_empty(), "{hostile}");
+            assert_eq!(p.store_realm(), None, "{hostile}");
+            assert!(p.issued().is_empty(), "{hostile}");
             assert_eq!(p.values, None, "{hostile}");
         }
         // Non-UTF-8 values are counted, not rewritten.
@@ -161,7 +176,7 @@ mod tests {
         let p = plan_challenges(&a, vec![vec![0xff], QUAY.as_bytes().to_vec()]);
         assert_eq!((p.rejected, p.rewritten), (1, 1));
         assert_eq!(p.values.as_ref().map(Vec::len), Some(2));
-        assert_eq!(p.store_realm, quay_realm);
+        assert_eq!(p.store_realm().cloned(), quay_realm);
     }
 
     #[test]
@@ -169,14 +184,14 @@ mod tests {
         let cfg = parse_config(b"").unwrap();
         let p = plan(&cfg, "quay.io", ForwardKind::Redirect, 401, &[QUAY]);
         assert!(p.record_token_host);
-        assert_eq!(p.issued, [RealmUrl::new("quay.io", "/v2/auth").unwrap()]);
+        assert_eq!(p.issued(), [RealmUrl::new("quay.io", "/v2/auth").unwrap()]);
         // registry.k8s.io → Artifact Registry: its own realm on *.pkg.dev is issued.
         let pkg =
             r#"Bearer realm="https://us-docker.pkg.dev/v2/token",service="us-docker.pkg.dev""#;
         let p = plan(&cfg, "registry.k8s.io", ForwardKind::Redirect, 401, &[pkg]);
         assert!(p.record_token_host);
         assert_eq!(
-            p.issued,
+            p.issued(),
             [RealmUrl::new("us-docker.pkg.dev", "/v2/token").unwrap()]
         );
         // Another registry's realm, no Bearer, or not a 401: not a token host.
@@ -189,7 +204,7 @@ mod tests {
         ] {
             let p = plan(&cfg, "quay.io", ForwardKind::Redirect, status, values);
             assert!(!p.record_token_host, "{values:?} {status}");
-            assert!(p.issued.is_empty());
+            assert!(p.issued().is_empty());
         }
         // A foreign challenge followed by the registry's own: recorded.
         let p = plan(&cfg, "quay.io", ForwardKind::Redirect, 401, &[docker, QUAY]);

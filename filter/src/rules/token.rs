@@ -373,9 +373,13 @@ impl LearnedRealm {
     }
 
     fn is_valid(&self) -> bool {
-        self.realm.len() + self.service.len() < MAX_LEARNED_LEN
-            && self.url().is_some()
-            && self.service.bytes().all(|b| (0x21..=0x7e).contains(&b))
+        Self::fits(&self.realm, &self.service) && self.url().is_some()
+    }
+
+    /// Everything [`LearnedRealm::is_valid`] checks but the URL.
+    fn fits(realm: &str, service: &str) -> bool {
+        realm.len() + service.len() < MAX_LEARNED_LEN
+            && service.bytes().all(|b| (0x21..=0x7e).contains(&b))
     }
 
     /// Is the realm's host on `registry`'s `realm_hosts`?
@@ -391,6 +395,15 @@ impl LearnedRealm {
             service: service.unwrap_or_default().to_string(),
         };
         l.is_valid().then_some(l)
+    }
+
+    /// [`LearnedRealm::new`] for a `realm` the caller already parsed with [`parse_url`].
+    pub(crate) fn from_url(realm: &str, service: Option<&str>) -> Option<Self> {
+        let service = service.unwrap_or_default();
+        Self::fits(realm, service).then(|| LearnedRealm {
+            realm: realm.to_string(),
+            service: service.to_string(),
+        })
     }
 }
 
