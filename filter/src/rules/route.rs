@@ -7,6 +7,7 @@ use super::realms::RealmUrl;
 use super::redirect::{SignedRedirect, PREFIX as REDIRECT_PREFIX};
 use super::token::{self, LearnError, LearnedRealm, RealmCall};
 use super::token_host::strip_credential;
+use std::borrow::Cow;
 
 /// Path prefix of token requests.
 pub const AUTH_PREFIX: &str = "/_mirror/auth/";
@@ -273,20 +274,26 @@ fn mirror_base(cfg: &CompiledConfig, req: &Request<'_>) -> String {
             p.base_for(&p.host)
         };
     }
+    let known = |p: &str| {
+        ["http", "https"]
+            .into_iter()
+            .find(|k| p.eq_ignore_ascii_case(k))
+    };
     let proto = req
         .forwarded_proto
         .and_then(|p| p.split(',').next())
-        .map(|p| p.trim().to_ascii_lowercase())
-        .filter(|p| p == "http" || p == "https");
-    let scheme = proto.unwrap_or_else(|| {
-        let s = req.scheme.to_ascii_lowercase();
-        if s == "https" {
-            s
-        } else {
-            "http".to_string()
-        }
+        .and_then(|p| known(p.trim()));
+    let scheme = proto.unwrap_or(if req.scheme.eq_ignore_ascii_case("https") {
+        "https"
+    } else {
+        "http"
     });
-    format!("{scheme}://{}", req.authority)
+    // Built in place: this runs on every forwarded request.
+    let mut base = String::with_capacity(scheme.len() + 3 + req.authority.len());
+    base.push_str(scheme);
+    base.push_str("://");
+    base.push_str(req.authority);
+    base
 }
 
 /// A client authority we are willing to echo into URLs.
@@ -297,30 +304,47 @@ fn is_sane_authority(a: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b))
 }
 
-/// Host part of an authority, lowercased, without port.
-fn host_without_port(a: &str) -> String {
+/// Host part of an authority, lowercased, without port (borrowed when already lowercase:
+/// routing asks it on every request).
+fn host_without_port(a: &str) -> Cow<'_, str> {
     let h = if let Some(rest) = a.strip_prefix('[') {
         rest.split(']').next().unwrap_or_default()
     } else {
         a.split(':').next().unwrap_or_default()
     };
-    h.to_ascii_lowercase()
+    if h.bytes().any(|b| b.is_ascii_uppercase()) {
+        h.to_ascii_lowercase().into()
+    } else {
+        h.into()
+    }
 }
 
-/// Path tricks that must not reach routing components.
+/// Path tricks that must not reach routing components: `//`, `\`, `.` or `..` segments,
+/// encoded `/`, `.`, `\` or NUL. One pass over the bytes (it runs on every request).
 fn has_path_tricks(path: &str) -> bool {
-    let encoded_trick = |w: &[u8]| {
-        matches!(
-            w,
-            [b'%', b'2', b'f' | b'F' | b'e' | b'E']
-                | [b'%', b'5', b'c' | b'C']
-                | [b'%', b'0', b'0']
-        )
-    };
-    path.contains("//")
-        || path.contains('\\')
-        || path.as_bytes().windows(3).any(encoded_trick)
-        || path.split('/').any(|s| s == "." || s == "..")
+    let b = path.as_bytes();
+    let dot_segment = |s: Option<&[u8]>| matches!(s, Some(b"." | b".."));
+    let mut segment = 0;
+    for (i, &c) in b.iter().enumerate() {
+        match c {
+            b'\\' => return true,
+            b'/' => {
+                if b.get(i + 1) == Some(&b'/') || dot_segment(b.get(segment..i)) {
+                    return true;
+                }
+                segment = i + 1;
+            }
+            b'%' if matches!(
+                b.get(i + 1..i + 3),
+                Some([b'2', b'f' | b'F' | b'e' | b'E'] | [b'5', b'c' | b'C'] | [b'0', b'0'])
+            ) =>
+            {
+                return true
+            }
+            _ => {}
+        }
+    }
+    dot_segment(b.get(segment..))
 }
 
 fn percent_decode(s: &str) -> Option<String> {
@@ -475,6 +499,10 @@ fn route_v2(
             Some((name_comps.to_vec(), kind, last))
         }
     };
+    let (parsed, mut name_comps) = match parsed {
+        Some((comps, kind, last)) => (Some((kind, last)), comps),
+        None => (None, Vec::new()),
+    };
 
     // Registry selection: host mode, ns, path prefix, default.
     let host = host_without_port(req.authority);
@@ -491,7 +519,6 @@ fn route_v2(
         },
     };
     let echo = ns_reg.as_ref().map(|(d, _)| d.clone());
-    let mut name_comps = parsed.as_ref().map(|p| p.0.clone()).unwrap_or_default();
     let mut path_prefix = None;
     let mut by_default = false;
     let registry: Option<&Registry> = if let Some(r) = cfg.registry_for_host(&host) {
@@ -527,7 +554,7 @@ fn route_v2(
         cfg.default_registry()
     };
 
-    let Some((_, kind, last)) = parsed else {
+    let Some((kind, last)) = parsed else {
         // `/v2/` itself.
         return match registry {
             None => Decision::Reply(Reply {
@@ -2051,5 +2078,43 @@ mod tests {
         }
         let r = reply(route(&cfg, &get("m", "/_mirror/redirect/junk"), &KEY, 0));
         assert_eq!(r.status, 403);
+    }
+
+    /// `has_path_tricks` as it was defined before its one-pass scan.
+    fn path_tricks_by_search(path: &str) -> bool {
+        let encoded_trick = |w: &[u8]| {
+            matches!(
+                w,
+                [b'%', b'2', b'f' | b'F' | b'e' | b'E']
+                    | [b'%', b'5', b'c' | b'C']
+                    | [b'%', b'0', b'0']
+            )
+        };
+        path.contains("//")
+            || path.contains('\\')
+            || path.as_bytes().windows(3).any(encoded_trick)
+            || path.split('/').any(|s| s == "." || s == "..")
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 4096, failure_persistence: None, ..Default::default() })]
+        #[test]
+        fn path_tricks_scan_equals_search(
+            parts in proptest::collection::vec(proptest::sample::select(
+                &["/", "a", ".", "..", "%", "%2", "%2f", "%2E", "%5c", "%5C", "%00", "%0", "\\", "é", "v2"][..]), 0..10)
+        ) {
+            let path = parts.concat();
+            proptest::prop_assert_eq!(has_path_tricks(&path), path_tricks_by_search(&path), "{}", path);
+        }
+    }
+
+    #[test]
+    fn host_without_port_lowercases_only_when_needed() {
+        assert!(matches!(
+            host_without_port("m.test:5000"),
+            Cow::Borrowed("m.test")
+        ));
+        assert_eq!(host_without_port("M.Test:5000"), "m.test");
+        assert_eq!(host_without_port("[::1]:5000"), "::1");
     }
 }
