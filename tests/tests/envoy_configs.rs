@@ -125,9 +125,15 @@ fn the_launcher_runs_func_e_with_the_installed_envoy() {
     let bin = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(&envoy_bin, bin.path().join("envoy")).unwrap();
     let record = fake_func_e(bin.path(), "1.6.0");
+    // The fake func-e first; the rest of PATH stays, since an installed `envoy` may be a
+    // shim (pyenv) that needs it.
+    let path = std::env::join_paths(std::iter::once(bin.path().to_path_buf()).chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))
+    .unwrap();
     let out = envoy::command(["--mode", "validate", "-c", "x.yaml"])
         .unwrap()
-        .env("PATH", bin.path())
+        .env("PATH", &path)
         .env("ENVOY_PATH", "")
         .output()
         .unwrap();
@@ -148,7 +154,7 @@ fn the_launcher_runs_func_e_with_the_installed_envoy() {
     fake_func_e(bin.path(), "1.4.0");
     let out = envoy::command(["--version"])
         .unwrap()
-        .env("PATH", bin.path())
+        .env("PATH", &path)
         .output()
         .unwrap();
     assert!(out.status.success());
