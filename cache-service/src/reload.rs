@@ -522,6 +522,27 @@ public = true
         assert_eq!(state.current().version.serial, 3, "nothing changed");
     }
 
+    /// Between a reload's two swaps the config in force may lack an upstream the cache
+    /// still runs: a request for it is refused, never served without the token the old
+    /// file required.
+    #[test]
+    fn an_upstream_missing_from_the_config_in_force_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = BASE.replace("username = \"u\"\npassword_env = \"PW\"\n", "");
+        let (cache, _, _) = running(dir.path(), &base);
+        let only_a = cfg(base.split("[[upstream]]\nname = \"b\"").next().unwrap());
+        let st = crate::http::AppState {
+            cache: cache.clone(),
+            config: Arc::new(ConfigState::new(only_a, None)),
+            status: Arc::default(),
+        };
+        assert!(cache.upstream(Some("b")).is_ok(), "still running");
+        let headers = axum::http::HeaderMap::new();
+        assert!(crate::http::check_client(&st, "a", &headers).is_ok());
+        let refused = crate::http::check_client(&st, "b", &headers).unwrap_err();
+        assert_eq!(refused.status, axum::http::StatusCode::NOT_FOUND);
+    }
+
     #[test]
     fn versions_name_the_content() {
         let h = content_hash(BASE);

@@ -322,10 +322,11 @@ pub struct Cache {
     /// Upstream HEADs (confirmations, HEAD of uncached content) in progress.
     head_flights: SingleFlight<HeadKey, HeadInfo>,
     small: Mutex<SmallCache>,
-    /// Sizes the verified manifests of each upstream gave their blobs: a download longer
-    /// than that is aborted at once. Keyed by upstream, so one registry's manifests do not
-    /// bound another's downloads.
-    known_sizes: Mutex<HashMap<(String, Digest), u64>>,
+    /// Sizes the verified manifests of each repository gave their blobs: a download for
+    /// that repository longer than that is aborted at once. Keyed by upstream and
+    /// repository: a size is a claim of whoever pushed the manifest, so one repository's
+    /// manifests must not bound (or break) another's downloads of a shared layer.
+    known_sizes: Mutex<HashMap<(String, String, Digest), u64>>,
 }
 
 impl std::fmt::Debug for Cache {
@@ -894,7 +895,7 @@ impl Cache {
                 )));
             }
         }
-        self.remember_sizes(&up.name, &body);
+        self.remember_sizes(&up.name, name, &body);
         // Link first: a request that finds the stored manifest then needs no confirming HEAD.
         if let Err(e) = self.store.add_link(&up.name, name, &digest) {
             tracing::warn!(error = %e, "could not write link");
@@ -925,14 +926,14 @@ impl Cache {
         Ok(reply)
     }
 
-    fn remember_sizes(&self, registry: &str, manifest: &[u8]) {
+    fn remember_sizes(&self, registry: &str, name: &RepoName, manifest: &[u8]) {
         let sizes = oci::descriptor_sizes(manifest);
         let mut known = lock(&self.known_sizes);
         if known.len() + sizes.len() > MAX_KNOWN_SIZES {
             known.clear();
         }
         for (d, size) in sizes {
-            known.insert((registry.to_owned(), d), size);
+            known.insert((registry.to_owned(), name.to_string(), d), size);
         }
     }
 
@@ -1081,7 +1082,7 @@ impl Cache {
         }
         let total = resp.content_length();
         let known = lock(&self.known_sizes)
-            .get(&(up.name.clone(), d.clone()))
+            .get(&(up.name.clone(), name.to_string(), d.clone()))
             .copied();
         if let (Some(k), Some(t)) = (known, total) {
             if k != t {
@@ -1471,6 +1472,48 @@ mod tests {
         };
         assert!(matches!(r, Err(CacheError::TooLarge)), "{r:?}");
         assert_eq!(cache.entries(), 1, "only the manifest is stored");
+    }
+
+    #[tokio::test]
+    async fn a_size_claimed_by_one_repository_does_not_break_another() {
+        let bytes = Bytes::from_static(b"a popular layer, 33 bytes long..");
+        let layer = Digest::of_bytes(&bytes);
+        // Anyone may push a manifest to their own repository that lies about a shared layer.
+        let lie = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"digest":"{layer}","size":7}},"layers":[]}}"#,
+            oci::MT_OCI_MANIFEST
+        );
+        let md = Digest::of_bytes(lie.as_bytes());
+        let (l2, m2, b2) = (layer.clone(), lie.clone(), bytes.clone());
+        let server = TestServer::start(move |seen| {
+            if seen.uri.contains("/manifests/") {
+                reply(200, &[("content-type", oci::MT_OCI_MANIFEST)], m2.clone())
+            } else if seen.uri.ends_with(l2.as_str()) {
+                reply(200, &[], b2.clone())
+            } else {
+                reply(404, &[], "")
+            }
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, up) = open(dir.path(), &server, limits(1 << 40));
+        cache
+            .manifest(&up, &name("mallory/lies"), &Reference::Digest(md), false)
+            .await
+            .unwrap();
+        let r = match cache.blob(&up, &name("library/app"), &layer, false).await {
+            Ok(BlobReply::Flight { flight, .. }) => {
+                tokio::time::timeout(Duration::from_secs(20), outcome(&flight))
+                    .await
+                    .expect("finished")
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        assert!(
+            r.is_ok(),
+            "another repository's claim broke the pull: {r:?}"
+        );
     }
 
     #[tokio::test]

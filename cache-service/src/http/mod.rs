@@ -13,7 +13,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 
-use crate::cache::{flight, BlobReply, Cache};
+use crate::cache::{flight, BlobReply, Cache, CacheError};
 use crate::metrics::Metrics;
 use crate::oci::{Digest, Reference, RepoName, Tag};
 use error::ApiError;
@@ -292,14 +292,18 @@ fn pagination_error() -> ApiError {
     )
 }
 
-fn check_client(st: &AppState, registry: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn check_client(
+    st: &AppState,
+    registry: &str,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
     let live = st.config.current();
-    let Some(want) = live
-        .config
-        .upstreams
-        .get(registry)
-        .and_then(|u| u.client_token.as_deref())
-    else {
+    // A reload puts the new config in force before it swaps the upstreams: an upstream the
+    // new file removed is refused here, never served without the token it required.
+    let Some(upstream) = live.config.upstreams.get(registry) else {
+        return Err(CacheError::UnknownRegistry(registry.to_string()).into());
+    };
+    let Some(want) = upstream.client_token.as_deref() else {
         return Ok(());
     };
     let got = headers
