@@ -144,7 +144,9 @@ impl HostPolicy {
         if !to.username().is_empty() || to.password().is_some() {
             return Err(HostRefusal::UserInfo);
         }
-        if self.is_own_address(to) {
+        // The upstream's own host was configured by the operator: with the cache listening
+        // on 0.0.0.0:P, an upstream at some-ip:P is not the cache.
+        if !self.is_upstream_host(to) && self.is_own_address(to) {
             return Err(HostRefusal::OwnAddress);
         }
         let declared = authority(to).is_some_and(|a| any_match(declared, &a));
@@ -931,6 +933,17 @@ mod tests {
             p.check_realm(&u("http://us-docker.pkg.dev/token")),
             Err(HostRefusal::Downgrade)
         );
+        // Listening on 0.0.0.0:5001, an upstream at another address on port 5001 is not
+        // the cache: its own realm and same-host redirects stay allowed.
+        let lan = HostPolicy::new(&cfg("https://10.0.0.5:5001"), own);
+        let on_lan = u("https://10.0.0.5:5001/v2/x/blobs/y");
+        assert_eq!(lan.check_realm(&u("https://10.0.0.5:5001/token")), Ok(()));
+        assert!(lan
+            .check_redirect(&on_lan, &u("https://10.0.0.5:5001/b"))
+            .is_ok());
+        assert!(lan
+            .check_redirect(&on_lan, &u("https://127.0.0.1:5001/metrics"))
+            .is_err());
         // A plain-http upstream (a lab) may use an http realm on its own host.
         let lab = HostPolicy::new(&cfg("http://127.0.0.1:5000"), own);
         assert_eq!(lab.check_realm(&u("http://127.0.0.1:5000/token")), Ok(()));
