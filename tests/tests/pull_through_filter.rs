@@ -5,7 +5,7 @@
 
 use mirror_tests::clients::{self, SkopeoPull};
 use mirror_tests::mirror::{self, Mirror};
-use mirror_tests::upstreams::Front;
+use mirror_tests::upstreams::{AccessLogEntry, Front};
 use mirror_tests::{digest_of, images::SeededImage};
 
 const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
@@ -272,10 +272,11 @@ fn a_pull_by_hand_stays_on_the_mirror_and_upstreams_see_what_they_expect() {
     assert_eq!(digest_of(&resp.bytes().unwrap()), alpine.digest);
     // Route selection followed the rewrite: the client spoke to 127.0.0.1, the hub front
     // got Host registry-1.docker.io over TLS with that SNI, the query minus ns intact.
-    let hub = m.up.access_log(Front::Hub);
+    let probed = |e: &AccessLogEntry| e.query_param("probe").as_deref() == Some(probe.as_str());
+    let hub = m.up.access_log_with(Front::Hub, probed);
     let line = hub
         .iter()
-        .find(|e| e.query_param("probe").as_deref() == Some(probe.as_str()))
+        .find(|e| probed(e))
         .unwrap_or_else(|| panic!("the hub front never saw probe {probe}: {hub:#?}"));
     assert_eq!(line.host, "registry-1.docker.io");
     assert_eq!(line.sni, "registry-1.docker.io");

@@ -403,6 +403,23 @@ impl Upstreams {
             .collect()
     }
 
+    /// The access log of `front` once an entry matches `found`, or as it is after 5 s:
+    /// nginx writes a line after the response is sent, so a fast client can be first.
+    pub fn access_log_with(
+        &self,
+        front: Front,
+        found: impl Fn(&AccessLogEntry) -> bool,
+    ) -> Vec<AccessLogEntry> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let log = self.access_log(front);
+            if log.iter().any(&found) || std::time::Instant::now() >= deadline {
+                return log;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// An anonymous pull token for `repository:<name>:pull` from the token server.
     pub fn pull_token(&self, realm: &str, service: &str, name: &str) -> Result<String> {
         let resp = self
