@@ -752,7 +752,7 @@ fn route_auth(
         return learn(None);
     }
     if !learned.is_issued_realm(&target.name, &host, &path) {
-        // Only a realm URL the registry issued; learn its realm once before refusing.
+        // Only a realm URL the registry issued: a realm call confirms it, else 403.
         return match RealmUrl::new(&host, &path) {
             Some(u) => learn(Some(u)),
             None => denied(RejectReason::RealmDenied, "realm URL not issued"),
