@@ -11,7 +11,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 use rules::oci_error::ErrorCode;
 use rules::realms::{self, IssuedRealms, RealmUrl};
-use rules::redirect::{credential_fingerprint, rewrite_location, LocationOutcome, SignParams};
+use rules::redirect::{rewrite_location, LocationOutcome, SignParams, NO_CREDENTIAL};
 use rules::response::{plan_challenges, Answer};
 use rules::route::{
     forward_to_learned, ping_reply, realm_failure, route_with, token_after_realm_call, Decision,
@@ -396,9 +396,6 @@ struct ResponseState {
     mirror_base: String,
     upstream_authority: String,
     upstream_path: String,
-    /// The client's `Authorization`, hashed ([`credential_fingerprint`]) only when a
-    /// redirect is signed.
-    authorization: Option<String>,
     oci_namespace: Option<String>,
     kind: ForwardKind,
     scope_prefix: Option<String>,
@@ -646,7 +643,6 @@ impl MirrorHttp {
             hostcalls::set_map_value(req, "authorization", None)?;
         }
         self.state = Some(ResponseState {
-            authorization: client.authorization,
             registry: f.registry,
             mirror_base: f.mirror_base,
             upstream_authority: f.authority,
@@ -829,13 +825,12 @@ impl MirrorHttp {
             return;
         };
         let key = shared.signing_key();
-        let cred = credential_fingerprint(st.authorization.as_deref());
         let params = SignParams {
             registry: &st.registry,
             base_host: &st.upstream_authority,
             base_path: &st.upstream_path,
             mirror_base: &st.mirror_base,
-            cred: &cred,
+            cred: NO_CREDENTIAL,
             key: &key,
             now: now_secs(),
         };

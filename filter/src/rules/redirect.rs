@@ -3,7 +3,7 @@
 use super::challenge::{is_url_char, parse_url};
 use super::config::{is_valid_authority, CompiledConfig, RedirectMode};
 use hmac::{Hmac, Mac};
-use sha2::{Digest as _, Sha256};
+use sha2::Sha256;
 use std::fmt::Write as _;
 
 type HmacSha256 = Hmac<Sha256>;
@@ -44,16 +44,10 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// First 32 hex chars of sha256 of the `Authorization` value, `-` when absent.
-pub fn credential_fingerprint(authorization: Option<&str>) -> String {
-    match authorization {
-        None => "-".to_string(),
-        Some(a) => {
-            let h = hex(&Sha256::digest(a.as_bytes()));
-            h.get(..32).unwrap_or(&h).to_string()
-        }
-    }
-}
+/// The `<cred>` the mirror signs. The field stays in the URL format (and URLs signed with a
+/// credential fingerprint still verify), but no decision reads it any more: which
+/// credential reaches a redirect target is [`super::token_host::strip_credential`]'s call.
+pub const NO_CREDENTIAL: &str = "-";
 
 /// RFC 3986 remove_dot_segments.
 fn remove_dot_segments(path: &str) -> String {
@@ -422,15 +416,6 @@ mod tests {
                 None
             ))
         );
-    }
-
-    #[test]
-    fn fingerprints() {
-        assert_eq!(credential_fingerprint(None), "-");
-        let f = credential_fingerprint(Some("Bearer abc"));
-        assert_eq!(f.len(), 32);
-        assert!(is_hex(&f, 32));
-        assert_ne!(f, credential_fingerprint(Some("Bearer abd")));
     }
 
     #[test]
