@@ -5,7 +5,9 @@
 //! storage and its own proxy; the upstream (harness `faults::shared`) is shared.
 
 use mirror_tests::clients::{self, PulledDir};
-use mirror_tests::faults::{self, Fault, FaultProxy, FaultUpstream, Regmirror, Tmpfs};
+use mirror_tests::faults::{
+    self, client, get, Fault, FaultProxy, FaultUpstream, Got, Regmirror, Tmpfs,
+};
 use mirror_tests::images::SeededImage;
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -139,65 +141,17 @@ impl Session {
     }
 }
 
-fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .expect("http client")
-}
-
-/// What a client got for one GET.
-#[derive(Debug)]
-struct Got {
-    status: u16,
-    body: Vec<u8>,
-    /// Transport error (connect, or the body ended early / was aborted).
-    error: Option<String>,
-}
-
-impl Got {
-    /// A 200 whose body arrived completely (whatever its content).
-    fn complete_200(&self, size: u64) -> bool {
-        self.status == 200 && self.error.is_none() && self.body.len() as u64 == size
-    }
-}
-
-fn get(client: &reqwest::blocking::Client, url: &str) -> Got {
-    match client.get(url).send() {
-        Err(e) => Got {
-            status: 0,
-            body: Vec::new(),
-            error: Some(format!("{e:#}")),
-        },
-        Ok(mut r) => {
-            let status = r.status().as_u16();
-            let mut body = Vec::new();
-            let error = r.read_to_end(&mut body).err().map(|e| format!("{e:#}"));
-            Got {
-                status,
-                body,
-                error,
-            }
-        }
-    }
-}
-
 /// The seeded bytes of a blob (from the image's OCI layout).
 fn blob_bytes(image: &SeededImage, digest: &str) -> Vec<u8> {
     let hex = digest.trim_start_matches("sha256:");
     std::fs::read(image.layout.join("blobs/sha256").join(hex)).expect("layout blob")
 }
 
-fn first_layer(image: &SeededImage) -> String {
-    image.platforms[0].layer_digests[0].clone()
-}
-
 #[test]
 fn upstream_closing_mid_blob_fails_the_pull_caches_nothing_and_the_next_pull_succeeds() {
     let s = session("cut", &[]);
     let image = &s.up.images.cut;
-    let layer = first_layer(image);
+    let layer = image.first_layer();
     let size = blob_bytes(image, &layer).len() as u64;
     s.proxy.set_fault(&layer, Fault::CutAfter(MIB));
 
@@ -208,7 +162,7 @@ fn upstream_closing_mid_blob_fails_the_pull_caches_nothing_and_the_next_pull_suc
         s.logs()
     );
     // A direct client sees the truncation too: never a complete 200.
-    let got = get(&client(), &s.blob_url(image, &layer));
+    let got = get(&client(), &s.blob_url(image, &layer), &[]);
     assert!(
         !got.complete_200(size),
         "a complete 200 for a blob the upstream cut: status {} len {}\n{}",
@@ -231,14 +185,14 @@ fn upstream_closing_mid_blob_fails_the_pull_caches_nothing_and_the_next_pull_suc
 fn upstream_serving_wrong_bytes_is_never_passed_off_as_the_blob() {
     let s = session("flip", &[]);
     let image = &s.up.images.flip;
-    let layer = first_layer(image);
+    let layer = image.first_layer();
     let want = blob_bytes(image, &layer);
     let size = want.len() as u64;
     let c = client();
 
     for offset in [size / 2, size - 1] {
         s.proxy.set_fault(&layer, Fault::FlipByte(offset));
-        let got = get(&c, &s.blob_url(image, &layer));
+        let got = get(&c, &s.blob_url(image, &layer), &[]);
         assert!(
             !got.complete_200(size),
             "byte {offset} flipped upstream, yet the client got a complete 200 (hash {} vs {layer})\n{}",
@@ -257,7 +211,7 @@ fn upstream_serving_wrong_bytes_is_never_passed_off_as_the_blob() {
     s.assert_not_cached(&layer);
 
     s.proxy.clear_faults();
-    let got = get(&c, &s.blob_url(image, &layer));
+    let got = get(&c, &s.blob_url(image, &layer), &[]);
     assert!(got.complete_200(size), "{got:?}\n{}", s.logs());
     assert_eq!(mirror_tests::digest_of(&got.body), layer);
     match s.skopeo_pull(image) {
@@ -271,13 +225,13 @@ fn upstream_serving_wrong_bytes_is_never_passed_off_as_the_blob() {
 fn regmirror_killed_mid_download_restarts_clean_and_fetches_the_blob_again() {
     let mut s = session("kill", &[]);
     let image = &s.up.images.kill;
-    let layer = first_layer(image);
+    let layer = image.first_layer();
     let size = blob_bytes(image, &layer).len() as u64;
     // ~2 MiB at 256 KiB/s: about 8 s of download to kill into.
     s.proxy.set_fault(&layer, Fault::Throttle(256 * 1024));
 
     let url = s.blob_url(image, &layer);
-    let client_thread = std::thread::spawn(move || get(&client(), &url));
+    let client_thread = std::thread::spawn(move || get(&client(), &url, &[]));
     let start = Instant::now();
     while !s.cache.tmp_files().iter().any(|(_, len)| *len > 0) {
         assert!(
@@ -316,7 +270,7 @@ fn regmirror_killed_mid_download_restarts_clean_and_fetches_the_blob_again() {
         s.logs()
     );
 
-    let got = get(&client(), &s.blob_url(image, &layer));
+    let got = get(&client(), &s.blob_url(image, &layer), &[]);
     assert!(got.complete_200(size), "{got:?}\n{}", s.logs());
     assert_eq!(mirror_tests::digest_of(&got.body), layer);
     assert_eq!(
@@ -336,11 +290,11 @@ fn regmirror_killed_mid_download_restarts_clean_and_fetches_the_blob_again() {
 fn a_full_disk_still_serves_the_blob_logs_it_and_keeps_serving() {
     let mut s = session_with("tmpfs", &[], Some("4m"));
     let big = &s.up.images.big;
-    let layer = first_layer(big);
+    let layer = big.first_layer();
     let want = blob_bytes(big, &layer);
     assert!(want.len() as u64 > 4 * MIB);
 
-    let got = get(&client(), &s.blob_url(big, &layer));
+    let got = get(&client(), &s.blob_url(big, &layer), &[]);
     assert!(
         got.complete_200(want.len() as u64),
         "a blob larger than the disk was not passed through: status {} len {} error {:?}\n{}",
@@ -371,16 +325,16 @@ fn a_full_disk_still_serves_the_blob_logs_it_and_keeps_serving() {
     // Still serving, and the space of the failed download was given back: a small image
     // pulls and is cached.
     s.cache.check_running().expect("regmirror still running");
-    let health = get(&client(), &s.cache.url("/healthz"));
+    let health = get(&client(), &s.cache.url("/healthz"), &[]);
     assert_eq!(health.status, 200, "{health:?}");
     let small = &s.up.images.small;
     match s.skopeo_pull(small) {
         Ok(p) => p.assert_is(small, false),
         Err(e) => panic!("pull of another image after disk full: {e:#}\n{}", s.logs()),
     }
-    s.assert_cached(&first_layer(small));
+    s.assert_cached(&small.first_layer());
     // The big blob again: still correct.
-    let again = get(&client(), &s.blob_url(big, &layer));
+    let again = get(&client(), &s.blob_url(big, &layer), &[]);
     assert!(again.complete_200(want.len() as u64), "{}", s.logs());
     assert_eq!(mirror_tests::digest_of(&again.body), layer);
 }
@@ -389,7 +343,7 @@ fn a_full_disk_still_serves_the_blob_logs_it_and_keeps_serving() {
 fn fifty_concurrent_cold_requests_fetch_the_blob_once() {
     let s = session("crowd", &[]);
     let image = &s.up.images.crowd;
-    let layer = first_layer(image);
+    let layer = image.first_layer();
     let size = blob_bytes(image, &layer).len() as u64;
     // ~3 MiB at 1 MiB/s: the download is in flight while all 50 requests arrive.
     s.proxy.set_fault(&layer, Fault::Throttle(MIB));
@@ -401,7 +355,7 @@ fn fifty_concurrent_cold_requests_fetch_the_blob_once() {
             .map(|_| {
                 sc.spawn(|| {
                     barrier.wait();
-                    get(&c, &url)
+                    get(&c, &url, &[])
                 })
             })
             .collect();
@@ -546,7 +500,7 @@ fn bad_input_gets_a_clear_oci_error_and_never_reaches_the_upstream() {
     let s = session("badinput", &[]);
     let small = &s.up.images.small;
     let name = &small.name;
-    let layer = first_layer(small);
+    let layer = small.first_layer();
     let blob = blob_bytes(small, &layer);
     let addr = s.cache.addr;
     let failures = std::cell::RefCell::new(Vec::<String>::new());
@@ -675,7 +629,7 @@ fn bad_input_gets_a_clear_oci_error_and_never_reaches_the_upstream() {
     );
 
     // Ranges, on a blob that is cached.
-    let full = get(&client(), &s.blob_url(small, &layer));
+    let full = get(&client(), &s.blob_url(small, &layer), &[]);
     assert!(
         full.complete_200(blob.len() as u64),
         "{full:?}\n{}",

@@ -4,9 +4,8 @@
 //! requests are counted apart); each test runs its own regmirror on its own storage.
 //! How long each change took to apply is printed (run with `--nocapture` to see it).
 
-use mirror_tests::faults::{self, Fault, FaultProxy, FaultUpstream, Regmirror};
+use mirror_tests::faults::{self, client, Fault, FaultProxy, FaultUpstream, Got, Regmirror};
 use mirror_tests::images::SeededImage;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -210,7 +209,7 @@ impl Session {
             image.digest,
             "manifest via {registry}"
         );
-        let layer = first_layer(image);
+        let layer = image.first_layer();
         let b = get(
             &c,
             &self.cache.url(&format!("/v2/{}/blobs/{layer}", image.name)),
@@ -225,46 +224,9 @@ impl Session {
     }
 }
 
-fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .expect("http client")
-}
-
-/// What a client got for one GET.
-#[derive(Debug)]
-struct Got {
-    status: u16,
-    body: Vec<u8>,
-    /// Transport error (connect, or the body ended early / was aborted).
-    error: Option<String>,
-}
-
 /// A GET naming its upstream as the mirror's filter does (`x-mirror-registry`).
 fn get(client: &reqwest::blocking::Client, url: &str, registry: &str) -> Got {
-    match client.get(url).header("x-mirror-registry", registry).send() {
-        Err(e) => Got {
-            status: 0,
-            body: Vec::new(),
-            error: Some(format!("{e:#}")),
-        },
-        Ok(mut r) => {
-            let status = r.status().as_u16();
-            let mut body = Vec::new();
-            let error = r.read_to_end(&mut body).err().map(|e| format!("{e:#}"));
-            Got {
-                status,
-                body,
-                error,
-            }
-        }
-    }
-}
-
-fn first_layer(image: &SeededImage) -> String {
-    image.platforms[0].layer_digests[0].clone()
+    faults::get(client, url, &[("x-mirror-registry", registry)])
 }
 
 #[test]
@@ -273,7 +235,7 @@ fn an_upstream_added_by_sighup_while_eight_clients_share_a_cold_download() {
     let v1 = s.version();
     assert!(v1.starts_with("1-"), "first version: {v1}");
     let image = &s.up.images.crowd;
-    let layer = first_layer(image);
+    let layer = image.first_layer();
     let url = s.cache.url(&format!("/v2/{}/blobs/{layer}", image.name));
     // ~3 MiB at 512 KiB/s: the download runs ~6 s, long enough to reload in its middle.
     s.proxy.set_fault(&layer, Fault::Throttle(512 * 1024));

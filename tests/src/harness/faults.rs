@@ -608,3 +608,56 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
     }
 }
+
+/// A plain-HTTP client for a cache-service under test (no proxy; generous timeout, since
+/// fault tests slow bodies down on purpose).
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .expect("http client")
+}
+
+/// What a client got for one GET.
+#[derive(Debug)]
+pub struct Got {
+    pub status: u16,
+    pub body: Vec<u8>,
+    /// Transport error (connect, or the body ended early / was aborted).
+    pub error: Option<String>,
+}
+
+impl Got {
+    /// A 200 whose body arrived completely (whatever its content).
+    pub fn complete_200(&self, size: u64) -> bool {
+        self.status == 200 && self.error.is_none() && self.body.len() as u64 == size
+    }
+}
+
+/// GET `url` with `headers`, reading the body as far as it comes.
+pub fn get(client: &reqwest::blocking::Client, url: &str, headers: &[(&str, &str)]) -> Got {
+    let mut req = client.get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    match req.send() {
+        Err(e) => Got {
+            status: 0,
+            body: Vec::new(),
+            error: Some(format!("{e:#}")),
+        },
+        Ok(mut r) => {
+            let status = r.status().as_u16();
+            let mut body = Vec::new();
+            let error = io::Read::read_to_end(&mut r, &mut body)
+                .err()
+                .map(|e| format!("{e:#}"));
+            Got {
+                status,
+                body,
+                error,
+            }
+        }
+    }
+}

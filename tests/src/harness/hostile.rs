@@ -871,13 +871,7 @@ impl HostileMirror {
     /// A client trusting the harness CA, `*.mirror.test` resolved to this Envoy, no
     /// redirects followed.
     pub fn client(&self) -> reqwest::blocking::Client {
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.port()));
-        let resolve: Vec<(&str, SocketAddr)> =
-            crate::MIRROR_HOSTS.iter().map(|h| (*h, addr)).collect();
-        match self.up.pki.client(&resolve) {
-            Ok(c) => c,
-            Err(e) => panic!("http client: {e:#}"),
-        }
+        self.up.pki.mirror_client(self.port())
     }
 
     /// Envoy's log tail and what the hostile fixture saw, for failure messages.

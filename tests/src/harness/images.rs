@@ -48,6 +48,11 @@ pub struct SeededImage {
 }
 
 impl SeededImage {
+    /// The first layer of the first platform.
+    pub fn first_layer(&self) -> String {
+        self.platforms[0].layer_digests[0].clone()
+    }
+
     pub fn is_index(&self) -> bool {
         self.media_type == MT_INDEX
     }

@@ -91,13 +91,7 @@ impl Mirror {
     /// A client trusting the test CA, `*.mirror.test` resolved to Envoy, no redirects
     /// followed.
     pub fn client(&self) -> reqwest::blocking::Client {
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.port()));
-        let resolve: Vec<(&str, SocketAddr)> =
-            crate::MIRROR_HOSTS.iter().map(|h| (*h, addr)).collect();
-        match self.up.pki.client(&resolve) {
-            Ok(c) => c,
-            Err(e) => panic!("http client: {e:#}"),
-        }
+        self.up.pki.mirror_client(self.port())
     }
 
     /// Envoy's log tail and the fixtures' access logs, for failure messages.

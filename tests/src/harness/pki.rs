@@ -132,6 +132,18 @@ impl Pki {
 
     /// A blocking HTTP client trusting only the test CA, resolving every fixture and
     /// mirror host name in `resolve` to the given addresses.
+    /// A client trusting the test CA with every mirror host name (`*.mirror.test`)
+    /// resolved to the Envoy listening on 127.0.0.1:`port`; no redirects followed.
+    pub fn mirror_client(&self, port: u16) -> reqwest::blocking::Client {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let resolve: Vec<(&str, std::net::SocketAddr)> =
+            crate::MIRROR_HOSTS.iter().map(|h| (*h, addr)).collect();
+        match self.client(&resolve) {
+            Ok(c) => c,
+            Err(e) => panic!("http client: {e:#}"),
+        }
+    }
+
     pub fn client(
         &self,
         resolve: &[(&str, std::net::SocketAddr)],
