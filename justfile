@@ -93,7 +93,7 @@ test: setup build lint
 
 # Property tests, long: the filter's parsers and rewriters and the cache's input validation, `cases` per property.
 fuzz cases="200000":
-    PROPTEST_CASES={{cases}} cargo test --release -p mirror-filter proptest
+    PROPTEST_CASES={{cases}} cargo test --release -p registry-rules proptest
     PROPTEST_CASES={{cases}} cargo test --release -p cache-service proptest
 
 # Benchmarks (not tests): the data path measured side by side with its peers; prints a table of ratios.

@@ -3,9 +3,9 @@
 //! N=N1 runs divided by N2-N1 removes start-up and configuration parsing.
 
 use anyhow::{anyhow, bail, Context, Result};
-use mirror_filter::rules::challenge::rewrite_realms;
-use mirror_filter::rules::redirect::{rewrite_location, LocationOutcome, SignParams};
-use mirror_filter::rules::route::{route, Decision, Request};
+use registry_rules::challenge::rewrite_realms;
+use registry_rules::redirect::{rewrite_location, LocationOutcome, SignParams};
+use registry_rules::route::{route, Decision, Request};
 use std::hint::black_box;
 use std::path::Path;
 use std::process::Command;
@@ -15,9 +15,9 @@ const NOW: u64 = 1_800_000_000;
 const MIRROR_BASE: &str = "https://127.0.0.1:5000";
 const LOCATION: &str = "https://production.cloudflare.docker.com/registry-v2/docker/registry/v2/blobs/sha256/ab/abababababababababababababababababababababababababababababababab/data?verify=1763900000-2XbRj%2Bq9dW0Z7k&expires=1763901200";
 
-fn config() -> Result<mirror_filter::rules::CompiledConfig> {
+fn config() -> Result<registry_rules::CompiledConfig> {
     let bytes = std::fs::read(mirror_tests::build::workspace_root().join("envoy/filter.json"))?;
-    mirror_filter::rules::parse(&bytes).map_err(|e| anyhow!("filter.json: {e:?}"))
+    registry_rules::parse(&bytes).map_err(|e| anyhow!("filter.json: {e:?}"))
 }
 
 /// `mirror-bench hot route|realms|location|none N`.
@@ -130,7 +130,7 @@ pub fn run(dir: &Path, log: &mut crate::util::Log) -> Result<String> {
     let exe = std::env::current_exe()?;
     let (n1, n2) = (1_000u64, 11_000u64);
     let mut s = String::from(
-        "Instructions per call on a host (x86_64, release) build of `mirror_filter::rules`, from `valgrind --tool=callgrind` on `mirror-bench hot FUNC N` ((Ir(N=11000) − Ir(N=1000)) / 10000). The wasm build runs the same code under V8's JIT, plus the proxy-wasm host calls that copy headers in and out of the VM.\n\n| function | input | instructions / call |\n| --- | --- | --- |\n",
+        "Instructions per call on a host (x86_64, release) build of `registry_rules`, from `valgrind --tool=callgrind` on `mirror-bench hot FUNC N` ((Ir(N=11000) − Ir(N=1000)) / 10000). The wasm build runs the same code under V8's JIT, plus the proxy-wasm host calls that copy headers in and out of the VM.\n\n| function | input | instructions / call |\n| --- | --- | --- |\n",
     );
     let mut tops = String::new();
     for (func, input) in [

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use mirror_filter::rules::config::HostPattern;
+use registry_rules::config::HostPattern;
 use serde::Deserialize;
 
 /// Longest `--shutdown-grace` honoured: a larger value is capped (it is added to the clock).

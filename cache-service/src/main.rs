@@ -2,21 +2,8 @@
 //! generator (`render`), client configuration (`client-config`) and operator tools (`warm`,
 //! `doctor`).
 
-mod cache;
-mod client_config;
-mod config;
-mod doctor;
-mod http;
-mod metrics;
-mod oci;
-mod reload;
-mod render;
-mod store;
-mod upstream;
-mod warm;
-
-#[cfg(test)]
-mod testserver;
+use regmirror::tools::{client_config, doctor, render, warm};
+use regmirror::{cache, http, reload, store};
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -26,7 +13,7 @@ use std::future::IntoFuture;
 
 use clap::{Parser, Subcommand};
 
-use config::{Config, LogFormat, ServeArgs};
+use regmirror::config::{Config, LogFormat, ServeArgs};
 
 /// Pull-through cache for OCI/Docker registries.
 ///

@@ -5,7 +5,7 @@
 
 // The distribution grammar lives in one place, the filter's rules, which check the same
 // requests before they reach the cache.
-use mirror_filter::rules::names;
+use registry_rules::names;
 use std::fmt;
 
 use sha2::{Digest as _, Sha256};

@@ -3,7 +3,7 @@
 //! All decisions live in [`rules`] (plain Rust, unit-tested on the host); this file
 //! is the thin glue to the proxy-wasm host: read headers, call `rules`, apply.
 
-pub mod rules;
+pub use registry_rules as rules;
 
 use log::{debug, info, warn};
 use proxy_wasm::hostcalls;

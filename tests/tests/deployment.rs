@@ -365,7 +365,7 @@ fn istio_plugin_config_is_what_the_filter_accepts() {
     assert_eq!(wasm["spec"]["failStrategy"], "FAIL_CLOSE");
     let plugin_config = &wasm["spec"]["pluginConfig"];
     // Istio hands pluginConfig to the filter as JSON: the same parser on_configure runs.
-    let compiled = mirror_filter::rules::parse(plugin_config.to_string().as_bytes())
+    let compiled = registry_rules::parse(plugin_config.to_string().as_bytes())
         .unwrap_or_else(|e| panic!("the filter rejects the Istio pluginConfig: {e}"));
     assert_eq!(compiled.registries().len(), 5);
     // It is envoy/filter.json plus, per upstream Envoy reaches directly, the cluster Istio
@@ -425,7 +425,7 @@ fn a_changed_istio_plugin_config_is_accepted_by_the_filter() {
     let docs = yaml_docs(&rendered);
     let wasm = docs.iter().find(|d| d["kind"] == "WasmPlugin").unwrap();
     let plugin_config = wasm["spec"]["pluginConfig"].to_string();
-    let compiled = mirror_filter::rules::parse(plugin_config.as_bytes())
+    let compiled = registry_rules::parse(plugin_config.as_bytes())
         .unwrap_or_else(|e| panic!("the filter rejects the changed pluginConfig: {e}"));
     let names: Vec<&str> = compiled
         .registries()
@@ -441,7 +441,7 @@ fn a_changed_istio_plugin_config_is_accepted_by_the_filter() {
     );
     let mut broken: Json = wasm["spec"]["pluginConfig"].clone();
     broken["registries"] = "registry.gitlab.com".into();
-    assert!(mirror_filter::rules::parse(broken.to_string().as_bytes()).is_err());
+    assert!(registry_rules::parse(broken.to_string().as_bytes()).is_err());
 }
 
 #[test]

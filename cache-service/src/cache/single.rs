@@ -100,6 +100,10 @@ where
     pub fn len(&self) -> usize {
         lock(&self.map).len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 #[cfg(test)]
@@ -160,7 +164,7 @@ mod tests {
             }));
         }
         // Every lookup is attached before the upstream answers.
-        while sf.len() == 0 || calls.load(Ordering::SeqCst) == 0 {
+        while sf.is_empty() || calls.load(Ordering::SeqCst) == 0 {
             tokio::task::yield_now().await;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

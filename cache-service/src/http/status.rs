@@ -198,7 +198,7 @@ fn pct_text(p: Option<f64>) -> String {
 }
 
 fn bytes(n: u64) -> String {
-    crate::warm::human_bytes(n)
+    crate::tools::warm::human_bytes(n)
 }
 
 fn duration(secs: u64) -> String {

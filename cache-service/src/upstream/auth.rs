@@ -214,6 +214,10 @@ impl TokenCache {
         self.map.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
     /// Live tokens dropped because the cache was full.
     pub fn evictions(&self) -> u64 {
         self.evictions

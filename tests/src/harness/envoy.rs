@@ -257,7 +257,7 @@ pub fn substitute(
 
 /// Envoy started the one way the project starts it: `regmirror envoy ARGS…` (func-e ≥ 1.5.0
 /// with an explicit Envoy when func-e is on PATH, else `envoy`; see
-/// cache-service/src/render/launcher.rs).
+/// cache-service/src/tools/render/launcher.rs).
 pub fn command<I, S>(args: I) -> Result<Command>
 where
     I: IntoIterator<Item = S>,

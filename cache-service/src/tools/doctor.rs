@@ -10,9 +10,9 @@ use reqwest::{Method, StatusCode};
 use url::Url;
 
 use crate::oci;
-use crate::render::declaration::Declaration;
-use crate::warm::client::{bearer_challenge, MirrorClient};
-use crate::warm::{table, ImageRef};
+use crate::tools::render::declaration::Declaration;
+use crate::tools::warm::client::{bearer_challenge, MirrorClient};
+use crate::tools::warm::{table, ImageRef};
 
 #[derive(Debug, clap::Args)]
 pub struct DoctorArgs {
@@ -140,7 +140,7 @@ async fn check_registry(client: &MirrorClient, registry: &str, probe: Option<&Im
                 }
             },
             s => {
-                let body = crate::warm::client::error_body(resp).await;
+                let body = crate::tools::warm::client::error_body(resp).await;
                 let e = format!("HTTP {}{}", s.as_u16(), first_error(&body));
                 row.v2 = Check::Fail(e.clone());
                 row.notes.push(format!("/v2/: {e}"));

@@ -293,7 +293,7 @@ pub fn render_files(registries: &Path) -> Result<Vec<Rendered>, RenderError> {
 
 /// The filter's own parser (the code `on_configure` runs) must accept what we ship.
 fn validate_with_filter(filter_json: &str) -> Result<(), RenderError> {
-    mirror_filter::rules::parse(filter_json.as_bytes())
+    registry_rules::parse(filter_json.as_bytes())
         .map(drop)
         .map_err(|error| RenderError::Filter(error.to_string()))
 }

@@ -353,7 +353,7 @@ pub fn rewrite_location(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::config::parse as parse_config;
+    use crate::config::parse as parse_config;
 
     const KEY: [u8; 32] = [7u8; 32];
 

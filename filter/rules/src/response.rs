@@ -106,13 +106,13 @@ pub fn plan_challenges(a: &Answer<'_>, values: Vec<Vec<u8>>) -> ChallengePlan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::config::parse as parse_config;
+    use crate::config::parse as parse_config;
 
     const QUAY: &str =
         r#"Bearer realm="https://quay.io/v2/auth",service="quay.io",scope="repository:a/b:pull""#;
 
     fn plan(
-        cfg: &crate::rules::CompiledConfig,
+        cfg: &crate::CompiledConfig,
         reg: &str,
         kind: ForwardKind,
         status: u32,

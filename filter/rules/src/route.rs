@@ -968,8 +968,8 @@ pub fn ping_reply(ping: &Ping, realm: Option<&LearnedRealm>) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::config::parse as parse_config;
-    use crate::rules::redirect::{mirror_url, Target};
+    use crate::config::parse as parse_config;
+    use crate::redirect::{mirror_url, Target};
 
     const KEY: [u8; 32] = [9u8; 32];
 
@@ -1046,9 +1046,9 @@ mod tests {
     }
 
     fn host_cfg() -> CompiledConfig {
-        let mut c = crate::rules::config::default_config();
+        let mut c = crate::config::default_config();
         c.host_suffix = Some("mirror.test".into());
-        crate::rules::config::compile(&c).unwrap()
+        crate::config::compile(&c).unwrap()
     }
 
     #[test]
@@ -1679,11 +1679,11 @@ mod tests {
             ("quay.io", true)
         );
         // The operator opts quay.io in (and docker.io out).
-        let mut c = crate::rules::config::default_config();
+        let mut c = crate::config::default_config();
         for r in &mut c.registries {
             r.forward_client_credentials = Some(r.name == "quay.io");
         }
-        let opted = crate::rules::config::compile(&c).unwrap();
+        let opted = crate::config::compile(&c).unwrap();
         let f = fwd(route_known(
             &opted,
             &with_basic(
@@ -1718,10 +1718,10 @@ mod tests {
 
     #[test]
     fn public_url_builds_every_client_url_and_refuses_other_hosts() {
-        let mut c = crate::rules::config::default_config();
+        let mut c = crate::config::default_config();
         c.host_suffix = Some("mirror.example.com".into());
         c.public_url = Some("https://mirror.example.com:8443".into());
-        let cfg = crate::rules::config::compile(&c).unwrap();
+        let cfg = crate::config::compile(&c).unwrap();
         // The client's Host is never echoed: the configured URL is.
         let f = fwd(route(
             &cfg,

@@ -1,7 +1,7 @@
 //! `regmirror client-config`: what container runtimes need to pull through the mirror,
 //! generated from the same registries declaration the mirror runs on.
 
-use crate::render::declaration::{Declaration, Registry};
+use crate::tools::render::declaration::{Declaration, Registry};
 use crate::upstream::base64_engine;
 use std::fmt::Write;
 use std::path::PathBuf;

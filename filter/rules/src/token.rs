@@ -503,7 +503,7 @@ pub const PLACEHOLDER_TOKEN_BODY: &str = r#"{"token":"mirror-no-upstream-token",
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::config::parse as parse_config;
+    use crate::config::parse as parse_config;
 
     fn cfg() -> CompiledConfig {
         parse_config(b"").unwrap()
