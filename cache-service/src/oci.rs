@@ -1,134 +1,31 @@
-//! OCI distribution names, references, digests and media types.
-//!
-//! Every value that ends up in a filesystem path or an upstream URL goes through one of these
-//! newtypes first; constructing one is the validation (distribution grammar).
+//! What the cache adds to the shared registry model: its sha256-only rule, manifest media
+//! types and descriptor reading. Names, tags, references and digests are
+//! `registry_rules::{names, digest}`; every value that ends up in a filesystem path or an
+//! upstream URL is one of those validated types first.
 
-// The distribution grammar lives in one place, the filter's rules, which check the same
-// requests before they reach the cache.
-use registry_rules::names;
-use std::fmt;
+use registry_rules::digest::{Algorithm, Digest};
+use registry_rules::names::{NameError, Reference};
 
-use sha2::{Digest as _, Sha256};
-
-/// Why a name, tag or digest was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum GrammarError {
-    #[error("invalid repository name")]
-    Name,
-    #[error("invalid tag")]
-    Tag,
-    #[error("invalid digest (only sha256:<64 lowercase hex> is accepted)")]
-    Digest,
-}
-
-/// Repository name, e.g. `library/alpine`. At most 255 characters.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RepoName(String);
-
-impl RepoName {
-    pub fn parse(s: &str) -> Result<Self, GrammarError> {
-        names::RepositoryName::parse(s)
-            .map(|name| Self(name.as_str().to_owned()))
-            .map_err(|_| GrammarError::Name)
-    }
-    pub fn as_str(&self) -> &str {
-        &self.0
+/// The cache stores, hashes and verifies sha256 content only: any other digest a request or
+/// an upstream names is refused as invalid (`DIGEST_INVALID`), as it always was.
+pub fn require_sha256(digest: Digest) -> Result<Digest, NameError> {
+    if digest.algorithm() == Algorithm::Sha256 {
+        Ok(digest)
+    } else {
+        Err(NameError::Digest)
     }
 }
 
-impl fmt::Display for RepoName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// A digest the cache can store: [`Digest::parse`] plus [`require_sha256`].
+pub fn parse_digest(s: &str) -> Result<Digest, NameError> {
+    Digest::parse(s).and_then(require_sha256)
 }
 
-/// Tag: `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Tag(String);
-
-impl Tag {
-    pub fn parse(s: &str) -> Result<Self, GrammarError> {
-        if names::is_valid_tag(s) {
-            Ok(Self(s.to_owned()))
-        } else {
-            Err(GrammarError::Tag)
-        }
-    }
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for Tag {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// A sha256 digest: `sha256:` + 64 lowercase hex characters.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Digest(String);
-
-impl Digest {
-    pub fn parse(s: &str) -> Result<Self, GrammarError> {
-        let hex = s.strip_prefix("sha256:").ok_or(GrammarError::Digest)?;
-        if hex.len() == 64
-            && hex
-                .bytes()
-                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
-        {
-            Ok(Self(s.to_owned()))
-        } else {
-            Err(GrammarError::Digest)
-        }
-    }
-    /// Digest from a finished hash.
-    pub fn from_sha256(hash: Sha256) -> Self {
-        Self(format!("sha256:{}", hex::encode(hash.finalize())))
-    }
-    pub fn of_bytes(b: &[u8]) -> Self {
-        let mut h = Sha256::new();
-        h.update(b);
-        Self::from_sha256(h)
-    }
-    /// The 64 hex characters.
-    pub fn hex(&self) -> &str {
-        self.0.get(7..).unwrap_or("")
-    }
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for Digest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// A manifest reference: tag or digest.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Reference {
-    Tag(Tag),
-    Digest(Digest),
-}
-
-impl Reference {
-    pub fn parse(s: &str) -> Result<Self, GrammarError> {
-        if s.contains(':') {
-            Digest::parse(s).map(Reference::Digest)
-        } else {
-            Tag::parse(s).map(Reference::Tag)
-        }
-    }
-}
-
-impl fmt::Display for Reference {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Reference::Tag(t) => t.fmt(f),
-            Reference::Digest(d) => d.fmt(f),
-        }
+/// A manifest reference the cache can serve: a tag, or a digest per [`parse_digest`].
+pub fn parse_reference(s: &str) -> Result<Reference, NameError> {
+    match Reference::parse(s)? {
+        Reference::Digest(d) => require_sha256(d).map(Reference::Digest),
+        tag => Ok(tag),
     }
 }
 
@@ -199,7 +96,7 @@ pub fn descriptor_sizes(body: &[u8]) -> Vec<(Digest, u64)> {
         return Vec::new();
     };
     let one = |d: &serde_json::Value| {
-        let digest = Digest::parse(d.get("digest")?.as_str()?).ok()?;
+        let digest = parse_digest(d.get("digest")?.as_str()?).ok()?;
         Some((digest, d.get("size")?.as_u64()?))
     };
     let lists = ["layers", "manifests"]
@@ -233,82 +130,19 @@ mod tests {
     }
 
     #[test]
-    fn names() {
-        for ok in [
-            "a",
-            "library/alpine",
-            "a.b/c_d/e__f/g--h",
-            "foo-bar/b-a-z",
-            "0/1",
-        ] {
-            assert!(RepoName::parse(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "",
-            "..",
-            "a/../b",
-            "a/./b",
-            "/a",
-            "a/",
-            "a//b",
-            "A",
-            "a___b",
-            "a.-b",
-            "-a",
-            "a-",
-            "%2e%2e",
-            "a/%2e%2e/b",
-            "a b",
-            "a\0",
-            "a\\b",
-            "ä",
-        ] {
-            assert!(RepoName::parse(bad).is_err(), "{bad:?}");
-        }
-        assert!(RepoName::parse(&"a".repeat(255)).is_ok());
-        assert!(RepoName::parse(&"a".repeat(256)).is_err());
-    }
-
-    #[test]
-    fn tags() {
-        assert!(Tag::parse("latest").is_ok());
-        assert!(Tag::parse("_x.y-Z").is_ok());
-        assert!(Tag::parse(&"a".repeat(128)).is_ok());
-        for bad in ["", ".x", "-x", "a/b", "..", "a:b", &"a".repeat(129), "a%2e"] {
-            assert!(Tag::parse(bad).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn digests() {
+    fn only_sha256_is_accepted() {
         let good = format!("sha256:{}", "a".repeat(64));
-        let d = Digest::parse(&good).unwrap();
-        assert_eq!(d.hex(), "a".repeat(64));
-        for bad in [
-            "sha256:".to_owned(),
-            format!("sha256:{}", "A".repeat(64)),
-            format!("sha256:{}", "a".repeat(63)),
-            format!("sha256:{}", "a".repeat(65)),
-            format!("sha512:{}", "a".repeat(64)),
-            format!("sha256:../{}", "a".repeat(61)),
-            "sha256:%2e%2e".to_owned(),
-        ] {
-            assert!(Digest::parse(&bad).is_err(), "{bad:?}");
-        }
-        assert_eq!(
-            Digest::of_bytes(b"").as_str(),
-            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
-    }
-
-    #[test]
-    fn references() {
-        assert!(matches!(Reference::parse("v1"), Ok(Reference::Tag(_))));
-        assert!(matches!(
-            Reference::parse(&format!("sha256:{}", "0".repeat(64))),
-            Ok(Reference::Digest(_))
-        ));
-        assert!(Reference::parse("sha256:zz").is_err());
+        assert_eq!(parse_digest(&good).map(|d| d.to_string()), Ok(good.clone()));
+        let long = format!("sha512:{}", "a".repeat(128));
+        assert!(Digest::parse(&long).is_ok());
+        assert_eq!(parse_digest(&long), Err(NameError::Digest));
+        assert_eq!(parse_reference(&long), Err(NameError::Digest));
+        assert_eq!(parse_digest("sha256:zz"), Err(NameError::Digest));
+        assert!(matches!(parse_reference(&good), Ok(Reference::Digest(_))));
+        assert!(matches!(parse_reference("v1"), Ok(Reference::Tag(_))));
+        assert_eq!(parse_reference("..."), Err(NameError::Tag));
+        let m = format!(r#"{{"layers":[{{"digest":"{long}","size":1}}]}}"#);
+        assert!(descriptor_sizes(m.as_bytes()).is_empty());
     }
 
     #[test]
@@ -337,37 +171,23 @@ mod tests {
 
             #[test]
             fn proptest_parsers_never_panic(s in "\\PC{0,300}") {
-                if let Ok(n) = RepoName::parse(&s) {
-                    prop_assert!(n.as_str().len() <= 255);
-                    prop_assert_eq!(RepoName::parse(n.as_str()), Ok(n.clone()));
-                }
-                if let Ok(t) = Tag::parse(&s) {
-                    prop_assert_eq!(t.as_str(), s.as_str());
-                    prop_assert!(t.as_str().len() <= 128);
-                }
-                if let Ok(d) = Digest::parse(&s) {
+                if let Ok(d) = parse_digest(&s) {
                     prop_assert_eq!(d.as_str(), s.as_str());
                     prop_assert_eq!(d.hex().len(), 64);
                 }
-                if let Ok(r) = Reference::parse(&s) {
+                if let Ok(r) = parse_reference(&s) {
                     prop_assert_eq!(r.to_string(), s.clone());
                 }
                 let _ = manifest_media_type(None, s.as_bytes());
+                let _ = descriptor_sizes(s.as_bytes());
             }
 
             #[test]
-            fn proptest_valid_names_round_trip(
-                parts in proptest::collection::vec("[a-z0-9]{1,8}([._-][a-z0-9]{1,8}){0,2}", 1..5),
-                tag in "[A-Za-z0-9_][A-Za-z0-9._-]{0,127}",
-                bytes in proptest::collection::vec(any::<u8>(), 0..64),
-            ) {
-                let name = parts.join("/");
-                prop_assert_eq!(RepoName::parse(&name).map(|n| n.to_string()), Ok(name.clone()));
-                prop_assert_eq!(Reference::parse(&tag).map(|r| r.to_string()), Ok(tag.clone()));
+            fn proptest_hashed_digests_round_trip(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
                 let d = Digest::of_bytes(&bytes);
-                prop_assert_eq!(Digest::parse(d.as_str()), Ok(d.clone()));
-                prop_assert!(Digest::parse(&d.as_str().to_uppercase()).is_err());
-                prop_assert!(Digest::parse(d.hex()).is_err());
+                prop_assert_eq!(parse_digest(d.as_str()), Ok(d.clone()));
+                prop_assert!(parse_digest(&d.as_str().to_uppercase()).is_err());
+                prop_assert!(parse_digest(d.hex()).is_err());
             }
         }
     }

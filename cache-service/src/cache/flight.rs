@@ -487,7 +487,7 @@ mod tests {
             .collect();
         let mut tmp = tempfile::NamedTempFile::new().unwrap();
         tmp.write_all(&data).unwrap();
-        let d = crate::oci::Digest::of_bytes(&data);
+        let d = registry_rules::digest::Digest::of_bytes(&data);
         let len = data.len() as u64;
         for (s, e) in [(0, len), (5, len - 2), (FILE_CHUNK, FILE_CHUNK + 1), (7, 7)] {
             let pin = super::super::lru::PinGuard::new(&lru, &d);

@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
-use crate::oci::Digest;
+use registry_rules::digest::Digest;
 
 /// Entries by digest plus an index ordered by last access, so choosing victims walks the
 /// oldest entries only (it runs under the cache's lock on every download).

@@ -18,11 +18,13 @@ use sha2::Digest as _;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
-use crate::oci::{self, Digest, Reference, RepoName, Tag};
+use crate::oci;
 use crate::store::{BlobStore, CommitError, TagRecord, TempBlob};
 use crate::upstream::{read_body, BodyError, Upstream, UpstreamError};
 use flight::{FlightState, InFlight, MemoryBudget, Tail};
 use lru::{Lru, PinGuard};
+use registry_rules::digest::Digest;
+use registry_rules::names::{Reference, RepositoryName, Tag};
 use single::{Role, SingleFlight};
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -207,10 +209,10 @@ pub struct SmallReply {
     pub body: Bytes,
 }
 
-type FlightKey = (String, RepoName, Digest);
-type TagKey = (String, RepoName, Tag);
-type ManifestKey = (String, RepoName, Digest);
-type HeadKey = (String, RepoName, Digest, Kind);
+type FlightKey = (String, RepositoryName, Digest);
+type TagKey = (String, RepositoryName, Tag);
+type ManifestKey = (String, RepositoryName, Digest);
+type HeadKey = (String, RepositoryName, Digest, Kind);
 
 const SMALL_TTL: Duration = Duration::from_secs(30);
 /// A tags list or referrers answer is read up to this size.
@@ -500,7 +502,7 @@ impl Cache {
     pub async fn manifest(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
-        name: &RepoName,
+        name: &RepositoryName,
         reference: &Reference,
         head: bool,
     ) -> Result<ManifestReply, CacheError> {
@@ -538,7 +540,7 @@ impl Cache {
     async fn manifest_by_digest(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
-        name: &RepoName,
+        name: &RepositoryName,
         d: &Digest,
         head: bool,
     ) -> Result<ManifestReply, CacheError> {
@@ -567,7 +569,7 @@ impl Cache {
     async fn head_manifest(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
-        name: &RepoName,
+        name: &RepositoryName,
         d: &Digest,
     ) -> Result<Option<ManifestReply>, CacheError> {
         let info = self.head_shared(up, name, d, Kind::Manifest).await?;
@@ -606,7 +608,7 @@ impl Cache {
     async fn head_shared(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
-        name: &RepoName,
+        name: &RepositoryName,
         d: &Digest,
         kind: Kind,
     ) -> Result<HeadInfo, CacheError> {
@@ -647,7 +649,7 @@ impl Cache {
     async fn reply_from_record(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
-        name: &RepoName,
+        name: &RepositoryName,
         rec: &TagRecord,
         head: bool,
     ) -> Result<ManifestReply, CacheError> {
@@ -660,7 +662,7 @@ impl Cache {
     async fn manifest_by_tag(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
-        name: &RepoName,
+        name: &RepositoryName,
         tag: &Tag,
         head: bool,
     ) -> Result<ManifestReply, CacheError> {
@@ -710,7 +712,7 @@ impl Cache {
     async fn resolve_tag_shared(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
-        name: &RepoName,
+        name: &RepositoryName,
         tag: &Tag,
     ) -> Result<ManifestReply, CacheError> {
         let key: TagKey = (up.name.clone(), name.clone(), tag.clone());
@@ -730,7 +732,7 @@ impl Cache {
     async fn resolve_tag(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
-        name: &RepoName,
+        name: &RepositoryName,
         tag: &Tag,
     ) -> Result<ManifestReply, CacheError> {
         let reg = up.name.as_str();
@@ -755,7 +757,10 @@ impl Cache {
             return Err(status_error(&resp, Kind::Manifest));
         }
         let info = HeadInfo::of(&resp);
-        let digest = info.digest.as_deref().and_then(|d| Digest::parse(d).ok());
+        let digest = info
+            .digest
+            .as_deref()
+            .and_then(|d| oci::parse_digest(d).ok());
         if let (Some(d), Some(old)) = (&digest, &rec) {
             if *d == old.digest {
                 let mut fresh = old.clone();
@@ -790,7 +795,7 @@ impl Cache {
         }
     }
 
-    fn save_tag(&self, reg: &str, name: &RepoName, tag: &Tag, rec: &TagRecord) {
+    fn save_tag(&self, reg: &str, name: &RepositoryName, tag: &Tag, rec: &TagRecord) {
         if let Err(e) = self
             .store
             .add_link(reg, name, &rec.digest)
@@ -804,7 +809,7 @@ impl Cache {
     async fn confirm(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
-        name: &RepoName,
+        name: &RepositoryName,
         d: &Digest,
         kind: Kind,
     ) -> Result<bool, CacheError> {
@@ -823,7 +828,7 @@ impl Cache {
     async fn fetch_manifest_shared(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
-        name: &RepoName,
+        name: &RepositoryName,
         d: &Digest,
     ) -> Result<ManifestReply, CacheError> {
         let key: ManifestKey = (up.name.clone(), name.clone(), d.clone());
@@ -848,7 +853,7 @@ impl Cache {
     async fn fetch_manifest(
         &self,
         up: &Arc<Upstream>,
-        name: &RepoName,
+        name: &RepositoryName,
         reference: &Reference,
     ) -> Result<ManifestReply, CacheError> {
         Metrics::inc(&self.metrics.upstream_fetches);
@@ -926,7 +931,7 @@ impl Cache {
         Ok(reply)
     }
 
-    fn remember_sizes(&self, registry: &str, name: &RepoName, manifest: &[u8]) {
+    fn remember_sizes(&self, registry: &str, name: &RepositoryName, manifest: &[u8]) {
         let sizes = oci::descriptor_sizes(manifest);
         let mut known = lock(&self.known_sizes);
         if known.len() + sizes.len() > MAX_KNOWN_SIZES {
@@ -964,7 +969,7 @@ impl Cache {
     pub async fn blob(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
-        name: &RepoName,
+        name: &RepositoryName,
         d: &Digest,
         head: bool,
     ) -> Result<BlobReply, CacheError> {
@@ -1009,7 +1014,7 @@ impl Cache {
     fn start_flight(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
-        name: &RepoName,
+        name: &RepositoryName,
         d: &Digest,
         key: FlightKey,
     ) -> Arc<InFlight> {
@@ -1063,7 +1068,7 @@ impl Cache {
     async fn download(
         &self,
         up: &Arc<Upstream>,
-        name: &RepoName,
+        name: &RepositoryName,
         d: &Digest,
         tx: &watch::Sender<FlightState>,
         mut temp: Option<TempBlob>,
@@ -1212,7 +1217,7 @@ impl Cache {
     pub async fn small(
         &self,
         up: &Arc<Upstream>,
-        name: &RepoName,
+        name: &RepositoryName,
         path_and_query: &str,
         accept: Option<&str>,
     ) -> Result<SmallReply, CacheError> {
@@ -1331,8 +1336,8 @@ mod tests {
         }
     }
 
-    fn name(s: &str) -> RepoName {
-        RepoName::parse(s).unwrap()
+    fn name(s: &str) -> RepositoryName {
+        RepositoryName::parse(s).unwrap()
     }
 
     async fn outcome(flight: &InFlight) -> Result<(), CacheError> {

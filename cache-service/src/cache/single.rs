@@ -109,18 +109,19 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::oci::{Digest, RepoName, Tag};
     use crate::store::TagRecord;
+    use registry_rules::digest::Digest;
+    use registry_rules::names::{RepositoryName, Tag};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
     use tokio::sync::Notify;
 
-    type TagKey = (String, RepoName, Tag);
+    type TagKey = (String, RepositoryName, Tag);
 
     fn key(tag: &str) -> TagKey {
         (
             "docker.io".to_owned(),
-            RepoName::parse("library/alpine").unwrap(),
+            RepositoryName::parse("library/alpine").unwrap(),
             Tag::parse(tag).unwrap(),
         )
     }

@@ -4,7 +4,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::cache::CacheError;
-use crate::oci::GrammarError;
+use registry_rules::names::NameError;
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -40,14 +40,18 @@ impl ApiError {
     }
 }
 
-impl From<GrammarError> for ApiError {
-    fn from(e: GrammarError) -> Self {
-        let code = match e {
-            GrammarError::Name => "NAME_INVALID",
-            GrammarError::Tag => "MANIFEST_INVALID",
-            GrammarError::Digest => "DIGEST_INVALID",
+impl From<NameError> for ApiError {
+    fn from(e: NameError) -> Self {
+        let (code, message) = match e {
+            NameError::Name => ("NAME_INVALID", "invalid repository name"),
+            NameError::Tag => ("MANIFEST_INVALID", "invalid tag"),
+            // The cache's own rule (see `oci::require_sha256`), said to the client.
+            NameError::Digest => (
+                "DIGEST_INVALID",
+                "invalid digest (only sha256:<64 lowercase hex> is accepted)",
+            ),
         };
-        ApiError::new(StatusCode::BAD_REQUEST, code, e.to_string())
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
     }
 }
 

@@ -15,8 +15,9 @@ use axum::Router;
 
 use crate::cache::{flight, BlobReply, Cache, CacheError};
 use crate::metrics::Metrics;
-use crate::oci::{Digest, Reference, RepoName, Tag};
 use error::ApiError;
+use registry_rules::digest::Digest;
+use registry_rules::names::{Reference, RepositoryName, Tag};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -45,10 +46,10 @@ fn base_headers(h: &mut HeaderMap) {
 
 enum Route {
     Base,
-    Manifest(RepoName, Reference),
-    Blob(RepoName, Digest),
-    Tags(RepoName),
-    Referrers(RepoName, Digest),
+    Manifest(RepositoryName, Reference),
+    Blob(RepositoryName, Digest),
+    Tags(RepositoryName),
+    Referrers(RepositoryName, Digest),
 }
 
 fn parse_route(path: &str) -> Result<Route, ApiError> {
@@ -77,11 +78,11 @@ fn parse_route(path: &str) -> Result<Route, ApiError> {
     if !matches!(kind, "manifests" | "blobs" | "tags" | "referrers") {
         return Err(ApiError::not_found());
     }
-    let name = RepoName::parse(&name_raw)?;
+    let name = RepositoryName::parse(&name_raw)?;
     Ok(match kind {
-        "manifests" => Route::Manifest(name, Reference::parse(last)?),
-        "blobs" => Route::Blob(name, Digest::parse(last)?),
-        "referrers" => Route::Referrers(name, Digest::parse(last)?),
+        "manifests" => Route::Manifest(name, crate::oci::parse_reference(last)?),
+        "blobs" => Route::Blob(name, crate::oci::parse_digest(last)?),
+        "referrers" => Route::Referrers(name, crate::oci::parse_digest(last)?),
         _ => Route::Tags(name),
     })
 }
@@ -325,7 +326,7 @@ pub(crate) fn check_client(
 async fn small_response(
     st: &AppState,
     up: &Arc<crate::upstream::Upstream>,
-    name: &RepoName,
+    name: &RepositoryName,
     pq: &str,
     accept: Option<&str>,
     head: bool,
@@ -355,7 +356,7 @@ type BodyFn = Box<dyn FnOnce(u64, Option<u64>) -> Body + Send>;
 async fn blob_response(
     st: &AppState,
     up: &Arc<crate::upstream::Upstream>,
-    name: &RepoName,
+    name: &RepositoryName,
     digest: &Digest,
     head: bool,
     headers: &HeaderMap,

@@ -16,7 +16,8 @@ use std::time::SystemTime;
 use sha2::{Digest as _, Sha256};
 
 use super::{BlobInfo, BlobStore, TagRecord, TempBlob};
-use crate::oci::{Digest, RepoName, Tag};
+use registry_rules::digest::Digest;
+use registry_rules::names::{RepositoryName, Tag};
 
 #[derive(Debug)]
 pub struct FsStore {
@@ -77,7 +78,7 @@ impl FsStore {
         res
     }
 
-    fn tag_path(&self, registry: &str, name: &RepoName, tag: &Tag) -> PathBuf {
+    fn tag_path(&self, registry: &str, name: &RepositoryName, tag: &Tag) -> PathBuf {
         self.root
             .join("tags")
             .join(registry)
@@ -86,7 +87,7 @@ impl FsStore {
             .join(format!("{}.json", tag.as_str()))
     }
 
-    fn link_path(&self, registry: &str, name: &RepoName, digest: &Digest) -> PathBuf {
+    fn link_path(&self, registry: &str, name: &RepositoryName, digest: &Digest) -> PathBuf {
         self.root
             .join("links")
             .join(registry)
@@ -217,7 +218,7 @@ impl BlobStore for FsStore {
     fn read_tag(
         &self,
         registry: &str,
-        name: &RepoName,
+        name: &RepositoryName,
         tag: &Tag,
     ) -> io::Result<Option<TagRecord>> {
         let Some(text) = not_found_is_none(std::fs::read(self.tag_path(registry, name, tag)))?
@@ -230,7 +231,7 @@ impl BlobStore for FsStore {
     fn write_tag(
         &self,
         registry: &str,
-        name: &RepoName,
+        name: &RepositoryName,
         tag: &Tag,
         rec: &TagRecord,
     ) -> io::Result<()> {
@@ -238,11 +239,11 @@ impl BlobStore for FsStore {
         self.write_small(&self.tag_path(registry, name, tag), &body)
     }
 
-    fn has_link(&self, registry: &str, name: &RepoName, digest: &Digest) -> bool {
+    fn has_link(&self, registry: &str, name: &RepositoryName, digest: &Digest) -> bool {
         self.link_path(registry, name, digest).exists()
     }
 
-    fn add_link(&self, registry: &str, name: &RepoName, digest: &Digest) -> io::Result<()> {
+    fn add_link(&self, registry: &str, name: &RepositoryName, digest: &Digest) -> io::Result<()> {
         let p = self.link_path(registry, name, digest);
         if p.exists() {
             return Ok(());
@@ -324,7 +325,7 @@ mod tests {
     fn tags_and_links() {
         let dir = tempfile::tempdir().unwrap();
         let store = FsStore::new(dir.path()).unwrap();
-        let name = RepoName::parse("library/alpine").unwrap();
+        let name = RepositoryName::parse("library/alpine").unwrap();
         let tag = Tag::parse("3.20").unwrap();
         let d = Digest::of_bytes(b"x");
         assert!(store.read_tag("docker.io", &name, &tag).unwrap().is_none());

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use crate::oci::{Digest, RepoName, Tag};
+use registry_rules::digest::Digest;
+use registry_rules::names::{RepositoryName, Tag};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
@@ -35,19 +36,6 @@ pub struct TagRecord {
     pub size: u64,
     /// Unix seconds of the last time the upstream confirmed this mapping.
     pub fetched_at: u64,
-}
-
-impl Serialize for Digest {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-impl<'de> Deserialize<'de> for Digest {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Digest::parse(&s).map_err(serde::de::Error::custom)
-    }
 }
 
 /// A stored blob as seen by eviction.
@@ -179,17 +167,21 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Media type of a stored manifest.
     fn manifest_media_type(&self, digest: &Digest) -> io::Result<Option<String>>;
     fn set_manifest_media_type(&self, digest: &Digest, media_type: &str) -> io::Result<()>;
-    fn read_tag(&self, registry: &str, name: &RepoName, tag: &Tag)
-        -> io::Result<Option<TagRecord>>;
+    fn read_tag(
+        &self,
+        registry: &str,
+        name: &RepositoryName,
+        tag: &Tag,
+    ) -> io::Result<Option<TagRecord>>;
     fn write_tag(
         &self,
         registry: &str,
-        name: &RepoName,
+        name: &RepositoryName,
         tag: &Tag,
         rec: &TagRecord,
     ) -> io::Result<()>;
     /// Whether `digest` was seen in `registry/name` (blobs are only served to repositories the
     /// upstream confirmed they belong to).
-    fn has_link(&self, registry: &str, name: &RepoName, digest: &Digest) -> bool;
-    fn add_link(&self, registry: &str, name: &RepoName, digest: &Digest) -> io::Result<()>;
+    fn has_link(&self, registry: &str, name: &RepositoryName, digest: &Digest) -> bool;
+    fn add_link(&self, registry: &str, name: &RepositoryName, digest: &Digest) -> io::Result<()>;
 }

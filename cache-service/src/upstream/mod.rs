@@ -16,8 +16,8 @@ use reqwest::{Method, StatusCode};
 use url::Url;
 
 use crate::config::{Credentials, UpstreamConfig};
-use crate::oci::RepoName;
 use auth::{parse_challenges, Challenge, TokenCache, MAX_TOKEN_RESPONSE_BYTES};
+use registry_rules::names::RepositoryName;
 
 const MAX_REDIRECTS: usize = 5;
 /// A Retry-After longer than this is not waited for: the 429 goes to the client.
@@ -474,7 +474,7 @@ impl Upstream {
         &self,
         method: &Method,
         path_and_query: &str,
-        name: &RepoName,
+        name: &RepositoryName,
         accept: Option<&str>,
     ) -> Result<reqwest::Response, UpstreamError> {
         let scope = format!("repository:{}:pull", name.as_str());
@@ -552,7 +552,7 @@ impl Upstream {
         &self,
         method: Method,
         path_and_query: &str,
-        name: &RepoName,
+        name: &RepositoryName,
         accept: Option<&str>,
         attempts: u32,
     ) -> Result<reqwest::Response, UpstreamError> {
@@ -686,8 +686,8 @@ mod tests {
             }
         }
 
-        fn repo() -> RepoName {
-            RepoName::parse("lab/app").unwrap()
+        fn repo() -> RepositoryName {
+            RepositoryName::parse("lab/app").unwrap()
         }
 
         async fn get(u: &Upstream, path: &str) -> Result<reqwest::Response, UpstreamError> {

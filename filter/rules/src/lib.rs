@@ -3,6 +3,7 @@
 
 pub mod challenge;
 pub mod config;
+pub mod digest;
 pub mod names;
 pub mod oci_error;
 #[cfg(test)]

@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use crate::digest::Digest;
+
 /// Maximum length of a full repository name.
 pub const MAX_NAME_LEN: usize = 255;
 
@@ -25,6 +27,8 @@ impl fmt::Display for NameError {
         }
     }
 }
+
+impl std::error::Error for NameError {}
 
 fn is_alnum_lower(b: u8) -> bool {
     b.is_ascii_lowercase() || b.is_ascii_digit()
@@ -60,7 +64,7 @@ pub fn is_valid_component(c: &str) -> bool {
 }
 
 /// A repository name such as `library/alpine`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RepositoryName(String);
 
 impl RepositoryName {
@@ -93,65 +97,6 @@ impl fmt::Display for RepositoryName {
     }
 }
 
-/// Digest algorithm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Algorithm {
-    /// sha256, 64 hex chars.
-    Sha256,
-    /// sha512, 128 hex chars.
-    Sha512,
-}
-
-/// A content digest `algorithm:hex`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Digest {
-    algorithm: Algorithm,
-    hex: String,
-}
-
-impl Digest {
-    /// Parses `sha256:<64 lower hex>` or `sha512:<128 lower hex>`.
-    pub fn parse(s: &str) -> Result<Self, NameError> {
-        let (alg, hex) = s.split_once(':').ok_or(NameError::Digest)?;
-        let (algorithm, len) = match alg {
-            "sha256" => (Algorithm::Sha256, 64),
-            "sha512" => (Algorithm::Sha512, 128),
-            _ => return Err(NameError::Digest),
-        };
-        if hex.len() != len
-            || !hex
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            return Err(NameError::Digest);
-        }
-        Ok(Digest {
-            algorithm,
-            hex: hex.to_string(),
-        })
-    }
-
-    /// The algorithm.
-    pub fn algorithm(&self) -> Algorithm {
-        self.algorithm
-    }
-
-    /// The encoded part (lower hex).
-    pub fn hex(&self) -> &str {
-        &self.hex
-    }
-}
-
-impl fmt::Display for Digest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let alg = match self.algorithm {
-            Algorithm::Sha256 => "sha256",
-            Algorithm::Sha512 => "sha512",
-        };
-        write!(f, "{alg}:{}", self.hex)
-    }
-}
-
 /// Validates a tag: `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`.
 pub fn is_valid_tag(s: &str) -> bool {
     let b = s.as_bytes();
@@ -164,11 +109,37 @@ pub fn is_valid_tag(s: &str) -> bool {
             .all(|&x| x.is_ascii_alphanumeric() || x == b'_' || x == b'.' || x == b'-')
 }
 
+/// A validated tag such as `3.20`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Tag(String);
+
+impl Tag {
+    /// Parses and validates a tag.
+    pub fn parse(s: &str) -> Result<Self, NameError> {
+        if is_valid_tag(s) {
+            Ok(Tag(s.to_owned()))
+        } else {
+            Err(NameError::Tag)
+        }
+    }
+
+    /// The tag as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Tag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A manifest reference: a tag or a digest.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Reference {
     /// A tag such as `3.20`.
-    Tag(String),
+    Tag(Tag),
     /// A digest.
     Digest(Digest),
 }
@@ -178,10 +149,8 @@ impl Reference {
     pub fn parse(s: &str) -> Result<Self, NameError> {
         if s.contains(':') {
             Digest::parse(s).map(Reference::Digest)
-        } else if is_valid_tag(s) {
-            Ok(Reference::Tag(s.to_string()))
         } else {
-            Err(NameError::Tag)
+            Tag::parse(s).map(Reference::Tag)
         }
     }
 }
@@ -189,7 +158,7 @@ impl Reference {
 impl fmt::Display for Reference {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Reference::Tag(t) => f.write_str(t),
+            Reference::Tag(t) => t.fmt(f),
             Reference::Digest(d) => d.fmt(f),
         }
     }
@@ -213,8 +182,32 @@ mod tests {
             assert!(RepositoryName::parse(ok).is_ok(), "{ok}");
         }
         for bad in [
-            "", "A", "a/", "/a", "a//b", "a..b", "a___b", "a._b", "-a", "a-", "a_", ".a", "a b",
-            "a/../b", "é", "a:b", "a%2fb", "a/B",
+            "",
+            "A",
+            "a/",
+            "/a",
+            "a//b",
+            "a..b",
+            "a___b",
+            "a._b",
+            "-a",
+            "a-",
+            "a_",
+            ".a",
+            "a b",
+            "a/../b",
+            "é",
+            "a:b",
+            "a%2fb",
+            "a/B",
+            "..",
+            "a/./b",
+            "a.-b",
+            "%2e%2e",
+            "a/%2e%2e/b",
+            "a\0",
+            "a\\b",
+            "ä",
         ] {
             assert_eq!(RepositoryName::parse(bad), Err(NameError::Name), "{bad}");
         }
@@ -240,25 +233,18 @@ mod tests {
         assert!(!is_valid_tag("-x"));
         assert!(!is_valid_tag("a/b"));
         assert!(!is_valid_tag("a+b"));
-    }
-
-    #[test]
-    fn digests() {
-        let h = "a".repeat(64);
-        let d = Digest::parse(&format!("sha256:{h}")).unwrap();
-        assert_eq!(d.algorithm(), Algorithm::Sha256);
-        assert_eq!(d.to_string(), format!("sha256:{h}"));
-        assert!(Digest::parse(&format!("sha512:{}", "0".repeat(128))).is_ok());
-        assert!(Digest::parse(&format!("sha512:{}", "0".repeat(64))).is_err());
-        assert!(Digest::parse(&format!("sha256:{}", "A".repeat(64))).is_err());
-        assert!(Digest::parse(&format!("sha256:{}", "a".repeat(63))).is_err());
-        assert!(Digest::parse(&format!("md5:{}", "a".repeat(32))).is_err());
-        assert!(Digest::parse("sha256").is_err());
+        assert_eq!(
+            Tag::parse("_x.y-Z").map(|t| t.to_string()),
+            Ok("_x.y-Z".into())
+        );
+        for bad in ["..", "a:b", "a%2e"] {
+            assert_eq!(Tag::parse(bad), Err(NameError::Tag), "{bad:?}");
+        }
     }
 
     #[test]
     fn references() {
-        assert_eq!(Reference::parse("3"), Ok(Reference::Tag("3".into())));
+        assert_eq!(Reference::parse("3"), Ok(Reference::Tag(Tag("3".into()))));
         assert_eq!(Reference::parse("sha256:xyz"), Err(NameError::Digest));
         assert_eq!(Reference::parse("..."), Err(NameError::Tag));
         let d = format!("sha256:{}", "f".repeat(64));

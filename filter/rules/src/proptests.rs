@@ -7,7 +7,8 @@ use super::challenge::{self, parse_url, rewrite_challenges, serialize};
 use super::config::{
     any_match, compile, default_config, parse, FilterConfig, RedirectMode, RegistryConfig,
 };
-use super::names::{Digest, Reference, RepositoryName};
+use super::digest::Digest;
+use super::names::{Reference, RepositoryName};
 use super::realms::IssuedRealms;
 use super::redirect::{
     mirror_url, resolve_location, rewrite_location, LocationOutcome, SignParams, SignedRedirect,

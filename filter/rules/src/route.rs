@@ -1,7 +1,8 @@
 //! Request routing: from the client's request line to a [`Decision`].
 
 use super::config::{any_match, is_valid_authority, CompiledConfig, Registry};
-use super::names::{Digest, NameError, Reference, RepositoryName};
+use super::digest::Digest;
+use super::names::{NameError, Reference, RepositoryName};
 use super::oci_error::{render, ErrorCode};
 use super::realms::RealmUrl;
 use super::redirect::{SignedRedirect, PREFIX as REDIRECT_PREFIX};

@@ -13,9 +13,11 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use reqwest::{Method, StatusCode};
 use sha2::{Digest as _, Sha256};
 
-use crate::oci::{self, Digest};
+use crate::oci;
 use crate::upstream::read_body;
 use client::{error_chain, MirrorClient};
+use registry_rules::digest::Digest;
+use registry_rules::names::{RepositoryName, Tag};
 
 #[derive(Debug, clap::Args)]
 pub struct WarmArgs {
@@ -109,11 +111,11 @@ impl ImageRef {
         } else {
             name.to_owned()
         };
-        oci::RepoName::parse(&repo).map_err(|e| format!("{s:?}: repository {repo:?}: {e}"))?;
+        RepositoryName::parse(&repo).map_err(|e| format!("{s:?}: repository {repo:?}: {e}"))?;
         if reference.starts_with("sha256:") {
             Digest::parse(&reference).map_err(|e| format!("{s:?}: {e}"))?;
         } else {
-            oci::Tag::parse(&reference).map_err(|e| format!("{s:?}: tag: {e}"))?;
+            Tag::parse(&reference).map_err(|e| format!("{s:?}: tag: {e}"))?;
         }
         Ok(Self {
             registry,
@@ -197,7 +199,7 @@ fn descriptor(v: &serde_json::Value) -> Result<Descriptor, String> {
         .get("digest")
         .and_then(|d| d.as_str())
         .ok_or("descriptor without digest")?;
-    let digest = Digest::parse(d).map_err(|e| format!("descriptor digest {d:?}: {e}"))?;
+    let digest = oci::parse_digest(d).map_err(|e| format!("descriptor digest {d:?}: {e}"))?;
     Ok(Descriptor {
         digest,
         size: v.get("size").and_then(|s| s.as_u64()),
