@@ -8,10 +8,11 @@
 
 use super::challenge::{is_url_char, parse_url};
 use super::config::is_valid_authority;
+use super::token::LearnedRealm;
 use super::SharedSet;
 
 /// Shared-data key prefix; the key is `mirror.realms.<registry>`.
-pub const KEY_PREFIX: &str = "mirror.realms.";
+const KEY_PREFIX: &str = "mirror.realms.";
 
 /// At most this many realm URLs are kept per registry; the oldest goes first.
 pub const MAX_REALMS: usize = 8;
@@ -114,14 +115,25 @@ impl IssuedRealms {
             .any(|r| r.authority == authority && r.path == path)
     }
 
-    /// Number of realm URLs kept.
-    pub fn len(&self) -> usize {
-        self.realms.len()
+    /// Was `authority` + `path` issued: in the set, or the registry's `stored` realm (stored
+    /// with the set, but the set drops its oldest entries, the stored realm stays)?
+    /// `stored` is read only when the set does not have it.
+    pub fn issued(
+        &self,
+        stored: impl FnOnce() -> Option<LearnedRealm>,
+        authority: &str,
+        path: &str,
+    ) -> bool {
+        self.contains(authority, path)
+            || stored()
+                .and_then(|l| RealmUrl::from_realm(&l.realm))
+                .is_some_and(|u| u.authority == authority && u.path == path)
     }
 
-    /// True when none is kept.
-    pub fn is_empty(&self) -> bool {
-        self.realms.is_empty()
+    /// Number of realm URLs kept (the property tests check the bound).
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.realms.len()
     }
 }
 
@@ -133,7 +145,7 @@ mod tests {
     fn bounded_and_round_trips() {
         assert_eq!(key("quay.io"), "mirror.realms.quay.io");
         let mut s = IssuedRealms::decode(b"");
-        assert!(s.is_empty());
+        assert!(s.realms.is_empty());
         let quay = RealmUrl::from_realm("https://Quay.io:443/v2/auth?x=1").unwrap();
         assert_eq!(
             quay,
@@ -151,16 +163,24 @@ mod tests {
         for i in 0..20 {
             s.insert(&RealmUrl::new(&format!("h{i}.pkg.dev"), "/v2/token").unwrap());
         }
-        assert_eq!(s.len(), MAX_REALMS);
+        assert_eq!(s.realms.len(), MAX_REALMS);
         // The oldest went first; the newest are kept.
         assert!(!s.contains("quay.io", "/v2/auth"));
         assert!(s.contains("h19.pkg.dev", "/v2/token"));
         let d = IssuedRealms::decode(b"quay.io/v2/auth\nBAD HOST/x\nnoslash\nq.io/a?b\n\x01");
-        assert_eq!(d.len(), 1);
+        assert_eq!(d.realms.len(), 1);
         assert_eq!(IssuedRealms::decode(&[0xff]), IssuedRealms::default());
         for bad in ["ftp://quay.io/x", "quay.io/v2/auth", "https://u@quay.io/x"] {
             assert_eq!(RealmUrl::from_realm(bad), None, "{bad}");
         }
+        // The stored realm counts as issued even when the set dropped it.
+        let stored = || LearnedRealm::new("https://quay.io/v2/auth", Some("quay.io"));
+        assert!(!s.contains("quay.io", "/v2/auth"));
+        assert!(s.issued(stored, "quay.io", "/v2/auth"));
+        assert!(!s.issued(stored, "quay.io", "/v2/auth/x"));
+        assert!(!s.issued(|| None, "quay.io", "/v2/auth"));
+        let unread = || -> Option<LearnedRealm> { panic!("store read") };
+        assert!(s.issued(unread, "h19.pkg.dev", "/v2/token"));
         assert_eq!(
             RealmUrl::from_realm("https://quay.io").unwrap().path,
             "/".to_string()

@@ -1,12 +1,19 @@
-//! Response phase: what to do with an upstream's `WWW-Authenticate` values, decided here
-//! and applied by the glue (rewrite the headers, store the realm, record issued realms
-//! and token hosts).
+//! Response phase: what to do with an upstream's answer, decided here and applied by the
+//! glue. A forwarded request's `WWW-Authenticate` values ([`plan_challenges`]: rewrite,
+//! store the realm, record issued realms and token hosts) and `Location`
+//! ([`plan_redirect`]: sign or leave); a realm-learning call's answer ([`plan_realm_call`]:
+//! store the realm, resume or answer the paused request).
 
 use super::challenge::rewrite_challenges;
-use super::config::Registry;
+use super::config::{CompiledConfig, Registry};
+use super::oci_error::ErrorCode;
 use super::realms::RealmUrl;
-use super::route::ForwardKind;
-use super::token::LearnedRealm;
+use super::redirect::{rewrite_location, LocationOutcome, SignParams, NO_CREDENTIAL};
+use super::route::{
+    ping_reply, realm_failure, token_after_realm_call, Forward, ForwardKind, LearnRealm, Ping,
+    Reply,
+};
+use super::token::{classify_realm_call, LearnedRealm, RealmCall};
 
 /// The response a plan is made for.
 #[derive(Debug, Clone, Copy)]
@@ -43,13 +50,13 @@ pub struct ChallengePlan {
 impl ChallengePlan {
     /// The registry's realm to store: only from a well-formed challenge on a 401 of the
     /// registry's own upstream, with its realm host on `realm_hosts`.
-    pub fn store_realm(&self) -> Option<&LearnedRealm> {
+    pub(crate) fn store_realm(&self) -> Option<&LearnedRealm> {
         self.learned.first().filter(|_| self.stores)
     }
 
     /// Realm URLs the registry issued, for its set of issued realms. Computed on demand:
     /// the glue needs them only when the stored realm changed or from a redirect target.
-    pub fn issued(&self) -> Vec<RealmUrl> {
+    pub(crate) fn issued(&self) -> Vec<RealmUrl> {
         let mut issued: Vec<RealmUrl> = Vec::new();
         for u in self
             .learned
@@ -61,6 +68,17 @@ impl ChallengePlan {
             }
         }
         issued
+    }
+
+    /// Realm URLs to add to the registry's issued set. With a realm to store, only when
+    /// `store` (which stores it) reports a change: the same realm again adds nothing new,
+    /// and skipping spares the shared-data round trips on every 401. Else (a token host's
+    /// challenge) all of them.
+    pub fn record(&self, store: impl FnOnce(&LearnedRealm) -> bool) -> Vec<RealmUrl> {
+        match self.store_realm() {
+            Some(l) if !store(l) => Vec::new(),
+            _ => self.issued(),
+        }
     }
 }
 
@@ -101,6 +119,123 @@ pub fn plan_challenges(a: &Answer<'_>, values: Vec<Vec<u8>>) -> ChallengePlan {
         plan.values = Some(out);
     }
     plan
+}
+
+/// What to do with an upstream answer's `Location`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedirectPlan {
+    /// Not a redirect status, or no `Location`: nothing to do.
+    None,
+    /// A `Location` that is not UTF-8: left alone, not signed.
+    NotUtf8,
+    /// What the registry's redirect policy made of the `Location`.
+    Location(LocationOutcome),
+}
+
+/// Plans the `Location` of the answer to `fwd`: on a redirect status (301, 302, 303, 307,
+/// 308) signed into a mirror URL as [`rewrite_location`] allows. `key_and_now` (the
+/// signing key, unix seconds) is asked only for a redirect.
+pub fn plan_redirect(
+    cfg: &CompiledConfig,
+    fwd: &Forward,
+    status: Option<u32>,
+    location: Option<&[u8]>,
+    key_and_now: impl FnOnce() -> (Vec<u8>, u64),
+) -> RedirectPlan {
+    if !matches!(status, Some(301 | 302 | 303 | 307 | 308)) {
+        return RedirectPlan::None;
+    }
+    let Some(loc) = location else {
+        return RedirectPlan::None;
+    };
+    let Ok(loc) = std::str::from_utf8(loc) else {
+        return RedirectPlan::NotUtf8;
+    };
+    let (key, now) = key_and_now();
+    let params = SignParams {
+        registry: &fwd.registry,
+        base_host: &fwd.authority,
+        base_path: &fwd.path,
+        mirror_base: &fwd.mirror_base,
+        cred: NO_CREDENTIAL,
+        key: &key,
+        now,
+    };
+    RedirectPlan::Location(rewrite_location(cfg, &params, loc))
+}
+
+/// A request paused while its registry's realm is learned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RealmWait {
+    /// A token request for the target registry's realm.
+    Token(Box<LearnRealm>),
+    /// A shared-host `/v2/` ping.
+    Ping(Ping),
+}
+
+impl RealmWait {
+    /// The registry whose realm is learned.
+    pub fn registry(&self) -> &str {
+        match self {
+            RealmWait::Token(lr) => &lr.registry,
+            RealmWait::Ping(p) => &p.registry,
+        }
+    }
+}
+
+/// How a paused request goes on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// Forward it upstream after rewriting it.
+    Forward(Forward),
+    /// Answer it locally.
+    Reply(Reply),
+}
+
+/// What to do once a realm-learning call answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RealmCallPlan {
+    /// The registry's realm to store (and mark issued): only from a 401 with an
+    /// allowlisted Bearer challenge ([`classify_realm_call`]).
+    pub store: Option<LearnedRealm>,
+    /// The paused request's fate.
+    pub resume: Resume,
+}
+
+/// Plans the end of a realm-learning call for `wait` (`status`: the call's `:status`,
+/// `None` when it failed): a ping gets [`ping_reply`], a token request
+/// [`token_after_realm_call`]; a registry gone from the configuration meanwhile, a 502.
+pub fn plan_realm_call(
+    cfg: &CompiledConfig,
+    wait: &RealmWait,
+    status: Option<u32>,
+    www_authenticate: &[String],
+) -> RealmCallPlan {
+    let Some(reg) = cfg.registry(wait.registry()) else {
+        return RealmCallPlan {
+            store: None,
+            resume: Resume::Reply(realm_failure(ErrorCode::Unavailable, "registry gone")),
+        };
+    };
+    let call = classify_realm_call(reg, status, www_authenticate);
+    let resume = match wait {
+        RealmWait::Ping(ping) => {
+            let learned = match &call {
+                RealmCall::Learned(l) => Some(l),
+                _ => None,
+            };
+            Resume::Reply(ping_reply(ping, learned))
+        }
+        RealmWait::Token(lr) => match token_after_realm_call(cfg, lr, &call, status) {
+            Ok(f) => Resume::Forward(f),
+            Err(r) => Resume::Reply(r),
+        },
+    };
+    let store = match call {
+        RealmCall::Learned(l) => Some(l),
+        RealmCall::Anonymous | RealmCall::Failed(_) => None,
+    };
+    RealmCallPlan { store, resume }
 }
 
 #[cfg(test)]
@@ -209,5 +344,194 @@ mod tests {
         // A foreign challenge followed by the registry's own: recorded.
         let p = plan(&cfg, "quay.io", ForwardKind::Redirect, 401, &[docker, QUAY]);
         assert!(p.record_token_host);
+    }
+
+    #[test]
+    fn issued_realms_are_recorded_when_the_stored_realm_changed_or_from_a_token_host() {
+        let cfg = parse_config(b"").unwrap();
+        let quay_url = RealmUrl::new("quay.io", "/v2/auth").unwrap();
+        let own = plan(&cfg, "quay.io", ForwardKind::Registry, 401, &[QUAY]);
+        // The registry's own 401: stored first; issued realms only when that changed.
+        let mut stored = Vec::new();
+        let changed = own.record(|l| {
+            stored.push(l.clone());
+            true
+        });
+        assert_eq!(changed, std::slice::from_ref(&quay_url));
+        assert_eq!(
+            stored,
+            own.store_realm().cloned().into_iter().collect::<Vec<_>>()
+        );
+        assert_eq!(stored.len(), 1);
+        assert!(own.record(|_| false).is_empty());
+        // A token host's challenge: nothing to store, every issued realm recorded.
+        let target = plan(&cfg, "quay.io", ForwardKind::Redirect, 401, &[QUAY]);
+        let unasked = |_: &LearnedRealm| -> bool { panic!("nothing to store") };
+        assert_eq!(target.record(unasked), [quay_url]);
+        // Nothing learned (another status, a token service): nothing recorded.
+        for (kind, status) in [(ForwardKind::Registry, 200), (ForwardKind::Auth, 401)] {
+            let p = plan(&cfg, "quay.io", kind, status, &[QUAY]);
+            assert!(p.record(unasked).is_empty(), "{kind:?} {status}");
+        }
+    }
+
+    fn forward_to(registry: &str, authority: &str, path: &str) -> Forward {
+        Forward {
+            kind: ForwardKind::Registry,
+            registry: registry.into(),
+            authority: authority.into(),
+            path: path.into(),
+            oci_namespace_echo: None,
+            strip_authorization: false,
+            mirror_base: "https://m".into(),
+            path_prefix: None,
+        }
+    }
+
+    #[test]
+    fn only_a_redirect_status_with_a_location_is_signed() {
+        let cfg = parse_config(b"").unwrap();
+        let f = forward_to(
+            "docker.io",
+            "registry-1.docker.io",
+            "/v2/library/a/blobs/sha256:ab",
+        );
+        let cdn = b"https://production.cloudflare.docker.com/x?verify=1".as_slice();
+        let key = || (vec![7u8; 32], 1_800_000_000);
+        for status in [301, 302, 303, 307, 308] {
+            match plan_redirect(&cfg, &f, Some(status), Some(cdn), key) {
+                RedirectPlan::Location(LocationOutcome::Signed(u)) => {
+                    assert!(u.starts_with("https://m/_mirror/redirect/"), "{u}");
+                }
+                other => panic!("{status}: {other:?}"),
+            }
+        }
+        // Not a redirect, or no Location: nothing to do, the key not even read.
+        let unread = || -> (Vec<u8>, u64) { panic!("key read") };
+        for status in [None, Some(200), Some(304), Some(300), Some(401)] {
+            assert_eq!(
+                plan_redirect(&cfg, &f, status, Some(cdn), unread),
+                RedirectPlan::None
+            );
+        }
+        assert_eq!(
+            plan_redirect(&cfg, &f, Some(307), None, unread),
+            RedirectPlan::None
+        );
+        assert_eq!(
+            plan_redirect(&cfg, &f, Some(307), Some(&[0xff, b'/']), unread),
+            RedirectPlan::NotUtf8
+        );
+        // A target the policy refuses, or no usable key: left alone.
+        for (loc, key) in [
+            (b"https://evil.example/x".as_slice(), vec![7u8; 32]),
+            (
+                b"http://production.cloudflare.docker.com/x".as_slice(),
+                vec![7u8; 32],
+            ),
+            (cdn, Vec::new()),
+        ] {
+            let p = plan_redirect(&cfg, &f, Some(307), Some(loc), || (key, 1));
+            assert_eq!(p, RedirectPlan::Location(LocationOutcome::Rejected));
+        }
+        // A registry that asks for pass-through.
+        let pass = parse_config(
+            br#"{"registries":[{"name":"docker.io","upstream":"registry-1.docker.io","redirects":"passthrough"}]}"#,
+        )
+        .unwrap();
+        let p = plan_redirect(&pass, &f, Some(307), Some(cdn), key);
+        assert_eq!(p, RedirectPlan::Location(LocationOutcome::Passthrough));
+    }
+
+    fn token_wait(cfg: &crate::CompiledConfig, expect: Option<RealmUrl>) -> RealmWait {
+        let reg = cfg.registry("quay.io").unwrap();
+        RealmWait::Token(Box::new(LearnRealm {
+            registry: reg.name.clone(),
+            cluster: reg.cluster.clone(),
+            upstream: reg.upstream.clone(),
+            query: Some("scope=repository:a/b:pull".into()),
+            mirror_base: "https://m".into(),
+            expect,
+            strip_authorization: true,
+        }))
+    }
+
+    #[test]
+    fn a_realm_call_stores_only_a_learned_realm_and_resumes_the_paused_request() {
+        let cfg = parse_config(b"").unwrap();
+        let quay_realm = LearnedRealm::new("https://quay.io/v2/auth", Some("quay.io"));
+        let challenge = [QUAY.to_string()];
+        // A token request: forwarded to the learned realm, which is stored.
+        let p = plan_realm_call(&cfg, &token_wait(&cfg, None), Some(401), &challenge);
+        assert_eq!(p.store, quay_realm);
+        match p.resume {
+            Resume::Forward(f) => {
+                assert_eq!(
+                    (f.kind, f.authority.as_str()),
+                    (ForwardKind::Auth, "quay.io")
+                );
+                assert!(f.strip_authorization);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Anonymous (2xx): placeholder token; no answer, another status or a challenge off
+        // realm_hosts: 502. Nothing stored.
+        let evil = [r#"Bearer realm="https://evil.example/t""#.to_string()];
+        for (status, values, want) in [
+            (Some(200), &[][..], 200),
+            (None, &[][..], 502),
+            (Some(503), &challenge[..], 502),
+            (Some(401), &evil[..], 502),
+            (Some(401), &[][..], 502),
+        ] {
+            let p = plan_realm_call(&cfg, &token_wait(&cfg, None), status, values);
+            assert_eq!(p.store, None, "{status:?}");
+            match p.resume {
+                Resume::Reply(r) => assert_eq!(r.status, want, "{status:?}"),
+                other => panic!("{status:?}: {other:?}"),
+            }
+        }
+        // A realm URL the client asked: a learned realm that differs is stored, the
+        // request refused.
+        let other = RealmUrl::new("quay.io", "/other");
+        let p = plan_realm_call(&cfg, &token_wait(&cfg, other), Some(401), &challenge);
+        assert_eq!(p.store, quay_realm);
+        assert!(
+            matches!(p.resume, Resume::Reply(ref r) if r.status == 403),
+            "{p:?}"
+        );
+        // A ping: 401 with the learned challenge, else an anonymous 200.
+        let reg = cfg.registry("quay.io").unwrap();
+        let ping = RealmWait::Ping(Ping {
+            registry: reg.name.clone(),
+            cluster: reg.cluster.clone(),
+            upstream: reg.upstream.clone(),
+            mirror_base: "https://m".into(),
+        });
+        let p = plan_realm_call(&cfg, &ping, Some(401), &challenge);
+        assert_eq!(p.store, quay_realm);
+        assert!(
+            matches!(p.resume, Resume::Reply(ref r) if r.status == 401),
+            "{p:?}"
+        );
+        let p = plan_realm_call(&cfg, &ping, None, &[]);
+        assert_eq!(p.store, None);
+        assert!(
+            matches!(p.resume, Resume::Reply(ref r) if r.status == 200),
+            "{p:?}"
+        );
+        // The registry left the configuration while the call ran: 502, nothing stored.
+        let gone = parse_config(
+            br#"{"registries":[{"name":"docker.io","upstream":"registry-1.docker.io"}]}"#,
+        )
+        .unwrap();
+        for wait in [token_wait(&cfg, None), ping] {
+            let p = plan_realm_call(&gone, &wait, Some(401), &challenge);
+            assert_eq!(p.store, None);
+            assert!(
+                matches!(p.resume, Resume::Reply(ref r) if r.status == 502),
+                "{p:?}"
+            );
+        }
     }
 }

@@ -52,8 +52,6 @@ pub struct Forward {
     pub authority: String,
     /// New `:path` (with query).
     pub path: String,
-    /// Set `x-mirror-registry: <registry>` (client values are always removed).
-    pub set_registry_header: bool,
     /// Value for an `OCI-Namespace` response header.
     pub oci_namespace_echo: Option<String>,
     /// Remove the client's `Authorization`.
@@ -398,6 +396,12 @@ fn with_query(path: String, query: Option<&str>) -> String {
     }
 }
 
+/// Does routing `path` verify a signed redirect, so that it needs the signing key and the
+/// clock (reading them costs host calls the other requests skip)?
+pub fn needs_signing_key(path: &str) -> bool {
+    path.starts_with(REDIRECT_PREFIX)
+}
+
 /// Routes one request on a fresh Envoy (nothing learned).
 ///
 /// `key` is the signing key (only used for `/_mirror/redirect/`; shorter than
@@ -443,7 +447,7 @@ pub fn route_with(
         None => (full, None),
     };
 
-    if full.starts_with(REDIRECT_PREFIX) {
+    if needs_signing_key(full) {
         return route_redirect(cfg, req, key, now, learned);
     }
     if has_path_tricks(path) {
@@ -676,7 +680,6 @@ fn forward(
         registry: r.name.clone(),
         authority: r.upstream.clone(),
         path: with_query(path, query),
-        set_registry_header: true,
         oci_namespace_echo: echo,
         strip_authorization: false,
         mirror_base: mirror_base(cfg, req),
@@ -764,7 +767,6 @@ fn route_auth(
         registry: target.name.clone(),
         authority: host,
         path: with_query(path, plan.query.as_deref()),
-        set_registry_header: true,
         oci_namespace_echo: None,
         strip_authorization,
         mirror_base: mirror_base(cfg, req),
@@ -816,12 +818,25 @@ pub fn forward_to_learned(
         registry: lr.registry.clone(),
         authority,
         path,
-        set_registry_header: true,
         oci_namespace_echo: None,
         strip_authorization: lr.strip_authorization,
         mirror_base: lr.mirror_base.clone(),
         path_prefix: None,
     })
+}
+
+/// A token request sent to its registry's `stored` realm while that one is still allowed;
+/// `None`: learn the realm with a call first. A realm URL the client asked itself
+/// (`expect`) is checked against a fresh answer, so `stored` is not even read then.
+pub fn forward_with_stored(
+    cfg: &CompiledConfig,
+    lr: &LearnRealm,
+    stored: impl FnOnce() -> Option<LearnedRealm>,
+) -> Option<Forward> {
+    if lr.expect.is_some() {
+        return None;
+    }
+    forward_to_learned(cfg, lr, &stored()?).ok()
 }
 
 /// A paused token request once its realm call answered (`status`: the call's
@@ -867,7 +882,7 @@ pub fn token_after_realm_call(
 
 /// Local 200 with a placeholder token, for registries that need no upstream token
 /// (cached ones; ones whose `/v2/` answers 2xx without a challenge).
-pub fn placeholder_token(message: &str) -> Reply {
+fn placeholder_token(message: &str) -> Reply {
     Reply {
         status: 200,
         body: token::PLACEHOLDER_TOKEN_BODY.into(),
@@ -910,7 +925,6 @@ fn route_redirect(
         path: sr.target.path_and_query(),
         authority: sr.target.host,
         registry: sr.registry,
-        set_registry_header: true,
         oci_namespace_echo: None,
         strip_authorization: strip,
         mirror_base: mirror_base(cfg, req),
@@ -1094,7 +1108,6 @@ mod tests {
         assert_eq!(f.authority, "registry-1.docker.io");
         assert_eq!(f.path, "/v2/library/alpine/manifests/3");
         assert_eq!(f.mirror_base, "http://127.0.0.1:5000");
-        assert!(f.set_registry_header);
         assert!(!f.strip_authorization);
         assert_eq!(f.oci_namespace_echo, None);
         let d = format!("sha256:{}", "0".repeat(64));
@@ -1630,6 +1643,56 @@ mod tests {
                 _ => (502, Some(RejectReason::RealmUnavailable)),
             };
             assert_eq!((r.status, r.reason), want, "{call:?}");
+        }
+    }
+
+    #[test]
+    fn a_stored_realm_serves_token_requests_without_a_call() {
+        let cfg = parse_config(b"").unwrap();
+        let other = learn(route(
+            &cfg,
+            &get(
+                "m",
+                "/_mirror/auth/auth.docker.io/token?scope=repository:quay.io/a/b:pull",
+            ),
+            &KEY,
+            0,
+        ));
+        let quay = LearnedRealm::new("https://quay.io/v2/auth", Some("quay.io")).unwrap();
+        let f = forward_with_stored(&cfg, &other, || Some(quay.clone())).unwrap();
+        assert_eq!(
+            (f.kind, f.authority.as_str()),
+            (ForwardKind::Auth, "quay.io")
+        );
+        // Nothing stored, or a stored realm no longer on realm_hosts: learn it again.
+        assert_eq!(forward_with_stored(&cfg, &other, || None), None);
+        let evil = LearnedRealm::new("https://evil.example/token", None).unwrap();
+        assert_eq!(forward_with_stored(&cfg, &other, || Some(evil)), None);
+        // A realm URL the client asked itself: always a fresh call, the store unread.
+        let asked = learn(route(
+            &cfg,
+            &get(
+                "m",
+                "/_mirror/auth/quay.io/v2/auth?scope=repository:a/b:pull",
+            ),
+            &KEY,
+            0,
+        ));
+        assert!(asked.expect.is_some());
+        let unread = || -> Option<LearnedRealm> { panic!("store read") };
+        assert_eq!(forward_with_stored(&cfg, &asked, unread), None);
+    }
+
+    #[test]
+    fn only_signed_redirects_need_the_key() {
+        assert!(needs_signing_key("/_mirror/redirect/x"));
+        for p in [
+            "/v2/",
+            "/_mirror/auth/quay.io/v2/auth",
+            "/_mirror/redirec",
+            "/x/_mirror/redirect/",
+        ] {
+            assert!(!needs_signing_key(p), "{p}");
         }
     }
 

@@ -8,7 +8,7 @@
 use super::SharedSet;
 
 /// Shared-data key prefix; the key is `mirror.token_host.<registry>`.
-pub const KEY_PREFIX: &str = "mirror.token_host.";
+const KEY_PREFIX: &str = "mirror.token_host.";
 
 /// At most this many token hosts are recorded per registry; further ones are not.
 pub const MAX_HOSTS: usize = 16;
