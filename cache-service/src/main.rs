@@ -2,12 +2,11 @@
 //! generator (`render`), client configuration (`client-config`) and operator tools (`warm`,
 //! `doctor`).
 
+use regmirror::reload;
 use regmirror::tools::{client_config, doctor, render, warm};
-use regmirror::{cache, http, reload, store};
+use regmirror::{build_app, App};
 
-use std::collections::BTreeMap;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use std::future::IntoFuture;
 
@@ -126,13 +125,10 @@ fn serve(args: &ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let config = Arc::new(reload::ConfigState::new(cfg, text.as_deref()));
-    rt.block_on(run(args.clone(), config))
+    rt.block_on(run(args.clone(), cfg, text))
 }
 
-async fn run(args: ServeArgs, config: Arc<reload::ConfigState>) -> ExitCode {
-    let live = config.current();
-    let cfg = &live.config;
+async fn run(args: ServeArgs, cfg: Config, text: Option<String>) -> ExitCode {
     // Before anything can be reached: SIGHUP's default action would end the process.
     let hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => s,
@@ -141,33 +137,19 @@ async fn run(args: ServeArgs, config: Arc<reload::ConfigState>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let store = match store::fs::FsStore::new(&cfg.storage) {
-        Ok(s) => Arc::new(s),
-        Err(e) => {
-            eprintln!(
-                "regmirror: storage directory {}: {e}",
-                cfg.storage.display()
-            );
-            return ExitCode::from(2);
-        }
-    };
-    let upstreams = match reload::build_upstreams(cfg, &BTreeMap::new(), cfg) {
-        Ok(u) => u,
+    let App {
+        router,
+        cache,
+        config,
+    } = match build_app(cfg, text.as_deref()) {
+        Ok(a) => a,
         Err(e) => {
             eprintln!("regmirror: {e}");
             return ExitCode::from(2);
         }
     };
-    let cache = match cache::Cache::open(store, upstreams, cfg.tag_ttl, reload::limits(cfg)) {
-        Ok(c) => Arc::new(c),
-        Err(e) => {
-            eprintln!(
-                "regmirror: opening the cache in {}: {e}",
-                cfg.storage.display()
-            );
-            return ExitCode::from(2);
-        }
-    };
+    let live = config.current();
+    let cfg = &live.config;
     let listener = match tokio::net::TcpListener::bind(cfg.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -187,14 +169,9 @@ async fn run(args: ServeArgs, config: Arc<reload::ConfigState>) -> ExitCode {
     );
     let reloader =
         tokio::spawn(reload::Reloader::new(args, cache.clone(), config.clone()).run(hup));
-    let app = http::router(http::AppState {
-        cache: cache.clone(),
-        config: config.clone(),
-        status: Arc::default(),
-    });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
-        axum::serve(listener, app)
+        axum::serve(listener, router)
             .with_graceful_shutdown(async {
                 let _ = stop_rx.await;
             })

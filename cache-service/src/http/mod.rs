@@ -13,7 +13,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 
-use crate::cache::{flight, BlobReply, Cache, CacheError};
+use crate::cache::{streams, BlobReply, Cache, CacheError};
 use crate::metrics::Metrics;
 use error::ApiError;
 use registry_rules::digest::Digest;
@@ -392,7 +392,7 @@ async fn blob_response(
         BlobReply::Cached { file, size, pin } => (
             Some(size),
             Box::new(move |s, e| {
-                Body::from_stream(flight::file_reader(
+                Body::from_stream(streams::file_reader(
                     file,
                     s,
                     e.unwrap_or(size),
@@ -403,7 +403,7 @@ async fn blob_response(
         ),
         BlobReply::Flight { flight, size } => (
             size,
-            Box::new(move |s, e| Body::from_stream(flight::reader(flight, s, e, metrics))),
+            Box::new(move |s, e| Body::from_stream(streams::reader(flight, s, e, metrics))),
         ),
     };
     if head {

@@ -1,9 +1,12 @@
-//! Single-flight for small upstream calls (tag resolution, manifest GETs, HEADs): concurrent
-//! callers with the same key share one computation and its result.
+//! The one single-flight mechanism: concurrent requests for the same key share one upstream
+//! call. What followers share is the flight's handle: for a blob download, the download
+//! itself (`streams::InFlight`, teed to every reader while it streams); for tag resolutions,
+//! manifest GETs and HEADs, the call's result (`Outcome`).
 //!
-//! The computation runs in its own task, so a client that goes away does not cancel it for the
-//! others, and the key is released as soon as it finishes (results are not cached here: what
-//! should be remembered is written to the store by the computation itself).
+//! The work runs in its own task, so a client that goes away does not cancel it for the
+//! others. The key is released when the work ends and only then is its outcome published: a
+//! request arriving after the end starts afresh (and finds in the store whatever the work
+//! kept) instead of joining a finished flight. Nothing is cached here.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,14 +17,13 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 
 use super::{lock, CacheError};
 
-type Slot<T> = Shared<BoxFuture<'static, Result<T, CacheError>>>;
-type Map<K, T> = Arc<Mutex<HashMap<K, Slot<T>>>>;
+type Map<K, H> = Arc<Mutex<HashMap<K, H>>>;
 
-pub struct SingleFlight<K, T> {
-    map: Map<K, T>,
+pub struct SingleFlight<K, H> {
+    map: Map<K, H>,
 }
 
-impl<K, T> Default for SingleFlight<K, T> {
+impl<K, H> Default for SingleFlight<K, H> {
     fn default() -> Self {
         Self {
             map: Arc::new(Mutex::new(HashMap::new())),
@@ -29,7 +31,7 @@ impl<K, T> Default for SingleFlight<K, T> {
     }
 }
 
-impl<K, T> std::fmt::Debug for SingleFlight<K, T> {
+impl<K, H> std::fmt::Debug for SingleFlight<K, H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SingleFlight")
             .field("in_flight", &lock(&self.map).len())
@@ -37,28 +39,78 @@ impl<K, T> std::fmt::Debug for SingleFlight<K, T> {
     }
 }
 
-/// Removes the key when the computation ends, including by panic or runtime shutdown.
-struct Release<K: Hash + Eq, T> {
-    map: Map<K, T>,
+/// Removes the key when the work ends, including by panic or runtime shutdown.
+struct Release<K: Hash + Eq, H> {
+    map: Map<K, H>,
     key: K,
 }
 
-impl<K: Hash + Eq, T> Drop for Release<K, T> {
+impl<K: Hash + Eq, H> Drop for Release<K, H> {
     fn drop(&mut self) {
         lock(&self.map).remove(&self.key);
     }
 }
 
-/// Whether a caller started the computation or joined one in progress.
+/// Whether a caller started the work or joined one in progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Leader,
     Joined,
 }
 
-impl<K, T> SingleFlight<K, T>
+impl<K, H> SingleFlight<K, H>
 where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
+    K: Hash + Eq + Clone + Send + 'static,
+    H: Clone + Send + 'static,
+{
+    /// The handle of the flight in progress for `key`, if any.
+    pub fn get(&self, key: &K) -> Option<H> {
+        lock(&self.map).get(key).cloned()
+    }
+
+    /// Join the flight for `key`, or start one: `start` runs under the map's lock (so one
+    /// caller starts) and gives the handle followers share and the work. The work's output is
+    /// the publication of its outcome, run once the key is released.
+    pub fn join_or_start<W, P>(&self, key: K, start: impl FnOnce() -> (H, W)) -> (H, Role)
+    where
+        W: Future<Output = P> + Send + 'static,
+        P: FnOnce() + Send + 'static,
+    {
+        let mut map = lock(&self.map);
+        if let Some(h) = map.get(&key) {
+            return (h.clone(), Role::Joined);
+        }
+        let (handle, work) = start();
+        let release = Release {
+            map: self.map.clone(),
+            key: key.clone(),
+        };
+        map.insert(key, handle.clone());
+        // The task cannot remove the key before it is inserted: we hold the lock.
+        tokio::spawn(async move {
+            let publish = work.await;
+            drop(release);
+            publish();
+        });
+        (handle, Role::Leader)
+    }
+
+    /// Flights in progress.
+    pub fn len(&self) -> usize {
+        lock(&self.map).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The shared result of a call (tag resolution, manifest GET, HEAD).
+pub type Outcome<T> = Shared<BoxFuture<'static, Result<T, CacheError>>>;
+
+impl<K, T> SingleFlight<K, Outcome<T>>
+where
+    K: Hash + Eq + Clone + Send + 'static,
     T: Clone + Send + Sync + 'static,
 {
     /// Run `make()` for `key`, or wait for the run already in progress for it.
@@ -67,42 +119,28 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, CacheError>> + Send + 'static,
     {
-        let (fut, role) = {
-            let mut map = lock(&self.map);
-            if let Some(f) = map.get(&key) {
-                (f.clone(), Role::Joined)
-            } else {
-                let work = make();
-                let release = Release {
-                    map: self.map.clone(),
-                    key: key.clone(),
-                };
-                // The task cannot remove the key before it is inserted: we hold the lock.
-                let task = tokio::spawn(async move {
-                    let _release = release;
-                    work.await
-                });
-                let f = async move {
-                    task.await.unwrap_or_else(|e| {
-                        Err(CacheError::Internal(format!("upstream call failed: {e}")))
-                    })
-                }
-                .boxed()
-                .shared();
-                map.insert(key, f.clone());
-                (f, Role::Leader)
+        let (outcome, role) = self.join_or_start(key, || {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let work = make();
+            let outcome = async move {
+                rx.await.unwrap_or_else(|_| {
+                    Err(CacheError::Internal(
+                        "upstream call ended without an answer".into(),
+                    ))
+                })
             }
-        };
-        (fut.await, role)
-    }
-
-    /// Calls in progress.
-    pub fn len(&self) -> usize {
-        lock(&self.map).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+            .boxed()
+            .shared();
+            let work = async move {
+                let r = work.await;
+                move || {
+                    // Every follower may have left: nobody to tell.
+                    let _ = tx.send(r);
+                }
+            };
+            (outcome, work)
+        });
+        (outcome.await, role)
     }
 }
 
@@ -153,7 +191,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_tag_lookups_share_one_upstream_call() {
         const N: usize = 32;
-        let sf = Arc::new(SingleFlight::<TagKey, TagRecord>::default());
+        let sf = Arc::new(SingleFlight::<TagKey, Outcome<TagRecord>>::default());
         let calls = Arc::new(AtomicUsize::new(0));
         let gate = Arc::new(Notify::new());
         let mut tasks = Vec::new();
@@ -200,7 +238,7 @@ mod tests {
 
     #[tokio::test]
     async fn errors_are_shared_and_callers_may_leave() {
-        let sf = Arc::new(SingleFlight::<TagKey, TagRecord>::default());
+        let sf = Arc::new(SingleFlight::<TagKey, Outcome<TagRecord>>::default());
         let calls = Arc::new(AtomicUsize::new(0));
         let gate = Arc::new(Notify::new());
         // The first caller gives up (client disconnected): the call goes on for the others.

@@ -1,4 +1,5 @@
-//! One in-progress blob download shared by every client that asks for it (single-flight + tee).
+//! The byte streams a blob answer is made of: an in-flight download teed to every client that
+//! joined it (see `single_flight`), and a stored blob file.
 //!
 //! The download task writes the upstream body into a temp file (hashing as it goes) and
 //! publishes progress through a `watch` channel. Readers share one read handle on the temp file

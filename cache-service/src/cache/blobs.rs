@@ -1,0 +1,515 @@
+//! Blobs: served from the store once linked to the repository (or confirmed upstream), else
+//! downloaded once for every concurrent request (single-flight), teed to every waiting client
+//! while it streams, verified against its digest before it is stored.
+
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use reqwest::{Method, StatusCode};
+use sha2::Digest as _;
+use tokio::sync::watch;
+
+use super::lru::PinGuard;
+use super::single_flight::Role;
+use super::streams::{FlightState, InFlight, Tail};
+use super::{lock, status_error, storage_err, Cache, CacheError, Kind};
+use crate::metrics::Metrics;
+use crate::store::{CommitError, TempBlob};
+use crate::upstream::{Upstream, UpstreamError};
+use registry_rules::digest::Digest;
+use registry_rules::names::RepositoryName;
+
+/// A blob answer.
+pub enum BlobReply {
+    /// HEAD answered without a body source.
+    Head { size: u64 },
+    /// Verified stored content.
+    Cached {
+        file: std::fs::File,
+        size: u64,
+        pin: PinGuard,
+    },
+    /// A download in progress (possibly started by this request).
+    Flight {
+        flight: Arc<InFlight>,
+        size: Option<u64>,
+    },
+}
+
+pub(super) type FlightKey = (String, RepositoryName, Digest);
+
+impl Cache {
+    pub async fn blob(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        name: &RepositoryName,
+        d: &Digest,
+        head: bool,
+    ) -> Result<BlobReply, CacheError> {
+        let pin = PinGuard::new(&self.lru, d);
+        if let Some((file, size)) = self.store.open(d).map_err(storage_err)? {
+            if self.store.has_link(&up.name, name, d)
+                || self.confirm(up, name, d, Kind::Blob).await?
+            {
+                Metrics::inc(&self.metrics.hits);
+                self.touch(d);
+                return Ok(if head {
+                    BlobReply::Head { size }
+                } else {
+                    BlobReply::Cached { file, size, pin }
+                });
+            }
+        }
+        drop(pin);
+        let key: FlightKey = (up.name.clone(), name.clone(), d.clone());
+        let existing = self.flights.get(&key);
+        if let Some(flight) = existing {
+            Metrics::inc(&self.metrics.coalesced_waiters);
+            let size = flight.started().await?;
+            return Ok(BlobReply::Flight { flight, size });
+        }
+        Metrics::inc(&self.metrics.misses);
+        if head {
+            let info = self.head_shared(up, name, d, Kind::Blob).await?;
+            if info.status != StatusCode::OK.as_u16() {
+                return Err(CacheError::UpstreamStatus(info.status));
+            }
+            if let Some(size) = info.size {
+                return Ok(BlobReply::Head { size });
+            }
+            // No length on HEAD: fall through to a download, which tells us.
+        }
+        let flight = self.start_flight(up, name, d, key);
+        let size = flight.started().await?;
+        Ok(BlobReply::Flight { flight, size })
+    }
+
+    /// Join the download of `key` in progress, or start it.
+    fn start_flight(
+        self: &Arc<Self>,
+        up: &Arc<Upstream>,
+        name: &RepositoryName,
+        d: &Digest,
+        key: FlightKey,
+    ) -> Arc<InFlight> {
+        let (flight, role) = self.flights.join_or_start(key, || {
+            let temp = match self.store.begin_write() {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    Metrics::inc(&self.metrics.store_write_errors);
+                    tracing::error!(digest = %d, error = %e, "cannot create temp file; passing through without caching");
+                    None
+                }
+            };
+            let read_handle = temp
+                .as_ref()
+                .and_then(|t| std::fs::File::open(t.path()).ok())
+                .map(Arc::new);
+            let temp = if read_handle.is_some() { temp } else { None };
+            let (tx, rx) = watch::channel(FlightState::default());
+            let flight = Arc::new(InFlight {
+                file: read_handle,
+                state: rx,
+                tail: Mutex::new(Tail::new(self.pass_through.clone())),
+            });
+            let (this, up, name, d, f2) = (
+                self.clone(),
+                up.clone(),
+                name.clone(),
+                d.clone(),
+                flight.clone(),
+            );
+            let work = async move {
+                let pin = PinGuard::new(&this.lru, &d);
+                Metrics::inc(&this.metrics.upstream_fetches);
+                let r = this.download(&up, &name, &d, &tx, temp, &f2).await;
+                match &r {
+                    Ok(()) => tracing::info!(registry = %up.name, %name, digest = %d, "blob fetched"),
+                    Err(e) => {
+                        tracing::warn!(registry = %up.name, %name, digest = %d, error = %e, "blob fetch failed")
+                    }
+                }
+                move || {
+                    tx.send_modify(|s| s.done = Some(r));
+                    drop(pin);
+                }
+            };
+            (flight, work)
+        });
+        if role == Role::Joined {
+            Metrics::inc(&self.metrics.coalesced_waiters);
+        }
+        flight
+    }
+
+    async fn download(
+        &self,
+        up: &Arc<Upstream>,
+        name: &RepositoryName,
+        d: &Digest,
+        tx: &watch::Sender<FlightState>,
+        mut temp: Option<TempBlob>,
+        flight: &InFlight,
+    ) -> Result<(), CacheError> {
+        let resp = up
+            .send(Method::GET, &format!("/v2/{name}/blobs/{d}"), name, None, 3)
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(status_error(&resp, Kind::Blob));
+        }
+        // The upstream served it for this repository. Linked now (a link without content is
+        // harmless) so requests that find the committed blob need no confirming HEAD.
+        if let Err(e) = self.store.add_link(&up.name, name, d) {
+            tracing::warn!(error = %e, "could not write link");
+        }
+        let total = resp.content_length();
+        let known = lock(&self.known_sizes)
+            .get(&(up.name.clone(), name.to_string(), d.clone()))
+            .copied();
+        if let (Some(k), Some(t)) = (known, total) {
+            if k != t {
+                Metrics::inc(&self.metrics.verify_failures);
+                return Err(CacheError::DigestMismatch(format!(
+                    "Content-Length {t}, the manifest says {k}"
+                )));
+            }
+        }
+        // Bytes this download may bring: what it announced or its manifest said, never past
+        // max_blob_size; with no length, no more than the cache could store.
+        // Read once: a reload during the download does not move its bounds.
+        let (max_size, max_blob_size) = (self.max_size(), self.max_blob_size());
+        let limit = match total.or(known) {
+            Some(t) if t > max_blob_size => {
+                tracing::warn!(digest = %d, size = t, max = max_blob_size, "blob larger than max_blob_size; refused");
+                return Err(CacheError::TooLarge);
+            }
+            Some(t) => t,
+            None if max_size > 0 => max_blob_size.min(max_size),
+            None => max_blob_size,
+        };
+        if let Some(t) = total {
+            if max_size > 0 && t > max_size {
+                tracing::warn!(digest = %d, size = t, "blob larger than max_size; not caching");
+                temp = None;
+            } else {
+                self.make_room(t);
+            }
+        }
+        // Once the disk is out of the picture, hash here.
+        let mut hasher = if temp.is_none() {
+            Some(sha2::Sha256::new())
+        } else {
+            None
+        };
+        tx.send_modify(|s| s.started = Some(total));
+        let mut received: u64 = 0;
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk =
+                chunk.map_err(|e| CacheError::Upstream(UpstreamError::Connect(e.to_string())))?;
+            let len = chunk.len() as u64;
+            if received.saturating_add(len) > limit {
+                Metrics::inc(&self.metrics.verify_failures);
+                return Err(match total {
+                    Some(_) => {
+                        CacheError::DigestMismatch("upstream sent more than Content-Length".into())
+                    }
+                    None => CacheError::TooLarge,
+                });
+            }
+            if let Some(t) = temp.as_mut() {
+                match t.write(&chunk).await {
+                    Ok(()) => {
+                        received += len;
+                        tx.send_modify(|s| {
+                            s.received = received;
+                            s.on_disk = received;
+                        });
+                        continue;
+                    }
+                    Err(e) => {
+                        Metrics::inc(&self.metrics.store_write_errors);
+                        tracing::error!(digest = %d, error = %e, "writing the cache failed (disk full?); passing the rest through without caching");
+                        if let Some(t) = temp.take() {
+                            hasher = Some(t.abandon());
+                        }
+                        lock(&flight.tail).start = received;
+                    }
+                }
+            }
+            if let Some(h) = hasher.as_mut() {
+                h.update(&chunk);
+            }
+            if !lock(&flight.tail).push(chunk) {
+                return Err(CacheError::Storage(
+                    "disk full and the pass-through memory is spent".into(),
+                ));
+            }
+            received += len;
+            tx.send_modify(|s| s.received = received);
+        }
+        if let Some(t) = total {
+            if received != t {
+                return Err(CacheError::Upstream(UpstreamError::Connect(format!(
+                    "upstream body ended after {received} of {t} bytes"
+                ))));
+            }
+        }
+        match (temp, hasher) {
+            (Some(t), _) => match t.commit(d, Some(received)).await {
+                Ok(_) => {
+                    lock(&self.lru).insert(d, received, None);
+                    self.make_room(0);
+                    Ok(())
+                }
+                Err(CommitError::Io(e)) => {
+                    // Verified already (commit checks first); only storing failed.
+                    Metrics::inc(&self.metrics.store_write_errors);
+                    tracing::error!(digest = %d, error = %e, "could not commit blob; served uncached");
+                    Ok(())
+                }
+                Err(e) => {
+                    Metrics::inc(&self.metrics.verify_failures);
+                    Err(CacheError::DigestMismatch(e.to_string()))
+                }
+            },
+            (None, Some(h)) => {
+                let got = Digest::from_sha256(h);
+                if got == *d {
+                    Ok(())
+                } else {
+                    Metrics::inc(&self.metrics.verify_failures);
+                    Err(CacheError::DigestMismatch(format!(
+                        "expected {d}, got {got}"
+                    )))
+                }
+            }
+            (None, None) => Err(CacheError::Internal("no hash state".into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{limits, name, open, outcome, MIB};
+    use super::*;
+    use crate::cache::Limits;
+    use crate::oci;
+    use crate::testserver::{endless, reply, TestServer};
+    use bytes::Bytes;
+    use futures::StreamExt;
+    use registry_rules::names::Reference;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn upstream_without_head_answers_from_a_get() {
+        let blob = Bytes::from(vec![7u8; 3000]);
+        let d = Digest::of_bytes(&blob);
+        let path = format!("/blobs/{d}");
+        let body = blob.clone();
+        let server = TestServer::start(move |seen| {
+            if seen.method == axum::http::Method::HEAD {
+                return reply(405, &[], "");
+            }
+            if seen.uri.ends_with(&path) {
+                return reply(200, &[], body.clone());
+            }
+            reply(404, &[], "")
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, up) = open(dir.path(), &server, limits(MIB));
+
+        // HEAD of an uncached blob: the GET's headers give the size.
+        match cache.blob(&up, &name("lab/app"), &d, true).await {
+            Ok(BlobReply::Head { size }) => assert_eq!(size, 3000),
+            Ok(_) => panic!("not a HEAD answer"),
+            Err(e) => panic!("{e}"),
+        }
+        // Fetch it, then ask through another repository: the confirmation falls back to GET.
+        let Ok(BlobReply::Flight { flight, .. }) =
+            cache.blob(&up, &name("lab/app"), &d, false).await
+        else {
+            panic!("no download")
+        };
+        outcome(&flight).await.unwrap();
+        match cache.blob(&up, &name("lab/other"), &d, true).await {
+            Ok(BlobReply::Head { size }) => assert_eq!(size, 3000),
+            Ok(_) => panic!("not a HEAD answer"),
+            Err(e) => panic!("confirmation without HEAD support: {e}"),
+        }
+        let gets = server
+            .seen()
+            .iter()
+            .filter(|s| s.method == axum::http::Method::GET)
+            .count();
+        assert_eq!(gets, 3, "one download and two HEAD fallbacks");
+    }
+
+    #[tokio::test]
+    async fn oversized_downloads_are_aborted_and_nothing_is_kept() {
+        let big = Bytes::from(vec![1u8; (2 * MIB) as usize]);
+        let declared = Digest::of_bytes(&big);
+        let endless_digest = Digest::of_bytes(b"never");
+        let (e1, d1) = (endless_digest.clone(), declared.clone());
+        let server = TestServer::start(move |seen| {
+            if seen.uri.ends_with(e1.as_str()) {
+                reply(200, &[], endless())
+            } else if seen.uri.ends_with(d1.as_str()) {
+                reply(200, &[], big.clone())
+            } else {
+                reply(404, &[], "")
+            }
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, up) = open(dir.path(), &server, limits(MIB));
+
+        // Content-Length over the bound: refused before a byte is stored.
+        let r = cache.blob(&up, &name("lab/app"), &declared, false).await;
+        assert!(matches!(r, Err(CacheError::TooLarge)), "{:?}", r.err());
+
+        // No length and an endless body: aborted at the bound, the temp file removed.
+        let r = tokio::time::timeout(Duration::from_secs(20), async {
+            let Ok(BlobReply::Flight { flight, .. }) = cache
+                .blob(&up, &name("lab/app"), &endless_digest, false)
+                .await
+            else {
+                panic!("no download")
+            };
+            outcome(&flight).await
+        })
+        .await
+        .expect("aborted, not written forever");
+        assert!(matches!(r, Err(CacheError::TooLarge)), "{r:?}");
+        let tmp: Vec<_> = std::fs::read_dir(dir.path().join("tmp")).unwrap().collect();
+        assert!(tmp.is_empty(), "{tmp:?}");
+        assert_eq!(cache.entries(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_blob_longer_than_its_manifest_says_is_cut_at_that_size() {
+        let layer = Digest::of_bytes(b"the real layer, 29 bytes long");
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"digest":"{layer}","size":29}},"layers":[]}}"#,
+            oci::MT_OCI_MANIFEST
+        );
+        let md = Digest::of_bytes(manifest.as_bytes());
+        let (l2, m2) = (layer.clone(), manifest.clone());
+        let server = TestServer::start(move |seen| {
+            if seen.uri.contains("/manifests/") {
+                reply(200, &[("content-type", oci::MT_OCI_MANIFEST)], m2.clone())
+            } else if seen.uri.ends_with(l2.as_str()) {
+                reply(200, &[], endless())
+            } else {
+                reply(404, &[], "")
+            }
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, up) = open(dir.path(), &server, limits(1 << 40));
+        let repo = name("lab/app");
+        cache
+            .manifest(&up, &repo, &Reference::Digest(md), false)
+            .await
+            .unwrap();
+        // Cut before the answer is even passed on (the first chunk is already too long), or
+        // while streaming: either way an error, never more than 29 bytes.
+        let r = match cache.blob(&up, &repo, &layer, false).await {
+            Ok(BlobReply::Flight { flight, .. }) => {
+                let r = tokio::time::timeout(Duration::from_secs(20), outcome(&flight))
+                    .await
+                    .expect("cut, not read on");
+                assert!(flight.state.borrow().received <= 29);
+                r
+            }
+            Ok(_) => panic!("not a download"),
+            Err(e) => Err(e),
+        };
+        assert!(matches!(r, Err(CacheError::TooLarge)), "{r:?}");
+        assert_eq!(cache.entries(), 1, "only the manifest is stored");
+    }
+
+    #[tokio::test]
+    async fn a_size_claimed_by_one_repository_does_not_break_another() {
+        let bytes = Bytes::from_static(b"a popular layer, 33 bytes long..");
+        let layer = Digest::of_bytes(&bytes);
+        // Anyone may push a manifest to their own repository that lies about a shared layer.
+        let lie = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"digest":"{layer}","size":7}},"layers":[]}}"#,
+            oci::MT_OCI_MANIFEST
+        );
+        let md = Digest::of_bytes(lie.as_bytes());
+        let (l2, m2, b2) = (layer.clone(), lie.clone(), bytes.clone());
+        let server = TestServer::start(move |seen| {
+            if seen.uri.contains("/manifests/") {
+                reply(200, &[("content-type", oci::MT_OCI_MANIFEST)], m2.clone())
+            } else if seen.uri.ends_with(l2.as_str()) {
+                reply(200, &[], b2.clone())
+            } else {
+                reply(404, &[], "")
+            }
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, up) = open(dir.path(), &server, limits(1 << 40));
+        cache
+            .manifest(&up, &name("mallory/lies"), &Reference::Digest(md), false)
+            .await
+            .unwrap();
+        let r = match cache.blob(&up, &name("library/app"), &layer, false).await {
+            Ok(BlobReply::Flight { flight, .. }) => {
+                tokio::time::timeout(Duration::from_secs(20), outcome(&flight))
+                    .await
+                    .expect("finished")
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        assert!(
+            r.is_ok(),
+            "another repository's claim broke the pull: {r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_blob_larger_than_the_cache_passes_through_memory_not_disk() {
+        let blob = Bytes::from(vec![9u8; 3000]);
+        let d = Digest::of_bytes(&blob);
+        let body = blob.clone();
+        let server = TestServer::start(move |_| reply(200, &[], body.clone())).await;
+        let dir = tempfile::tempdir().unwrap();
+        let tiny = Limits {
+            max_size: 1000,
+            max_blob_size: MIB,
+            max_pass_through_memory: 4000,
+        };
+        let (cache, up) = open(dir.path(), &server, tiny);
+        let Ok(BlobReply::Flight { flight, .. }) =
+            cache.blob(&up, &name("lab/app"), &d, false).await
+        else {
+            panic!("no download")
+        };
+        let got: Vec<u8> =
+            super::super::streams::reader(flight.clone(), 0, None, cache.metrics.clone())
+                .map(|c| c.unwrap())
+                .collect::<Vec<_>>()
+                .await
+                .concat();
+        assert_eq!(got, blob);
+        outcome(&flight).await.unwrap();
+        assert_eq!(cache.entries(), 0, "not stored: larger than max_size");
+        let on_disk: u64 = std::fs::read_dir(dir.path().join("tmp"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert_eq!(on_disk, 0, "the disk bound holds while it streams");
+        assert_eq!(
+            cache.pass_through.used(),
+            3000,
+            "held while the download is referenced"
+        );
+        drop(flight);
+        assert_eq!(cache.pass_through.used(), 0, "given back");
+    }
+}
