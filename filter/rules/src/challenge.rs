@@ -1,13 +1,15 @@
 //! RFC 7235 `WWW-Authenticate` parsing, serialization and realm rewriting.
 
-use super::config::{any_match, HostPattern};
-use super::token::LearnedRealm;
+use super::config::{any_match, HostPattern, Registry};
+use super::url::{parse_url, UrlParts};
 use std::fmt;
 
 /// Longest header value accepted.
 pub const MAX_HEADER_LEN: usize = 8 * 1024;
 /// Most auth-params accepted in one header value.
 pub const MAX_PARAMS: usize = 32;
+/// Longest learned-realm value accepted from shared data.
+pub const MAX_LEARNED_LEN: usize = 2048;
 
 /// One challenge.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +30,49 @@ impl Challenge {
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
+
+    /// Is this a challenge of `scheme` (case-insensitive, as RFC 7235 says)?
+    pub fn is(&self, scheme: &str) -> bool {
+        self.scheme.eq_ignore_ascii_case(scheme)
+    }
+}
+
+/// Most `WWW-Authenticate` values [`parse_all`] reads from one response.
+pub const MAX_HEADER_VALUES: usize = 16;
+
+/// The challenges of all of a response's `WWW-Authenticate` values (one `&str` per
+/// header), in order. A value that does not parse is skipped, so one malformed value does
+/// not hide a usable challenge in another; at most [`MAX_HEADER_VALUES`] values are read.
+pub fn parse_all<'a>(values: impl IntoIterator<Item = &'a str>) -> Vec<Challenge> {
+    values
+        .into_iter()
+        .take(MAX_HEADER_VALUES)
+        .filter_map(|v| parse(v).ok())
+        .flatten()
+        .collect()
+}
+
+/// What a registry client needs of a Bearer challenge to ask its token service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BearerChallenge {
+    /// The token service URL, as sent (not validated: the caller decides which realms it
+    /// trusts).
+    pub realm: String,
+    /// The `service` parameter, if any.
+    pub service: Option<String>,
+    /// The `scope` parameter, if any.
+    pub scope: Option<String>,
+}
+
+/// The first Bearer challenge of `challenges` (see [`parse_all`]); `None` when there is none
+/// or it names no realm.
+pub fn bearer(challenges: &[Challenge]) -> Option<BearerChallenge> {
+    let b = challenges.iter().find(|c| c.is("bearer"))?;
+    Some(BearerChallenge {
+        realm: b.param("realm")?.to_owned(),
+        service: b.param("service").map(str::to_owned),
+        scope: b.param("scope").map(str::to_owned),
+    })
 }
 
 /// Why a header could not be parsed.
@@ -378,58 +423,74 @@ pub fn serialize(challenges: &[Challenge]) -> String {
     out
 }
 
-/// Parts of an `http(s)` URL the mirror needs.
+/// The realm and service of a registry's Bearer challenge, as the filter learns and stores
+/// them (from its `/v2/` answer) to route token requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UrlParts {
-    /// `https` or `http` (lowercase).
-    pub scheme: String,
-    /// Lowercase host with non-default port.
-    pub authority: String,
-    /// Path (may be empty).
-    pub path: String,
-    /// Query without `?`.
-    pub query: Option<String>,
+pub struct LearnedRealm {
+    /// The realm URL as the upstream sent it.
+    pub realm: String,
+    /// The `service` parameter (may be empty).
+    pub service: String,
 }
 
-/// Is this byte acceptable in a path or query we forward?
-pub fn is_url_char(b: u8) -> bool {
-    (0x21..=0x7e).contains(&b) && b != b'#'
-}
+impl LearnedRealm {
+    /// Shared-data value: `<realm URL>\n<service>`.
+    pub fn encode(&self) -> String {
+        format!("{}\n{}", self.realm, self.service)
+    }
 
-/// Parses an absolute `http://` or `https://` URL; fragment dropped. Rejects
-/// userinfo, non-printable or non-ASCII characters, and invalid hosts.
-pub fn parse_url(url: &str) -> Option<UrlParts> {
-    let (scheme, rest) = url.split_once("://")?;
-    let scheme = scheme.to_ascii_lowercase();
-    let default_port = match scheme.as_str() {
-        "https" => "443",
-        "http" => "80",
-        _ => return None,
-    };
-    let rest = rest.split('#').next().unwrap_or_default();
-    let end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (auth, tail) = rest.split_at(end);
-    let auth = auth.to_ascii_lowercase();
-    let auth = match auth.split_once(':') {
-        Some((h, p)) if p == default_port => h.to_string(),
-        _ => auth,
-    };
-    if !super::config::is_valid_authority(&auth) {
-        return None;
+    /// Parses a shared-data value; `None` when malformed (the caller learns it again).
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() > MAX_LEARNED_LEN {
+            return None;
+        }
+        let s = std::str::from_utf8(bytes).ok()?;
+        let (realm, service) = s.split_once('\n')?;
+        let l = LearnedRealm {
+            realm: realm.to_string(),
+            service: service.to_string(),
+        };
+        l.is_valid().then_some(l)
     }
-    if !tail.bytes().all(is_url_char) {
-        return None;
+
+    /// The realm URL parsed; `None` when it is not an absolute http(s) URL.
+    pub fn url(&self) -> Option<UrlParts> {
+        parse_url(&self.realm)
     }
-    let (path, query) = match tail.split_once('?') {
-        Some((p, q)) => (p.to_string(), Some(q.to_string())),
-        None => (tail.to_string(), None),
-    };
-    Some(UrlParts {
-        scheme,
-        authority: auth,
-        path,
-        query,
-    })
+
+    fn is_valid(&self) -> bool {
+        Self::fits(&self.realm, &self.service) && self.url().is_some()
+    }
+
+    /// Everything [`LearnedRealm::is_valid`] checks but the URL.
+    fn fits(realm: &str, service: &str) -> bool {
+        realm.len() + service.len() < MAX_LEARNED_LEN
+            && service.bytes().all(|b| (0x21..=0x7e).contains(&b))
+    }
+
+    /// Is the realm's host on `registry`'s `realm_hosts`?
+    pub fn allowed_for(&self, registry: &Registry) -> bool {
+        self.url()
+            .is_some_and(|u| any_match(&registry.realm_hosts, &u.authority))
+    }
+
+    /// Builds a learned realm from a challenge's `realm` and `service`, if valid.
+    pub fn new(realm: &str, service: Option<&str>) -> Option<Self> {
+        let l = LearnedRealm {
+            realm: realm.to_string(),
+            service: service.unwrap_or_default().to_string(),
+        };
+        l.is_valid().then_some(l)
+    }
+
+    /// [`LearnedRealm::new`] for a `realm` the caller already parsed with [`parse_url`].
+    pub(crate) fn from_url(realm: &str, service: Option<&str>) -> Option<Self> {
+        let service = service.unwrap_or_default();
+        Self::fits(realm, service).then(|| LearnedRealm {
+            realm: realm.to_string(),
+            service: service.to_string(),
+        })
+    }
 }
 
 /// Result of [`rewrite_realms`] / [`rewrite_challenges`].
@@ -759,17 +820,77 @@ mod tests {
     }
 
     #[test]
-    fn urls() {
-        let u = parse_url("HTTPS://Host.Example:443/a/b?c=d#frag").unwrap();
-        assert_eq!(u.authority, "host.example");
-        assert_eq!(u.path, "/a/b");
-        assert_eq!(u.query.as_deref(), Some("c=d"));
-        let u = parse_url("https://h:8443").unwrap();
+    fn learned_realm_values() {
+        let l = LearnedRealm::new("https://quay.io/v2/auth", Some("quay.io")).unwrap();
+        assert_eq!(l.encode(), "https://quay.io/v2/auth\nquay.io");
+        assert_eq!(LearnedRealm::decode(l.encode().as_bytes()), Some(l.clone()));
+        let n = LearnedRealm::new("https://r.example/t?x=1", None).unwrap();
+        assert_eq!(LearnedRealm::decode(n.encode().as_bytes()), Some(n.clone()));
+        for bad in [
+            &b""[..],
+            b"https://quay.io/v2/auth",
+            b"not a url\nquay.io",
+            b"ftp://quay.io/\nq",
+            b"https://quay.io/\nq q",
+            b"https://quay.io/\nq\nr",
+            b"https://u@quay.io/\nq",
+            b"\xff\nq",
+        ] {
+            assert_eq!(LearnedRealm::decode(bad), None, "{bad:?}");
+        }
+        let long = format!("https://quay.io/{}\nq", "a".repeat(MAX_LEARNED_LEN));
+        assert_eq!(LearnedRealm::decode(long.as_bytes()), None);
+        let c = crate::config::parse(b"").unwrap();
+        assert!(l.allowed_for(c.registry("quay.io").unwrap()));
+        assert!(!l.allowed_for(c.registry("docker.io").unwrap()));
+    }
+
+    // The cases the cache's own parser was tested with (cache-service/src/upstream/auth.rs),
+    // through the API the cache uses: `parse_all` + `bearer` + `Challenge::is`.
+    #[test]
+    fn registry_client_view() {
+        let hub = r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull""#;
         assert_eq!(
-            (u.authority.as_str(), u.path.as_str(), u.query),
-            ("h:8443", "", None)
+            bearer(&parse_all([hub])),
+            Some(BearerChallenge {
+                realm: "https://auth.docker.io/token".into(),
+                service: Some("registry.docker.io".into()),
+                scope: Some("repository:library/alpine:pull".into()),
+            })
         );
-        assert!(parse_url("https://h/a b").is_none());
-        assert!(parse_url("https://h/é").is_none());
+        let quay =
+            r#"Basic realm="quay.io", Bearer realm="https://quay.io/v2/auth",service="quay.io""#;
+        let c = parse_all([quay]);
+        assert_eq!(c.len(), 2);
+        assert!(c[0].is("basic") && c[0].param("realm") == Some("quay.io"));
+        let b = bearer(&c).unwrap();
+        assert_eq!(
+            (b.realm.as_str(), b.service.as_deref(), b.scope),
+            ("https://quay.io/v2/auth", Some("quay.io"), None)
+        );
+        // Whitespace around `=`, escapes and commas inside quotes, a bare scheme after.
+        let c = parse_all([r#"Bearer realm = "a\"b, c" , service=tok , Basic"#]);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].param("realm"), Some("a\"b, c"));
+        assert_eq!(c[0].param("service"), Some("tok"));
+        assert!(c[1].is("Basic"));
+        // Scheme and parameter names in any case.
+        let b = bearer(&parse_all([r#"BEARER REALM="x""#])).unwrap();
+        assert_eq!((b.realm.as_str(), b.service), ("x", None));
+        assert!(parse_all([""]).is_empty());
+        assert!(parse_all(["\"\"\"=,,,=\u{e9}"]).is_empty());
+        // Several header values: a malformed one is skipped, the next one still counts.
+        let c = parse_all(["Basic realm=\"unterminated", "Basic realm=\"r\"", hub]);
+        assert_eq!(c.len(), 2);
+        assert_eq!(
+            bearer(&c).map(|b| b.realm),
+            Some("https://auth.docker.io/token".into())
+        );
+        // The first Bearer challenge decides; without a realm there is nothing to ask.
+        assert_eq!(bearer(&parse_all(["Bearer service=x", hub])), None);
+        assert_eq!(bearer(&parse_all(["Basic realm=\"r\""])), None);
+        // At most MAX_HEADER_VALUES values are read.
+        let many = vec!["Basic realm=\"r\""; MAX_HEADER_VALUES + 5];
+        assert_eq!(parse_all(many).len(), MAX_HEADER_VALUES);
     }
 }

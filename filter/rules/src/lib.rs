@@ -14,6 +14,7 @@ pub mod response;
 pub mod route;
 pub mod token;
 pub mod token_host;
+pub mod url;
 
 /// A small bounded set the filter keeps in proxy-wasm shared data (one per registry), so
 /// every worker VM of an Envoy sees what one of them learned.

@@ -3,7 +3,7 @@
 //! hosts the configuration allows. `PROPTEST_CASES` sets the cases per property
 //! (`just fuzz` runs many more than the default).
 
-use super::challenge::{self, parse_url, rewrite_challenges, serialize};
+use super::challenge::{self, rewrite_challenges, serialize, LearnedRealm};
 use super::config::{
     any_match, compile, default_config, parse, FilterConfig, RedirectMode, RegistryConfig,
 };
@@ -16,8 +16,9 @@ use super::redirect::{
 };
 use super::response::{plan_challenges, Answer};
 use super::route::{route_with, Decision, ForwardKind, Learned, NothingLearned, Request};
-use super::token::{self, decode_query_value, encode_query_value, LearnedRealm};
+use super::token;
 use super::token_host::TokenHosts;
+use super::url::{decode_query_value, encode_query_value, is_url_char, parse_url};
 use super::{CompiledConfig, SharedSet};
 use proptest::prelude::*;
 
@@ -270,7 +271,7 @@ fn check_decision(cfg: &CompiledConfig, d: &Decision) -> Result<(), TestCaseErro
                 f.registry
             );
             prop_assert!(f.path.starts_with('/'));
-            prop_assert!(f.path.bytes().all(challenge::is_url_char), "{}", f.path);
+            prop_assert!(f.path.bytes().all(is_url_char), "{}", f.path);
             if let Some(p) = &cfg.public_url {
                 prop_assert!(
                     f.mirror_base == format!("{}://{}{}", p.scheme, p.host, p.port)
@@ -438,6 +439,27 @@ proptest! {
     }
 
     #[test]
+    fn registry_clients_read_bearer_challenges(
+        values in prop::collection::vec(hostile(), 0..4),
+        scheme in "[Bb][Ee][Aa][Rr][Ee][Rr]",
+        realm in "[ -~]{0,60}",
+        service in "[A-Za-z0-9._~-]{1,30}",
+    ) {
+        // Never panics, whatever the values; the bearer answer is one of the challenges.
+        let all = challenge::parse_all(values.iter().map(String::as_str));
+        if let Some(b) = challenge::bearer(&all) {
+            prop_assert!(all.iter().any(|c| c.is("bearer") && c.param("realm") == Some(b.realm.as_str())));
+        }
+        // A well-formed Bearer challenge after a malformed value is found, realm unescaped.
+        let quoted = realm.replace('\\', "\\\\").replace('"', "\\\"");
+        let header = format!("{scheme} realm=\"{quoted}\", service={service}, Basic");
+        let c = challenge::parse_all(["Basic realm=\"open", header.as_str()]);
+        prop_assert_eq!(c.len(), 2);
+        let b = challenge::bearer(&c).map(|b| (b.realm, b.service));
+        prop_assert_eq!(b, Some((realm, Some(service))));
+    }
+
+    #[test]
     fn one_pass_rewrite_equals_parse_edit_serialize(
         header in prop_oneof![
             3 => prop::collection::vec(prop::sample::select(CHALLENGE_PIECES), 0..16)
@@ -538,7 +560,7 @@ proptest! {
     #[test]
     fn query_values_round_trip(s in any::<String>(), delims in any::<bool>()) {
         let e = encode_query_value(&s, delims);
-        prop_assert!(e.bytes().all(challenge::is_url_char) && !e.contains(['&', '=', '+', '?']));
+        prop_assert!(e.bytes().all(is_url_char) && !e.contains(['&', '=', '+', '?']));
         prop_assert_eq!(decode_query_value(&e), Some(s));
     }
 

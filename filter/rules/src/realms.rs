@@ -6,9 +6,9 @@
 //! Recorded per Envoy in proxy-wasm shared data, one key per registry ([`key`]) holding a
 //! bounded newline-separated list of `<host[:port]><path>` ([`IssuedRealms`]).
 
-use super::challenge::{is_url_char, parse_url};
+use super::challenge::LearnedRealm;
 use super::config::is_valid_authority;
-use super::token::LearnedRealm;
+use super::url::{is_url_char, parse_url};
 use super::SharedSet;
 
 /// Shared-data key prefix; the key is `mirror.realms.<registry>`.

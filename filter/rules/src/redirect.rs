@@ -1,7 +1,7 @@
 //! Signed redirect URLs: resolving `Location`, signing, parsing and verifying.
 
-use super::challenge::{is_url_char, parse_url};
 use super::config::{is_valid_authority, CompiledConfig, RedirectMode};
+use super::url::{is_url_char, parse_url};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::fmt::Write as _;

@@ -1,12 +1,13 @@
 //! Request routing: from the client's request line to a [`Decision`].
 
+use super::challenge::LearnedRealm;
 use super::config::{any_match, is_valid_authority, CompiledConfig, Registry};
 use super::digest::Digest;
 use super::names::{NameError, Reference, RepositoryName};
 use super::oci_error::{render, ErrorCode};
 use super::realms::RealmUrl;
 use super::redirect::{SignedRedirect, PREFIX as REDIRECT_PREFIX};
-use super::token::{self, LearnError, LearnedRealm, RealmCall};
+use super::token::{self, LearnError, RealmCall};
 use super::token_host::strip_credential;
 use std::borrow::Cow;
 
@@ -439,7 +440,7 @@ pub fn route_with(
         );
     }
     let full = req.path;
-    if !full.starts_with('/') || !full.bytes().all(super::challenge::is_url_char) {
+    if !full.starts_with('/') || !full.bytes().all(super::url::is_url_char) {
         return bad_request("invalid request path");
     }
     let (path, query) = match full.split_once('?') {
@@ -937,7 +938,7 @@ fn route_redirect(
 /// the addressed registry challenges on its own if it needs a token).
 pub fn ping_reply(ping: &Ping, realm: Option<&LearnedRealm>) -> Reply {
     let challenge = realm.and_then(|l| {
-        let u = super::challenge::parse_url(&l.realm)?;
+        let u = super::url::parse_url(&l.realm)?;
         let mut realm = format!(
             "{}/_mirror/auth/{}{}",
             ping.mirror_base, u.authority, u.path
