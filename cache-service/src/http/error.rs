@@ -1,21 +1,23 @@
-//! The one place where domain errors become HTTP responses (OCI error JSON).
+//! The one place where the cache's domain errors become HTTP responses; the codes and the
+//! JSON body are the shared `registry_rules::oci_error`.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::cache::CacheError;
 use registry_rules::names::NameError;
+use registry_rules::oci_error::{render, ErrorCode};
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
     pub headers: Vec<(header::HeaderName, String)>,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -30,24 +32,36 @@ impl ApiError {
     pub fn unsupported() -> Self {
         Self::new(
             StatusCode::METHOD_NOT_ALLOWED,
-            "UNSUPPORTED",
+            ErrorCode::Unsupported,
             "this is a read-only pull-through cache",
         )
         .with_header(header::ALLOW, "GET, HEAD")
     }
+    /// A failure on the cache's own side (500 `INTERNAL`).
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            e.to_string(),
+        )
+    }
     pub fn not_found() -> Self {
-        Self::new(StatusCode::NOT_FOUND, "NAME_UNKNOWN", "unknown path")
+        Self::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NameUnknown,
+            "unknown path",
+        )
     }
 }
 
 impl From<NameError> for ApiError {
     fn from(e: NameError) -> Self {
         let (code, message) = match e {
-            NameError::Name => ("NAME_INVALID", "invalid repository name"),
-            NameError::Tag => ("MANIFEST_INVALID", "invalid tag"),
+            NameError::Name => (ErrorCode::NameInvalid, "invalid repository name"),
+            NameError::Tag => (ErrorCode::ManifestInvalid, "invalid tag"),
             // The cache's own rule (see `oci::require_sha256`), said to the client.
             NameError::Digest => (
-                "DIGEST_INVALID",
+                ErrorCode::DigestInvalid,
                 "invalid digest (only sha256:<64 lowercase hex> is accepted)",
             ),
         };
@@ -57,42 +71,35 @@ impl From<NameError> for ApiError {
 
 impl From<CacheError> for ApiError {
     fn from(e: CacheError) -> Self {
+        use CacheError as E;
+        use ErrorCode as C;
         use StatusCode as S;
-        let msg = e.to_string();
+        let (status, code) = match &e {
+            E::UnknownRegistry(_) | E::NameUnknown => (S::NOT_FOUND, C::NameUnknown),
+            E::ManifestUnknown => (S::NOT_FOUND, C::ManifestUnknown),
+            E::BlobUnknown => (S::NOT_FOUND, C::BlobUnknown),
+            E::Unauthorized => (S::UNAUTHORIZED, C::Unauthorized),
+            E::Denied => (S::FORBIDDEN, C::Denied),
+            E::TooManyRequests { .. } => (S::TOO_MANY_REQUESTS, C::TooManyRequests),
+            E::UpstreamStatus(_) | E::Upstream(_) => (S::BAD_GATEWAY, C::Unavailable),
+            E::ManifestInvalid(_) => (S::BAD_GATEWAY, C::ManifestInvalid),
+            E::DigestMismatch(_) => (S::BAD_GATEWAY, C::DigestInvalid),
+            E::TooLarge => (S::BAD_GATEWAY, C::SizeInvalid),
+            E::Storage(_) | E::Internal(_) => return ApiError::internal(e),
+        };
+        let api = ApiError::new(status, code, e.to_string());
         match e {
-            CacheError::UnknownRegistry(_) => ApiError::new(S::NOT_FOUND, "NAME_UNKNOWN", msg),
-            CacheError::ManifestUnknown => ApiError::new(S::NOT_FOUND, "MANIFEST_UNKNOWN", msg),
-            CacheError::BlobUnknown => ApiError::new(S::NOT_FOUND, "BLOB_UNKNOWN", msg),
-            CacheError::NameUnknown => ApiError::new(S::NOT_FOUND, "NAME_UNKNOWN", msg),
-            CacheError::Unauthorized => ApiError::new(S::UNAUTHORIZED, "UNAUTHORIZED", msg),
-            CacheError::Denied => ApiError::new(S::FORBIDDEN, "DENIED", msg),
-            CacheError::TooManyRequests { retry_after } => {
-                let mut a = ApiError::new(S::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", msg);
-                if let Some(r) = retry_after {
-                    a = a.with_header(header::RETRY_AFTER, r);
-                }
-                a
-            }
-            CacheError::UpstreamStatus(_) => ApiError::new(S::BAD_GATEWAY, "UNAVAILABLE", msg),
-            CacheError::Upstream(_) => ApiError::new(S::BAD_GATEWAY, "UNAVAILABLE", msg),
-            CacheError::ManifestInvalid(_) => {
-                ApiError::new(S::BAD_GATEWAY, "MANIFEST_INVALID", msg)
-            }
-            CacheError::DigestMismatch(_) => ApiError::new(S::BAD_GATEWAY, "DIGEST_INVALID", msg),
-            CacheError::TooLarge => ApiError::new(S::BAD_GATEWAY, "SIZE_INVALID", msg),
-            CacheError::Storage(_) | CacheError::Internal(_) => {
-                ApiError::new(S::INTERNAL_SERVER_ERROR, "INTERNAL", msg)
-            }
+            E::TooManyRequests {
+                retry_after: Some(r),
+            } => api.with_header(header::RETRY_AFTER, r),
+            _ => api,
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({
-            "errors": [{ "code": self.code, "message": self.message, "detail": null }]
-        })
-        .to_string();
+        let body = render(self.code, &self.message, None);
         let mut resp = (self.status, body).into_response();
         let h = resp.headers_mut();
         h.insert(

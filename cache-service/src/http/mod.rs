@@ -18,6 +18,7 @@ use crate::metrics::Metrics;
 use error::ApiError;
 use registry_rules::digest::Digest;
 use registry_rules::names::{Reference, RepositoryName, Tag};
+use registry_rules::oci_error::ErrorCode;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -60,7 +61,7 @@ fn parse_route(path: &str) -> Result<Route, ApiError> {
     if rest.contains('%') {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
-            "NAME_INVALID",
+            ErrorCode::NameInvalid,
             "percent-encoded characters are not allowed in repository paths",
         ));
     }
@@ -153,11 +154,11 @@ async fn handle(
     match handle_v2(&st, &method, &uri, &headers).await {
         Ok(r) => r,
         Err(e) => {
-            metrics.error(e.code);
+            metrics.error(e.code.as_str());
             if e.status.is_server_error() {
-                tracing::warn!(%method, path, code = e.code, message = %e.message, "request failed");
+                tracing::warn!(%method, path, code = e.code.as_str(), message = %e.message, "request failed");
             } else {
-                tracing::debug!(%method, path, code = e.code, message = %e.message, "request refused");
+                tracing::debug!(%method, path, code = e.code.as_str(), message = %e.message, "request refused");
             }
             e.into_response()
         }
@@ -224,7 +225,7 @@ async fn handle_v2(
             if !accepts(headers, &m.media_type) {
                 return Err(ApiError::new(
                     StatusCode::NOT_FOUND,
-                    "MANIFEST_UNKNOWN",
+                    ErrorCode::ManifestUnknown,
                     format!(
                         "the manifest is {}, which the request's Accept header does not allow",
                         m.media_type
@@ -244,9 +245,7 @@ async fn handle_v2(
             } else {
                 Body::from(m.body.unwrap_or_default())
             };
-            b.body(body).map_err(|e| {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", e.to_string())
-            })?
+            b.body(body).map_err(ApiError::internal)?
         }
         Route::Blob(name, digest) => blob_response(st, &up, &name, &digest, head, headers).await?,
         Route::Tags(name) => {
@@ -288,7 +287,7 @@ async fn handle_v2(
 fn pagination_error() -> ApiError {
     ApiError::new(
         StatusCode::BAD_REQUEST,
-        "PAGINATION_NUMBER_INVALID",
+        ErrorCode::PaginationNumberInvalid,
         format!("n must be an integer between 0 and {MAX_TAGS_N}"),
     )
 }
@@ -316,7 +315,7 @@ pub(crate) fn check_client(
         Some(t) if ct_eq(t, want) => Ok(()),
         _ => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
-            "UNAUTHORIZED",
+            ErrorCode::Unauthorized,
             "this registry requires the cache's client token (Authorization: Bearer <token>)",
         )
         .with_header(header::WWW_AUTHENTICATE, "Bearer realm=\"regmirror\"")),
@@ -347,7 +346,7 @@ async fn small_response(
     } else {
         Body::from(r.body)
     })
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", e.to_string()))
+    .map_err(ApiError::internal)
 }
 
 /// Builds the body for `[start, end)`.
@@ -378,16 +377,13 @@ async fn blob_response(
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::CACHE_CONTROL, "max-age=31536000");
-    let ierr = |e: axum::http::Error| {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", e.to_string())
-    };
     let (size, body_of): (Option<u64>, BodyFn) = match reply {
         BlobReply::Head { size } => {
             return builder
                 .status(StatusCode::OK)
                 .header(header::CONTENT_LENGTH, size)
                 .body(Body::empty())
-                .map_err(ierr);
+                .map_err(ApiError::internal);
         }
         BlobReply::Cached { file, size, pin } => (
             Some(size),
@@ -411,7 +407,7 @@ async fn blob_response(
         if let Some(size) = size {
             b = b.header(header::CONTENT_LENGTH, size);
         }
-        return b.body(Body::empty()).map_err(ierr);
+        return b.body(Body::empty()).map_err(ApiError::internal);
     }
     match (range, size) {
         (Some(spec), Some(size)) => {
@@ -424,30 +420,32 @@ async fn blob_response(
                     format!("bytes {}-{}/{}", s, e - 1, size),
                 )
                 .body(body_of(s, Some(e)))
-                .map_err(ierr)
+                .map_err(ApiError::internal)
         }
         (_, Some(size)) => builder
             .status(StatusCode::OK)
             .header(header::CONTENT_LENGTH, size)
             .body(body_of(0, Some(size)))
-            .map_err(ierr),
+            .map_err(ApiError::internal),
         // Unknown length (upstream sent none): the Range is ignored, which HTTP allows.
         (_, None) => builder
             .status(StatusCode::OK)
             .body(body_of(0, None))
-            .map_err(ierr),
+            .map_err(ApiError::internal),
     }
 }
 
 fn range_error(e: range::RangeError, size: Option<u64>) -> ApiError {
     match e {
-        range::RangeError::Malformed => {
-            ApiError::new(StatusCode::BAD_REQUEST, "RANGE_INVALID", e.to_string())
-        }
+        range::RangeError::Malformed => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::RangeInvalid,
+            e.to_string(),
+        ),
         range::RangeError::Unsatisfiable => {
             let mut a = ApiError::new(
                 StatusCode::RANGE_NOT_SATISFIABLE,
-                "RANGE_INVALID",
+                ErrorCode::RangeInvalid,
                 e.to_string(),
             );
             if let Some(s) = size {
@@ -517,7 +515,7 @@ mod tests {
     fn code(p: &str) -> &'static str {
         match parse_route(p) {
             Ok(_) => "OK",
-            Err(e) => e.code,
+            Err(e) => e.code.as_str(),
         }
     }
 
@@ -544,6 +542,10 @@ mod tests {
         assert_eq!(code("/v2/a/manifests/..%2f"), "NAME_INVALID");
         assert_eq!(code("/v2/a/manifests/.."), "MANIFEST_INVALID");
         assert_eq!(code("/v2/a/blobs/sha256:abc"), "DIGEST_INVALID");
+        // sha512 is a valid digest, but not one the cache stores.
+        let long = format!("sha512:{}", "a".repeat(128));
+        assert_eq!(code(&format!("/v2/a/blobs/{long}")), "DIGEST_INVALID");
+        assert_eq!(code(&format!("/v2/a/manifests/{long}")), "DIGEST_INVALID");
         assert_eq!(code("/v2/a/blobs/../../x"), "NAME_UNKNOWN");
         assert_eq!(code("/v2/../blobs/x"), "NAME_INVALID");
         assert_eq!(code("/v2/a/uploads/x"), "NAME_UNKNOWN");

@@ -232,16 +232,8 @@ async fn check_registry(client: &MirrorClient, registry: &str, probe: Option<&Im
 }
 
 fn first_error(body: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| {
-            let e = v.get("errors")?.as_array()?.first()?.clone();
-            Some(format!(
-                " {}: {}",
-                e.get("code").and_then(|c| c.as_str()).unwrap_or(""),
-                e.get("message").and_then(|c| c.as_str()).unwrap_or("")
-            ))
-        })
+    registry_rules::oci_error::parse_first(body.as_bytes())
+        .map(|e| format!(" {e}"))
         .unwrap_or_default()
 }
 

@@ -352,14 +352,8 @@ async fn get_manifest(
 
 /// `: <first OCI error message>` from an error body, or nothing.
 fn short_error(body: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| {
-            let e = v.get("errors")?.as_array()?.first()?.clone();
-            let code = e.get("code").and_then(|c| c.as_str()).unwrap_or("");
-            let msg = e.get("message").and_then(|c| c.as_str()).unwrap_or("");
-            Some(format!(" {code}: {msg}"))
-        })
+    registry_rules::oci_error::parse_first(body.as_bytes())
+        .map(|e| format!(" {e}"))
         .unwrap_or_default()
 }
 
