@@ -309,26 +309,19 @@ pub fn learn_realm(
     www_authenticate: &[String],
 ) -> Result<LearnedRealm, LearnError> {
     let mut refused: Option<String> = None;
-    for v in www_authenticate {
-        let Ok(challenges) = challenge::parse(v) else {
+    let challenges = challenge::parse_all(www_authenticate.iter().map(String::as_str));
+    for c in challenges.iter().filter(|c| c.is("bearer")) {
+        let Some(realm) = c.param("realm") else {
             continue;
         };
-        for c in challenges
-            .iter()
-            .filter(|c| c.scheme.eq_ignore_ascii_case("bearer"))
-        {
-            let Some(realm) = c.param("realm") else {
-                continue;
-            };
-            let Some(l) = LearnedRealm::new(realm, c.param("service")) else {
-                continue;
-            };
-            if l.allowed_for(registry) {
-                return Ok(l);
-            }
-            if refused.is_none() {
-                refused = l.url().map(|u| u.authority);
-            }
+        let Some(l) = LearnedRealm::new(realm, c.param("service")) else {
+            continue;
+        };
+        if l.allowed_for(registry) {
+            return Ok(l);
+        }
+        if refused.is_none() {
+            refused = l.url().map(|u| u.authority);
         }
     }
     Err(refused.map_or(LearnError::NoChallenge, LearnError::NotAllowlisted))
