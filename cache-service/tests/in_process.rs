@@ -1,5 +1,7 @@
 //! The cache in-process (`build_app`) against a fake upstream: what a client pulling through it
 //! depends on — verified bytes, statuses, OCI error codes — and how often the upstream is asked.
+// Test code (and its support module): a failed expectation is the test failing.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 mod support;
 

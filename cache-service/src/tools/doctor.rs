@@ -86,7 +86,7 @@ pub fn realm_on_mirror(client: &MirrorClient, realm: &str) -> Result<String, Str
             "realm {realm} points away from the mirror (not rewritten: clients would go to the upstream directly)"
         ));
     }
-    let base = client.base.path().trim_end_matches('/');
+    let base = client.base().path().trim_end_matches('/');
     let rest = u
         .path()
         .strip_prefix(base)
@@ -151,14 +151,11 @@ async fn check_registry(client: &MirrorClient, registry: &str, probe: Option<&Im
     let scope = probe
         .map(|p| format!("repository:{}:pull", p.repo))
         .unwrap_or_default();
-    // 2. token round-trip through the rewritten realm.
-    let mut token = None;
+    // 2. token round-trip through the rewritten realm (kept in the client's token cache for
+    // the HEAD below).
     if let Some((realm, service)) = &challenge {
         match client.token(realm, service, &scope).await {
-            Ok(t) => {
-                row.token = Check::Pass("anonymous".into());
-                token = Some(t);
-            }
+            Ok(_) => row.token = Check::Pass("anonymous".into()),
             Err(e) => {
                 let e = e.to_string();
                 row.token = Check::Fail(e.clone());
@@ -183,7 +180,6 @@ async fn check_registry(client: &MirrorClient, registry: &str, probe: Option<&Im
             url,
             Some(oci::MANIFEST_ACCEPT),
             &format!("repository:{}:pull", p.repo),
-            token,
         )
         .await
     {
@@ -294,11 +290,8 @@ pub fn run(args: &DoctorArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let client = match MirrorClient::from_flags(&args.mirror, args.ca.as_deref()) {
-        Ok(mut c) => {
-            c.strict_realms = true;
-            c
-        }
+    let client = match MirrorClient::from_flags(&args.mirror, args.ca.as_deref(), true) {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("regmirror doctor: {e}");
             return ExitCode::from(2);
@@ -339,7 +332,7 @@ mod tests {
 
     #[test]
     fn realms() {
-        let c = MirrorClient::new("http://127.0.0.1:5000", None).unwrap();
+        let c = MirrorClient::new("http://127.0.0.1:5000", None, true).unwrap();
         assert_eq!(
             realm_on_mirror(
                 &c,

@@ -1,120 +1,8 @@
-//! `WWW-Authenticate` challenge parsing (RFC 7235 lists) and the bearer-token cache.
+//! The bearer-token cache and the token service's answers (challenges are parsed by
+//! `registry_rules::challenge`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
-
-/// One challenge: lower-cased scheme and lower-cased parameter names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Challenge {
-    pub scheme: String,
-    pub params: BTreeMap<String, String>,
-}
-
-impl Challenge {
-    pub fn param(&self, k: &str) -> Option<&str> {
-        self.params.get(k).map(String::as_str)
-    }
-}
-
-fn is_tchar(c: char) -> bool {
-    c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~/:".contains(c)
-}
-
-struct Lexer<'a> {
-    s: &'a str,
-    i: usize,
-}
-
-impl<'a> Lexer<'a> {
-    fn peek(&self) -> Option<char> {
-        self.s.get(self.i..).and_then(|r| r.chars().next())
-    }
-    fn bump(&mut self) -> Option<char> {
-        let c = self.peek()?;
-        self.i += c.len_utf8();
-        Some(c)
-    }
-    fn ws(&mut self) {
-        while matches!(self.peek(), Some(' ' | '\t')) {
-            self.bump();
-        }
-    }
-    fn token(&mut self) -> &'a str {
-        let start = self.i;
-        while self.peek().is_some_and(is_tchar) {
-            self.bump();
-        }
-        self.s.get(start..self.i).unwrap_or("")
-    }
-    fn quoted(&mut self) -> String {
-        let mut out = String::new();
-        // opening quote already consumed
-        while let Some(c) = self.bump() {
-            match c {
-                '"' => break,
-                '\\' => {
-                    if let Some(n) = self.bump() {
-                        out.push(n);
-                    }
-                }
-                c => out.push(c),
-            }
-        }
-        out
-    }
-}
-
-/// Parse a `WWW-Authenticate` value into its challenges, e.g.
-/// `Basic realm="quay.io", Bearer realm="https://quay.io/v2/auth",service="quay.io"`.
-pub fn parse_challenges(value: &str) -> Vec<Challenge> {
-    let mut lx = Lexer { s: value, i: 0 };
-    let mut out = Vec::new();
-    loop {
-        while matches!(lx.peek(), Some(' ' | '\t' | ',')) {
-            lx.bump();
-        }
-        if lx.peek().is_none() {
-            break;
-        }
-        let scheme = lx.token();
-        if scheme.is_empty() {
-            // Garbage: skip one char and keep going.
-            lx.bump();
-            continue;
-        }
-        let mut ch = Challenge {
-            scheme: scheme.to_ascii_lowercase(),
-            params: BTreeMap::new(),
-        };
-        loop {
-            let save = lx.i;
-            while matches!(lx.peek(), Some(' ' | '\t' | ',')) {
-                lx.bump();
-            }
-            let name = lx.token();
-            lx.ws();
-            if name.is_empty() || lx.peek() != Some('=') {
-                lx.i = save;
-                break;
-            }
-            lx.bump(); // '='
-            lx.ws();
-            let val = if lx.peek() == Some('"') {
-                lx.bump();
-                lx.quoted()
-            } else {
-                let start = lx.i;
-                while lx.peek().is_some_and(|c| c != ',' && c != ' ' && c != '\t') {
-                    lx.bump();
-                }
-                lx.s.get(start..lx.i).unwrap_or("").to_owned()
-            };
-            ch.params.insert(name.to_ascii_lowercase(), val);
-        }
-        out.push(ch);
-    }
-    out
-}
 
 /// Cached bearer tokens per (realm, service, scope), at most [`MAX_TOKEN_ENTRIES`].
 #[derive(Debug, Default)]
@@ -295,44 +183,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn docker_hub() {
-        let c = parse_challenges(
-            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull""#,
-        );
-        assert_eq!(c.len(), 1);
-        assert_eq!(c[0].scheme, "bearer");
-        assert_eq!(c[0].param("realm"), Some("https://auth.docker.io/token"));
-        assert_eq!(c[0].param("service"), Some("registry.docker.io"));
-        assert_eq!(c[0].param("scope"), Some("repository:library/alpine:pull"));
-    }
-
-    #[test]
-    fn list_of_challenges() {
-        let c = parse_challenges(
-            r#"Basic realm="quay.io", Bearer realm="https://quay.io/v2/auth",service="quay.io""#,
-        );
-        assert_eq!(c.len(), 2);
-        assert_eq!(c[0].scheme, "basic");
-        assert_eq!(c[0].param("realm"), Some("quay.io"));
-        assert_eq!(c[1].scheme, "bearer");
-        assert_eq!(c[1].param("service"), Some("quay.io"));
-    }
-
-    #[test]
-    fn odd_input() {
-        let c = parse_challenges(r#"Bearer realm = "a\"b, c" , service=tok , Basic"#);
-        assert_eq!(c.len(), 2);
-        assert_eq!(c[0].param("realm"), Some("a\"b, c"));
-        assert_eq!(c[0].param("service"), Some("tok"));
-        assert_eq!(c[1].scheme, "basic");
-        assert!(parse_challenges("").is_empty());
-        let _ = parse_challenges("\"\"\"=,,,=\u{e9}");
-        let c = parse_challenges("BEARER REALM=\"x\"");
-        assert_eq!(c[0].scheme, "bearer");
-        assert_eq!(c[0].param("realm"), Some("x"));
-    }
-
-    #[test]
     fn token_expiry() {
         let mut tc = TokenCache::default();
         let t0 = Instant::now();
@@ -461,35 +311,12 @@ mod tests {
         );
     }
 
-    mod proptest_challenges {
+    mod proptest_token_responses {
         use super::super::*;
         use proptest::prelude::*;
 
         proptest! {
             #![proptest_config(crate::testserver::proptest_config())]
-
-            #[test]
-            fn proptest_parse_challenges_never_panics(s in "\\PC{0,200}") {
-                for c in parse_challenges(&s) {
-                    prop_assert!(!c.scheme.is_empty());
-                    prop_assert_eq!(c.scheme.clone(), c.scheme.to_ascii_lowercase());
-                }
-            }
-
-            #[test]
-            fn proptest_challenge_round_trip(
-                scheme in "[A-Za-z][A-Za-z0-9]{0,10}",
-                realm in "[ -~]{0,60}",
-                service in "[A-Za-z0-9.:-]{1,30}",
-            ) {
-                let quoted = realm.replace('\\', "\\\\").replace('"', "\\\"");
-                let header = format!("{scheme} realm=\"{quoted}\", service={service}, Basic");
-                let c = parse_challenges(&header);
-                prop_assert_eq!(c.len(), 2);
-                prop_assert_eq!(c[0].scheme.clone(), scheme.to_ascii_lowercase());
-                prop_assert_eq!(c[0].param("realm"), Some(realm.as_str()));
-                prop_assert_eq!(c[0].param("service"), Some(service.as_str()));
-            }
 
             #[test]
             fn proptest_token_response_never_panics(body in proptest::collection::vec(any::<u8>(), 0..300), exp in any::<u64>()) {

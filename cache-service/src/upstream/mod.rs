@@ -1,22 +1,21 @@
-//! Registry client for one upstream: token auth, manual redirect following within the
-//! upstream's declared hosts, retries, bounded body reads.
+//! The registry client (`client`: auth and redirects, token cache) and the cache's use of it
+//! for one upstream: the declared hosts it may reach, retries, health, bounded body reads.
 
 pub mod auth;
+pub mod client;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use registry_rules::config::{any_match, HostPattern};
-use reqwest::header::{
-    HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE,
-};
+use reqwest::header::{HeaderMap, LOCATION, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
 use url::Url;
 
-use crate::config::{Credentials, UpstreamConfig};
-use auth::{parse_challenges, Challenge, TokenCache, MAX_TOKEN_RESPONSE_BYTES};
+use crate::config::UpstreamConfig;
+use client::{host_key, Reach, RegistryClient};
 use registry_rules::names::RepositoryName;
 
 const MAX_REDIRECTS: usize = 5;
@@ -47,6 +46,8 @@ pub enum HostRefusal {
     UserInfo,
     #[error("host not declared for this upstream")]
     NotDeclared,
+    #[error("it points away from the mirror (the mirror did not rewrite it)")]
+    AwayFromMirror,
 }
 
 /// Resolve a `Location` against the URL that answered it; only http(s) results.
@@ -212,21 +213,6 @@ pub enum UpstreamError {
     Client(String),
 }
 
-impl UpstreamError {
-    fn from_reqwest(e: reqwest::Error) -> Self {
-        UpstreamError::Connect(e.to_string())
-    }
-}
-
-/// Host identity a credential is bound to: host and effective port.
-fn host_key(u: &Url) -> String {
-    format!(
-        "{}:{}",
-        u.host_str().unwrap_or("").to_ascii_lowercase(),
-        u.port_or_known_default().unwrap_or(0)
-    )
-}
-
 /// Outcome of the latest upstream calls, for the status page. A call fails when no response
 /// came (connection, TLS, redirect or token errors) or the answer was 5xx/429.
 #[derive(Debug, Clone, Default)]
@@ -239,62 +225,8 @@ pub struct Health {
 #[derive(Debug)]
 pub struct Upstream {
     pub name: String,
-    base: Url,
-    http: reqwest::Client,
-    credentials: Option<Credentials>,
-    policy: HostPolicy,
-    tokens: Mutex<TokenCache>,
-    /// Last Bearer challenge (realm, service) seen from the upstream host; lets us fetch a token
-    /// before the first request instead of after a 401.
-    challenge: Mutex<Option<(String, String)>>,
+    pub client: RegistryClient,
     health: Mutex<Health>,
-}
-
-/// An `Authorization` for one host and, for a Bearer token, the key it is cached under.
-#[derive(Debug, Clone)]
-struct SentAuth {
-    host: String,
-    value: HeaderValue,
-    token: Option<(TokenKey, String)>,
-    /// Fetched for this request (not from the cache): if refused, nothing better exists.
-    fresh: bool,
-}
-
-/// The token key a set of challenges asks for: the first Bearer challenge's
-/// (realm, service, scope), `default_scope` when it names none.
-fn bearer_key(challenges: &[Challenge], default_scope: &str) -> Option<TokenKey> {
-    let b = challenges.iter().find(|c| c.scheme == "bearer")?;
-    Some((
-        b.param("realm")?.to_owned(),
-        b.param("service").unwrap_or("").to_owned(),
-        b.param("scope").unwrap_or(default_scope).to_owned(),
-    ))
-}
-
-/// (realm, service, scope) a token is cached under.
-type TokenKey = (String, String, String);
-
-impl SentAuth {
-    fn key(&self) -> Option<&TokenKey> {
-        self.token.as_ref().map(|(k, _)| k)
-    }
-
-    fn bearer(
-        host: String,
-        (realm, service, scope): (&str, &str, &str),
-        (tok, fresh): (String, bool),
-    ) -> Option<Self> {
-        let value = HeaderValue::from_str(&format!("Bearer {tok}")).ok()?;
-        Some(Self {
-            host,
-            value,
-            token: Some((
-                (realm.to_owned(), service.to_owned(), scope.to_owned()),
-                tok,
-            )),
-            fresh,
-        })
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -321,36 +253,32 @@ fn retryable(s: StatusCode) -> bool {
 impl Upstream {
     /// `own_addr`: the cache's listen address, never contacted as an upstream target.
     pub fn new(cfg: &UpstreamConfig, own_addr: Option<SocketAddr>) -> Result<Self, UpstreamError> {
-        let mut b = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(60))
-            .user_agent(concat!("regmirror/", env!("CARGO_PKG_VERSION")))
-            .use_rustls_tls();
+        let mut cas = Vec::new();
         for pem in &cfg.ca_pems {
-            for cert in reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| UpstreamError::Client(e.to_string()))?
-            {
-                b = b.add_root_certificate(cert);
-            }
+            cas.extend(
+                reqwest::Certificate::from_pem_bundle(pem)
+                    .map_err(|e| UpstreamError::Client(e.to_string()))?,
+            );
         }
-        let http = b
-            .build()
-            .map_err(|e| UpstreamError::Client(e.to_string()))?;
+        let reach = Reach::Declared {
+            policy: Box::new(HostPolicy::new(cfg, own_addr)),
+            credentials: cfg.credentials.clone(),
+        };
         Ok(Self {
             name: cfg.name.clone(),
-            base: cfg.url.clone(),
-            http,
-            credentials: cfg.credentials.clone(),
-            policy: HostPolicy::new(cfg, own_addr),
-            tokens: Mutex::new(TokenCache::default()),
-            challenge: Mutex::new(None),
+            client: RegistryClient::new(
+                &cfg.name,
+                cfg.url.clone(),
+                reach,
+                cas,
+                Duration::from_secs(60),
+            )?,
             health: Mutex::new(Health::default()),
         })
     }
 
     pub fn base_url(&self) -> &Url {
-        &self.base
+        self.client.base()
     }
 
     pub fn health(&self) -> Health {
@@ -375,101 +303,10 @@ impl Upstream {
 
     /// Tokens cached and live tokens dropped because the cache was full.
     pub fn token_stats(&self) -> (usize, u64) {
-        let t = lock(&self.tokens);
-        (t.len(), t.evictions())
+        self.client.token_stats()
     }
 
-    /// May the configured credentials be sent to this token realm? Only to an allowed realm
-    /// (the upstream's own host or `realm_hosts`), over https unless the upstream itself is
-    /// plain http on that very host.
-    fn credentials_for_realm(&self, realm: &Url) -> Option<&Credentials> {
-        let creds = self.credentials.as_ref()?;
-        let same_as_upstream = host_key(realm) == host_key(&self.base);
-        let secure =
-            realm.scheme() == "https" || (same_as_upstream && self.base.scheme() == "http");
-        (secure && self.policy.check_realm(realm).is_ok()).then_some(creds)
-    }
-
-    /// A token for (realm, service, scope): cached (`false`), else fetched from an allowed
-    /// realm (`true`).
-    async fn token(
-        &self,
-        realm: &str,
-        service: &str,
-        scope: &str,
-    ) -> Result<(String, bool), UpstreamError> {
-        if let Some(t) = lock(&self.tokens).get(realm, service, scope, Instant::now()) {
-            return Ok((t, false));
-        }
-        let terr = |reason: String| UpstreamError::Token {
-            realm: realm.to_owned(),
-            reason,
-        };
-        let url = auth::token_url(realm, service, scope).map_err(terr)?;
-        if let Err(why) = self.policy.check_realm(&url) {
-            tracing::warn!(upstream = %self.name, %realm, reason = %why, "token realm refused");
-            return Err(terr(format!("realm refused: {why}")));
-        }
-        let mut req = self.http.get(url.clone()).timeout(Duration::from_secs(30));
-        if let Some(c) = self.credentials_for_realm(&url) {
-            req = req.basic_auth(&c.username, Some(&c.password));
-        }
-        let resp = req.send().await.map_err(|e| terr(e.to_string()))?;
-        if !resp.status().is_success() {
-            return Err(terr(format!("status {}", resp.status())));
-        }
-        let body = read_body(resp, MAX_TOKEN_RESPONSE_BYTES)
-            .await
-            .map_err(|e| terr(e.to_string()))?;
-        let (token, ttl) = auth::parse_token_response(&body).map_err(|e| terr(e.to_string()))?;
-        lock(&self.tokens).put(realm, service, scope, token.clone(), ttl, Instant::now());
-        Ok((token, true))
-    }
-
-    /// Turn a 401's challenges into an Authorization for the host that sent them, with the
-    /// token key it came from (to drop it if the host refuses it).
-    async fn answer_challenge(
-        &self,
-        challenges: &[Challenge],
-        target: &Url,
-        default_scope: &str,
-    ) -> Result<Option<SentAuth>, UpstreamError> {
-        if challenges.iter().any(|c| c.scheme == "bearer") {
-            let Some((realm, service, scope)) = bearer_key(challenges, default_scope) else {
-                return Ok(None);
-            };
-            let tok = self.token(&realm, &service, &scope).await?;
-            // Remembered only once the realm proved allowed (token() checks it).
-            if host_key(target) == host_key(&self.base) {
-                *lock(&self.challenge) = Some((realm.clone(), service.clone()));
-            }
-            return Ok(SentAuth::bearer(
-                host_key(target),
-                (&realm, &service, &scope),
-                tok,
-            ));
-        }
-        if challenges.iter().any(|c| c.scheme == "basic")
-            && host_key(target) == host_key(&self.base)
-        {
-            if let Some(c) = &self.credentials {
-                use base64_engine::encode;
-                let v = format!(
-                    "Basic {}",
-                    encode(&format!("{}:{}", c.username, c.password))
-                );
-                return Ok(HeaderValue::from_str(&v).ok().map(|value| SentAuth {
-                    host: host_key(target),
-                    value,
-                    token: None,
-                    fresh: true,
-                }));
-            }
-        }
-        Ok(None)
-    }
-
-    /// One request with auth and redirects, no retries.
+    /// One request for `path_and_query` on the upstream, with auth and redirects.
     async fn send_once(
         &self,
         method: &Method,
@@ -477,73 +314,12 @@ impl Upstream {
         name: &RepositoryName,
         accept: Option<&str>,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let scope = format!("repository:{}:pull", name.as_str());
-        let mut url = self
-            .base
+        let url = self
+            .base_url()
             .join(path_and_query)
             .map_err(|e| RedirectError::Bad(e.to_string()))?;
-        // Authorization bound to the host it was issued for.
-        let mut auth: Option<SentAuth> = None;
-        let known = lock(&self.challenge).clone();
-        if let Some((realm, service)) = known {
-            if let Ok(tok) = self.token(&realm, &service, &scope).await {
-                auth = SentAuth::bearer(host_key(&self.base), (&realm, &service, &scope), tok);
-            }
-        }
-        let mut redirects = 0;
-        // Challenges answered on the current host (a guard; the rule is: a refused cached
-        // token is dropped and a fresh one fetched once, a refused fresh one ends it).
-        let mut answered = 0;
-        loop {
-            let hk = host_key(&url);
-            let mut req = self.http.request(method.clone(), url.clone());
-            if let Some(a) = accept {
-                req = req.header(ACCEPT, a);
-            }
-            let sent = auth.as_ref().filter(|a| a.host == hk);
-            if let Some(a) = sent {
-                req = req.header(AUTHORIZATION, a.value.clone());
-            }
-            let resp = req.send().await.map_err(UpstreamError::from_reqwest)?;
-            let status = resp.status();
-            if status == StatusCode::UNAUTHORIZED {
-                if let Some(((realm, service, scope), tok)) = sent.and_then(|a| a.token.as_ref()) {
-                    // Revoked or expired early: never send it again.
-                    lock(&self.tokens).invalidate(realm, service, scope, tok);
-                }
-                let challenges: Vec<Challenge> = resp
-                    .headers()
-                    .get_all(WWW_AUTHENTICATE)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .flat_map(parse_challenges)
-                    .collect();
-                // A fresh credential refused for the very challenge it answered: no better
-                // one exists. (A challenge asking another realm or scope is answered.)
-                let hopeless = sent.is_some_and(|a| {
-                    a.fresh && a.key() == bearer_key(&challenges, &scope).as_ref()
-                });
-                if answered < 2 && !hopeless {
-                    if let Some(a) = self.answer_challenge(&challenges, &url, &scope).await? {
-                        auth = Some(a);
-                        answered += 1;
-                        continue;
-                    }
-                }
-                return Ok(resp);
-            }
-            if let Some(next) = redirect_target(&url, &resp, &mut redirects)? {
-                if let Err(e) = self.policy.check_redirect(&url, &next) {
-                    tracing::warn!(upstream = %self.name, from = %url, error = %e, "redirect refused");
-                    return Err(e.into());
-                }
-                tracing::debug!(upstream = %self.name, from = %url, to = %next, "following redirect");
-                url = next;
-                answered = 0;
-                continue;
-            }
-            return Ok(resp);
-        }
+        let scope = format!("repository:{}:pull", name.as_str());
+        self.client.send(method, url, accept, &scope).await
     }
 
     /// Send with up to `attempts` tries on connection errors, 5xx and 429 (honouring a short
@@ -618,6 +394,8 @@ pub(crate) mod base64_engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Credentials;
+    use reqwest::header::HeaderValue;
 
     fn up(url: &str, realm_hosts: &[&str]) -> Upstream {
         Upstream::new(
@@ -644,7 +422,11 @@ mod tests {
     #[test]
     fn credentials_only_for_trusted_realms() {
         let u = up("https://registry-1.docker.io", &["auth.docker.io"]);
-        let ok = |s: &str| u.credentials_for_realm(&Url::parse(s).unwrap()).is_some();
+        let ok = |s: &str| {
+            u.client
+                .credentials_for_realm(&Url::parse(s).unwrap())
+                .is_some()
+        };
         assert!(ok("https://auth.docker.io/token"));
         assert!(ok("https://registry-1.docker.io/token"));
         assert!(!ok("https://evil.example.com/token"));
@@ -853,7 +635,7 @@ mod tests {
                 get(&u, "/v2/lab/app/manifests/1").await,
                 Err(UpstreamError::Token { .. })
             ));
-            assert!(lock(&u.challenge).is_none());
+            assert!(u.client.learned_challenge().is_none());
             assert!(bystander.seen().is_empty(), "{:?}", bystander.seen());
 
             // Declared, the same redirect is followed.

@@ -1,17 +1,17 @@
-//! A small registry client for talking to the mirror the way a container runtime does:
-//! Bearer challenges answered anonymously through the (rewritten) realm, redirects followed
-//! by hand, and an `Authorization` only ever sent to the host whose challenge issued it.
-//! Used by `regmirror warm` and `regmirror doctor`.
+//! The mirror as its clients see it, for `regmirror warm` and `regmirror doctor`: the one
+//! registry client (`upstream::client`) pointed at the mirror, anonymous, with Bearer
+//! challenges answered through the (rewritten) realm, redirects followed by hand and an
+//! `Authorization` only ever sent to the host whose challenge issued it.
 
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
-use reqwest::{Method, StatusCode};
+use reqwest::Method;
 use url::Url;
 
-use crate::upstream::auth::{parse_challenges, Challenge, TokenCache, MAX_TOKEN_RESPONSE_BYTES};
-use crate::upstream::{read_body, redirect_target, RedirectError};
+use crate::upstream::client::{host_key, Reach, RegistryClient};
+use crate::upstream::{read_body, RedirectError, UpstreamError};
+
+pub use crate::upstream::client::{bearer_challenge, error_chain};
 
 /// An error answer's body is read up to this size (for its message only).
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -36,54 +36,33 @@ pub enum ClientError {
     Token { realm: String, reason: String },
 }
 
-/// Host identity an `Authorization` is bound to: scheme, host and effective port.
-pub fn host_key(u: &Url) -> String {
-    format!(
-        "{}://{}:{}",
-        u.scheme(),
-        u.host_str().unwrap_or("").to_ascii_lowercase(),
-        u.port_or_known_default().unwrap_or(0)
-    )
-}
-
-/// The Bearer challenge of a response, if any: (realm, service, scope).
-pub fn bearer_challenge(resp: &reqwest::Response) -> Option<(String, String, Option<String>)> {
-    let challenges: Vec<Challenge> = resp
-        .headers()
-        .get_all(WWW_AUTHENTICATE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(parse_challenges)
-        .collect();
-    let b = challenges.iter().find(|c| c.scheme == "bearer")?;
-    Some((
-        b.param("realm")?.to_owned(),
-        b.param("service").unwrap_or("").to_owned(),
-        b.param("scope").map(str::to_owned),
-    ))
+impl ClientError {
+    fn of(url: &Url, e: UpstreamError) -> Self {
+        match e {
+            UpstreamError::Connect(reason) => ClientError::Http {
+                url: url.to_string(),
+                reason,
+            },
+            UpstreamError::Redirect(r) => ClientError::Redirect(r),
+            UpstreamError::Token { realm, reason } => ClientError::Token { realm, reason },
+            UpstreamError::Client(reason) => ClientError::Setup(reason),
+        }
+    }
 }
 
 #[derive(Debug)]
 pub struct MirrorClient {
-    pub base: Url,
-    http: reqwest::Client,
-    /// Refuse challenges whose realm is not on the mirror (`doctor`: such a realm means the
-    /// mirror did not rewrite it).
-    pub strict_realms: bool,
-    /// Tokens by (realm, service, scope), expiring as the token service said (the same
-    /// cache type and rules as the cache's upstream client).
-    tokens: Mutex<TokenCache>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    client: RegistryClient,
 }
 
 impl MirrorClient {
-    /// From the `--mirror URL [--ca FILE]` flags warm and doctor share.
+    /// From the `--mirror URL [--ca FILE]` flags warm and doctor share. `strict_realms`:
+    /// refuse challenges whose realm is not on the mirror (`doctor`: such a realm means the
+    /// mirror did not rewrite it).
     pub fn from_flags(
         mirror: &str,
         ca_file: Option<&std::path::Path>,
+        strict_realms: bool,
     ) -> Result<Self, ClientError> {
         let ca_pem = ca_file
             .map(|path| {
@@ -91,11 +70,15 @@ impl MirrorClient {
                     .map_err(|e| ClientError::Setup(format!("--ca {}: {e}", path.display())))
             })
             .transpose()?;
-        Self::new(mirror, ca_pem.as_deref())
+        Self::new(mirror, ca_pem.as_deref(), strict_realms)
     }
 
     /// `mirror`: base URL (`https://mirror.example.com`); `ca_pem`: extra trusted CAs.
-    pub fn new(mirror: &str, ca_pem: Option<&[u8]>) -> Result<Self, ClientError> {
+    pub fn new(
+        mirror: &str,
+        ca_pem: Option<&[u8]>,
+        strict_realms: bool,
+    ) -> Result<Self, ClientError> {
         let base = Url::parse(mirror)
             .map_err(|e| ClientError::Setup(format!("--mirror {mirror:?}: {e}")))?;
         if base.scheme() != "http" && base.scheme() != "https" {
@@ -103,29 +86,27 @@ impl MirrorClient {
                 "--mirror {mirror:?}: not an http(s) URL"
             )));
         }
-        let mut b = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(120))
-            .user_agent(concat!("regmirror/", env!("CARGO_PKG_VERSION")))
-            .use_rustls_tls();
-        if let Some(pem) = ca_pem {
-            let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| ClientError::Setup(format!("--ca: {e}")))?;
-            if certs.is_empty() {
-                return Err(ClientError::Setup("--ca: no PEM certificate found".into()));
+        let certs = match ca_pem {
+            Some(pem) => {
+                let certs = reqwest::Certificate::from_pem_bundle(pem)
+                    .map_err(|e| ClientError::Setup(format!("--ca: {e}")))?;
+                if certs.is_empty() {
+                    return Err(ClientError::Setup("--ca: no PEM certificate found".into()));
+                }
+                certs
             }
-            for c in certs {
-                b = b.add_root_certificate(c);
-            }
-        }
-        let http = b.build().map_err(|e| ClientError::Setup(e.to_string()))?;
-        Ok(Self {
-            base,
-            http,
-            strict_realms: false,
-            tokens: Mutex::new(TokenCache::default()),
-        })
+            None => Vec::new(),
+        };
+        let reach = Reach::Anonymous {
+            realms_on_base: strict_realms,
+        };
+        let client = RegistryClient::new("mirror", base, reach, certs, Duration::from_secs(120))
+            .map_err(|e| ClientError::Setup(e.to_string()))?;
+        Ok(Self { client })
+    }
+
+    pub fn base(&self) -> &Url {
+        self.client.base()
     }
 
     /// `<mirror>/v2/<repo>/<kind>/<reference>?ns=<registry>` (or `/v2/?ns=` for an empty repo).
@@ -135,7 +116,7 @@ impl MirrorClient {
         } else {
             format!("v2/{repo}/{rest}")
         };
-        let mut u = self.base.join(&path).map_err(|e| ClientError::Http {
+        let mut u = self.base().join(&path).map_err(|e| ClientError::Http {
             url: path.clone(),
             reason: e.to_string(),
         })?;
@@ -145,7 +126,7 @@ impl MirrorClient {
 
     /// Does `u` point at the mirror itself?
     pub fn on_mirror(&self, u: &Url) -> bool {
-        host_key(u) == host_key(&self.base)
+        host_key(u) == host_key(self.base())
     }
 
     /// Anonymous token from a realm (`realm?service=…&scope=…`), cached until it expires.
@@ -155,134 +136,41 @@ impl MirrorClient {
         service: &str,
         scope: &str,
     ) -> Result<String, ClientError> {
-        if let Some(t) = lock(&self.tokens).get(realm, service, scope, Instant::now()) {
-            return Ok(t);
+        match self.client.token(realm, service, scope).await {
+            Ok((t, _)) => Ok(t),
+            Err(e) => Err(ClientError::of(self.base(), e)),
         }
-        let terr = |reason: String| ClientError::Token {
-            realm: realm.to_owned(),
-            reason,
-        };
-        let url = crate::upstream::auth::token_url(realm, service, scope).map_err(terr)?;
-        let resp = self
-            .http
-            .get(url)
-            .timeout(Duration::from_secs(30))
-            .send()
-            .await
-            .map_err(|e| terr(e.to_string()))?;
-        if !resp.status().is_success() {
-            return Err(terr(format!("HTTP {}", resp.status())));
-        }
-        let body = read_body(resp, MAX_TOKEN_RESPONSE_BYTES)
-            .await
-            .map_err(|e| terr(e.to_string()))?;
-        let (token, ttl) =
-            crate::upstream::auth::parse_token_response(&body).map_err(|e| terr(e.to_string()))?;
-        lock(&self.tokens).put(realm, service, scope, token.clone(), ttl, Instant::now());
-        Ok(token)
     }
 
     /// A GET with nothing done about challenges or redirects: the raw answer, to be checked.
     pub async fn get_raw(&self, url: Url) -> Result<reqwest::Response, String> {
-        self.http.get(url).send().await.map_err(|e| error_chain(&e))
+        self.client.get_raw(url).await.map_err(|e| e.to_string())
     }
 
-    /// One request with challenges answered and redirects followed. `auth` optionally seeds an
-    /// `Authorization` for the first URL's host. A 401 is answered once per URL, and once more
-    /// with a fresh token if the cached one was refused (expired or revoked); an
-    /// `Authorization` goes only to the host it was issued for.
+    /// One request with challenges answered and redirects followed (see `RegistryClient`).
     pub async fn send(
         &self,
         method: Method,
         url: Url,
         accept: Option<&str>,
         default_scope: &str,
-        auth: Option<String>,
     ) -> Result<reqwest::Response, ClientError> {
-        let mut url = url;
-        let mut auth: Option<(String, HeaderValue)> = auth
-            .and_then(|t| HeaderValue::from_str(&format!("Bearer {t}")).ok())
-            .map(|v| (host_key(&url), v));
-        let mut redirects = 0;
-        let mut answered = false;
-        // The cached token last sent, to drop it if refused: (realm, service, scope, token).
-        let mut cached: Option<(String, String, String, String)> = None;
-        loop {
-            let hk = host_key(&url);
-            let mut req = self.http.request(method.clone(), url.clone());
-            if let Some(a) = accept {
-                req = req.header(ACCEPT, a);
-            }
-            if let Some((h, v)) = &auth {
-                if *h == hk {
-                    req = req.header(AUTHORIZATION, v.clone());
-                }
-            }
-            let resp = req.send().await.map_err(|e| ClientError::Http {
-                url: url.to_string(),
-                reason: error_chain(&e),
-            })?;
-            let status = resp.status();
-            let refused = cached.take().filter(|_| status == StatusCode::UNAUTHORIZED);
-            if let Some((realm, service, scope, tok)) = &refused {
-                lock(&self.tokens).invalidate(realm, service, scope, tok);
-            }
-            if status == StatusCode::UNAUTHORIZED && (!answered || refused.is_some()) {
-                if let Some((realm, service, scope)) = bearer_challenge(&resp) {
-                    let scope = scope.unwrap_or_else(|| default_scope.to_owned());
-                    if self.strict_realms && !Url::parse(&realm).is_ok_and(|r| self.on_mirror(&r)) {
-                        return Err(ClientError::Token {
-                            realm,
-                            reason: "realm points away from the mirror (not rewritten)".into(),
-                        });
-                    }
-                    let was_cached = lock(&self.tokens)
-                        .get(&realm, &service, &scope, Instant::now())
-                        .is_some();
-                    let tok = self.token(&realm, &service, &scope).await?;
-                    if let Ok(v) = HeaderValue::from_str(&format!("Bearer {tok}")) {
-                        auth = Some((hk, v));
-                        answered = true;
-                        if was_cached {
-                            cached = Some((realm, service, scope, tok));
-                        }
-                        continue;
-                    }
-                }
-                return Ok(resp);
-            }
-            if let Some(next) = redirect_target(&url, &resp, &mut redirects)? {
-                url = next;
-                answered = false;
-                continue;
-            }
-            return Ok(resp);
-        }
+        let first = url.clone();
+        self.client
+            .send(&method, url, accept, default_scope)
+            .await
+            .map_err(|e| ClientError::of(&first, e))
     }
-}
-
-/// An error with its sources (reqwest hides the interesting part in them).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
 
     #[test]
     fn urls_and_hosts() {
-        let c = MirrorClient::new("http://127.0.0.1:5000", None).unwrap();
+        let c = MirrorClient::new("http://127.0.0.1:5000", None, false).unwrap();
         assert_eq!(
             c.v2_url("docker.io", "library/alpine", "manifests/3.20")
                 .unwrap()
@@ -296,7 +184,7 @@ mod tests {
         assert!(c.on_mirror(&Url::parse("http://127.0.0.1:5000/_mirror/auth/x").unwrap()));
         assert!(!c.on_mirror(&Url::parse("https://127.0.0.1:5000/x").unwrap()));
         assert!(!c.on_mirror(&Url::parse("http://auth.docker.io/token").unwrap()));
-        assert!(MirrorClient::new("ftp://x", None).is_err());
+        assert!(MirrorClient::new("ftp://x", None, false).is_err());
     }
 
     /// A registry behind the mirror whose tokens live `expires_in` = 1 s (Docker Hub: 300 s),
@@ -342,10 +230,10 @@ mod tests {
         })
         .await;
         *st.realm.lock().unwrap() = server.url("/token");
-        let c = MirrorClient::new(&server.url(""), None).unwrap();
+        let c = MirrorClient::new(&server.url(""), None, false).unwrap();
         let get = || async {
             let url = c.v2_url("lab", "lab/app", "manifests/1").unwrap();
-            c.send(Method::GET, url, None, "repository:lab/app:pull", None)
+            c.send(Method::GET, url, None, "repository:lab/app:pull")
                 .await
                 .unwrap()
                 .status()

@@ -311,13 +311,7 @@ async fn get_manifest(
         .map_err(|e| e.to_string())?;
     let resp = ctx
         .client
-        .send(
-            Method::GET,
-            url,
-            Some(oci::MANIFEST_ACCEPT),
-            &scope(img),
-            None,
-        )
+        .send(Method::GET, url, Some(oci::MANIFEST_ACCEPT), &scope(img))
         .await
         .map_err(|e| e.to_string())?;
     let status = resp.status();
@@ -374,7 +368,7 @@ async fn pull_blob(ctx: &Ctx, img: &ImageRef, d: &Descriptor) -> Result<u64, Str
         .map_err(|e| e.to_string())?;
     let resp = ctx
         .client
-        .send(Method::GET, url, None, &scope(img), None)
+        .send(Method::GET, url, None, &scope(img))
         .await
         .map_err(|e| format!("blob {short}: {e}"))?;
     if resp.status() != StatusCode::OK {
@@ -614,7 +608,7 @@ pub fn run(args: &WarmArgs) -> ExitCode {
             }
         }
     };
-    let client = match MirrorClient::from_flags(&args.mirror, args.ca.as_deref()) {
+    let client = match MirrorClient::from_flags(&args.mirror, args.ca.as_deref(), false) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("regmirror warm: {e}");
