@@ -2,6 +2,7 @@
 
 use crate::metrics::Counter;
 use crate::root::Shared;
+use crate::rules::challenge::LearnedRealm;
 use crate::rules::oci_error::{self, ErrorCode};
 use crate::rules::redirect::LocationOutcome;
 use crate::rules::response::{
@@ -11,7 +12,6 @@ use crate::rules::route::{
     forward_with_stored, needs_signing_key, ping_reply, realm_failure, route_with, Decision,
     Forward, ForwardKind, LearnRealm, Ping, RejectReason, Reply, Request,
 };
-use crate::rules::token::LearnedRealm;
 use crate::shared_data::{self, SharedLearned};
 use log::{debug, info, warn};
 use proxy_wasm::hostcalls;
@@ -311,6 +311,7 @@ impl MirrorHttp {
 
     /// Applies [`plan_challenges`] to the answer's `WWW-Authenticate` values.
     fn apply_challenges(shared: &Shared, fwd: &Forward, status: Option<u32>, values: Vec<Vec<u8>>) {
+        // Most answers carry no challenge: not even a registry lookup then.
         if values.is_empty() {
             return;
         }

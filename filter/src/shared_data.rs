@@ -2,9 +2,10 @@
 //! of them learned: each registry's stored realm, issued realms and token hosts (the
 //! rules' [`SharedSet`]s), and the per-Envoy signing key.
 
+use crate::rules::challenge::LearnedRealm;
 use crate::rules::realms::{self, IssuedRealms, RealmUrl};
 use crate::rules::route::Learned;
-use crate::rules::token::{realm_key, LearnedRealm};
+use crate::rules::token::realm_key;
 use crate::rules::token_host::{self, TokenHosts};
 use crate::rules::SharedSet;
 use log::{info, warn};

@@ -7,7 +7,7 @@
 //! bounded newline-separated list of `<host[:port]><path>` ([`IssuedRealms`]).
 
 use super::challenge::LearnedRealm;
-use super::config::is_valid_authority;
+use super::hosts::is_valid_authority;
 use super::url::{is_url_char, parse_url};
 use super::SharedSet;
 

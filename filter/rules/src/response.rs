@@ -5,6 +5,7 @@
 //! store the realm, resume or answer the paused request).
 
 use super::challenge::rewrite_challenges;
+use super::challenge::LearnedRealm;
 use super::config::{CompiledConfig, Registry};
 use super::oci_error::ErrorCode;
 use super::realms::RealmUrl;
@@ -13,7 +14,7 @@ use super::route::{
     ping_reply, realm_failure, token_after_realm_call, Forward, ForwardKind, LearnRealm, Ping,
     Reply,
 };
-use super::token::{classify_realm_call, LearnedRealm, RealmCall};
+use super::token::{classify_realm_call, RealmCall};
 
 /// The response a plan is made for.
 #[derive(Debug, Clone, Copy)]

@@ -1,8 +1,9 @@
 //! Request routing: from the client's request line to a [`Decision`].
 
 use super::challenge::LearnedRealm;
-use super::config::{any_match, is_valid_authority, CompiledConfig, Registry};
+use super::config::{CompiledConfig, Registry};
 use super::digest::Digest;
+use super::hosts::{any_match, is_valid_authority};
 use super::names::{NameError, Reference, RepositoryName};
 use super::oci_error::{render, ErrorCode};
 use super::realms::RealmUrl;
