@@ -6,10 +6,7 @@
 //! `repository:<registry>/<name>:<actions>`. The rules here strip the prefix, add
 //! `library/` where the registry wants it, and decide which registry the token is for.
 
-use super::challenge;
-// Moved to `challenge` (a Bearer challenge's realm and service); the filter glue still names
-// it here. TEMPORARY: the lead removes this once its imports name `challenge`.
-pub use super::challenge::LearnedRealm;
+use super::challenge::{self, LearnedRealm};
 use super::config::{CompiledConfig, Registry};
 use super::names::RepositoryName;
 use super::url::{decode_query_value, encode_query_value};
