@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use registry_rules::config::HostPattern;
-use serde::Deserialize;
+use registry_rules::declaration::CacheUpstream;
+use registry_rules::hosts::HostPattern;
+use serde::{Deserialize, Serialize};
 
 /// Longest `--shutdown-grace` honoured: a larger value is capped (it is added to the clock).
 pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(86_400);
@@ -88,48 +89,35 @@ pub enum LogFormat {
     Json,
 }
 
-/// The TOML file (`envoy/cache.toml` is rendered in this shape).
-#[derive(Debug, Default, Deserialize)]
+/// The TOML file: `regmirror render` writes `envoy/cache.toml` by serializing this type.
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_size: Option<SizeValue>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag_ttl_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shutdown_grace_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_blob_size: Option<SizeValue>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_pass_through_memory: Option<SizeValue>,
+    /// `[[upstream]]`: the registry model's type, which the generator renders.
     #[serde(default)]
-    pub upstream: Vec<FileUpstream>,
+    pub upstream: Vec<CacheUpstream>,
 }
 
 /// `max_size` may be a string ("50GiB") or a plain number of bytes.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum SizeValue {
     Bytes(u64),
     Text(String),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileUpstream {
-    pub name: String,
-    pub url: String,
-    pub ca_file: Option<PathBuf>,
-    pub username: Option<String>,
-    pub password_env: Option<String>,
-    pub password_file: Option<PathBuf>,
-    /// Token realm hosts (besides the upstream's own host) the cache asks for tokens; they
-    /// may receive the credentials. `host[:port]` or `*.suffix`.
-    #[serde(default)]
-    pub realm_hosts: Vec<String>,
-    /// Hosts (besides the upstream's own host) the cache follows redirects to.
-    #[serde(default)]
-    pub redirect_hosts: Vec<String>,
-    pub public: Option<bool>,
-    /// Environment variable holding a static token clients must present to read this upstream.
-    pub client_token_env: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

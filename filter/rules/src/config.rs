@@ -1,8 +1,12 @@
 //! Plugin configuration: serde types, defaults, validation and the compiled table.
 
+use crate::hosts::{is_valid_hostname, BadHost};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt;
+
+// Moved to `hosts`; re-exported until the remaining `config::` imports are updated.
+pub use crate::hosts::{any_match, is_valid_authority, HostPattern};
 
 /// Default lifetime of a signed redirect URL.
 pub const DEFAULT_REDIRECT_TTL_SECONDS: u64 = 1200;
@@ -107,6 +111,9 @@ pub enum ConfigError {
     BadCluster(String),
     /// `public_url` is not `http(s)://host[:port]`.
     BadPublicUrl(String),
+    /// The built-in declaration (envoy/registries.toml, embedded at build time) does not
+    /// read: the configuration must name its registries.
+    Builtin(String),
 }
 
 impl fmt::Display for ConfigError {
@@ -128,212 +135,47 @@ impl fmt::Display for ConfigError {
                 f,
                 "public_url {u:?} must be http(s)://host[:port] without path or query"
             ),
+            ConfigError::Builtin(e) => write!(
+                f,
+                "the built-in registries (envoy/registries.toml) do not read: {e}; declare registries"
+            ),
         }
     }
 }
 
 impl std::error::Error for ConfigError {}
 
-fn strs(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| (*s).to_string()).collect()
-}
-
-#[allow(clippy::too_many_arguments)]
-fn builtin(
-    name: &str,
-    aliases: &[&str],
-    upstream: &str,
-    prefix: &str,
-    realms: &[&str],
-    redirects: &[&str],
-    library: bool,
-    cache: bool,
-) -> RegistryConfig {
-    RegistryConfig {
-        name: name.to_string(),
-        aliases: strs(aliases),
-        upstream: upstream.to_string(),
-        host_prefix: Some(prefix.to_string()),
-        realm_hosts: strs(realms),
-        redirect_hosts: strs(redirects),
-        library_namespace: library,
-        cache,
-        redirects: RedirectMode::Sign,
-        cluster: None,
-        forward_client_credentials: None,
+impl From<BadHost> for ConfigError {
+    fn from(BadHost(h): BadHost) -> Self {
+        ConfigError::BadHost(h)
     }
 }
 
-/// The five built-in registries.
-pub fn default_registries() -> Vec<RegistryConfig> {
-    vec![
-        builtin(
-            "docker.io",
-            &["index.docker.io", "registry-1.docker.io"],
-            "registry-1.docker.io",
-            "docker",
-            &["auth.docker.io", "auth.ipv6.docker.com"],
-            &[
-                "production.cloudflare.docker.com",
-                "production.cloudfront.docker.com",
-                "*.r2.cloudflarestorage.com",
-            ],
-            true,
-            false,
-        ),
-        builtin(
-            "quay.io",
-            &[],
-            "quay.io",
-            "quay",
-            &["quay.io"],
-            &[
-                "cdn.quay.io",
-                "cdn01.quay.io",
-                "cdn02.quay.io",
-                "cdn03.quay.io",
-                "*.cloudfront.net",
-                "*.s3.amazonaws.com",
-            ],
-            false,
-            false,
-        ),
-        builtin(
-            "gcr.io",
-            &[],
-            "gcr.io",
-            "gcr",
-            &["gcr.io"],
-            &["storage.googleapis.com"],
-            false,
-            true,
-        ),
-        builtin(
-            "ghcr.io",
-            &[],
-            "ghcr.io",
-            "ghcr",
-            &["ghcr.io"],
-            &["pkg-containers.githubusercontent.com"],
-            false,
-            false,
-        ),
-        builtin(
-            "registry.k8s.io",
-            &[],
-            "registry.k8s.io",
-            "k8s",
-            &["registry.k8s.io", "*.pkg.dev"],
-            &["*.pkg.dev", "*.amazonaws.com"],
-            false,
-            false,
-        ),
-    ]
-}
-
-/// The configuration used when the plugin configuration is empty.
+/// The configuration used when the plugin configuration is empty: the registries and
+/// default registry of the shipped declaration (`envoy/registries.toml`, embedded at build
+/// time), in path mode without `public_url` (the declaration's host suffix and public URL
+/// are placeholders for a real deployment).
+///
+/// Built-ins that do not read (a build problem the tests catch) leave it empty, which
+/// [`compile`] resolves to the built-ins again and so reports.
 pub fn default_config() -> FilterConfig {
-    FilterConfig {
+    builtin_config().unwrap_or_default()
+}
+
+fn builtin_config() -> Result<FilterConfig, ConfigError> {
+    let declaration =
+        crate::declaration::builtin().map_err(|e| ConfigError::Builtin(e.to_string()))?;
+    Ok(FilterConfig {
         host_suffix: None,
-        default_registry: Some("docker.io".to_string()),
-        redirect_ttl_seconds: Some(DEFAULT_REDIRECT_TTL_SECONDS),
-        signing_key: None,
         public_url: None,
-        registries: default_registries(),
-    }
-}
-
-/// Validates a DNS host name (lowercase labels, IPv4 allowed); no port.
-pub fn is_valid_hostname(h: &str) -> bool {
-    if h.is_empty() || h.len() > 253 {
-        return false;
-    }
-    h.split('.').all(|label| {
-        let b = label.as_bytes();
-        !b.is_empty()
-            && b.len() <= 63
-            && b.iter()
-                .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
-            && b.first() != Some(&b'-')
-            && b.last() != Some(&b'-')
+        ..declaration.filter_config(false)
     })
-}
-
-/// Validates a port: 1..=65535, digits only, no leading zero.
-fn is_valid_port(p: &str) -> bool {
-    !p.is_empty()
-        && p.len() <= 5
-        && p.bytes().all(|b| b.is_ascii_digit())
-        && !p.starts_with('0')
-        && p.parse::<u32>().is_ok_and(|n| (1..=65535).contains(&n))
-}
-
-/// Validates `host[:port]` (lowercase).
-pub fn is_valid_authority(a: &str) -> bool {
-    match a.split_once(':') {
-        Some((h, p)) => is_valid_hostname(h) && is_valid_port(p),
-        None => is_valid_hostname(a),
-    }
 }
 
 /// An Envoy cluster name we accept: 1..=255 printable ASCII, no spaces
 /// (Istio's `outbound|443||quay.io` included).
 pub fn is_valid_cluster_name(c: &str) -> bool {
     !c.is_empty() && c.len() <= 255 && c.bytes().all(|b| (0x21..=0x7e).contains(&b))
-}
-
-/// An exact `host[:port]` or a leading wildcard `*.suffix`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HostPattern {
-    /// Matches exactly this `host[:port]`.
-    Exact(String),
-    /// Matches any host ending in `.<suffix>` with at least one more label (no port).
-    Wildcard(String),
-}
-
-impl HostPattern {
-    /// Parses a pattern; input is lowercased first.
-    pub fn parse(s: &str) -> Result<Self, ConfigError> {
-        let l = s.trim().to_ascii_lowercase();
-        if let Some(suffix) = l.strip_prefix("*.") {
-            if is_valid_hostname(suffix) {
-                return Ok(HostPattern::Wildcard(suffix.to_string()));
-            }
-        } else if is_valid_authority(&l) {
-            return Ok(HostPattern::Exact(l));
-        }
-        Err(ConfigError::BadHost(s.to_string()))
-    }
-
-    /// Does this pattern match a (lowercase, normalized) `host[:port]`?
-    pub fn matches(&self, authority: &str) -> bool {
-        match self {
-            HostPattern::Exact(e) => e == authority,
-            HostPattern::Wildcard(suffix) => {
-                if authority.contains(':') {
-                    return false;
-                }
-                authority
-                    .strip_suffix(suffix.as_str())
-                    .and_then(|p| p.strip_suffix('.'))
-                    .is_some_and(|label| !label.is_empty())
-            }
-        }
-    }
-}
-
-impl fmt::Display for HostPattern {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            HostPattern::Exact(e) => f.write_str(e),
-            HostPattern::Wildcard(s) => write!(f, "*.{s}"),
-        }
-    }
-}
-
-/// True when any pattern matches.
-pub fn any_match(patterns: &[HostPattern], authority: &str) -> bool {
-    patterns.iter().any(|p| p.matches(authority))
 }
 
 /// The validated `public_url`.
@@ -499,12 +341,13 @@ fn metric_name(name: &str) -> String {
 
 /// Validates and compiles a configuration.
 pub fn compile(cfg: &FilterConfig) -> Result<CompiledConfig, ConfigError> {
-    let using_defaults = cfg.registries.is_empty();
-    let regs = if using_defaults {
-        default_registries()
+    // No registries: the built-in ones, with their default registry unless one is named.
+    let builtin = if cfg.registries.is_empty() {
+        Some(builtin_config()?)
     } else {
-        cfg.registries.clone()
+        None
     };
+    let regs = builtin.as_ref().map_or(&cfg.registries, |b| &b.registries);
     let host_suffix = match &cfg.host_suffix {
         Some(s) if !s.trim().is_empty() => {
             let l = s.trim().to_ascii_lowercase();
@@ -618,8 +461,7 @@ pub fn compile(cfg: &FilterConfig) -> Result<CompiledConfig, ConfigError> {
     let default_name = match &cfg.default_registry {
         Some(d) if !d.trim().is_empty() => Some(d.trim().to_string()),
         Some(_) => None,
-        None if using_defaults => Some("docker.io".to_string()),
-        None => None,
+        None => builtin.as_ref().and_then(|b| b.default_registry.clone()),
     };
     let default_registry = match default_name {
         None => None,
@@ -631,7 +473,7 @@ pub fn compile(cfg: &FilterConfig) -> Result<CompiledConfig, ConfigError> {
     };
 
     // Default: the default registry's realm gets client credentials (`docker login`).
-    for (i, (r, c)) in registries.iter_mut().zip(&regs).enumerate() {
+    for (i, (r, c)) in registries.iter_mut().zip(regs).enumerate() {
         if c.forward_client_credentials.is_none() {
             r.forward_client_credentials = default_registry == Some(i);
         }
@@ -704,7 +546,7 @@ mod tests {
             );
         }
         // Absent stays absent when serialized (rendered filter.json unchanged).
-        let out = serde_json::to_string(&default_registries()).unwrap();
+        let out = serde_json::to_string(&default_config().registries).unwrap();
         assert!(!out.contains("cluster"));
     }
 
@@ -937,18 +779,25 @@ mod tests {
     }
 
     #[test]
-    fn patterns() {
-        let w = HostPattern::parse("*.Example.com").unwrap();
-        assert!(w.matches("a.example.com"));
-        assert!(w.matches("a.b.example.com"));
-        assert!(!w.matches("example.com"));
-        assert!(!w.matches("aexample.com"));
-        assert!(!w.matches("a.example.com:8443"));
-        let e = HostPattern::parse("localhost:5000").unwrap();
-        assert!(e.matches("localhost:5000"));
-        assert!(!e.matches("localhost"));
-        assert_eq!(w.to_string(), "*.example.com");
+    fn hex() {
         assert_eq!(decode_hex("0aFF"), Some(vec![10, 255]));
         assert_eq!(decode_hex("0g"), None);
+    }
+
+    /// The built-in registries are the shipped declaration's, as render writes them.
+    #[test]
+    fn defaults_are_the_declared_registries() {
+        let declared = crate::declaration::builtin().unwrap();
+        let defaults = default_config();
+        assert_eq!(
+            defaults.registries,
+            declared.filter_config(false).registries
+        );
+        assert_eq!(defaults.default_registry, declared.mirror.default_registry);
+        assert_eq!(
+            defaults.redirect_ttl_seconds,
+            Some(declared.mirror.redirect_ttl_seconds)
+        );
+        assert_eq!(defaults.registries.len(), declared.registries.len());
     }
 }

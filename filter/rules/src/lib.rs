@@ -3,7 +3,9 @@
 
 pub mod challenge;
 pub mod config;
+pub mod declaration;
 pub mod digest;
+pub mod hosts;
 pub mod names;
 pub mod oci_error;
 #[cfg(test)]

@@ -486,7 +486,7 @@ mod tests {
     fn registries() -> Vec<Registry> {
         let path =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../envoy/registries.toml");
-        Declaration::load(&path).unwrap().registries
+        Declaration::load(&path).unwrap().registries.clone()
     }
 
     fn mirror() -> Mirror {

@@ -3,7 +3,8 @@
 //! Written as text rather than through a YAML serializer so the shipped files read like
 //! hand-written Envoy configs, with comments a user can follow.
 
-use super::declaration::{Declaration, UpstreamHost};
+use super::declaration::Declaration;
+use registry_rules::hosts::HostPattern;
 use std::fmt::Write;
 
 /// Which listener layout to render.
@@ -33,7 +34,7 @@ impl Variant {
 /// dynamic forward proxy; the filter has checked the host against the allowlist).
 const DYNAMIC_CLUSTER: &str = "dynamic_redirect_targets";
 const CACHE_CLUSTER: &str = "cache_service";
-const SYSTEM_CA: &str = "/etc/ssl/certs/ca-certificates.crt";
+pub const SYSTEM_CA: &str = "/etc/ssl/certs/ca-certificates.crt";
 pub const TLS_CERT: &str = "/etc/regmirror/tls/tls.crt";
 pub const TLS_KEY: &str = "/etc/regmirror/tls/tls.key";
 
@@ -62,7 +63,7 @@ fn quoted(value: &str) -> String {
 
 pub fn render(declaration: &Declaration, filter_json: &str, variant: Variant) -> String {
     let hosts = declaration.upstream_hosts();
-    let has_wildcards = hosts.iter().any(|h| matches!(h, UpstreamHost::Wildcard(_)));
+    let has_wildcards = hosts.iter().any(|h| matches!(h, HostPattern::Wildcard(_)));
     let mut out = String::new();
     let w = &mut out;
     let _ = writeln!(
@@ -127,14 +128,11 @@ pub fn render(declaration: &Declaration, filter_json: &str, variant: Variant) ->
         https_redirect_listener(w);
     }
     let _ = writeln!(w, "  clusters:");
-    for host in &hosts {
-        if let UpstreamHost::Exact { host, port } = host {
-            let name = UpstreamHost::Exact {
-                host: host.clone(),
-                port: *port,
-            }
-            .name();
-            tls_cluster(w, &name, host, *port);
+    let cas = declaration.upstream_cas();
+    for pattern in &hosts {
+        if let Some((host, port)) = pattern.host_port(443) {
+            let ca = cas.get(pattern).map(|ca| ca.to_string_lossy());
+            tls_cluster(w, &pattern.to_string(), host, port, ca.as_deref());
         }
     }
     if has_wildcards {
@@ -191,7 +189,7 @@ fn dns_cache_config(indent: &str) -> String {
 fn route_config(
     w: &mut String,
     declaration: &Declaration,
-    hosts: &std::collections::BTreeSet<UpstreamHost>,
+    hosts: &std::collections::BTreeSet<HostPattern>,
     variant: Variant,
 ) {
     let _ = writeln!(
@@ -206,8 +204,8 @@ fn route_config(
     let external: Vec<&str> = INTERNAL_HEADERS.iter().copied().chain(credential).collect();
     for host in hosts {
         let (vhost, cluster) = match host {
-            UpstreamHost::Exact { .. } => (host.name(), host.name()),
-            UpstreamHost::Wildcard(pattern) => (pattern.clone(), DYNAMIC_CLUSTER.to_owned()),
+            HostPattern::Exact(authority) => (authority.clone(), authority.clone()),
+            HostPattern::Wildcard(_) => (host.to_string(), DYNAMIC_CLUSTER.to_owned()),
         };
         upstream_virtual_host(w, &vhost, &cluster, &external);
     }
@@ -270,10 +268,18 @@ fn upstream_virtual_host(w: &mut String, domain: &str, cluster: &str, remove: &[
     );
 }
 
-fn tls_cluster(w: &mut String, name: &str, host: &str, port: u16) {
+/// `ca`: the registry's declared `ca_file`; absent: the system's CAs.
+fn tls_cluster(w: &mut String, name: &str, host: &str, port: u16, ca: Option<&str>) {
+    let trusted_ca = match ca {
+        Some(ca) => format!(
+            "# The registry's ca_file.\n            trusted_ca: {{ filename: {} }}",
+            quoted(ca)
+        ),
+        None => format!("trusted_ca: {{ filename: {SYSTEM_CA} }}"),
+    };
     let _ = writeln!(
         w,
-        "  - name: {}\n    type: LOGICAL_DNS\n    dns_lookup_family: V4_PREFERRED\n    connect_timeout: 10s\n    load_assignment:\n      cluster_name: {}\n      endpoints:\n      - lb_endpoints:\n        - endpoint:\n            address:\n              socket_address: {{ address: {}, port_value: {port} }}\n    transport_socket:\n      name: envoy.transport_sockets.tls\n      typed_config:\n        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n        sni: {}\n        common_tls_context:\n          validation_context:\n            trusted_ca: {{ filename: {SYSTEM_CA} }}\n            match_typed_subject_alt_names:\n            - san_type: DNS\n              matcher: {{ exact: {} }}",
+        "  - name: {}\n    type: LOGICAL_DNS\n    dns_lookup_family: V4_PREFERRED\n    connect_timeout: 10s\n    load_assignment:\n      cluster_name: {}\n      endpoints:\n      - lb_endpoints:\n        - endpoint:\n            address:\n              socket_address: {{ address: {}, port_value: {port} }}\n    transport_socket:\n      name: envoy.transport_sockets.tls\n      typed_config:\n        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n        sni: {}\n        common_tls_context:\n          validation_context:\n            {trusted_ca}\n            match_typed_subject_alt_names:\n            - san_type: DNS\n              matcher: {{ exact: {} }}",
         quoted(name),
         quoted(name),
         quoted(host),

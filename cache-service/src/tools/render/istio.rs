@@ -1,7 +1,9 @@
 //! Istio manifests for running the mirror on an existing ingress gateway.
 
-use super::declaration::{Declaration, UpstreamHost};
+use super::declaration::Declaration;
 use super::envoy::INTERNAL_HEADERS;
+use super::RenderError;
+use registry_rules::FilterConfig;
 use std::fmt::Write;
 
 /// Where `just wasm-image` pushes the filter; users point this at their own registry.
@@ -20,27 +22,18 @@ fn indent(text: &str, by: &str) -> String {
 /// The filter configuration with Istio's cluster names: the filter calls an upstream's
 /// `/v2/` (to learn its token realm) through `outbound|80||<host>`, the cluster Istio builds
 /// from the ServiceEntry below.
-fn plugin_config(filter_json: &str) -> String {
-    let Ok(mut config) = serde_json::from_str::<serde_json::Value>(filter_json) else {
-        return filter_json.to_owned();
-    };
-    let registries = config
-        .get_mut("registries")
-        .and_then(serde_json::Value::as_array_mut)
-        .into_iter()
-        .flatten();
-    for registry in registries.filter_map(serde_json::Value::as_object_mut) {
-        let cached = registry.get("cache") == Some(&serde_json::Value::Bool(true));
-        let upstream = registry.get("upstream").and_then(|u| u.as_str());
-        if let (false, Some(upstream)) = (cached, upstream) {
-            let cluster = serde_json::Value::String(format!("outbound|80||{upstream}"));
-            registry.insert("cluster".to_owned(), cluster);
-        }
+fn plugin_config(filter: &FilterConfig) -> Result<String, RenderError> {
+    let mut config = filter.clone();
+    for registry in config.registries.iter_mut().filter(|r| !r.cache) {
+        registry.cluster = Some(format!("outbound|80||{}", registry.upstream));
     }
-    serde_json::to_string_pretty(&config).unwrap_or_else(|_| filter_json.to_owned())
+    serde_json::to_string_pretty(&config).map_err(|e| RenderError::Serialize {
+        what: "Istio plugin configuration",
+        reason: e.to_string(),
+    })
 }
 
-pub fn render(declaration: &Declaration, filter_json: &str) -> String {
+pub fn render(declaration: &Declaration, filter: &FilterConfig) -> Result<String, RenderError> {
     let mut out = String::new();
     let w = &mut out;
     let suffix = declaration
@@ -48,14 +41,16 @@ pub fn render(declaration: &Declaration, filter_json: &str) -> String {
         .host_suffix
         .clone()
         .unwrap_or_else(|| "mirror.example.com".to_owned());
-    let exact: Vec<(String, u16)> = declaration
+    let cas = declaration.upstream_cas();
+    // Wildcard targets need DNS per request: use an egress gateway, or declare the
+    // registry `redirects = "passthrough"` on Istio.
+    let exact: Vec<(String, u16, Option<String>)> = declaration
         .upstream_hosts()
-        .into_iter()
-        .filter_map(|h| match h {
-            UpstreamHost::Exact { host, port } => Some((host, port)),
-            // Wildcard targets need DNS per request: use an egress gateway, or declare the
-            // registry `redirects = "passthrough"` on Istio.
-            UpstreamHost::Wildcard(_) => None,
+        .iter()
+        .filter_map(|pattern| {
+            let (host, port) = pattern.host_port(443)?;
+            let ca = cas.get(pattern).map(|ca| ca.to_string_lossy().into_owned());
+            Some((host.to_owned(), port, ca))
         })
         .collect();
     if declaration.access.is_some() {
@@ -83,11 +78,11 @@ pub fn render(declaration: &Declaration, filter_json: &str) -> String {
          \x20 failStrategy: FAIL_CLOSE\n\
          \x20 # envoy/filter.json, plus each upstream's Istio cluster name.\n\
          \x20 pluginConfig:\n{}",
-        indent(&plugin_config(filter_json), "    ")
+        indent(&plugin_config(filter)?, "    ")
     );
     let mirror_hosts = vec![suffix.clone(), format!("*.{suffix}")];
     let mut gateway_hosts = mirror_hosts.clone();
-    gateway_hosts.extend(exact.iter().map(|(h, _)| h.clone()));
+    gateway_hosts.extend(exact.iter().map(|(h, _, _)| h.clone()));
     gateway_hosts.extend(declaration.cached_registries().map(|r| r.upstream.clone()));
     let hosts_list = |indent: &str, hosts: &[String]| -> String {
         hosts
@@ -112,7 +107,7 @@ pub fn render(declaration: &Declaration, filter_json: &str) -> String {
     );
     let mut routes = String::new();
     let internal: Vec<String> = INTERNAL_HEADERS.iter().map(|h| quoted(h)).collect();
-    for (host, _) in &exact {
+    for (host, _, _) in &exact {
         let _ = write!(
             routes,
             "  - match:\n    - authority: {{ exact: {} }}\n    route:\n    - destination: {{ host: {}, port: {{ number: 80 }} }}\n    # No route timeout: multi-gigabyte layers over slow links.\n    timeout: 0s\n    # Mirror-internal and client-identifying headers stay on the mirror.\n    headers:\n      request:\n        remove: [{}]\n",
@@ -128,7 +123,7 @@ pub fn render(declaration: &Declaration, filter_json: &str) -> String {
             quoted(&registry.upstream)
         );
     }
-    let mut vs_hosts: Vec<String> = exact.iter().map(|(h, _)| h.clone()).collect();
+    let mut vs_hosts: Vec<String> = exact.iter().map(|(h, _, _)| h.clone()).collect();
     vs_hosts.extend(declaration.cached_registries().map(|r| r.upstream.clone()));
     let _ = write!(
         w,
@@ -136,18 +131,22 @@ pub fn render(declaration: &Declaration, filter_json: &str) -> String {
          spec:\n  gateways:\n  - regmirror\n  hosts:\n{}  http:\n{routes}",
         hosts_list("  ", &vs_hosts)
     );
-    for (host, port) in &exact {
+    for (host, port, ca) in &exact {
         let name = host.replace('.', "-");
         let _ = write!(
             w,
             "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\n\
              spec:\n  hosts:\n  - {}\n  location: MESH_EXTERNAL\n  resolution: DNS\n  ports:\n  # The gateway speaks HTTP to port 80 and the DestinationRule originates TLS to {port}.\n  - {{ number: 80, name: http, protocol: HTTP, targetPort: {port} }}\n\
              ---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\n\
-             spec:\n  host: {}\n  trafficPolicy:\n    portLevelSettings:\n    - port: {{ number: 80 }}\n      tls: {{ mode: SIMPLE, sni: {} }}\n",
+             spec:\n  host: {}\n  trafficPolicy:\n    portLevelSettings:\n    - port: {{ number: 80 }}\n      tls: {{ mode: SIMPLE, sni: {}{} }}\n",
             quoted(host),
             quoted(host),
-            quoted(host)
+            quoted(host),
+            // The registry's ca_file, on the gateway; absent: the gateway's system CAs.
+            ca.as_deref()
+                .map(|ca| format!(", caCertificates: {}", quoted(ca)))
+                .unwrap_or_default()
         );
     }
-    out
+    Ok(out)
 }

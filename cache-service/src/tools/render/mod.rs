@@ -8,7 +8,8 @@ mod istio;
 pub mod launcher;
 mod xds;
 
-use declaration::{Declaration, DeclarationError, Registry};
+use declaration::{Declaration, DeclarationError};
+use registry_rules::FilterConfig;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
@@ -39,6 +40,8 @@ pub enum RenderError {
     Declaration(#[from] DeclarationError),
     #[error("the rendered filter configuration is rejected by the filter: {0}")]
     Filter(String),
+    #[error("cannot serialize the {what}: {reason}")]
+    Serialize { what: &'static str, reason: String },
     #[error("cannot write {path}: {source}")]
     Write {
         path: String,
@@ -234,10 +237,10 @@ fn validate_with_envoy(files: &[Rendered]) -> Result<(), RenderError> {
 pub fn render_files(registries: &Path) -> Result<Vec<Rendered>, RenderError> {
     let declaration = Declaration::load(registries)?;
     // `just up` serves 127.0.0.1:5000, not the public name.
-    let local_json = filter_json(&declaration, Audience::Local);
-    let public_json = filter_json(&declaration, Audience::Public);
-    validate_with_filter(&local_json)?;
-    validate_with_filter(&public_json)?;
+    let local = declaration.filter_config(false);
+    let public = declaration.filter_config(true);
+    let local_json = filter_json(&local)?;
+    let public_json = filter_json(&public)?;
     let local = envoy::render(&declaration, &local_json, envoy::Variant::Local);
     let standalone = envoy::render(&declaration, &public_json, envoy::Variant::Standalone);
     let local_xds = xds::from_static(&local, xds::LOCAL)?;
@@ -245,7 +248,7 @@ pub fn render_files(registries: &Path) -> Result<Vec<Rendered>, RenderError> {
     let mut files = vec![
         Rendered {
             name: "filter.json".to_owned(),
-            content: pretty_json(&public_json),
+            content: pretty_json(&public)?,
         },
         Rendered {
             name: "local.yaml".to_owned(),
@@ -265,11 +268,11 @@ pub fn render_files(registries: &Path) -> Result<Vec<Rendered>, RenderError> {
         },
         Rendered {
             name: "cache.toml".to_owned(),
-            content: cache_toml(&declaration),
+            content: cache_toml(&declaration)?,
         },
         Rendered {
             name: "istio/mirror.yaml".to_owned(),
-            content: istio::render(&declaration, &public_json),
+            content: istio::render(&declaration, &public)?,
         },
     ];
     // Clusters before listeners: a new route's cluster exists when its listener loads.
@@ -291,82 +294,26 @@ pub fn render_files(registries: &Path) -> Result<Vec<Rendered>, RenderError> {
     Ok(files)
 }
 
-/// The filter's own parser (the code `on_configure` runs) must accept what we ship.
-fn validate_with_filter(filter_json: &str) -> Result<(), RenderError> {
-    registry_rules::parse(filter_json.as_bytes())
-        .map(drop)
-        .map_err(|error| RenderError::Filter(error.to_string()))
+/// The filter's plugin configuration (schema in docs/design.md), compact, as Envoy hands
+/// it to the filter. The filter's own parser (the code `on_configure` runs) must accept it.
+fn filter_json(config: &FilterConfig) -> Result<String, RenderError> {
+    let json = serde_json::to_string(config).map_err(|e| RenderError::Serialize {
+        what: "filter configuration",
+        reason: e.to_string(),
+    })?;
+    registry_rules::parse(json.as_bytes())
+        .map_err(|error| RenderError::Filter(error.to_string()))?;
+    Ok(json)
 }
 
-/// Who reaches the rendered mirror.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Audience {
-    /// `just up` on 127.0.0.1: no `public_url`.
-    Local,
-    /// The standalone, behind-a-proxy and Istio mirrors, and `filter.json`.
-    Public,
-}
-
-/// The filter's plugin configuration (schema in docs/design.md), compact.
-fn filter_json(declaration: &Declaration, audience: Audience) -> String {
-    let registries: Vec<_> = declaration
-        .registries
-        .iter()
-        .map(|r| {
-            // A cached registry's challenges and redirects never reach clients:
-            // cache-service answers them upstream.
-            let (realm_hosts, redirect_hosts) = if r.cache {
-                (vec![], vec![])
-            } else {
-                (r.realm_hosts.clone(), r.redirect_hosts.clone())
-            };
-            let mut registry = serde_json::json!({
-                "name": r.name,
-                "aliases": r.aliases,
-                "upstream": r.upstream,
-                "host_prefix": r.host_prefix,
-                "realm_hosts": realm_hosts,
-                "redirect_hosts": redirect_hosts,
-                "library_namespace": r.library_namespace,
-                "cache": r.cache,
-                "redirects": r.redirects,
-            });
-            // Absent keeps the filter's default (the default registry only).
-            if let (Some(forward), Some(o)) =
-                (r.forward_client_credentials, registry.as_object_mut())
-            {
-                o.insert(
-                    "forward_client_credentials".to_owned(),
-                    serde_json::Value::Bool(forward),
-                );
-            }
-            registry
-        })
-        .collect();
-    let mut config = serde_json::json!({
-        "host_suffix": declaration.mirror.host_suffix,
-        "default_registry": declaration.mirror.default_registry,
-        "redirect_ttl_seconds": declaration.mirror.redirect_ttl_seconds,
-        "registries": registries,
-    });
-    if let (Audience::Public, Some(url), Some(o)) = (
-        audience,
-        &declaration.mirror.public_url,
-        config.as_object_mut(),
-    ) {
-        o.insert(
-            "public_url".to_owned(),
-            serde_json::Value::String(url.clone()),
-        );
-    }
-    config.to_string()
-}
-
-fn pretty_json(compact: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(compact)
-        .and_then(|v| serde_json::to_string_pretty(&v))
+/// envoy/filter.json: the same configuration, for a reader.
+fn pretty_json(config: &FilterConfig) -> Result<String, RenderError> {
+    serde_json::to_string_pretty(config)
         .map(|s| s + "\n")
-        .unwrap_or_else(|_| compact.to_owned())
+        .map_err(|e| RenderError::Serialize {
+            what: "filter configuration",
+            reason: e.to_string(),
+        })
 }
 
 /// Compose profile `acme`: Caddy obtains certificates for the mirror's names.
@@ -397,41 +344,24 @@ fn caddyfile(declaration: &Declaration) -> String {
     )
 }
 
-/// cache-service's upstreams: the registries declared with `cache = true`.
-fn cache_toml(declaration: &Declaration) -> String {
-    let mut out = String::from(
+/// cache-service's configuration: its upstreams are the registries declared with
+/// `cache = true`, in the type cache-service reads them with.
+fn cache_toml(declaration: &Declaration) -> Result<String, RenderError> {
+    let config = crate::config::FileConfig {
+        listen: Some("127.0.0.1:5001".to_owned()),
+        storage: Some("/var/lib/regmirror".into()),
+        tag_ttl_seconds: Some(300),
+        upstream: declaration.cache_upstreams(),
+        ..Default::default()
+    };
+    let body = toml::to_string(&config).map_err(|e| RenderError::Serialize {
+        what: "cache-service configuration",
+        reason: e.to_string(),
+    })?;
+    Ok(format!(
         "# Rendered by `regmirror render` from envoy/registries.toml: edit that file, not this one.\n\
-         # cache-service configuration: `regmirror serve --config envoy/cache.toml`.\n\
-         listen = \"127.0.0.1:5001\"\n\
-         storage = \"/var/lib/regmirror\"\n\
-         tag_ttl_seconds = 300\n",
-    );
-    for Registry {
-        name,
-        upstream,
-        realm_hosts,
-        redirect_hosts,
-        ..
-    } in declaration.cached_registries()
-    {
-        // The only hosts cache-service may follow a challenge or a redirect to.
-        out.push_str(&format!(
-            "\n[[upstream]]\nname = {}\nurl = {}\nrealm_hosts = {}\nredirect_hosts = {}\n",
-            toml_string(name),
-            toml_string(&format!("https://{upstream}")),
-            toml_list(realm_hosts),
-            toml_list(redirect_hosts)
-        ));
-    }
-    out
-}
-
-fn toml_string(value: &str) -> String {
-    toml::Value::String(value.to_owned()).to_string()
-}
-
-fn toml_list(values: &[String]) -> String {
-    toml::Value::Array(values.iter().cloned().map(toml::Value::String).collect()).to_string()
+         # cache-service configuration: `regmirror serve --config envoy/cache.toml`.\n{body}"
+    ))
 }
 
 #[cfg(test)]
@@ -538,7 +468,7 @@ mod tests {
 
     #[test]
     fn forward_client_credentials_is_rendered_only_where_declared() {
-        let declaration: Declaration = toml::from_str(
+        let declaration = Declaration::parse(
             r#"
             [mirror]
             cache_service = "127.0.0.1:5001"
@@ -550,14 +480,118 @@ mod tests {
             name = "b.io"
             upstream = "b.io"
             "#,
+            Path::new("registries.toml"),
         )
         .unwrap();
         let json: serde_json::Value =
-            serde_json::from_str(&filter_json(&declaration, Audience::Public)).unwrap();
+            serde_json::from_str(&filter_json(&declaration.filter_config(true)).unwrap()).unwrap();
         assert_eq!(json["registries"][0]["forward_client_credentials"], true);
         assert!(json["registries"][1]
             .get("forward_client_credentials")
             .is_none());
+    }
+
+    /// filter.json is what the filter's serde types write: parsed and written again, it
+    /// is the same text, and the filter compiles it to what it compiles the declaration to.
+    #[test]
+    fn filter_json_round_trips_through_the_filters_types() {
+        let files = render_files(&repo_root().join("envoy/registries.toml")).unwrap();
+        let text = file(&files, "filter.json");
+        let parsed: FilterConfig = serde_json::from_str(text).unwrap();
+        assert_eq!(pretty_json(&parsed).unwrap(), text);
+        let declaration = Declaration::load(&repo_root().join("envoy/registries.toml")).unwrap();
+        assert_eq!(parsed, declaration.filter_config(true));
+        assert_eq!(
+            registry_rules::parse(text.as_bytes()).unwrap(),
+            registry_rules::compile(&declaration.filter_config(true)).unwrap()
+        );
+    }
+
+    /// A registry's `ca_file` is what Envoy trusts for that registry's upstream cluster
+    /// (and the Istio gateway for its DestinationRule); for a cached registry, the cache.
+    #[test]
+    fn a_registry_ca_reaches_its_upstream_cluster() {
+        let files = render_edited(|t| {
+            t.replacen(
+                "upstream = \"quay.io\"\n",
+                "upstream = \"quay.io\"\nca_file = \"/etc/regmirror/quay-ca.pem\"\n",
+                1,
+            )
+            .replace(
+                "cache = true\n",
+                "cache = true\nca_file = \"/etc/regmirror/gcr-ca.pem\"\n",
+            )
+        })
+        .unwrap();
+        for name in ["local.yaml", "mirror.yaml", "behind-tls-proxy.yaml"] {
+            let doc: serde_yaml::Value = serde_yaml::from_str(file(&files, name)).unwrap();
+            let clusters = doc["static_resources"]["clusters"].as_sequence().unwrap();
+            let trusted = |cluster: &str| {
+                let c = clusters.iter().find(|c| c["name"] == cluster).unwrap();
+                c["transport_socket"]["typed_config"]["common_tls_context"]["validation_context"]
+                    ["trusted_ca"]["filename"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            };
+            assert_eq!(trusted("quay.io"), "/etc/regmirror/quay-ca.pem", "{name}");
+            assert_eq!(trusted("ghcr.io"), envoy::SYSTEM_CA, "{name}");
+            assert!(!file(&files, name).contains("gcr-ca.pem"), "{name}");
+        }
+        let cds: serde_yaml::Value =
+            serde_yaml::from_str(file(&files, "xds/mirror/cds.yaml")).unwrap();
+        assert!(cds["resources"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "quay.io"
+                && c["transport_socket"]["typed_config"]["common_tls_context"]
+                    ["validation_context"]["trusted_ca"]["filename"]
+                    == "/etc/regmirror/quay-ca.pem"));
+        assert!(file(&files, "istio/mirror.yaml")
+            .contains("sni: \"quay.io\", caCertificates: \"/etc/regmirror/quay-ca.pem\""));
+        let cache: crate::config::FileConfig = toml::from_str(file(&files, "cache.toml")).unwrap();
+        assert_eq!(
+            cache.upstream[0].ca_file.as_deref(),
+            Some(Path::new("/etc/regmirror/gcr-ca.pem"))
+        );
+    }
+
+    /// cache.toml is read by cache-service's own parser into the declared upstreams, and an
+    /// upstream read from it is written back as the same text.
+    #[test]
+    fn cache_toml_is_what_cache_service_reads() {
+        let files = render_edited(|t| {
+            t.replace(
+                "cache = true\n",
+                "cache = true\nusername = \"mirror\"\npassword_env = \"GCR_PASSWORD\"\npublic = true\n",
+            )
+        })
+        .unwrap();
+        let text = file(&files, "cache.toml");
+        let parsed: crate::config::FileConfig = toml::from_str(text).unwrap();
+        let upstream = &parsed.upstream[0];
+        assert_eq!(upstream.username.as_deref(), Some("mirror"));
+        assert_eq!(upstream.public, Some(true));
+        let env = |k: &str| (k == "GCR_PASSWORD").then(|| "secret".to_owned());
+        let config =
+            crate::config::Config::merge(&crate::config::ServeArgs::default(), parsed, &env)
+                .unwrap();
+        let gcr = &config.upstreams["gcr.io"];
+        assert_eq!(gcr.url.as_str(), "https://gcr.io/");
+        assert_eq!(gcr.credentials.as_ref().unwrap().password, "secret");
+        assert_eq!(
+            gcr.redirect_hosts,
+            [registry_rules::hosts::HostPattern::parse("storage.googleapis.com").unwrap()]
+        );
+        // Entry by entry: parsed and serialized again, the same text.
+        let parsed: crate::config::FileConfig = toml::from_str(text).unwrap();
+        let again = toml::to_string(&parsed).unwrap();
+        assert!(text.ends_with(&again), "{text}\n---\n{again}");
+        let shipped = std::fs::read_to_string(repo_root().join("envoy/cache.toml")).unwrap();
+        let entry = &shipped[shipped.find("[[upstream]]").unwrap()..];
+        let one: crate::config::FileConfig = toml::from_str(entry).unwrap();
+        assert_eq!(toml::to_string(&one).unwrap(), entry);
     }
 
     #[test]

@@ -1,0 +1,556 @@
+//! The registry declaration: what `envoy/registries.toml` deserializes into, its
+//! validation, and the configurations produced from it (the filter's [`FilterConfig`],
+//! cache-service's [`CacheUpstream`]s). Serde only: the generator reads the TOML, the
+//! filter reads the same declaration embedded at build time as JSON.
+
+use crate::config::{FilterConfig, PublicUrl, RedirectMode, RegistryConfig};
+use crate::hosts::HostPattern;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// `[access]` as the filter sees it: declared or not, its content is Envoy's business
+/// (cache-service's generator reads it with its own type).
+pub type OpaqueAccess = serde::de::IgnoredAny;
+
+/// The whole declaration. `A` is the `[access]` section's type.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Declaration<A = OpaqueAccess> {
+    /// `[mirror]`.
+    pub mirror: Mirror,
+    /// `[[registry]]`, in declaration order.
+    #[serde(rename = "registry")]
+    pub registries: Vec<Registry>,
+    /// Who may use the mirror; absent: anyone who can reach it.
+    pub access: Option<A>,
+}
+
+/// `[mirror]`: the settings of the mirror as a whole.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mirror {
+    /// Host mode: `<host_prefix>.<host_suffix>` selects a registry.
+    pub host_suffix: Option<String>,
+    /// Registry for requests that name none.
+    pub default_registry: Option<String>,
+    /// Lifetime of a signed redirect URL.
+    #[serde(default = "default_redirect_ttl")]
+    pub redirect_ttl_seconds: u64,
+    /// `host:port` where Envoy reaches cache-service.
+    pub cache_service: String,
+    /// `https://host[:port]` clients reach a public mirror at: the filter builds the URLs it
+    /// hands out from it and refuses other Hosts. Rendered into the public configs only.
+    pub public_url: Option<String>,
+}
+
+fn default_redirect_ttl() -> u64 {
+    crate::config::DEFAULT_REDIRECT_TTL_SECONDS
+}
+
+/// `[[registry]]`: one registry, for the filter and, when `cache = true`, for the cache.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registry {
+    /// Public name (`docker.io`).
+    pub name: String,
+    /// Other names accepted in `ns` and path prefixes.
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// `host[:port]` of the upstream (TLS).
+    pub upstream: String,
+    /// Host-mode prefix.
+    pub host_prefix: Option<String>,
+    /// Token realm hosts (patterns) the registry's challenges may name.
+    #[serde(default)]
+    pub realm_hosts: Vec<String>,
+    /// Hosts (patterns) the registry may redirect to.
+    #[serde(default)]
+    pub redirect_hosts: Vec<String>,
+    /// One-component names get `library/`.
+    #[serde(default)]
+    pub library_namespace: bool,
+    /// Served through cache-service instead of straight from upstream.
+    #[serde(default)]
+    pub cache: bool,
+    /// Redirect handling.
+    #[serde(default)]
+    pub redirects: RedirectMode,
+    /// Whether the client's `Authorization` may reach this registry's realm; absent: the
+    /// filter's default (the default registry only).
+    pub forward_client_credentials: Option<bool>,
+    /// PEM CA file trusted for the upstream: by cache-service for a cached registry, by
+    /// Envoy's upstream cluster otherwise.
+    pub ca_file: Option<PathBuf>,
+    /// Cache-side only (`cache = true`): the cache's own login at the upstream.
+    pub username: Option<String>,
+    /// Cache-side only: environment variable holding the password.
+    pub password_env: Option<String>,
+    /// Cache-side only: file holding the password.
+    pub password_file: Option<PathBuf>,
+    /// Cache-side only: anyone who reaches the cache may read a registry it logs in to.
+    pub public: Option<bool>,
+    /// Cache-side only: environment variable holding a token clients must present.
+    pub client_token_env: Option<String>,
+}
+
+/// One `[[upstream]]` of cache-service's configuration: rendered from a cached registry
+/// and read back by cache-service with this same type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheUpstream {
+    /// The registry name the filter sends (`x-mirror-registry` / `ns`).
+    pub name: String,
+    /// `https://host[:port]` of the upstream.
+    pub url: String,
+    /// Token realm hosts (besides the upstream's own host) the cache asks for tokens; they
+    /// may receive the credentials. `host[:port]` or `*.suffix`.
+    #[serde(default)]
+    pub realm_hosts: Vec<String>,
+    /// Hosts (besides the upstream's own host) the cache follows redirects to.
+    #[serde(default)]
+    pub redirect_hosts: Vec<String>,
+    /// Extra PEM CA trusted for this upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// The cache's login at the upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Environment variable holding the password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// File holding the password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Readable by anyone who reaches the cache (default: true without credentials).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public: Option<bool>,
+    /// Environment variable holding a static token clients must present to read this upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_token_env: Option<String>,
+}
+
+/// Why a declaration is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeclarationError {
+    /// A name or alias is declared twice.
+    DuplicateName(String),
+    /// A host or pattern is not canonical `host[:port]` or `*.domain.tld`.
+    BadHost(String),
+    /// A cached registry's upstream is also a host Envoy reaches directly.
+    CachedUpstreamIsDirect { registry: String, upstream: String },
+    /// `default_registry` names no declared registry.
+    UnknownDefaultRegistry(String),
+    /// `public_url` is not a bare https origin.
+    BadPublicUrl(String),
+    /// `cache_service` is not `host:port`.
+    BadCacheService(String),
+    /// A cache-side field on a registry that cache-service does not serve.
+    CacheFieldWithoutCache {
+        registry: String,
+        field: &'static str,
+    },
+    /// Two registries whose upstream is the same Envoy cluster trust different CAs.
+    ConflictingCa(String),
+}
+
+impl fmt::Display for DeclarationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::DuplicateName(n) => write!(f, "registry name or alias {n:?} is declared twice"),
+            Self::BadHost(h) => write!(
+                f,
+                "invalid host pattern {h:?} (lowercase host[:port] or *.domain.tld)"
+            ),
+            Self::CachedUpstreamIsDirect { registry, upstream } => write!(
+                f,
+                "{upstream:?} is the upstream of cached registry {registry:?} and also a host Envoy reaches directly"
+            ),
+            Self::UnknownDefaultRegistry(d) => {
+                write!(f, "default_registry {d:?} is not a declared registry")
+            }
+            Self::BadPublicUrl(u) => write!(
+                f,
+                "public_url {u:?} must be https://host[:port] without path, query or credentials"
+            ),
+            Self::BadCacheService(c) => write!(f, "cache_service {c:?} must be host:port"),
+            Self::CacheFieldWithoutCache { registry, field } => write!(
+                f,
+                "registry {registry:?}: {field} is for cache-service, which serves only registries with cache = true"
+            ),
+            Self::ConflictingCa(host) => {
+                write!(f, "registries with upstream {host:?} declare different ca_file")
+            }
+        }
+    }
+}
+
+impl std::error::Error for DeclarationError {}
+
+/// A declared host pattern, which must already be in canonical form (it names Envoy
+/// clusters and virtual hosts as written) and, as a wildcard, cover less than a TLD.
+fn declared_host(pattern: &str) -> Result<HostPattern, DeclarationError> {
+    let bad = || DeclarationError::BadHost(pattern.to_owned());
+    let host = HostPattern::parse(pattern).map_err(|_| bad())?;
+    let broad = matches!(&host, HostPattern::Wildcard(suffix) if !suffix.contains('.'));
+    if broad || host.to_string() != pattern {
+        return Err(bad());
+    }
+    Ok(host)
+}
+
+impl Registry {
+    /// The filter's view. A cached registry's challenges and redirects never reach
+    /// clients (cache-service answers them upstream), so the filter gets no hosts for it.
+    pub fn filter_registry(&self) -> RegistryConfig {
+        let hosts = |h: &Vec<String>| if self.cache { Vec::new() } else { h.clone() };
+        RegistryConfig {
+            name: self.name.clone(),
+            aliases: self.aliases.clone(),
+            upstream: self.upstream.clone(),
+            host_prefix: self.host_prefix.clone(),
+            realm_hosts: hosts(&self.realm_hosts),
+            redirect_hosts: hosts(&self.redirect_hosts),
+            library_namespace: self.library_namespace,
+            cache: self.cache,
+            redirects: self.redirects,
+            cluster: None,
+            forward_client_credentials: self.forward_client_credentials,
+        }
+    }
+
+    /// cache-service's view: the realm and redirect hosts are the only hosts it may follow
+    /// a challenge or a redirect to.
+    pub fn cache_upstream(&self) -> CacheUpstream {
+        CacheUpstream {
+            name: self.name.clone(),
+            url: format!("https://{}", self.upstream),
+            realm_hosts: self.realm_hosts.clone(),
+            redirect_hosts: self.redirect_hosts.clone(),
+            ca_file: self.ca_file.clone(),
+            username: self.username.clone(),
+            password_env: self.password_env.clone(),
+            password_file: self.password_file.clone(),
+            public: self.public,
+            client_token_env: self.client_token_env.clone(),
+        }
+    }
+
+    /// The first cache-side field set, if any.
+    fn cache_field(&self) -> Option<&'static str> {
+        [
+            ("username", self.username.is_some()),
+            ("password_env", self.password_env.is_some()),
+            ("password_file", self.password_file.is_some()),
+            ("public", self.public.is_some()),
+            ("client_token_env", self.client_token_env.is_some()),
+        ]
+        .into_iter()
+        .find_map(|(field, set)| set.then_some(field))
+    }
+}
+
+impl<A> Declaration<A> {
+    /// Checks what the generator relies on; the filter's and the cache's parsers check
+    /// the configurations produced from it, and cache-service's generator checks `[access]`.
+    pub fn validate(&self) -> Result<(), DeclarationError> {
+        let mut names = BTreeSet::new();
+        for registry in &self.registries {
+            for name in std::iter::once(&registry.name).chain(&registry.aliases) {
+                if !names.insert(name.as_str()) {
+                    return Err(DeclarationError::DuplicateName(name.clone()));
+                }
+            }
+            for host in std::iter::once(&registry.upstream)
+                .chain(&registry.realm_hosts)
+                .chain(&registry.redirect_hosts)
+            {
+                declared_host(host)?;
+            }
+            if let (false, Some(field)) = (registry.cache, registry.cache_field()) {
+                return Err(DeclarationError::CacheFieldWithoutCache {
+                    registry: registry.name.clone(),
+                    field,
+                });
+            }
+        }
+        let direct = self.upstream_hosts();
+        for registry in self.cached_registries() {
+            if direct.contains(&declared_host(&registry.upstream)?) {
+                return Err(DeclarationError::CachedUpstreamIsDirect {
+                    registry: registry.name.clone(),
+                    upstream: registry.upstream.clone(),
+                });
+            }
+        }
+        let mut cas = BTreeMap::new();
+        for registry in self.registries.iter().filter(|r| !r.cache) {
+            if let Some(ca) = &registry.ca_file {
+                if cas
+                    .insert(&registry.upstream, ca)
+                    .is_some_and(|old| old != ca)
+                {
+                    return Err(DeclarationError::ConflictingCa(registry.upstream.clone()));
+                }
+            }
+        }
+        if let Some(default) = &self.mirror.default_registry {
+            if !self.registries.iter().any(|r| &r.name == default) {
+                return Err(DeclarationError::UnknownDefaultRegistry(default.clone()));
+            }
+        }
+        if let Some(url) = &self.mirror.public_url {
+            // The filter's own grammar, narrowed to what a public mirror may be.
+            let bare = PublicUrl::parse(url).is_ok_and(|p| p.scheme == "https")
+                && url.starts_with("https://")
+                && !url.ends_with('/');
+            if !bare {
+                return Err(DeclarationError::BadPublicUrl(url.clone()));
+            }
+        }
+        if self.mirror.cache_service.rsplit_once(':').is_none() {
+            return Err(DeclarationError::BadCacheService(
+                self.mirror.cache_service.clone(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The filter's configuration. `public`: for the public mirrors (`public_url`
+    /// included); without it, for `just up` on 127.0.0.1.
+    pub fn filter_config(&self, public: bool) -> FilterConfig {
+        FilterConfig {
+            host_suffix: self.mirror.host_suffix.clone(),
+            default_registry: self.mirror.default_registry.clone(),
+            redirect_ttl_seconds: Some(self.mirror.redirect_ttl_seconds),
+            signing_key: None,
+            public_url: self.mirror.public_url.clone().filter(|_| public),
+            registries: self
+                .registries
+                .iter()
+                .map(Registry::filter_registry)
+                .collect(),
+        }
+    }
+
+    /// Every host Envoy connects to, each once: the upstream, realm and redirect hosts of
+    /// the registries Envoy serves directly. A cached registry's upstream, realms and
+    /// redirects are cache-service's business; Envoy only routes its name to the cache.
+    pub fn upstream_hosts(&self) -> BTreeSet<HostPattern> {
+        self.registries
+            .iter()
+            .filter(|r| !r.cache)
+            .flat_map(|r| {
+                std::iter::once(&r.upstream)
+                    .chain(&r.realm_hosts)
+                    .chain(&r.redirect_hosts)
+            })
+            // Invalid ones are refused by `validate`.
+            .filter_map(|pattern| declared_host(pattern).ok())
+            .collect()
+    }
+
+    /// The CA file each directly served upstream's Envoy cluster trusts, where declared
+    /// (two registries on one upstream with different CAs are refused by `validate`).
+    pub fn upstream_cas(&self) -> BTreeMap<HostPattern, &Path> {
+        self.registries
+            .iter()
+            .filter(|r| !r.cache)
+            .filter_map(|r| Some((declared_host(&r.upstream).ok()?, r.ca_file.as_deref()?)))
+            .collect()
+    }
+
+    /// The registries cache-service serves.
+    pub fn cached_registries(&self) -> impl Iterator<Item = &Registry> {
+        self.registries.iter().filter(|r| r.cache)
+    }
+
+    /// cache-service's `[[upstream]]` entries.
+    pub fn cache_upstreams(&self) -> Vec<CacheUpstream> {
+        self.cached_registries()
+            .map(Registry::cache_upstream)
+            .collect()
+    }
+}
+
+/// `envoy/registries.toml` as JSON, converted by build.rs.
+const BUILTIN_JSON: &str = include_str!(concat!(env!("OUT_DIR"), "/registries.json"));
+
+/// The shipped declaration (`envoy/registries.toml`, embedded at build time): the filter's
+/// built-in registries.
+pub fn builtin() -> Result<Declaration, serde_json::Error> {
+    serde_json::from_slice(BUILTIN_JSON.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn declaration(registries: &str) -> Declaration {
+        let json = format!(
+            r#"{{"mirror":{{"cache_service":"127.0.0.1:5001"}},"registry":[{registries}]}}"#
+        );
+        serde_json::from_str(&json).unwrap()
+    }
+
+    #[test]
+    fn host_patterns_are_canonical() {
+        for good in [
+            "quay.io",
+            "registry.local:5000",
+            "*.pkg.dev",
+            "127.0.0.1:5443",
+        ] {
+            assert!(declared_host(good).is_ok(), "{good:?}");
+        }
+        for bad in [
+            "",
+            "*.com",
+            "a..b",
+            "UPPER.io",
+            "x.io:0",
+            "x.io:99999",
+            "-a.io",
+            "a b",
+            " a.io",
+        ] {
+            assert_eq!(
+                declared_host(bad),
+                Err(DeclarationError::BadHost(bad.into())),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn shipped_declaration_is_valid() {
+        let d = builtin().unwrap();
+        d.validate().unwrap();
+        let hosts: Vec<String> = d.upstream_hosts().iter().map(|h| h.to_string()).collect();
+        assert!(hosts.contains(&"registry-1.docker.io".to_owned()));
+        assert!(hosts.contains(&"auth.docker.io".to_owned()));
+        assert!(hosts.contains(&"*.r2.cloudflarestorage.com".to_owned()));
+        // gcr.io is cached: only cache-service talks to it.
+        assert!(!hosts.contains(&"gcr.io".to_owned()));
+        assert_eq!(d.cached_registries().count(), 1);
+    }
+
+    #[test]
+    fn refusals() {
+        let dup = declaration(
+            r#"{"name":"a.io","upstream":"a.io"},{"name":"b.io","aliases":["a.io"],"upstream":"b.io"}"#,
+        );
+        assert_eq!(
+            dup.validate(),
+            Err(DeclarationError::DuplicateName("a.io".into()))
+        );
+        let direct = declaration(
+            r#"{"name":"a.io","upstream":"a.io"},{"name":"b.io","upstream":"a.io","cache":true}"#,
+        );
+        assert!(matches!(
+            direct.validate(),
+            Err(DeclarationError::CachedUpstreamIsDirect { .. })
+        ));
+        let login = declaration(r#"{"name":"a.io","upstream":"a.io","username":"u"}"#);
+        let error = login.validate().unwrap_err();
+        assert!(error.to_string().contains("cache = true"), "{error}");
+        let cas = declaration(
+            r#"{"name":"a.io","upstream":"a.io","ca_file":"/x"},{"name":"b.io","upstream":"a.io","ca_file":"/y"}"#,
+        );
+        assert_eq!(
+            cas.validate(),
+            Err(DeclarationError::ConflictingCa("a.io".into()))
+        );
+        let mut d = declaration(r#"{"name":"a.io","upstream":"a.io"}"#);
+        d.mirror.default_registry = Some("b.io".into());
+        assert!(matches!(
+            d.validate(),
+            Err(DeclarationError::UnknownDefaultRegistry(_))
+        ));
+        d.mirror.default_registry = None;
+        d.mirror.cache_service = "cache".into();
+        assert!(matches!(
+            d.validate(),
+            Err(DeclarationError::BadCacheService(_))
+        ));
+        // Unknown fields are refused at every level.
+        for bad in [
+            r#"{"mirror":{"cache_service":"c:1","x":1},"registry":[]}"#,
+            r#"{"mirror":{"cache_service":"c:1"},"registry":[{"name":"a","upstream":"a","x":1}]}"#,
+            r#"{"mirror":{"cache_service":"c:1"},"registry":[],"x":1}"#,
+            r#"{"mirror":{"cache_service":"c:1"},"registry":[{"name":"a","upstream":"a","redirects":"follow"}]}"#,
+        ] {
+            assert!(serde_json::from_str::<Declaration>(bad).is_err(), "{bad}");
+        }
+        // `[access]` is opaque here: any content passes, its own type checks it.
+        let with_access =
+            r#"{"mirror":{"cache_service":"c:1"},"registry":[],"access":{"anything":[1]}}"#;
+        assert!(serde_json::from_str::<Declaration>(with_access).is_ok());
+    }
+
+    #[test]
+    fn public_url_is_an_https_origin() {
+        let mut d = declaration(r#"{"name":"a.io","upstream":"a.io"}"#);
+        for good in [
+            "https://mirror.example.com",
+            "https://mirror.example.com:8443",
+        ] {
+            d.mirror.public_url = Some(good.into());
+            assert_eq!(d.validate(), Ok(()), "{good}");
+        }
+        for bad in [
+            "http://mirror.example.com",
+            "https://mirror.example.com/",
+            "https://mirror.example.com/v2",
+            "https://u:p@mirror.example.com",
+            "https://mirror.example.com?x=1",
+            "mirror.example.com",
+        ] {
+            d.mirror.public_url = Some(bad.into());
+            assert_eq!(
+                d.validate(),
+                Err(DeclarationError::BadPublicUrl(bad.into())),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn cached_registries_keep_their_hosts_for_the_cache_only() {
+        let d = declaration(
+            r#"{"name":"a.io","upstream":"a.io:5000","realm_hosts":["auth.a.io"],"redirect_hosts":["*.cdn.a.io"],
+                "cache":true,"username":"u","password_env":"PW","ca_file":"/ca.pem"}"#,
+        );
+        d.validate().unwrap();
+        let filter = d.filter_config(true);
+        assert!(filter.registries[0].realm_hosts.is_empty());
+        assert!(filter.registries[0].redirect_hosts.is_empty());
+        let upstream = &d.cache_upstreams()[0];
+        assert_eq!(upstream.url, "https://a.io:5000");
+        assert_eq!(upstream.realm_hosts, ["auth.a.io"]);
+        assert_eq!(upstream.redirect_hosts, ["*.cdn.a.io"]);
+        assert_eq!(upstream.username.as_deref(), Some("u"));
+        assert_eq!(upstream.ca_file, Some(PathBuf::from("/ca.pem")));
+        // Envoy never reaches a cached upstream: its CA is the cache's.
+        assert!(d.upstream_cas().is_empty());
+        assert!(d.upstream_hosts().is_empty());
+    }
+
+    /// What render writes for the filter is exactly what the filter's parser reads, both ways.
+    #[test]
+    fn the_filter_reads_what_the_declaration_renders() {
+        let d = builtin().unwrap();
+        for public in [false, true] {
+            let rendered = d.filter_config(public);
+            let json = serde_json::to_string_pretty(&rendered).unwrap();
+            assert_eq!(
+                crate::config::parse(json.as_bytes()).unwrap(),
+                crate::config::compile(&rendered).unwrap()
+            );
+            let parsed: FilterConfig = serde_json::from_str(&json).unwrap();
+            assert_eq!(parsed, rendered);
+            assert_eq!(serde_json::to_string_pretty(&parsed).unwrap(), json);
+        }
+    }
+}
