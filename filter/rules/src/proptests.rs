@@ -682,11 +682,18 @@ proptest! {
     fn valid_names_parse(
         comps in prop::collection::vec("[a-z0-9]{1,8}((\\.|_|__|-{1,3})[a-z0-9]{1,8}){0,2}", 1..5),
         hex in "[a-f0-9]{64}",
+        tag in "[A-Za-z0-9_][A-Za-z0-9._-]{0,127}",
+        bytes in prop::collection::vec(any::<u8>(), 0..64),
     ) {
         let name = comps.join("/");
         prop_assert_eq!(RepositoryName::parse(&name).map(|n| n.to_string()), Ok(name));
         let d = format!("sha256:{hex}");
         prop_assert_eq!(Digest::parse(&d).map(|x| x.to_string()), Ok(d));
+        prop_assert_eq!(Reference::parse(&tag).map(|r| r.to_string()), Ok(tag));
+        let h = Digest::of_bytes(&bytes);
+        prop_assert_eq!(Digest::parse(h.as_str()), Ok(h.clone()));
+        prop_assert!(Digest::parse(&h.as_str().to_uppercase()).is_err());
+        prop_assert!(Digest::parse(h.hex()).is_err());
     }
 
     #[test]
