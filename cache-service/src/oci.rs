@@ -8,7 +8,7 @@ use registry_rules::names::{NameError, Reference};
 
 /// The cache stores, hashes and verifies sha256 content only: any other digest a request or
 /// an upstream names is refused as invalid (`DIGEST_INVALID`), as it always was.
-pub fn require_sha256(digest: Digest) -> Result<Digest, NameError> {
+fn require_sha256(digest: Digest) -> Result<Digest, NameError> {
     if digest.algorithm() == Algorithm::Sha256 {
         Ok(digest)
     } else {

@@ -59,7 +59,7 @@ impl From<NameError> for ApiError {
         let (code, message) = match e {
             NameError::Name => (ErrorCode::NameInvalid, "invalid repository name"),
             NameError::Tag => (ErrorCode::ManifestInvalid, "invalid tag"),
-            // The cache's own rule (see `oci::require_sha256`), said to the client.
+            // Includes the cache's own sha256-only rule (`oci::parse_digest`), said to the client.
             NameError::Digest => (
                 ErrorCode::DigestInvalid,
                 "invalid digest (only sha256:<64 lowercase hex> is accepted)",
