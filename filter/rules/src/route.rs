@@ -780,7 +780,7 @@ fn route_auth(
 /// to that realm (its host must be on the registry's `realm_hosts`, else 502 `DENIED`);
 /// when the client asked a realm URL itself (`expect`), sent there only if it is the
 /// learned one, else 403 `DENIED`.
-pub fn forward_to_learned(
+fn forward_to_learned(
     cfg: &CompiledConfig,
     lr: &LearnRealm,
     learned: &LearnedRealm,
@@ -842,7 +842,7 @@ pub fn forward_with_stored(
 }
 
 /// A paused token request once its realm call answered (`status`: the call's
-/// `:status`, `None` when it failed): forwarded as [`forward_to_learned`] says, a local
+/// `:status`, `None` when it failed): forwarded to the learned realm, a local
 /// placeholder token for an anonymous registry, else an error. A realm URL the client
 /// asked itself (`expect`) that cannot be confirmed is refused with 403 `DENIED`.
 pub fn token_after_realm_call(
