@@ -645,6 +645,37 @@ mod tests {
             assert_eq!(r.status(), 200);
             assert_eq!(bystander.seen().len(), 1);
         }
+
+        #[tokio::test]
+        async fn a_basic_challenge_gets_the_credentials_on_the_upstream_host_only() {
+            // base64("u:p")
+            let server = TestServer::start(|seen| match seen.authorization() {
+                Some("Basic dTpw") => reply(200, &[], "ok"),
+                _ => reply(401, &[("www-authenticate", r#"Basic realm="lab""#)], ""),
+            })
+            .await;
+            let mut cfg = config(&server.url(""), &[], &[]);
+            cfg.credentials = Some(Credentials {
+                username: "u".into(),
+                password: "p".into(),
+            });
+            let u = Upstream::new(&cfg, None).unwrap();
+            assert_eq!(
+                get(&u, "/v2/lab/app/manifests/1").await.unwrap().status(),
+                200
+            );
+            // Without credentials the 401 goes back as is, asked once.
+            let anonymous = Upstream::new(&config(&server.url(""), &[], &[]), None).unwrap();
+            let before = server.seen().len();
+            assert_eq!(
+                get(&anonymous, "/v2/lab/app/manifests/1")
+                    .await
+                    .unwrap()
+                    .status(),
+                401
+            );
+            assert_eq!(server.seen().len(), before + 1);
+        }
     }
 
     #[test]

@@ -254,4 +254,32 @@ mod tests {
         );
         assert_eq!(st.issued.lock().unwrap().len(), 3);
     }
+
+    /// `doctor`: a realm the mirror did not rewrite is refused, and never contacted.
+    #[tokio::test]
+    async fn strict_realms_refuse_a_realm_away_from_the_mirror() {
+        use crate::testserver::{reply, TestServer};
+        let away = TestServer::start(|_| reply(200, &[], r#"{"token":"t"}"#)).await;
+        let realm = away.url("/token");
+        let mirror = TestServer::start(move |_| {
+            let c = format!(r#"Bearer realm="{realm}",service="lab""#);
+            reply(401, &[("www-authenticate", c.as_str())], "")
+        })
+        .await;
+        let url = |c: &MirrorClient| c.v2_url("lab", "lab/app", "manifests/1").unwrap();
+        let strict = MirrorClient::new(&mirror.url(""), None, true).unwrap();
+        let r = strict
+            .send(Method::HEAD, url(&strict), None, "repository:lab/app:pull")
+            .await;
+        assert!(matches!(r, Err(ClientError::Token { .. })), "{r:?}");
+        assert!(away.seen().is_empty(), "{:?}", away.seen());
+        // warm follows the realm the mirror hands out, wherever it is.
+        let warm = MirrorClient::new(&mirror.url(""), None, false).unwrap();
+        let r = warm
+            .send(Method::HEAD, url(&warm), None, "repository:lab/app:pull")
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "the token did not open the fake mirror");
+        assert_eq!(away.seen().len(), 1);
+    }
 }
