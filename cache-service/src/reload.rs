@@ -88,16 +88,16 @@ impl ConfigState {
             Ok(mut g) => *g = Arc::new(live),
             Err(p) => *p.into_inner() = Arc::new(live),
         }
-        *cache::lock(&self.refusal) = None;
+        *crate::lock(&self.refusal) = None;
     }
 
     fn refuse(&self, why: String) {
-        *cache::lock(&self.refusal) = Some(why);
+        *crate::lock(&self.refusal) = Some(why);
     }
 
     /// Why the last reload was refused (cleared by the next one put in force).
     pub fn refusal(&self) -> Option<String> {
-        cache::lock(&self.refusal).clone()
+        crate::lock(&self.refusal).clone()
     }
 }
 

@@ -20,6 +20,7 @@ use bytes::Bytes;
 use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use reqwest::{Method, StatusCode};
 
+use crate::lock;
 use crate::metrics::Metrics;
 use crate::oci;
 use crate::store::BlobStore;
@@ -34,10 +35,6 @@ use streams::{InFlight, MemoryBudget};
 pub use blobs::BlobReply;
 pub use manifests::ManifestReply;
 pub use pass_through::SmallReply;
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Domain errors of the cache; rendered as OCI errors in `http::error` only.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -78,7 +78,7 @@ impl StatusState {
     /// Count one request for `registry/name`.
     pub fn record_request(&self, registry: &str, name: &str) {
         let key = format!("{registry}/{name}");
-        crate::cache::lock(&self.repos).record(&key, MAX_TRACKED);
+        crate::lock(&self.repos).record(&key, MAX_TRACKED);
     }
 }
 
@@ -125,7 +125,7 @@ impl Snapshot {
     pub fn read(cache: &Cache, st: &StatusState, config: &ConfigState) -> Self {
         let m = &cache.metrics;
         let (top, tracked) = {
-            let r = crate::cache::lock(&st.repos);
+            let r = crate::lock(&st.repos);
             (r.top(TOP_N), r.tracked())
         };
         Self {

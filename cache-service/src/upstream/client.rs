@@ -13,6 +13,7 @@ use url::Url;
 use super::auth::{self, TokenCache, MAX_TOKEN_RESPONSE_BYTES};
 use super::{read_body, redirect_target, HostPolicy, HostRefusal, UpstreamError};
 use crate::config::Credentials;
+use crate::lock;
 use registry_rules::challenge::{self, Challenge};
 
 /// Where a client may go beyond its base URL, and with what: the one place the cache's
@@ -110,10 +111,6 @@ impl SentAuth {
             fresh,
         })
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[derive(Debug)]

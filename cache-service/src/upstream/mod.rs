@@ -15,6 +15,7 @@ use reqwest::{Method, StatusCode};
 use url::Url;
 
 use crate::config::UpstreamConfig;
+use crate::lock;
 use client::{host_key, Reach, RegistryClient};
 use registry_rules::names::RepositoryName;
 
@@ -227,10 +228,6 @@ pub struct Upstream {
     pub name: String,
     pub client: RegistryClient,
     health: Mutex<Health>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Parsed `Retry-After` (seconds or HTTP date).
