@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use registry_rules::config::{any_match, HostPattern};
+use registry_rules::hosts::{any_match, HostPattern};
 use reqwest::header::{HeaderMap, LOCATION, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
 use url::Url;

@@ -1,6 +1,7 @@
 //! RFC 7235 `WWW-Authenticate` parsing, serialization and realm rewriting.
 
-use super::config::{any_match, HostPattern, Registry};
+use super::config::Registry;
+use super::hosts::{any_match, HostPattern};
 use super::url::{parse_url, UrlParts};
 use std::fmt;
 

@@ -1,12 +1,9 @@
 //! Plugin configuration: serde types, defaults, validation and the compiled table.
 
-use crate::hosts::{is_valid_hostname, BadHost};
+use crate::hosts::{any_match, is_valid_authority, is_valid_hostname, BadHost, HostPattern};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt;
-
-// Moved to `hosts`; re-exported until the remaining `config::` imports are updated.
-pub use crate::hosts::{any_match, is_valid_authority, HostPattern};
 
 /// Default lifetime of a signed redirect URL.
 pub const DEFAULT_REDIRECT_TTL_SECONDS: u64 = 1200;

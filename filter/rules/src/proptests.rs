@@ -4,10 +4,9 @@
 //! (`just fuzz` runs many more than the default).
 
 use super::challenge::{self, rewrite_challenges, serialize, LearnedRealm};
-use super::config::{
-    any_match, compile, default_config, parse, FilterConfig, RedirectMode, RegistryConfig,
-};
+use super::config::{compile, default_config, parse, FilterConfig, RedirectMode, RegistryConfig};
 use super::digest::Digest;
+use super::hosts::any_match;
 use super::names::{Reference, RepositoryName};
 use super::realms::IssuedRealms;
 use super::redirect::{
@@ -183,7 +182,7 @@ const PARAM_VALUES: &[&str] = &[
 /// rewrite): `(value, rewritten, rejected, realms)`.
 fn rewrite_by_parse(
     header: &str,
-    allowlist: &[super::config::HostPattern],
+    allowlist: &[super::hosts::HostPattern],
     mirror_base: &str,
     scope_prefix: Option<&str>,
 ) -> (String, usize, usize, Vec<LearnedRealm>) {

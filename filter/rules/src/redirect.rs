@@ -1,6 +1,7 @@
 //! Signed redirect URLs: resolving `Location`, signing, parsing and verifying.
 
-use super::config::{is_valid_authority, CompiledConfig, RedirectMode};
+use super::config::{CompiledConfig, RedirectMode};
+use super::hosts::is_valid_authority;
 use super::url::{is_url_char, parse_url};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;

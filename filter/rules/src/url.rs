@@ -37,7 +37,7 @@ pub fn parse_url(url: &str) -> Option<UrlParts> {
         Some((h, p)) if p == default_port => h.to_string(),
         _ => auth,
     };
-    if !crate::config::is_valid_authority(&auth) {
+    if !crate::hosts::is_valid_authority(&auth) {
         return None;
     }
     if !tail.bytes().all(is_url_char) {
