@@ -29,8 +29,8 @@ pub struct FilterConfig {
     /// Absent: the client's (validated) Host is used, fit for local use only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_url: Option<String>,
-    /// Registries. Empty or absent: the five built-in registries (and, when
-    /// `default_registry` is absent too, default registry `docker.io`).
+    /// Registries. Empty or absent: the built-in ones, those of `envoy/registries.toml`
+    /// (and, when `default_registry` is absent too, its default registry).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub registries: Vec<RegistryConfig>,
 }
@@ -108,7 +108,7 @@ pub enum ConfigError {
     BadCluster(String),
     /// `public_url` is not `http(s)://host[:port]`.
     BadPublicUrl(String),
-    /// The built-in declaration (envoy/registries.toml, embedded at build time) does not
+    /// The built-in configuration (envoy/filter.json, embedded at build time) does not
     /// read: the configuration must name its registries.
     Builtin(String),
 }
@@ -134,7 +134,7 @@ impl fmt::Display for ConfigError {
             ),
             ConfigError::Builtin(e) => write!(
                 f,
-                "the built-in registries (envoy/registries.toml) do not read: {e}; declare registries"
+                "the built-in registries (envoy/filter.json) do not read: {e}; declare registries"
             ),
         }
     }
@@ -148,24 +148,26 @@ impl From<BadHost> for ConfigError {
     }
 }
 
-/// The configuration used when the plugin configuration is empty: the registries and
-/// default registry of the shipped declaration (`envoy/registries.toml`, embedded at build
-/// time), in path mode without `public_url` (the declaration's host suffix and public URL
-/// are placeholders for a real deployment).
+/// The configuration used when the plugin configuration is empty: `envoy/filter.json`,
+/// which `regmirror render` writes from the one declaration (`envoy/registries.toml`, a
+/// test fails when it drifts), embedded and read by the same parser as any configuration.
+/// Its registries and default registry, in path mode without `public_url` (the declared
+/// host suffix and public URL are a real deployment's).
 ///
-/// Built-ins that do not read (a build problem the tests catch) leave it empty, which
-/// [`compile`] resolves to the built-ins again and so reports.
+/// Built-ins that do not read (caught by the tests) leave it empty, which [`compile`]
+/// resolves to the built-ins again and so reports.
 pub fn default_config() -> FilterConfig {
     builtin_config().unwrap_or_default()
 }
 
 fn builtin_config() -> Result<FilterConfig, ConfigError> {
-    let declaration =
-        crate::declaration::builtin().map_err(|e| ConfigError::Builtin(e.to_string()))?;
+    let rendered: FilterConfig =
+        serde_json::from_slice(include_bytes!("../../../envoy/filter.json"))
+            .map_err(|e| ConfigError::Builtin(e.to_string()))?;
     Ok(FilterConfig {
         host_suffix: None,
         public_url: None,
-        ..declaration.filter_config(false)
+        ..rendered
     })
 }
 
@@ -784,7 +786,8 @@ mod tests {
     /// The built-in registries are the shipped declaration's, as render writes them.
     #[test]
     fn defaults_are_the_declared_registries() {
-        let declared = crate::declaration::builtin().unwrap();
+        let declared: crate::declaration::Declaration<serde::de::IgnoredAny> =
+            toml::from_str(include_str!("../../../envoy/registries.toml")).unwrap();
         let defaults = default_config();
         assert_eq!(
             defaults.registries,
@@ -796,5 +799,6 @@ mod tests {
             Some(declared.mirror.redirect_ttl_seconds)
         );
         assert_eq!(defaults.registries.len(), declared.registries.len());
+        assert!(defaults.host_suffix.is_none() && defaults.public_url.is_none());
     }
 }

@@ -1,7 +1,7 @@
 //! The registry declaration: what `envoy/registries.toml` deserializes into, its
 //! validation, and the configurations produced from it (the filter's [`FilterConfig`],
-//! cache-service's [`CacheUpstream`]s). Serde only: the generator reads the TOML, the
-//! filter reads the same declaration embedded at build time as JSON.
+//! cache-service's [`CacheUpstream`]s). Serde only: the generator reads the TOML and
+//! writes what the filter and the cache read.
 
 use crate::config::{FilterConfig, PublicUrl, RedirectMode, RegistryConfig};
 use crate::hosts::HostPattern;
@@ -10,14 +10,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// `[access]` as the filter sees it: declared or not, its content is Envoy's business
-/// (cache-service's generator reads it with its own type).
-pub type OpaqueAccess = serde::de::IgnoredAny;
-
-/// The whole declaration. `A` is the `[access]` section's type.
+/// The whole declaration. `A` is the `[access]` section's type: enforced by Envoy, so it
+/// is the generator's (cache-service's) business, read with its own type.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Declaration<A = OpaqueAccess> {
+pub struct Declaration<A> {
     /// `[mirror]`.
     pub mirror: Mirror,
     /// `[[registry]]`, in declaration order.
@@ -374,18 +371,17 @@ impl<A> Declaration<A> {
     }
 }
 
-/// `envoy/registries.toml` as JSON, converted by build.rs.
-const BUILTIN_JSON: &str = include_str!(concat!(env!("OUT_DIR"), "/registries.json"));
-
-/// The shipped declaration (`envoy/registries.toml`, embedded at build time): the filter's
-/// built-in registries.
-pub fn builtin() -> Result<Declaration, serde_json::Error> {
-    serde_json::from_slice(BUILTIN_JSON.as_bytes())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `[access]` unread: any content passes here.
+    type Declaration = super::Declaration<serde::de::IgnoredAny>;
+
+    /// The shipped declaration (toml is a dev-dependency only: it stays out of the wasm).
+    fn shipped() -> Declaration {
+        toml::from_str(include_str!("../../../envoy/registries.toml")).unwrap()
+    }
 
     fn declaration(registries: &str) -> Declaration {
         let json = format!(
@@ -425,7 +421,7 @@ mod tests {
 
     #[test]
     fn shipped_declaration_is_valid() {
-        let d = builtin().unwrap();
+        let d = shipped();
         d.validate().unwrap();
         let hosts: Vec<String> = d.upstream_hosts().iter().map(|h| h.to_string()).collect();
         assert!(hosts.contains(&"registry-1.docker.io".to_owned()));
@@ -540,7 +536,7 @@ mod tests {
     /// What render writes for the filter is exactly what the filter's parser reads, both ways.
     #[test]
     fn the_filter_reads_what_the_declaration_renders() {
-        let d = builtin().unwrap();
+        let d = shipped();
         for public in [false, true] {
             let rendered = d.filter_config(public);
             let json = serde_json::to_string_pretty(&rendered).unwrap();
