@@ -11,6 +11,7 @@ pub mod images;
 pub mod mirror;
 pub mod pki;
 pub mod proc;
+pub mod replicas;
 pub mod s3;
 pub mod token_server;
 pub mod upstreams;

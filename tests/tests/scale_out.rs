@@ -1,0 +1,347 @@
+//! A platform team runs the cache as 3 `regmirror` replicas on one S3 bucket (a real
+//! SeaweedFS) behind one Envoy whose cache cluster is the rendered consistent-hash cluster
+//! (ring hash on `x-mirror-cache-key`, health checks on `/readyz`, retry to another host).
+//! Upstreams: the gcr-like front (distribution + token auth behind nginx) and the fault
+//! upstream (distribution + token auth, seen through one proxy per replica, so a story
+//! knows which replica fetched, can slow a body or take the upstream away).
+//!
+//! Stories that kill, restart or cut off replicas get a replica set of their own; the
+//! others share one. Each story pulls an image no other story touches.
+
+use mirror_tests::clients::{self, PulledDir, SkopeoPull};
+use mirror_tests::faults::{self, Fault};
+use mirror_tests::images::{SeededImage, MT_MANIFEST};
+use mirror_tests::replicas::{ScaleOut, FAULTY};
+use mirror_tests::upstreams::Front;
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const REPLICAS: usize = 3;
+
+fn shared() -> &'static ScaleOut {
+    static S: OnceLock<Result<ScaleOut, String>> = OnceLock::new();
+    match S.get_or_init(start) {
+        Ok(s) => s,
+        Err(e) => panic!("scale-out fixture failed to start: {e}"),
+    }
+}
+
+/// A replica set of its own (stories that kill, restart or cut off replicas).
+fn start() -> Result<ScaleOut, String> {
+    ScaleOut::start(mirror_tests::s3::shared(), REPLICAS).map_err(|e| format!("{e:#}"))
+}
+
+fn own() -> ScaleOut {
+    start().unwrap_or_else(|e| panic!("scale-out fixture failed to start: {e}"))
+}
+
+fn ok<T>(s: &ScaleOut, r: anyhow::Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("{e:#}\n{}", s.logs()))
+}
+
+fn skopeo(s: &ScaleOut, reference: &str) -> anyhow::Result<PulledDir> {
+    let opts = SkopeoPull {
+        all: false,
+        cert_dir: Some(s.up.pki.cert_dir.clone()),
+        registries_conf: None,
+    };
+    clients::skopeo_pull(reference, &opts)
+}
+
+/// `127.0.0.1:PORT/faulty.test/<repo>:<tag>` (path-prefix mode).
+fn faulty_ref(s: &ScaleOut, image: &SeededImage) -> String {
+    format!("{}/{FAULTY}/{}:{}", s.addr(), image.name, image.tag)
+}
+
+/// Upstream GETs answered 200 per blob of `image` at the gcr front.
+fn gcr_blob_gets(s: &ScaleOut, image: &SeededImage) -> BTreeMap<String, usize> {
+    let blobs = image.all_blobs();
+    let last = format!("/blobs/{}", blobs[blobs.len() - 1]);
+    let log =
+        s.up.access_log_with(Front::Gcr, |e| e.path().ends_with(&last));
+    blobs
+        .iter()
+        .map(|b| {
+            let n = log
+                .iter()
+                .filter(|e| {
+                    e.method == "GET"
+                        && e.status() == 200
+                        && e.path().ends_with(&format!("/blobs/{b}"))
+                })
+                .count();
+            (b.clone(), n)
+        })
+        .collect()
+}
+
+/// Requests for `image`'s repository the fault upstream saw, over all replicas' proxies.
+fn faulty_requests(s: &ScaleOut, image: &SeededImage) -> Vec<String> {
+    let repo = format!("/v2/{}/", image.name);
+    s.replicas
+        .iter()
+        .flat_map(|r| r.proxy.seen())
+        .filter(|x| x.path.starts_with(&repo))
+        .map(|x| format!("{} {} -> {}", x.method, x.path, x.status))
+        .collect()
+}
+
+/// Every blob of `image` is in the bucket under its digest, with bytes that hash to it.
+fn assert_in_bucket(s: &ScaleOut, image: &SeededImage) {
+    for d in image.all_blobs() {
+        let bytes = ok(s, s.s3.read(&s.blob_key(&d)));
+        assert_eq!(mirror_tests::digest_of(&bytes), d, "bucket object of {d}");
+    }
+}
+
+/// A GET straight to one replica, naming the registry as Envoy's filter does.
+fn replica_get(s: &ScaleOut, i: usize, path: &str) -> faults::Got {
+    faults::get(
+        &faults::client(),
+        &s.replicas[i].url(path),
+        &[("x-mirror-registry", FAULTY), ("accept", MT_MANIFEST)],
+    )
+}
+
+#[test]
+fn skopeo_and_containerd_pull_through_three_replicas_on_one_bucket() {
+    let s = shared();
+    let image = &s.up.images.distroless;
+    let reference = format!("{}/{}:{}", s.host("gcr"), image.name, image.tag);
+    ok(s, skopeo(s, &reference)).assert_is(image, false);
+
+    let ctrd = clients::containerd();
+    let hosts = tempfile::tempdir().unwrap();
+    clients::write_hosts_toml(hosts.path(), "gcr.io", &s.addr(), &s.up.pki.ca).unwrap();
+    let ns = format!("scale-{}", hex::encode(rand::random::<[u8; 4]>()));
+    let cref = format!("gcr.io/{}:{}", image.name, image.tag);
+    ok(s, ctrd.pull(&ns, hosts.path(), &cref, &[]));
+    assert_eq!(ok(s, ctrd.image_digest(&ns, &cref)), image.digest);
+    for d in image.all_blobs() {
+        ok(s, ctrd.verify_content(&ns, &d));
+    }
+
+    // Two clients, three replicas: each blob came from the upstream once and sits in the
+    // shared bucket, verified.
+    let gets = gcr_blob_gets(s, image);
+    assert!(
+        gets.values().all(|&n| n == 1),
+        "upstream blob GETs per digest: {gets:?}\n{}",
+        s.logs()
+    );
+    assert_in_bucket(s, image);
+}
+
+#[test]
+fn thirty_two_concurrent_cold_pulls_fetch_each_blob_once() {
+    let s = shared();
+    let image = &s.up.images.pause;
+    let reference = format!("{}/{}:{}", s.host("gcr"), image.name, image.tag);
+    let results: Vec<anyhow::Result<PulledDir>> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..32)
+            .map(|_| sc.spawn(|| skopeo(s, &reference)))
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("pull thread panicked")))
+            })
+            .collect()
+    });
+    for r in results {
+        ok(s, r).assert_is(image, false);
+    }
+    let gets = gcr_blob_gets(s, image);
+    assert!(
+        gets.values().all(|&n| n == 1),
+        "32 concurrent pulls over {REPLICAS} replicas: upstream blob GETs per digest {gets:?}\n{}",
+        s.logs()
+    );
+    assert_in_bucket(s, image);
+}
+
+#[test]
+fn a_replica_killed_mid_pull_the_retry_succeeds_and_nothing_partial_is_served() {
+    let mut s = own();
+    let image = &faults::shared().images.big;
+    let layer = image.first_layer();
+    let blob_path = format!("/blobs/{layer}");
+    // 6 MiB at 1 MiB/s: the replica that fetches it is still writing when it is killed.
+    for r in &s.replicas {
+        r.proxy.set_fault(&layer, Fault::Throttle(1024 * 1024));
+    }
+    let reference = faulty_ref(&s, image);
+    let opts = SkopeoPull {
+        all: false,
+        cert_dir: Some(s.up.pki.cert_dir.clone()),
+        registries_conf: None,
+    };
+    let first = {
+        let (reference, opts) = (reference.clone(), opts.clone());
+        std::thread::spawn(move || clients::skopeo_pull(&reference, &opts))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let fetching = loop {
+        if let Some(i) = s.replicas.iter().position(|r| r.fetched(&blob_path) > 0) {
+            break i;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no replica fetched the layer\n{}",
+            s.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Let bytes flow into the store's in-progress write, then SIGKILL the writer.
+    std::thread::sleep(Duration::from_secs(2));
+    s.replicas[fetching].kill9();
+    let first = first
+        .join()
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("pull thread panicked")));
+    // skopeo_pull verifies every digest: a first attempt that "succeeded" is the real image.
+    if let Ok(p) = &first {
+        p.assert_is(image, false);
+    }
+
+    // The client's retry (unthrottled) goes to another replica and verifies.
+    for r in &s.replicas {
+        r.proxy.clear_faults();
+    }
+    ok(&s, clients::skopeo_pull(&reference, &opts)).assert_is(image, false);
+    let others: usize = (0..s.replicas.len())
+        .filter(|&i| i != fetching)
+        .map(|i| s.replicas[i].fetched(&blob_path))
+        .sum();
+    assert!(
+        others >= 1,
+        "the retry's layer did not come through another replica\n{}",
+        s.logs()
+    );
+    // Nothing the killed replica wrote half-way is visible: every blob object in the bucket
+    // hashes to its name, and the layer is there, whole.
+    let (bad, checked) = ok(&s, s.unverified_blobs());
+    assert!(bad.is_empty(), "unverified objects under blobs/: {bad:?}");
+    assert!(checked >= image.all_blobs().len(), "{checked} blob objects");
+    assert_in_bucket(&s, image);
+    // The killed replica comes back and serves the layer from the bucket, verified.
+    let restarted = s.replicas[fetching].start();
+    ok(&s, restarted);
+    let got = replica_get(&s, fetching, &format!("/v2/{}{blob_path}", image.name));
+    assert_eq!(
+        (got.status, mirror_tests::digest_of(&got.body)),
+        (200, layer.clone()),
+        "the restarted replica serving the layer"
+    );
+    eprintln!(
+        "killed replica {fetching} mid-layer; first attempt: {}",
+        match &first {
+            Ok(_) => "completed".to_string(),
+            Err(e) => format!("failed ({})", e.to_string().lines().next().unwrap_or("")),
+        }
+    );
+}
+
+#[test]
+fn restarted_replicas_serve_warm_pulls_without_asking_the_upstream() {
+    let mut s = own();
+    let image = &faults::shared().images.crowd;
+    let reference = faulty_ref(&s, image);
+    ok(&s, skopeo(&s, &reference)).assert_is(image, false);
+    let before = faulty_requests(&s, image);
+    assert!(!before.is_empty(), "the cold pull reached no upstream");
+
+    let restarted = s.restart_all();
+    ok(&s, restarted);
+    ok(&s, skopeo(&s, &reference)).assert_is(image, false);
+    // Blobs AND the tag (within its TTL) come from the bucket.
+    let after = faulty_requests(&s, image);
+    assert_eq!(
+        after[before.len()..],
+        [] as [String; 0],
+        "after a restart of every replica the warm pull asked the upstream\n{}",
+        s.logs()
+    );
+}
+
+#[test]
+fn with_the_upstream_down_every_replica_serves_cached_tags() {
+    let mut s = own();
+    let up = faults::shared();
+    let image = &up.images.small;
+    let reference = faulty_ref(&s, image);
+    ok(&s, skopeo(&s, &reference)).assert_is(image, false);
+
+    for r in &s.replicas {
+        r.proxy.set_upstream_up(false, up.registry.addr);
+    }
+    let tag_path = format!("/v2/{}/manifests/{}", image.name, image.tag);
+    for i in 0..s.replicas.len() {
+        let m = replica_get(&s, i, &tag_path);
+        assert_eq!(
+            (m.status, mirror_tests::digest_of(&m.body)),
+            (200, image.digest.clone()),
+            "replica {i}: the cached tag with the upstream down\n{}",
+            s.logs()
+        );
+        for d in image.all_blobs() {
+            let b = replica_get(&s, i, &format!("/v2/{}/blobs/{d}", image.name));
+            assert_eq!(
+                (b.status, mirror_tests::digest_of(&b.body)),
+                (200, d.clone()),
+                "replica {i}: blob {d} with the upstream down"
+            );
+        }
+    }
+
+    // Through Envoy, after the replica that fetched the tag is gone.
+    let fetched_tag = s
+        .replicas
+        .iter()
+        .position(|r| r.fetched(&tag_path) > 0)
+        .unwrap_or_else(|| panic!("no replica fetched the tag\n{}", s.logs()));
+    s.replicas[fetched_tag].kill9();
+    ok(&s, skopeo(&s, &reference)).assert_is(image, false);
+}
+
+#[test]
+fn a_corrupted_object_in_the_bucket_is_never_served_as_its_digest() {
+    let s = shared();
+    let image = &faults::shared().images.flip;
+    let layer = image.first_layer();
+    let reference = faulty_ref(s, image);
+    ok(s, skopeo(s, &reference)).assert_is(image, false);
+    let key = s.blob_key(&layer);
+    ok(s, s.s3.corrupt(&key));
+
+    let path = format!("/v2/{}/blobs/{layer}", image.name);
+    let mut outcomes = Vec::new();
+    for i in 0..s.replicas.len() {
+        let got = replica_get(s, i, &path);
+        let digest = mirror_tests::digest_of(&got.body);
+        assert!(
+            got.status != 200 || got.error.is_some() || digest == layer,
+            "replica {i} served {digest} as {layer} (complete 200)\n{}",
+            s.logs()
+        );
+        outcomes.push(match (got.status, &got.error) {
+            (200, None) => "refetched, verified".to_string(),
+            (200, Some(e)) => format!("200 cut short ({e})"),
+            (st, _) => format!("error {st}"),
+        });
+    }
+    // A real client: skopeo verifies every digest; whatever it gets is the real layer.
+    let pulled = skopeo(s, &reference).map(|p| p.assert_is(image, false));
+    eprintln!(
+        "corrupted {key}: direct GETs per replica {outcomes:?}; skopeo through Envoy: {}; \
+         upstream fetches of the layer: {}",
+        match &pulled {
+            Ok(()) => "pulled, verified".to_string(),
+            Err(e) => format!("failed: {e:#}"),
+        },
+        s.replicas
+            .iter()
+            .map(|r| r.fetched(&format!("/blobs/{layer}")))
+            .sum::<usize>()
+    );
+}
