@@ -162,7 +162,7 @@ pub fn default_config() -> FilterConfig {
 
 fn builtin_config() -> Result<FilterConfig, ConfigError> {
     let rendered: FilterConfig =
-        serde_json::from_slice(include_bytes!("../../../envoy/filter.json"))
+        serde_json::from_slice(include_bytes!(concat!(env!("OUT_DIR"), "/filter.json")))
             .map_err(|e| ConfigError::Builtin(e.to_string()))?;
     Ok(FilterConfig {
         host_suffix: None,
