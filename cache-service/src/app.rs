@@ -3,7 +3,6 @@
 //! the bench run it in-process.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
@@ -11,22 +10,18 @@ use axum::Router;
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::reload::{self, ConfigState, ReloadError};
-use crate::store::fs::FsStore;
 use crate::{http, store};
 
 /// Why the cache could not be built; every one is a configuration or storage problem.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error("storage directory {path}: {source}")]
-    Storage {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Storage(#[from] store::OpenError),
     #[error(transparent)]
     Upstream(#[from] ReloadError),
-    #[error("opening the cache in {path}: {source}")]
+    #[error("opening the cache in {location}: {source}")]
     Open {
-        path: PathBuf,
+        location: store::Location,
         source: std::io::Error,
     },
 }
@@ -41,22 +36,23 @@ pub struct App {
 
 /// Build the cache for `config`. `file_text` is the config file's content when there is one:
 /// its hash names the configuration version shown on `/readyz`.
-pub fn build_app(config: Config, file_text: Option<&str>) -> Result<App, AppError> {
-    let store: Arc<dyn store::BlobStore> = Arc::new(FsStore::new(&config.storage).map_err(
-        |source| AppError::Storage {
-            path: config.storage.clone(),
-            source,
-        },
-    )?);
+///
+/// A bucket is checked first (probe put/get/list/delete): an unreachable endpoint, refused
+/// credentials or a missing bucket is an error naming the cause. A shared store gets its
+/// background upkeep (eviction under the lease, cleanup of abandoned uploads) spawned here.
+pub async fn build_app(config: Config, file_text: Option<&str>) -> Result<App, AppError> {
+    let store = store::open(&config.storage).await?;
     // Nothing runs yet: every upstream gets a new client.
     let upstreams = reload::build_upstreams(&config, &BTreeMap::new(), &config)?;
-    let cache = Cache::open(store, upstreams, config.tag_ttl, reload::limits(&config)).map_err(
-        |source| AppError::Open {
-            path: config.storage.clone(),
+    let cache = Cache::open(store, upstreams, config.tag_ttl, reload::limits(&config))
+        .await
+        .map_err(|source| AppError::Open {
+            location: config.storage.clone(),
             source,
-        },
-    )?;
+        })?;
     let cache = Arc::new(cache);
+    // Ends by itself once the cache is dropped.
+    let _ = cache.spawn_upkeep();
     let config = Arc::new(ConfigState::new(config, file_text));
     let router = http::router(http::AppState {
         cache: cache.clone(),

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::store::object::BucketSettings;
 use registry_rules::declaration::CacheUpstream;
 use registry_rules::hosts::HostPattern;
 use serde::{Deserialize, Serialize};
@@ -21,9 +22,21 @@ pub struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:5001].
     #[arg(long, env = "REGMIRROR_LISTEN", value_name = "ADDR")]
     pub listen: Option<String>,
-    /// Cache directory (blobs, manifests, tags, temp files). Required (flag, env or config).
-    #[arg(long, env = "REGMIRROR_STORAGE", value_name = "DIR")]
+    /// Cache directory (blobs, manifests, tags, temp files), or `s3://BUCKET/PREFIX` for an
+    /// S3 bucket shared by replicas (credentials from the usual AWS_* variables). Required
+    /// (flag, env or config).
+    #[arg(long, env = "REGMIRROR_STORAGE", value_name = "DIR|s3://BUCKET/PREFIX")]
     pub storage: Option<PathBuf>,
+    /// S3 endpoint URL (overrides AWS_ENDPOINT_URL / AWS_ENDPOINT), e.g. http://127.0.0.1:8333.
+    #[arg(long, env = "REGMIRROR_S3_ENDPOINT", value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region (overrides AWS_REGION).
+    #[arg(long, env = "REGMIRROR_S3_REGION", value_name = "REGION")]
+    pub s3_region: Option<String>,
+    /// Local scratch for downloads in progress when storage is a bucket
+    /// [default: regmirror-spool under the system temp directory].
+    #[arg(long, env = "REGMIRROR_SPOOL_DIR", value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
     /// Upstream registry as NAME=URL, e.g. gcr.io=https://gcr.io (repeatable). NAME is matched
     /// against the `x-mirror-registry` header or the `ns` query parameter.
     #[arg(
@@ -98,6 +111,12 @@ pub struct FileConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spool_dir: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_size: Option<SizeValue>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag_ttl_seconds: Option<u64>,
@@ -138,6 +157,8 @@ pub enum ConfigError {
         "no storage directory: pass --storage DIR, REGMIRROR_STORAGE or `storage` in the config"
     )]
     NoStorage,
+    #[error(transparent)]
+    StorageUrl(#[from] crate::store::object::UrlError),
     #[error("no upstream configured: pass --upstream NAME=URL or add [[upstream]] to the config")]
     NoUpstream,
     #[error("invalid --upstream {0:?}: expected NAME=URL, e.g. gcr.io=https://gcr.io")]
@@ -192,7 +213,7 @@ pub struct UpstreamConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
-    pub storage: PathBuf,
+    pub storage: crate::store::Location,
     /// 0 = unlimited.
     pub max_size: u64,
     pub tag_ttl: Duration,
@@ -348,6 +369,23 @@ impl Config {
             .clone()
             .or(file.storage)
             .ok_or(ConfigError::NoStorage)?;
+        let storage = match BucketSettings::parse_url(&storage.to_string_lossy()) {
+            None => crate::store::Location::Dir(storage),
+            Some(url) => {
+                let (bucket, prefix) = url?;
+                crate::store::Location::Bucket(BucketSettings {
+                    bucket,
+                    prefix,
+                    endpoint: args.s3_endpoint.clone().or(file.s3_endpoint),
+                    region: args.s3_region.clone().or(file.s3_region),
+                    spool_dir: args
+                        .spool_dir
+                        .clone()
+                        .or(file.spool_dir)
+                        .unwrap_or_else(|| std::env::temp_dir().join("regmirror-spool")),
+                })
+            }
+        };
         let size = |flag: &Option<String>, file: Option<SizeValue>, default: u64| match (flag, file)
         {
             (Some(s), _) => parse_size(s),

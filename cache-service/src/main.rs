@@ -141,7 +141,7 @@ async fn run(args: ServeArgs, cfg: Config, text: Option<String>) -> ExitCode {
         router,
         cache,
         config,
-    } = match build_app(cfg, text.as_deref()) {
+    } = match build_app(cfg, text.as_deref()).await {
         Ok(a) => a,
         Err(e) => {
             eprintln!("regmirror: {e}");
@@ -159,7 +159,7 @@ async fn run(args: ServeArgs, cfg: Config, text: Option<String>) -> ExitCode {
     };
     tracing::info!(
         listen = %cfg.listen,
-        storage = %cfg.storage.display(),
+        storage = %cfg.storage,
         upstreams = ?cache.upstream_names(),
         max_size = cfg.max_size,
         max_blob_size = cfg.max_blob_size,
@@ -182,7 +182,7 @@ async fn run(args: ServeArgs, cfg: Config, text: Option<String>) -> ExitCode {
             if let Ok(Err(e)) = r {
                 tracing::error!(error = %e, "server failed");
             }
-            cache.clean_tmp();
+            cache.clean_abandoned().await;
             return ExitCode::FAILURE;
         }
         () = shutdown_signal() => {}
@@ -206,7 +206,7 @@ async fn run(args: ServeArgs, cfg: Config, text: Option<String>) -> ExitCode {
         tracing::warn!("shutdown grace over; closing remaining connections");
         server.abort();
     }
-    cache.clean_tmp();
+    cache.clean_abandoned().await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }

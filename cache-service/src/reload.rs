@@ -149,8 +149,8 @@ pub fn plan(old: &Config, new: &Config) -> Result<Plan, ReloadError> {
     if old.storage != new.storage {
         return Err(ReloadError::RestartNeeded {
             field: "storage",
-            running: old.storage.display().to_string(),
-            file: new.storage.display().to_string(),
+            running: old.storage.to_string(),
+            file: new.storage.to_string(),
         });
     }
     let mut p = Plan::default();
@@ -471,9 +471,18 @@ public = true
             ..Default::default()
         };
         let (c, t) = Config::load(&args, &|_| None).unwrap();
-        let store = Arc::new(crate::store::fs::FsStore::new(&c.storage).unwrap());
         let ups = build_upstreams(&c, &BTreeMap::new(), &c).unwrap();
-        let cache = Arc::new(Cache::open(store, ups, c.tag_ttl, limits(&c)).unwrap());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let cache = rt.block_on(async {
+            let store = crate::store::open(&c.storage).await.unwrap();
+            Arc::new(
+                Cache::open(store, ups, c.tag_ttl, limits(&c))
+                    .await
+                    .unwrap(),
+            )
+        });
         let state = Arc::new(ConfigState::new(c, t.as_deref()));
         let r = Reloader::new(args, cache.clone(), state.clone());
         (cache, state, r)

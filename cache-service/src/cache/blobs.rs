@@ -11,10 +11,10 @@ use tokio::sync::watch;
 
 use super::lru::PinGuard;
 use super::single_flight::Role;
-use super::streams::{FlightState, InFlight, Tail};
-use super::{lock, status_error, storage_err, Cache, CacheError, Kind};
+use super::streams::{FlightState, InFlight, StoredBody, Tail};
+use super::{lock, status_error, Cache, CacheError, Kind};
 use crate::metrics::Metrics;
-use crate::store::{CommitError, TempBlob};
+use crate::store::{BlobWriter, CommitError};
 use crate::upstream::{Upstream, UpstreamError};
 use registry_rules::digest::Digest;
 use registry_rules::names::RepositoryName;
@@ -24,11 +24,7 @@ pub enum BlobReply {
     /// HEAD answered without a body source.
     Head { size: u64 },
     /// Verified stored content.
-    Cached {
-        file: std::fs::File,
-        size: u64,
-        pin: PinGuard,
-    },
+    Cached { body: StoredBody, size: u64 },
     /// A download in progress (possibly started by this request).
     Flight {
         flight: Arc<InFlight>,
@@ -47,16 +43,19 @@ impl Cache {
         head: bool,
     ) -> Result<BlobReply, CacheError> {
         let pin = PinGuard::new(&self.lru, d);
-        if let Some((file, size)) = self.store.open(d).map_err(storage_err)? {
-            if self.store.has_link(&up.name, name, d)
-                || self.confirm(up, name, d, Kind::Blob).await?
+        if let Some(blob) = self.stored(d).await {
+            if self.linked(&up.name, name, d).await || self.confirm(up, name, d, Kind::Blob).await?
             {
                 Metrics::inc(&self.metrics.hits);
                 self.touch(d);
+                let size = blob.size();
                 return Ok(if head {
                     BlobReply::Head { size }
                 } else {
-                    BlobReply::Cached { file, size, pin }
+                    BlobReply::Cached {
+                        body: StoredBody::new(blob, pin, self.metrics.clone()),
+                        size,
+                    }
                 });
             }
         }
@@ -79,36 +78,34 @@ impl Cache {
             }
             // No length on HEAD: fall through to a download, which tells us.
         }
-        let flight = self.start_flight(up, name, d, key);
+        let flight = self.start_flight(up, name, d, key).await;
         let size = flight.started().await?;
         Ok(BlobReply::Flight { flight, size })
     }
 
     /// Join the download of `key` in progress, or start it.
-    fn start_flight(
+    async fn start_flight(
         self: &Arc<Self>,
         up: &Arc<Upstream>,
         name: &RepositoryName,
         d: &Digest,
         key: FlightKey,
     ) -> Arc<InFlight> {
+        // Made before the single-flight lock is taken (it may touch the disk); dropped unused
+        // by a request that finds the download already started.
+        let temp = match self.store.begin_write(d).await {
+            Ok(t) => Some(t),
+            Err(e) => {
+                Metrics::inc(&self.metrics.store_write_errors);
+                tracing::error!(digest = %d, error = %e, "cannot start a store write; passing through without caching");
+                None
+            }
+        };
         let (flight, role) = self.flights.join_or_start(key, || {
-            let temp = match self.store.begin_write() {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    Metrics::inc(&self.metrics.store_write_errors);
-                    tracing::error!(digest = %d, error = %e, "cannot create temp file; passing through without caching");
-                    None
-                }
-            };
-            let read_handle = temp
-                .as_ref()
-                .and_then(|t| std::fs::File::open(t.path()).ok())
-                .map(Arc::new);
-            let temp = if read_handle.is_some() { temp } else { None };
+            let spool = temp.as_ref().map(BlobWriter::reader);
             let (tx, rx) = watch::channel(FlightState::default());
             let flight = Arc::new(InFlight {
-                file: read_handle,
+                spool,
                 state: rx,
                 tail: Mutex::new(Tail::new(self.pass_through.clone())),
             });
@@ -148,7 +145,7 @@ impl Cache {
         name: &RepositoryName,
         d: &Digest,
         tx: &watch::Sender<FlightState>,
-        mut temp: Option<TempBlob>,
+        mut temp: Option<BlobWriter>,
         flight: &InFlight,
     ) -> Result<(), CacheError> {
         let resp = up
@@ -159,7 +156,7 @@ impl Cache {
         }
         // The upstream served it for this repository. Linked now (a link without content is
         // harmless) so requests that find the committed blob need no confirming HEAD.
-        if let Err(e) = self.store.add_link(&up.name, name, d) {
+        if let Err(e) = self.store.add_link(&up.name, name, d).await {
             tracing::warn!(error = %e, "could not write link");
         }
         let total = resp.content_length();
@@ -192,7 +189,7 @@ impl Cache {
                 tracing::warn!(digest = %d, size = t, "blob larger than max_size; not caching");
                 temp = None;
             } else {
-                self.make_room(t);
+                self.make_room(t).await;
             }
         }
         // Once the disk is out of the picture, hash here.
@@ -257,9 +254,9 @@ impl Cache {
         }
         match (temp, hasher) {
             (Some(t), _) => match t.commit(d, Some(received)).await {
-                Ok(_) => {
+                Ok(()) => {
                     lock(&self.lru).insert(d, received, None);
-                    self.make_room(0);
+                    self.make_room(0).await;
                     Ok(())
                 }
                 Err(CommitError::Io(e)) => {
@@ -318,7 +315,7 @@ mod tests {
         })
         .await;
         let dir = tempfile::tempdir().unwrap();
-        let (cache, up) = open(dir.path(), &server, limits(MIB));
+        let (cache, up) = open(dir.path(), &server, limits(MIB)).await;
 
         // HEAD of an uncached blob: the GET's headers give the size.
         match cache.blob(&up, &name("lab/app"), &d, true).await {
@@ -363,7 +360,7 @@ mod tests {
         })
         .await;
         let dir = tempfile::tempdir().unwrap();
-        let (cache, up) = open(dir.path(), &server, limits(MIB));
+        let (cache, up) = open(dir.path(), &server, limits(MIB)).await;
 
         // Content-Length over the bound: refused before a byte is stored.
         let r = cache.blob(&up, &name("lab/app"), &declared, false).await;
@@ -407,7 +404,7 @@ mod tests {
         })
         .await;
         let dir = tempfile::tempdir().unwrap();
-        let (cache, up) = open(dir.path(), &server, limits(1 << 40));
+        let (cache, up) = open(dir.path(), &server, limits(1 << 40)).await;
         let repo = name("lab/app");
         cache
             .manifest(&up, &repo, &Reference::Digest(md), false)
@@ -452,7 +449,7 @@ mod tests {
         })
         .await;
         let dir = tempfile::tempdir().unwrap();
-        let (cache, up) = open(dir.path(), &server, limits(1 << 40));
+        let (cache, up) = open(dir.path(), &server, limits(1 << 40)).await;
         cache
             .manifest(&up, &name("mallory/lies"), &Reference::Digest(md), false)
             .await
@@ -484,7 +481,7 @@ mod tests {
             max_blob_size: MIB,
             max_pass_through_memory: 4000,
         };
-        let (cache, up) = open(dir.path(), &server, tiny);
+        let (cache, up) = open(dir.path(), &server, tiny).await;
         let Ok(BlobReply::Flight { flight, .. }) =
             cache.blob(&up, &name("lab/app"), &d, false).await
         else {

@@ -70,7 +70,6 @@ impl Lru {
         }
     }
 
-    #[cfg(test)]
     pub fn is_pinned(&self, d: &Digest) -> bool {
         self.pins.contains_key(d)
     }

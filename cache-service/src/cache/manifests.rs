@@ -17,7 +17,7 @@ use super::{
 };
 use crate::metrics::Metrics;
 use crate::oci;
-use crate::store::TagRecord;
+use crate::store::{self, TagRecord};
 use crate::upstream::Upstream;
 use registry_rules::digest::Digest;
 use registry_rules::names::{Reference, RepositoryName, Tag};
@@ -68,29 +68,37 @@ impl Cache {
         }
     }
 
-    fn load_manifest(&self, d: &Digest) -> Result<Option<ManifestReply>, CacheError> {
-        let Some((file, size)) = self.store.open(d).map_err(storage_err)? else {
-            return Ok(None);
-        };
-        if size > oci::MAX_MANIFEST_BYTES as u64 {
-            return Ok(None);
+    /// A stored manifest; `None` when absent, not a manifest, or the store cannot be read
+    /// (then it is fetched upstream).
+    async fn load_manifest(&self, d: &Digest) -> Option<ManifestReply> {
+        let blob = self.stored(d).await?;
+        if blob.size() > oci::MAX_MANIFEST_BYTES as u64 {
+            return None;
         }
-        let mut body = Vec::with_capacity(size as usize);
-        use std::io::Read;
-        (&file).read_to_end(&mut body).map_err(storage_err)?;
-        let media_type = match self.store.manifest_media_type(d).map_err(storage_err)? {
+        let body = match store::read_all(blob).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(digest = %d, error = %e, "reading a stored manifest failed");
+                return None;
+            }
+        };
+        let stored_type = self.store.manifest_media_type(d).await.unwrap_or_else(|e| {
+            tracing::warn!(digest = %d, error = %e, "reading a manifest's media type failed");
+            None
+        });
+        let media_type = match stored_type {
             Some(m) => m,
             None => match oci::manifest_media_type(None, &body) {
                 Ok(m) => m,
-                Err(_) => return Ok(None), // a stored blob, not a manifest
+                Err(_) => return None, // a stored blob, not a manifest
             },
         };
-        Ok(Some(ManifestReply {
+        Some(ManifestReply {
             digest: d.clone(),
             media_type,
             size: body.len() as u64,
-            body: Some(Bytes::from(body)),
-        }))
+            body: Some(body),
+        })
     }
 
     async fn manifest_by_digest(
@@ -100,8 +108,8 @@ impl Cache {
         d: &Digest,
         head: bool,
     ) -> Result<ManifestReply, CacheError> {
-        if let Some(m) = self.load_manifest(d)? {
-            if self.store.has_link(&up.name, name, d)
+        if let Some(m) = self.load_manifest(d).await {
+            if self.linked(&up.name, name, d).await
                 || self.confirm(up, name, d, Kind::Manifest).await?
             {
                 Metrics::inc(&self.metrics.hits);
@@ -147,7 +155,7 @@ impl Cache {
             return Err(CacheError::TooLarge);
         }
         // The upstream confirmed the digest belongs to this repository.
-        if let Err(e) = self.store.add_link(&up.name, name, d) {
+        if let Err(e) = self.store.add_link(&up.name, name, d).await {
             tracing::warn!(error = %e, "could not write link");
         }
         Ok(Some(ManifestReply {
@@ -183,7 +191,7 @@ impl Cache {
         head: bool,
     ) -> Result<ManifestReply, CacheError> {
         let reg = up.name.as_str();
-        let rec = self.store.read_tag(reg, name, tag).map_err(storage_err)?;
+        let rec = self.tag_record(reg, name, tag).await;
         if let Some(rec) = &rec {
             if self.tag_fresh(rec) {
                 Metrics::inc(&self.metrics.hits);
@@ -206,7 +214,8 @@ impl Cache {
                                 size: f.size,
                                 fetched_at: unix_now(),
                             },
-                        );
+                        )
+                        .await;
                     }
                 }
                 full
@@ -253,7 +262,7 @@ impl Cache {
     ) -> Result<ManifestReply, CacheError> {
         let reg = up.name.as_str();
         // Read again: a call that just finished may have refreshed it.
-        let rec = self.store.read_tag(reg, name, tag).map_err(storage_err)?;
+        let rec = self.tag_record(reg, name, tag).await;
         if let Some(rec) = rec.as_ref().filter(|r| self.tag_fresh(r)) {
             return Ok(record_reply(rec));
         }
@@ -281,7 +290,7 @@ impl Cache {
             if *d == old.digest {
                 let mut fresh = old.clone();
                 fresh.fetched_at = unix_now();
-                if let Err(e) = self.store.write_tag(reg, name, tag, &fresh) {
+                if let Err(e) = self.store.write_tag(reg, name, tag, &fresh).await {
                     tracing::warn!(error = %e, "could not refresh tag record");
                 }
                 Metrics::inc(&self.metrics.hits);
@@ -301,7 +310,7 @@ impl Cache {
                     size,
                     fetched_at: unix_now(),
                 };
-                self.save_tag(reg, name, tag, &new);
+                self.save_tag(reg, name, tag, &new).await;
                 Ok(record_reply(&new))
             }
             _ => {
@@ -311,12 +320,23 @@ impl Cache {
         }
     }
 
-    fn save_tag(&self, reg: &str, name: &RepositoryName, tag: &Tag, rec: &TagRecord) {
-        if let Err(e) = self
-            .store
-            .add_link(reg, name, &rec.digest)
-            .and_then(|()| self.store.write_tag(reg, name, tag, rec))
-        {
+    /// The stored record of a tag; an unreadable one counts as none (asked upstream).
+    async fn tag_record(&self, reg: &str, name: &RepositoryName, tag: &Tag) -> Option<TagRecord> {
+        self.store
+            .read_tag(reg, name, tag)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(registry = reg, %name, %tag, error = %e, "storage unavailable; resolving the tag upstream");
+                None
+            })
+    }
+
+    async fn save_tag(&self, reg: &str, name: &RepositoryName, tag: &Tag, rec: &TagRecord) {
+        let r = match self.store.add_link(reg, name, &rec.digest).await {
+            Ok(()) => self.store.write_tag(reg, name, tag, rec).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = r {
             tracing::warn!(error = %e, "could not write tag record");
         }
     }
@@ -400,7 +420,7 @@ impl Cache {
         }
         self.remember_sizes(&up.name, name, &body);
         // Link first: a request that finds the stored manifest then needs no confirming HEAD.
-        if let Err(e) = self.store.add_link(&up.name, name, &digest) {
+        if let Err(e) = self.store.add_link(&up.name, name, &digest).await {
             tracing::warn!(error = %e, "could not write link");
         }
         if let Err(e) = self.store_manifest(&digest, &body, &media_type).await {
@@ -424,7 +444,8 @@ impl Cache {
                     size: reply.size,
                     fetched_at: unix_now(),
                 },
-            );
+            )
+            .await;
         }
         Ok(reply)
     }
@@ -443,17 +464,18 @@ impl Cache {
     async fn store_manifest(
         &self,
         d: &Digest,
-        body: &[u8],
+        body: &Bytes,
         media_type: &str,
     ) -> Result<(), CacheError> {
-        if self.store.size(d).map_err(storage_err)?.is_some() {
+        if self.store.size(d).await.map_err(storage_err)?.is_some() {
             return Ok(());
         }
-        self.make_room(body.len() as u64);
+        self.make_room(body.len() as u64).await;
         self.store
             .set_manifest_media_type(d, media_type)
+            .await
             .map_err(storage_err)?;
-        let mut t = self.store.begin_write().map_err(storage_err)?;
+        let mut t = self.store.begin_write(d).await.map_err(storage_err)?;
         t.write(body).await.map_err(storage_err)?;
         t.commit(d, Some(body.len() as u64))
             .await

@@ -13,6 +13,7 @@ pub mod streams;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,7 @@ use reqwest::{Method, StatusCode};
 use crate::lock;
 use crate::metrics::Metrics;
 use crate::oci;
-use crate::store::BlobStore;
+use crate::store::{BlobStore, StoredBlob};
 use crate::upstream::{read_body, BodyError, Upstream, UpstreamError};
 use lru::Lru;
 use pass_through::SmallCache;
@@ -216,19 +217,19 @@ impl std::fmt::Debug for Cache {
 }
 
 impl Cache {
-    /// Open the cache: empties the temp directory, rebuilds LRU order from file times and
-    /// evicts down to `max_size`.
-    pub fn open(
+    /// Open the cache: removes leftovers of interrupted writes, rebuilds LRU order from the
+    /// stored access times and evicts down to `max_size`.
+    pub async fn open(
         store: Arc<dyn BlobStore>,
         upstreams: Upstreams,
         tag_ttl: Duration,
         limits: Limits,
     ) -> std::io::Result<Self> {
-        let cleaned = store.clean_tmp()?;
+        let cleaned = store.clean_abandoned().await?;
         if cleaned > 0 {
             tracing::info!(cleaned, "removed leftovers of interrupted writes");
         }
-        let mut blobs = store.list()?;
+        let mut blobs = store.list().await?;
         blobs.sort_by_key(|b| b.last_access);
         let mut lru = Lru::default();
         for (i, b) in blobs.iter().enumerate() {
@@ -251,7 +252,7 @@ impl Cache {
             small: Mutex::new(SmallCache::default()),
             known_sizes: Mutex::new(HashMap::new()),
         };
-        cache.make_room(0);
+        cache.make_room(0).await;
         Ok(cache)
     }
 
@@ -284,7 +285,7 @@ impl Cache {
     /// Put a reloaded configuration in force. Requests and downloads already running keep
     /// the upstream they hold; a smaller `max_size` applies at the next eviction, which runs
     /// now.
-    pub fn reconfigure(&self, upstreams: Upstreams, tag_ttl: Duration, limits: Limits) {
+    pub fn reconfigure(self: &Arc<Self>, upstreams: Upstreams, tag_ttl: Duration, limits: Limits) {
         match self.upstreams.write() {
             Ok(mut g) => *g = Arc::new(upstreams),
             Err(p) => *p.into_inner() = Arc::new(upstreams),
@@ -293,7 +294,10 @@ impl Cache {
         self.max_size.store(limits.max_size, Relaxed);
         self.max_blob_size.store(limits.max_blob_size, Relaxed);
         self.pass_through.set_limit(limits.max_pass_through_memory);
-        self.make_room(0);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let this = self.clone();
+            rt.spawn(async move { this.make_room(0).await });
+        }
     }
 
     pub fn inflight(&self) -> usize {
@@ -321,8 +325,8 @@ impl Cache {
         })
     }
 
-    pub fn check_ready(&self) -> std::io::Result<()> {
-        self.store.check_writable()
+    pub async fn check_ready(&self) -> std::io::Result<()> {
+        self.store.check_ready().await
     }
 
     pub fn upstream_names(&self) -> Vec<String> {
@@ -348,26 +352,111 @@ impl Cache {
         }
     }
 
-    /// Evict least-recently-used unpinned blobs until `incoming` bytes fit.
-    fn make_room(&self, incoming: u64) {
+    /// Evict least-recently-used unpinned blobs until `incoming` bytes fit. A shared store is
+    /// bounded by [`Self::evict_shared`] instead: one replica's own view is not the bucket's.
+    async fn make_room(&self, incoming: u64) {
+        if self.store.shared() {
+            return;
+        }
         let victims = lock(&self.lru).victims(incoming, self.max_size());
         for (d, size) in victims {
-            match self.store.delete(&d) {
-                Ok(_) => {
-                    Metrics::inc(&self.metrics.evictions);
-                    self.metrics
-                        .evicted_bytes
-                        .fetch_add(size, std::sync::atomic::Ordering::Relaxed);
-                    tracing::info!(digest = %d, size, "evicted");
+            self.evicted(&d, size, self.store.delete(&d).await);
+        }
+    }
+
+    fn evicted(&self, d: &Digest, size: u64, r: std::io::Result<u64>) {
+        match r {
+            Ok(_) => {
+                Metrics::inc(&self.metrics.evictions);
+                self.metrics.evicted_bytes.fetch_add(size, Relaxed);
+                tracing::info!(digest = %d, size, "evicted");
+            }
+            Err(e) => tracing::warn!(digest = %d, error = %e, "eviction failed"),
+        }
+    }
+
+    /// One eviction pass over a shared store, if this replica holds the lease: the least
+    /// recently accessed blobs (access recorded by every replica) go until the bucket fits
+    /// `max_size`, except those this replica is serving or fetching.
+    pub async fn evict_shared(&self) -> std::io::Result<()> {
+        let max = self.max_size();
+        if max == 0 || !self.store.eviction_lease().await? {
+            return Ok(());
+        }
+        let mut blobs = self.store.list().await?;
+        let mut total: u64 = blobs.iter().map(|b| b.size).sum();
+        blobs.sort_by_key(|b| b.last_access);
+        for b in blobs {
+            if total <= max {
+                break;
+            }
+            if lock(&self.lru).is_pinned(&b.digest) {
+                continue;
+            }
+            let r = self.store.delete(&b.digest).await;
+            if r.is_ok() {
+                total = total.saturating_sub(b.size);
+                lock(&self.lru).remove(&b.digest);
+            }
+            self.evicted(&b.digest, b.size, r);
+        }
+        Ok(())
+    }
+
+    /// Background upkeep of a shared store: eviction every minute (under the lease) and
+    /// cleanup of abandoned uploads every ten. Nothing for a local store (startup does it).
+    pub fn spawn_upkeep(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+        if !self.store.shared() {
+            return None;
+        }
+        let this = Arc::downgrade(self);
+        Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            for n in 0u64.. {
+                tick.tick().await;
+                let Some(cache) = this.upgrade() else { return };
+                if let Err(e) = cache.evict_shared().await {
+                    tracing::warn!(error = %e, "shared eviction failed");
                 }
-                Err(e) => tracing::warn!(digest = %d, error = %e, "eviction failed"),
+                if n % 10 == 0 {
+                    match cache.store.clean_abandoned().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(aborted = n, "abandoned uploads cleaned"),
+                        Err(e) => tracing::warn!(error = %e, "cleaning abandoned uploads failed"),
+                    }
+                }
+            }
+        }))
+    }
+
+    /// A stored blob; `None` when absent or when the store cannot be read: the request is then
+    /// a miss served from upstream (a store outage degrades to pass-through).
+    async fn stored(&self, d: &Digest) -> Option<Box<dyn StoredBlob>> {
+        match self.store.open(d).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(digest = %d, error = %e, "storage unavailable; passing through");
+                None
             }
         }
     }
 
+    /// Whether `d` is linked to the repository; an unreadable link is asked upstream.
+    async fn linked(&self, registry: &str, name: &RepositoryName, d: &Digest) -> bool {
+        self.store
+            .has_link(registry, name, d)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(digest = %d, error = %e, "storage unavailable; confirming upstream");
+                false
+            })
+    }
+
     fn touch(&self, d: &Digest) {
         lock(&self.lru).touch(d);
-        self.store.touch(d);
+        let (store, d) = (self.store.clone(), d.clone());
+        tokio::spawn(async move { store.touch(&d).await });
     }
 
     /// One upstream HEAD shared by every concurrent request for the same
@@ -420,9 +509,9 @@ impl Cache {
     ) -> Result<bool, CacheError> {
         let info = self.head_shared(up, name, d, kind).await?;
         if info.status == StatusCode::OK.as_u16() {
-            self.store
-                .add_link(&up.name, name, d)
-                .map_err(storage_err)?;
+            if let Err(e) = self.store.add_link(&up.name, name, d).await {
+                tracing::warn!(error = %e, "could not write link");
+            }
             return Ok(true);
         }
         Err(CacheError::UpstreamStatus(info.status))
@@ -451,9 +540,10 @@ impl Cache {
         }
     }
 
-    pub fn clean_tmp(&self) {
-        if let Err(e) = self.store.clean_tmp() {
-            tracing::warn!(error = %e, "cleaning temp directory");
+    /// Remove what interrupted writes left (see [`BlobStore::clean_abandoned`]).
+    pub async fn clean_abandoned(&self) {
+        if let Err(e) = self.store.clean_abandoned().await {
+            tracing::warn!(error = %e, "cleaning leftovers of interrupted writes");
         }
     }
 }
@@ -473,7 +563,7 @@ pub(super) mod tests {
 
     pub(super) const MIB: u64 = 1024 * 1024;
 
-    pub(super) fn open(
+    pub(super) async fn open(
         root: &std::path::Path,
         server: &TestServer,
         limits: Limits,
@@ -495,7 +585,9 @@ pub(super) mod tests {
         );
         let store = Arc::new(crate::store::fs::FsStore::new(root).unwrap());
         let ups = BTreeMap::from([("lab".to_owned(), up.clone())]);
-        let cache = Cache::open(store, ups, Duration::from_secs(60), limits).unwrap();
+        let cache = Cache::open(store, ups, Duration::from_secs(60), limits)
+            .await
+            .unwrap();
         (Arc::new(cache), up)
     }
 
@@ -525,7 +617,7 @@ pub(super) mod tests {
     async fn drain_with_an_enormous_grace_does_not_panic() {
         let server = TestServer::start(|_| reply(404, &[], "")).await;
         let dir = tempfile::tempdir().unwrap();
-        let (cache, _) = open(dir.path(), &server, limits(MIB));
+        let (cache, _) = open(dir.path(), &server, limits(MIB)).await;
         cache.drain(Duration::MAX).await;
     }
 }

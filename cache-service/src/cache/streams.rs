@@ -1,27 +1,28 @@
 //! The byte streams a blob answer is made of: an in-flight download teed to every client that
-//! joined it (see `single_flight`), and a stored blob file.
+//! joined it (see `single_flight`), and a stored blob.
 //!
-//! The download task writes the upstream body into a temp file (hashing as it goes) and
-//! publishes progress through a `watch` channel. Readers share one read handle on the temp file
-//! and `pread` up to the published watermark, so they keep working after the file is renamed
-//! into the store (or unlinked). If the disk fills up, later bytes are kept in memory (`tail`)
-//! so the attached clients are still served, and nothing is cached.
+//! The download task writes the upstream body into the store's writer (hashing as it goes)
+//! and publishes progress through a `watch` channel. Readers share the writer's spool reader
+//! and read up to the published watermark, so they keep working after the write is committed
+//! (or dropped). If the spool's disk fills up, later bytes are kept in memory (`tail`) so the
+//! attached clients are still served, and nothing is cached.
 //!
 //! Readers never send the final byte of a body of known length before the download verified:
 //! if the digest does not match, the stream ends with an error instead, which aborts the HTTP
 //! response (the client sees a cut connection, never a complete-looking body).
 
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::watch;
 
+use super::lru::PinGuard;
 use super::CacheError;
 use crate::metrics::Metrics;
+use crate::store::{ByteStream, SpoolReader, StoredBlob};
 
 const READ_CHUNK: u64 = 256 * 1024;
 
@@ -31,7 +32,7 @@ pub struct FlightState {
     pub started: Option<Option<u64>>,
     /// Bytes received from upstream.
     pub received: u64,
-    /// Bytes of those readable from the temp file.
+    /// Bytes of those readable from the spool.
     pub on_disk: u64,
     /// Final outcome: `Ok` only after the digest verified.
     pub done: Option<Result<(), CacheError>>,
@@ -131,7 +132,7 @@ impl Drop for Tail {
 
 #[derive(Debug)]
 pub struct InFlight {
-    pub(super) file: Option<Arc<std::fs::File>>,
+    pub(super) spool: Option<SpoolReader>,
     pub(super) state: watch::Receiver<FlightState>,
     pub(super) tail: Mutex<Tail>,
 }
@@ -228,9 +229,9 @@ pub fn reader(
                         let want = std::cmp::min(READ_CHUNK, avail - pos);
                         let chunk = if pos < s.on_disk {
                             let want = std::cmp::min(want, s.on_disk - pos);
-                            match &flight.file {
-                                Some(f) => read_at(f.clone(), pos, want).await,
-                                None => Err(io::Error::other("no temp file")),
+                            match &flight.spool {
+                                Some(f) => f.read_at(pos, want).await,
+                                None => Err(io::Error::other("no spool")),
                             }
                         } else {
                             flight
@@ -244,7 +245,7 @@ pub fn reader(
                                 Some((Ok(b), (flight, rx, next, false)))
                             }
                             Ok(_) => Some((
-                                Err(io::Error::other("temp file shorter than watermark")),
+                                Err(io::Error::other("spool shorter than watermark")),
                                 (flight, rx, pos, true),
                             )),
                             Err(e) => Some((Err(e), (flight, rx, pos, true))),
@@ -260,109 +261,35 @@ pub fn reader(
     )
 }
 
-/// `pread` until `len` bytes or end of file.
-fn pread(f: &std::fs::File, pos: u64, len: u64) -> io::Result<Bytes> {
-    let n = usize::try_from(len).map_err(io::Error::other)?;
-    let mut buf = vec![0u8; n];
-    let mut filled = 0;
-    while filled < n {
-        let slice = buf.get_mut(filled..).unwrap_or_default();
-        let r = f.read_at(slice, pos + filled as u64)?;
-        if r == 0 {
-            break;
-        }
-        filled += r;
-    }
-    buf.truncate(filled);
-    Ok(Bytes::from(buf))
-}
-
-async fn read_at(f: Arc<std::fs::File>, pos: u64, len: u64) -> io::Result<Bytes> {
-    tokio::task::spawn_blocking(move || pread(&f, pos, len))
-        .await
-        .map_err(io::Error::other)?
-}
-
-/// Chunk size for stored blobs: few blocking-pool hops and large writes to the socket.
-const FILE_CHUNK: u64 = 1024 * 1024;
-
-type PendingRead = tokio::task::JoinHandle<io::Result<Bytes>>;
-
-struct FileRead {
-    f: Arc<std::fs::File>,
-    /// Start of the next read to issue.
-    next: u64,
-    end: u64,
-    /// The read of the chunk after the one being sent (read-ahead of one chunk).
-    pending: Option<(PendingRead, u64)>,
-    done: bool,
-    _pin: super::lru::PinGuard,
-}
-
-impl FileRead {
-    fn issue(&mut self) -> Option<(PendingRead, u64)> {
-        if self.next >= self.end {
-            return None;
-        }
-        let (pos, want) = (self.next, std::cmp::min(FILE_CHUNK, self.end - self.next));
-        self.next += want;
-        let f = self.f.clone();
-        Some((
-            tokio::task::spawn_blocking(move || pread(&f, pos, want)),
-            want,
-        ))
-    }
-}
-
-/// Read `[start, end)` of a stored (verified) blob file, in 1 MiB chunks with the next chunk
-/// read on the blocking pool while the current one is written to the client. The pin keeps
-/// the blob from eviction until the stream is dropped.
-pub fn file_reader(
-    file: std::fs::File,
-    start: u64,
-    end: u64,
+/// A verified stored blob, as a blob answer holds it: pinned (never evicted by this replica)
+/// until its stream is dropped.
+pub struct StoredBody {
+    blob: Box<dyn StoredBlob>,
+    pin: PinGuard,
     metrics: Arc<Metrics>,
-    pin: super::lru::PinGuard,
-) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
-    let st = FileRead {
-        f: Arc::new(file),
-        next: start,
-        end,
-        pending: None,
-        done: false,
-        _pin: pin,
-    };
-    futures::stream::unfold(st, move |mut st| {
-        let metrics = metrics.clone();
-        async move {
-            if st.done {
-                return None;
-            }
-            let (handle, want) = match st.pending.take() {
-                Some(p) => p,
-                None => st.issue()?,
-            };
-            let r = handle.await.map_err(io::Error::other).and_then(|r| r);
-            match r {
-                Ok(b) if b.len() as u64 == want => {
-                    st.pending = st.issue();
-                    metrics.add_cache_bytes(want);
-                    Some((Ok(b), st))
+}
+
+impl StoredBody {
+    pub(super) fn new(blob: Box<dyn StoredBlob>, pin: PinGuard, metrics: Arc<Metrics>) -> Self {
+        Self { blob, pin, metrics }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.blob.size()
+    }
+
+    /// Bytes `[start, end)`.
+    pub fn range(self, start: u64, end: u64) -> ByteStream {
+        let Self { blob, pin, metrics } = self;
+        blob.range(start, end)
+            .inspect(move |c| {
+                let _held = &pin;
+                if let Ok(b) = c {
+                    metrics.add_cache_bytes(b.len() as u64);
                 }
-                Ok(_) => {
-                    st.done = true;
-                    Some((
-                        Err(io::Error::other("stored blob shorter than expected")),
-                        st,
-                    ))
-                }
-                Err(e) => {
-                    st.done = true;
-                    Some((Err(e), st))
-                }
-            }
-        }
-    })
+            })
+            .boxed()
+    }
 }
 
 #[cfg(test)]
@@ -377,10 +304,10 @@ mod tests {
         watch::Sender<FlightState>,
     ) {
         let tmp = tempfile::NamedTempFile::new().unwrap();
-        let file = Arc::new(std::fs::File::open(tmp.path()).unwrap());
+        let file = SpoolReader::of(std::fs::File::open(tmp.path()).unwrap());
         let (tx, rx) = watch::channel(FlightState::default());
         let f = Arc::new(InFlight {
-            file: Some(file),
+            spool: Some(file),
             state: rx,
             tail: Mutex::new(Tail::default()),
         });
@@ -480,36 +407,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn file_reader_ranges_and_short_files() {
+    async fn stored_body_is_pinned_while_streamed() {
+        use crate::store::BlobStore;
         let m = Arc::new(Metrics::default());
         let lru = Arc::new(Mutex::new(super::super::lru::Lru::default()));
-        let data: Vec<u8> = (0..(2 * FILE_CHUNK + 12345))
-            .map(|i| (i % 251) as u8)
-            .collect();
-        let mut tmp = tempfile::NamedTempFile::new().unwrap();
-        tmp.write_all(&data).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::fs::FsStore::new(dir.path()).unwrap();
+        let data = Bytes::from(vec![3u8; 3 << 20]);
         let d = registry_rules::digest::Digest::of_bytes(&data);
-        let len = data.len() as u64;
-        for (s, e) in [(0, len), (5, len - 2), (FILE_CHUNK, FILE_CHUNK + 1), (7, 7)] {
-            let pin = super::super::lru::PinGuard::new(&lru, &d);
-            let f = std::fs::File::open(tmp.path()).unwrap();
-            let got: Vec<u8> = file_reader(f, s, e, m.clone(), pin)
-                .map(|c| c.unwrap())
-                .collect::<Vec<_>>()
-                .await
-                .concat();
-            assert_eq!(got, &data[s as usize..e as usize], "range {s}-{e}");
-        }
+        let mut w = store.begin_write(&d).await.unwrap();
+        w.write(&data).await.unwrap();
+        w.commit(&d, None).await.unwrap();
+        let blob = store.open(&d).await.unwrap().unwrap();
+        let body = StoredBody::new(blob, super::super::lru::PinGuard::new(&lru, &d), m.clone());
+        let mut s = body.range(5, 3 << 20);
+        let first = s.next().await.unwrap().unwrap();
+        assert!(
+            super::super::lock(&lru).is_pinned(&d),
+            "pinned while streamed"
+        );
+        let rest: Vec<Bytes> = s.map(|c| c.unwrap()).collect().await;
+        assert_eq!(
+            first.len() + rest.iter().map(Bytes::len).sum::<usize>(),
+            (3 << 20) - 5
+        );
         assert!(
             !super::super::lock(&lru).is_pinned(&d),
             "unpinned when done"
         );
-
-        // The file is shorter than the size the response announced: the stream fails.
-        let pin = super::super::lru::PinGuard::new(&lru, &d);
-        let f = std::fs::File::open(tmp.path()).unwrap();
-        let items: Vec<_> = file_reader(f, 0, len + 10, m, pin).collect().await;
-        assert!(items.last().unwrap().is_err());
+        assert_eq!(m.bytes_from_cache.load(Relaxed), (3 << 20) - 5);
     }
 
     #[test]

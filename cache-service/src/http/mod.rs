@@ -120,7 +120,7 @@ async fn handle(
         "/healthz" => return (StatusCode::OK, "ok\n").into_response(),
         "/readyz" => {
             let version = st.config.current().version.to_string();
-            let (status, body) = match st.cache.check_ready() {
+            let (status, body) = match st.cache.check_ready().await {
                 Ok(()) => (StatusCode::OK, "ready".to_owned()),
                 Err(e) => (
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -385,17 +385,9 @@ async fn blob_response(
                 .body(Body::empty())
                 .map_err(ApiError::internal);
         }
-        BlobReply::Cached { file, size, pin } => (
+        BlobReply::Cached { body, size } => (
             Some(size),
-            Box::new(move |s, e| {
-                Body::from_stream(streams::file_reader(
-                    file,
-                    s,
-                    e.unwrap_or(size),
-                    metrics,
-                    pin,
-                ))
-            }),
+            Box::new(move |s, e| Body::from_stream(body.range(s, e.unwrap_or(size)))),
         ),
         BlobReply::Flight { flight, size } => (
             size,

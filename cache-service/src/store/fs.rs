@@ -13,11 +13,19 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
-use sha2::{Digest as _, Sha256};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
 
-use super::{BlobInfo, BlobStore, TagRecord, TempBlob};
+use super::spool::Spool;
+use super::{
+    BlobInfo, BlobStore, BlobWriter, ByteStream, Sink, SpoolReader, StoredBlob, TagRecord,
+};
 use registry_rules::digest::Digest;
 use registry_rules::names::{RepositoryName, Tag};
+
+/// Chunk size for stored blobs: few blocking-pool hops and large writes to the socket.
+const FILE_CHUNK: u64 = 1024 * 1024;
 
 #[derive(Debug)]
 pub struct FsStore {
@@ -97,8 +105,67 @@ impl FsStore {
     }
 }
 
+/// A stored file, opened: the handle keeps the content readable even if the blob is evicted
+/// (unlinked) while it is served.
+struct FsBlob {
+    file: SpoolReader,
+    size: u64,
+}
+
+impl StoredBlob for FsBlob {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// 1 MiB chunks, the next one read on the blocking pool while the current one is sent.
+    fn range(self: Box<Self>, start: u64, end: u64) -> ByteStream {
+        let file = self.file;
+        let chunks = (start..end)
+            .step_by(usize::try_from(FILE_CHUNK).unwrap_or(usize::MAX))
+            .map(move |pos| (pos, std::cmp::min(FILE_CHUNK, end - pos)));
+        futures::stream::iter(chunks)
+            .map(move |(pos, want)| {
+                let file = file.clone();
+                async move {
+                    let b = file.read_at(pos, want).await?;
+                    if b.len() as u64 != want {
+                        return Err(io::Error::other("stored blob shorter than expected"));
+                    }
+                    Ok(b)
+                }
+            })
+            .buffered(2)
+            .scan(false, |failed, r: io::Result<Bytes>| {
+                // Nothing after the first error.
+                let out = (!*failed).then_some(r);
+                if matches!(out, Some(Err(_))) {
+                    *failed = true;
+                }
+                futures::future::ready(out)
+            })
+            .boxed()
+    }
+}
+
+/// A verified write lands by renaming its spool into place.
+struct FsSink {
+    root: PathBuf,
+}
+
+#[async_trait]
+impl Sink for FsSink {
+    async fn write(&mut self, _data: &Bytes) -> io::Result<()> {
+        Ok(())
+    }
+
+    async fn commit(self: Box<Self>, digest: &Digest, spool: Spool) -> io::Result<()> {
+        spool.persist(&blob_path(&self.root, digest)).await
+    }
+}
+
+#[async_trait]
 impl BlobStore for FsStore {
-    fn clean_tmp(&self) -> io::Result<usize> {
+    async fn clean_abandoned(&self) -> io::Result<usize> {
         let mut n = 0;
         for entry in std::fs::read_dir(self.tmp_dir())? {
             let entry = entry?;
@@ -115,7 +182,7 @@ impl BlobStore for FsStore {
         Ok(n)
     }
 
-    fn check_writable(&self) -> io::Result<()> {
+    async fn check_ready(&self) -> io::Result<()> {
         let p = self
             .tmp_dir()
             .join(format!(".ready-{}", std::process::id()));
@@ -123,39 +190,36 @@ impl BlobStore for FsStore {
         std::fs::remove_file(&p)
     }
 
-    fn open(&self, digest: &Digest) -> io::Result<Option<(std::fs::File, u64)>> {
+    async fn open(&self, digest: &Digest) -> io::Result<Option<Box<dyn StoredBlob>>> {
         let Some(f) = not_found_is_none(std::fs::File::open(blob_path(&self.root, digest)))? else {
             return Ok(None);
         };
-        let len = f.metadata()?.len();
-        Ok(Some((f, len)))
+        let size = f.metadata()?.len();
+        Ok(Some(Box::new(FsBlob {
+            file: SpoolReader::of(f),
+            size,
+        })))
     }
 
-    fn size(&self, digest: &Digest) -> io::Result<Option<u64>> {
+    async fn size(&self, digest: &Digest) -> io::Result<Option<u64>> {
         Ok(not_found_is_none(std::fs::metadata(blob_path(&self.root, digest)))?.map(|m| m.len()))
     }
 
-    fn begin_write(&self) -> io::Result<TempBlob> {
+    async fn begin_write(&self, _digest: &Digest) -> io::Result<BlobWriter> {
         let path = self.tmp_dir().join(format!(
             "blob-{}-{}",
             std::process::id(),
             self.seq.fetch_add(1, Ordering::Relaxed)
         ));
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
-        let root = self.root.clone();
-        Ok(TempBlob {
-            path,
-            file: Some(tokio::fs::File::from_std(file)),
-            hasher: Sha256::new(),
-            len: 0,
-            dest_for: Box::new(move |d| blob_path(&root, d)),
-        })
+        Ok(BlobWriter::new(
+            Spool::named(path)?,
+            Box::new(FsSink {
+                root: self.root.clone(),
+            }),
+        ))
     }
 
-    fn delete(&self, digest: &Digest) -> io::Result<u64> {
+    async fn delete(&self, digest: &Digest) -> io::Result<u64> {
         let p = blob_path(&self.root, digest);
         let size = not_found_is_none(std::fs::metadata(&p))?.map_or(0, |m| m.len());
         not_found_is_none(std::fs::remove_file(&p))?;
@@ -163,7 +227,7 @@ impl BlobStore for FsStore {
         Ok(size)
     }
 
-    fn list(&self) -> io::Result<Vec<BlobInfo>> {
+    async fn list(&self) -> io::Result<Vec<BlobInfo>> {
         let mut out = Vec::new();
         let base = self.root.join("blobs").join("sha256");
         for shard in std::fs::read_dir(&base)? {
@@ -189,7 +253,7 @@ impl BlobStore for FsStore {
         Ok(out)
     }
 
-    fn touch(&self, digest: &Digest) {
+    async fn touch(&self, digest: &Digest) {
         if let Ok(f) = std::fs::File::options()
             .write(true)
             .open(blob_path(&self.root, digest))
@@ -198,7 +262,7 @@ impl BlobStore for FsStore {
         }
     }
 
-    fn manifest_media_type(&self, digest: &Digest) -> io::Result<Option<String>> {
+    async fn manifest_media_type(&self, digest: &Digest) -> io::Result<Option<String>> {
         let p = blob_path(&self.root, digest).with_extension("json");
         let Some(text) = not_found_is_none(std::fs::read(p))? else {
             return Ok(None);
@@ -209,13 +273,13 @@ impl BlobStore for FsStore {
             .map(str::to_owned))
     }
 
-    fn set_manifest_media_type(&self, digest: &Digest, media_type: &str) -> io::Result<()> {
+    async fn set_manifest_media_type(&self, digest: &Digest, media_type: &str) -> io::Result<()> {
         let p = blob_path(&self.root, digest).with_extension("json");
         let body = serde_json::json!({ "media_type": media_type }).to_string();
         self.write_small(&p, body.as_bytes())
     }
 
-    fn read_tag(
+    async fn read_tag(
         &self,
         registry: &str,
         name: &RepositoryName,
@@ -228,7 +292,7 @@ impl BlobStore for FsStore {
         Ok(serde_json::from_slice(&text).ok())
     }
 
-    fn write_tag(
+    async fn write_tag(
         &self,
         registry: &str,
         name: &RepositoryName,
@@ -239,11 +303,21 @@ impl BlobStore for FsStore {
         self.write_small(&self.tag_path(registry, name, tag), &body)
     }
 
-    fn has_link(&self, registry: &str, name: &RepositoryName, digest: &Digest) -> bool {
-        self.link_path(registry, name, digest).exists()
+    async fn has_link(
+        &self,
+        registry: &str,
+        name: &RepositoryName,
+        digest: &Digest,
+    ) -> io::Result<bool> {
+        Ok(self.link_path(registry, name, digest).exists())
     }
 
-    fn add_link(&self, registry: &str, name: &RepositoryName, digest: &Digest) -> io::Result<()> {
+    async fn add_link(
+        &self,
+        registry: &str,
+        name: &RepositoryName,
+        digest: &Digest,
+    ) -> io::Result<()> {
         let p = self.link_path(registry, name, digest);
         if p.exists() {
             return Ok(());
@@ -256,6 +330,10 @@ impl BlobStore for FsStore {
 mod tests {
     use super::*;
 
+    fn tmp_count(dir: &Path) -> usize {
+        std::fs::read_dir(dir.join("tmp")).unwrap().count()
+    }
+
     #[tokio::test]
     async fn commit_verifies_and_is_atomic() {
         let dir = tempfile::tempdir().unwrap();
@@ -263,83 +341,114 @@ mod tests {
         let good = Digest::of_bytes(b"hello world");
 
         // Mismatching content: nothing stored, temp removed.
-        let mut t = store.begin_write().unwrap();
-        let tmp_path = t.path().to_path_buf();
-        t.write(b"hello WORLD").await.unwrap();
+        let mut t = store.begin_write(&good).await.unwrap();
+        t.write(&Bytes::from_static(b"hello WORLD")).await.unwrap();
+        assert_eq!(tmp_count(dir.path()), 1);
         assert!(t.commit(&good, Some(11)).await.is_err());
-        assert!(!tmp_path.exists());
-        assert!(store.open(&good).unwrap().is_none());
+        assert_eq!(tmp_count(dir.path()), 0);
+        assert!(store.open(&good).await.unwrap().is_none());
 
         // Wrong length: refused.
-        let mut t = store.begin_write().unwrap();
-        t.write(b"hello world").await.unwrap();
+        let mut t = store.begin_write(&good).await.unwrap();
+        t.write(&Bytes::from_static(b"hello world")).await.unwrap();
         assert!(t.commit(&good, Some(12)).await.is_err());
-        assert!(store.open(&good).unwrap().is_none());
+        assert!(store.open(&good).await.unwrap().is_none());
 
         // Dropped (upstream cut): temp removed.
-        let mut t = store.begin_write().unwrap();
-        let tmp_path = t.path().to_path_buf();
-        t.write(b"hello").await.unwrap();
+        let mut t = store.begin_write(&good).await.unwrap();
+        t.write(&Bytes::from_static(b"hello")).await.unwrap();
         drop(t);
-        assert!(!tmp_path.exists());
+        assert_eq!(tmp_count(dir.path()), 0);
 
         // Good content.
-        let mut t = store.begin_write().unwrap();
-        t.write(b"hello ").await.unwrap();
-        t.write(b"world").await.unwrap();
+        let mut t = store.begin_write(&good).await.unwrap();
+        t.write(&Bytes::from_static(b"hello ")).await.unwrap();
+        t.write(&Bytes::from_static(b"world")).await.unwrap();
         t.commit(&good, Some(11)).await.unwrap();
-        let (_, len) = store.open(&good).unwrap().unwrap();
-        assert_eq!(len, 11);
-        assert_eq!(store.list().unwrap().len(), 1);
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
-            0
-        );
+        let blob = store.open(&good).await.unwrap().unwrap();
+        assert_eq!(blob.size(), 11);
+        assert_eq!(store.list().await.unwrap().len(), 1);
+        assert_eq!(tmp_count(dir.path()), 0);
 
-        store.set_manifest_media_type(&good, "x/y").unwrap();
+        store.set_manifest_media_type(&good, "x/y").await.unwrap();
         assert_eq!(
-            store.manifest_media_type(&good).unwrap().as_deref(),
+            store.manifest_media_type(&good).await.unwrap().as_deref(),
             Some("x/y")
         );
-        assert_eq!(store.list().unwrap().len(), 1, "metadata is not a blob");
-        assert_eq!(store.delete(&good).unwrap(), 11);
-        assert!(store.open(&good).unwrap().is_none());
+        assert_eq!(
+            store.list().await.unwrap().len(),
+            1,
+            "metadata is not a blob"
+        );
+        assert_eq!(store.delete(&good).await.unwrap(), 11);
+        assert!(store.open(&good).await.unwrap().is_none());
     }
 
-    #[test]
-    fn tmp_cleaned_at_startup() {
+    #[tokio::test]
+    async fn tmp_cleaned_at_startup() {
         let dir = tempfile::tempdir().unwrap();
         let store = FsStore::new(dir.path()).unwrap();
         std::fs::write(dir.path().join("tmp/blob-crashed"), b"partial").unwrap();
         std::fs::create_dir_all(dir.path().join("tmp/sub")).unwrap();
         let store2 = FsStore::new(dir.path()).unwrap();
-        assert_eq!(store2.clean_tmp().unwrap(), 2);
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
-            0
-        );
+        assert_eq!(store2.clean_abandoned().await.unwrap(), 2);
+        assert_eq!(tmp_count(dir.path()), 0);
         drop(store);
     }
 
-    #[test]
-    fn tags_and_links() {
+    #[tokio::test]
+    async fn tags_and_links() {
         let dir = tempfile::tempdir().unwrap();
         let store = FsStore::new(dir.path()).unwrap();
         let name = RepositoryName::parse("library/alpine").unwrap();
         let tag = Tag::parse("3.20").unwrap();
         let d = Digest::of_bytes(b"x");
-        assert!(store.read_tag("docker.io", &name, &tag).unwrap().is_none());
+        assert!(store
+            .read_tag("docker.io", &name, &tag)
+            .await
+            .unwrap()
+            .is_none());
         let rec = TagRecord {
             digest: d.clone(),
             media_type: "m".into(),
             size: 1,
             fetched_at: 5,
         };
-        store.write_tag("docker.io", &name, &tag, &rec).unwrap();
-        assert_eq!(store.read_tag("docker.io", &name, &tag).unwrap(), Some(rec));
-        assert!(!store.has_link("docker.io", &name, &d));
-        store.add_link("docker.io", &name, &d).unwrap();
-        assert!(store.has_link("docker.io", &name, &d));
-        assert!(!store.has_link("gcr.io", &name, &d));
+        store
+            .write_tag("docker.io", &name, &tag, &rec)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.read_tag("docker.io", &name, &tag).await.unwrap(),
+            Some(rec)
+        );
+        assert!(!store.has_link("docker.io", &name, &d).await.unwrap());
+        store.add_link("docker.io", &name, &d).await.unwrap();
+        assert!(store.has_link("docker.io", &name, &d).await.unwrap());
+        assert!(!store.has_link("gcr.io", &name, &d).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn ranges_and_short_files() {
+        use futures::TryStreamExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::new(dir.path()).unwrap();
+        let data: Vec<u8> = (0..(2 * FILE_CHUNK + 12345))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let d = Digest::of_bytes(&data);
+        let mut t = store.begin_write(&d).await.unwrap();
+        t.write(&Bytes::from(data.clone())).await.unwrap();
+        t.commit(&d, None).await.unwrap();
+        let len = data.len() as u64;
+        for (s, e) in [(0, len), (5, len - 2), (FILE_CHUNK, FILE_CHUNK + 1), (7, 7)] {
+            let blob = store.open(&d).await.unwrap().unwrap();
+            let got: Vec<Bytes> = blob.range(s, e).try_collect().await.unwrap();
+            assert_eq!(got.concat(), &data[s as usize..e as usize], "range {s}-{e}");
+        }
+        // The file is shorter than the size the response announced: the stream fails.
+        let blob = store.open(&d).await.unwrap().unwrap();
+        let items: Vec<_> = blob.range(0, len + 10).collect().await;
+        assert!(items.last().unwrap().is_err());
     }
 }

@@ -1,22 +1,76 @@
-//! Content-addressed storage behind a trait, with a filesystem implementation ([`fs::FsStore`]).
+//! Content-addressed storage behind one async trait, [`BlobStore`], with a filesystem backend
+//! ([`fs::FsStore`], the embedded default) and an object-store backend ([`object::ObjectBackend`],
+//! S3 through the `object_store` crate).
 //!
-//! Metadata (manifest media types, tag records, repository links) are plain small files, not a
-//! database: each is written to a temp file and renamed into place (atomic on POSIX), so a crash
-//! never leaves a half-written record; they survive restarts; and they need no extra dependency
-//! or compaction. A reader of a record sees either the old or the new version.
+//! The boundary is streams, not files: a stored blob is opened as a [`StoredBlob`] that yields
+//! any byte range as a stream of `Bytes`; a write is a [`BlobWriter`] whose bytes become visible
+//! under their digest only after [`BlobWriter::commit`] verified them (dropping it aborts). While
+//! a write is in progress its bytes sit in a local spool file ([`SpoolReader`]) that clients
+//! joining the download read.
+//!
+//! Metadata (manifest media types, tag records, repository links) are small records: on the
+//! filesystem written to a temp file and renamed into place; in a bucket single PUTs (atomic per
+//! object). A reader of a record sees either the old or the new version.
 
 pub mod fs;
+pub mod object;
+mod spool;
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::SystemTime;
 
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-use tokio::io::AsyncWriteExt;
 
 use registry_rules::digest::Digest;
 use registry_rules::names::{RepositoryName, Tag};
+use spool::Spool;
+pub use spool::SpoolReader;
+
+/// Where the cache lives: a directory (one process) or a bucket (any number of replicas).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    Dir(PathBuf),
+    Bucket(object::BucketSettings),
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Dir(p) => write!(f, "{}", p.display()),
+            Location::Bucket(b) => b.fmt(f),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("storage directory {path}: {source}")]
+    Dir { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Bucket(#[from] object::OpenError),
+}
+
+/// Open (and for a bucket, check) the store at `location`.
+pub async fn open(location: &Location) -> Result<Arc<dyn BlobStore>, OpenError> {
+    Ok(match location {
+        Location::Dir(path) => {
+            Arc::new(fs::FsStore::new(path).map_err(|source| OpenError::Dir {
+                path: path.clone(),
+                source,
+            })?)
+        }
+        Location::Bucket(b) => Arc::new(object::ObjectBackend::open(b).await?),
+    })
+}
+
+/// A stream of body bytes; an `Err` item aborts the HTTP response.
+pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
@@ -46,56 +100,88 @@ pub struct BlobInfo {
     pub last_access: SystemTime,
 }
 
-/// An in-progress write: bytes go to a file in the store's temp directory while their sha256 is
-/// computed. [`TempBlob::commit`] verifies digest and length, fsyncs and renames atomically into
-/// place; dropping an uncommitted `TempBlob` deletes the temp file.
-pub struct TempBlob {
-    path: PathBuf,
-    file: Option<tokio::fs::File>,
-    hasher: Sha256,
-    len: u64,
-    dest_for: Box<dyn Fn(&Digest) -> PathBuf + Send + Sync>,
+/// A verified blob, opened: its size is fixed at open time and any range of it can be read.
+pub trait StoredBlob: Send + 'static {
+    fn size(&self) -> u64;
+    /// Bytes `[start, end)`; the stream fails if the stored content turns out shorter (or, where
+    /// the backend checks it, different from its digest).
+    fn range(self: Box<Self>, start: u64, end: u64) -> ByteStream;
 }
 
-impl std::fmt::Debug for TempBlob {
+/// Where a verified write goes; the bytes themselves are in the writer's spool.
+#[async_trait]
+pub(crate) trait Sink: Send {
+    /// Take the next bytes (after they were spooled). An error stops this sink only: the
+    /// download goes on for its clients and the commit reports it.
+    async fn write(&mut self, data: &Bytes) -> io::Result<()>;
+    /// Make the verified content visible under `digest`.
+    async fn commit(self: Box<Self>, digest: &Digest, spool: Spool) -> io::Result<()>;
+}
+
+/// An in-progress write: bytes go to a local spool file while their sha256 is computed (and, for
+/// a remote store, into the upload). [`BlobWriter::commit`] verifies digest and length before the
+/// content becomes visible; dropping an uncommitted writer removes everything it wrote.
+pub struct BlobWriter {
+    spool: Spool,
+    hasher: Sha256,
+    len: u64,
+    sink: Box<dyn Sink>,
+    /// The first error of the sink: the bytes still reach the spool (for the clients of the
+    /// download), but nothing will be stored.
+    sink_error: Option<io::Error>,
+}
+
+impl std::fmt::Debug for BlobWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TempBlob")
-            .field("path", &self.path)
+        f.debug_struct("BlobWriter")
             .field("len", &self.len)
             .finish()
     }
 }
 
-impl TempBlob {
-    pub fn path(&self) -> &Path {
-        &self.path
+impl BlobWriter {
+    pub(crate) fn new(spool: Spool, sink: Box<dyn Sink>) -> Self {
+        Self {
+            spool,
+            hasher: Sha256::new(),
+            len: 0,
+            sink,
+            sink_error: None,
+        }
     }
 
-    /// Append bytes; when this returns they are readable through another handle on `path()`.
-    pub async fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        let file = self
-            .file
-            .as_mut()
-            .ok_or_else(|| io::Error::other("temp blob already closed"))?;
-        file.write_all(data).await?;
-        file.flush().await?;
+    /// A read handle on the bytes written so far (for clients joining the download).
+    pub fn reader(&self) -> SpoolReader {
+        self.spool.reader()
+    }
+
+    /// Append bytes; when this returns they are readable through [`Self::reader`]. An error
+    /// means the local spool failed (disk full): the caller passes the rest through.
+    pub async fn write(&mut self, data: &Bytes) -> io::Result<()> {
+        self.spool.write(data).await?;
         self.hasher.update(data);
         self.len += data.len() as u64;
+        if self.sink_error.is_none() {
+            if let Err(e) = self.sink.write(data).await {
+                tracing::error!(error = %e, "storing the download failed; it goes on uncached");
+                self.sink_error = Some(e);
+            }
+        }
         Ok(())
     }
 
-    /// Stop writing to disk (e.g. after ENOSPC) and hand back the hash of the bytes written so
-    /// far; the temp file is deleted.
+    /// Stop writing (e.g. after ENOSPC) and hand back the hash of the bytes written so far;
+    /// everything written is removed.
     pub fn abandon(mut self) -> Sha256 {
         std::mem::take(&mut self.hasher)
     }
 
-    /// Verify, fsync, rename into place, fsync the directory. On error the temp file is removed.
+    /// Verify digest and length, then make the content visible. Nothing is visible on error.
     pub async fn commit(
         mut self,
         expected: &Digest,
         expected_len: Option<u64>,
-    ) -> Result<PathBuf, CommitError> {
+    ) -> Result<(), CommitError> {
         let actual = Digest::from_sha256(std::mem::take(&mut self.hasher));
         if &actual != expected {
             return Err(CommitError::DigestMismatch {
@@ -111,69 +197,45 @@ impl TempBlob {
                 });
             }
         }
-        if let Some(mut file) = self.file.take() {
-            file.flush().await?;
-            file.sync_all().await?;
+        if let Some(e) = self.sink_error {
+            return Err(CommitError::Io(e));
         }
-        let dest = (self.dest_for)(expected);
-        let dir = dest
-            .parent()
-            .map(Path::to_path_buf)
-            .ok_or_else(|| io::Error::other("blob path without parent"))?;
-        tokio::fs::create_dir_all(&dir).await?;
-        tokio::fs::rename(&self.path, &dest).await?;
-        // Renamed: nothing left to delete on drop.
-        self.path = PathBuf::new();
-        fsync_dir(&dir).await?;
-        Ok(dest)
+        self.sink.commit(expected, self.spool).await?;
+        Ok(())
     }
-}
-
-impl Drop for TempBlob {
-    fn drop(&mut self) {
-        if !self.path.as_os_str().is_empty() {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
-pub(crate) async fn fsync_dir(dir: &Path) -> io::Result<()> {
-    let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all())
-        .await
-        .map_err(io::Error::other)?
 }
 
 /// Storage of content-addressed blobs (layers, configs and manifests alike) plus the small
-/// metadata the cache needs. Implementations must make `begin_write` + `TempBlob::commit` atomic:
-/// a digest is either absent or present with verified content.
-pub trait BlobStore: Send + Sync + 'static {
-    /// Delete leftovers of interrupted writes. Called once at startup.
-    fn clean_tmp(&self) -> io::Result<usize>;
-    /// Can we write? (readiness probe)
-    fn check_writable(&self) -> io::Result<()>;
-    /// Open a stored blob for reading with its size.
-    fn open(&self, digest: &Digest) -> io::Result<Option<(std::fs::File, u64)>>;
+/// metadata the cache needs. A digest is either absent or present with verified content.
+#[async_trait]
+pub trait BlobStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Remove what interrupted writes left (the filesystem: everything in its temp directory, so
+    /// only at startup and shutdown; a bucket: uploads older than the abandon age, any time).
+    async fn clean_abandoned(&self) -> io::Result<usize>;
+    /// Can we read and write? (readiness probe)
+    async fn check_ready(&self) -> io::Result<()>;
+    /// Open a stored blob.
+    async fn open(&self, digest: &Digest) -> io::Result<Option<Box<dyn StoredBlob>>>;
     /// Size of a stored blob.
-    fn size(&self, digest: &Digest) -> io::Result<Option<u64>>;
-    /// Start writing content whose digest will be checked on commit.
-    fn begin_write(&self) -> io::Result<TempBlob>;
+    async fn size(&self, digest: &Digest) -> io::Result<Option<u64>>;
+    /// Start writing content expected to have `digest` (checked on commit).
+    async fn begin_write(&self, digest: &Digest) -> io::Result<BlobWriter>;
     /// Remove a blob (and its metadata); returns the bytes freed.
-    fn delete(&self, digest: &Digest) -> io::Result<u64>;
+    async fn delete(&self, digest: &Digest) -> io::Result<u64>;
     /// Every stored blob with its size and last access time.
-    fn list(&self) -> io::Result<Vec<BlobInfo>>;
-    /// Record an access (loosely: used to rebuild LRU order after a restart).
-    fn touch(&self, digest: &Digest);
+    async fn list(&self) -> io::Result<Vec<BlobInfo>>;
+    /// Record an access (loosely: it orders eviction, also after a restart).
+    async fn touch(&self, digest: &Digest);
     /// Media type of a stored manifest.
-    fn manifest_media_type(&self, digest: &Digest) -> io::Result<Option<String>>;
-    fn set_manifest_media_type(&self, digest: &Digest, media_type: &str) -> io::Result<()>;
-    fn read_tag(
+    async fn manifest_media_type(&self, digest: &Digest) -> io::Result<Option<String>>;
+    async fn set_manifest_media_type(&self, digest: &Digest, media_type: &str) -> io::Result<()>;
+    async fn read_tag(
         &self,
         registry: &str,
         name: &RepositoryName,
         tag: &Tag,
     ) -> io::Result<Option<TagRecord>>;
-    fn write_tag(
+    async fn write_tag(
         &self,
         registry: &str,
         name: &RepositoryName,
@@ -182,6 +244,33 @@ pub trait BlobStore: Send + Sync + 'static {
     ) -> io::Result<()>;
     /// Whether `digest` was seen in `registry/name` (blobs are only served to repositories the
     /// upstream confirmed they belong to).
-    fn has_link(&self, registry: &str, name: &RepositoryName, digest: &Digest) -> bool;
-    fn add_link(&self, registry: &str, name: &RepositoryName, digest: &Digest) -> io::Result<()>;
+    async fn has_link(
+        &self,
+        registry: &str,
+        name: &RepositoryName,
+        digest: &Digest,
+    ) -> io::Result<bool>;
+    async fn add_link(
+        &self,
+        registry: &str,
+        name: &RepositoryName,
+        digest: &Digest,
+    ) -> io::Result<()>;
+    /// `true` when several replicas share this store: its size is bounded by one replica at a
+    /// time under [`Self::eviction_lease`], not by each replica's own accounting.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Take or renew the lease that lets this replica evict from a shared store.
+    async fn eviction_lease(&self) -> io::Result<bool> {
+        Ok(true)
+    }
+}
+
+/// Read a whole small stored blob (a manifest) into memory.
+pub async fn read_all(blob: Box<dyn StoredBlob>) -> io::Result<Bytes> {
+    use futures::TryStreamExt;
+    let size = blob.size();
+    let chunks: Vec<Bytes> = blob.range(0, size).try_collect().await?;
+    Ok(Bytes::from(chunks.concat()))
 }

@@ -204,7 +204,7 @@ impl Mirror {
         };
         let config = Config {
             listen: "127.0.0.1:0".parse().expect("addr"),
-            storage: dir.path().to_path_buf(),
+            storage: regmirror::store::Location::Dir(dir.path().to_path_buf()),
             max_size: 0,
             tag_ttl,
             shutdown_grace: Duration::from_secs(1),
@@ -213,7 +213,7 @@ impl Mirror {
             log_format: LogFormat::Text,
             upstreams: [("lab".to_owned(), lab)].into(),
         };
-        let app = regmirror::build_app(config, None).expect("build_app");
+        let app = regmirror::build_app(config, None).await.expect("build_app");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

@@ -1,0 +1,878 @@
+//! Object-store [`BlobStore`] (S3 through the `object_store` crate), shared by any number of
+//! replicas:
+//!
+//! ```text
+//! <prefix>/blobs/sha256/<hex>                  verified content only
+//! <prefix>/manifests/sha256/<hex>.json         {"media_type": ...}
+//! <prefix>/tags/<registry>/<name>/<tag>.json   TagRecord
+//! <prefix>/links/<registry>/<name>/<hex>       empty: digest belongs to that repository
+//! <prefix>/access/<hex>                        empty: its time is the blob's last access
+//! <prefix>/uploads/<unix>-<replica>-<n>.json   a multipart upload in progress (for cleanup)
+//! <prefix>/lease/evict                         who may evict, until when
+//! ```
+//!
+//! Writes stream into a multipart upload straight to the final key while the bytes are hashed:
+//! S3 makes the object appear only when the upload completes, which happens after the digest
+//! matched (else it is aborted), so no reader ever sees a partial or unverified key and no copy
+//! is needed (a server-side copy is limited to 5 GiB). Two replicas racing on one blob both
+//! complete identical bytes: the key never disappears in between. A replica killed mid-upload
+//! leaves an incomplete upload that is invisible; its marker under `uploads/` lets any replica
+//! abort it once it is older than the abandon age. Blobs under one part are a single PUT.
+//!
+//! Reads are ranged GETs of [`READ_CHUNK`] bytes, [`READ_AHEAD`] at a time (bounded memory),
+//! pinned to the e-tag seen at open; a whole-blob read is hashed on the way and its last chunk
+//! is withheld unless the digest matched, so bytes changed behind the cache's back are never
+//! served complete (and the object is deleted).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path;
+use object_store::{
+    ClientOptions, GetOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    RetryConfig, UpdateVersion,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use tokio::task::JoinHandle;
+
+use super::spool::Spool;
+use super::{BlobInfo, BlobStore, BlobWriter, ByteStream, Sink, StoredBlob, TagRecord};
+use crate::lock;
+use registry_rules::digest::Digest;
+use registry_rules::names::{RepositoryName, Tag};
+
+/// Size of a multipart part (S3's minimum is 5 MiB for all but the last).
+const PART_SIZE: usize = 8 << 20;
+/// Parts of one upload in flight at once: with [`PART_SIZE`], at most 32 MiB per download.
+const PARTS_IN_FLIGHT: usize = 4;
+/// Ranged GET size of a read.
+pub const READ_CHUNK: u64 = 4 << 20;
+/// Ranged GETs of one read in flight at once (memory: READ_AHEAD x READ_CHUNK per client).
+pub const READ_AHEAD: usize = 4;
+/// An upload older than this is taken for abandoned (its replica died).
+const ABANDON_AFTER: Duration = Duration::from_secs(6 * 3600);
+/// A replica records an access to a blob at most this often.
+const TOUCH_EVERY: Duration = Duration::from_secs(300);
+/// How long an eviction lease lasts unless renewed.
+pub const LEASE_TTL: Duration = Duration::from_secs(120);
+/// Bounds of the in-memory sets (cleared when full: they only save requests).
+const MAX_REMEMBERED: usize = 100_000;
+
+/// Where the cache lives in a bucket, from `s3://BUCKET/PREFIX` plus the S3 settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketSettings {
+    pub bucket: String,
+    /// Without leading or trailing `/`; may be empty.
+    pub prefix: String,
+    /// Overrides `AWS_ENDPOINT_URL` / `AWS_ENDPOINT`.
+    pub endpoint: Option<String>,
+    /// Overrides `AWS_REGION`.
+    pub region: Option<String>,
+    /// Local scratch for in-flight downloads.
+    pub spool_dir: PathBuf,
+}
+
+impl fmt::Display for BucketSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "s3://{}/{}", self.bucket, self.prefix)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UrlError {
+    #[error("invalid storage URL {0:?}: expected s3://BUCKET/PREFIX")]
+    Malformed(String),
+}
+
+impl BucketSettings {
+    /// `s3://bucket/prefix` (the prefix may be empty); `None` when `s` is not an `s3://` URL.
+    pub fn parse_url(s: &str) -> Option<Result<(String, String), UrlError>> {
+        let rest = s.strip_prefix("s3://")?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let valid_bucket = (3..=63).contains(&bucket.len())
+            && bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        let prefix = prefix.trim_matches('/');
+        if !valid_bucket || prefix.split('/').any(|p| p == "." || p == "..") && !prefix.is_empty() {
+            return Some(Err(UrlError::Malformed(s.to_owned())));
+        }
+        Some(Ok((bucket.to_owned(), prefix.to_owned())))
+    }
+}
+
+/// Why the bucket cannot be used; each names its cause (the process exits with status 2).
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("S3 client for {url}: {detail}")]
+    Client { url: String, detail: String },
+    #[error("S3 endpoint {endpoint} is unreachable: {detail}")]
+    Unreachable { endpoint: String, detail: String },
+    #[error("S3 credentials refused by {endpoint} (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY): {detail}")]
+    Credentials { endpoint: String, detail: String },
+    #[error("S3 bucket {bucket:?} does not exist at {endpoint}")]
+    NoBucket { bucket: String, endpoint: String },
+    #[error("S3 start-up check of {url} failed: {detail}")]
+    Check { url: String, detail: String },
+    #[error("spool directory {path}: {source}")]
+    Spool { path: PathBuf, source: io::Error },
+}
+
+fn io_err(e: object_store::Error) -> io::Error {
+    let kind = match &e {
+        object_store::Error::NotFound { .. } => io::ErrorKind::NotFound,
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => io::ErrorKind::PermissionDenied,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, e)
+}
+
+fn not_found_is_none<T>(r: object_store::Result<T>) -> io::Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(io_err(e)),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct UploadMarker {
+    key: String,
+    upload_id: String,
+    started: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Lease {
+    holder: String,
+    expires: u64,
+}
+
+pub struct ObjectBackend {
+    store: Arc<AmazonS3>,
+    endpoint: String,
+    prefix: String,
+    spool_dir: PathBuf,
+    /// Names this replica's uploads and lease.
+    replica: String,
+    seq: AtomicU64,
+    abandon_after: Duration,
+    /// Links seen to exist (never removed from the bucket): skip a HEAD per hit.
+    links: Mutex<HashSet<String>>,
+    /// Last access recorded per blob by this replica.
+    touched: Mutex<HashMap<Digest, Instant>>,
+}
+
+impl fmt::Debug for ObjectBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ObjectBackend")
+            .field("endpoint", &self.endpoint)
+            .field("prefix", &self.prefix)
+            .field("replica", &self.replica)
+            .finish()
+    }
+}
+
+impl ObjectBackend {
+    /// Build the client (env: `AWS_ENDPOINT_URL`/`AWS_ENDPOINT`, `AWS_REGION`, keys,
+    /// `AWS_ALLOW_HTTP`; the settings override endpoint and region), then check the bucket with
+    /// a probe put/get/list/delete under the prefix.
+    pub async fn open(s: &BucketSettings) -> Result<Self, OpenError> {
+        Self::open_with(s, ABANDON_AFTER).await
+    }
+
+    /// [`Self::open`] with another abandon age (tests).
+    pub async fn open_with(s: &BucketSettings, abandon_after: Duration) -> Result<Self, OpenError> {
+        // Replacing the client options drops what `from_env` put there: AWS_ALLOW_HTTP is
+        // applied here again.
+        let allow_http = std::env::var("AWS_ALLOW_HTTP")
+            .is_ok_and(|v| v.eq_ignore_ascii_case("true"))
+            || s.endpoint
+                .as_deref()
+                .is_some_and(|e| e.starts_with("http://"));
+        let mut b = AmazonS3Builder::from_env()
+            .with_bucket_name(&s.bucket)
+            // SeaweedFS, MinIO and most S3-compatible stores are path-style.
+            .with_virtual_hosted_style_request(false)
+            .with_retry(RetryConfig {
+                max_retries: 3,
+                retry_timeout: Duration::from_secs(15),
+                ..RetryConfig::default()
+            })
+            .with_client_options(
+                ClientOptions::new()
+                    .with_allow_http(allow_http)
+                    .with_connect_timeout(Duration::from_secs(3))
+                    .with_timeout(Duration::from_secs(60)),
+            );
+        if let Some(e) = &s.endpoint {
+            b = b.with_endpoint(e);
+        }
+        if let Some(r) = &s.region {
+            b = b.with_region(r);
+        }
+        let endpoint = s
+            .endpoint
+            .clone()
+            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+            .or_else(|| std::env::var("AWS_ENDPOINT").ok())
+            .unwrap_or_else(|| "the AWS S3 endpoint".to_owned());
+        let store = b.build().map_err(|e| OpenError::Client {
+            url: s.to_string(),
+            detail: e.to_string(),
+        })?;
+        std::fs::create_dir_all(&s.spool_dir).map_err(|source| OpenError::Spool {
+            path: s.spool_dir.clone(),
+            source,
+        })?;
+        // Proves the directory takes an unnamed file (O_TMPFILE) before the first download.
+        Spool::anonymous(&s.spool_dir).map_err(|source| OpenError::Spool {
+            path: s.spool_dir.clone(),
+            source,
+        })?;
+        let replica = format!(
+            "{}-{}-{}",
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "host".to_owned()),
+            std::process::id(),
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos())
+        );
+        let backend = Self {
+            store: Arc::new(store),
+            endpoint,
+            prefix: s.prefix.clone(),
+            spool_dir: s.spool_dir.clone(),
+            replica,
+            seq: AtomicU64::new(0),
+            abandon_after,
+            links: Mutex::default(),
+            touched: Mutex::default(),
+        };
+        backend.probe(s).await?;
+        Ok(backend)
+    }
+
+    async fn probe(&self, s: &BucketSettings) -> Result<(), OpenError> {
+        let key = self.key(&format!("probe/{}", self.replica));
+        let classify = |e: object_store::Error, writing: bool| -> OpenError {
+            let text = e.to_string();
+            match &e {
+                object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. } => OpenError::Credentials {
+                    endpoint: self.endpoint.clone(),
+                    detail: text,
+                },
+                _ if text.contains("NoSuchBucket")
+                    || (writing && matches!(e, object_store::Error::NotFound { .. })) =>
+                {
+                    OpenError::NoBucket {
+                        bucket: s.bucket.clone(),
+                        endpoint: self.endpoint.clone(),
+                    }
+                }
+                _ if is_connect_error(&e) => OpenError::Unreachable {
+                    endpoint: self.endpoint.clone(),
+                    detail: text,
+                },
+                _ => OpenError::Check {
+                    url: s.to_string(),
+                    detail: text,
+                },
+            }
+        };
+        self.store
+            .put(&key, PutPayload::from_static(b"regmirror probe"))
+            .await
+            .map_err(|e| classify(e, true))?;
+        let got = self.store.get(&key).await.map_err(|e| classify(e, false))?;
+        let body = got.bytes().await.map_err(|e| classify(e, false))?;
+        if &body[..] != b"regmirror probe" {
+            return Err(OpenError::Check {
+                url: s.to_string(),
+                detail: "the probe object read back different bytes".into(),
+            });
+        }
+        let listed: Vec<_> = self
+            .store
+            .list(Some(&self.key("probe")))
+            .try_collect()
+            .await
+            .map_err(|e| classify(e, false))?;
+        if !listed.iter().any(|m| m.location == key) {
+            return Err(OpenError::Check {
+                url: s.to_string(),
+                detail: "the probe object is missing from the listing".into(),
+            });
+        }
+        self.store.delete(&key).await.map_err(|e| classify(e, true))
+    }
+
+    fn key(&self, rest: &str) -> Path {
+        if self.prefix.is_empty() {
+            Path::from(rest)
+        } else {
+            Path::from(format!("{}/{rest}", self.prefix))
+        }
+    }
+
+    fn blob_key(&self, d: &Digest) -> Path {
+        self.key(&format!("blobs/sha256/{}", d.hex()))
+    }
+
+    fn tag_key(&self, registry: &str, name: &RepositoryName, tag: &Tag) -> Path {
+        self.key(&format!("tags/{registry}/{name}/{}.json", tag.as_str()))
+    }
+
+    fn link_key(&self, registry: &str, name: &RepositoryName, d: &Digest) -> Path {
+        self.key(&format!("links/{registry}/{name}/{}", d.hex()))
+    }
+
+    fn meta_key(&self, d: &Digest) -> Path {
+        self.key(&format!("manifests/sha256/{}.json", d.hex()))
+    }
+
+    fn access_key(&self, d: &Digest) -> Path {
+        self.key(&format!("access/{}", d.hex()))
+    }
+
+    async fn read_small(&self, key: &Path) -> io::Result<Option<Bytes>> {
+        let Some(got) = not_found_is_none(self.store.get(key).await)? else {
+            return Ok(None);
+        };
+        not_found_is_none(got.bytes().await)
+    }
+
+    async fn put_small(&self, key: &Path, body: Vec<u8>) -> io::Result<()> {
+        self.store
+            .put(key, PutPayload::from(body))
+            .await
+            .map(drop)
+            .map_err(io_err)
+    }
+
+    /// Every object under `sub` (recursive).
+    async fn list_under(&self, sub: &str) -> io::Result<Vec<object_store::ObjectMeta>> {
+        self.store
+            .list(Some(&self.key(sub)))
+            .try_collect()
+            .await
+            .map_err(io_err)
+    }
+}
+
+fn is_connect_error(e: &object_store::Error) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = src {
+        let t = s.to_string().to_ascii_lowercase();
+        if t.contains("connect") || t.contains("dns") || t.contains("timed out") {
+            return true;
+        }
+        src = s.source();
+    }
+    false
+}
+
+/// A verified object, opened at one version (its e-tag).
+struct ObjectBlob {
+    store: Arc<AmazonS3>,
+    key: Path,
+    size: u64,
+    e_tag: Option<String>,
+    digest: Digest,
+}
+
+impl StoredBlob for ObjectBlob {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn range(self: Box<Self>, start: u64, end: u64) -> ByteStream {
+        let whole = start == 0 && end == self.size;
+        let ObjectBlob {
+            store,
+            key,
+            e_tag,
+            digest,
+            ..
+        } = *self;
+        let chunks = (start..end)
+            .step_by(usize::try_from(READ_CHUNK).unwrap_or(usize::MAX))
+            .map(move |pos| pos..std::cmp::min(pos + READ_CHUNK, end));
+        let (s2, k2) = (store.clone(), key.clone());
+        let reads = futures::stream::iter(chunks)
+            .map(move |r| {
+                let (store, key) = (s2.clone(), k2.clone());
+                let opts = GetOptions {
+                    range: Some(r.clone().into()),
+                    if_match: e_tag.clone(),
+                    ..GetOptions::default()
+                };
+                async move {
+                    let want = r.end - r.start;
+                    let got = store.get_opts(&key, opts).await.map_err(io_err)?;
+                    let b = got.bytes().await.map_err(io_err)?;
+                    if b.len() as u64 != want {
+                        return Err(io::Error::other("stored object shorter than expected"));
+                    }
+                    Ok((b, r.end == end))
+                }
+            })
+            .buffered(READ_AHEAD);
+        let mut hasher = whole.then(Sha256::new);
+        let mut failed = false;
+        reads
+            .map(move |r| {
+                if failed {
+                    return None;
+                }
+                let out = match r {
+                    Ok((b, last)) => match hasher.as_mut() {
+                        Some(h) => {
+                            h.update(&b);
+                            if last {
+                                let got = Digest::from_sha256(std::mem::take(h));
+                                if got == digest {
+                                    Ok(b)
+                                } else {
+                                    tracing::error!(%digest, %got, key = %key, "stored object does not match its digest; deleted");
+                                    let (store, key) = (store.clone(), key.clone());
+                                    tokio::spawn(async move { store.delete(&key).await });
+                                    Err(io::Error::other("stored object does not match its digest"))
+                                }
+                            } else {
+                                Ok(b)
+                            }
+                        }
+                        None => Ok(b),
+                    },
+                    Err(e) => Err(e),
+                };
+                failed = out.is_err();
+                Some(out)
+            })
+            .take_while(|o| futures::future::ready(o.is_some()))
+            .filter_map(futures::future::ready)
+            .boxed()
+    }
+}
+
+/// A multipart upload to the final key, or (for a blob under one part) a single PUT.
+struct ObjectSink {
+    backend: Arc<AmazonS3>,
+    dest: Path,
+    marker_key: Path,
+    buf: Vec<Bytes>,
+    buf_len: usize,
+    upload: Option<String>,
+    next_part: usize,
+    in_flight: VecDeque<JoinHandle<object_store::Result<PartId>>>,
+    parts: Vec<PartId>,
+    committed: bool,
+}
+
+impl ObjectSink {
+    /// Send the buffered bytes as the next part.
+    async fn send_part(&mut self) -> io::Result<()> {
+        let id = match &self.upload {
+            Some(id) => id.clone(),
+            None => {
+                let id = self
+                    .backend
+                    .create_multipart(&self.dest)
+                    .await
+                    .map_err(io_err)?;
+                self.upload = Some(id.clone());
+                // Recorded so that any replica can abort it if this one dies.
+                let marker = UploadMarker {
+                    key: self.dest.to_string(),
+                    upload_id: id.clone(),
+                    started: unix_now(),
+                };
+                let body = serde_json::to_vec(&marker).map_err(io::Error::other)?;
+                self.backend
+                    .put(&self.marker_key, PutPayload::from(body))
+                    .await
+                    .map_err(io_err)?;
+                id
+            }
+        };
+        let payload: PutPayload = std::mem::take(&mut self.buf).into_iter().collect();
+        self.buf_len = 0;
+        let (store, dest, idx) = (self.backend.clone(), self.dest.clone(), self.next_part);
+        self.next_part += 1;
+        self.in_flight.push_back(tokio::spawn(async move {
+            store.put_part(&dest, &id, idx, payload).await
+        }));
+        while self.in_flight.len() > PARTS_IN_FLIGHT {
+            self.finish_one().await?;
+        }
+        Ok(())
+    }
+
+    async fn finish_one(&mut self) -> io::Result<()> {
+        if let Some(h) = self.in_flight.pop_front() {
+            let part = h.await.map_err(io::Error::other)?.map_err(io_err)?;
+            self.parts.push(part);
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Sink for ObjectSink {
+    async fn write(&mut self, data: &Bytes) -> io::Result<()> {
+        let mut data = data.clone();
+        while !data.is_empty() {
+            let room = PART_SIZE - self.buf_len;
+            let take = data.split_to(std::cmp::min(room, data.len()));
+            self.buf_len += take.len();
+            self.buf.push(take);
+            if self.buf_len == PART_SIZE {
+                self.send_part().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn commit(mut self: Box<Self>, _digest: &Digest, _spool: Spool) -> io::Result<()> {
+        if self.upload.is_none() {
+            let payload: PutPayload = std::mem::take(&mut self.buf).into_iter().collect();
+            self.backend
+                .put(&self.dest, payload)
+                .await
+                .map_err(io_err)?;
+            self.committed = true;
+            return Ok(());
+        }
+        if self.buf_len > 0 {
+            self.send_part().await?;
+        }
+        while !self.in_flight.is_empty() {
+            self.finish_one().await?;
+        }
+        let id = self.upload.clone().unwrap_or_default();
+        let parts = std::mem::take(&mut self.parts);
+        self.backend
+            .complete_multipart(&self.dest, &id, parts)
+            .await
+            .map_err(io_err)?;
+        self.committed = true;
+        let _ = self.backend.delete(&self.marker_key).await;
+        Ok(())
+    }
+}
+
+impl Drop for ObjectSink {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        for h in self.in_flight.drain(..) {
+            h.abort();
+        }
+        let (Some(id), Ok(rt)) = (self.upload.take(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let (store, dest, marker) = (
+            self.backend.clone(),
+            self.dest.clone(),
+            self.marker_key.clone(),
+        );
+        rt.spawn(async move {
+            if let Err(e) = store.abort_multipart(&dest, &id).await {
+                tracing::warn!(key = %dest, error = %e, "aborting an upload failed; cleanup will retry");
+                return;
+            }
+            let _ = store.delete(&marker).await;
+        });
+    }
+}
+
+#[async_trait]
+impl BlobStore for ObjectBackend {
+    async fn clean_abandoned(&self) -> io::Result<usize> {
+        let now = unix_now();
+        let mut n = 0;
+        for m in self.list_under("uploads").await? {
+            let Some(body) = self.read_small(&m.location).await? else {
+                continue;
+            };
+            let Ok(marker) = serde_json::from_slice::<UploadMarker>(&body) else {
+                // Not ours to understand: old enough, it goes.
+                continue;
+            };
+            if now.saturating_sub(marker.started) < self.abandon_after.as_secs() {
+                continue;
+            }
+            let key = Path::from(marker.key.as_str());
+            match self.store.abort_multipart(&key, &marker.upload_id).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "aborting an abandoned upload");
+                }
+            }
+            self.store.delete(&m.location).await.map_err(io_err)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    async fn check_ready(&self) -> io::Result<()> {
+        // A missing key is an answer: the bucket is reachable and the credentials good.
+        not_found_is_none(self.store.head(&self.key("ready")).await).map(drop)
+    }
+
+    async fn open(&self, digest: &Digest) -> io::Result<Option<Box<dyn StoredBlob>>> {
+        let key = self.blob_key(digest);
+        let Some(meta) = not_found_is_none(self.store.head(&key).await)? else {
+            return Ok(None);
+        };
+        Ok(Some(Box::new(ObjectBlob {
+            store: self.store.clone(),
+            key,
+            size: meta.size,
+            e_tag: meta.e_tag,
+            digest: digest.clone(),
+        })))
+    }
+
+    async fn size(&self, digest: &Digest) -> io::Result<Option<u64>> {
+        Ok(not_found_is_none(self.store.head(&self.blob_key(digest)).await)?.map(|m| m.size))
+    }
+
+    async fn begin_write(&self, digest: &Digest) -> io::Result<BlobWriter> {
+        let spool = Spool::anonymous(&self.spool_dir)?;
+        let n = self.seq.fetch_add(1, Relaxed);
+        Ok(BlobWriter::new(
+            spool,
+            Box::new(ObjectSink {
+                backend: self.store.clone(),
+                dest: self.blob_key(digest),
+                marker_key: self.key(&format!("uploads/{}-{}-{n}.json", unix_now(), self.replica)),
+                buf: Vec::new(),
+                buf_len: 0,
+                upload: None,
+                next_part: 0,
+                in_flight: VecDeque::new(),
+                parts: Vec::new(),
+                committed: false,
+            }),
+        ))
+    }
+
+    async fn delete(&self, digest: &Digest) -> io::Result<u64> {
+        let key = self.blob_key(digest);
+        let size = not_found_is_none(self.store.head(&key).await)?.map_or(0, |m| m.size);
+        not_found_is_none(self.store.delete(&key).await)?;
+        let _ = self.store.delete(&self.meta_key(digest)).await;
+        let _ = self.store.delete(&self.access_key(digest)).await;
+        Ok(size)
+    }
+
+    async fn list(&self) -> io::Result<Vec<BlobInfo>> {
+        let mut access: HashMap<String, SystemTime> = HashMap::new();
+        for m in self.list_under("access").await? {
+            if let Some(hex) = m.location.filename() {
+                access.insert(hex.to_owned(), SystemTime::from(m.last_modified));
+            }
+        }
+        let mut out = Vec::new();
+        for m in self.list_under("blobs/sha256").await? {
+            let Some(hex) = m.location.filename() else {
+                continue;
+            };
+            let Ok(digest) = Digest::parse(&format!("sha256:{hex}")) else {
+                continue;
+            };
+            let written = SystemTime::from(m.last_modified);
+            let last_access = access
+                .get(hex)
+                .map_or(written, |a| std::cmp::max(*a, written));
+            out.push(BlobInfo {
+                digest,
+                size: m.size,
+                last_access,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn touch(&self, digest: &Digest) {
+        {
+            let mut t = lock(&self.touched);
+            if t.get(digest).is_some_and(|at| at.elapsed() < TOUCH_EVERY) {
+                return;
+            }
+            if t.len() >= MAX_REMEMBERED {
+                t.clear();
+            }
+            t.insert(digest.clone(), Instant::now());
+        }
+        if let Err(e) = self.put_small(&self.access_key(digest), Vec::new()).await {
+            tracing::debug!(%digest, error = %e, "recording an access failed");
+        }
+    }
+
+    async fn manifest_media_type(&self, digest: &Digest) -> io::Result<Option<String>> {
+        let Some(text) = self.read_small(&self.meta_key(digest)).await? else {
+            return Ok(None);
+        };
+        let v: serde_json::Value = serde_json::from_slice(&text).map_err(io::Error::other)?;
+        Ok(v.get("media_type")
+            .and_then(|m| m.as_str())
+            .map(str::to_owned))
+    }
+
+    async fn set_manifest_media_type(&self, digest: &Digest, media_type: &str) -> io::Result<()> {
+        let body = serde_json::json!({ "media_type": media_type }).to_string();
+        self.put_small(&self.meta_key(digest), body.into_bytes())
+            .await
+    }
+
+    async fn read_tag(
+        &self,
+        registry: &str,
+        name: &RepositoryName,
+        tag: &Tag,
+    ) -> io::Result<Option<TagRecord>> {
+        let Some(text) = self.read_small(&self.tag_key(registry, name, tag)).await? else {
+            return Ok(None);
+        };
+        Ok(serde_json::from_slice(&text).ok())
+    }
+
+    async fn write_tag(
+        &self,
+        registry: &str,
+        name: &RepositoryName,
+        tag: &Tag,
+        rec: &TagRecord,
+    ) -> io::Result<()> {
+        let body = serde_json::to_vec(rec).map_err(io::Error::other)?;
+        self.put_small(&self.tag_key(registry, name, tag), body)
+            .await
+    }
+
+    async fn has_link(
+        &self,
+        registry: &str,
+        name: &RepositoryName,
+        digest: &Digest,
+    ) -> io::Result<bool> {
+        let key = self.link_key(registry, name, digest);
+        if lock(&self.links).contains(key.as_ref()) {
+            return Ok(true);
+        }
+        let found = not_found_is_none(self.store.head(&key).await)?.is_some();
+        if found {
+            self.remember_link(&key);
+        }
+        Ok(found)
+    }
+
+    async fn add_link(
+        &self,
+        registry: &str,
+        name: &RepositoryName,
+        digest: &Digest,
+    ) -> io::Result<()> {
+        let key = self.link_key(registry, name, digest);
+        if lock(&self.links).contains(key.as_ref()) {
+            return Ok(());
+        }
+        self.put_small(&key, Vec::new()).await?;
+        self.remember_link(&key);
+        Ok(())
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    /// `PutMode::Create` takes a free lease; an expired (or our own) lease is taken over with
+    /// `PutMode::Update` on the e-tag read, so of two replicas racing only one succeeds.
+    async fn eviction_lease(&self) -> io::Result<bool> {
+        let key = self.key("lease/evict");
+        let body = serde_json::to_vec(&Lease {
+            holder: self.replica.clone(),
+            expires: unix_now() + LEASE_TTL.as_secs(),
+        })
+        .map_err(io::Error::other)?;
+        let put = |mode: PutMode| {
+            let (store, key, body) = (self.store.clone(), key.clone(), body.clone());
+            async move {
+                store
+                    .put_opts(
+                        &key,
+                        PutPayload::from(body),
+                        PutOptions {
+                            mode,
+                            ..PutOptions::default()
+                        },
+                    )
+                    .await
+            }
+        };
+        match put(PutMode::Create).await {
+            Ok(_) => return Ok(true),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => {}
+            Err(e) => return Err(io_err(e)),
+        }
+        let got = self.store.get(&key).await.map_err(io_err)?;
+        let e_tag = got.meta.e_tag.clone();
+        let current: Option<Lease> =
+            serde_json::from_slice(&got.bytes().await.map_err(io_err)?).ok();
+        let ours = current.as_ref().is_some_and(|l| l.holder == self.replica);
+        let expired = current.as_ref().is_none_or(|l| l.expires <= unix_now());
+        if !ours && !expired {
+            return Ok(false);
+        }
+        match put(PutMode::Update(UpdateVersion {
+            e_tag,
+            version: None,
+        }))
+        .await
+        {
+            Ok(_) => Ok(true),
+            Err(
+                object_store::Error::Precondition { .. }
+                | object_store::Error::AlreadyExists { .. },
+            ) => Ok(false),
+            Err(e) => Err(io_err(e)),
+        }
+    }
+}
+
+impl ObjectBackend {
+    fn remember_link(&self, key: &Path) {
+        let mut l = lock(&self.links);
+        if l.len() >= MAX_REMEMBERED {
+            l.clear();
+        }
+        l.insert(key.to_string());
+    }
+}

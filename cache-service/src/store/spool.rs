@@ -1,0 +1,129 @@
+//! The local file an in-progress write goes to: clients joining the download `pread` it up to
+//! the published watermark through a shared read handle, which keeps working after the file is
+//! renamed into the store or unlinked.
+
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+
+pub(crate) struct Spool {
+    file: tokio::fs::File,
+    read: Arc<std::fs::File>,
+    /// A named spool (the filesystem store's temp file) is removed on drop unless persisted;
+    /// an anonymous one (`O_TMPFILE`) vanishes with its last handle, even after a crash.
+    path: Option<PathBuf>,
+}
+
+impl Spool {
+    /// A new file at `path` (which must not exist).
+    pub(crate) fn named(path: PathBuf) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        let read = match std::fs::File::open(&path) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+        };
+        Ok(Self {
+            file: tokio::fs::File::from_std(file),
+            read: Arc::new(read),
+            path: Some(path),
+        })
+    }
+
+    /// An unnamed file in `dir`.
+    pub(crate) fn anonymous(dir: &Path) -> io::Result<Self> {
+        let file = tempfile::tempfile_in(dir)?;
+        let read = file.try_clone()?;
+        Ok(Self {
+            file: tokio::fs::File::from_std(file),
+            read: Arc::new(read),
+            path: None,
+        })
+    }
+
+    pub(crate) async fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        self.file.write_all(data).await?;
+        self.file.flush().await
+    }
+
+    pub(crate) fn reader(&self) -> SpoolReader {
+        SpoolReader(self.read.clone())
+    }
+
+    /// fsync, rename to `dest` (creating its directory) and fsync that directory.
+    pub(crate) async fn persist(mut self, dest: &Path) -> io::Result<()> {
+        let Some(src) = self.path.clone() else {
+            return Err(io::Error::other("an anonymous spool cannot be persisted"));
+        };
+        self.file.flush().await?;
+        self.file.sync_all().await?;
+        let dir = dest
+            .parent()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| io::Error::other("blob path without parent"))?;
+        tokio::fs::create_dir_all(&dir).await?;
+        tokio::fs::rename(&src, dest).await?;
+        // Renamed: nothing left to delete on drop.
+        self.path = None;
+        fsync_dir(&dir).await
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+pub(crate) async fn fsync_dir(dir: &Path) -> io::Result<()> {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all())
+        .await
+        .map_err(io::Error::other)?
+}
+
+/// A read handle on a spool (or a stored file).
+#[derive(Debug, Clone)]
+pub struct SpoolReader(Arc<std::fs::File>);
+
+impl SpoolReader {
+    pub(crate) fn of(file: std::fs::File) -> Self {
+        Self(Arc::new(file))
+    }
+
+    /// Up to `len` bytes at `pos` (fewer at the end of the file), read on the blocking pool.
+    pub async fn read_at(&self, pos: u64, len: u64) -> io::Result<Bytes> {
+        let f = self.0.clone();
+        tokio::task::spawn_blocking(move || pread(&f, pos, len))
+            .await
+            .map_err(io::Error::other)?
+    }
+}
+
+/// `pread` until `len` bytes or end of file.
+fn pread(f: &std::fs::File, pos: u64, len: u64) -> io::Result<Bytes> {
+    let n = usize::try_from(len).map_err(io::Error::other)?;
+    let mut buf = vec![0u8; n];
+    let mut filled = 0;
+    while filled < n {
+        let slice = buf.get_mut(filled..).unwrap_or_default();
+        let r = f.read_at(slice, pos + filled as u64)?;
+        if r == 0 {
+            break;
+        }
+        filled += r;
+    }
+    buf.truncate(filled);
+    Ok(Bytes::from(buf))
+}

@@ -1,0 +1,373 @@
+//! The storage contract (cache-service's `store::BlobStore`) run against BOTH backends: the
+//! filesystem store in a temp dir and the object-store backend on a real SeaweedFS (the
+//! harness's `s3::shared()`). What the cache relies on: a write is visible only once committed
+//! with the right digest and length; a mismatch or a writer dropped mid-way leaves nothing that
+//! can be opened, and cleanup removes the leftovers; ranges read back exactly; tags and links
+//! round-trip; list and delete agree. Plus what only a bucket has: start-up refuses a wrong
+//! secret, a missing bucket and an unreachable endpoint with exit status 2 and the cause; bytes
+//! changed in the bucket behind the cache's back are never served complete; the eviction lease
+//! has one holder at a time.
+
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use mirror_tests::harness::{build, s3};
+use registry_rules::digest::Digest;
+use registry_rules::names::{RepositoryName, Tag};
+use regmirror::store::object::{BucketSettings, ObjectBackend};
+use regmirror::store::{fs::FsStore, BlobStore, TagRecord};
+
+/// The object-store backend reads credentials from the usual AWS variables: set once, before
+/// any backend is built, for the shared server.
+fn s3_env() -> &'static s3::S3Server {
+    static ENV: OnceLock<()> = OnceLock::new();
+    let s = s3::shared();
+    ENV.get_or_init(|| {
+        for (k, v) in s.env() {
+            std::env::set_var(k, v);
+        }
+    });
+    s
+}
+
+fn settings(s: &s3::S3Server, prefix: &str, spool: &std::path::Path) -> BucketSettings {
+    BucketSettings {
+        bucket: s.bucket.clone(),
+        prefix: prefix.to_owned(),
+        endpoint: Some(s.endpoint.clone()),
+        region: Some(s.region.clone()),
+        spool_dir: spool.to_path_buf(),
+    }
+}
+
+async fn object_backend(prefix: &str, spool: &std::path::Path) -> ObjectBackend {
+    let s = s3_env();
+    // Abandon age 0: every upload marker found by cleanup counts as abandoned.
+    ObjectBackend::open_with(&settings(s, prefix, spool), Duration::ZERO)
+        .await
+        .expect("object backend")
+}
+
+/// The harness's S3 helpers block on their own runtime: called from a worker thread here.
+fn sync<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+async fn read(store: &dyn BlobStore, d: &Digest, start: u64, end: u64) -> Vec<u8> {
+    let blob = store.open(d).await.expect("open").expect("stored");
+    let chunks: Vec<Bytes> = blob.range(start, end).try_collect().await.expect("read");
+    chunks.concat()
+}
+
+async fn write(store: &dyn BlobStore, data: &[u8], chunk: usize) -> Digest {
+    let d = Digest::of_bytes(data);
+    let mut w = store.begin_write(&d).await.expect("begin");
+    for c in data.chunks(chunk.max(1)) {
+        w.write(&Bytes::copy_from_slice(c)).await.expect("write");
+    }
+    w.commit(&d, Some(data.len() as u64)).await.expect("commit");
+    d
+}
+
+/// The contract both backends keep.
+async fn contract(store: Arc<dyn BlobStore>) {
+    let store = store.as_ref();
+    // Larger than one multipart part (8 MiB) and one read chunk (4 MiB), not a multiple.
+    let big: Vec<u8> = (0..(9 << 20) + 12_345u32)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let d = write(store, &big, 1 << 20).await;
+    let blob = store
+        .open(&d)
+        .await
+        .unwrap()
+        .expect("visible once committed");
+    assert_eq!(blob.size(), big.len() as u64);
+    let n = big.len() as u64;
+    assert_eq!(read(store, &d, 0, n).await, big, "whole blob");
+    for (s, e) in [
+        (0, 1),
+        (5, 4 << 20),
+        ((4 << 20) - 1, (8 << 20) + 2),
+        (n - 3, n),
+        (7, 7),
+    ] {
+        assert_eq!(
+            read(store, &d, s, e).await,
+            &big[s as usize..e as usize],
+            "range {s}-{e}"
+        );
+    }
+    assert_eq!(store.size(&d).await.unwrap(), Some(n));
+
+    // A small blob (one PUT on a bucket).
+    let small = write(store, b"hello world", 4).await;
+    assert_eq!(read(store, &small, 0, 11).await, b"hello world");
+
+    // Wrong content or length: nothing visible.
+    let want = Digest::of_bytes(b"the right bytes");
+    let mut w = store.begin_write(&want).await.unwrap();
+    w.write(&Bytes::from_static(b"the wrong bytes"))
+        .await
+        .unwrap();
+    assert!(w.commit(&want, Some(15)).await.is_err());
+    let mut w = store.begin_write(&want).await.unwrap();
+    w.write(&Bytes::from_static(b"the right bytes"))
+        .await
+        .unwrap();
+    assert!(w.commit(&want, Some(16)).await.is_err(), "length checked");
+    let big_want = Digest::of_bytes(b"never written");
+    let mut w = store.begin_write(&big_want).await.unwrap();
+    w.write(&Bytes::from(big.clone())).await.unwrap();
+    assert!(
+        w.commit(&big_want, None).await.is_err(),
+        "multipart mismatch"
+    );
+    // Dropped mid-write (an upstream cut): nothing visible.
+    let mut w = store.begin_write(&big_want).await.unwrap();
+    w.write(&Bytes::from(big[..(9 << 20)].to_vec()))
+        .await
+        .unwrap();
+    drop(w);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for x in [&want, &big_want] {
+        assert!(
+            store.open(x).await.unwrap().is_none(),
+            "{x} must not be visible"
+        );
+        assert!(store.size(x).await.unwrap().is_none());
+    }
+
+    // Metadata round-trips.
+    let name = RepositoryName::parse("library/alpine").unwrap();
+    let tag = Tag::parse("3.20").unwrap();
+    assert!(store
+        .read_tag("docker.io", &name, &tag)
+        .await
+        .unwrap()
+        .is_none());
+    let rec = TagRecord {
+        digest: d.clone(),
+        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+        size: 42,
+        fetched_at: 1_700_000_000,
+    };
+    store
+        .write_tag("docker.io", &name, &tag, &rec)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.read_tag("docker.io", &name, &tag).await.unwrap(),
+        Some(rec)
+    );
+    assert!(!store.has_link("docker.io", &name, &d).await.unwrap());
+    store.add_link("docker.io", &name, &d).await.unwrap();
+    assert!(store.has_link("docker.io", &name, &d).await.unwrap());
+    assert!(
+        !store.has_link("gcr.io", &name, &d).await.unwrap(),
+        "per registry"
+    );
+    store.set_manifest_media_type(&small, "x/y").await.unwrap();
+    assert_eq!(
+        store.manifest_media_type(&small).await.unwrap().as_deref(),
+        Some("x/y")
+    );
+
+    // List and delete.
+    store.touch(&d).await;
+    let listed = store.list().await.unwrap();
+    let mut found: Vec<(Digest, u64)> = listed.iter().map(|b| (b.digest.clone(), b.size)).collect();
+    found.sort();
+    let mut expected = vec![(d.clone(), n), (small.clone(), 11)];
+    expected.sort();
+    assert_eq!(
+        found, expected,
+        "metadata is not a blob; nothing unverified listed"
+    );
+    assert_eq!(store.delete(&d).await.unwrap(), n);
+    assert!(store.open(&d).await.unwrap().is_none());
+    assert_eq!(store.list().await.unwrap().len(), 1);
+    store.check_ready().await.expect("ready");
+}
+
+#[test]
+fn the_filesystem_store_keeps_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let store: Arc<dyn BlobStore> = Arc::new(FsStore::new(dir.path()).unwrap());
+        contract(store.clone()).await;
+        assert_eq!(
+            store.clean_abandoned().await.unwrap(),
+            0,
+            "nothing left in tmp"
+        );
+    });
+}
+
+#[test]
+fn the_object_store_keeps_the_contract() {
+    let spool = tempfile::tempdir().unwrap();
+    let s = s3_env();
+    rt().block_on(async {
+        let store: Arc<dyn BlobStore> = Arc::new(object_backend("contract", spool.path()).await);
+        contract(store.clone()).await;
+        assert!(
+            sync(|| s.list("contract/uploads").unwrap()).is_empty(),
+            "no upload left open"
+        );
+        let keys = sync(|| s.list("contract/blobs").unwrap());
+        assert_eq!(
+            keys.len(),
+            1,
+            "only verified content under blobs/: {keys:?}"
+        );
+    });
+    assert_eq!(
+        std::fs::read_dir(spool.path()).unwrap().count(),
+        0,
+        "spool files are unnamed"
+    );
+}
+
+#[test]
+fn a_replica_killed_mid_upload_leaves_nothing_served_and_cleanup_aborts_its_upload() {
+    let spool = tempfile::tempdir().unwrap();
+    let s = s3_env();
+    rt().block_on(async {
+        let store = object_backend("killed", spool.path()).await;
+        let data = vec![7u8; 9 << 20];
+        let d = Digest::of_bytes(&data);
+        let mut w = store.begin_write(&d).await.unwrap();
+        w.write(&Bytes::from(data)).await.unwrap();
+        // A killed process runs no destructor: its upload stays open.
+        std::mem::forget(w);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!sync(|| s
+            .exists(&format!("killed/blobs/sha256/{}", d.hex()))
+            .unwrap()));
+        assert!(store.open(&d).await.unwrap().is_none());
+        assert_eq!(
+            sync(|| s.list("killed/uploads").unwrap()).len(),
+            1,
+            "its marker"
+        );
+        assert_eq!(store.clean_abandoned().await.unwrap(), 1);
+        assert!(sync(|| s.list("killed/uploads").unwrap()).is_empty());
+        assert!(sync(|| s.list("killed/blobs").unwrap()).is_empty());
+    });
+}
+
+#[test]
+fn bytes_changed_in_the_bucket_are_never_served_complete() {
+    let spool = tempfile::tempdir().unwrap();
+    let s = s3_env();
+    rt().block_on(async {
+        let store = object_backend("corrupt", spool.path()).await;
+        let data: Vec<u8> = (0..(5 << 20) as u32).map(|i| (i % 13) as u8).collect();
+        let d = write(&store, &data, 1 << 20).await;
+        let key = format!("corrupt/blobs/sha256/{}", d.hex());
+        sync(|| s.corrupt(&key).unwrap());
+        let blob = store.open(&d).await.unwrap().expect("still listed");
+        let items: Vec<_> = blob.range(0, data.len() as u64).collect().await;
+        assert!(
+            items.last().unwrap().is_err(),
+            "the stream fails before its end"
+        );
+        let served: usize = items
+            .iter()
+            .filter_map(|i| i.as_ref().ok())
+            .map(Bytes::len)
+            .sum();
+        assert!(served < data.len(), "never the whole body");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            !sync(|| s.exists(&key).unwrap()),
+            "the corrupt object is deleted"
+        );
+    });
+}
+
+#[test]
+fn the_eviction_lease_has_one_holder() {
+    let spool = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let a = object_backend("lease", spool.path()).await;
+        let b = object_backend("lease", spool.path()).await;
+        let (ra, rb) = tokio::join!(a.eviction_lease(), b.eviction_lease());
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        assert!(
+            ra ^ rb,
+            "exactly one of two racing replicas holds it: {ra} {rb}"
+        );
+        let (holder, other) = if ra { (&a, &b) } else { (&b, &a) };
+        assert!(holder.eviction_lease().await.unwrap(), "the holder renews");
+        assert!(
+            !other.eviction_lease().await.unwrap(),
+            "the other still waits"
+        );
+    });
+}
+
+/// `regmirror serve --storage s3://…` with `env`: its exit status and stderr.
+fn serve_with(storage: &str, env: &[(&str, String)]) -> (Option<i32>, String) {
+    let bin = build::regmirror().expect("regmirror binary");
+    let spool = tempfile::tempdir().unwrap();
+    let out = Command::new(bin)
+        .args(["serve", "--listen", "127.0.0.1:0", "--storage", storage])
+        .args(["--upstream", "lab=http://127.0.0.1:9"])
+        .arg("--spool-dir")
+        .arg(spool.path())
+        .env_remove("AWS_SESSION_TOKEN")
+        .envs(env.iter().map(|(k, v)| (*k, v.clone())))
+        .output()
+        .expect("run regmirror");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_misconfigured_bucket_fails_at_start_naming_the_cause() {
+    let s = s3::shared();
+    let with = |k: &str, v: &str| {
+        s.env()
+            .into_iter()
+            .map(|(a, b)| if a == k { (a, v.to_owned()) } else { (a, b) })
+            .collect::<Vec<_>>()
+    };
+    let (code, err) = serve_with(&s.url("x"), &with("AWS_SECRET_ACCESS_KEY", "wrong"));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("credentials refused"), "{err}");
+
+    let (code, err) = serve_with("s3://no-such-bucket/x", &s.env());
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("does not exist"), "{err}");
+
+    let dead = format!("http://127.0.0.1:{}", mirror_tests::free_port());
+    let env = with("AWS_ENDPOINT_URL", &dead);
+    let env: Vec<_> = env
+        .into_iter()
+        .map(|(k, v)| {
+            if k == "AWS_ENDPOINT" {
+                (k, dead.clone())
+            } else {
+                (k, v)
+            }
+        })
+        .collect();
+    let (code, err) = serve_with(&s.url("x"), &env);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("unreachable"), "{err}");
+}
