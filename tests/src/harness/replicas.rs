@@ -133,6 +133,9 @@ impl ScaleOut {
                 .arg(format!("{GCR_SERVICE}=https://{}", up.nginx.gcr_front))
                 .arg("--upstream")
                 .arg(format!("{FAULTY}={}", proxy.url()))
+                // The fault upstream's realm is the harness' token server on its own port.
+                .arg("--realm-host")
+                .arg(format!("{FAULTY}=127.0.0.1:{}", up.token.addr.port()))
                 .arg("--upstream-ca")
                 .arg(&up.pki.ca)
                 .env("RUST_LOG", "info,regmirror=debug")
@@ -294,7 +297,7 @@ fn declaration(replicas: &[SocketAddr]) -> Result<String> {
 /// Renders the declaration with `regmirror render` and starts Envoy on its `local.yaml`:
 /// the usual substitution (fixture upstreams, test CA, fresh wasm, TLS, host suffix), with
 /// the cache cluster's endpoints kept as rendered (the replicas' addresses).
-fn start_envoy(up: &'static Upstreams, replicas: &[SocketAddr], dir: &Path) -> Result<Envoy> {
+pub fn start_envoy(up: &Upstreams, replicas: &[SocketAddr], dir: &Path) -> Result<Envoy> {
     let rendered = dir.join("rendered");
     std::fs::create_dir_all(&rendered)?;
     let decl = dir.join("registries.toml");
