@@ -10,7 +10,7 @@ use crate::rules::response::{
 };
 use crate::rules::route::{
     forward_with_stored, needs_signing_key, ping_reply, realm_failure, route_with, Decision,
-    Forward, ForwardKind, LearnRealm, Ping, RejectReason, Reply, Request,
+    Forward, ForwardKind, LearnRealm, Ping, RejectReason, Reply, Request, CACHE_KEY_HEADER,
 };
 use crate::shared_data::{self, SharedLearned};
 use log::{debug, info, warn};
@@ -222,6 +222,10 @@ impl MirrorHttp {
         }
         // Replacing removes every client-sent copy (which must never reach an upstream).
         hostcalls::set_map_value(req, "x-mirror-registry", Some(&f.registry))?;
+        // Only routes to the cache are hashed on it; Envoy strips it on every other route.
+        if let Some(key) = &f.cache_key {
+            hostcalls::set_map_value(req, CACHE_KEY_HEADER, Some(key))?;
+        }
         if f.strip_authorization && client.authorization.is_some() {
             hostcalls::set_map_value(req, "authorization", None)?;
         }

@@ -4,7 +4,7 @@
 //! writes what the filter and the cache read.
 
 use crate::config::{FilterConfig, PublicUrl, RedirectMode, RegistryConfig};
-use crate::hosts::HostPattern;
+use crate::hosts::{is_valid_authority, HostPattern};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -35,11 +35,79 @@ pub struct Mirror {
     /// Lifetime of a signed redirect URL.
     #[serde(default = "default_redirect_ttl")]
     pub redirect_ttl_seconds: u64,
-    /// `host:port` where Envoy reaches cache-service.
-    pub cache_service: String,
+    /// Where Envoy reaches cache-service: one `host:port`, or a list of replicas.
+    pub cache_service: CacheService,
     /// `https://host[:port]` clients reach a public mirror at: the filter builds the URLs it
     /// hands out from it and refuses other Hosts. Rendered into the public configs only.
     pub public_url: Option<String>,
+}
+
+/// `cache_service`: the `host:port` of each cache-service replica, in declaration order.
+/// One string (the original form) or a list; with more than one, Envoy spreads the cache
+/// routes over them by consistent hashing.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "OneOrMany")]
+pub struct CacheService(Vec<String>);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl From<OneOrMany> for CacheService {
+    fn from(value: OneOrMany) -> Self {
+        match value {
+            OneOrMany::One(one) => Self(vec![one]),
+            OneOrMany::Many(many) => Self(many),
+        }
+    }
+}
+
+/// More replicas than this is a typo, not a deployment: every Envoy keeps a ring entry set
+/// and a health check per replica.
+pub const MAX_CACHE_REPLICAS: usize = 64;
+
+impl CacheService {
+    /// Replicas as declared (`validate` has checked each is `host:port`, none twice).
+    pub fn replicas(&self) -> &[String] {
+        &self.0
+    }
+
+    /// More than one replica: the cache routes need a hash policy and the cluster a ring.
+    pub fn is_replicated(&self) -> bool {
+        self.0.len() > 1
+    }
+
+    fn validate(&self) -> Result<(), DeclarationError> {
+        if self.0.is_empty() || self.0.len() > MAX_CACHE_REPLICAS {
+            return Err(DeclarationError::CacheReplicaCount(self.0.len()));
+        }
+        let mut seen = BTreeSet::new();
+        for replica in &self.0 {
+            // An explicit port: Envoy's cluster endpoint has no default.
+            if !(is_valid_authority(replica) && replica.contains(':')) {
+                return Err(DeclarationError::BadCacheService(replica.clone()));
+            }
+            if !seen.insert(replica) {
+                return Err(DeclarationError::DuplicateCacheService(replica.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl From<&str> for CacheService {
+    fn from(one: &str) -> Self {
+        Self(vec![one.to_owned()])
+    }
+}
+
+impl From<Vec<String>> for CacheService {
+    fn from(replicas: Vec<String>) -> Self {
+        Self(replicas)
+    }
 }
 
 fn default_redirect_ttl() -> u64 {
@@ -141,8 +209,12 @@ pub enum DeclarationError {
     UnknownDefaultRegistry(String),
     /// `public_url` is not a bare https origin.
     BadPublicUrl(String),
-    /// `cache_service` is not `host:port`.
+    /// A `cache_service` replica is not `host:port`.
     BadCacheService(String),
+    /// `cache_service` names a replica twice.
+    DuplicateCacheService(String),
+    /// `cache_service` is an empty list or longer than [`MAX_CACHE_REPLICAS`].
+    CacheReplicaCount(usize),
     /// A cache-side field on a registry that cache-service does not serve.
     CacheFieldWithoutCache {
         registry: String,
@@ -172,6 +244,13 @@ impl fmt::Display for DeclarationError {
                 "public_url {u:?} must be https://host[:port] without path, query or credentials"
             ),
             Self::BadCacheService(c) => write!(f, "cache_service {c:?} must be host:port"),
+            Self::DuplicateCacheService(c) => {
+                write!(f, "cache_service names replica {c:?} twice")
+            }
+            Self::CacheReplicaCount(n) => write!(
+                f,
+                "cache_service lists {n} replicas: one to {MAX_CACHE_REPLICAS} host:port"
+            ),
             Self::CacheFieldWithoutCache { registry, field } => write!(
                 f,
                 "registry {registry:?}: {field} is for cache-service, which serves only registries with cache = true"
@@ -306,12 +385,7 @@ impl<A> Declaration<A> {
                 return Err(DeclarationError::BadPublicUrl(url.clone()));
             }
         }
-        if self.mirror.cache_service.rsplit_once(':').is_none() {
-            return Err(DeclarationError::BadCacheService(
-                self.mirror.cache_service.clone(),
-            ));
-        }
-        Ok(())
+        self.mirror.cache_service.validate()
     }
 
     /// The filter's configuration. `public`: for the public mirrors (`public_url`
@@ -483,6 +557,55 @@ mod tests {
         let with_access =
             r#"{"mirror":{"cache_service":"c:1"},"registry":[],"access":{"anything":[1]}}"#;
         assert!(serde_json::from_str::<Declaration>(with_access).is_ok());
+    }
+
+    #[test]
+    fn cache_service_is_one_address_or_a_list_of_replicas() {
+        let parse = |value: &str| {
+            let json = format!(r#"{{"mirror":{{"cache_service":{value}}},"registry":[]}}"#);
+            serde_json::from_str::<Declaration>(&json).map(|d| (d.validate(), d))
+        };
+        // The original single string keeps working.
+        let (valid, one) = parse(r#""127.0.0.1:5001""#).unwrap();
+        assert_eq!(valid, Ok(()));
+        assert_eq!(one.mirror.cache_service.replicas(), ["127.0.0.1:5001"]);
+        assert!(!one.mirror.cache_service.is_replicated());
+        let (valid, three) = parse(r#"["cache-1:5001","cache-2:5001","cache-3:5001"]"#).unwrap();
+        assert_eq!(valid, Ok(()));
+        assert_eq!(three.mirror.cache_service.replicas().len(), 3);
+        assert!(three.mirror.cache_service.is_replicated());
+        for (bad, error) in [
+            ("[]", DeclarationError::CacheReplicaCount(0)),
+            (
+                r#"["c:1","c:1"]"#,
+                DeclarationError::DuplicateCacheService("c:1".into()),
+            ),
+            (
+                r#"["c:1","c"]"#,
+                DeclarationError::BadCacheService("c".into()),
+            ),
+            (
+                r#"["c:0"]"#,
+                DeclarationError::BadCacheService("c:0".into()),
+            ),
+            (
+                r#"["c:1 "]"#,
+                DeclarationError::BadCacheService("c:1 ".into()),
+            ),
+        ] {
+            assert_eq!(parse(bad).unwrap().0, Err(error), "{bad}");
+        }
+        let many: Vec<String> = (0..=MAX_CACHE_REPLICAS)
+            .map(|i| format!(r#""c:{}""#, i + 1))
+            .collect();
+        let (valid, _) = parse(&format!("[{}]", many.join(","))).unwrap();
+        assert_eq!(
+            valid,
+            Err(DeclarationError::CacheReplicaCount(MAX_CACHE_REPLICAS + 1))
+        );
+        // Neither a number nor a table.
+        assert!(parse("5001").is_err());
+        assert!(parse(r#"{"a":"c:1"}"#).is_err());
     }
 
     #[test]

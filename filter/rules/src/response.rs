@@ -386,6 +386,7 @@ mod tests {
             strip_authorization: false,
             mirror_base: "https://m".into(),
             path_prefix: None,
+            cache_key: None,
         }
     }
 

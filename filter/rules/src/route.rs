@@ -15,6 +15,10 @@ use std::borrow::Cow;
 /// Path prefix of token requests.
 pub const AUTH_PREFIX: &str = "/_mirror/auth/";
 
+/// Request header the filter sets on routes to cache-service: Envoy's ring hash over the
+/// cache replicas hashes it, so one blob goes to one replica whatever repository names it.
+pub const CACHE_KEY_HEADER: &str = "x-mirror-cache-key";
+
 /// The parts of a client request routing needs.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Request<'a> {
@@ -63,6 +67,37 @@ pub struct Forward {
     /// Path-prefix mode: the registry component the client put in front of the name
     /// (lowercase); challenge scopes are rewritten into that namespace.
     pub path_prefix: Option<String>,
+    /// For a cached registry: the [`CACHE_KEY_HEADER`] value (see [`CacheKey`]).
+    pub cache_key: Option<String>,
+}
+
+/// What a request to cache-service is hashed on, so that every replica-bound request for
+/// the same content lands on the same replica: a blob or a manifest by digest on its
+/// digest (content-addressed, whatever repository or registry names it), a manifest by
+/// tag on `registry/name:tag` (one tag record), anything else on its path.
+#[derive(Debug, Clone, Copy)]
+enum CacheKey<'a> {
+    Digest(&'a Digest),
+    Tag {
+        registry: &'a str,
+        name: &'a RepositoryName,
+        tag: &'a str,
+    },
+    Path(&'a str),
+}
+
+impl CacheKey<'_> {
+    fn header_value(self) -> String {
+        match self {
+            Self::Digest(digest) => digest.to_string(),
+            Self::Tag {
+                registry,
+                name,
+                tag,
+            } => format!("{registry}/{name}:{tag}"),
+            Self::Path(path) => path.to_owned(),
+        }
+    }
 }
 
 /// A token request for a registry whose realm is not the one the client asked: the
@@ -583,7 +618,7 @@ fn route_v2(
                 cfg,
                 r,
                 req,
-                "/v2/".into(),
+                ("/v2/".into(), None),
                 query_rest.as_deref(),
                 echo,
                 None,
@@ -616,20 +651,38 @@ fn route_v2(
             )
         }
     };
-    let upstream_path = match kind {
-        Kind::Tags => format!("/v2/{name}/tags/list"),
+    let (upstream_path, key) = match kind {
+        Kind::Tags => {
+            let path = format!("/v2/{name}/tags/list");
+            let key = CacheKey::Path(&path).header_value();
+            (path, key)
+        }
         Kind::Manifests => match Reference::parse(last) {
-            Ok(r) => format!("/v2/{name}/manifests/{r}"),
+            Ok(r) => {
+                let key = match &r {
+                    Reference::Digest(d) => CacheKey::Digest(d),
+                    Reference::Tag(tag) => CacheKey::Tag {
+                        registry: &registry.name,
+                        name: &name,
+                        tag: tag.as_str(),
+                    },
+                };
+                (format!("/v2/{name}/manifests/{r}"), key.header_value())
+            }
             Err(e) => return reference_error(&e),
         },
-        Kind::Blobs | Kind::Referrers => match Digest::parse(last) {
+        Kind::Blobs => match Digest::parse(last) {
+            Ok(d) => (
+                format!("/v2/{name}/blobs/{d}"),
+                CacheKey::Digest(&d).header_value(),
+            ),
+            Err(e) => return reference_error(&e),
+        },
+        Kind::Referrers => match Digest::parse(last) {
             Ok(d) => {
-                let k = if matches!(kind, Kind::Blobs) {
-                    "blobs"
-                } else {
-                    "referrers"
-                };
-                format!("/v2/{name}/{k}/{d}")
+                let path = format!("/v2/{name}/referrers/{d}");
+                let key = CacheKey::Path(&path).header_value();
+                (path, key)
             }
             Err(e) => return reference_error(&e),
         },
@@ -638,7 +691,7 @@ fn route_v2(
         cfg,
         registry,
         req,
-        upstream_path,
+        (upstream_path, Some(key)),
         query_rest.as_deref(),
         echo,
         path_prefix,
@@ -668,15 +721,20 @@ fn reference_error(e: &NameError) -> Decision {
     }
 }
 
+/// `(path, key)`: the upstream path and, for a resource, its [`CacheKey`] value (a cached
+/// registry's other requests are keyed on their path).
 fn forward(
     cfg: &CompiledConfig,
     r: &Registry,
     req: &Request<'_>,
-    path: String,
+    (path, key): (String, Option<String>),
     query: Option<&str>,
     echo: Option<String>,
     path_prefix: Option<String>,
 ) -> Decision {
+    let cache_key = r
+        .cache
+        .then(|| key.unwrap_or_else(|| CacheKey::Path(&path).header_value()));
     Decision::Forward(Forward {
         kind: ForwardKind::Registry,
         registry: r.name.clone(),
@@ -686,6 +744,7 @@ fn forward(
         strip_authorization: false,
         mirror_base: mirror_base(cfg, req),
         path_prefix,
+        cache_key,
     })
 }
 
@@ -773,6 +832,7 @@ fn route_auth(
         strip_authorization,
         mirror_base: mirror_base(cfg, req),
         path_prefix: None,
+        cache_key: None,
     })
 }
 
@@ -824,6 +884,7 @@ fn forward_to_learned(
         strip_authorization: lr.strip_authorization,
         mirror_base: lr.mirror_base.clone(),
         path_prefix: None,
+        cache_key: None,
     })
 }
 
@@ -931,6 +992,7 @@ fn route_redirect(
         strip_authorization: strip,
         mirror_base: mirror_base(cfg, req),
         path_prefix: None,
+        cache_key: None,
     })
 }
 
@@ -1834,6 +1896,56 @@ mod tests {
             0,
         ));
         assert_eq!(f.mirror_base, "http://evil.example");
+    }
+
+    /// One blob, one replica: the cache key names content, not the repository or the way
+    /// the client addressed the registry.
+    #[test]
+    fn cache_routes_carry_the_ring_hash_key() {
+        let cfg = parse_config(
+            br#"{"host_suffix":"m.test","default_registry":"docker.io","registries":[
+                {"name":"gcr.io","upstream":"gcr.io","host_prefix":"gcr","cache":true},
+                {"name":"docker.io","upstream":"registry-1.docker.io","library_namespace":true},
+                {"name":"quay.io","upstream":"quay.io"}]}"#,
+        )
+        .unwrap();
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let key = |authority: &str, path: &str| {
+            fwd(route(&cfg, &get(authority, path), &KEY, 0)).cache_key
+        };
+        let blob = Some(digest.clone());
+        for (authority, path) in [
+            ("m", format!("/v2/gcr.io/proj/app/blobs/{digest}")),
+            ("m", format!("/v2/gcr.io/other/base/blobs/{digest}")),
+            ("m", format!("/v2/proj/app/blobs/{digest}?ns=gcr.io")),
+            ("gcr.m.test", format!("/v2/proj/app/blobs/{digest}")),
+        ] {
+            assert_eq!(key(authority, &path), blob, "{authority}{path}");
+        }
+        // A manifest by digest: its digest too, whatever tag or repository led there.
+        assert_eq!(
+            key("m", &format!("/v2/gcr.io/proj/app/manifests/{digest}")),
+            blob
+        );
+        // By tag: one tag record, however the client names the registry.
+        let tag = Some("gcr.io/proj/app:v1".to_owned());
+        assert_eq!(key("m", "/v2/gcr.io/proj/app/manifests/v1"), tag);
+        assert_eq!(key("gcr.m.test", "/v2/proj/app/manifests/v1"), tag);
+        assert_eq!(key("m", "/v2/proj/app/manifests/v1?ns=gcr.io"), tag);
+        assert_ne!(key("m", "/v2/gcr.io/proj/app/manifests/v2"), tag);
+        // Anything else: its upstream path (query left out).
+        assert_eq!(
+            key("m", "/v2/gcr.io/proj/app/tags/list?n=10"),
+            Some("/v2/proj/app/tags/list".to_owned())
+        );
+        assert_eq!(
+            key("m", &format!("/v2/gcr.io/proj/app/referrers/{digest}")),
+            Some(format!("/v2/proj/app/referrers/{digest}"))
+        );
+        assert_eq!(key("gcr.m.test", "/v2/"), Some("/v2/".to_owned()));
+        // Registries Envoy serves directly never go to the cache: no key.
+        assert_eq!(key("m", &format!("/v2/library/a/blobs/{digest}")), None);
+        assert_eq!(key("m", "/v2/quay.io/a/b/manifests/v1"), None);
     }
 
     #[test]

@@ -5,6 +5,7 @@ use super::access::Access;
 use std::ops::Deref;
 use std::path::Path;
 
+use registry_rules::declaration::CacheService;
 pub use registry_rules::declaration::Registry;
 
 /// The model's declaration with `[access]` read by [`Access`].
@@ -47,6 +48,14 @@ impl Declaration {
             source,
         })?;
         Self::parse(&text, path)
+    }
+
+    /// This declaration with Envoy reaching cache-service at `cache` instead (validated).
+    pub fn with_cache_service(&self, cache: CacheService) -> Result<Self, DeclarationError> {
+        let mut model = self.0.clone();
+        model.mirror.cache_service = cache;
+        model.validate()?;
+        Ok(Self(model))
     }
 
     /// `text`, read from `path` (named in errors).

@@ -4,7 +4,9 @@
 //! hand-written Envoy configs, with comments a user can follow.
 
 use super::declaration::Declaration;
+use registry_rules::declaration::CacheService;
 use registry_rules::hosts::HostPattern;
+use registry_rules::route::CACHE_KEY_HEADER;
 use std::fmt::Write;
 
 /// Which listener layout to render.
@@ -45,6 +47,7 @@ pub const TLS_KEY: &str = "/etc/regmirror/tls/tls.key";
 /// manager before it and removed here.
 pub const INTERNAL_HEADERS: &[&str] = &[
     "x-mirror-registry",
+    CACHE_KEY_HEADER,
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-forwarded-host",
@@ -207,11 +210,12 @@ fn route_config(
             HostPattern::Exact(authority) => (authority.clone(), authority.clone()),
             HostPattern::Wildcard(_) => (host.to_string(), DYNAMIC_CLUSTER.to_owned()),
         };
-        upstream_virtual_host(w, &vhost, &cluster, &external);
+        upstream_virtual_host(w, &vhost, &cluster, &external, false);
     }
     let to_cache: Vec<&str> = credential.into_iter().collect();
+    let replicated = declaration.mirror.cache_service.is_replicated();
     for registry in declaration.cached_registries() {
-        upstream_virtual_host(w, &registry.upstream, CACHE_CLUSTER, &to_cache);
+        upstream_virtual_host(w, &registry.upstream, CACHE_CLUSTER, &to_cache, replicated);
     }
     let hsts = matches!(variant, Variant::Standalone | Variant::BehindTlsProxy);
     let unrouted = "direct_response:\n                  status: 404\n                  body:\n                    inline_string: '{\"errors\":[{\"code\":\"NAME_UNKNOWN\",\"message\":\"not routed by the mirror filter\"}]}'";
@@ -244,7 +248,15 @@ fn route_config(
     }
 }
 
-fn upstream_virtual_host(w: &mut String, domain: &str, cluster: &str, remove: &[&str]) {
+/// `replicated`: the cluster is cache-service replicas on a ring: each route hashes the
+/// filter's cache key and retries another replica when one is gone.
+fn upstream_virtual_host(
+    w: &mut String,
+    domain: &str,
+    cluster: &str,
+    remove: &[&str],
+    replicated: bool,
+) {
     let domains = match domain.split_once(':') {
         Some(_) => quoted(domain),
         // Clients may keep an explicit :443 on the authority.
@@ -259,9 +271,28 @@ fn upstream_virtual_host(w: &mut String, domain: &str, cluster: &str, remove: &[
             names.join(", ")
         )
     };
+    let (manifest_retry, blob_retry) = if replicated {
+        // A reset before the answer started is a replica gone mid-request: the next one on
+        // the ring takes it (previous_hosts makes the ring skip the replica that failed).
+        let other_host = "retry_host_predicate: [{ name: envoy.retry_host_predicates.previous_hosts, typed_config: { \"@type\": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate } }], host_selection_retry_max_attempts: 3";
+        (
+            format!("retry_policy: {{ retry_on: \"connect-failure,refused-stream,reset,retriable-status-codes\", retriable_status_codes: [502, 503, 504], num_retries: 2, {other_host} }}"),
+            format!("retry_policy: {{ retry_on: \"connect-failure,refused-stream,reset\", num_retries: 2, {other_host} }}"),
+        )
+    } else {
+        (
+            "retry_policy: { retry_on: \"connect-failure,refused-stream,reset,retriable-status-codes\", retriable_status_codes: [502, 503, 504], num_retries: 2 }".to_owned(),
+            "retry_policy: { retry_on: \"connect-failure,refused-stream\", num_retries: 2 }".to_owned(),
+        )
+    };
+    let hash = if replicated {
+        format!("\n                  # One key, one replica (the filter sets it: a blob's digest, a tag's name).\n                  hash_policy: [{{ header: {{ header_name: {CACHE_KEY_HEADER} }} }}]")
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         w,
-        "            - name: {}\n              domains: [{domains}]{remove}\n              routes:\n              - match: {{ safe_regex: {{ regex: \"^/v2/.+/manifests/[^/]+$\" }} }}\n                route:\n                  cluster: {}\n                  timeout: 60s\n                  retry_policy: {{ retry_on: \"connect-failure,refused-stream,reset,retriable-status-codes\", retriable_status_codes: [502, 503, 504], num_retries: 2 }}\n              # Blobs, redirect targets and tokens: no route timeout, multi-gigabyte layers\n              # over slow links must finish; stalled transfers end on the idle timeout.\n              - match: {{ prefix: \"/\" }}\n                route:\n                  cluster: {}\n                  timeout: 0s\n                  idle_timeout: 300s\n                  retry_policy: {{ retry_on: \"connect-failure,refused-stream\", num_retries: 2 }}",
+        "            - name: {}\n              domains: [{domains}]{remove}\n              routes:\n              - match: {{ safe_regex: {{ regex: \"^/v2/.+/manifests/[^/]+$\" }} }}\n                route:\n                  cluster: {}\n                  timeout: 60s{hash}\n                  {manifest_retry}\n              # Blobs, redirect targets and tokens: no route timeout, multi-gigabyte layers\n              # over slow links must finish; stalled transfers end on the idle timeout.\n              - match: {{ prefix: \"/\" }}\n                route:\n                  cluster: {}\n                  timeout: 0s\n                  idle_timeout: 300s{hash}\n                  {blob_retry}",
         quoted(domain),
         quoted(cluster),
         quoted(cluster)
@@ -296,11 +327,31 @@ fn dynamic_cluster(w: &mut String) {
     );
 }
 
-fn cache_cluster(w: &mut String, address: &str) {
-    let (host, port) = address.rsplit_once(':').unwrap_or((address, "5001"));
+/// One replica: as before. Several: a ring over them (small: a few replicas need no more
+/// entries to spread evenly), each checked on `/readyz` so a dead or storeless replica
+/// leaves the ring and its keys move to the others.
+fn cache_cluster(w: &mut String, cache: &CacheService) {
     let _ = writeln!(
         w,
-        "  - name: {CACHE_CLUSTER}\n    type: STRICT_DNS\n    connect_timeout: 5s\n    load_assignment:\n      cluster_name: {CACHE_CLUSTER}\n      endpoints:\n      - lb_endpoints:\n        - endpoint:\n            address:\n              socket_address: {{ address: {}, port_value: {port} }}",
-        quoted(host)
+        "  - name: {CACHE_CLUSTER}\n    type: STRICT_DNS\n    connect_timeout: 5s"
     );
+    if cache.is_replicated() {
+        let _ = writeln!(
+            w,
+            "    # cache-service replicas on one shared store: consistent hashing on the filter's\n    # {CACHE_KEY_HEADER}, so each blob is fetched upstream by one replica.\n    lb_policy: RING_HASH\n    ring_hash_lb_config: {{ minimum_ring_size: 128, maximum_ring_size: 4096 }}\n    health_checks:\n    - timeout: 2s\n      interval: 5s\n      no_traffic_interval: 5s\n      unhealthy_threshold: 2\n      healthy_threshold: 1\n      http_health_check: {{ path: /readyz }}"
+        );
+    }
+    let _ = writeln!(
+        w,
+        "    load_assignment:\n      cluster_name: {CACHE_CLUSTER}\n      endpoints:\n      - lb_endpoints:"
+    );
+    for replica in cache.replicas() {
+        // `validate` has checked host:port.
+        let (host, port) = replica.rsplit_once(':').unwrap_or((replica, "5001"));
+        let _ = writeln!(
+            w,
+            "        - endpoint:\n            address:\n              socket_address: {{ address: {}, port_value: {port} }}",
+            quoted(host)
+        );
+    }
 }

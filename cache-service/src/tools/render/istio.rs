@@ -3,20 +3,35 @@
 use super::declaration::Declaration;
 use super::envoy::INTERNAL_HEADERS;
 use super::RenderError;
+use registry_rules::route::CACHE_KEY_HEADER;
 use registry_rules::FilterConfig;
 use std::fmt::Write;
 
 /// Where `just wasm-image` pushes the filter; users point this at their own registry.
 const WASM_IMAGE: &str = "oci://registry.example.com/regmirror/filter:0.1.0";
 const NAMESPACE: &str = "istio-system";
+/// The cache replicas' Service (istio/cache.yaml): `<CACHE_NAME>.<CACHE_NAMESPACE>`.
+const CACHE_NAME: &str = "regmirror-cache";
+const CACHE_NAMESPACE: &str = "regmirror";
 const CACHE_SERVICE: &str = "regmirror-cache.regmirror.svc.cluster.local";
+const CACHE_PORT: u16 = 5001;
+/// Where `just` users push the cache image; the operator's registry in practice.
+const CACHE_IMAGE: &str = "registry.example.com/regmirror/cache:0.1.0";
+/// The Secret with the replicas' S3 settings (the AWS_* variables object_store reads).
+const S3_SECRET: &str = "regmirror-s3";
+const REPLICAS: u32 = 3;
 
 fn quoted(value: &str) -> String {
     serde_json::Value::String(value.to_owned()).to_string()
 }
 
 fn indent(text: &str, by: &str) -> String {
-    text.lines().map(|l| format!("{by}{l}\n")).collect()
+    text.lines()
+        .map(|l| match l {
+            "" => "\n".to_owned(),
+            l => format!("{by}{l}\n"),
+        })
+        .collect()
 }
 
 /// The filter configuration with Istio's cluster names: the filter calls an upstream's
@@ -119,7 +134,7 @@ pub fn render(declaration: &Declaration, filter: &FilterConfig) -> Result<String
     for registry in declaration.cached_registries() {
         let _ = write!(
             routes,
-            "  - match:\n    - authority: {{ exact: {} }}\n    route:\n    - destination: {{ host: {CACHE_SERVICE}, port: {{ number: 5001 }} }}\n    timeout: 0s\n",
+            "  - match:\n    - authority: {{ exact: {} }}\n    route:\n    - destination: {{ host: {CACHE_SERVICE}, port: {{ number: {CACHE_PORT} }} }}\n    timeout: 0s\n    # A replica gone before it answered: another one (Istio retries on other hosts).\n    retries: {{ attempts: 2, retryOn: \"connect-failure,refused-stream,reset\" }}\n",
             quoted(&registry.upstream)
         );
     }
@@ -131,6 +146,17 @@ pub fn render(declaration: &Declaration, filter: &FilterConfig) -> Result<String
          spec:\n  gateways:\n  - regmirror\n  hosts:\n{}  http:\n{routes}",
         hosts_list("  ", &vs_hosts)
     );
+    if declaration.cached_registries().next().is_some() {
+        // One key, one replica: the gateway hashes the filter's cache key over the replicas
+        // (istio/cache.yaml), so each blob is fetched upstream by one of them.
+        let _ = write!(
+            w,
+            "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: {CACHE_NAME}\n  namespace: {NAMESPACE}\n\
+             spec:\n  host: {CACHE_SERVICE}\n  trafficPolicy:\n    loadBalancer:\n      consistentHash:\n        httpHeaderName: {CACHE_KEY_HEADER}\n\
+             \x20   # A replica failing its answers leaves the ring for a while; its keys move on.\n\
+             \x20   outlierDetection: {{ consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s, maxEjectionPercent: 50 }}\n"
+        );
+    }
     for (host, port, ca) in &exact {
         let name = host.replace('.', "-");
         let _ = write!(
@@ -149,4 +175,45 @@ pub fn render(declaration: &Declaration, filter: &FilterConfig) -> Result<String
         );
     }
     Ok(out)
+}
+
+/// The cache replicas for the gateway of `render`: a Deployment on one shared S3 bucket
+/// prefix (settings from the Secret [`S3_SECRET`]), its Service, and cache.toml as a
+/// ConfigMap. Readiness is `/readyz`: a replica that lost the store leaves the Service.
+pub fn render_cache(cache_toml: &str) -> String {
+    format!(
+        "# Rendered by `regmirror render` from envoy/registries.toml: edit that file, not this one.\n\
+         # cache-service replicas behind the Istio gateway of mirror.yaml (which hashes the cached\n\
+         # routes over them on {CACHE_KEY_HEADER}), all on one S3 bucket prefix. Before applying:\n\
+         #   kubectl create namespace {CACHE_NAMESPACE}\n\
+         #   kubectl -n {CACHE_NAMESPACE} create secret generic {S3_SECRET} \\\n\
+         #     --from-literal=AWS_ENDPOINT_URL=https://s3.example.com --from-literal=AWS_REGION=us-east-1 \\\n\
+         #     --from-literal=AWS_ACCESS_KEY_ID=... --from-literal=AWS_SECRET_ACCESS_KEY=...\n\
+         # and replace the image with where you pushed the Dockerfile's `cache` target.\n\
+         apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {CACHE_NAME}\n  namespace: {CACHE_NAMESPACE}\n\
+         data:\n  cache.toml: |\n{config}\
+         ---\napiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {CACHE_NAME}\n  namespace: {CACHE_NAMESPACE}\n  labels: {{ app: {CACHE_NAME} }}\n\
+         spec:\n  replicas: {REPLICAS}\n  selector:\n    matchLabels: {{ app: {CACHE_NAME} }}\n\
+         \x20 # Replicas are stateless (the bucket is the cache): replace them one at a time.\n\
+         \x20 strategy:\n    type: RollingUpdate\n    rollingUpdate: {{ maxUnavailable: 1, maxSurge: 1 }}\n\
+         \x20 template:\n    metadata:\n      labels: {{ app: {CACHE_NAME} }}\n    spec:\n\
+         \x20     securityContext: {{ runAsNonRoot: true, runAsUser: 10001, fsGroup: 10001 }}\n\
+         \x20     containers:\n      - name: cache\n        image: {CACHE_IMAGE}\n\
+         \x20       args: [\"serve\", \"--config\", \"/etc/regmirror/cache.toml\", \"--listen\", \"0.0.0.0:{CACHE_PORT}\", \"--storage\", \"s3://regmirror/cache\", \"--spool-dir\", \"/var/spool/regmirror\"]\n\
+         \x20       # AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (+ AWS_ALLOW_HTTP).\n\
+         \x20       envFrom:\n        - secretRef: {{ name: {S3_SECRET} }}\n\
+         \x20       ports:\n        - {{ name: http, containerPort: {CACHE_PORT} }}\n\
+         \x20       readinessProbe:\n          httpGet: {{ path: /readyz, port: http }}\n          periodSeconds: 5\n          failureThreshold: 2\n\
+         \x20       livenessProbe:\n          httpGet: {{ path: /healthz, port: http }}\n          periodSeconds: 10\n          failureThreshold: 3\n\
+         \x20       resources:\n          requests: {{ cpu: 500m, memory: 256Mi }}\n          limits: {{ memory: 1Gi }}\n\
+         \x20       securityContext: {{ allowPrivilegeEscalation: false, readOnlyRootFilesystem: true }}\n\
+         \x20       volumeMounts:\n        - {{ name: config, mountPath: /etc/regmirror, readOnly: true }}\n\
+         \x20       # In-flight downloads before they are verified and uploaded: a layer or a few.\n\
+         \x20       - {{ name: spool, mountPath: /var/spool/regmirror }}\n\
+         \x20     volumes:\n      - name: config\n        configMap: {{ name: {CACHE_NAME} }}\n\
+         \x20     - name: spool\n        emptyDir: {{ sizeLimit: 20Gi }}\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {CACHE_NAME}\n  namespace: {CACHE_NAMESPACE}\n\
+         spec:\n  selector: {{ app: {CACHE_NAME} }}\n  ports:\n  - {{ name: http, port: {CACHE_PORT}, targetPort: http, appProtocol: http }}\n",
+        config = indent(cache_toml, "    "),
+    )
 }

@@ -32,7 +32,19 @@ pub struct RenderArgs {
     /// Skip `envoy --mode validate` of the rendered local config.
     #[arg(long)]
     pub no_envoy_validate: bool,
+    /// File holding the redirect signing key (hex, at least 32 bytes): rendered into every
+    /// filter configuration, so several Envoys behind one load balancer accept each other's
+    /// signed URLs. Deployment output only: refused with --check and for the declaration's
+    /// own (checked-in) directory.
+    #[arg(long, conflicts_with = "check")]
+    pub signing_key_file: Option<PathBuf>,
 }
+
+/// Envoy's cache cluster in `scale.yaml`: the replicas of compose profile `scale`.
+const SCALE_REPLICAS: [&str; 3] = ["cache-1:5001", "cache-2:5001", "cache-3:5001"];
+
+/// A signing key file is a few dozen bytes; anything longer is not one.
+const MAX_KEY_FILE: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
@@ -51,6 +63,8 @@ pub enum RenderError {
     Split(#[from] xds::SplitError),
     #[error("Envoy rejects the rendered configuration (envoy --mode validate):\n{0}")]
     Envoy(String),
+    #[error("signing key {path}: {reason}")]
+    SigningKey { path: String, reason: String },
 }
 
 /// A rendered file: its name under the output directory and its content.
@@ -60,10 +74,23 @@ pub struct Rendered {
 }
 
 pub fn run(args: &RenderArgs) -> ExitCode {
+    let signing_key = match args
+        .signing_key_file
+        .as_deref()
+        .map(|file| read_signing_key(file, &args.out, &args.registries))
+        .transpose()
+    {
+        Ok(key) => key,
+        Err(error) => {
+            eprintln!("regmirror render: {error}\nnothing written");
+            return ExitCode::from(2);
+        }
+    };
+    let signing_key = signing_key.as_deref();
     if args.watch {
-        return watch(args);
+        return watch(args, signing_key);
     }
-    let files = match render_files(&args.registries).and_then(|files| {
+    let files = match render_with_key(&args.registries, signing_key).and_then(|files| {
         if !args.check && !args.no_envoy_validate {
             validate_with_envoy(&files)?;
         }
@@ -142,7 +169,7 @@ fn write_atomically(path: &Path, content: &str) -> std::io::Result<()> {
 
 /// `render --watch`: polls the declaration's modification time (no extra dependency, and
 /// editors that replace the file are seen too), waits for it to settle, renders.
-fn watch(args: &RenderArgs) -> ExitCode {
+fn watch(args: &RenderArgs, signing_key: Option<&str>) -> ExitCode {
     const POLL: Duration = Duration::from_millis(250);
     // Editors write in several steps: render once the file has been still this long.
     const SETTLE: Duration = Duration::from_millis(300);
@@ -165,7 +192,7 @@ fn watch(args: &RenderArgs) -> ExitCode {
         }
         if seen.is_some() && seen != rendered && since.elapsed() >= SETTLE {
             rendered = seen;
-            let result = render_files(&args.registries).and_then(|files| {
+            let result = render_with_key(&args.registries, signing_key).and_then(|files| {
                 if !args.no_envoy_validate {
                     validate_with_envoy(&files)?;
                 }
@@ -234,15 +261,67 @@ fn validate_with_envoy(files: &[Rendered]) -> Result<(), RenderError> {
     }
 }
 
+/// The signing key in `file`, for a render into `out`: never beside the declaration, whose
+/// directory holds the checked-in renders. Its format is checked by the filter's parser.
+fn read_signing_key(file: &Path, out: &Path, registries: &Path) -> Result<String, RenderError> {
+    use std::io::Read;
+    let error = |reason: String| RenderError::SigningKey {
+        path: file.display().to_string(),
+        reason,
+    };
+    let same_dir = match (
+        out.canonicalize(),
+        registries.parent().map(Path::canonicalize),
+    ) {
+        (Ok(out), Some(Ok(declared))) => out == declared,
+        _ => false,
+    };
+    if same_dir {
+        return Err(error(format!(
+            "not rendered into {}, the declaration's directory (checked in): pass --out DIR for the deployment's files",
+            out.display()
+        )));
+    }
+    let mut text = String::new();
+    std::fs::File::open(file)
+        .and_then(|f| f.take(MAX_KEY_FILE + 1).read_to_string(&mut text))
+        .map_err(|e| error(e.to_string()))?;
+    if text.len() as u64 > MAX_KEY_FILE {
+        return Err(error(format!(
+            "longer than {MAX_KEY_FILE} bytes: not a hex key"
+        )));
+    }
+    Ok(text.trim().to_owned())
+}
+
 pub fn render_files(registries: &Path) -> Result<Vec<Rendered>, RenderError> {
+    render_with_key(registries, None)
+}
+
+/// The rendered files; with `signing_key`, every filter configuration carries it.
+fn render_with_key(
+    registries: &Path,
+    signing_key: Option<&str>,
+) -> Result<Vec<Rendered>, RenderError> {
     let declaration = Declaration::load(registries)?;
     // `just up` serves 127.0.0.1:5000, not the public name.
-    let local = declaration.filter_config(false);
-    let public = declaration.filter_config(true);
+    let mut local = declaration.filter_config(false);
+    let mut public = declaration.filter_config(true);
+    for config in [&mut local, &mut public] {
+        config.signing_key = signing_key.map(str::to_owned);
+    }
     let local_json = filter_json(&local)?;
     let public_json = filter_json(&public)?;
     let local = envoy::render(&declaration, &local_json, envoy::Variant::Local);
     let standalone = envoy::render(&declaration, &public_json, envoy::Variant::Standalone);
+    let scale =
+        declaration.with_cache_service(SCALE_REPLICAS.map(str::to_owned).to_vec().into())?;
+    let scale = envoy::render(&scale, &public_json, envoy::Variant::Standalone).replacen(
+        "\n",
+        "\n# Compose profile `scale`: the cache cluster is the replicas cache-1..3 on one S3 bucket.\n",
+        1,
+    );
+    let cache_toml = cache_toml(&declaration)?;
     let local_xds = xds::from_static(&local, xds::LOCAL)?;
     let standalone_xds = xds::from_static(&standalone, xds::STANDALONE)?;
     let mut files = vec![
@@ -267,12 +346,20 @@ pub fn render_files(registries: &Path) -> Result<Vec<Rendered>, RenderError> {
             content: caddyfile(&declaration),
         },
         Rendered {
-            name: "cache.toml".to_owned(),
-            content: cache_toml(&declaration)?,
+            name: "scale.yaml".to_owned(),
+            content: scale,
         },
         Rendered {
             name: "istio/mirror.yaml".to_owned(),
             content: istio::render(&declaration, &public)?,
+        },
+        Rendered {
+            name: "istio/cache.yaml".to_owned(),
+            content: istio::render_cache(&cache_toml),
+        },
+        Rendered {
+            name: "cache.toml".to_owned(),
+            content: cache_toml,
         },
     ];
     // Clusters before listeners: a new route's cluster exists when its listener loads.
@@ -838,6 +925,78 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["lds.yaml"]);
+    }
+
+    /// A list of replicas: one ring-hash cluster over them, health-checked, and every cache
+    /// route hashing the filter's key and retrying on another replica. One address renders
+    /// as before (no ring, no hash policy).
+    #[test]
+    fn cache_replicas_are_one_ring_with_health_checks_and_retries_elsewhere() {
+        let files = render_edited(|t| {
+            t.replace(
+                "cache_service = \"127.0.0.1:5001\"",
+                "cache_service = [\"10.0.0.1:5001\", \"10.0.0.2:5001\", \"cache-3:6000\"]",
+            )
+        })
+        .unwrap();
+        let shipped = render_files(&repo_root().join("envoy/registries.toml")).unwrap();
+        for name in ["local.yaml", "mirror.yaml", "behind-tls-proxy.yaml"] {
+            let doc: serde_yaml::Value = serde_yaml::from_str(file(&files, name)).unwrap();
+            let cluster = doc["static_resources"]["clusters"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == "cache_service")
+                .unwrap();
+            assert_eq!(cluster["lb_policy"], "RING_HASH", "{name}");
+            let endpoints: Vec<String> = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    let sa = &e["endpoint"]["address"]["socket_address"];
+                    format!(
+                        "{}:{}",
+                        sa["address"].as_str().unwrap(),
+                        sa["port_value"].as_u64().unwrap()
+                    )
+                })
+                .collect();
+            assert_eq!(
+                endpoints,
+                ["10.0.0.1:5001", "10.0.0.2:5001", "cache-3:6000"]
+            );
+            let check = &cluster["health_checks"][0];
+            assert_eq!(check["http_health_check"]["path"], "/readyz");
+            assert_eq!(check["unhealthy_threshold"], 2);
+            let hcm = &doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+                ["typed_config"];
+            let routes: Vec<&serde_yaml::Value> = hcm["route_config"]["virtual_hosts"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .flat_map(|v| v["routes"].as_sequence().unwrap())
+                .filter(|r| r["route"]["cluster"] == "cache_service")
+                .collect();
+            assert_eq!(routes.len(), 2, "{name}: manifests and the rest");
+            for route in routes {
+                let route = &route["route"];
+                assert_eq!(
+                    route["hash_policy"][0]["header"]["header_name"],
+                    registry_rules::route::CACHE_KEY_HEADER
+                );
+                let retry = &route["retry_policy"];
+                assert!(retry["retry_on"].as_str().unwrap().contains("reset"));
+                assert_eq!(
+                    retry["retry_host_predicate"][0]["name"],
+                    "envoy.retry_host_predicates.previous_hosts"
+                );
+            }
+            let single = file(&shipped, name);
+            assert!(!single.contains("RING_HASH") && !single.contains("hash_policy"));
+        }
+        // The xDS clusters carry the same ring.
+        assert!(file(&files, "xds/mirror/cds.yaml").contains("lb_policy: RING_HASH"));
     }
 
     /// An invalid declaration is refused with its reason (`run` writes only after this).
