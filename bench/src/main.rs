@@ -1,7 +1,7 @@
 //! `just bench`: the mirror's data path measured side by side against its peers, all on
 //! 127.0.0.1. Prints a markdown table and writes it to bench/RESULTS.md.
 //!
-//! `mirror-bench [SECTION…]` runs a subset (filter, pull, peers, profile); no argument runs
+//! `mirror-bench [SECTION…]` runs a subset (filter, pull, peers, s3, profile); no argument runs
 //! everything. `MIRROR_BENCH_PAIRS=N` sets the pairs per interleaved comparison (default 9);
 //! a subset or fewer pairs writes `target/bench-RESULTS.md` instead. `mirror-bench hot FUNC
 //! N` is the callgrind target (see `profile`).
@@ -9,6 +9,7 @@
 mod filter_overhead;
 mod profile;
 mod pull;
+mod s3;
 mod util;
 
 use anyhow::{Context, Result};
@@ -150,6 +151,18 @@ fn main() -> Result<()> {
             Err(e) => rows.push(Row::not_measured("2-4. pulls", "all", &format!("{e:#}"))),
         }
         eprintln!("[bench] pulls and peers: {:.0}s", t.elapsed().as_secs_f64());
+    }
+    if want("s3") {
+        let t = Instant::now();
+        match bins.as_ref().map_err(|e| anyhow::anyhow!("{e:#}")) {
+            Ok(b) => rows.extend(s3::run(&dir, b, pairs, &mut log)),
+            Err(e) => rows.push(Row::not_measured(
+                "5. object storage (S3)",
+                "all",
+                &format!("{e:#}"),
+            )),
+        }
+        eprintln!("[bench] object storage: {:.0}s", t.elapsed().as_secs_f64());
     }
     if want("profile") {
         match profile::run(&dir, &mut log) {

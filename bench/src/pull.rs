@@ -33,26 +33,26 @@ const S3: &str = "3. concurrency";
 const S4: &str = "4. cache vs peers";
 const MIB: usize = 1024 * 1024;
 
-struct Fixture {
-    up: Upstreams,
-    dir: PathBuf,
+pub(crate) struct Fixture {
+    pub(crate) up: Upstreams,
+    pub(crate) dir: PathBuf,
     big: SeededImage,
-    huge: SeededImage,
-    three: SeededImage,
+    pub(crate) huge: SeededImage,
+    pub(crate) three: SeededImage,
     /// Bytes of each blob, by digest.
-    sizes: BTreeMap<String, u64>,
+    pub(crate) sizes: BTreeMap<String, u64>,
     direct: SocketAddr,
     /// The hub front of the fair direct baseline.
     hub_direct: SocketAddr,
     /// Its CDN's access log (one line per request).
     hub_direct_cdn_log: PathBuf,
-    origin: SocketAddr,
-    origin_log: PathBuf,
+    pub(crate) origin: SocketAddr,
+    pub(crate) origin_log: PathBuf,
     _procs: Vec<Proc>,
 }
 
 impl Fixture {
-    fn image_bytes(&self, img: &SeededImage) -> u64 {
+    pub(crate) fn image_bytes(&self, img: &SeededImage) -> u64 {
         img.all_blobs()
             .iter()
             .map(|d| self.sizes.get(d).copied().unwrap_or(0))
@@ -83,7 +83,7 @@ fn push(image: &SeededImage, registry: SocketAddr) -> Result<()> {
     Ok(())
 }
 
-fn setup(base: &Path, log: &mut crate::util::Log) -> Result<Fixture> {
+pub(crate) fn setup(base: &Path, log: &mut crate::util::Log) -> Result<Fixture> {
     let t = Instant::now();
     mirror_tests::ensure_etc_hosts()?;
     let up = Upstreams::start().context("harness upstreams")?;
@@ -311,7 +311,7 @@ fn fresh(f: &Fixture, what: &str) -> PathBuf {
 
 /// containerd-style pull with reqwest: manifest by tag, then config and layers; bodies
 /// discarded, byte counts checked. Returns the bytes read.
-fn client_pull(
+pub(crate) fn client_pull(
     c: &reqwest::blocking::Client,
     base: &str,
     img: &SeededImage,
@@ -353,7 +353,7 @@ fn client_pull(
     Ok(total)
 }
 
-fn tls_client(f: &Fixture, envoy_port: u16) -> Result<reqwest::blocking::Client> {
+pub(crate) fn tls_client(f: &Fixture, envoy_port: u16) -> Result<reqwest::blocking::Client> {
     let ca = reqwest::Certificate::from_pem(f.up.pki.ca_pem.as_bytes())?;
     let addr = SocketAddr::from(([127, 0, 0, 1], envoy_port));
     let mut b = reqwest::blocking::Client::builder()
@@ -456,7 +456,7 @@ impl<'a> Cache<'a> {
     }
 }
 
-fn log_pairs(log: &mut crate::util::Log, what: &str, p: &Paired<f64>) {
+pub(crate) fn log_pairs(log: &mut crate::util::Log, what: &str, p: &Paired<f64>) {
     log.push(format!(
         "{what}: mirror {}; peer {}",
         fmt_runs(&p.mirror),
@@ -786,7 +786,7 @@ impl std::fmt::Display for CpuUse {
     }
 }
 
-fn curl_blob(url: &str) -> Result<(u64, f64)> {
+pub(crate) fn curl_blob(url: &str) -> Result<(u64, f64)> {
     let o = run_cmd(Command::new("curl").args([
         "-sf",
         "-o",

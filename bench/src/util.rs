@@ -450,18 +450,37 @@ pub fn start_distribution(
     listen: SocketAddr,
     extra: &str,
 ) -> Result<Proc> {
-    let bin = which_or("docker-registry", "apt-get install docker-registry")?;
     std::fs::create_dir_all(storage)?;
+    let driver = format!("  filesystem:\n    rootdirectory: {}\n", storage.display());
+    start_distribution_on(dir, name, &driver, listen, extra)
+}
+
+/// A distribution whose `storage:` section holds `driver` (YAML indented by two spaces: the
+/// driver and its options, e.g. `  s3:\n    bucket: …\n`), with `extra` YAML appended.
+pub fn start_distribution_on(
+    dir: &Path,
+    name: &str,
+    driver: &str,
+    listen: SocketAddr,
+    extra: &str,
+) -> Result<Proc> {
+    let bin = which_or("docker-registry", "apt-get install docker-registry")?;
     let cfg = dir.join(format!("{name}.yml"));
     std::fs::write(
         &cfg,
         format!(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {listen}\n  secret: benchsecret{name}\n{extra}",
-            storage.display()
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n{driver}  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {listen}\n  secret: benchsecret{name}\n{extra}"
         ),
     )?;
     let mut cmd = Command::new(bin);
     cmd.arg("serve").arg(&cfg);
+    // The s3 driver reads its settings from the YAML alone: an inherited AWS_* variable
+    // (AWS_CA_BUNDLE on some machines) makes its SDK panic at start.
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("AWS_") {
+            cmd.env_remove(&k);
+        }
+    }
     let mut p = Proc::spawn(name, &cmd, &dir.join(format!("{name}.log")))?;
     p.wait_for_port(listen, Duration::from_secs(20))?;
     Ok(p)
