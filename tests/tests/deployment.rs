@@ -177,6 +177,224 @@ fn compose_acme_profile_fronts_envoy_with_caddy() {
     );
 }
 
+/// The cache cluster of a rendered Envoy config: its endpoints (`host:port`) and policy.
+fn cache_cluster(envoy_yaml: &str) -> (Vec<String>, Json) {
+    let config = &yaml_docs(envoy_yaml)[0];
+    let cluster = config["static_resources"]["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "cache_service")
+        .unwrap()
+        .clone();
+    let endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let sa = &e["endpoint"]["address"]["socket_address"];
+            format!("{}:{}", sa["address"].as_str().unwrap(), sa["port_value"])
+        })
+        .collect();
+    (endpoints, cluster)
+}
+
+#[test]
+fn compose_scale_profile_runs_replicas_on_one_bucket_behind_the_ring() {
+    let config = compose_config("scale");
+    let services = &config["services"];
+    let names: BTreeSet<&str> = services
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        names,
+        BTreeSet::from([
+            "s3",
+            "s3-bucket",
+            "cache-1",
+            "cache-2",
+            "cache-3",
+            "envoy-scale"
+        ])
+    );
+    // Envoy's cache cluster is exactly the replicas, on the port each listens on, hashed on
+    // the filter's key and health-checked on /readyz.
+    let scale = read("envoy/scale.yaml");
+    let (endpoints, cluster) = cache_cluster(&scale);
+    assert_eq!(endpoints, ["cache-1:5001", "cache-2:5001", "cache-3:5001"]);
+    assert_eq!(cluster["lb_policy"], "RING_HASH");
+    assert_eq!(
+        cluster["health_checks"][0]["http_health_check"]["path"],
+        "/readyz"
+    );
+    assert_eq!(cluster["health_checks"][0]["unhealthy_threshold"], 2);
+    assert!(scale.contains("hash_policy: [{ header: { header_name: x-mirror-cache-key } }]"));
+    let envoy = &services["envoy-scale"];
+    assert_eq!(published_ports(envoy), listener_ports(&scale));
+    let mounted = |service: &Json, target: &str| {
+        service["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["target"] == target)
+            .map(|v| v["source"].as_str().unwrap().to_owned())
+    };
+    let config_file = mounted(envoy, "/etc/regmirror/scale.yaml").unwrap();
+    assert!(config_file.ends_with("envoy/scale.yaml"));
+    assert!(envoy["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a == "/etc/regmirror/scale.yaml"));
+    assert!(Path::new(&mounted(envoy, "/etc/regmirror/tls").unwrap()).is_dir());
+
+    // Every replica: the same bucket prefix, the S3 endpoint on the compose network with the
+    // gateway's own credentials, started only once the bucket exists.
+    let s3 = &services["s3"];
+    let s3_command = s3["command"][0].as_str().unwrap();
+    assert!(s3_command.contains("-s3.port=8333") && s3_command.contains("-s3.config="));
+    for name in ["cache-1", "cache-2", "cache-3"] {
+        let cache = &services[name];
+        let args: Vec<&str> = cache["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let after = |flag: &str| args[args.iter().position(|a| *a == flag).unwrap() + 1];
+        assert_eq!(after("--storage"), "s3://regmirror/cache", "{name}");
+        assert_eq!(after("--listen"), "0.0.0.0:5001", "{name}");
+        let env = &cache["environment"];
+        assert_eq!(env["AWS_ENDPOINT_URL"], "http://s3:8333", "{name}");
+        assert_eq!(env["AWS_ALLOW_HTTP"], "true", "{name}");
+        for key in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+            assert_eq!(env[key], s3["environment"][key], "{name} {key}");
+        }
+        assert_eq!(
+            cache["depends_on"]["s3-bucket"]["condition"],
+            "service_completed_successfully"
+        );
+        assert!(
+            published_ports(cache).is_empty(),
+            "{name} is reached via Envoy only"
+        );
+        assert!(cache["healthcheck"]["test"][3]
+            .as_str()
+            .unwrap()
+            .contains("/readyz"));
+    }
+    assert!(services["s3-bucket"]["command"][0]
+        .as_str()
+        .unwrap()
+        .contains("s3.bucket.create -name regmirror"));
+}
+
+/// The cache replicas for the Istio gateway: a Deployment whose pods the Service selects,
+/// on the port and host the gateway's routes and DestinationRule name, S3 settings from a
+/// Secret, readiness on /readyz; the config map is the rendered cache.toml. No Kubernetes
+/// API server runs here, so the core types are checked by their documented structure.
+#[test]
+fn kubernetes_cache_replicas_match_the_gateway_routes() {
+    let docs = yaml_docs(&read("envoy/istio/cache.yaml"));
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["ConfigMap", "Deployment", "Service"]);
+    let doc = |kind: &str| docs.iter().find(|d| d["kind"] == kind).unwrap();
+    let (config_map, deployment, service) = (doc("ConfigMap"), doc("Deployment"), doc("Service"));
+    for (d, api) in [(config_map, "v1"), (deployment, "apps/v1"), (service, "v1")] {
+        assert_eq!(d["apiVersion"], api);
+        assert_eq!(d["metadata"]["namespace"], "regmirror");
+        assert_eq!(d["metadata"]["name"], "regmirror-cache");
+    }
+    let spec = &deployment["spec"];
+    assert!(spec["replicas"].as_u64().unwrap() >= 2);
+    let labels = &spec["template"]["metadata"]["labels"];
+    assert_eq!(&spec["selector"]["matchLabels"], labels);
+    assert_eq!(&service["spec"]["selector"], labels);
+    let pod = &spec["template"]["spec"];
+    let container = &pod["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(args
+        .windows(2)
+        .any(|w| w == ["--storage", "s3://regmirror/cache"]));
+    assert_eq!(container["envFrom"][0]["secretRef"]["name"], "regmirror-s3");
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    // The named port the probes and the Service use is the one the container listens on.
+    let port = &container["ports"][0];
+    assert_eq!(container["readinessProbe"]["httpGet"]["port"], port["name"]);
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], port["name"]);
+    assert!(args.windows(2).any(|w| w
+        == [
+            "--listen",
+            &format!("0.0.0.0:{}", port["containerPort"].as_u64().unwrap())
+        ]));
+    // Mounted where the args read it, and it is the rendered cache.toml.
+    let mount = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "config")
+        .unwrap();
+    assert!(args.windows(2).any(|w| w
+        == [
+            "--config",
+            &format!("{}/cache.toml", mount["mountPath"].as_str().unwrap())
+        ]));
+    assert_eq!(config_map["data"]["cache.toml"], read("envoy/cache.toml"));
+    assert_eq!(
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "config")
+            .unwrap()["configMap"]["name"],
+        "regmirror-cache"
+    );
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+
+    // The gateway routes cached registries to this Service and hashes on the filter's key.
+    let service_host = "regmirror-cache.regmirror.svc.cluster.local";
+    let service_port = service["spec"]["ports"][0]["port"].clone();
+    let gateway = yaml_docs(&read("envoy/istio/mirror.yaml"));
+    let vs = gateway
+        .iter()
+        .find(|d| d["kind"] == "VirtualService")
+        .unwrap();
+    let to_cache: Vec<&Json> = vs["spec"]["http"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["route"][0]["destination"]["host"] == service_host)
+        .collect();
+    assert!(!to_cache.is_empty());
+    for route in to_cache {
+        assert_eq!(
+            route["route"][0]["destination"]["port"]["number"],
+            service_port
+        );
+        assert!(route["retries"]["retryOn"]
+            .as_str()
+            .unwrap()
+            .contains("connect-failure"));
+    }
+    let rule = gateway
+        .iter()
+        .find(|d| d["kind"] == "DestinationRule" && d["spec"]["host"] == service_host)
+        .unwrap();
+    assert_eq!(
+        rule["spec"]["trafficPolicy"]["loadBalancer"]["consistentHash"]["httpHeaderName"],
+        "x-mirror-cache-key"
+    );
+}
+
 /// A structural validator for Kubernetes CRD (OpenAPI v3) schemas: types, properties
 /// (unknown fields are errors, as with `kubectl apply --validate=strict`), required, enum,
 /// pattern, lengths, bounds, items, additionalProperties, oneOf/anyOf/not.

@@ -37,7 +37,12 @@ fn substituted(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
 
 #[test]
 fn every_shipped_envoy_config_validates() {
-    for name in ["local.yaml", "mirror.yaml", "behind-tls-proxy.yaml"] {
+    for name in [
+        "local.yaml",
+        "mirror.yaml",
+        "behind-tls-proxy.yaml",
+        "scale.yaml",
+    ] {
         let (_dir, file) = substituted(name);
         if let Err(e) = envoy::validate(&file) {
             panic!("envoy/{name}: {e:#}");
@@ -354,6 +359,7 @@ impl Recorder {
 /// Envoy adds itself: none of it may leave the mirror towards a realm or a CDN.
 const HOSTILE: &[(&str, &str)] = &[
     ("x-mirror-registry", "quay.io"),
+    ("x-mirror-cache-key", "client-chosen"),
     ("x-forwarded-for", "192.0.2.10"),
     ("x-envoy-external-address", "192.0.2.10"),
     ("x-request-id", "client-chosen"),
@@ -456,4 +462,9 @@ fn internal_headers_reach_only_the_cache_service() {
         .collect();
     assert_eq!(cache.len(), 1, "{seen:#?}");
     assert_eq!(cache[0].header("x-mirror-registry"), Some("gcr.io"));
+    // The replica ring's key is the filter's, never the client's: a tag's record.
+    assert_eq!(
+        cache[0].header("x-mirror-cache-key"),
+        Some("gcr.io/distroless/static:nonroot")
+    );
 }
