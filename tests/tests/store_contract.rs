@@ -371,3 +371,105 @@ fn a_misconfigured_bucket_fails_at_start_naming_the_cause() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("unreachable"), "{err}");
 }
+
+/// Kills the cache at the end of a test, whatever happens.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_store_outage_turns_readyz_false_and_blobs_pass_through() {
+    let mut s = s3::S3Server::start().expect("own SeaweedFS");
+    let blob: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 97) as u8).collect();
+    let d = Digest::of_bytes(&blob);
+    // The upstream: one blob; counts its GETs.
+    let fetched = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let up = listener.local_addr().unwrap();
+    let (body, want, count) = (Bytes::from(blob.clone()), d.to_string(), fetched.clone());
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let (body, want, count) = (body.clone(), want.clone(), count.clone());
+        async move {
+            if uri.path().ends_with(&want) {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                (axum::http::StatusCode::OK, body)
+            } else {
+                (axum::http::StatusCode::NOT_FOUND, Bytes::new())
+            }
+        }
+    });
+    mirror_tests::runtime().spawn(async move {
+        let l = tokio::net::TcpListener::from_std(listener).unwrap();
+        axum::serve(l, app).await
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("regmirror.log");
+    let port = mirror_tests::free_port();
+    let _cache = Running(
+        Command::new(build::regmirror().unwrap())
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--storage", &s.url("outage")])
+            .args(["--upstream", &format!("lab=http://{up}")])
+            .arg("--spool-dir")
+            .arg(dir.path())
+            .envs(s.env())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("regmirror"),
+    );
+    let http = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let get = |path: &str| http.get(format!("http://127.0.0.1:{port}{path}")).send();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while get("/healthz").is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "regmirror did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let readyz = || get("/readyz").unwrap().status().as_u16();
+    let pull = || {
+        let r = get(&format!("/v2/library/app/blobs/{d}")).unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        r.bytes().unwrap()
+    };
+    assert_eq!(readyz(), 200);
+    assert_eq!(pull(), blob, "cold");
+    assert_eq!(pull(), blob, "warm");
+    assert_eq!(
+        fetched.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "warm from the bucket"
+    );
+
+    s.stop();
+    assert_eq!(readyz(), 503, "the store is down");
+    assert_eq!(pull(), blob, "passed through, complete");
+    assert_eq!(fetched.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logs.contains("storage unavailable; passing through"),
+        "{logs}"
+    );
+
+    s.restart().unwrap();
+    assert_eq!(readyz(), 200, "back");
+    assert_eq!(pull(), blob);
+    assert_eq!(
+        fetched.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "its data kept"
+    );
+}

@@ -212,9 +212,10 @@ impl ObjectBackend {
             .with_bucket_name(&s.bucket)
             // SeaweedFS, MinIO and most S3-compatible stores are path-style.
             .with_virtual_hosted_style_request(false)
+            // Few, short retries: an outage must turn into pass-through within seconds.
             .with_retry(RetryConfig {
-                max_retries: 3,
-                retry_timeout: Duration::from_secs(15),
+                max_retries: 2,
+                retry_timeout: Duration::from_secs(5),
                 ..RetryConfig::default()
             })
             .with_client_options(
@@ -874,5 +875,37 @@ impl ObjectBackend {
             l.clear();
         }
         l.insert(key.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_urls() {
+        let ok = |s: &str| BucketSettings::parse_url(s).unwrap().unwrap();
+        assert_eq!(
+            ok("s3://cache/regmirror"),
+            ("cache".into(), "regmirror".into())
+        );
+        assert_eq!(ok("s3://cache/a/b/"), ("cache".into(), "a/b".into()));
+        assert_eq!(ok("s3://cache"), ("cache".into(), String::new()));
+        assert!(
+            BucketSettings::parse_url("/var/lib/regmirror").is_none(),
+            "a directory"
+        );
+        for bad in [
+            "s3://",
+            "s3://Upper/x",
+            "s3://ab/x",
+            "s3://cache/../x",
+            "s3://a_b/x",
+        ] {
+            assert!(
+                matches!(BucketSettings::parse_url(bad), Some(Err(_))),
+                "{bad} accepted"
+            );
+        }
     }
 }
