@@ -169,15 +169,42 @@ fn thirty_two_concurrent_cold_pulls_fetch_each_blob_once() {
     assert_in_bucket(s, image);
 }
 
+/// `scale/killed:1` on the fault upstream: one 20 MiB layer, more than one multipart part of
+/// the S3 backend (8 MiB), so a replica killed mid-layer leaves an upload in progress.
+fn large_image() -> &'static SeededImage {
+    static I: OnceLock<Result<SeededImage, String>> = OnceLock::new();
+    let r = I.get_or_init(|| {
+        (|| {
+            let dir = mirror_tests::temp_dir("scale-large")?; // only until pushed
+            let image = mirror_tests::images::build_layout(
+                &dir.path().join("layout"),
+                FAULTY,
+                "scale/killed",
+                "1",
+                301,
+                &["amd64"],
+                &[20 * 1024 * 1024 + 3],
+            )?;
+            faults::shared().push(&image)?;
+            Ok::<_, anyhow::Error>(image)
+        })()
+        .map_err(|e| format!("{e:#}"))
+    });
+    match r {
+        Ok(i) => i,
+        Err(e) => panic!("large image: {e}"),
+    }
+}
+
 #[test]
 fn a_replica_killed_mid_pull_the_retry_succeeds_and_nothing_partial_is_served() {
     let mut s = own();
-    let image = &faults::shared().images.big;
+    let image = large_image();
     let layer = image.first_layer();
     let blob_path = format!("/blobs/{layer}");
-    // 6 MiB at 1 MiB/s: the replica that fetches it is still writing when it is killed.
+    // 20 MiB at 4 MiB/s: the replica that fetches it is still uploading when it is killed.
     for r in &s.replicas {
-        r.proxy.set_fault(&layer, Fault::Throttle(1024 * 1024));
+        r.proxy.set_fault(&layer, Fault::Throttle(4 * 1024 * 1024));
     }
     let reference = faulty_ref(&s, image);
     let opts = SkopeoPull {
@@ -189,21 +216,27 @@ fn a_replica_killed_mid_pull_the_retry_succeeds_and_nothing_partial_is_served() 
         let (reference, opts) = (reference.clone(), opts.clone());
         std::thread::spawn(move || clients::skopeo_pull(&reference, &opts))
     };
+    // SIGKILL the replica fetching the layer once its multipart upload is under way (its
+    // marker under uploads/ is in the bucket).
+    let uploads = format!("{}/uploads/", s.prefix);
     let deadline = Instant::now() + Duration::from_secs(60);
     let fetching = loop {
-        if let Some(i) = s.replicas.iter().position(|r| r.fetched(&blob_path) > 0) {
+        let fetcher = s.replicas.iter().position(|r| r.fetched(&blob_path) > 0);
+        if let (Some(i), false) = (fetcher, ok(&s, s.s3.list(&uploads)).is_empty()) {
             break i;
         }
         assert!(
             Instant::now() < deadline && !first.is_finished(),
-            "no replica fetched the layer while the pull ran\n{}",
+            "no upload of the layer began while the pull ran\n{}",
             s.logs()
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    // Let bytes flow into the store's in-progress write, then SIGKILL the writer.
-    std::thread::sleep(Duration::from_secs(2));
     s.replicas[fetching].kill9();
+    assert!(
+        !ok(&s, s.s3.exists(&s.blob_key(&layer))),
+        "the killed replica's half-written layer is visible"
+    );
     let first = first
         .join()
         .unwrap_or_else(|_| Err(anyhow::anyhow!("pull thread panicked")));
