@@ -473,3 +473,50 @@ fn a_store_outage_turns_readyz_false_and_blobs_pass_through() {
         "its data kept"
     );
 }
+
+#[test]
+fn a_shared_bucket_is_bounded_by_the_lease_holder_oldest_access_first() {
+    use regmirror::cache::{Cache, Limits};
+    let spool = tempfile::tempdir().unwrap();
+    let s = s3_env();
+    rt().block_on(async {
+        let store: Arc<dyn BlobStore> = Arc::new(object_backend("evict", spool.path()).await);
+        let mut digests = Vec::new();
+        for i in 0..3u8 {
+            digests.push(write(store.as_ref(), &vec![i; 1 << 20], 1 << 20).await);
+            // S3 times have a resolution of one second.
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+        // The first blob is read again: the second is now the least recently accessed.
+        store.touch(&digests[0]).await;
+        let limits = Limits {
+            max_size: (5 << 20) / 2,
+            max_blob_size: 1 << 30,
+            max_pass_through_memory: 1 << 20,
+        };
+        let cache = Cache::open(
+            store.clone(),
+            Default::default(),
+            Duration::from_secs(60),
+            limits,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            sync(|| s.list("evict/blobs").unwrap()).len(),
+            3,
+            "not at open"
+        );
+        cache.evict_shared().await.unwrap();
+        let left: Vec<String> = sync(|| s.list("evict/blobs").unwrap());
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(
+            !left.iter().any(|k| k.ends_with(digests[1].hex())),
+            "the oldest access went"
+        );
+        assert!(store.open(&digests[1]).await.unwrap().is_none());
+        // Another replica does not evict while the lease is held.
+        let other = object_backend("evict", spool.path()).await;
+        assert!(!other.eviction_lease().await.unwrap());
+    });
+}
