@@ -40,8 +40,11 @@ struct Cli {
 const CONFIG_HELP: &str = r#"Configuration file (--config FILE; flags override it):
 
   listen = "127.0.0.1:5001"
-  storage = "/var/lib/regmirror"
-  max_size = "50GiB"            # optional; 0 or absent = unlimited
+  storage = "/var/lib/regmirror"  # or "s3://BUCKET/PREFIX", shared by replicas (AWS_* env)
+  # s3_endpoint = "http://127.0.0.1:8333"  # optional; overrides AWS_ENDPOINT_URL
+  # s3_region = "us-east-1"     # optional; overrides AWS_REGION
+  # spool_dir = "/var/tmp/regmirror-spool"  # downloads in progress when storage is a bucket
+  max_size = "50GiB"            # optional; 0 or absent = unlimited (a bucket: its total)
   tag_ttl_seconds = 300
   shutdown_grace_seconds = 30   # optional; at most 86400
   max_blob_size = "32GiB"       # optional; larger downloads are aborted
@@ -57,11 +60,12 @@ const CONFIG_HELP: &str = r#"Configuration file (--config FILE; flags override i
   public = false                # with credentials: refused at startup unless public = true
   client_token_env = "TOKEN_VAR"      # ... or clients present `Authorization: Bearer <token>`
 
-Endpoints: /v2/... (pull API), /healthz, /readyz (storage writable; the config version in
-force), /metrics (Prometheus), /_status and / (HTML status page).
+Endpoints: /v2/... (pull API), /healthz, /readyz (storage reachable and writable; the config
+version in force), /metrics (Prometheus), /_status and / (HTML status page).
 SIGHUP, or a change of the config file (watched), reloads it without dropping anything; an
 invalid file, or a changed listen/storage, is logged and the running config kept.
-Logs go to stderr; RUST_LOG filters them (default info). Exit status 2: bad configuration."#;
+Logs go to stderr; RUST_LOG filters them (default info). Exit status 2: bad configuration, or a
+bucket that cannot be used (unreachable endpoint, refused credentials, no such bucket)."#;
 
 #[derive(Debug, Subcommand)]
 enum Command {

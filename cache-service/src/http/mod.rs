@@ -124,7 +124,7 @@ async fn handle(
                 Ok(()) => (StatusCode::OK, "ready".to_owned()),
                 Err(e) => (
                     StatusCode::SERVICE_UNAVAILABLE,
-                    format!("storage not writable: {e}"),
+                    format!("storage unavailable: {e}"),
                 ),
             };
             let mut r = (status, format!("{body}\nconfig-version: {version}\n")).into_response();
