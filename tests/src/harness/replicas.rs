@@ -193,6 +193,22 @@ impl ScaleOut {
         }
     }
 
+    /// Requests Envoy sent to each replica so far (its `rq_total` in `/clusters`), in order.
+    pub fn requests_per_replica(&self) -> Result<Vec<u64>> {
+        let clusters = self.envoy.admin("/clusters")?;
+        self.replicas
+            .iter()
+            .map(|r| {
+                let key = format!("{CACHE_CLUSTER}::{}::rq_total::", r.addr);
+                clusters
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&key))
+                    .and_then(|n| n.trim().parse().ok())
+                    .ok_or_else(|| anyhow!("no {key} in Envoy's /clusters"))
+            })
+            .collect()
+    }
+
     /// Restarts every replica (all down first, then all up) and waits until Envoy routes to
     /// them again.
     pub fn restart_all(&mut self) -> Result<()> {
