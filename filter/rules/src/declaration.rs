@@ -98,12 +98,6 @@ impl CacheService {
     }
 }
 
-impl From<&str> for CacheService {
-    fn from(one: &str) -> Self {
-        Self(vec![one.to_owned()])
-    }
-}
-
 impl From<Vec<String>> for CacheService {
     fn from(replicas: Vec<String>) -> Self {
         Self(replicas)
@@ -539,7 +533,7 @@ mod tests {
             Err(DeclarationError::UnknownDefaultRegistry(_))
         ));
         d.mirror.default_registry = None;
-        d.mirror.cache_service = "cache".into();
+        d.mirror.cache_service = vec!["cache".to_owned()].into();
         assert!(matches!(
             d.validate(),
             Err(DeclarationError::BadCacheService(_))

@@ -10,12 +10,11 @@ use std::fmt::Write;
 /// Where `just wasm-image` pushes the filter; users point this at their own registry.
 const WASM_IMAGE: &str = "oci://registry.example.com/regmirror/filter:0.1.0";
 const NAMESPACE: &str = "istio-system";
-/// The cache replicas' Service (istio/cache.yaml): `<CACHE_NAME>.<CACHE_NAMESPACE>`.
+/// The cache replicas' Service (istio/cache.yaml), which the gateway routes to.
 const CACHE_NAME: &str = "regmirror-cache";
 const CACHE_NAMESPACE: &str = "regmirror";
-const CACHE_SERVICE: &str = "regmirror-cache.regmirror.svc.cluster.local";
 const CACHE_PORT: u16 = 5001;
-/// Where `just` users push the cache image; the operator's registry in practice.
+/// A placeholder: where the operator pushed the Dockerfile's `cache` target.
 const CACHE_IMAGE: &str = "registry.example.com/regmirror/cache:0.1.0";
 /// The Secret with the replicas' S3 settings (the AWS_* variables object_store reads).
 const S3_SECRET: &str = "regmirror-s3";
@@ -131,10 +130,11 @@ pub fn render(declaration: &Declaration, filter: &FilterConfig) -> Result<String
             internal.join(", ")
         );
     }
+    let cache_service = format!("{CACHE_NAME}.{CACHE_NAMESPACE}.svc.cluster.local");
     for registry in declaration.cached_registries() {
         let _ = write!(
             routes,
-            "  - match:\n    - authority: {{ exact: {} }}\n    route:\n    - destination: {{ host: {CACHE_SERVICE}, port: {{ number: {CACHE_PORT} }} }}\n    timeout: 0s\n    # A replica gone before it answered: another one (Istio retries on other hosts).\n    retries: {{ attempts: 2, retryOn: \"connect-failure,refused-stream,reset\" }}\n",
+            "  - match:\n    - authority: {{ exact: {} }}\n    route:\n    - destination: {{ host: {cache_service}, port: {{ number: {CACHE_PORT} }} }}\n    timeout: 0s\n    # A replica gone before it answered: another one (Istio retries on other hosts).\n    retries: {{ attempts: 2, retryOn: \"connect-failure,refused-stream,reset\" }}\n",
             quoted(&registry.upstream)
         );
     }
@@ -152,7 +152,7 @@ pub fn render(declaration: &Declaration, filter: &FilterConfig) -> Result<String
         let _ = write!(
             w,
             "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: {CACHE_NAME}\n  namespace: {NAMESPACE}\n\
-             spec:\n  host: {CACHE_SERVICE}\n  trafficPolicy:\n    loadBalancer:\n      consistentHash:\n        httpHeaderName: {CACHE_KEY_HEADER}\n\
+             spec:\n  host: {cache_service}\n  trafficPolicy:\n    loadBalancer:\n      consistentHash:\n        httpHeaderName: {CACHE_KEY_HEADER}\n\
              \x20   # A replica failing its answers leaves the ring for a while; its keys move on.\n\
              \x20   outlierDetection: {{ consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s, maxEjectionPercent: 50 }}\n"
         );
