@@ -27,11 +27,12 @@ fn shared() -> &'static ScaleOut {
     }
 }
 
-/// A replica set of its own (stories that kill, restart or cut off replicas).
+/// 3 replicas on a fresh prefix of the shared SeaweedFS bucket, behind an Envoy of their own.
 fn start() -> Result<ScaleOut, String> {
     ScaleOut::start(mirror_tests::s3::shared(), REPLICAS).map_err(|e| format!("{e:#}"))
 }
 
+/// A replica set of its own (stories that kill, restart or cut off replicas).
 fn own() -> ScaleOut {
     start().unwrap_or_else(|e| panic!("scale-out fixture failed to start: {e}"))
 }
