@@ -1,4 +1,5 @@
-//! Row 5: the cache on object storage, all on one SeaweedFS (the harness' [`S3Server`]).
+//! Row 5: the cache on object storage: SeaweedFS (the harness' [`S3Server`]), a fresh server
+//! for each part (warm side by side, cold side by side, replicas).
 //!
 //! - Side by side: regmirror `--storage s3://BUCKET/regmirror` against distribution 2.8's
 //!   proxy mode on its `s3` driver (`rootdirectory: /distribution`, redirects off so that both
@@ -41,34 +42,39 @@ pub fn run(base: &Path, bins: &Bins, pairs: usize, log: &mut util::Log) -> Vec<R
         Ok(f) => f,
         Err(e) => return vec![Row::not_measured(S5, "fixtures", &format!("{e:#}"))],
     };
-    let t = Instant::now();
-    let s3 = match S3Server::start() {
-        Ok(s) => s,
-        Err(e) => return vec![Row::not_measured(S5, "SeaweedFS", &format!("{e:#}"))],
-    };
-    log.push(format!(
-        "SeaweedFS S3 at {} ready in {:.1}s",
-        s3.endpoint,
-        t.elapsed().as_secs_f64()
-    ));
+    type Part = fn(&Fixture, &Bins, &S3Server, usize, &mut util::Log) -> Result<Vec<Row>>;
+    let parts: [(&str, Part); 3] = [
+        ("regmirror vs distribution on S3, warm", warm_rows),
+        ("regmirror vs distribution on S3, cold", cold_rows),
+        ("replicas", replica_rows),
+    ];
     let mut rows = Vec::new();
-    match side_by_side(&f, bins, &s3, pairs, log) {
-        Ok(r) => rows.extend(r),
-        Err(e) => rows.push(Row::not_measured(
-            S5,
-            "regmirror vs distribution on S3",
-            &format!("{e:#}"),
-        )),
+    for (what, part) in parts {
+        // A SeaweedFS of its own per part: the fixture caps a server at ~2 GB of volumes, and
+        // the cold runs of a full bench alone write about 1.5 GB.
+        let t = Instant::now();
+        let s3 = match S3Server::start() {
+            Ok(s) => s,
+            Err(e) => {
+                rows.push(Row::not_measured(S5, what, &format!("SeaweedFS: {e:#}")));
+                continue;
+            }
+        };
+        log.push(format!(
+            "SeaweedFS S3 for {what} at {} ready in {:.1}s",
+            s3.endpoint,
+            t.elapsed().as_secs_f64()
+        ));
+        match part(&f, bins, &s3, pairs, log) {
+            Ok(r) => rows.extend(r),
+            Err(e) => rows.push(Row::not_measured(S5, what, &format!("{e:#}"))),
+        }
+        log.push(format!(
+            "SeaweedFS after {what}: {:.0} MB on disk, RSS {:.0} MiB",
+            s3.disk_usage() as f64 / 1e6,
+            s3.rss_kib().map_or(f64::NAN, util::mib)
+        ));
     }
-    match replica_rows(&f, bins, &s3, pairs, log) {
-        Ok(r) => rows.extend(r),
-        Err(e) => rows.push(Row::not_measured(S5, "replicas", &format!("{e:#}"))),
-    }
-    log.push(format!(
-        "SeaweedFS after the section: {:.0} MB on disk, RSS {:.0} MiB",
-        s3.disk_usage() as f64 / 1e6,
-        s3.rss_kib().map_or(f64::NAN, util::mib)
-    ));
     rows
 }
 
@@ -190,7 +196,7 @@ fn mbps(url: &str, size: u64) -> Result<f64> {
     Ok(n as f64 / 1e6 / t)
 }
 
-fn side_by_side(
+fn warm_rows(
     f: &Fixture,
     bins: &Bins,
     s3: &S3Server,
@@ -269,9 +275,8 @@ fn side_by_side(
     ));
 
     // Manifest by tag: both caches hold bench/three, then short wrk runs alternately.
-    let three = |a: SocketAddr| format!("{a}/{}:{}", f.three.name, f.three.tag);
-    util::skopeo_copy(&three(rm_addr), None, true)?;
-    util::skopeo_copy(&three(dp_addr), None, true)?;
+    util::skopeo_copy(&three(f, rm_addr), None, true)?;
+    util::skopeo_copy(&three(f, dp_addr), None, true)?;
     let accept = format!("Accept: {MT_MANIFEST}");
     const WRK_S: u32 = 2;
     let rps = |a: SocketAddr, who: &str| -> Result<f64> {
@@ -303,10 +308,23 @@ fn side_by_side(
         ("req/s", "req/s distribution"),
         Some(Goal::AtLeast(10.0)),
     ));
-    drop(rm);
-    drop(dp);
+    Ok(rows)
+}
 
-    // Cold pull of the 3-layer image: a fresh process on a fresh prefix for every run.
+fn three(f: &Fixture, a: SocketAddr) -> String {
+    format!("{a}/{}:{}", f.three.name, f.three.tag)
+}
+
+/// Cold pull of the 3-layer image: a fresh process on a fresh prefix for every run.
+fn cold_rows(
+    f: &Fixture,
+    bins: &Bins,
+    s3: &S3Server,
+    pairs: usize,
+    log: &mut util::Log,
+) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let warmup = util::WARMUP_PAIRS;
     let cold = util::interleaved(pairs, warmup, |side, i| -> Result<f64> {
         let a = util::addr();
         let p = match side {
@@ -326,7 +344,7 @@ fn side_by_side(
                 &format!("{DP_ROOT}-cold-{i}"),
             )?,
         };
-        util::timed(|| util::skopeo_copy(&three(a), None, true)).with_context(|| p.log_tail(20))
+        util::timed(|| util::skopeo_copy(&three(f, a), None, true)).with_context(|| p.log_tail(20))
     })?;
     pull::log_pairs(
         log,
@@ -443,13 +461,18 @@ fn replica_rows(
     let mut rows = Vec::new();
     let mut reps = Replicas::new(f, bins, s3);
 
-    // Aggregate warm throughput: the side-by-side runs left the 256 MiB layer in the prefix.
+    // Aggregate warm throughput: the first GET fills the prefix, the others read it warm.
     reps.start(RM_PREFIX)?;
     let (layer, size) = huge_layer(f)?;
     let urls: Vec<String> = reps.addrs.iter().map(|a| blob_url(f, *a, &layer)).collect();
     for u in &urls {
         mbps(u, size).with_context(|| reps.log_tails())?;
     }
+    let key = format!(
+        "{RM_PREFIX}/blobs/sha256/{}",
+        layer.trim_start_matches("sha256:")
+    );
+    wait_for_key(s3, &key, Duration::from_secs(300))?;
     let origin_before = util::sum_log_bytes(&f.origin_log);
     let one = aggregate(&urls, 1, size)?;
     log.push(format!(
