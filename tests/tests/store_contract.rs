@@ -10,7 +10,7 @@
 
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -439,13 +439,24 @@ fn a_store_outage_turns_readyz_false_and_blobs_pass_through() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let readyz = || get("/readyz").unwrap().status().as_u16();
+    // /readyz answers from the last store check (refreshed every 2 s in the background),
+    // so a change shows within seconds, not on the next probe.
+    let readyz = |want: u16| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = get("/readyz").unwrap().status().as_u16();
+            if got == want || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
     let pull = || {
         let r = get(&format!("/v2/library/app/blobs/{d}")).unwrap();
         assert_eq!(r.status().as_u16(), 200);
         r.bytes().unwrap()
     };
-    assert_eq!(readyz(), 200);
+    assert_eq!(readyz(200), 200);
     assert_eq!(pull(), blob, "cold");
     assert_eq!(pull(), blob, "warm");
     assert_eq!(
@@ -455,7 +466,7 @@ fn a_store_outage_turns_readyz_false_and_blobs_pass_through() {
     );
 
     s.stop();
-    assert_eq!(readyz(), 503, "the store is down");
+    assert_eq!(readyz(503), 503, "the store is down");
     assert_eq!(pull(), blob, "passed through, complete");
     assert_eq!(fetched.load(std::sync::atomic::Ordering::SeqCst), 2);
     let logs = std::fs::read_to_string(&log).unwrap();
@@ -465,7 +476,7 @@ fn a_store_outage_turns_readyz_false_and_blobs_pass_through() {
     );
 
     s.restart().unwrap();
-    assert_eq!(readyz(), 200, "back");
+    assert_eq!(readyz(200), 200, "back");
     assert_eq!(pull(), blob);
     assert_eq!(
         fetched.load(std::sync::atomic::Ordering::SeqCst),

@@ -206,6 +206,37 @@ pub struct Cache {
     /// repository: a size is a claim of whoever pushed the manifest, so one repository's
     /// manifests must not bound (or break) another's downloads of a shared layer.
     known_sizes: Mutex<HashMap<(String, String, Digest), u64>>,
+    readiness: Arc<Readiness>,
+}
+
+/// How long a readiness answer stands before the store is asked again.
+const READY_RECHECK: Duration = Duration::from_secs(2);
+/// A store that has not answered a readiness check within this is not ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The store's last readiness answer. Every Envoy probes `/readyz` every few seconds with a
+/// short timeout: answering from the last check (refreshed in the background) keeps a slow
+/// but working store from failing probes, which would move a replica's keys to another
+/// replica, and keeps probes from multiplying store requests.
+#[derive(Debug, Default)]
+struct Readiness {
+    /// When the last check finished, and what it said.
+    last: Mutex<Option<(Instant, Result<(), String>)>>,
+    refreshing: std::sync::atomic::AtomicBool,
+}
+
+impl Readiness {
+    async fn check(store: &dyn BlobStore) -> Result<(), String> {
+        match tokio::time::timeout(READY_TIMEOUT, store.check_ready()).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {} s", READY_TIMEOUT.as_secs())),
+        }
+    }
+
+    fn record(&self, result: Result<(), String>) -> Result<(), String> {
+        *lock(&self.last) = Some((Instant::now(), result.clone()));
+        result
+    }
 }
 
 impl std::fmt::Debug for Cache {
@@ -251,6 +282,7 @@ impl Cache {
             head_flights: SingleFlight::default(),
             small: Mutex::new(SmallCache::default()),
             known_sizes: Mutex::new(HashMap::new()),
+            readiness: Arc::default(),
         };
         cache.make_room(0).await;
         Ok(cache)
@@ -325,8 +357,27 @@ impl Cache {
         })
     }
 
-    pub async fn check_ready(&self) -> std::io::Result<()> {
-        self.store.check_ready().await
+    /// Whether the store answers: the last check's result, refreshed in the background once
+    /// it is older than [`READY_RECHECK`]; the first call waits for a check.
+    pub async fn check_ready(&self) -> Result<(), String> {
+        let last = lock(&self.readiness.last).clone();
+        match last {
+            None => {
+                let result = Readiness::check(self.store.as_ref()).await;
+                self.readiness.record(result)
+            }
+            Some((at, result)) => {
+                if at.elapsed() >= READY_RECHECK && !self.readiness.refreshing.swap(true, Relaxed) {
+                    let (store, readiness) = (self.store.clone(), self.readiness.clone());
+                    tokio::spawn(async move {
+                        let result = Readiness::check(store.as_ref()).await;
+                        let _ = readiness.record(result);
+                        readiness.refreshing.store(false, Relaxed);
+                    });
+                }
+                result
+            }
+        }
     }
 
     pub fn upstream_names(&self) -> Vec<String> {
