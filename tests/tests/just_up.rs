@@ -15,6 +15,15 @@ fn just_up_serves_the_registry_api_on_port_5000() {
     let logs = mirror_tests::temp_dir("just-up").unwrap();
     let mut cmd = Command::new(just);
     cmd.current_dir(workspace_root()).arg("up");
+    // As a user's shell: without the `CARGO_*` that cargo sets for this test binary. Build
+    // scripts (ring's) fingerprint `CARGO_MANIFEST_DIR`, so `just up`'s cargo would rebuild
+    // the TLS stack and regmirror (minutes of CI) instead of finding them built.
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR" {
+            cmd.env_remove(&key);
+        }
+    }
     let mut up = Proc::spawn("just-up", &cmd, &logs.path().join("up.log")).unwrap();
     // The first run may build the release binaries.
     let mirror: SocketAddr = "127.0.0.1:5000".parse().unwrap();
