@@ -269,6 +269,31 @@ fn a_replica_killed_mid_upload_leaves_nothing_served_and_cleanup_aborts_its_uplo
 }
 
 #[test]
+fn an_oversized_record_in_the_bucket_is_refused_not_buffered() {
+    let spool = tempfile::tempdir().unwrap();
+    let s = s3_env();
+    rt().block_on(async {
+        let store = object_backend("oversized", spool.path()).await;
+        let name = RepositoryName::parse("library/alpine").unwrap();
+        let tag = Tag::parse("big").unwrap();
+        // A tag record is a few hundred bytes; 1 MiB under its key came from somewhere else.
+        let junk = vec![b' '; 1 << 20];
+        sync(|| {
+            s.put("oversized/tags/docker.io/library/alpine/big.json", &junk)
+                .unwrap()
+        });
+        let err = store
+            .read_tag("docker.io", &name, &tag)
+            .await
+            .expect_err("an oversized record is an error, not a read");
+        assert!(
+            err.to_string().contains("more than a record may hold"),
+            "{err}"
+        );
+    });
+}
+
+#[test]
 fn bytes_changed_in_the_bucket_are_never_served_complete() {
     let spool = tempfile::tempdir().unwrap();
     let s = s3_env();

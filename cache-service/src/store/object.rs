@@ -68,6 +68,8 @@ const TOUCH_EVERY: Duration = Duration::from_secs(300);
 pub const LEASE_TTL: Duration = Duration::from_secs(120);
 /// Bounds of the in-memory sets (cleared when full: they only save requests).
 const MAX_REMEMBERED: usize = 100_000;
+/// Largest metadata object read from the bucket.
+const MAX_RECORD_BYTES: u64 = 64 * 1024;
 
 /// Where the cache lives in a bucket, from `s3://BUCKET/PREFIX` plus the S3 settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -357,10 +359,18 @@ impl ObjectBackend {
         self.key(&format!("access/{}", d.hex()))
     }
 
+    /// A metadata object (tag record, media type, upload marker): a few hundred bytes when
+    /// this cache wrote it; anything larger in the bucket is refused, not buffered.
     async fn read_small(&self, key: &Path) -> io::Result<Option<Bytes>> {
         let Some(got) = not_found_is_none(self.store.get(key).await)? else {
             return Ok(None);
         };
+        if got.meta.size > MAX_RECORD_BYTES {
+            return Err(io::Error::other(format!(
+                "{key}: {} bytes, more than a record may hold ({MAX_RECORD_BYTES})",
+                got.meta.size
+            )));
+        }
         not_found_is_none(got.bytes().await)
     }
 
