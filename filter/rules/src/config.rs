@@ -85,6 +85,30 @@ pub struct RegistryConfig {
     /// it: `<host_prefix>.<host_suffix>` is the registry's own credential domain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forward_client_credentials: Option<bool>,
+    /// A cached registry's clients: anonymous (the cache's own access serves everyone) or
+    /// authorized at the upstream with their own credentials.
+    #[serde(default, skip_serializing_if = "ClientAuth::is_anonymous")]
+    pub client_auth: ClientAuth,
+}
+
+/// Who may read what a cached registry's cache holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// Anyone who reaches the mirror: the filter hands out a placeholder token and the cache
+    /// reads upstream with its own access.
+    #[default]
+    Anonymous,
+    /// Each client logs in at the upstream through the mirror (token requests go to the
+    /// upstream's realm by way of cache-service), and cache-service checks the client's
+    /// credential upstream before it serves a repository.
+    Upstream,
+}
+
+impl ClientAuth {
+    pub fn is_anonymous(&self) -> bool {
+        *self == Self::Anonymous
+    }
 }
 
 /// A configuration error.
@@ -245,6 +269,8 @@ pub struct Registry {
     pub metric_name: String,
     /// Forward client credentials to its realm from the shared mirror host.
     pub forward_client_credentials: bool,
+    /// A cached registry's client authorization.
+    pub client_auth: ClientAuth,
 }
 
 impl Registry {
@@ -454,6 +480,7 @@ pub fn compile(cfg: &FilterConfig) -> Result<CompiledConfig, ConfigError> {
             redirects: r.redirects,
             cluster,
             forward_client_credentials: r.forward_client_credentials.unwrap_or(false),
+            client_auth: r.client_auth,
         });
     }
 
@@ -517,6 +544,7 @@ mod tests {
             redirects: RedirectMode::Sign,
             cluster: None,
             forward_client_credentials: None,
+            client_auth: ClientAuth::Anonymous,
         }
     }
 

@@ -3,6 +3,7 @@
 //! cache-service's [`CacheUpstream`]s). Serde only: the generator reads the TOML and
 //! writes what the filter and the cache read.
 
+pub use crate::config::ClientAuth;
 use crate::config::{FilterConfig, PublicUrl, RedirectMode, RegistryConfig};
 use crate::hosts::{is_valid_authority, HostPattern};
 use serde::{Deserialize, Serialize};
@@ -148,9 +149,15 @@ pub struct Registry {
     pub password_env: Option<String>,
     /// Cache-side only: file holding the password.
     pub password_file: Option<PathBuf>,
-    /// Cache-side only: anyone who reaches the cache may read a registry it logs in to.
+    /// Cache-side only: who may read what the cache holds (see [`ClientAuth`]).
+    pub client_auth: Option<ClientAuth>,
+    /// Cache-side only, `client_auth = "upstream"`: how long a client's authorization for a
+    /// repository is reused before the upstream is asked again.
+    pub authorization_ttl_seconds: Option<u64>,
+    /// Removed (see [`RemovedField`]): kept so that a declaration naming it is refused
+    /// with what replaces it.
     pub public: Option<bool>,
-    /// Cache-side only: environment variable holding a token clients must present.
+    /// Removed (see [`RemovedField`]).
     pub client_token_env: Option<String>,
 }
 
@@ -182,12 +189,132 @@ pub struct CacheUpstream {
     /// File holding the password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
-    /// Readable by anyone who reaches the cache (default: true without credentials).
+    /// Who may read what the cache holds; absent: anonymous, which an upstream with
+    /// credentials must state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<ClientAuth>,
+    /// `client_auth = "upstream"`: seconds a client's authorization for a repository is
+    /// reused (default [`DEFAULT_AUTHORIZATION_TTL_SECONDS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization_ttl_seconds: Option<u64>,
+    /// Removed: refused with [`RemovedField::Public`]'s message, never written.
+    #[serde(default, skip_serializing)]
     pub public: Option<bool>,
-    /// Environment variable holding a static token clients must present to read this upstream.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Removed: refused with [`RemovedField::ClientTokenEnv`]'s message, never written.
+    #[serde(default, skip_serializing)]
     pub client_token_env: Option<String>,
+}
+
+/// How long an authorization decision is reused unless configured: a revoked client
+/// keeps reading what it was allowed for at most this long.
+pub const DEFAULT_AUTHORIZATION_TTL_SECONDS: u64 = 60;
+/// The longest configurable reuse of an authorization decision.
+pub const MAX_AUTHORIZATION_TTL_SECONDS: u64 = 3600;
+
+/// A cache-side field that no longer exists. The static client token let any holder of
+/// one shared secret read everything the cache's login could; `client_auth` replaced both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemovedField {
+    /// `public = true`.
+    Public,
+    /// `client_token_env`.
+    ClientTokenEnv,
+}
+
+impl fmt::Display for RemovedField {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Public => write!(
+                f,
+                "`public` was removed: write client_auth = \"anonymous\" (anyone who reaches the mirror reads what the cache's login reads) or client_auth = \"upstream\" (each client is authorized at the upstream with its own login)"
+            ),
+            Self::ClientTokenEnv => write!(
+                f,
+                "`client_token_env` (one static token for every client) was removed: use client_auth = \"upstream\" (each client logs in at the upstream through the mirror) or the mirror's own login, [access] basic_auth"
+            ),
+        }
+    }
+}
+
+/// Why a cache upstream's client authorization settings are refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientAuthError {
+    /// A removed field is set.
+    Removed(RemovedField),
+    /// The cache logs in upstream and nobody said who may read what that login fetches.
+    Unstated,
+    /// `authorization_ttl_seconds` outside 1..=[`MAX_AUTHORIZATION_TTL_SECONDS`].
+    BadTtl(u64),
+    /// `authorization_ttl_seconds` without `client_auth = "upstream"`.
+    TtlWithoutUpstream,
+}
+
+impl fmt::Display for ClientAuthError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Removed(field) => field.fmt(f),
+            Self::Unstated => write!(
+                f,
+                "the cache logs in to this upstream (username): say who may read what it fetches, client_auth = \"anonymous\" (anyone who reaches the mirror) or client_auth = \"upstream\" (each client with its own login at the upstream)"
+            ),
+            Self::BadTtl(s) => write!(
+                f,
+                "authorization_ttl_seconds = {s}: 1 to {MAX_AUTHORIZATION_TTL_SECONDS}"
+            ),
+            Self::TtlWithoutUpstream => write!(
+                f,
+                "authorization_ttl_seconds applies only with client_auth = \"upstream\""
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ClientAuthError {}
+
+impl CacheUpstream {
+    /// The removed field this upstream still names, if any.
+    pub fn removed_field(&self) -> Option<RemovedField> {
+        if self.public.is_some() {
+            Some(RemovedField::Public)
+        } else if self.client_token_env.is_some() {
+            Some(RemovedField::ClientTokenEnv)
+        } else {
+            None
+        }
+    }
+
+    /// Checks the client authorization settings (both the generator and cache-service).
+    pub fn check_client_auth(&self) -> Result<(), ClientAuthError> {
+        if let Some(field) = self.removed_field() {
+            return Err(ClientAuthError::Removed(field));
+        }
+        if self.username.is_some() && self.client_auth.is_none() {
+            return Err(ClientAuthError::Unstated);
+        }
+        match (self.authorization_ttl_seconds, self.client_auth()) {
+            (None, _) => Ok(()),
+            (Some(_), ClientAuth::Anonymous) => Err(ClientAuthError::TtlWithoutUpstream),
+            (Some(s), ClientAuth::Upstream)
+                if !(1..=MAX_AUTHORIZATION_TTL_SECONDS).contains(&s) =>
+            {
+                Err(ClientAuthError::BadTtl(s))
+            }
+            (Some(_), ClientAuth::Upstream) => Ok(()),
+        }
+    }
+
+    /// The mode in force (absent: anonymous).
+    pub fn client_auth(&self) -> ClientAuth {
+        self.client_auth.unwrap_or_default()
+    }
+
+    /// How long an authorization decision is reused.
+    pub fn authorization_ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(
+            self.authorization_ttl_seconds
+                .unwrap_or(DEFAULT_AUTHORIZATION_TTL_SECONDS),
+        )
+    }
 }
 
 /// Why a declaration is refused.
@@ -216,6 +343,11 @@ pub enum DeclarationError {
     },
     /// Two registries whose upstream is the same Envoy cluster trust different CAs.
     ConflictingCa(String),
+    /// A cached registry's client authorization settings are refused.
+    ClientAuth {
+        registry: String,
+        error: ClientAuthError,
+    },
 }
 
 impl fmt::Display for DeclarationError {
@@ -252,6 +384,7 @@ impl fmt::Display for DeclarationError {
             Self::ConflictingCa(host) => {
                 write!(f, "registries with upstream {host:?} declare different ca_file")
             }
+            Self::ClientAuth { registry, error } => write!(f, "registry {registry:?}: {error}"),
         }
     }
 }
@@ -271,22 +404,27 @@ fn declared_host(pattern: &str) -> Result<HostPattern, DeclarationError> {
 }
 
 impl Registry {
-    /// The filter's view. A cached registry's challenges and redirects never reach
-    /// clients (cache-service answers them upstream), so the filter gets no hosts for it.
+    /// The filter's view. A cached registry's redirects never reach clients (cache-service
+    /// follows them), nor do its challenges unless its clients log in upstream
+    /// (`client_auth = "upstream"`): then the filter rewrites their realms as for any
+    /// registry, so it gets the realm hosts.
     pub fn filter_registry(&self) -> RegistryConfig {
-        let hosts = |h: &Vec<String>| if self.cache { Vec::new() } else { h.clone() };
+        let client_auth = self.client_auth.unwrap_or_default();
+        let realms_reach_clients = !self.cache || client_auth == ClientAuth::Upstream;
+        let hosts = |h: &Vec<String>, kept: bool| if kept { h.clone() } else { Vec::new() };
         RegistryConfig {
             name: self.name.clone(),
             aliases: self.aliases.clone(),
             upstream: self.upstream.clone(),
             host_prefix: self.host_prefix.clone(),
-            realm_hosts: hosts(&self.realm_hosts),
-            redirect_hosts: hosts(&self.redirect_hosts),
+            realm_hosts: hosts(&self.realm_hosts, realms_reach_clients),
+            redirect_hosts: hosts(&self.redirect_hosts, !self.cache),
             library_namespace: self.library_namespace,
             cache: self.cache,
             redirects: self.redirects,
             cluster: None,
             forward_client_credentials: self.forward_client_credentials,
+            client_auth,
         }
     }
 
@@ -302,6 +440,8 @@ impl Registry {
             username: self.username.clone(),
             password_env: self.password_env.clone(),
             password_file: self.password_file.clone(),
+            client_auth: self.client_auth,
+            authorization_ttl_seconds: self.authorization_ttl_seconds,
             public: self.public,
             client_token_env: self.client_token_env.clone(),
         }
@@ -313,8 +453,11 @@ impl Registry {
             ("username", self.username.is_some()),
             ("password_env", self.password_env.is_some()),
             ("password_file", self.password_file.is_some()),
-            ("public", self.public.is_some()),
-            ("client_token_env", self.client_token_env.is_some()),
+            ("client_auth", self.client_auth.is_some()),
+            (
+                "authorization_ttl_seconds",
+                self.authorization_ttl_seconds.is_some(),
+            ),
         ]
         .into_iter()
         .find_map(|(field, set)| set.then_some(field))
@@ -338,12 +481,21 @@ impl<A> Declaration<A> {
             {
                 declared_host(host)?;
             }
+            let client_auth = |error| DeclarationError::ClientAuth {
+                registry: registry.name.clone(),
+                error,
+            };
+            let upstream = registry.cache_upstream();
+            if let Some(field) = upstream.removed_field() {
+                return Err(client_auth(ClientAuthError::Removed(field)));
+            }
             if let (false, Some(field)) = (registry.cache, registry.cache_field()) {
                 return Err(DeclarationError::CacheFieldWithoutCache {
                     registry: registry.name.clone(),
                     field,
                 });
             }
+            upstream.check_client_auth().map_err(client_auth)?;
         }
         let direct = self.upstream_hosts();
         for registry in self.cached_registries() {
@@ -633,7 +785,7 @@ mod tests {
     fn cached_registries_keep_their_hosts_for_the_cache_only() {
         let d = declaration(
             r#"{"name":"a.io","upstream":"a.io:5000","realm_hosts":["auth.a.io"],"redirect_hosts":["*.cdn.a.io"],
-                "cache":true,"username":"u","password_env":"PW","ca_file":"/ca.pem"}"#,
+                "cache":true,"username":"u","password_env":"PW","ca_file":"/ca.pem","client_auth":"anonymous"}"#,
         );
         d.validate().unwrap();
         let filter = d.filter_config(true);
@@ -648,6 +800,91 @@ mod tests {
         // Envoy never reaches a cached upstream: its CA is the cache's.
         assert!(d.upstream_cas().is_empty());
         assert!(d.upstream_hosts().is_empty());
+    }
+
+    /// Clients that log in upstream see the registry's challenges (rewritten by the filter),
+    /// never its redirects (the cache follows them).
+    #[test]
+    fn upstream_client_auth_gives_the_filter_the_realm_hosts() {
+        let d = declaration(
+            r#"{"name":"a.io","upstream":"a.io","realm_hosts":["auth.a.io"],"redirect_hosts":["cdn.a.io"],
+                "cache":true,"client_auth":"upstream","authorization_ttl_seconds":5}"#,
+        );
+        d.validate().unwrap();
+        let filter = &d.filter_config(true).registries[0];
+        assert_eq!(filter.realm_hosts, ["auth.a.io"]);
+        assert!(filter.redirect_hosts.is_empty());
+        assert_eq!(filter.client_auth, ClientAuth::Upstream);
+        let upstream = &d.cache_upstreams()[0];
+        assert_eq!(upstream.client_auth(), ClientAuth::Upstream);
+        assert_eq!(
+            upstream.authorization_ttl(),
+            std::time::Duration::from_secs(5)
+        );
+        // The filter's JSON names the mode only where it is not the default.
+        let anonymous = declaration(r#"{"name":"b.io","upstream":"b.io","cache":true}"#);
+        let json = serde_json::to_string(&anonymous.filter_config(true)).unwrap();
+        assert!(!json.contains("client_auth"), "{json}");
+        assert_eq!(
+            anonymous.cache_upstreams()[0].authorization_ttl(),
+            std::time::Duration::from_secs(DEFAULT_AUTHORIZATION_TTL_SECONDS)
+        );
+    }
+
+    #[test]
+    fn client_auth_settings_are_refused_with_what_to_write_instead() {
+        let refused = |fields: &str| {
+            let d = declaration(&format!(
+                r#"{{"name":"a.io","upstream":"a.io","cache":true{fields}}}"#
+            ));
+            match d.validate() {
+                Err(DeclarationError::ClientAuth { registry, error }) => {
+                    assert_eq!(registry, "a.io");
+                    error
+                }
+                other => panic!("{fields}: {other:?}"),
+            }
+        };
+        let public = refused(r#","username":"u","password_env":"P","public":true"#);
+        assert_eq!(public, ClientAuthError::Removed(RemovedField::Public));
+        assert!(public.to_string().contains("client_auth = \"anonymous\""));
+        let token = refused(r#","client_token_env":"T""#);
+        assert_eq!(
+            token,
+            ClientAuthError::Removed(RemovedField::ClientTokenEnv)
+        );
+        assert!(token.to_string().contains("client_auth = \"upstream\""));
+        assert_eq!(
+            refused(r#","username":"u","password_env":"P""#),
+            ClientAuthError::Unstated
+        );
+        assert_eq!(
+            refused(r#","authorization_ttl_seconds":30"#),
+            ClientAuthError::TtlWithoutUpstream
+        );
+        for bad in [0, MAX_AUTHORIZATION_TTL_SECONDS + 1] {
+            assert_eq!(
+                refused(&format!(
+                    r#","client_auth":"upstream","authorization_ttl_seconds":{bad}"#
+                )),
+                ClientAuthError::BadTtl(bad)
+            );
+        }
+        // Removed fields are refused on any registry, with the same message.
+        let direct = declaration(r#"{"name":"a.io","upstream":"a.io","public":true}"#);
+        assert!(matches!(
+            direct.validate(),
+            Err(DeclarationError::ClientAuth { .. })
+        ));
+        // client_auth is cache-service's business.
+        let direct = declaration(r#"{"name":"a.io","upstream":"a.io","client_auth":"upstream"}"#);
+        assert_eq!(
+            direct.validate(),
+            Err(DeclarationError::CacheFieldWithoutCache {
+                registry: "a.io".into(),
+                field: "client_auth"
+            })
+        );
     }
 
     /// What render writes for the filter is exactly what the filter's parser reads, both ways.

@@ -4,7 +4,9 @@
 //! (`just fuzz` runs many more than the default).
 
 use super::challenge::{self, rewrite_challenges, serialize, LearnedRealm};
-use super::config::{compile, default_config, parse, FilterConfig, RedirectMode, RegistryConfig};
+use super::config::{
+    compile, default_config, parse, ClientAuth, FilterConfig, RedirectMode, RegistryConfig,
+};
 use super::digest::Digest;
 use super::hosts::any_match;
 use super::names::{Reference, RepositoryName};
@@ -347,6 +349,7 @@ fn registry_config() -> impl Strategy<Value = RegistryConfig> {
                     },
                     cluster,
                     forward_client_credentials: fwd,
+                    client_auth: ClientAuth::default(),
                 }
             },
         )

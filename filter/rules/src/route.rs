@@ -1,7 +1,7 @@
 //! Request routing: from the client's request line to a [`Decision`].
 
 use super::challenge::LearnedRealm;
-use super::config::{CompiledConfig, Registry};
+use super::config::{ClientAuth, CompiledConfig, Registry};
 use super::digest::Digest;
 use super::hosts::{any_match, is_valid_authority};
 use super::names::{NameError, Reference, RepositoryName};
@@ -789,17 +789,38 @@ fn route_auth(
         Err(e) => return bad_request(e.as_str()),
     };
     let target = plan.target;
-    if target.cache {
-        // Envoy sends a cached registry to cache-service, which authenticates upstream
-        // itself and ignores the client's Authorization: no upstream token is needed.
-        return Decision::Reply(placeholder_token(&format!(
-            "placeholder token for cached registry {}",
-            target.name
-        )));
-    }
     // The shared host is one credential domain: the operator says per registry whether
     // its realm gets the client's credentials.
     let strip_authorization = host_mode.is_none() && !target.forward_client_credentials;
+    if target.cache {
+        return match target.client_auth {
+            // cache-service authenticates upstream itself and ignores the client's
+            // Authorization: no upstream token is needed.
+            ClientAuth::Anonymous => Decision::Reply(placeholder_token(&format!(
+                "placeholder token for cached registry {}",
+                target.name
+            ))),
+            // The client logs in at the upstream's realm by way of cache-service, which
+            // forwards only the realm URL the upstream itself issues.
+            ClientAuth::Upstream => {
+                let path = with_query(
+                    format!("/_mirror/auth/{host}/{tail}"),
+                    plan.query.as_deref(),
+                );
+                Decision::Forward(Forward {
+                    kind: ForwardKind::Auth,
+                    registry: target.name.clone(),
+                    authority: target.upstream.clone(),
+                    cache_key: Some(CacheKey::Path(&path).header_value()),
+                    path,
+                    oci_namespace_echo: None,
+                    strip_authorization,
+                    mirror_base: mirror_base(cfg, req),
+                    path_prefix: None,
+                })
+            }
+        };
+    }
     let path = format!("/{tail}");
     let learn = |expect| {
         Decision::LearnRealm(LearnRealm {
@@ -1946,6 +1967,75 @@ mod tests {
         // Registries Envoy serves directly never go to the cache: no key.
         assert_eq!(key("m", &format!("/v2/library/a/blobs/{digest}")), None);
         assert_eq!(key("m", "/v2/quay.io/a/b/manifests/v1"), None);
+    }
+
+    /// `client_auth = "upstream"`: the client's token request goes to cache-service, which
+    /// forwards it to the upstream's realm; nothing (no realm learned) is needed first.
+    #[test]
+    fn cached_registries_with_upstream_login_send_token_requests_to_the_cache() {
+        let cfg = parse_config(
+            br#"{"host_suffix":"m.test","default_registry":"docker.io","registries":[
+                {"name":"gcr.io","upstream":"gcr.io","host_prefix":"gcr","cache":true,
+                 "client_auth":"upstream","realm_hosts":["gcr.io"]},
+                {"name":"k8s.io","upstream":"k8s.io","cache":true,"client_auth":"upstream",
+                 "realm_hosts":["auth.k8s.io"],"forward_client_credentials":true},
+                {"name":"docker.io","upstream":"registry-1.docker.io","library_namespace":true}]}"#,
+        )
+        .unwrap();
+        let mut req = get(
+            "gcr.m.test",
+            "/_mirror/auth/gcr.io/v2/token?scope=repository:p/i:pull&service=gcr.io",
+        );
+        req.authorization = Some("Basic YWxpY2U6cw==");
+        let f = fwd(route(&cfg, &req, &KEY, 0));
+        assert_eq!(f.kind, ForwardKind::Auth);
+        assert_eq!(
+            (f.registry.as_str(), f.authority.as_str()),
+            ("gcr.io", "gcr.io")
+        );
+        assert_eq!(
+            f.path,
+            "/_mirror/auth/gcr.io/v2/token?scope=repository:p/i:pull&service=gcr.io"
+        );
+        // Host mode is the registry's own credential domain.
+        assert!(!f.strip_authorization);
+        assert!(f.cache_key.is_some());
+        // The shared host: scopes in the client's names become the registry's; the login
+        // goes along only where the operator said so.
+        let mut req = get(
+            "m",
+            "/_mirror/auth/gcr.io/v2/token?scope=repository:gcr.io/p/i:pull&service=gcr.io",
+        );
+        req.authorization = Some("Basic YWxpY2U6cw==");
+        let f = fwd(route(&cfg, &req, &KEY, 0));
+        assert_eq!(
+            f.path,
+            "/_mirror/auth/gcr.io/v2/token?scope=repository:p/i:pull&service=gcr.io"
+        );
+        assert!(f.strip_authorization);
+        req.path = "/_mirror/auth/auth.k8s.io/token?scope=repository:k8s.io/pause:pull";
+        let f = fwd(route(&cfg, &req, &KEY, 0));
+        assert_eq!(
+            (f.registry.as_str(), f.authority.as_str()),
+            ("k8s.io", "k8s.io")
+        );
+        assert_eq!(
+            f.path,
+            "/_mirror/auth/auth.k8s.io/token?scope=repository:pause:pull"
+        );
+        assert!(!f.strip_authorization);
+        // Only the registry's own realm hosts, as for any registry.
+        let r = reply(route(
+            &cfg,
+            &get("gcr.m.test", "/_mirror/auth/auth.k8s.io/token"),
+            &KEY,
+            0,
+        ));
+        assert_eq!((r.status, code(&r).as_str()), (403, "DENIED"));
+        // Resource requests keep the client's Authorization for the cache to check upstream.
+        let mut req = get("gcr.m.test", "/v2/p/i/manifests/v1");
+        req.authorization = Some("Bearer t");
+        assert!(!fwd(route(&cfg, &req, &KEY, 0)).strip_authorization);
     }
 
     #[test]
