@@ -10,6 +10,7 @@ pub mod hostile;
 pub mod images;
 pub mod mirror;
 pub mod pki;
+pub mod private;
 pub mod proc;
 pub mod replicas;
 pub mod s3;

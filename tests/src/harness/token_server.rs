@@ -1,9 +1,14 @@
 //! The token server: a real HTTPS service issuing ES256 JWTs that distribution verifies.
 //!
 //! Paths: `/token` (Docker Hub realm `https://auth.docker.io/token`), `/v2/auth` (quay
-//! realm `https://quay.io/v2/auth`), `/v2/token` (gcr style). Anonymous → `pull` on any
-//! repository; Basic `pusher:pusher-secret` → `pull,push`; other credentials → 401.
-//! Every request is recorded in [`TokenServer::requests`].
+//! realm `https://quay.io/v2/auth`), `/v2/token` (gcr style).
+//!
+//! Users (Basic): `pusher` (`pull,push`), `alice` and `bob` (`pull`); a wrong password → 401.
+//! Repositories under `private/` are readable only by users granted them (alice:
+//! `private/*` of the seeded images; [`TokenServer::grant`] / [`TokenServer::revoke`] change
+//! that at run time): anyone else gets a token with empty `actions`, as distribution's token
+//! servers do, and the registry answers `insufficient_scope`. Every other repository:
+//! anonymous `pull`, as before. Every request is recorded in [`TokenServer::requests`].
 
 use anyhow::Result;
 use axum::extract::{RawQuery, State};
@@ -11,6 +16,7 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -19,6 +25,25 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub const ISSUER: &str = "mirror-tests-token-server";
 pub const PUSH_USER: &str = "pusher";
 pub const PUSH_PASSWORD: &str = "pusher-secret";
+/// May read the `private/` repositories she is granted.
+pub const ALICE: &str = "alice";
+pub const ALICE_PASSWORD: &str = "alice-secret";
+/// A valid login without any grant.
+pub const BOB: &str = "bob";
+pub const BOB_PASSWORD: &str = "bob-secret";
+/// Repositories under this prefix are readable only by users granted them.
+pub const PRIVATE_PREFIX: &str = "private/";
+/// The private repositories alice is granted when the server starts.
+pub const ALICE_GRANTS: &[&str] = &["private/secret", "private/revocable", "private/node-agent"];
+
+const USERS: &[(&str, &str)] = &[
+    (PUSH_USER, PUSH_PASSWORD),
+    (ALICE, ALICE_PASSWORD),
+    (BOB, BOB_PASSWORD),
+];
+
+/// user → the `private/` repositories it may pull.
+type Grants = Arc<Mutex<BTreeMap<String, BTreeSet<String>>>>;
 
 /// One request the token server saw.
 #[derive(Clone, Debug)]
@@ -58,11 +83,13 @@ struct Inner {
     key: jsonwebtoken::EncodingKey,
     x5c: String,
     log: Arc<Mutex<Vec<TokenRequest>>>,
+    grants: Grants,
 }
 
 pub struct TokenServer {
     pub addr: SocketAddr,
     log: Arc<Mutex<Vec<TokenRequest>>>,
+    grants: Grants,
     handle: axum_server::Handle,
 }
 
@@ -70,10 +97,15 @@ impl TokenServer {
     pub fn start(pki: &crate::pki::Pki) -> Result<TokenServer> {
         crate::install_crypto_provider();
         let log = Arc::new(Mutex::new(Vec::new()));
+        let grants: Grants = Arc::new(Mutex::new(BTreeMap::from([(
+            ALICE.to_string(),
+            ALICE_GRANTS.iter().map(|r| r.to_string()).collect(),
+        )])));
         let inner = Arc::new(Inner {
             key: jsonwebtoken::EncodingKey::from_ec_pem(pki.token_key_pem.as_bytes())?,
             x5c: pki.token_cert_x5c.clone(),
             log: log.clone(),
+            grants: grants.clone(),
         });
         let app = axum::Router::new()
             .fallback(handle_request)
@@ -94,12 +126,35 @@ impl TokenServer {
                 eprintln!("token server stopped: {e}");
             }
         });
-        Ok(TokenServer { addr, log, handle })
+        Ok(TokenServer {
+            addr,
+            log,
+            grants,
+            handle,
+        })
     }
 
     /// Every request so far, oldest first.
     pub fn requests(&self) -> Vec<TokenRequest> {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Lets `user` pull the private repository `repository` in tokens issued from now on.
+    pub fn grant(&self, user: &str, repository: &str) {
+        let mut grants = self.grants.lock().unwrap_or_else(|e| e.into_inner());
+        grants
+            .entry(user.to_string())
+            .or_default()
+            .insert(repository.to_string());
+    }
+
+    /// Takes `repository` from `user`: tokens issued from now on carry no `pull` for it
+    /// (tokens already issued stay valid at the registry until they expire, as anywhere).
+    pub fn revoke(&self, user: &str, repository: &str) {
+        let mut grants = self.grants.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(repos) = grants.get_mut(user) {
+            repos.remove(repository);
+        }
     }
 }
 
@@ -132,9 +187,36 @@ fn basic_user(headers: &HeaderMap) -> (bool, Option<Result<String, ()>>) {
         .ok()
         .and_then(|d| String::from_utf8(d).ok());
     match decoded.as_deref().and_then(|s| s.split_once(':')) {
-        Some((u, p)) if u == PUSH_USER && p == PUSH_PASSWORD => (true, Some(Ok(u.to_string()))),
+        Some((u, p)) if USERS.contains(&(u, p)) => (true, Some(Ok(u.to_string()))),
         _ => (true, Some(Err(()))),
     }
+}
+
+/// The actions of `wanted` that `user` (None: anonymous) gets on `repository`.
+fn allowed_actions(
+    grants: &BTreeMap<String, BTreeSet<String>>,
+    user: Option<&str>,
+    repository: &str,
+    wanted: Vec<String>,
+) -> Vec<String> {
+    let allowed: &[&str] = if repository.starts_with(PRIVATE_PREFIX) {
+        let granted = user
+            .and_then(|u| grants.get(u))
+            .is_some_and(|repos| repos.contains(repository));
+        if granted {
+            &["pull"]
+        } else {
+            &[]
+        }
+    } else if user == Some(PUSH_USER) {
+        &["pull", "push"]
+    } else {
+        &["pull"]
+    };
+    wanted
+        .into_iter()
+        .filter(|a| allowed.contains(&a.as_str()))
+        .collect()
 }
 
 /// `repository:<name>:<actions>` → (type, name, actions).
@@ -188,22 +270,15 @@ async fn handle_request(
             .into_response(),
         ("/token" | "/v2/auth" | "/v2/token", user) => {
             let user = user.and_then(Result::ok);
-            let allowed: &[&str] = if user.is_some() {
-                &["pull", "push"]
-            } else {
-                &["pull"]
-            };
+            let grants = inner.grants.lock().map(|g| g.clone()).unwrap_or_default();
             let access = scopes
                 .iter()
                 .filter_map(|s| parse_scope(s))
                 .filter(|(t, _, _)| t == "repository")
                 .map(|(typ, name, actions)| Access {
+                    actions: allowed_actions(&grants, user.as_deref(), &name, actions),
                     typ,
                     name,
-                    actions: actions
-                        .into_iter()
-                        .filter(|a| allowed.contains(&a.as_str()))
-                        .collect(),
                 })
                 .collect();
             let t = now();
@@ -274,6 +349,23 @@ mod tests {
             super::humantime_rfc3339(1_700_000_000),
             "2023-11-14T22:13:20Z"
         );
+    }
+
+    #[test]
+    fn private_repositories_need_a_grant() {
+        let grants = std::collections::BTreeMap::from([(
+            "alice".to_string(),
+            std::collections::BTreeSet::from(["private/secret".to_string()]),
+        )]);
+        let pull = || vec!["pull".to_string(), "push".to_string()];
+        let got = |user, repo| super::allowed_actions(&grants, user, repo, pull());
+        assert_eq!(got(Some("alice"), "private/secret"), vec!["pull"]);
+        assert!(got(Some("alice"), "private/other").is_empty());
+        assert!(got(Some("bob"), "private/secret").is_empty());
+        assert!(got(None, "private/secret").is_empty());
+        assert_eq!(got(None, "library/alpine"), vec!["pull"]);
+        assert_eq!(got(Some("bob"), "library/alpine"), vec!["pull"]);
+        assert_eq!(got(Some("pusher"), "library/alpine"), vec!["pull", "push"]);
     }
 
     #[test]

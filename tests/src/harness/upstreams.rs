@@ -122,6 +122,13 @@ pub struct Images {
     pub distroless: SeededImage,
     /// gcr `google-containers/pause:3.9`, 1 layer (kept cold for the single-flight test).
     pub pause: SeededImage,
+    /// gcr `private/secret:1`, 2 layers: only alice may pull it (token server grants).
+    pub secret: SeededImage,
+    /// gcr `private/revocable:1`, 1 layer: alice's grant is revoked by the revocation story
+    /// (its own repository, so other stories keep theirs).
+    pub revocable: SeededImage,
+    /// gcr `private/node-agent:1`, 1 layer: alice's, pulled by containerd.
+    pub node_agent: SeededImage,
 }
 
 pub struct Upstreams {
@@ -290,6 +297,33 @@ impl Upstreams {
                 &["amd64"],
                 &[2 * MIB + 7],
             )?,
+            secret: crate::images::build_layout(
+                &layouts.join("secret"),
+                "gcr.io",
+                "private/secret",
+                "1",
+                8,
+                &["amd64"],
+                &[MIB / 2 + 13, MIB / 7],
+            )?,
+            revocable: crate::images::build_layout(
+                &layouts.join("revocable"),
+                "gcr.io",
+                "private/revocable",
+                "1",
+                9,
+                &["amd64"],
+                &[MIB / 3 + 1],
+            )?,
+            node_agent: crate::images::build_layout(
+                &layouts.join("node-agent"),
+                "gcr.io",
+                "private/node-agent",
+                "1",
+                10,
+                &["amd64"],
+                &[MIB / 4 + 9],
+            )?,
         };
 
         // Seed through auth-less distributions over the same storage directories.
@@ -311,7 +345,12 @@ impl Upstreams {
                 let g = s.spawn(|| push(&images.redirected, quay_seed.addr));
                 let e = s.spawn(|| push(&images.distroless, gcr_seed.addr));
                 let f = s.spawn(|| push(&images.pause, gcr_seed.addr));
-                for h in [a, b, c, d, e, f, g] {
+                let p = s.spawn(|| {
+                    [&images.secret, &images.revocable, &images.node_agent]
+                        .into_iter()
+                        .try_for_each(|image| push(image, gcr_seed.addr))
+                });
+                for h in [a, b, c, d, e, f, g, p] {
                     h.join().map_err(|_| anyhow!("seeding thread panicked"))??;
                 }
                 Ok(())
