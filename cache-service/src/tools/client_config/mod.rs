@@ -3,6 +3,7 @@
 
 use crate::tools::render::declaration::{Declaration, Registry};
 use crate::upstream::base64_engine;
+use registry_rules::declaration::ClientAuth;
 use std::fmt::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,6 +43,11 @@ pub struct ClientConfigArgs {
     /// environment keeps it out of the process list).
     #[arg(long, env = "REGMIRROR_MIRROR_LOGIN", hide_env_values = true)]
     pub user: Option<String>,
+    /// `USER:PASSWORD`: your own login at the registries the mirror authorizes upstream
+    /// (`client_auth = "upstream"`), written where the runtime keeps a registry login for the
+    /// mirror host; the mirror passes it to that registry's token service only.
+    #[arg(long, env = "REGMIRROR_REGISTRY_LOGIN", hide_env_values = true)]
+    pub registry_login: Option<String>,
     /// Client certificate for a mirror with `[access] client_ca` (path on the client).
     #[arg(long, requires = "client_key")]
     pub client_cert: Option<String>,
@@ -71,6 +77,13 @@ impl Login {
         }
     }
 
+    /// The client's own login at a registry (`--registry-login`): sent in `Authorization`
+    /// to the mirror's token endpoint, like any registry login.
+    pub fn registry(user_password: &str) -> Result<Self, String> {
+        Self::parse("authorization", user_password)
+            .map_err(|_| "--registry-login must be USER:PASSWORD".to_owned())
+    }
+
     fn in_authorization(&self) -> bool {
         self.header == "authorization"
     }
@@ -80,6 +93,22 @@ impl Login {
             "Basic {}",
             base64_engine::encode(&format!("{}:{}", self.user, self.password))
         )
+    }
+}
+
+/// `--registry-login`, refused where the mirror's own login already takes `Authorization`
+/// (`mirror_header`: the header of `[access] basic_auth`): one header cannot carry both.
+pub fn registry_login(
+    value: Option<&str>,
+    mirror_header: Option<&str>,
+) -> Result<Option<Login>, String> {
+    match (value, mirror_header) {
+        (None, _) => Ok(None),
+        (Some(_), Some("authorization")) => Err("--registry-login: the mirror's own login \
+             ([access] basic_auth without `header`) takes the Authorization header a registry \
+             login needs: give basic_auth a header of its own"
+            .to_owned()),
+        (Some(value), _) => Login::registry(value).map(Some),
     }
 }
 
@@ -156,9 +185,10 @@ pub fn run(args: &ClientConfigArgs) -> ExitCode {
             }
             _ => None,
         };
-        Ok((declaration, mirror, login))
+        let registry_login = registry_login(args.registry_login.as_deref(), header)?;
+        Ok((declaration, mirror, login, registry_login))
     });
-    let (declaration, mut mirror, login) = match login {
+    let (declaration, mut mirror, login, registry_login) = match login {
         Ok(ok) => ok,
         Err(error) => {
             eprintln!("regmirror client-config: {error}");
@@ -184,11 +214,20 @@ pub fn run(args: &ClientConfigArgs) -> ExitCode {
         args.runtime,
         &declaration.registries,
         &mirror,
-        login.as_ref(),
+        Logins {
+            mirror: login.as_ref(),
+            registry: registry_login.as_ref(),
+        },
     );
     for note in login_notes(args.runtime, header, &mirror)
         .into_iter()
         .chain(client_cert_notes(args.runtime, &mirror))
+        .chain(upstream_auth_notes(
+            args.runtime,
+            &declaration,
+            &mirror,
+            registry_login.is_some(),
+        ))
     {
         eprintln!("note: {note}");
     }
@@ -226,31 +265,63 @@ pub fn run(args: &ClientConfigArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// The logins a runtime presents to the mirror host.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Logins<'a> {
+    /// The mirror's own login (`[access] basic_auth`).
+    pub mirror: Option<&'a Login>,
+    /// The client's login at the registries (`client_auth = "upstream"`, or a pass-through
+    /// registry's private images); never together with a mirror login in `Authorization`.
+    pub registry: Option<&'a Login>,
+}
+
 pub fn generate(
     runtime: Runtime,
     registries: &[Registry],
     mirror: &Mirror,
-    login: Option<&Login>,
+    logins: Logins,
 ) -> Vec<ClientFile> {
+    let login = logins.mirror;
     // Runtimes that only know registry logins can present the credential only in
     // `Authorization`; a mirror header of its own needs containerd's hosts.toml.
-    let registry_login = login.filter(|l| l.in_authorization());
+    let registry_login = login.filter(|l| l.in_authorization()).or(logins.registry);
     match runtime {
-        Runtime::Containerd => registries
-            .iter()
-            .map(|r| ClientFile {
-                path: format!("{}/hosts.toml", r.name),
-                content: containerd_hosts(r, mirror, login),
-            })
-            .collect(),
+        Runtime::Containerd => {
+            let mut files: Vec<ClientFile> = registries
+                .iter()
+                .map(|r| ClientFile {
+                    path: format!("{}/hosts.toml", r.name),
+                    content: containerd_hosts(r, mirror, login),
+                })
+                .collect();
+            // hosts.toml has no place for a registry login: ctr takes `--user`, and the
+            // CRI plugin (kubelet's pulls) reads it from containerd's config.toml.
+            if let Some(registry) = logins.registry {
+                files.push(ClientFile {
+                    path: CRI_AUTH_FILE.into(),
+                    content: cri_registry_auth(mirror, registry),
+                });
+            }
+            files
+        }
         Runtime::ContainerdLegacy => vec![ClientFile {
             path: "config.toml".into(),
             content: containerd_legacy(registries, mirror, registry_login),
         }],
-        Runtime::Docker => vec![ClientFile {
-            path: "daemon.json".into(),
-            content: docker_daemon_json(mirror),
-        }],
+        Runtime::Docker => {
+            let mut files = vec![ClientFile {
+                path: "daemon.json".into(),
+                content: docker_daemon_json(mirror),
+            }];
+            if let Some(login) = registry_login {
+                // The docker CLI's ~/.docker/config.json: what `docker login <mirror>` writes.
+                files.push(ClientFile {
+                    path: "config.json".into(),
+                    content: containers_auth_json(mirror, login),
+                });
+            }
+            files
+        }
         Runtime::Podman => {
             let mut files = vec![ClientFile {
                 path: "registries.conf".into(),
@@ -293,6 +364,117 @@ pub fn login_notes(runtime: Runtime, header: Option<&str>, mirror: &Mirror) -> V
              through it"
         )],
     }
+}
+
+/// The registries whose clients log in at the upstream themselves.
+fn upstream_auth_registries(registries: &[Registry]) -> Vec<&Registry> {
+    registries
+        .iter()
+        .filter(|r| r.cache && r.client_auth == Some(ClientAuth::Upstream))
+        .collect()
+}
+
+/// What each runtime needs for registries with `client_auth = "upstream"`: the client's own
+/// registry login, presented to the mirror host (and, on the shared host, passed on only
+/// where `forward_client_credentials` allows it).
+pub fn upstream_auth_notes(
+    runtime: Runtime,
+    declaration: &Declaration,
+    mirror: &Mirror,
+    login_written: bool,
+) -> Vec<String> {
+    let upstream = upstream_auth_registries(&declaration.registries);
+    let Some(example) = upstream.first().map(|r| r.name.as_str()) else {
+        return vec![];
+    };
+    let names = upstream
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let authority = &mirror.authority;
+    let mut notes = vec![format!(
+        "{names}: each client is authorized at the registry with its own login \
+         (client_auth = \"upstream\"); the runtime presents that login to the mirror host \
+         {authority}, which passes it to the registry's token service only"
+    )];
+    let how = match (runtime, login_written) {
+        (Runtime::Containerd, true) => format!(
+            "ctr: `ctr images pull --hosts-dir /etc/containerd/certs.d --user USER:PASSWORD \
+             {example}/<image>`; kubelet (CRI): merge {CRI_AUTH_FILE} into \
+             /etc/containerd/config.toml and restart containerd"
+        ),
+        (Runtime::Containerd, false) => format!(
+            "ctr: `ctr images pull --hosts-dir /etc/containerd/certs.d --user USER:PASSWORD \
+             {example}/<image>`; kubelet (CRI): pass --registry-login USER:PASSWORD to write \
+             the CRI plugin's registry.configs.\"{authority}\".auth ({CRI_AUTH_FILE})"
+        ),
+        (Runtime::ContainerdLegacy | Runtime::K3s, true) => {
+            format!("the login is in the configs of {authority} above")
+        }
+        (Runtime::ContainerdLegacy | Runtime::K3s, false) => {
+            format!("pass --registry-login USER:PASSWORD to write the login for {authority}")
+        }
+        (Runtime::Docker, true) => format!(
+            "merge config.json into ~/.docker/config.json (or run `docker login {authority}`), \
+             then pull {authority}/{example}/<image>"
+        ),
+        (Runtime::Docker, false) => {
+            format!("run `docker login {authority}`, then pull {authority}/{example}/<image>")
+        }
+        (Runtime::Podman, true) => "install auth.json as ${XDG_RUNTIME_DIR}/containers/auth.json \
+             (or /etc/containers/auth.json for CRI-O); skopeo: `--src-authfile auth.json` or \
+             `--src-creds USER:PASSWORD`"
+            .to_owned(),
+        (Runtime::Podman, false) => format!(
+            "run `podman login {authority}` (or pass --registry-login to write auth.json); \
+             skopeo: `--src-creds USER:PASSWORD`"
+        ),
+    };
+    notes.push(how);
+    let default = declaration.mirror.default_registry.as_deref();
+    let withheld: Vec<&str> = upstream
+        .iter()
+        .filter(|r| match r.forward_client_credentials {
+            Some(forward) => !forward,
+            None => default != Some(r.name.as_str()),
+        })
+        .map(|r| r.name.as_str())
+        .collect();
+    if !withheld.is_empty() {
+        let suffix = declaration
+            .mirror
+            .host_suffix
+            .as_deref()
+            .unwrap_or("<host_suffix>");
+        notes.push(format!(
+            "{}: on the shared host {authority} (path prefix, containerd's ?ns=) the mirror \
+             passes no client login to the registry (forward_client_credentials is not set): \
+             set forward_client_credentials = true, or pull through the registry's own host \
+             name (<host_prefix>.{suffix})",
+            withheld.join(", ")
+        ));
+    }
+    notes
+}
+
+/// The CRI plugin stanza for kubelet's pulls, beside the hosts.toml files.
+const CRI_AUTH_FILE: &str = "cri-registry-auth.toml";
+
+/// containerd 1.5-1.7's CRI plugin (config version 2): the hosts.toml directory and the
+/// registry login it presents to the mirror host. Merged by hand: an `imports` file would
+/// replace the whole CRI plugin table.
+fn cri_registry_auth(mirror: &Mirror, login: &Login) -> String {
+    format!(
+        "# Merge into /etc/containerd/config.toml (version = 2) and restart containerd: kubelet's\n\
+         # pulls (the CRI plugin) read the mirror from config_path and present this login to the\n\
+         # mirror host. containerd 2.x: the same keys under [plugins.\"io.containerd.cri.v1.images\"].\n\
+         [plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n\n\
+         [plugins.\"io.containerd.grpc.v1.cri\".registry.configs.{}.auth]\n  username = {}\n  password = {}\n",
+        toml_str(&mirror.authority),
+        toml_str(&login.user),
+        toml_str(&login.password)
+    )
 }
 
 /// Where Docker and containers/image read a client certificate for a host: no config key.
@@ -497,6 +679,13 @@ mod tests {
         .unwrap()
     }
 
+    fn mirror_login(login: &Login) -> Logins<'_> {
+        Logins {
+            mirror: Some(login),
+            registry: None,
+        }
+    }
+
     fn only(files: Vec<ClientFile>) -> String {
         assert_eq!(files.len(), 1);
         files.into_iter().next().unwrap().content
@@ -516,7 +705,12 @@ mod tests {
     /// What a user following containerd's hosts.toml docs would write for Docker Hub.
     #[test]
     fn containerd_hosts_toml_matches_a_hand_written_one() {
-        let files = generate(Runtime::Containerd, &registries(), &mirror(), None);
+        let files = generate(
+            Runtime::Containerd,
+            &registries(),
+            &mirror(),
+            Logins::default(),
+        );
         let hub = files
             .iter()
             .find(|f| f.path == "docker.io/hosts.toml")
@@ -541,7 +735,7 @@ mod tests {
             Runtime::ContainerdLegacy,
             &registries(),
             &mirror(),
-            None,
+            Logins::default(),
         )))
         .unwrap();
         let mirrors = &generated["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["mirrors"];
@@ -563,7 +757,7 @@ mod tests {
             Runtime::Docker,
             &registries(),
             &mirror(),
-            None,
+            Logins::default(),
         )))
         .unwrap();
         assert_eq!(
@@ -571,9 +765,13 @@ mod tests {
             serde_json::json!({ "registry-mirrors": ["https://mirror.example.com"] })
         );
         let http = Mirror::parse("http://10.0.0.5:5000", None).unwrap();
-        let generated: serde_json::Value =
-            serde_json::from_str(&only(generate(Runtime::Docker, &registries(), &http, None)))
-                .unwrap();
+        let generated: serde_json::Value = serde_json::from_str(&only(generate(
+            Runtime::Docker,
+            &registries(),
+            &http,
+            Logins::default(),
+        )))
+        .unwrap();
         assert_eq!(
             generated,
             serde_json::json!({ "registry-mirrors": ["http://10.0.0.5:5000"],
@@ -587,7 +785,7 @@ mod tests {
             Runtime::Podman,
             &registries(),
             &mirror(),
-            None,
+            Logins::default(),
         )))
         .unwrap();
         let expected: toml::Value = toml::from_str(
@@ -614,7 +812,7 @@ mod tests {
             Runtime::K3s,
             &registries(),
             &mirror(),
-            None,
+            Logins::default(),
         )))
         .unwrap();
         let expected: serde_yaml::Value = serde_yaml::from_str(
@@ -643,7 +841,12 @@ mod tests {
     fn mirror_login_reaches_each_runtime_in_its_own_form() {
         let basic = "Basic YWxpY2U6czNjcmV0"; // alice:s3cret
         let header = Login::parse("x-mirror-authorization", "alice:s3cret").unwrap();
-        let files = generate(Runtime::Containerd, &registries(), &mirror(), Some(&header));
+        let files = generate(
+            Runtime::Containerd,
+            &registries(),
+            &mirror(),
+            mirror_login(&header),
+        );
         let hub: toml::Value = toml::from_str(&files[0].content).unwrap();
         assert_eq!(
             hub["host"]["https://mirror.example.com"]["header"]["x-mirror-authorization"],
@@ -655,14 +858,19 @@ mod tests {
             Runtime::K3s,
             &registries(),
             &mirror(),
-            Some(&header)
+            mirror_login(&header)
         ))
         .contains("alice"));
         let notes = login_notes(Runtime::Podman, Some("x-mirror-authorization"), &mirror());
         assert!(notes[0].contains("only containerd"), "{notes:?}");
 
         let authz = Login::parse("authorization", "alice:s3cret").unwrap();
-        let files = generate(Runtime::Podman, &registries(), &mirror(), Some(&authz));
+        let files = generate(
+            Runtime::Podman,
+            &registries(),
+            &mirror(),
+            mirror_login(&authz),
+        );
         let auth: serde_json::Value = serde_json::from_str(&files[1].content).unwrap();
         assert_eq!(files[1].path, "auth.json");
         assert_eq!(
@@ -673,7 +881,7 @@ mod tests {
             Runtime::K3s,
             &registries(),
             &mirror(),
-            Some(&authz),
+            mirror_login(&authz),
         )))
         .unwrap();
         let config = &k3s["configs"]["mirror.example.com"];
@@ -687,7 +895,7 @@ mod tests {
             Runtime::ContainerdLegacy,
             &registries(),
             &mirror(),
-            Some(&authz),
+            mirror_login(&authz),
         )))
         .unwrap();
         let configs = &legacy["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["configs"];
@@ -711,15 +919,20 @@ mod tests {
             "/etc/regmirror/client.crt".into(),
             "/etc/regmirror/client.key".into(),
         ));
-        let files = generate(Runtime::Containerd, &registries(), &m, None);
+        let files = generate(Runtime::Containerd, &registries(), &m, Logins::default());
         let hub: toml::Value = toml::from_str(&files[0].content).unwrap();
         assert_eq!(
             hub["host"]["https://mirror.example.com"]["client"],
             toml::Value::try_from([["/etc/regmirror/client.crt", "/etc/regmirror/client.key"]])
                 .unwrap()
         );
-        let k3s: serde_yaml::Value =
-            serde_yaml::from_str(&only(generate(Runtime::K3s, &registries(), &m, None))).unwrap();
+        let k3s: serde_yaml::Value = serde_yaml::from_str(&only(generate(
+            Runtime::K3s,
+            &registries(),
+            &m,
+            Logins::default(),
+        )))
+        .unwrap();
         let tls = &k3s["configs"]["mirror.example.com"]["tls"];
         assert_eq!(tls["cert_file"].as_str(), Some("/etc/regmirror/client.crt"));
         assert_eq!(tls["key_file"].as_str(), Some("/etc/regmirror/client.key"));
@@ -728,7 +941,7 @@ mod tests {
             Runtime::ContainerdLegacy,
             &registries(),
             &m,
-            None,
+            Logins::default(),
         )))
         .unwrap();
         let tls = &legacy["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["configs"]
@@ -741,5 +954,164 @@ mod tests {
             "{notes:?}"
         );
         assert!(client_cert_notes(Runtime::Docker, &mirror()).is_empty());
+    }
+
+    /// A declaration whose gcr.io authorizes each client upstream; `forward`: its
+    /// `forward_client_credentials`.
+    fn upstream_declaration(forward: Option<bool>) -> Declaration {
+        let forward = forward
+            .map(|f| format!("forward_client_credentials = {f}\n"))
+            .unwrap_or_default();
+        let text = format!(
+            "[mirror]\nhost_suffix = \"mirror.example.com\"\ndefault_registry = \"docker.io\"\n\
+             cache_service = \"127.0.0.1:5001\"\n\n\
+             [[registry]]\nname = \"docker.io\"\nupstream = \"registry-1.docker.io\"\n\
+             host_prefix = \"docker\"\nrealm_hosts = [\"auth.docker.io\"]\n\n\
+             [[registry]]\nname = \"gcr.io\"\nupstream = \"gcr.io\"\nhost_prefix = \"gcr\"\n\
+             realm_hosts = [\"gcr.io\"]\ncache = true\nclient_auth = \"upstream\"\n{forward}"
+        );
+        Declaration::parse(&text, std::path::Path::new("registries.toml")).unwrap()
+    }
+
+    /// `--registry-login`: each runtime gets the client's registry login for the mirror host
+    /// where it reads one; containerd's hosts.toml never carries it (it would go out on
+    /// every request as the mirror's header), the CRI stanza does.
+    #[test]
+    fn registry_login_reaches_each_runtime_for_the_mirror_host() {
+        let declaration = upstream_declaration(Some(true));
+        let alice = Login::registry("alice:s3cret").unwrap();
+        let logins = Logins {
+            mirror: None,
+            registry: Some(&alice),
+        };
+        let files = generate(
+            Runtime::Containerd,
+            &declaration.registries,
+            &mirror(),
+            logins,
+        );
+        assert_eq!(files.len(), declaration.registries.len() + 1);
+        for hosts in files.iter().filter(|f| f.path.ends_with("hosts.toml")) {
+            assert!(!hosts.content.contains("alice"), "{}", hosts.content);
+            assert!(
+                !hosts.content.contains("YWxpY2U6czNjcmV0"),
+                "{}",
+                hosts.content
+            );
+        }
+        let cri = files.iter().find(|f| f.path == CRI_AUTH_FILE).unwrap();
+        let cri: toml::Value = toml::from_str(&cri.content).unwrap();
+        let registry = &cri["plugins"]["io.containerd.grpc.v1.cri"]["registry"];
+        assert_eq!(
+            registry["config_path"].as_str(),
+            Some("/etc/containerd/certs.d")
+        );
+        let auth = &registry["configs"]["mirror.example.com"]["auth"];
+        assert_eq!(auth["username"].as_str(), Some("alice"));
+        assert_eq!(auth["password"].as_str(), Some("s3cret"));
+
+        let expected_auths = serde_json::json!({ "auths": { "mirror.example.com": { "auth": "YWxpY2U6czNjcmV0" } } });
+        let files = generate(Runtime::Podman, &declaration.registries, &mirror(), logins);
+        let auth_json = files.iter().find(|f| f.path == "auth.json").unwrap();
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&auth_json.content).unwrap(),
+            expected_auths
+        );
+        let files = generate(Runtime::Docker, &declaration.registries, &mirror(), logins);
+        let config = files.iter().find(|f| f.path == "config.json").unwrap();
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&config.content).unwrap(),
+            expected_auths
+        );
+        let k3s: serde_yaml::Value = serde_yaml::from_str(&only(generate(
+            Runtime::K3s,
+            &declaration.registries,
+            &mirror(),
+            logins,
+        )))
+        .unwrap();
+        assert_eq!(
+            k3s["configs"]["mirror.example.com"]["auth"]["username"].as_str(),
+            Some("alice")
+        );
+        let legacy: toml::Value = toml::from_str(&only(generate(
+            Runtime::ContainerdLegacy,
+            &declaration.registries,
+            &mirror(),
+            logins,
+        )))
+        .unwrap();
+        assert_eq!(
+            legacy["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["configs"]
+                ["mirror.example.com"]["auth"]["password"]
+                .as_str(),
+            Some("s3cret")
+        );
+        // Without a registry login nothing credential-shaped is written.
+        let files = generate(
+            Runtime::Containerd,
+            &declaration.registries,
+            &mirror(),
+            Logins::default(),
+        );
+        assert!(files.iter().all(|f| f.path != CRI_AUTH_FILE));
+    }
+
+    #[test]
+    fn registry_login_cannot_share_authorization_with_the_mirrors_login() {
+        assert!(registry_login(Some("alice:s3cret"), Some("authorization")).is_err());
+        assert!(registry_login(Some("alice"), None).is_err());
+        let login = registry_login(Some("alice:s3cret"), Some("x-mirror-authorization"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (login.header.as_str(), login.user.as_str()),
+            ("authorization", "alice")
+        );
+        assert!(registry_login(None, Some("authorization"))
+            .unwrap()
+            .is_none());
+    }
+
+    /// The notes name what each runtime needs for a registry in upstream mode, and warn when
+    /// the shared host would withhold the login from the registry.
+    #[test]
+    fn upstream_auth_notes_say_what_each_runtime_needs() {
+        let shipped = Declaration::load(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../envoy/registries.toml"),
+        )
+        .unwrap();
+        assert!(upstream_auth_notes(Runtime::Containerd, &shipped, &mirror(), false).is_empty());
+
+        let forwarded = upstream_declaration(Some(true));
+        let notes = upstream_auth_notes(Runtime::Containerd, &forwarded, &mirror(), false);
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].starts_with("gcr.io: "), "{notes:?}");
+        assert!(notes[1].contains("ctr images pull") && notes[1].contains("--user"));
+        assert!(notes[1].contains("--registry-login"), "{notes:?}");
+        let written = upstream_auth_notes(Runtime::Containerd, &forwarded, &mirror(), true);
+        assert!(written[1].contains(CRI_AUTH_FILE), "{written:?}");
+        let docker = upstream_auth_notes(Runtime::Docker, &forwarded, &mirror(), false);
+        assert!(
+            docker[1].contains("docker login mirror.example.com"),
+            "{docker:?}"
+        );
+        let podman = upstream_auth_notes(Runtime::Podman, &forwarded, &mirror(), false);
+        assert!(podman[1].contains("--src-creds"), "{podman:?}");
+
+        for withheld in [None, Some(false)] {
+            let notes = upstream_auth_notes(
+                Runtime::Containerd,
+                &upstream_declaration(withheld),
+                &mirror(),
+                false,
+            );
+            assert_eq!(notes.len(), 3, "{notes:?}");
+            assert!(
+                notes[2].contains("forward_client_credentials = true")
+                    && notes[2].contains("mirror.example.com"),
+                "{notes:?}"
+            );
+        }
     }
 }
