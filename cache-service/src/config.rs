@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::store::object::BucketSettings;
-use registry_rules::declaration::CacheUpstream;
+use registry_rules::declaration::{CacheUpstream, ClientAuth, ClientAuthError};
 use registry_rules::hosts::HostPattern;
 use serde::{Deserialize, Serialize};
 
@@ -179,8 +179,13 @@ pub enum ConfigError {
     Ca { path: PathBuf, reason: String },
     #[error("upstream {name:?}: {reason}")]
     Credentials { name: String, reason: String },
-    #[error("upstream {name:?} has credentials and is not public: set `public = true` (anyone who can reach the cache may read it) or `client_token_env` (clients must present that token)")]
-    PrivateUpstream { name: String },
+    /// Who may read the upstream is unstated or stated with a removed field (the message
+    /// says what replaces it).
+    #[error("upstream {name:?}: {error}")]
+    ClientAuth {
+        name: String,
+        error: ClientAuthError,
+    },
     #[error(
         "invalid host pattern {host:?} for upstream {name:?} (expected host[:port] or *.suffix)"
     )]
@@ -206,8 +211,10 @@ pub struct UpstreamConfig {
     pub realm_hosts: Vec<HostPattern>,
     /// Redirect target hosts besides the upstream's own.
     pub redirect_hosts: Vec<HostPattern>,
-    /// Static token clients must present (`Authorization: Bearer <t>` or Basic password).
-    pub client_token: Option<String>,
+    /// Who may read what the cache holds: anyone, or each client authorized upstream.
+    pub client_auth: ClientAuth,
+    /// `ClientAuth::Upstream`: how long a client's authorization for a repository is reused.
+    pub authorization_ttl: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -442,13 +449,22 @@ impl Config {
                 credentials: None,
                 realm_hosts: Vec::new(),
                 redirect_hosts: Vec::new(),
-                client_token: None,
+                client_auth: ClientAuth::Anonymous,
+                authorization_ttl: Duration::from_secs(
+                    registry_rules::declaration::DEFAULT_AUTHORIZATION_TTL_SECONDS,
+                ),
             })?;
         }
         for fu in file.upstream {
             if flag_names.contains(&fu.name) {
                 continue;
             }
+            // First: a removed field's message says what replaces it.
+            fu.check_client_auth()
+                .map_err(|error| ConfigError::ClientAuth {
+                    name: fu.name.clone(),
+                    error,
+                })?;
             let url = parse_url(&fu.name, &fu.url)?;
             let mut ca_pems = global_cas.clone();
             if let Some(p) = &fu.ca_file {
@@ -489,19 +505,6 @@ impl Config {
                     ))
                 }
             };
-            let client_token = match &fu.client_token_env {
-                Some(var) => {
-                    let t = env(var).filter(|t| !t.is_empty()).ok_or_else(|| {
-                        cred_err(format!("client_token_env {var} is not set or empty"))
-                    })?;
-                    Some(t)
-                }
-                None => None,
-            };
-            let public = fu.public.unwrap_or(credentials.is_none());
-            if credentials.is_some() && !public && client_token.is_none() {
-                return Err(ConfigError::PrivateUpstream { name: fu.name });
-            }
             add(UpstreamConfig {
                 name: fu.name.clone(),
                 url,
@@ -509,7 +512,8 @@ impl Config {
                 credentials,
                 realm_hosts: host_patterns(&fu.name, &fu.realm_hosts)?,
                 redirect_hosts: host_patterns(&fu.name, &fu.redirect_hosts)?,
-                client_token,
+                client_auth: fu.client_auth(),
+                authorization_ttl: fu.authorization_ttl(),
             })?;
         }
         for (flag, specs) in [
@@ -595,7 +599,7 @@ username = "u"
 password_env = "PW"
 realm_hosts = ["auth.example.com", "*.pkg.dev"]
 redirect_hosts = ["storage.googleapis.com", "*.r2.cloudflarestorage.com"]
-public = true
+client_auth = "anonymous"
 "#;
         let file: FileConfig = toml::from_str(text).unwrap();
         let env = |k: &str| (k == "PW").then(|| "secret".to_owned());
@@ -616,7 +620,7 @@ public = true
             .any(|p| p.matches("x.r2.cloudflarestorage.com")));
         assert_eq!(c.max_blob_size, DEFAULT_MAX_BLOB_SIZE);
 
-        // Credentials without public/client token: refused.
+        // Credentials without client_auth: refused, naming both choices.
         let text = r#"
 storage = "/x"
 [[upstream]]
@@ -625,11 +629,42 @@ url = "https://gcr.io"
 username = "u"
 password_env = "PW"
 "#;
-        let file: FileConfig = toml::from_str(text).unwrap();
-        assert!(matches!(
-            Config::merge(&ServeArgs::default(), file, &env),
-            Err(ConfigError::PrivateUpstream { .. })
-        ));
+        let refusal = |text: &str| {
+            let file: FileConfig = toml::from_str(text).unwrap();
+            match Config::merge(&ServeArgs::default(), file, &env) {
+                Err(e @ ConfigError::ClientAuth { .. }) => e.to_string(),
+                other => panic!("{text}: {other:?}"),
+            }
+        };
+        let e = refusal(text);
+        assert!(
+            e.contains(r#"client_auth = "anonymous""#) && e.contains(r#"client_auth = "upstream""#),
+            "{e}"
+        );
+        let upstream = Config::merge(
+            &ServeArgs::default(),
+            toml::from_str(&format!(
+                "{text}client_auth = \"upstream\"\nauthorization_ttl_seconds = 30\n"
+            ))
+            .unwrap(),
+            &env,
+        )
+        .unwrap();
+        let u = &upstream.upstreams["gcr.io"];
+        assert_eq!(u.client_auth, ClientAuth::Upstream);
+        assert_eq!(u.authorization_ttl, Duration::from_secs(30));
+        // The removed static-token fields: refused with what replaces them, at start and on
+        // reload (the same parser).
+        for (field, says) in [
+            ("public = true", "`public` was removed"),
+            ("client_token_env = \"T\"", "`client_token_env`"),
+        ] {
+            let anonymous = "storage = \"/x\"\n[[upstream]]\nname = \"g\"\nurl = \"https://g\"\n";
+            for text in [format!("{anonymous}{field}\n"), format!("{text}{field}\n")] {
+                let e = refusal(&text);
+                assert!(e.contains(says) && e.contains("client_auth"), "{e}");
+            }
+        }
 
         for bad in ["gcr.io", "x=ftp://a", "x=https://a/path", "../x=https://a"] {
             let args = ServeArgs {

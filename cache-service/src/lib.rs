@@ -2,6 +2,7 @@
 //! operator tools. `main.rs` is the command line over it.
 
 mod app;
+pub mod authorize;
 pub mod cache;
 pub mod config;
 pub mod http;

@@ -1,7 +1,63 @@
 //! Prometheus text metrics from plain atomics.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+
+/// Counters labelled by registry (a configured upstream's name) and one more fixed label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Family {
+    /// `result` = allowed | denied | not_found | unavailable.
+    AuthorizationChecks,
+    /// No second label.
+    AuthorizationCacheHits,
+    /// `status` = 2xx | 3xx | 4xx | 5xx (the token service's) | refused | unavailable.
+    TokenRelays,
+}
+
+impl Family {
+    const ALL: [Family; 3] = [
+        Family::AuthorizationChecks,
+        Family::AuthorizationCacheHits,
+        Family::TokenRelays,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Family::AuthorizationChecks => "regmirror_authorization_checks_total",
+            Family::AuthorizationCacheHits => "regmirror_authorization_cache_hits_total",
+            Family::TokenRelays => "regmirror_token_relays_total",
+        }
+    }
+
+    fn help(self) -> &'static str {
+        match self {
+            Family::AuthorizationChecks => {
+                "Clients' credentials tried at the upstream before serving (client_auth = upstream), by result."
+            }
+            Family::AuthorizationCacheHits => {
+                "Requests served on a client's authorization decided within authorization_ttl_seconds."
+            }
+            Family::TokenRelays => {
+                "Client token requests relayed to the upstream's realm, by the answer's status class (refused: not the upstream's realm)."
+            }
+        }
+    }
+
+    /// The second label's name, if any.
+    fn label(self) -> Option<&'static str> {
+        match self {
+            Family::AuthorizationChecks => Some("result"),
+            Family::AuthorizationCacheHits => None,
+            Family::TokenRelays => Some("status"),
+        }
+    }
+}
+
+/// Label sets kept; registry names come from the configuration, so this is only reached
+/// after very many reloads renaming upstreams (further sets count under registry "other").
+const MAX_LABEL_SETS: usize = 1024;
 
 /// Error codes counted by `regmirror_errors_total{code=...}`.
 pub const ERROR_CODES: [&str; 16] = [
@@ -35,6 +91,7 @@ pub struct Gauges {
     pub small_cache_evictions: u64,
     pub token_cache_entries: usize,
     pub token_cache_evictions: u64,
+    pub authorization_decisions: usize,
 }
 
 #[derive(Debug, Default)]
@@ -54,6 +111,7 @@ pub struct Metrics {
     pub config_reloads: AtomicU64,
     pub config_reload_failures: AtomicU64,
     errors: [AtomicU64; 16],
+    labeled: Mutex<BTreeMap<(Family, String, &'static str), u64>>,
 }
 
 impl Metrics {
@@ -73,6 +131,36 @@ impl Metrics {
             .unwrap_or(ERROR_CODES.len() - 1);
         if let Some(c) = self.errors.get(i) {
             c.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Count one event of `family` for `registry` (`label`: the family's second label's value).
+    pub fn count(&self, family: Family, registry: &str, label: &'static str) {
+        let mut m = crate::lock(&self.labeled);
+        let mut key = (family, registry.to_owned(), label);
+        if m.len() >= MAX_LABEL_SETS && !m.contains_key(&key) {
+            key.1 = "other".to_owned();
+        }
+        *m.entry(key).or_default() += 1;
+    }
+
+    fn render_labeled(&self, s: &mut String) {
+        let m = crate::lock(&self.labeled);
+        for family in Family::ALL {
+            let name = family.name();
+            let _ = writeln!(s, "# HELP {name} {}\n# TYPE {name} counter", family.help());
+            for ((_, registry, label), v) in m.iter().filter(|((f, _, _), _)| *f == family) {
+                let registry = registry.replace(['\\', '"', '\n'], "_");
+                match family.label() {
+                    Some(l) => {
+                        let _ =
+                            writeln!(s, "{name}{{registry=\"{registry}\",{l}=\"{label}\"}} {v}");
+                    }
+                    None => {
+                        let _ = writeln!(s, "{name}{{registry=\"{registry}\"}} {v}");
+                    }
+                }
+            }
         }
     }
 
@@ -161,6 +249,7 @@ impl Metrics {
             "Live upstream tokens dropped to keep the token caches in bounds.",
             g.token_cache_evictions,
         );
+        self.render_labeled(&mut s);
         let _ = writeln!(s, "# HELP regmirror_errors_total Error responses by OCI code.\n# TYPE regmirror_errors_total counter");
         for (code, c) in ERROR_CODES.iter().zip(self.errors.iter()) {
             let _ = writeln!(
@@ -201,6 +290,11 @@ impl Metrics {
             "regmirror_token_cache_entries",
             "Upstream tokens cached (all upstreams).",
             g.token_cache_entries as u64,
+        );
+        gauge(
+            "regmirror_authorization_decisions",
+            "Clients' authorization decisions held (all upstreams; expired ones until pushed out).",
+            g.authorization_decisions as u64,
         );
         s
     }

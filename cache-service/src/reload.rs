@@ -120,7 +120,8 @@ pub enum ReloadError {
 pub struct Plan {
     pub added: Vec<String>,
     pub removed: Vec<String>,
-    /// Anything of theirs differs (URL, CA, credentials, hosts, client token): a new client.
+    /// Anything of theirs differs (URL, CA, credentials, hosts, client authorization): a new
+    /// client (with no authorization decisions).
     pub changed: Vec<String>,
     pub settings: Vec<&'static str>,
 }
@@ -344,9 +345,9 @@ impl Reloader {
             serial: live.version.serial + 1,
             hash,
         };
-        // Client tokens first, upstreams second: in between, an added or changed upstream
-        // is unknown (404) or already asks for its new token, never served without it. The
-        // new version shows once all of it is in force.
+        // Client authorization first, upstreams second: in between, an added or changed
+        // upstream is unknown (404) or already authorized as the new file says, never served
+        // without it. The new version shows once all of it is in force.
         self.state.set(Live {
             config: new.clone(),
             version: live.version.clone(),
@@ -387,7 +388,7 @@ name = "b"
 url = "https://b.example"
 username = "u"
 password_env = "PW"
-public = true
+client_auth = "anonymous"
 "#;
 
     #[test]
@@ -532,8 +533,8 @@ public = true
     }
 
     /// Between a reload's two swaps the config in force may lack an upstream the cache
-    /// still runs: a request for it is refused, never served without the token the old
-    /// file required.
+    /// still runs: a request for it is refused, never served without the authorization the
+    /// old file required.
     #[test]
     fn an_upstream_missing_from_the_config_in_force_is_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -546,9 +547,8 @@ public = true
             status: Arc::default(),
         };
         assert!(cache.upstream(Some("b")).is_ok(), "still running");
-        let headers = axum::http::HeaderMap::new();
-        assert!(crate::http::check_client(&st, "a", &headers).is_ok());
-        let refused = crate::http::check_client(&st, "b", &headers).unwrap_err();
+        assert!(crate::http::client_policy(&st, "a").is_ok());
+        let refused = crate::http::client_policy(&st, "b").unwrap_err();
         assert_eq!(refused.status, axum::http::StatusCode::NOT_FOUND);
     }
 

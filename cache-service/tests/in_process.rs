@@ -227,3 +227,385 @@ async fn the_upstreams_bearer_challenge_is_answered_with_a_token() {
         "retried with the token: {seen:?}"
     );
 }
+
+/// Private images through the cache (`client_auth = "upstream"`): the fake upstream issues
+/// per-user tokens and allows `alice` and `carol` to read `private/secret`, `bob` nothing.
+mod authorized_upstream {
+    use super::*;
+    use support::{basic, token_of, Mirror};
+
+    const REPO: &str = "private/secret";
+
+    struct Lab {
+        up: FakeUpstream,
+        mirror: Mirror,
+        manifest: String,
+        manifest_digest: String,
+        layer: Vec<u8>,
+        layer_digest: String,
+    }
+
+    async fn lab(authorization_ttl: Duration) -> Lab {
+        let up = FakeUpstream::start().await;
+        for user in ["alice", "carol"] {
+            up.allow(REPO, user);
+        }
+        up.allow("other/repo", "bob");
+        let layer = b"secret layer".to_vec();
+        let layer_digest = digest_of(&layer);
+        up.blob(&layer_digest, layer.clone());
+        let manifest = manifest_with(&layer);
+        let manifest_digest = up.manifest("1.0", &manifest);
+        let mirror = Mirror::authorizing(&up, authorization_ttl).await;
+        Lab {
+            up,
+            mirror,
+            manifest,
+            manifest_digest,
+            layer,
+            layer_digest,
+        }
+    }
+
+    impl Lab {
+        /// What a client does: the token through the mirror's relay (the realm the
+        /// upstream's challenge names), with its login.
+        async fn login(&self, user: &str) -> String {
+            let resp = self
+                .mirror
+                .get(&format!(
+                    "/_mirror/auth/{}/token?service=fake&scope=repository:{REPO}:pull",
+                    self.up.addr
+                ))
+                .header("x-mirror-registry", "lab")
+                .header("authorization", basic(user))
+                .send()
+                .await
+                .expect("answer");
+            assert_eq!(resp.status(), StatusCode::OK, "{user} logs in");
+            let json: serde_json::Value = resp.json().await.expect("token JSON");
+            let token = json
+                .get("token")
+                .and_then(|t| t.as_str())
+                .expect("a token")
+                .to_owned();
+            assert_eq!(token, token_of(user));
+            format!("Bearer {token}")
+        }
+
+        /// The manifest by tag and the layer, as `authorization` (`None`: anonymous):
+        /// the statuses, and the bytes when served.
+        async fn pull(&self, authorization: Option<&str>) -> Vec<(StatusCode, Option<Vec<u8>>)> {
+            let mut out = Vec::new();
+            for path in [
+                format!("/v2/{REPO}/manifests/1.0"),
+                format!("/v2/{REPO}/blobs/{}", self.layer_digest),
+            ] {
+                let mut r = self.mirror.get(&path).header("accept", OCI_MANIFEST);
+                if let Some(a) = authorization {
+                    r = r.header("authorization", a);
+                }
+                out.push(fetch(r).await);
+            }
+            out
+        }
+
+        fn assert_served(&self, got: &[(StatusCode, Option<Vec<u8>>)]) {
+            let want = [self.manifest.as_bytes(), &self.layer[..]];
+            for ((status, body), want) in got.iter().zip(want) {
+                assert_eq!(*status, StatusCode::OK);
+                assert_eq!(body.as_deref(), Some(want), "the verified bytes");
+            }
+            assert_eq!(digest_of(self.manifest.as_bytes()), self.manifest_digest);
+        }
+
+        /// Upstream requests carrying `authorization`.
+        fn requests_as(&self, authorization: &str) -> usize {
+            self.up
+                .seen()
+                .iter()
+                .filter(|s| s.authorization.as_deref() == Some(authorization))
+                .count()
+        }
+
+        async fn metrics(&self) -> String {
+            self.mirror
+                .get("/metrics")
+                .send()
+                .await
+                .expect("metrics")
+                .text()
+                .await
+                .expect("text")
+        }
+    }
+
+    async fn error_code(resp: reqwest::Response) -> String {
+        let json: serde_json::Value = resp.json().await.expect("OCI error JSON");
+        json.pointer("/errors/0/code")
+            .and_then(|c| c.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    #[tokio::test]
+    async fn an_anonymous_client_gets_the_upstreams_own_challenge() {
+        let lab = lab(Duration::from_secs(60)).await;
+        let challenge = format!(
+            r#"Bearer realm="http://{}/token",service="fake",scope="repository:{REPO}:pull""#,
+            lab.up.addr
+        );
+        let resp = lab
+            .mirror
+            .get(&format!("/v2/{REPO}/manifests/1.0"))
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            resp.headers()
+                .get("www-authenticate")
+                .and_then(|v| v.to_str().ok()),
+            Some(challenge.as_str()),
+            "verbatim, so the client logs in where the upstream says"
+        );
+        assert_eq!(error_code(resp).await, "UNAUTHORIZED");
+        // The ping too: a client's login starts there.
+        let resp = lab.mirror.get("/v2/").send().await.expect("answer");
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert!(resp.headers().contains_key("www-authenticate"));
+        assert_eq!(
+            lab.up.hits(Method::GET, "/manifests/1.0") + lab.up.hits(Method::GET, "/blobs/"),
+            0,
+            "nothing fetched for a client nobody authorized"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_allowed_client_is_served_and_its_decision_reused_within_the_ttl() {
+        let lab = lab(Duration::from_secs(60)).await;
+        let alice = lab.login("alice").await;
+        lab.assert_served(&lab.pull(Some(&alice)).await);
+        let seen = lab.up.seen().len();
+
+        lab.assert_served(&lab.pull(Some(&alice)).await);
+        assert_eq!(
+            lab.up.seen().len(),
+            seen,
+            "within the decision's time: no check, nothing fetched: {:?}",
+            lab.up.seen().get(seen..)
+        );
+        let metrics = lab.metrics().await;
+        assert!(
+            metrics.contains(
+                r#"regmirror_authorization_checks_total{registry="lab",result="allowed"} 1"#
+            ),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains(r#"regmirror_authorization_cache_hits_total{registry="lab"} 3"#),
+            "the first pull's layer and the second pull: {metrics}"
+        );
+        assert!(
+            metrics.contains(r#"regmirror_token_relays_total{registry="lab",status="2xx"} 1"#),
+            "{metrics}"
+        );
+        assert!(
+            !metrics.contains("tok-alice"),
+            "no credential in the metrics"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_the_upstream_refuses_is_refused_although_the_content_is_cached() {
+        let lab = lab(Duration::from_secs(60)).await;
+        let alice = lab.login("alice").await;
+        lab.assert_served(&lab.pull(Some(&alice)).await);
+
+        let bob = lab.login("bob").await;
+        for (status, _) in lab.pull(Some(&bob)).await {
+            assert_eq!(status, StatusCode::FORBIDDEN);
+        }
+        let resp = lab
+            .mirror
+            .get(&format!("/v2/{REPO}/blobs/{}", lab.layer_digest))
+            .header("authorization", &bob)
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(error_code(resp).await, "DENIED");
+        assert_eq!(
+            lab.requests_as(&bob),
+            3,
+            "a denial is not remembered: one check per request"
+        );
+        for (status, _) in lab.pull(None).await {
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+        }
+        // A made-up token is the upstream's to judge, never served.
+        for (status, _) in lab.pull(Some("Bearer forged")).await {
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+        }
+        let metrics = lab.metrics().await;
+        assert!(
+            metrics.contains(
+                r#"regmirror_authorization_checks_total{registry="lab",result="denied"} 7"#
+            ),
+            "{metrics}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_decision_expires_and_a_revoked_client_is_then_refused() {
+        let lab = lab(Duration::from_secs(1)).await;
+        let alice = lab.login("alice").await;
+        lab.assert_served(&lab.pull(Some(&alice)).await);
+        let before = lab.requests_as(&alice);
+
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        lab.assert_served(&lab.pull(Some(&alice)).await);
+        assert_eq!(
+            lab.requests_as(&alice),
+            before + 1,
+            "one check after the decision expired, the content from the cache"
+        );
+
+        lab.up.revoke(REPO, "alice");
+        lab.assert_served(&lab.pull(Some(&alice)).await);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        for (status, _) in lab.pull(Some(&alice)).await {
+            assert_eq!(
+                status,
+                StatusCode::FORBIDDEN,
+                "revoked, once the decision ran out"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn with_the_upstream_down_only_a_client_with_a_decision_is_served() {
+        let lab = lab(Duration::from_secs(60)).await;
+        let alice = lab.login("alice").await;
+        let carol = lab.login("carol").await;
+        lab.assert_served(&lab.pull(Some(&alice)).await);
+
+        lab.up.set_down(true);
+        lab.assert_served(&lab.pull(Some(&alice)).await);
+        for (status, _) in lab.pull(Some(&carol)).await {
+            assert_eq!(
+                status,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "allowed upstream, but nobody could say so"
+            );
+        }
+        let resp = lab
+            .mirror
+            .get(&format!("/v2/{REPO}/manifests/1.0"))
+            .header("authorization", &carol)
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(error_code(resp).await, "UNAVAILABLE");
+
+        lab.up.set_down(false);
+        lab.assert_served(&lab.pull(Some(&carol)).await);
+    }
+
+    #[tokio::test]
+    async fn content_is_fetched_once_for_two_allowed_clients() {
+        let lab = lab(Duration::from_secs(60)).await;
+        let alice = lab.login("alice").await;
+        let carol = lab.login("carol").await;
+        lab.assert_served(&lab.pull(Some(&alice)).await);
+        lab.assert_served(&lab.pull(Some(&carol)).await);
+        assert_eq!(lab.up.hits(Method::GET, &lab.layer_digest), 1, "the layer");
+        assert_eq!(lab.up.hits(Method::GET, &lab.manifest_digest), 1);
+        let carols: Vec<_> = lab
+            .up
+            .seen()
+            .into_iter()
+            .filter(|s| s.authorization.as_deref() == Some(carol.as_str()))
+            .collect();
+        assert_eq!(
+            carols.len(),
+            1,
+            "carol: one check and nothing else: {carols:?}"
+        );
+        assert_eq!(carols[0].method, Method::HEAD);
+    }
+
+    #[tokio::test]
+    async fn the_token_relay_forwards_only_the_upstreams_realm_and_relays_its_answer() {
+        let lab = lab(Duration::from_secs(60)).await;
+        let bystander = FakeUpstream::start().await;
+        let relay = |path: String, authorization: &str| {
+            lab.mirror
+                .get(&path)
+                .header("x-mirror-registry", "lab")
+                .header("authorization", authorization)
+        };
+        let alice = basic("alice");
+        for path in [
+            format!("/_mirror/auth/{}/v2/", lab.up.addr),
+            format!("/_mirror/auth/{}/token/../v2/", lab.up.addr),
+            format!("/_mirror/auth/{}/token", bystander.addr),
+            "/_mirror/auth/evil.example/token".to_owned(),
+            "/_mirror/auth/".to_owned(),
+        ] {
+            let resp = relay(path.clone(), &alice).send().await.expect("answer");
+            assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{path}");
+            assert_eq!(error_code(resp).await, "DENIED", "{path}");
+        }
+        assert!(bystander.seen().is_empty(), "{:?}", bystander.seen());
+        assert!(
+            lab.up
+                .seen()
+                .iter()
+                .all(|s| s.authorization.is_none() && s.path == "/v2/"),
+            "the credential went nowhere; the realm was asked anonymously: {:?}",
+            lab.up.seen()
+        );
+
+        // The realm's answer as it is: a wrong password's 401 and challenge, then a token.
+        let resp = relay(
+            format!("/_mirror/auth/{}/token?service=fake", lab.up.addr),
+            "Basic bm9ib2R5Om5v",
+        )
+        .send()
+        .await
+        .expect("answer");
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            resp.headers()
+                .get("www-authenticate")
+                .and_then(|v| v.to_str().ok()),
+            Some(r#"Basic realm="fake""#)
+        );
+        assert_eq!(resp.text().await.expect("body"), "bad credentials");
+        let token = lab.login("alice").await;
+        assert_eq!(token, format!("Bearer {}", token_of("alice")));
+        let asked: Vec<_> = lab
+            .up
+            .seen()
+            .into_iter()
+            .filter(|s| s.path == "/token")
+            .collect();
+        assert_eq!(asked.len(), 2, "{asked:?}");
+        assert_eq!(asked[1].authorization.as_deref(), Some(alice.as_str()));
+        assert_eq!(
+            asked[1].query.as_deref(),
+            Some("service=fake&scope=repository:private/secret:pull"),
+            "the client's query, verbatim"
+        );
+
+        // A registry whose clients do not log in upstream relays nothing.
+        let anonymous = Mirror::start(&lab.up, TTL).await;
+        let resp = anonymous
+            .get(&format!("/_mirror/auth/{}/token", lab.up.addr))
+            .header("x-mirror-registry", "lab")
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    }
+}

@@ -12,10 +12,10 @@ use tokio::sync::watch;
 use super::lru::PinGuard;
 use super::single_flight::Role;
 use super::streams::{FlightState, InFlight, StoredBody, Tail};
-use super::{lock, status_error, Cache, CacheError, Kind};
+use super::{lock, status_error, Cache, CacheError, Kind, Source};
 use crate::metrics::Metrics;
 use crate::store::{BlobWriter, CommitError};
-use crate::upstream::{Upstream, UpstreamError};
+use crate::upstream::UpstreamError;
 use registry_rules::digest::Digest;
 use registry_rules::names::RepositoryName;
 
@@ -37,7 +37,7 @@ pub(super) type FlightKey = (String, RepositoryName, Digest);
 impl Cache {
     pub async fn blob(
         self: &Arc<Self>,
-        up: &Arc<Upstream>,
+        up: &Source,
         name: &RepositoryName,
         d: &Digest,
         head: bool,
@@ -86,7 +86,7 @@ impl Cache {
     /// Join the download of `key` in progress, or start it.
     async fn start_flight(
         self: &Arc<Self>,
-        up: &Arc<Upstream>,
+        up: &Source,
         name: &RepositoryName,
         d: &Digest,
         key: FlightKey,
@@ -141,7 +141,7 @@ impl Cache {
 
     async fn download(
         &self,
-        up: &Arc<Upstream>,
+        up: &Source,
         name: &RepositoryName,
         d: &Digest,
         tx: &watch::Sender<FlightState>,

@@ -13,12 +13,11 @@ use reqwest::{Method, StatusCode};
 use super::single_flight::Role;
 use super::{
     head_unsupported, lock, read_limited, status_error, storage_err, Cache, CacheError, HeadInfo,
-    Kind,
+    Kind, Source,
 };
 use crate::metrics::Metrics;
 use crate::oci;
 use crate::store::{self, TagRecord};
-use crate::upstream::Upstream;
 use registry_rules::digest::Digest;
 use registry_rules::names::{Reference, RepositoryName, Tag};
 
@@ -57,7 +56,7 @@ const MAX_KNOWN_SIZES: usize = 100_000;
 impl Cache {
     pub async fn manifest(
         self: &Arc<Self>,
-        up: &Arc<Upstream>,
+        up: &Source,
         name: &RepositoryName,
         reference: &Reference,
         head: bool,
@@ -103,7 +102,7 @@ impl Cache {
 
     async fn manifest_by_digest(
         self: &Arc<Self>,
-        up: &Arc<Upstream>,
+        up: &Source,
         name: &RepositoryName,
         d: &Digest,
         head: bool,
@@ -132,7 +131,7 @@ impl Cache {
     /// needs (media type, length) or the upstream does not support HEAD: then GET it.
     async fn head_manifest(
         self: &Arc<Self>,
-        up: &Arc<Upstream>,
+        up: &Source,
         name: &RepositoryName,
         d: &Digest,
     ) -> Result<Option<ManifestReply>, CacheError> {
@@ -172,7 +171,7 @@ impl Cache {
 
     async fn reply_from_record(
         self: &Arc<Self>,
-        up: &Arc<Upstream>,
+        up: &Source,
         name: &RepositoryName,
         rec: &TagRecord,
         head: bool,
@@ -185,7 +184,7 @@ impl Cache {
 
     async fn manifest_by_tag(
         self: &Arc<Self>,
-        up: &Arc<Upstream>,
+        up: &Source,
         name: &RepositoryName,
         tag: &Tag,
         head: bool,
@@ -236,7 +235,7 @@ impl Cache {
     /// (registry, repository, tag). The answer has no body when a HEAD resolved it.
     async fn resolve_tag_shared(
         self: &Arc<Self>,
-        up: &Arc<Upstream>,
+        up: &Source,
         name: &RepositoryName,
         tag: &Tag,
     ) -> Result<ManifestReply, CacheError> {
@@ -256,7 +255,7 @@ impl Cache {
 
     async fn resolve_tag(
         self: &Arc<Self>,
-        up: &Arc<Upstream>,
+        up: &Source,
         name: &RepositoryName,
         tag: &Tag,
     ) -> Result<ManifestReply, CacheError> {
@@ -345,7 +344,7 @@ impl Cache {
     /// (registry, repository, digest).
     async fn fetch_manifest_shared(
         self: &Arc<Self>,
-        up: &Arc<Upstream>,
+        up: &Source,
         name: &RepositoryName,
         d: &Digest,
     ) -> Result<ManifestReply, CacheError> {
@@ -370,7 +369,7 @@ impl Cache {
 
     async fn fetch_manifest(
         &self,
-        up: &Arc<Upstream>,
+        up: &Source,
         name: &RepositoryName,
         reference: &Reference,
     ) -> Result<ManifestReply, CacheError> {

@@ -25,6 +25,7 @@ use crate::lock;
 use crate::metrics::Metrics;
 use crate::oci;
 use crate::store::{BlobStore, StoredBlob};
+use crate::upstream::client::Credential;
 use crate::upstream::{read_body, BodyError, Upstream, UpstreamError};
 use lru::Lru;
 use pass_through::SmallCache;
@@ -164,6 +165,55 @@ impl HeadInfo {
 }
 
 type HeadKey = (String, RepositoryName, Digest, Kind);
+
+/// An upstream as one request reads it: with the cache's own access, or with the credential
+/// of the client it was authorized for (`client_auth = "upstream"` without a cache login).
+/// Downloads are shared by digest whoever started them: every request that joins one was
+/// authorized for its repository first.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub upstream: Arc<Upstream>,
+    pub credential: Credential,
+}
+
+impl Source {
+    /// The upstream read with the cache's own access.
+    pub fn cache(upstream: Arc<Upstream>) -> Self {
+        Self {
+            upstream,
+            credential: Credential::Cache,
+        }
+    }
+
+    /// [`Upstream::send`] with this source's credential.
+    async fn send(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        name: &RepositoryName,
+        accept: Option<&str>,
+        attempts: u32,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        self.upstream
+            .send(
+                method,
+                path_and_query,
+                name,
+                accept,
+                attempts,
+                &self.credential,
+            )
+            .await
+    }
+}
+
+impl std::ops::Deref for Source {
+    type Target = Upstream;
+
+    fn deref(&self) -> &Upstream {
+        &self.upstream
+    }
+}
 
 /// Size bounds of the cache (see `Config`).
 #[derive(Debug, Clone, Copy)]
@@ -354,6 +404,11 @@ impl Cache {
             small_cache_evictions: small_evictions,
             token_cache_entries: tokens,
             token_cache_evictions: token_evictions,
+            authorization_decisions: self
+                .upstreams()
+                .values()
+                .map(|u| u.access.decisions())
+                .sum(),
         })
     }
 
@@ -515,7 +570,7 @@ impl Cache {
     /// HEAD (405/400/501). `Ok` only for 200; other answers are errors.
     async fn head_shared(
         self: &Arc<Self>,
-        up: &Arc<Upstream>,
+        up: &Source,
         name: &RepositoryName,
         d: &Digest,
         kind: Kind,
@@ -553,7 +608,7 @@ impl Cache {
     /// Ask upstream whether `d` belongs to `name` before serving stored content to it.
     async fn confirm(
         self: &Arc<Self>,
-        up: &Arc<Upstream>,
+        up: &Source,
         name: &RepositoryName,
         d: &Digest,
         kind: Kind,
@@ -618,7 +673,7 @@ pub(super) mod tests {
         root: &std::path::Path,
         server: &TestServer,
         limits: Limits,
-    ) -> (Arc<Cache>, Arc<Upstream>) {
+    ) -> (Arc<Cache>, Source) {
         let up = Arc::new(
             Upstream::new(
                 &UpstreamConfig {
@@ -628,7 +683,8 @@ pub(super) mod tests {
                     credentials: None,
                     realm_hosts: vec![],
                     redirect_hosts: vec![],
-                    client_token: None,
+                    client_auth: Default::default(),
+                    authorization_ttl: Duration::from_secs(60),
                 },
                 None,
             )
@@ -639,7 +695,7 @@ pub(super) mod tests {
         let cache = Cache::open(store, ups, Duration::from_secs(60), limits)
             .await
             .unwrap();
-        (Arc::new(cache), up)
+        (Arc::new(cache), Source::cache(up))
     }
 
     pub(super) fn limits(max_blob_size: u64) -> Limits {

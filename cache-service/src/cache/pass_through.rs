@@ -2,16 +2,14 @@
 //! cache bounded in entries and bytes.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use reqwest::header::{CONTENT_TYPE, LINK};
 use reqwest::{Method, StatusCode};
 
-use super::{lock, read_limited, status_error, Cache, CacheError, Kind};
+use super::{lock, read_limited, status_error, Cache, CacheError, Kind, Source};
 use crate::metrics::Metrics;
-use crate::upstream::Upstream;
 use registry_rules::names::RepositoryName;
 
 /// A small passthrough response (tags list, referrers).
@@ -105,7 +103,7 @@ impl Cache {
     /// GET a small JSON document (tags list, referrers) with a short cache.
     pub async fn small(
         &self,
-        up: &Arc<Upstream>,
+        up: &Source,
         name: &RepositoryName,
         path_and_query: &str,
         accept: Option<&str>,

@@ -4,6 +4,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use crate::authorize::{Refusal, RelayError};
 use crate::cache::CacheError;
 use registry_rules::names::NameError;
 use registry_rules::oci_error::{render, ErrorCode};
@@ -97,6 +98,56 @@ impl From<CacheError> for ApiError {
     }
 }
 
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> Self {
+        let message = r.to_string();
+        let with = |mut e: ApiError, challenges: Vec<String>| {
+            for c in challenges {
+                e = e.with_header(header::WWW_AUTHENTICATE, c);
+            }
+            e
+        };
+        match r {
+            Refusal::Unauthorized { challenges } => with(
+                ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message),
+                challenges,
+            ),
+            Refusal::Denied { challenges } => with(
+                ApiError::new(StatusCode::FORBIDDEN, ErrorCode::Denied, message),
+                challenges,
+            ),
+            Refusal::NotFound(code) => ApiError::new(StatusCode::NOT_FOUND, code, message),
+            Refusal::TooManyRequests { retry_after } => {
+                let e = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    ErrorCode::TooManyRequests,
+                    message,
+                );
+                match retry_after {
+                    Some(r) => e.with_header(header::RETRY_AFTER, r),
+                    None => e,
+                }
+            }
+            Refusal::Unavailable(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                message,
+            ),
+        }
+    }
+}
+
+impl From<RelayError> for ApiError {
+    fn from(e: RelayError) -> Self {
+        let (status, code) = match e {
+            RelayError::NotIssued(_) => (StatusCode::FORBIDDEN, ErrorCode::Denied),
+            RelayError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
+            RelayError::TooLarge => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = render(self.code, &self.message, None);
@@ -110,9 +161,10 @@ impl IntoResponse for ApiError {
             "docker-distribution-api-version",
             HeaderValue::from_static("registry/2.0"),
         );
+        // Appended: an upstream's challenges may be several `WWW-Authenticate` values.
         for (k, v) in self.headers {
             if let Ok(v) = HeaderValue::from_str(&v) {
-                h.insert(k, v);
+                h.append(k, v);
             }
         }
         resp

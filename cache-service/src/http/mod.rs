@@ -13,17 +13,21 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 
-use crate::cache::{streams, BlobReply, Cache, CacheError};
+use crate::authorize::{self, Check};
+use crate::cache::{streams, BlobReply, Cache, CacheError, Source};
 use crate::metrics::Metrics;
+use crate::upstream::client::{ClientCredential, Credential};
 use error::ApiError;
+use registry_rules::declaration::ClientAuth;
 use registry_rules::digest::Digest;
 use registry_rules::names::{Reference, RepositoryName, Tag};
 use registry_rules::oci_error::ErrorCode;
+use registry_rules::realms::RealmUrl;
 
 #[derive(Clone)]
 pub struct AppState {
     pub cache: Arc<Cache>,
-    /// The configuration in force (client tokens, version); swapped by a reload.
+    /// The configuration in force (client authorization, version); swapped by a reload.
     pub config: Arc<crate::reload::ConfigState>,
     /// Status page state (request counts per repository).
     pub status: Arc<status::StatusState>,
@@ -37,6 +41,9 @@ const API_VERSION: &str = "registry/2.0";
 /// On `/readyz`: the configuration version in force (`<serial>-<file hash>`).
 pub const CONFIG_VERSION_HEADER: &str = "x-regmirror-config-version";
 const MAX_TAGS_N: u32 = 10_000;
+/// Token requests of clients of an upstream-authorized registry, forwarded by the filter:
+/// `/_mirror/auth/<realm host><realm path>?<query>`.
+const AUTH_PREFIX: &str = registry_rules::route::AUTH_PREFIX;
 
 fn base_headers(h: &mut HeaderMap) {
     h.insert(
@@ -98,17 +105,6 @@ fn query_pairs(uri: &Uri) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
-/// Constant-time string comparison.
-fn ct_eq(a: &str, b: &str) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.bytes()
-        .zip(b.bytes())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
-}
-
 async fn handle(
     State(st): State<AppState>,
     method: Method,
@@ -151,7 +147,12 @@ async fn handle(
         _ => {}
     }
     let metrics = st.cache.metrics.clone();
-    match handle_v2(&st, &method, &uri, &headers).await {
+    let answer = if path.starts_with(AUTH_PREFIX) {
+        token_relay(&st, &method, &uri, &headers).await
+    } else {
+        handle_v2(&st, &method, &uri, &headers).await
+    };
+    match answer {
         Ok(r) => r,
         Err(e) => {
             metrics.error(e.code.as_str());
@@ -194,7 +195,7 @@ async fn handle_v2(
     if let Route::Base = route {
         // Without a named registry and several upstreams there is nothing to check.
         if let Ok(up) = st.cache.upstream(registry.as_deref()) {
-            check_client(st, &up.name, headers)?;
+            authorize_client(st, &up, &Check::base(), headers).await?;
         }
         let mut r = (
             [(header::CONTENT_TYPE, "application/json")],
@@ -210,7 +211,16 @@ async fn handle_v2(
     }
 
     let up = st.cache.upstream(registry.as_deref())?;
-    check_client(st, &up.name, headers)?;
+    let check = match &route {
+        Route::Base => Check::base(),
+        Route::Manifest(name, reference) => Check::manifest(name, reference),
+        Route::Blob(name, digest) => Check::blob(name, digest),
+        Route::Tags(name) | Route::Referrers(name, _) => Check::repository(name),
+    };
+    let up = Source {
+        credential: authorize_client(st, &up, &check, headers).await?,
+        upstream: up,
+    };
     if let Route::Manifest(name, _)
     | Route::Blob(name, _)
     | Route::Tags(name)
@@ -292,39 +302,118 @@ fn pagination_error() -> ApiError {
     )
 }
 
-pub(crate) fn check_client(
-    st: &AppState,
-    registry: &str,
-    headers: &HeaderMap,
-) -> Result<(), ApiError> {
+/// How the registry's clients are authorized, from the configuration in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ClientPolicy {
+    pub mode: ClientAuth,
+    pub ttl: std::time::Duration,
+    /// The cache has its own login: content is fetched with it, not with a client's.
+    pub cache_login: bool,
+}
+
+/// The policy in force for `registry`. A reload puts the new config in force before it swaps
+/// the upstreams: an upstream the new file removed is refused here, never served without the
+/// authorization the old file required.
+pub(crate) fn client_policy(st: &AppState, registry: &str) -> Result<ClientPolicy, ApiError> {
     let live = st.config.current();
-    // A reload puts the new config in force before it swaps the upstreams: an upstream the
-    // new file removed is refused here, never served without the token it required.
     let Some(upstream) = live.config.upstreams.get(registry) else {
         return Err(CacheError::UnknownRegistry(registry.to_string()).into());
     };
-    let Some(want) = upstream.client_token.as_deref() else {
-        return Ok(());
-    };
-    let got = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match got {
-        Some(t) if ct_eq(t, want) => Ok(()),
-        _ => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            ErrorCode::Unauthorized,
-            "this registry requires the cache's client token (Authorization: Bearer <token>)",
-        )
-        .with_header(header::WWW_AUTHENTICATE, "Bearer realm=\"regmirror\"")),
+    Ok(ClientPolicy {
+        mode: upstream.client_auth,
+        ttl: upstream.authorization_ttl,
+        cache_login: upstream.credentials.is_some(),
+    })
+}
+
+/// Authorize the request's client for `check` (`client_auth = "upstream"`; anyone
+/// otherwise): the access its content is then fetched with.
+async fn authorize_client(
+    st: &AppState,
+    up: &Arc<crate::upstream::Upstream>,
+    check: &Check,
+    headers: &HeaderMap,
+) -> Result<Credential, ApiError> {
+    let policy = client_policy(st, &up.name)?;
+    if policy.mode == ClientAuth::Anonymous {
+        return Ok(Credential::Cache);
     }
+    let client = ClientCredential::from_header(headers.get(header::AUTHORIZATION));
+    Ok(authorize::authorize(
+        up,
+        policy.ttl,
+        policy.cache_login,
+        check,
+        client,
+        &st.cache.metrics,
+    )
+    .await?)
+}
+
+/// A client's token request relayed to the upstream's own realm (see [`authorize::relay`]).
+/// Only for a registry whose clients are authorized upstream; anything but the realm its
+/// challenges name is refused.
+async fn token_relay(
+    st: &AppState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    if *method != Method::GET {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::Unsupported,
+            "token requests are GET",
+        )
+        .with_header(header::ALLOW, "GET"));
+    }
+    let registry = headers
+        .get("x-mirror-registry")
+        .and_then(|v| v.to_str().ok());
+    let up = st.cache.upstream(registry)?;
+    if client_policy(st, &up.name)?.mode != ClientAuth::Upstream {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NameUnknown,
+            "this registry's clients do not log in at the upstream (client_auth is not \"upstream\")",
+        ));
+    }
+    let rest = uri.path().strip_prefix(AUTH_PREFIX).unwrap_or_default();
+    let requested = rest
+        .split_once('/')
+        .and_then(|(authority, path)| RealmUrl::new(authority, &format!("/{path}")))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                ErrorCode::Denied,
+                "not a token realm of this registry",
+            )
+        })?;
+    let client = ClientCredential::from_header(headers.get(header::AUTHORIZATION));
+    let a = authorize::relay(
+        &up,
+        &requested,
+        uri.query(),
+        client.as_ref(),
+        &st.cache.metrics,
+    )
+    .await?;
+    let mut b = Response::builder()
+        .status(StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY))
+        .header(header::CONTENT_LENGTH, a.body.len())
+        .header(header::CACHE_CONTROL, "no-store");
+    if let Some(ct) = &a.content_type {
+        b = b.header(header::CONTENT_TYPE, ct);
+    }
+    for c in &a.challenges {
+        b = b.header(header::WWW_AUTHENTICATE, c);
+    }
+    b.body(Body::from(a.body)).map_err(ApiError::internal)
 }
 
 async fn small_response(
     st: &AppState,
-    up: &Arc<crate::upstream::Upstream>,
+    up: &Source,
     name: &RepositoryName,
     pq: &str,
     accept: Option<&str>,
@@ -354,7 +443,7 @@ type BodyFn = Box<dyn FnOnce(u64, Option<u64>) -> Body + Send>;
 
 async fn blob_response(
     st: &AppState,
-    up: &Arc<crate::upstream::Upstream>,
+    up: &Source,
     name: &RepositoryName,
     digest: &Digest,
     head: bool,
@@ -565,12 +654,5 @@ mod tests {
             MT_OCI_INDEX
         ));
         assert!(!accepts(&h(MT_DOCKER_MANIFEST), MT_OCI_INDEX));
-    }
-
-    #[test]
-    fn constant_time_eq() {
-        assert!(ct_eq("abc", "abc"));
-        assert!(!ct_eq("abc", "abd"));
-        assert!(!ct_eq("abc", "ab"));
     }
 }

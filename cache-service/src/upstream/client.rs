@@ -32,6 +32,40 @@ pub enum Reach {
     Anonymous { realms_on_base: bool },
 }
 
+/// A client's `Authorization` header value, held only in memory and never printed: it goes
+/// verbatim to the upstream's own host (and, through the token relay, to its realm) only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientCredential(HeaderValue);
+
+impl ClientCredential {
+    /// The request's `Authorization`, if it has a non-empty one.
+    pub fn from_header(value: Option<&HeaderValue>) -> Option<Self> {
+        value
+            .filter(|v| !v.as_bytes().iter().all(u8::is_ascii_whitespace))
+            .map(|v| Self(v.clone()))
+    }
+
+    pub fn header(&self) -> &HeaderValue {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ClientCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientCredential(..)")
+    }
+}
+
+/// Whose access a request to the upstream uses.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// The cache's own: its configured login, or anonymous tokens, through the challenge flow.
+    Cache,
+    /// An authorized client's, verbatim and to the upstream's host only: a challenge is not
+    /// answered (the 401 is the answer) and a redirect to another host goes without it.
+    Client(ClientCredential),
+}
+
 /// Host identity an `Authorization` is bound to: scheme, host and effective port.
 pub fn host_key(u: &Url) -> String {
     format!(
@@ -176,7 +210,33 @@ impl RegistryClient {
             .map_err(|e| UpstreamError::Connect(error_chain(&e)))
     }
 
-    fn check_realm(&self, realm: &Url) -> Result<(), HostRefusal> {
+    /// One request with a client's credential (or none) exactly as given: no challenge
+    /// answered, no redirect followed (a 3xx is the answer), to `url` only. The authorization
+    /// check and the token relay; the caller decides `url` may see the credential.
+    pub async fn send_as_is(
+        &self,
+        method: Method,
+        url: Url,
+        accept: Option<&str>,
+        credential: Option<&ClientCredential>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let mut req = self
+            .http
+            .request(method, url)
+            .timeout(Duration::from_secs(30));
+        if let Some(a) = accept {
+            req = req.header(ACCEPT, a);
+        }
+        if let Some(c) = credential {
+            req = req.header(AUTHORIZATION, c.header().clone());
+        }
+        req.send()
+            .await
+            .map_err(|e| UpstreamError::Connect(error_chain(&e)))
+    }
+
+    /// May a token realm be asked (the declared hosts; for a mirror client, its rules)?
+    pub fn check_realm(&self, realm: &Url) -> Result<(), HostRefusal> {
         match &self.reach {
             Reach::Declared { policy, .. } => policy.check_realm(realm),
             Reach::Anonymous {
@@ -286,11 +346,37 @@ impl RegistryClient {
         accept: Option<&str>,
         scope: &str,
     ) -> Result<reqwest::Response, UpstreamError> {
+        self.send_with(method, url, accept, scope, &Credential::Cache)
+            .await
+    }
+
+    /// [`Self::send`] with whose access: with a client's credential, that credential is the
+    /// only one sent (see [`Credential`]).
+    pub async fn send_with(
+        &self,
+        method: &Method,
+        url: Url,
+        accept: Option<&str>,
+        scope: &str,
+        credential: &Credential,
+    ) -> Result<reqwest::Response, UpstreamError> {
         let mut url = url;
         // Authorization bound to the host it was issued for.
         let mut auth: Option<SentAuth> = None;
+        let client = match credential {
+            Credential::Client(c) => {
+                auth = Some(SentAuth {
+                    host: host_key(&self.base),
+                    value: c.header().clone(),
+                    token: None,
+                    fresh: true,
+                });
+                true
+            }
+            Credential::Cache => false,
+        };
         let known = lock(&self.challenge).clone();
-        if let Some((realm, service)) = known {
+        if let (Some((realm, service)), false) = (known, client) {
             if let Ok(tok) = self.token(&realm, &service, scope).await {
                 auth = SentAuth::bearer(host_key(&self.base), (realm, service, scope.into()), tok);
             }
@@ -322,7 +408,7 @@ impl RegistryClient {
                 // one exists. (A challenge asking another realm or scope is answered.)
                 let hopeless = sent
                     .is_some_and(|a| a.fresh && a.key() == bearer_key(&challenges, scope).as_ref());
-                if answered < 2 && !hopeless {
+                if answered < 2 && !hopeless && !client {
                     if let Some(a) = self.answer_challenge(&challenges, &url, scope).await? {
                         auth = Some(a);
                         answered += 1;

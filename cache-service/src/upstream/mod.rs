@@ -16,7 +16,7 @@ use url::Url;
 
 use crate::config::UpstreamConfig;
 use crate::lock;
-use client::{host_key, Reach, RegistryClient};
+use client::{host_key, Credential, Reach, RegistryClient};
 use registry_rules::names::RepositoryName;
 
 const MAX_REDIRECTS: usize = 5;
@@ -227,6 +227,9 @@ pub struct Health {
 pub struct Upstream {
     pub name: String,
     pub client: RegistryClient,
+    /// Clients' authorization decisions and the realm they log in at
+    /// (`client_auth = "upstream"`).
+    pub access: crate::authorize::Access,
     health: Mutex<Health>,
 }
 
@@ -270,6 +273,7 @@ impl Upstream {
                 cas,
                 Duration::from_secs(60),
             )?,
+            access: crate::authorize::Access::default(),
             health: Mutex::new(Health::default()),
         })
     }
@@ -303,6 +307,23 @@ impl Upstream {
         self.client.token_stats()
     }
 
+    /// One request to `url` with a client's credential (or none) as given, no retry: see
+    /// [`RegistryClient::send_as_is`]. Counted in the upstream's health.
+    pub async fn send_as_client(
+        &self,
+        method: Method,
+        url: Url,
+        accept: Option<&str>,
+        credential: Option<&client::ClientCredential>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let r = self
+            .client
+            .send_as_is(method, url, accept, credential)
+            .await;
+        self.record(&r);
+        r
+    }
+
     /// One request for `path_and_query` on the upstream, with auth and redirects.
     async fn send_once(
         &self,
@@ -310,13 +331,16 @@ impl Upstream {
         path_and_query: &str,
         name: &RepositoryName,
         accept: Option<&str>,
+        credential: &Credential,
     ) -> Result<reqwest::Response, UpstreamError> {
         let url = self
             .base_url()
             .join(path_and_query)
             .map_err(|e| RedirectError::Bad(e.to_string()))?;
         let scope = format!("repository:{}:pull", name.as_str());
-        self.client.send(method, url, accept, &scope).await
+        self.client
+            .send_with(method, url, accept, &scope, credential)
+            .await
     }
 
     /// Send with up to `attempts` tries on connection errors, 5xx and 429 (honouring a short
@@ -328,11 +352,14 @@ impl Upstream {
         name: &RepositoryName,
         accept: Option<&str>,
         attempts: u32,
+        credential: &Credential,
     ) -> Result<reqwest::Response, UpstreamError> {
         let mut backoff = Duration::from_millis(250);
         let mut attempt = 1;
         loop {
-            let r = self.send_once(&method, path_and_query, name, accept).await;
+            let r = self
+                .send_once(&method, path_and_query, name, accept, credential)
+                .await;
             self.record(&r);
             let last = attempt >= attempts;
             let wait = match &r {
@@ -409,7 +436,8 @@ mod tests {
                     .map(|s| HostPattern::parse(s).unwrap())
                     .collect(),
                 redirect_hosts: vec![],
-                client_token: None,
+                client_auth: Default::default(),
+                authorization_ttl: Duration::from_secs(60),
             },
             None,
         )
@@ -461,7 +489,8 @@ mod tests {
                 credentials: None,
                 realm_hosts: p(realms),
                 redirect_hosts: p(redirects),
-                client_token: None,
+                client_auth: Default::default(),
+                authorization_ttl: Duration::from_secs(60),
             }
         }
 
@@ -472,7 +501,7 @@ mod tests {
         async fn get(u: &Upstream, path: &str) -> Result<reqwest::Response, UpstreamError> {
             tokio::time::timeout(
                 Duration::from_secs(20),
-                u.send(Method::GET, path, &repo(), None, 1),
+                u.send(Method::GET, path, &repo(), None, 1, &Credential::Cache),
             )
             .await
             .expect("answered in time, not hung")
@@ -687,7 +716,8 @@ mod tests {
                 HostPattern::parse("storage.googleapis.com").unwrap(),
                 HostPattern::parse("127.0.0.1:9000").unwrap(),
             ],
-            client_token: None,
+            client_auth: Default::default(),
+            authorization_ttl: Duration::from_secs(60),
         };
         let own = Some("0.0.0.0:5001".parse().unwrap());
         let p = HostPolicy::new(&cfg("https://registry.k8s.io"), own);
@@ -803,7 +833,8 @@ mod tests {
                         HostPattern::parse("cdn.example").unwrap(),
                         HostPattern::parse("*.blob.example").unwrap(),
                     ],
-                    client_token: None,
+                    client_auth: Default::default(),
+                    authorization_ttl: Duration::from_secs(60),
                 },
                 Some("127.0.0.1:5001".parse().unwrap()),
             )

@@ -14,6 +14,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use sha2::Digest as _;
 
+use registry_rules::declaration::ClientAuth;
 use regmirror::config::{Config, LogFormat, UpstreamConfig};
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -29,7 +30,42 @@ pub fn digest_of(b: &[u8]) -> String {
 pub struct Seen {
     pub method: Method,
     pub path: String,
+    pub query: Option<String>,
     pub authorization: Option<String>,
+}
+
+/// Password of every user of the per-user token mode.
+pub const PASSWORD: &str = "pw";
+
+/// `Authorization: Basic` of `user` with [`PASSWORD`].
+pub fn basic(user: &str) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = format!("{user}:{PASSWORD}").into_bytes();
+    let mut out = String::new();
+    for chunk in b.chunks(3) {
+        let v = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |v, (i, c)| v | u32::from(*c) << (16 - 8 * i));
+        for i in 0..4 {
+            out.push(if i <= chunk.len() {
+                char::from(
+                    ALPHABET
+                        .get(((v >> (18 - 6 * i)) & 63) as usize)
+                        .copied()
+                        .unwrap_or(b'='),
+                )
+            } else {
+                '='
+            });
+        }
+    }
+    format!("Basic {out}")
+}
+
+/// The token the per-user mode issues to `user` ("anonymous" without credentials).
+pub fn token_of(user: &str) -> String {
+    format!("tok-{user}")
 }
 
 #[derive(Default)]
@@ -41,6 +77,13 @@ struct Content {
     /// Bearer token flow: the API answers 401 with a challenge to `/token` unless the request
     /// carries `Bearer TOKEN`.
     token_auth: bool,
+    /// Per-user token flow: `/token` issues `tok-<user>` for Basic `<user>:pw` (without
+    /// credentials `tok-anonymous`); the API answers 401 with a challenge naming the
+    /// repository without a token it issued, 403 when the token's user may not read the
+    /// repository (repository -> users), else serves.
+    readers: Option<HashMap<String, Vec<String>>>,
+    /// Every answer a 503 (the upstream is down).
+    down: bool,
     /// Delay before a blob answer (so concurrent requests overlap).
     blob_delay: Duration,
     seen: Vec<Seen>,
@@ -68,15 +111,24 @@ fn answer(status: u16, headers: &[(&str, String)], body: Bytes) -> Response {
 async fn serve(State(f): State<FakeUpstream>, req: Request) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let authorization = header(req.headers(), "authorization");
-    let (token_auth, delay) = {
+    let (token_auth, readers, down, delay) = {
         let mut c = lock(&f.content);
         c.seen.push(Seen {
             method: method.clone(),
             path: path.clone(),
+            query: req.uri().query().map(str::to_owned),
             authorization: authorization.clone(),
         });
-        (c.token_auth, c.blob_delay)
+        (c.token_auth, c.readers.clone(), c.down, c.blob_delay)
     };
+    if down {
+        return answer(503, &[], Bytes::from_static(b"down"));
+    }
+    if let Some(readers) = readers {
+        if let Some(refusal) = per_user(&f, &path, authorization.as_deref(), &readers) {
+            return refusal;
+        }
+    }
     if path == "/token" {
         return answer(
             200,
@@ -96,7 +148,7 @@ async fn serve(State(f): State<FakeUpstream>, req: Request) -> Response {
         lock(&f.content).blobs.get(d).cloned()
     } else if let Some((_, r)) = path.split_once("/manifests/") {
         lock(&f.content).manifests.get(r).cloned()
-    } else if path == "/v2/" {
+    } else if path == "/v2/" || path.ends_with("/tags/list") {
         Some(Bytes::from_static(b"{}"))
     } else {
         None
@@ -125,6 +177,69 @@ async fn serve(State(f): State<FakeUpstream>, req: Request) -> Response {
         body
     };
     answer(StatusCode::OK.as_u16(), &headers, body)
+}
+
+/// The per-user mode's answer when it does not serve the request: a token, a 401 or a 403.
+fn per_user(
+    f: &FakeUpstream,
+    path: &str,
+    authorization: Option<&str>,
+    readers: &HashMap<String, Vec<String>>,
+) -> Option<Response> {
+    if path == "/token" {
+        let user = match authorization {
+            None => Some("anonymous".to_owned()),
+            Some(a) => readers.values().flatten().find(|u| basic(u) == a).cloned(),
+        };
+        return Some(match user {
+            Some(u) => answer(
+                200,
+                &[("content-type", "application/json".into())],
+                Bytes::from(format!(
+                    r#"{{"token":"{}","expires_in":300}}"#,
+                    token_of(&u)
+                )),
+            ),
+            None => answer(
+                401,
+                &[("www-authenticate", r#"Basic realm="fake""#.into())],
+                Bytes::from_static(b"bad credentials"),
+            ),
+        });
+    }
+    let user = authorization
+        .and_then(|a| a.strip_prefix("Bearer tok-"))
+        .map(str::to_owned);
+    let repo = path
+        .strip_prefix("/v2/")
+        .and_then(|p| {
+            ["/manifests/", "/blobs/", "/tags/"]
+                .iter()
+                .find_map(|k| p.split_once(k))
+        })
+        .map(|(repo, _)| repo.to_owned());
+    let scope = repo
+        .as_ref()
+        .map(|r| format!(r#",scope="repository:{r}:pull""#))
+        .unwrap_or_default();
+    let challenge = format!(
+        r#"Bearer realm="http://{}/token",service="fake"{scope}"#,
+        f.addr
+    );
+    match (user, repo) {
+        (None, _) => Some(answer(
+            401,
+            &[("www-authenticate", challenge)],
+            Bytes::from_static(br#"{"errors":[{"code":"UNAUTHORIZED","message":"log in"}]}"#),
+        )),
+        (Some(_), None) => None,
+        (Some(u), Some(r)) if readers.get(&r).is_some_and(|us| us.contains(&u)) => None,
+        (Some(_), Some(_)) => Some(answer(
+            403,
+            &[],
+            Bytes::from_static(br#"{"errors":[{"code":"DENIED","message":"no"}]}"#),
+        )),
+    }
 }
 
 fn header(h: &HeaderMap, name: &str) -> Option<String> {
@@ -166,6 +281,32 @@ impl FakeUpstream {
         lock(&self.content).token_auth = true;
     }
 
+    /// Per-user mode (see `Content::readers`): `user` may read `repository`.
+    pub fn allow(&self, repository: &str, user: &str) {
+        lock(&self.content)
+            .readers
+            .get_or_insert_with(HashMap::new)
+            .entry(repository.to_owned())
+            .or_default()
+            .push(user.to_owned());
+    }
+
+    /// `user` may no longer read `repository` (tokens already issued included).
+    pub fn revoke(&self, repository: &str, user: &str) {
+        if let Some(users) = lock(&self.content)
+            .readers
+            .as_mut()
+            .and_then(|r| r.get_mut(repository))
+        {
+            users.retain(|u| u != user);
+        }
+    }
+
+    /// Every answer a 503 (`true`) or back to normal.
+    pub fn set_down(&self, down: bool) {
+        lock(&self.content).down = down;
+    }
+
     pub fn delay_blobs(&self, d: Duration) {
         lock(&self.content).blob_delay = d;
     }
@@ -192,16 +333,37 @@ pub struct Mirror {
 
 impl Mirror {
     pub async fn start(upstream: &FakeUpstream, tag_ttl: Duration) -> Self {
+        Self::start_with(upstream, tag_ttl, |_| {}).await
+    }
+
+    /// Each client authorized at `upstream` with its own credentials, decisions kept for
+    /// `authorization_ttl`.
+    pub async fn authorizing(upstream: &FakeUpstream, authorization_ttl: Duration) -> Self {
+        Self::start_with(upstream, Duration::from_secs(300), |lab| {
+            lab.client_auth = ClientAuth::Upstream;
+            lab.authorization_ttl = authorization_ttl;
+        })
+        .await
+    }
+
+    /// `edit` changes the "lab" upstream's configuration first.
+    pub async fn start_with(
+        upstream: &FakeUpstream,
+        tag_ttl: Duration,
+        edit: impl FnOnce(&mut UpstreamConfig),
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let lab = UpstreamConfig {
+        let mut lab = UpstreamConfig {
             name: "lab".into(),
             url: url::Url::parse(&format!("http://{}", upstream.addr)).expect("url"),
             ca_pems: vec![],
             credentials: None,
             realm_hosts: vec![],
             redirect_hosts: vec![],
-            client_token: None,
+            client_auth: ClientAuth::Anonymous,
+            authorization_ttl: Duration::from_secs(60),
         };
+        edit(&mut lab);
         let config = Config {
             listen: "127.0.0.1:0".parse().expect("addr"),
             storage: regmirror::store::Location::Dir(dir.path().to_path_buf()),
