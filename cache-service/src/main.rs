@@ -57,10 +57,12 @@ const CONFIG_HELP: &str = r#"Configuration file (--config FILE; flags override i
   password_env = "GCR_PASSWORD"
   realm_hosts = ["auth.example.com", "*.pkg.dev"]  # token realms besides the upstream host
   redirect_hosts = ["storage.googleapis.com"]      # redirect targets besides the upstream host
-  public = false                # with credentials: refused at startup unless public = true
-  client_token_env = "TOKEN_VAR"      # ... or clients present `Authorization: Bearer <token>`
+  client_auth = "upstream"      # or "anonymous" (the default; must be stated with username):
+                                # "upstream" checks each client's own Authorization upstream
+  authorization_ttl_seconds = 60      # "upstream": how long an allowed decision is reused
 
-Endpoints: /v2/... (pull API), /healthz, /readyz (storage reachable and writable; the config
+Endpoints: /v2/... (pull API), /_mirror/auth/... (client_auth = "upstream": token requests
+relayed to the upstream's own realm only), /healthz, /readyz (storage reachable and writable; the config
 version in force), /metrics (Prometheus), /_status and / (HTML status page).
 SIGHUP, or a change of the config file (watched), reloads it without dropping anything; an
 invalid file, or a changed listen/storage, is logged and the running config kept.
