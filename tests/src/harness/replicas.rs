@@ -339,12 +339,46 @@ pub fn start_envoy(up: &Upstreams, replicas: &[SocketAddr], dir: &Path) -> Resul
     let sub = crate::envoy::substitute(&yaml, &s, &mut crate::free_port)?;
     let mut doc: Value = serde_yaml::from_str(&sub.yaml)?;
     restore_cache_endpoints(&mut doc, replicas)?;
+    access_log_upstreams(&mut doc);
     // The substitution sends every unmapped cluster to the blackhole and maps a cluster to
     // ONE address; the cache cluster's N endpoints are restored above, and this second pass
     // only hands out the ports again.
     let source = dir.join("scale-out.yaml");
     std::fs::write(&source, serde_yaml::to_string(&doc)?)?;
     Envoy::start(&source, &Substitution::default(), dir)
+}
+
+/// Envoy's access log lines (in its log, shown by [`ScaleOut::logs`]) name the replica each
+/// request went to, the response flags and why a connection failed: a failed request in a
+/// story says whether the ring, a retry or a replica answered it.
+const ACCESS_LOG_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(:PATH)%\" %RESPONSE_CODE% %RESPONSE_FLAGS% attempts=%UPSTREAM_REQUEST_ATTEMPT_COUNT% upstream=%UPSTREAM_HOST% cluster=%UPSTREAM_CLUSTER% failure=%UPSTREAM_TRANSPORT_FAILURE_REASON% details=%RESPONSE_CODE_DETAILS% %DURATION%ms\n";
+
+fn access_log_upstreams(doc: &mut Value) {
+    let listeners = doc
+        .get_mut("static_resources")
+        .and_then(|r| r.get_mut("listeners"))
+        .and_then(Value::as_sequence_mut);
+    for l in listeners.into_iter().flatten() {
+        let chains = l.get_mut("filter_chains").and_then(Value::as_sequence_mut);
+        for chain in chains.into_iter().flatten() {
+            let filters = chain.get_mut("filters").and_then(Value::as_sequence_mut);
+            for f in filters.into_iter().flatten() {
+                let logs = f
+                    .get_mut("typed_config")
+                    .and_then(|t| t.get_mut("access_log"))
+                    .and_then(Value::as_sequence_mut);
+                for log in logs.into_iter().flatten() {
+                    if let Some(tc) = log.get_mut("typed_config").and_then(Value::as_mapping_mut) {
+                        let mut src = serde_yaml::Mapping::new();
+                        src.insert("inline_string".into(), ACCESS_LOG_FORMAT.into());
+                        let mut fmt = serde_yaml::Mapping::new();
+                        fmt.insert("text_format_source".into(), Value::Mapping(src));
+                        tc.insert("log_format".into(), Value::Mapping(fmt));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Sets the cache cluster's endpoints, in order, to `replicas` (Err unless the render named
