@@ -511,12 +511,22 @@ client_auth = "anonymous"
             "[[upstream]]\nname = ",
             &base.replace("https://a.example", "ftp://a.example"),
             &base.replace("127.0.0.1:5001", "127.0.0.1:5002"),
+            // The removed static client token: refused with what replaces it.
+            &base.replace("client_auth = \"anonymous\"", "public = true"),
+            &(base.clone() + "client_token_env = \"T\"\n"),
         ] {
             edit(broken);
             r.reload("test");
             assert_eq!(cache.upstream_names(), ["a", "b", "c"], "kept: {broken}");
             assert_eq!(state.current().version.serial, 2);
             assert!(state.refusal().is_some(), "{broken}");
+            if broken.contains("public") || broken.contains("client_token_env") {
+                let why = state.refusal().unwrap_or_default();
+                assert!(
+                    why.contains("removed") && why.contains("client_auth"),
+                    "{why}"
+                );
+            }
         }
 
         edit(&base.replace(

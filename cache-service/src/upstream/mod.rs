@@ -673,6 +673,69 @@ mod tests {
         }
 
         #[tokio::test]
+        async fn a_clients_credential_goes_to_the_upstream_host_only_and_answers_no_challenge() {
+            // One bystander host, declared as both a redirect target (a CDN) and a realm.
+            let cdn = TestServer::start(|_| {
+                reply(
+                    200,
+                    &[("content-type", "application/json")],
+                    r#"{"token":"t"}"#,
+                )
+            })
+            .await;
+            let (to_cdn, realm) = (cdn.url("/blob"), cdn.url("/token"));
+            let server = TestServer::start(move |seen| match seen.uri.as_str() {
+                "/v2/lab/app/blobs/redirected" => reply(307, &[("location", to_cdn.as_str())], ""),
+                _ => {
+                    let c = format!(r#"Bearer realm="{realm}",service="lab""#);
+                    reply(401, &[("www-authenticate", c.as_str())], "")
+                }
+            })
+            .await;
+            let declared = cdn.addr.to_string();
+            let u =
+                Upstream::new(&config(&server.url(""), &[&declared], &[&declared]), None).unwrap();
+            let value = HeaderValue::from_static("Bearer alices-token");
+            let alice =
+                Credential::Client(client::ClientCredential::from_header(Some(&value)).unwrap());
+            let send = |path: &'static str| {
+                let (u, alice) = (&u, alice.clone());
+                async move {
+                    u.send(Method::GET, path, &repo(), None, 1, &alice)
+                        .await
+                        .unwrap()
+                }
+            };
+            let r = send("/v2/lab/app/blobs/redirected").await;
+            assert_eq!(r.status(), 200, "the redirect is followed");
+            let r = send("/v2/lab/app/manifests/1").await;
+            assert_eq!(
+                r.status(),
+                401,
+                "the upstream's refusal of the client is the answer, not the cache's token"
+            );
+            assert!(
+                server
+                    .seen()
+                    .iter()
+                    .all(|s| s.authorization() == Some("Bearer alices-token")),
+                "{:?}",
+                server.seen()
+            );
+            let at_cdn = cdn.seen();
+            assert_eq!(
+                at_cdn.len(),
+                1,
+                "the redirect only, no token request: {at_cdn:?}"
+            );
+            assert_eq!(
+                at_cdn.first().and_then(|s| s.authorization()),
+                None,
+                "the credential stays home"
+            );
+        }
+
+        #[tokio::test]
         async fn a_basic_challenge_gets_the_credentials_on_the_upstream_host_only() {
             // base64("u:p")
             let server = TestServer::start(|seen| match seen.authorization() {
