@@ -142,14 +142,15 @@ impl AuthHeader {
 }
 
 impl Access {
-    /// `registries_pass_through`: names of registries Envoy serves straight from upstream.
-    pub fn validate(&self, registries_pass_through: &[&str]) -> Result<(), String> {
-        if let (Some(auth), Some(first)) = (&self.basic_auth, registries_pass_through.first()) {
+    /// `token_clients`: registries whose clients present the registry's own tokens (served
+    /// straight from upstream, or cached with `client_auth = "upstream"`).
+    pub fn validate(&self, token_clients: &[&str]) -> Result<(), String> {
+        if let (Some(auth), Some(first)) = (&self.basic_auth, token_clients.first()) {
             if auth.header.is_authorization() {
                 return Err(format!(
                     "access.basic_auth in the Authorization header needs every registry to be \
-                     `cache = true` ({first:?} is not): a pass-through registry hands clients its \
-                     own Bearer tokens, which travel in that same header. Set \
+                     `cache = true` with anonymous clients ({first:?} is not): its clients \
+                     present the registry's own Bearer tokens, which travel in that same header. Set \
                      basic_auth.header = \"x-mirror-authorization\" (containerd sends it from \
                      hosts.toml) or cache every registry"
                 ));

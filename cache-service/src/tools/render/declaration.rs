@@ -5,8 +5,8 @@ use super::access::Access;
 use std::ops::Deref;
 use std::path::Path;
 
-use registry_rules::declaration::CacheService;
 pub use registry_rules::declaration::Registry;
+use registry_rules::declaration::{CacheService, ClientAuth};
 
 /// The model's declaration with `[access]` read by [`Access`].
 pub type Model = registry_rules::declaration::Declaration<Access>;
@@ -66,14 +66,16 @@ impl Declaration {
         })?;
         model.validate()?;
         if let Some(access) = &model.access {
-            let pass_through: Vec<&str> = model
+            // Pass-through registries and cached ones whose clients log in upstream: their
+            // clients present the registry's own tokens in `Authorization`.
+            let token_clients: Vec<&str> = model
                 .registries
                 .iter()
-                .filter(|r| !r.cache)
+                .filter(|r| !r.cache || r.client_auth == Some(ClientAuth::Upstream))
                 .map(|r| r.name.as_str())
                 .collect();
             access
-                .validate(&pass_through)
+                .validate(&token_clients)
                 .map_err(DeclarationError::Access)?;
         }
         Ok(Self(model))

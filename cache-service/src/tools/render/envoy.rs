@@ -273,8 +273,11 @@ fn upstream_virtual_host(
     };
     let (manifest_retry, blob_retry) = if replicated {
         // A reset before the answer started is a replica gone mid-request: the next one on
-        // the ring takes it (previous_hosts makes the ring skip the replica that failed).
-        let other_host = "retry_host_predicate: [{ name: envoy.retry_host_predicates.previous_hosts, typed_config: { \"@type\": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate } }], host_selection_retry_max_attempts: 3";
+        // the ring takes it. previous_hosts rejects the replica that failed, and each host
+        // selection attempt steps one ring entry on, which is that same replica again with a
+        // chance of 1 in N: 3 attempts left ~1 key in 30 of a dead replica (of 3) on it until
+        // the health check removed it. 32 steps cost nothing unless retried.
+        let other_host = "retry_host_predicate: [{ name: envoy.retry_host_predicates.previous_hosts, typed_config: { \"@type\": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate } }], host_selection_retry_max_attempts: 32";
         (
             format!("retry_policy: {{ retry_on: \"connect-failure,refused-stream,reset,retriable-status-codes\", retriable_status_codes: [502, 503, 504], num_retries: 2, {other_host} }}"),
             format!("retry_policy: {{ retry_on: \"connect-failure,refused-stream,reset\", num_retries: 2, {other_host} }}"),

@@ -454,6 +454,7 @@ fn cache_toml(declaration: &Declaration) -> Result<String, RenderError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use registry_rules::declaration::ClientAuth;
 
     fn repo_root() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -651,7 +652,7 @@ mod tests {
         let files = render_edited(|t| {
             t.replace(
                 "cache = true\n",
-                "cache = true\nusername = \"mirror\"\npassword_env = \"GCR_PASSWORD\"\npublic = true\n",
+                "cache = true\nusername = \"mirror\"\npassword_env = \"GCR_PASSWORD\"\nclient_auth = \"upstream\"\nauthorization_ttl_seconds = 30\n",
             )
         })
         .unwrap();
@@ -659,7 +660,11 @@ mod tests {
         let parsed: crate::config::FileConfig = toml::from_str(text).unwrap();
         let upstream = &parsed.upstream[0];
         assert_eq!(upstream.username.as_deref(), Some("mirror"));
-        assert_eq!(upstream.public, Some(true));
+        assert_eq!(upstream.client_auth, Some(ClientAuth::Upstream));
+        assert_eq!(
+            upstream.authorization_ttl(),
+            std::time::Duration::from_secs(30)
+        );
         let env = |k: &str| (k == "GCR_PASSWORD").then(|| "secret".to_owned());
         let config =
             crate::config::Config::merge(&crate::config::ServeArgs::default(), parsed, &env)
@@ -814,6 +819,21 @@ mod tests {
         .unwrap()
         .to_string();
         assert!(error.contains("cache = true"), "{error}");
+        // Cached, but its clients log in upstream: their tokens need that header too.
+        let cached = |auth: &str| {
+            render_edited(|t| {
+                let only_gcr = &t[..t.find("[[registry]]").unwrap()];
+                format!(
+                    "{}[access]\nbasic_auth = {{ htpasswd = \"/etc/regmirror/htpasswd\" }}\n\n\
+                     [[registry]]\nname = \"gcr.io\"\nupstream = \"gcr.io\"\nrealm_hosts = [\"gcr.io\"]\n\
+                     cache = true\nclient_auth = \"{auth}\"\n",
+                    only_gcr.replace("default_registry = \"docker.io\"", "default_registry = \"gcr.io\"")
+                )
+            })
+        };
+        assert!(cached("anonymous").is_ok());
+        let error = cached("upstream").err().unwrap().to_string();
+        assert!(error.contains("anonymous clients"), "{error}");
     }
 
     #[test]
