@@ -121,6 +121,23 @@ fn login(p: &PrivateMirror, repository: &str, login: Option<&str>) -> String {
     body["token"].as_str().unwrap_or_default().to_string()
 }
 
+/// cache-service's `/metrics`: `name{registry="gcr.io"[,label="value"]}` → value.
+fn metric(p: &PrivateMirror, series: &str) -> u64 {
+    let text = ok(
+        p,
+        reqwest::blocking::get(format!("http://{}/metrics", p.cache_addr))
+            .and_then(|r| r.text())
+            .map_err(Into::into),
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+const DENIED: &str = r#"regmirror_authorization_checks_total{registry="gcr.io",result="denied"}"#;
+const ALLOWED: &str = r#"regmirror_authorization_checks_total{registry="gcr.io",result="allowed"}"#;
+const HITS: &str = r#"regmirror_authorization_cache_hits_total{registry="gcr.io"}"#;
+
 /// `GET /v2/<repository>/manifests/<digest>` on the mirror with `token`: (status, body).
 fn get_manifest(p: &PrivateMirror, image: &SeededImage, token: &str) -> (u16, Vec<u8>) {
     let url = format!(
@@ -157,6 +174,7 @@ fn alice_pulls_her_private_image_and_bob_and_anonymous_are_denied_although_it_is
 
     // bob and an anonymous client get nothing, and the upstream is not asked for content.
     let mark = p.upstream_requests(&image.name).len();
+    let denied = metric(p, DENIED);
     assert_denied(p, "bob", p.skopeo_pull(&reference, Some(&bob())));
     assert_denied(p, "anonymous", p.skopeo_pull(&reference, None));
     // Not even a blob by digest, which the cache holds: bob's token does not open it.
@@ -190,10 +208,20 @@ fn alice_pulls_her_private_image_and_bob_and_anonymous_are_denied_although_it_is
         "denied clients made the cache fetch content\n{}",
         p.logs()
     );
+    // Operators see the denials (other stories share this cache: lower bounds).
+    assert!(metric(p, DENIED) >= denied + 2, "{DENIED}\n{}", p.logs());
 
     // alice again: everything from the cache, one authorization check for her new token.
     let mark = p.upstream_requests(&image.name).len();
+    let (allowed, hits) = (metric(p, ALLOWED), metric(p, HITS));
     ok(p, p.skopeo_pull(&reference, Some(&alice()))).assert_is(image, false);
+    assert!(metric(p, ALLOWED) > allowed, "{ALLOWED}\n{}", p.logs());
+    // The config and layers were served on the decision the manifest request made.
+    assert!(
+        metric(p, HITS) >= hits + image.all_blobs().len() as u64,
+        "{HITS}\n{}",
+        p.logs()
+    );
     let again = UpstreamCounts::since(&p.upstream_requests(&image.name), mark);
     assert_eq!(
         again,
@@ -335,6 +363,46 @@ fn containerd_pulls_a_private_image_with_alices_login_and_not_with_bobs() {
             "{who}'s containerd pull failed, but not on authorization:\n{error}"
         );
     }
+}
+
+/// podman, CRI-O, skopeo: the auth.json `regmirror client-config podman --registry-login`
+/// writes holds alice's login for the mirror host; skopeo pulls with a path prefix on the
+/// shared host, where `forward_client_credentials = true` lets the login reach gcr's realm.
+#[test]
+fn skopeo_pulls_with_the_auth_json_client_config_writes() {
+    let p = private::shared();
+    let m = &p.mirror;
+    let out = tempfile::tempdir().unwrap();
+    ok(
+        p,
+        mirror_tests::proc::run(
+            std::process::Command::new(mirror_tests::build::regmirror().unwrap())
+                .args(["client-config", "podman", "--mirror"])
+                .arg(format!("https://{}", m.addr()))
+                .arg("--registries")
+                .arg(&p.declaration)
+                .arg("--out")
+                .arg(out.path())
+                .env("REGMIRROR_REGISTRY_LOGIN", alice()),
+        ),
+    );
+    let image = &m.up.images.node_agent;
+    let reference = format!("docker://{}/gcr.io/{}:{}", m.addr(), image.name, image.tag);
+    let target = mirror_tests::temp_dir("skopeo").unwrap();
+    ok(
+        p,
+        mirror_tests::proc::run(
+            std::process::Command::new("skopeo")
+                .args(["--insecure-policy", "copy", "--retry-times", "0"])
+                .arg("--src-authfile")
+                .arg(out.path().join("auth.json"))
+                .arg("--src-cert-dir")
+                .arg(&m.up.pki.cert_dir)
+                .arg(&reference)
+                .arg(format!("dir:{}", target.path().display())),
+        ),
+    );
+    ok(p, clients::verify_dir(target)).assert_is(image, false);
 }
 
 /// Kubernetes nodes: kubelet asks containerd's CRI plugin to pull, which presents the login
