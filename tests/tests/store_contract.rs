@@ -293,6 +293,97 @@ fn an_oversized_record_in_the_bucket_is_refused_not_buffered() {
     });
 }
 
+/// Each replica keeps what it read in memory: a tag record for `TAG_FRESH` (another replica may
+/// refresh it meanwhile), small verified blobs and media types until evicted or deleted.
+#[test]
+fn a_replica_sees_another_replicas_tag_within_the_fresh_window_and_its_own_writes_and_deletes_at_once(
+) {
+    let spool = tempfile::tempdir().unwrap();
+    let s = s3_env();
+    rt().block_on(async {
+        let a = object_backend("memory", spool.path()).await;
+        let b = object_backend("memory", spool.path()).await;
+        let name = RepositoryName::parse("library/alpine").unwrap();
+        let tag = Tag::parse("3.21").unwrap();
+        let rec = |d: &Digest| TagRecord {
+            digest: d.clone(),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            size: 2,
+            fetched_at: 1_700_000_000,
+        };
+        let (d1, d2) = (Digest::of_bytes(b"{}"), Digest::of_bytes(b"[]"));
+        a.write_tag("docker.io", &name, &tag, &rec(&d1))
+            .await
+            .unwrap();
+        assert_eq!(
+            b.read_tag("docker.io", &name, &tag).await.unwrap(),
+            Some(rec(&d1))
+        );
+        // Another replica refreshes the record: seen once the window is over.
+        a.write_tag("docker.io", &name, &tag, &rec(&d2))
+            .await
+            .unwrap();
+        assert_eq!(
+            a.read_tag("docker.io", &name, &tag).await.unwrap(),
+            Some(rec(&d2)),
+            "its own write at once"
+        );
+        let started = Instant::now();
+        let seen = loop {
+            let got = b.read_tag("docker.io", &name, &tag).await.unwrap();
+            if got == Some(rec(&d2)) || started.elapsed() > Duration::from_secs(5) {
+                break started.elapsed();
+            }
+            assert_eq!(got, Some(rec(&d1)), "the old record or the new one");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(
+            seen <= regmirror::store::object::TAG_FRESH + Duration::from_millis(500),
+            "another replica's tag record seen after {seen:?}"
+        );
+        // Its own write replaces its copy at once, whatever another replica wrote.
+        sync(|| {
+            s.put(
+                "memory/tags/docker.io/library/alpine/3.21.json",
+                &serde_json::to_vec(&rec(&d1)).unwrap(),
+            )
+            .unwrap()
+        });
+        b.write_tag("docker.io", &name, &tag, &rec(&d2))
+            .await
+            .unwrap();
+        assert_eq!(
+            b.read_tag("docker.io", &name, &tag).await.unwrap(),
+            Some(rec(&d2))
+        );
+
+        // A small blob and its media type, read once by b, then deleted by b: gone at once,
+        // in memory and in the bucket; a tag hit needs neither to be asked again meanwhile.
+        let manifest = br#"{"schemaVersion":2}"#;
+        let d = write(&a, manifest, 64).await;
+        a.set_manifest_media_type(&d, "application/vnd.oci.image.manifest.v1+json")
+            .await
+            .unwrap();
+        assert_eq!(read(&b, &d, 0, manifest.len() as u64).await, manifest);
+        assert!(b.manifest_media_type(&d).await.unwrap().is_some());
+        // The copy in memory is the verified bytes: a changed object in the bucket does not
+        // reach a reader of b's copy as that digest.
+        sync(|| {
+            s.corrupt(&format!("memory/blobs/sha256/{}", d.hex()))
+                .unwrap()
+        });
+        assert_eq!(read(&b, &d, 0, manifest.len() as u64).await, manifest);
+        assert_eq!(read(&b, &d, 2, 8).await, &manifest[2..8]);
+        b.delete(&d).await.unwrap();
+        assert!(
+            b.open(&d).await.unwrap().is_none(),
+            "deleted by this replica"
+        );
+        assert!(b.manifest_media_type(&d).await.unwrap().is_none());
+        assert!(a.open(&d).await.unwrap().is_none(), "gone from the bucket");
+    });
+}
+
 #[test]
 fn bytes_changed_in_the_bucket_are_never_served_complete() {
     let spool = tempfile::tempdir().unwrap();

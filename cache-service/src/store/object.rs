@@ -23,8 +23,13 @@
 //! pinned to the e-tag seen at open; a whole-blob read is hashed on the way and its last chunk
 //! is withheld unless the digest matched, so bytes changed behind the cache's back are never
 //! served complete (and the object is deleted).
+//!
+//! Small objects read from the bucket are kept in memory, bounded in entries and bytes, least
+//! recently used out first: verified blobs up to [`MEM_BLOB_MAX`] (manifests, configs) and media
+//! types until evicted (content-addressed: they never change; this replica's delete drops them),
+//! tag records for [`TAG_FRESH`] only. A tag hit then costs no request to the bucket.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
@@ -70,6 +75,17 @@ pub const LEASE_TTL: Duration = Duration::from_secs(120);
 const MAX_REMEMBERED: usize = 100_000;
 /// Largest metadata object read from the bucket.
 const MAX_RECORD_BYTES: u64 = 64 * 1024;
+/// How long a tag record read from the bucket is taken as current. Another replica may have
+/// refreshed it (a new digest from the upstream) in the meantime; within a second that is no
+/// different from a request that read the bucket just before the write. The ring sends a tag
+/// to one replica, so normally this replica is the writer and its own writes update the copy.
+pub const TAG_FRESH: Duration = Duration::from_secs(1);
+/// Largest blob kept in memory once read and verified (manifests, configs; one read chunk).
+pub const MEM_BLOB_MAX: u64 = 256 * 1024;
+const _: () = assert!(MEM_BLOB_MAX <= READ_CHUNK);
+/// Bounds of the in-memory copies: verified small blobs, and records (tags, media types).
+const MEM_BLOBS: (usize, usize) = (2048, 32 << 20);
+const MEM_RECORDS: (usize, usize) = (16_384, 4 << 20);
 
 /// Where the cache lives in a bucket, from `s3://BUCKET/PREFIX` plus the S3 settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,6 +197,113 @@ pub struct ObjectBackend {
     links: Mutex<HashSet<String>>,
     /// Last access recorded per blob by this replica.
     touched: Mutex<HashMap<Digest, Instant>>,
+    /// Verified small blobs by digest.
+    mem_blobs: Arc<MemCache>,
+    /// Tag records and media types by bucket key.
+    mem_records: MemCache,
+}
+
+/// Small values by key in memory, bounded in entries and bytes; the least recently used go
+/// first, an entry may expire.
+struct MemCache {
+    max_entries: usize,
+    max_bytes: usize,
+    inner: Mutex<MemInner>,
+}
+
+#[derive(Default)]
+struct MemInner {
+    map: HashMap<String, MemEntry>,
+    /// Use order: sequence number -> key.
+    order: BTreeMap<u64, String>,
+    next: u64,
+    bytes: usize,
+}
+
+struct MemEntry {
+    value: Bytes,
+    until: Option<Instant>,
+    seq: u64,
+}
+
+impl MemCache {
+    fn new((max_entries, max_bytes): (usize, usize)) -> Self {
+        Self {
+            max_entries,
+            max_bytes,
+            inner: Mutex::default(),
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<Bytes> {
+        let mut m = lock(&self.inner);
+        let inner = &mut *m;
+        let e = inner.map.get_mut(key)?;
+        if e.until.is_some_and(|t| t <= Instant::now()) {
+            inner.remove(key);
+            return None;
+        }
+        inner.order.remove(&e.seq);
+        e.seq = inner.next;
+        inner.next += 1;
+        inner.order.insert(e.seq, key.to_owned());
+        Some(e.value.clone())
+    }
+
+    fn put(&self, key: String, value: Bytes, ttl: Option<Duration>) {
+        let mut m = lock(&self.inner);
+        m.remove(&key);
+        if value.len() > self.max_bytes {
+            return;
+        }
+        while m.map.len() >= self.max_entries || m.bytes + value.len() > self.max_bytes {
+            let Some((_, oldest)) = m.order.pop_first() else {
+                break;
+            };
+            m.remove(&oldest);
+        }
+        let seq = m.next;
+        m.next += 1;
+        m.bytes += value.len();
+        m.order.insert(seq, key.clone());
+        m.map.insert(
+            key,
+            MemEntry {
+                value,
+                until: ttl.map(|t| Instant::now() + t),
+                seq,
+            },
+        );
+    }
+
+    fn remove(&self, key: &str) {
+        lock(&self.inner).remove(key);
+    }
+}
+
+impl MemInner {
+    fn remove(&mut self, key: &str) {
+        if let Some(e) = self.map.remove(key) {
+            self.order.remove(&e.seq);
+            self.bytes -= e.value.len();
+        }
+    }
+}
+
+/// A verified blob held in memory.
+struct MemBlob(Bytes);
+
+impl StoredBlob for MemBlob {
+    fn size(&self) -> u64 {
+        self.0.len() as u64
+    }
+
+    fn range(self: Box<Self>, start: u64, end: u64) -> ByteStream {
+        let len = self.0.len();
+        let end = usize::try_from(end).map_or(len, |e| e.min(len));
+        let start = usize::try_from(start).map_or(end, |s| s.min(end));
+        futures::stream::once(futures::future::ready(Ok(self.0.slice(start..end)))).boxed()
+    }
 }
 
 impl fmt::Debug for ObjectBackend {
@@ -271,6 +394,8 @@ impl ObjectBackend {
             abandon_after,
             links: Mutex::default(),
             touched: Mutex::default(),
+            mem_blobs: Arc::new(MemCache::new(MEM_BLOBS)),
+            mem_records: MemCache::new(MEM_RECORDS),
         };
         backend.probe(s).await?;
         Ok(backend)
@@ -411,6 +536,8 @@ struct ObjectBlob {
     size: u64,
     e_tag: Option<String>,
     digest: Digest,
+    /// Where a verified whole read of a small blob is kept.
+    mem: Arc<MemCache>,
 }
 
 impl StoredBlob for ObjectBlob {
@@ -420,11 +547,13 @@ impl StoredBlob for ObjectBlob {
 
     fn range(self: Box<Self>, start: u64, end: u64) -> ByteStream {
         let whole = start == 0 && end == self.size;
+        let keep = whole && self.size <= MEM_BLOB_MAX;
         let ObjectBlob {
             store,
             key,
             e_tag,
             digest,
+            mem,
             ..
         } = *self;
         let chunks = (start..end)
@@ -464,6 +593,10 @@ impl StoredBlob for ObjectBlob {
                             if last {
                                 let got = Digest::from_sha256(std::mem::take(h));
                                 if got == digest {
+                                    if keep {
+                                        // One chunk: `b` is the whole blob.
+                                        mem.put(digest.to_string(), b.clone(), None);
+                                    }
                                     Ok(b)
                                 } else {
                                     tracing::error!(%digest, %got, key = %key, "stored object does not match its digest; deleted");
@@ -655,6 +788,9 @@ impl BlobStore for ObjectBackend {
     }
 
     async fn open(&self, digest: &Digest) -> io::Result<Option<Box<dyn StoredBlob>>> {
+        if let Some(b) = self.mem_blobs.get(&digest.to_string()) {
+            return Ok(Some(Box::new(MemBlob(b))));
+        }
         let key = self.blob_key(digest);
         let Some(meta) = not_found_is_none(self.store.head(&key).await)? else {
             return Ok(None);
@@ -665,6 +801,7 @@ impl BlobStore for ObjectBackend {
             size: meta.size,
             e_tag: meta.e_tag,
             digest: digest.clone(),
+            mem: self.mem_blobs.clone(),
         })))
     }
 
@@ -693,6 +830,8 @@ impl BlobStore for ObjectBackend {
     }
 
     async fn delete(&self, digest: &Digest) -> io::Result<u64> {
+        self.mem_blobs.remove(&digest.to_string());
+        self.mem_records.remove(self.meta_key(digest).as_ref());
         let key = self.blob_key(digest);
         let size = not_found_is_none(self.store.head(&key).await)?.map_or(0, |m| m.size);
         not_found_is_none(self.store.delete(&key).await)?;
@@ -746,8 +885,16 @@ impl BlobStore for ObjectBackend {
     }
 
     async fn manifest_media_type(&self, digest: &Digest) -> io::Result<Option<String>> {
-        let Some(text) = self.read_small(&self.meta_key(digest)).await? else {
-            return Ok(None);
+        let key = self.meta_key(digest);
+        let text = match self.mem_records.get(key.as_ref()) {
+            Some(t) => t,
+            None => {
+                let Some(t) = self.read_small(&key).await? else {
+                    return Ok(None);
+                };
+                self.mem_records.put(key.to_string(), t.clone(), None);
+                t
+            }
         };
         let v: serde_json::Value = serde_json::from_slice(&text).map_err(io::Error::other)?;
         Ok(v.get("media_type")
@@ -757,8 +904,12 @@ impl BlobStore for ObjectBackend {
 
     async fn set_manifest_media_type(&self, digest: &Digest, media_type: &str) -> io::Result<()> {
         let body = serde_json::json!({ "media_type": media_type }).to_string();
-        self.put_small(&self.meta_key(digest), body.into_bytes())
-            .await
+        let key = self.meta_key(digest);
+        self.mem_records.remove(key.as_ref());
+        self.put_small(&key, body.clone().into_bytes()).await?;
+        self.mem_records
+            .put(key.to_string(), Bytes::from(body), None);
+        Ok(())
     }
 
     async fn read_tag(
@@ -767,8 +918,17 @@ impl BlobStore for ObjectBackend {
         name: &RepositoryName,
         tag: &Tag,
     ) -> io::Result<Option<TagRecord>> {
-        let Some(text) = self.read_small(&self.tag_key(registry, name, tag)).await? else {
-            return Ok(None);
+        let key = self.tag_key(registry, name, tag);
+        let text = match self.mem_records.get(key.as_ref()) {
+            Some(t) => t,
+            None => {
+                let Some(t) = self.read_small(&key).await? else {
+                    return Ok(None);
+                };
+                self.mem_records
+                    .put(key.to_string(), t.clone(), Some(TAG_FRESH));
+                t
+            }
         };
         Ok(serde_json::from_slice(&text).ok())
     }
@@ -781,8 +941,13 @@ impl BlobStore for ObjectBackend {
         rec: &TagRecord,
     ) -> io::Result<()> {
         let body = serde_json::to_vec(rec).map_err(io::Error::other)?;
-        self.put_small(&self.tag_key(registry, name, tag), body)
-            .await
+        let key = self.tag_key(registry, name, tag);
+        // A failed write leaves no copy: the next read asks the bucket.
+        self.mem_records.remove(key.as_ref());
+        self.put_small(&key, body.clone()).await?;
+        self.mem_records
+            .put(key.to_string(), Bytes::from(body), Some(TAG_FRESH));
+        Ok(())
     }
 
     async fn has_link(
@@ -891,6 +1056,45 @@ impl ObjectBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_memory_copy_is_bounded_least_recently_used_first_and_expires() {
+        let c = MemCache::new((3, 10));
+        let v = |n: usize| Bytes::from(vec![0u8; n]);
+        c.put("a".into(), v(4), None);
+        c.put("b".into(), v(4), None);
+        assert!(c.get("a").is_some()); // b is now the least recently used
+        c.put("c".into(), v(4), None); // 12 bytes > 10: b goes
+        assert!(c.get("b").is_none());
+        assert!(c.get("a").is_some() && c.get("c").is_some());
+        c.put("d".into(), v(1), None);
+        c.put("e".into(), v(1), None); // 4 entries > 3: a (least recent) goes
+        assert!(c.get("a").is_none());
+        c.put("big".into(), v(11), None);
+        assert!(c.get("big").is_none(), "larger than the whole bound");
+        {
+            let m = lock(&c.inner);
+            assert!(m.map.len() <= 3 && m.bytes <= 10 && m.order.len() == m.map.len());
+        }
+        c.put("t".into(), v(1), Some(Duration::ZERO));
+        assert!(c.get("t").is_none(), "expired");
+        c.remove("c");
+        assert!(c.get("c").is_none());
+    }
+
+    #[test]
+    fn a_memory_blob_serves_any_range_without_panicking() {
+        let read = |start, end| {
+            let s = Box::new(MemBlob(Bytes::from_static(b"0123456789"))).range(start, end);
+            futures::executor::block_on(s.try_collect::<Vec<Bytes>>())
+                .unwrap()
+                .concat()
+        };
+        assert_eq!(read(2, 5), b"234");
+        assert_eq!(read(0, 10), b"0123456789");
+        assert_eq!(read(8, 100), b"89");
+        assert_eq!(read(7, 3), b"");
+    }
 
     #[test]
     fn storage_urls() {
