@@ -10,7 +10,7 @@
 
 use mirror_tests::clients;
 use mirror_tests::images::SeededImage;
-use mirror_tests::private::{self, PrivateMirror, UpstreamCounts};
+use mirror_tests::private::{self, Outage, PrivateMirror, UpstreamCounts};
 use mirror_tests::token_server::{ALICE, ALICE_PASSWORD, BOB, BOB_PASSWORD};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -138,26 +138,38 @@ const DENIED: &str = r#"regmirror_authorization_checks_total{registry="gcr.io",r
 const ALLOWED: &str = r#"regmirror_authorization_checks_total{registry="gcr.io",result="allowed"}"#;
 const HITS: &str = r#"regmirror_authorization_cache_hits_total{registry="gcr.io"}"#;
 
-/// `GET /v2/<repository>/manifests/<digest>` on the mirror with `token`: (status, body).
-fn get_manifest(p: &PrivateMirror, image: &SeededImage, token: &str) -> (u16, Vec<u8>) {
-    let url = format!(
-        "https://{}/v2/{}/manifests/{}",
-        p.mirror.host("gcr"),
-        image.name,
-        image.digest
-    );
+/// `GET <path>` on the gcr host of the mirror with `token`: (status, body).
+fn get(p: &PrivateMirror, path: &str, token: &str) -> (u16, Vec<u8>) {
+    let url = format!("https://{}{path}", p.mirror.host("gcr"));
     let resp = ok(
         p,
         p.mirror
             .client()
             .get(url)
             .bearer_auth(token)
-            .header("accept", &image.media_type)
+            .header(
+                "accept",
+                "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json",
+            )
             .send()
             .map_err(Into::into),
     );
     let status = resp.status().as_u16();
     (status, resp.bytes().map(|b| b.to_vec()).unwrap_or_default())
+}
+
+/// `GET /v2/<repository>/manifests/<digest>` on the mirror with `token`.
+fn get_manifest(p: &PrivateMirror, image: &SeededImage, token: &str) -> (u16, Vec<u8>) {
+    get(
+        p,
+        &format!("/v2/{}/manifests/{}", image.name, image.digest),
+        token,
+    )
+}
+
+/// `GET /v2/<repository>/blobs/<digest>` on the mirror with `token`.
+fn get_blob(p: &PrivateMirror, image: &SeededImage, digest: &str, token: &str) -> (u16, Vec<u8>) {
+    get(p, &format!("/v2/{}/blobs/{digest}", image.name), token)
 }
 
 #[test]
@@ -180,21 +192,7 @@ fn alice_pulls_her_private_image_and_bob_and_anonymous_are_denied_although_it_is
     // Not even a blob by digest, which the cache holds: bob's token does not open it.
     let bobs = login(p, &image.name, Some(&bob()));
     let layer = image.first_layer();
-    let resp = ok(
-        p,
-        p.mirror
-            .client()
-            .get(format!(
-                "https://{}/v2/{}/blobs/{layer}",
-                p.mirror.host("gcr"),
-                image.name
-            ))
-            .bearer_auth(&bobs)
-            .send()
-            .map_err(Into::into),
-    );
-    let status = resp.status().as_u16();
-    let body = resp.bytes().map(|b| b.to_vec()).unwrap_or_default();
+    let (status, body) = get_blob(p, image, &layer, &bobs);
     assert!(
         matches!(status, 401 | 403),
         "bob's blob GET: {status}\n{}",
@@ -250,7 +248,8 @@ fn a_public_image_is_fetched_once_for_anonymous_clients_and_alice() {
 fn revoking_alices_access_denies_her_after_the_decision_time() {
     const TTL: u64 = 2;
     let up = mirror_tests::upstreams::shared();
-    let p = PrivateMirror::start(up, Some(TTL)).unwrap_or_else(|e| panic!("{e:#}"));
+    let p =
+        PrivateMirror::start(up, Some(TTL), up.nginx.gcr_front).unwrap_or_else(|e| panic!("{e:#}"));
     let p = &p;
     let image = &up.images.revocable;
     let reference = p.reference(image);
@@ -317,6 +316,58 @@ fn revoking_alices_access_denies_her_after_the_decision_time() {
     let (status, _) = get_manifest(p, image, &fresh);
     assert!(matches!(status, 401 | 403), "{status}\n{}", p.logs());
     up.token.grant(ALICE, &image.name);
+}
+
+/// The upstream down: the cache serves what it holds only to a client whose authorization
+/// it decided before (within the decision time); nobody else gets content, not even alice
+/// with a token the cache has not checked.
+#[test]
+fn with_the_upstream_down_only_a_client_with_a_held_decision_is_served() {
+    let up = mirror_tests::upstreams::shared();
+    let outage = Outage::start(up.nginx.gcr_front).unwrap_or_else(|e| panic!("{e:#}"));
+    let p = PrivateMirror::start(up, None, outage.addr).unwrap_or_else(|e| panic!("{e:#}"));
+    let p = &p;
+    let image = &up.images.node_agent;
+    let verified = |(status, body): (u16, Vec<u8>), digest: &str| {
+        assert_eq!(status, 200, "{digest}\n{}", p.logs());
+        assert_eq!(mirror_tests::digest_of(&body), digest);
+    };
+    // Logins while the upstream is up; alice reads the image with one of her tokens.
+    let held = login(p, &image.name, Some(&alice()));
+    let unchecked = login(p, &image.name, Some(&alice()));
+    let bobs = login(p, &image.name, Some(&bob()));
+    verified(get_manifest(p, image, &held), &image.digest);
+    for blob in image.all_blobs() {
+        verified(get_blob(p, image, &blob, &held), &blob);
+    }
+
+    outage.set_down(true);
+    verified(get_manifest(p, image, &held), &image.digest);
+    for blob in image.all_blobs() {
+        verified(get_blob(p, image, &blob, &held), &blob);
+    }
+    let layer = image.first_layer();
+    for (who, token) in [("alice's unchecked token", &unchecked), ("bob", &bobs)] {
+        let (status, body) = get_blob(p, image, &layer, token);
+        assert_eq!(
+            status,
+            503,
+            "{who} while the upstream is down\n{}",
+            p.logs()
+        );
+        assert_ne!(
+            mirror_tests::digest_of(&body),
+            layer,
+            "{who} read the layer"
+        );
+        assert_eq!(get_manifest(p, image, token).0, 503, "{who}\n{}", p.logs());
+    }
+
+    // Back up: alice's other token is checked and served, bob is denied.
+    outage.set_down(false);
+    verified(get_manifest(p, image, &unchecked), &image.digest);
+    let (status, _) = get_blob(p, image, &layer, &bobs);
+    assert!(matches!(status, 401 | 403), "bob: {status}\n{}", p.logs());
 }
 
 #[test]

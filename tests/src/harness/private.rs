@@ -12,16 +12,25 @@ use crate::proc::{run, Proc};
 use crate::upstreams::{AccessLogEntry, Front, Upstreams};
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The declaration of the private mirror: Docker Hub (the default registry) passes through,
 /// gcr.io is cached and authorizes each client upstream.
-pub fn declaration(up: &Upstreams, cache: SocketAddr, authorization_ttl: Option<u64>) -> String {
-    let gcr = up.nginx.gcr_front;
+/// `upstream`: where the cache reaches the gcr registry API (the gcr front, or an
+/// [`Outage`] in front of it); its token realm stays on the gcr front.
+pub fn declaration(
+    up: &Upstreams,
+    cache: SocketAddr,
+    authorization_ttl: Option<u64>,
+    upstream: SocketAddr,
+) -> String {
+    let realm = up.nginx.gcr_front;
     let ttl = authorization_ttl
         .map(|s| format!("authorization_ttl_seconds = {s}\n"))
         .unwrap_or_default();
@@ -40,9 +49,9 @@ library_namespace = true
 
 [[registry]]
 name = "gcr.io"
-upstream = "{gcr}"
+upstream = "{upstream}"
 host_prefix = "gcr"
-realm_hosts = ["{gcr}"]
+realm_hosts = ["{realm}"]
 ca_file = {ca:?}
 cache = true
 # Each client logs in at gcr with its own credentials; the cache checks them per repository.
@@ -68,7 +77,8 @@ pub struct PrivateMirror {
 pub fn shared() -> &'static PrivateMirror {
     static P: OnceLock<Result<PrivateMirror, String>> = OnceLock::new();
     match P.get_or_init(|| {
-        PrivateMirror::start(crate::upstreams::shared(), None).map_err(|e| format!("{e:#}"))
+        let up = crate::upstreams::shared();
+        PrivateMirror::start(up, None, up.nginx.gcr_front).map_err(|e| format!("{e:#}"))
     }) {
         Ok(p) => p,
         Err(e) => panic!("the private mirror failed to start: {e}"),
@@ -77,8 +87,13 @@ pub fn shared() -> &'static PrivateMirror {
 
 impl PrivateMirror {
     /// Renders [`declaration`] and starts both parts; `authorization_ttl`: seconds an
-    /// authorization decision is reused (None: the default).
-    pub fn start(up: &'static Upstreams, authorization_ttl: Option<u64>) -> Result<PrivateMirror> {
+    /// authorization decision is reused (None: the default); `upstream`: where the cache
+    /// reaches the gcr registry API.
+    pub fn start(
+        up: &'static Upstreams,
+        authorization_ttl: Option<u64>,
+        upstream: SocketAddr,
+    ) -> Result<PrivateMirror> {
         let bin = crate::build::regmirror()?;
         let tmp = crate::fixture_dir("private")?;
         let dir = tmp.path();
@@ -86,7 +101,7 @@ impl PrivateMirror {
         let declaration = dir.join("registries.toml");
         std::fs::write(
             &declaration,
-            self::declaration(up, cache_addr, authorization_ttl),
+            self::declaration(up, cache_addr, authorization_ttl, upstream),
         )?;
         let rendered = dir.join("rendered");
         run(Command::new(&bin)
@@ -214,5 +229,96 @@ impl UpstreamCounts {
             }
         }
         c
+    }
+}
+
+/// A TCP forwarder to the gcr front that can be switched off: an upstream outage for one
+/// cache (the shared front keeps serving everyone else). TLS passes through untouched.
+pub struct Outage {
+    pub addr: SocketAddr,
+    state: Arc<OutageState>,
+}
+
+#[derive(Default)]
+struct OutageState {
+    down: AtomicBool,
+    stopped: AtomicBool,
+    /// Both ends of every forwarded connection, shut down when the upstream goes down.
+    open: Mutex<Vec<TcpStream>>,
+}
+
+impl OutageState {
+    fn cut(&self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        for s in open.drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Outage {
+    pub fn start(target: SocketAddr) -> Result<Outage> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(OutageState::default());
+        let st = state.clone();
+        std::thread::Builder::new()
+            .name("outage-accept".into())
+            .spawn(move || {
+                for client in listener.incoming() {
+                    if st.stopped.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    // While down, an accepted connection is dropped: closed at once.
+                    let Ok(client) = client else { continue };
+                    if st.down.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let Ok(server) = TcpStream::connect(target) else {
+                        continue;
+                    };
+                    let clones = (
+                        client.try_clone(),
+                        server.try_clone(),
+                        client.try_clone(),
+                        server.try_clone(),
+                    );
+                    let (Ok(client_in), Ok(server_in), Ok(client_kept), Ok(server_kept)) = clones
+                    else {
+                        continue;
+                    };
+                    // A story opens a handful of connections: kept until cut or dropped.
+                    st.open
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .extend([client_kept, server_kept]);
+                    let pipe = |mut from: TcpStream, mut to: TcpStream| {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = to.shutdown(Shutdown::Write);
+                        });
+                    };
+                    pipe(client_in, server);
+                    pipe(server_in, client);
+                }
+            })?;
+        Ok(Outage { addr, state })
+    }
+
+    /// Down: new connections are closed, open ones cut. Up: forwarded again.
+    pub fn set_down(&self, down: bool) {
+        self.state.down.store(down, Ordering::SeqCst);
+        if down {
+            self.state.cut();
+        }
+    }
+}
+
+impl Drop for Outage {
+    fn drop(&mut self) {
+        self.state.stopped.store(true, Ordering::SeqCst);
+        self.state.cut();
+        // Wakes the accept loop so it sees `stopped`.
+        let _ = TcpStream::connect(self.addr);
     }
 }
