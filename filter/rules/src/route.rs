@@ -15,6 +15,10 @@ use std::borrow::Cow;
 /// Path prefix of token requests.
 pub const AUTH_PREFIX: &str = "/_mirror/auth/";
 
+/// cache-service's token relay to the upstream's own realm, whatever realm the client's
+/// token request reached (`/_mirror/auth/<host>/<path>` names one the cache checks).
+pub const OWN_REALM_PATH: &str = "/_mirror/token";
+
 /// Request header the filter sets on routes to cache-service: Envoy's ring hash over the
 /// cache replicas hashes it, so one blob goes to one replica whatever repository names it.
 pub const CACHE_KEY_HEADER: &str = "x-mirror-cache-key";
@@ -801,12 +805,16 @@ fn route_auth(
                 target.name
             ))),
             // The client logs in at the upstream's realm by way of cache-service, which
-            // forwards only the realm URL the upstream itself issues.
+            // forwards only the realm URL the upstream itself issues. A token request that
+            // reached another registry's realm (the shared host's ping named the default
+            // registry's) goes to the target's own realm, as for any registry.
             ClientAuth::Upstream => {
-                let path = with_query(
-                    format!("/_mirror/auth/{host}/{tail}"),
-                    plan.query.as_deref(),
-                );
+                let realm = if any_match(&target.realm_hosts, &host) {
+                    format!("/_mirror/auth/{host}/{tail}")
+                } else {
+                    OWN_REALM_PATH.to_owned()
+                };
+                let path = with_query(realm, plan.query.as_deref());
                 Decision::Forward(Forward {
                     kind: ForwardKind::Auth,
                     registry: target.name.clone(),
@@ -1979,7 +1987,8 @@ mod tests {
                  "client_auth":"upstream","realm_hosts":["gcr.io"]},
                 {"name":"k8s.io","upstream":"k8s.io","cache":true,"client_auth":"upstream",
                  "realm_hosts":["auth.k8s.io"],"forward_client_credentials":true},
-                {"name":"docker.io","upstream":"registry-1.docker.io","library_namespace":true}]}"#,
+                {"name":"docker.io","upstream":"registry-1.docker.io","library_namespace":true,
+                 "realm_hosts":["auth.docker.io"]}]}"#,
         )
         .unwrap();
         let mut req = get(
@@ -2013,6 +2022,15 @@ mod tests {
             "/_mirror/auth/gcr.io/v2/token?scope=repository:p/i:pull&service=gcr.io"
         );
         assert!(f.strip_authorization);
+        // Another registry's realm (the shared host's ping names the default registry's):
+        // the target's own realm, which cache-service knows.
+        req.path = "/_mirror/auth/auth.docker.io/token?scope=repository:gcr.io/p/i:pull&service=x";
+        let f = fwd(route(&cfg, &req, &KEY, 0));
+        assert_eq!(
+            (f.registry.as_str(), f.authority.as_str()),
+            ("gcr.io", "gcr.io")
+        );
+        assert_eq!(f.path, "/_mirror/token?scope=repository:p/i:pull&service=x");
         req.path = "/_mirror/auth/auth.k8s.io/token?scope=repository:k8s.io/pause:pull";
         let f = fwd(route(&cfg, &req, &KEY, 0));
         assert_eq!(
