@@ -410,6 +410,13 @@ client_auth = "anonymous"
         assert!(p.removed.is_empty());
         assert_eq!(p.settings, ["max_size", "tag_ttl_seconds"]);
 
+        // Who may read b, and for how long a decision holds: a new client, no decisions kept.
+        let mode = |m: &str| cfg(&BASE.replace("client_auth = \"anonymous\"", m));
+        let upstream = mode("client_auth = \"upstream\"");
+        assert_eq!(plan(&old, &upstream).unwrap().changed, ["b"]);
+        let shorter = mode("client_auth = \"upstream\"\nauthorization_ttl_seconds = 5");
+        assert_eq!(plan(&upstream, &shorter).unwrap().changed, ["b"]);
+
         let only_a = BASE.split("[[upstream]]\nname = \"b\"").next().unwrap();
         let p = plan(&old, &cfg(only_a)).unwrap();
         assert_eq!(p.removed, ["b"]);
