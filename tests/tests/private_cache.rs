@@ -53,7 +53,7 @@ fn assert_denied(p: &PrivateMirror, who: &str, r: anyhow::Result<clients::Pulled
     );
 }
 
-/// Each blob of `image` fetched from the upstream exactly once in `entries[from..]`.
+/// Each blob of `image` fetched from the upstream exactly once since its `from`-th request.
 fn assert_fetched_once(p: &PrivateMirror, image: &SeededImage, from: usize) {
     let log = p.upstream_requests(&image.name);
     let mut fetches: BTreeMap<String, usize> = BTreeMap::new();
@@ -73,8 +73,9 @@ fn assert_fetched_once(p: &PrivateMirror, image: &SeededImage, from: usize) {
 }
 
 /// What a client does on a 401: read the challenge the mirror relayed, ask its (rewritten)
-/// realm for a token as `login`, return the token. Also checks the realm stayed on the mirror.
-fn login(p: &PrivateMirror, repository: &str, login: Option<&str>) -> String {
+/// realm for a token with `credentials` (`USER:PASSWORD`, None: anonymous), return the
+/// token. Also checks the realm stayed on the mirror.
+fn login(p: &PrivateMirror, repository: &str, credentials: Option<&str>) -> String {
     let m = &p.mirror;
     let client = m.client();
     let url = format!("https://{}/v2/{repository}/manifests/1", m.host("gcr"));
@@ -107,7 +108,7 @@ fn login(p: &PrivateMirror, repository: &str, login: Option<&str>) -> String {
         ("service", param("service").unwrap_or_default()),
         ("scope", param("scope").unwrap_or_default()),
     ]);
-    if let Some((user, password)) = login.and_then(|l| l.split_once(':')) {
+    if let Some((user, password)) = credentials.and_then(|l| l.split_once(':')) {
         req = req.basic_auth(user, Some(password));
     }
     let resp = ok(p, req.send().map_err(Into::into));
@@ -118,7 +119,10 @@ fn login(p: &PrivateMirror, repository: &str, login: Option<&str>) -> String {
         p.logs()
     );
     let body: serde_json::Value = ok(p, resp.json().map_err(Into::into));
-    body["token"].as_str().unwrap_or_default().to_string()
+    match body["token"].as_str() {
+        Some(token) if !token.is_empty() => token.to_string(),
+        _ => panic!("no token in the realm's answer: {body}"),
+    }
 }
 
 /// cache-service's `/metrics`: `name{registry="gcr.io"[,label="value"]}` → value.
@@ -244,6 +248,11 @@ fn a_public_image_is_fetched_once_for_anonymous_clients_and_alice() {
     assert_fetched_once(p, image, start);
 }
 
+/// alice's access revoked at the token service (a cache of its own with a 2 s decision
+/// time): her next login yields a token without `pull`, which the cache checks like any new
+/// credential, so she is denied at once and certainly after the decision time. A token she
+/// got before stays valid at the registry until it expires (the upstream's rule); the cache
+/// asks the upstream again with it once the decision time is over.
 #[test]
 fn revoking_alices_access_denies_her_after_the_decision_time() {
     const TTL: u64 = 2;

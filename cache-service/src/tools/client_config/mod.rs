@@ -433,26 +433,29 @@ pub fn upstream_auth_notes(
     };
     notes.push(how);
     let default = declaration.mirror.default_registry.as_deref();
-    let withheld: Vec<&str> = upstream
+    let suffix = declaration
+        .mirror
+        .host_suffix
+        .as_deref()
+        .unwrap_or("<host_suffix>");
+    for r in upstream
         .iter()
         .filter(|r| match r.forward_client_credentials {
             Some(forward) => !forward,
             None => default != Some(r.name.as_str()),
         })
-        .map(|r| r.name.as_str())
-        .collect();
-    if !withheld.is_empty() {
-        let suffix = declaration
-            .mirror
-            .host_suffix
+    {
+        // Host mode: the registry's own host name is its own credential domain.
+        let own = r
+            .host_prefix
             .as_deref()
-            .unwrap_or("<host_suffix>");
+            .map(|prefix| format!(", or pull through its own host name {prefix}.{suffix}"))
+            .unwrap_or_default();
         notes.push(format!(
             "{}: on the shared host {authority} (path prefix, containerd's ?ns=) the mirror \
-             passes no client login to the registry (forward_client_credentials is not set): \
-             set forward_client_credentials = true, or pull through the registry's own host \
-             name (<host_prefix>.{suffix})",
-            withheld.join(", ")
+             passes no client login to its token service (forward_client_credentials is not \
+             set): set forward_client_credentials = true{own}",
+            r.name
         ));
     }
     notes
@@ -1109,7 +1112,7 @@ mod tests {
             assert_eq!(notes.len(), 3, "{notes:?}");
             assert!(
                 notes[2].contains("forward_client_credentials = true")
-                    && notes[2].contains("mirror.example.com"),
+                    && notes[2].contains("gcr.mirror.example.com"),
                 "{notes:?}"
             );
         }
