@@ -320,6 +320,8 @@ pub struct RelayAnswer {
 pub enum RelayError {
     #[error("{0} is not the token realm this registry's challenges name")]
     NotIssued(String),
+    #[error("the realm {0} is plain http on another host than the upstream's: no client credential goes there")]
+    Insecure(String),
     #[error("the token service could not be reached: {0}")]
     Unavailable(String),
     #[error("the token service's answer is larger than {MAX_RELAY_BYTES} bytes")]
@@ -346,7 +348,7 @@ pub async fn relay(
             400..=499 => "4xx",
             _ => "5xx",
         },
-        Err(RelayError::NotIssued(_)) => "refused",
+        Err(RelayError::NotIssued(_) | RelayError::Insecure(_)) => "refused",
         Err(RelayError::Unavailable(_) | RelayError::TooLarge) => "unavailable",
     };
     metrics.count(Family::TokenRelays, &up.name, status);
@@ -369,7 +371,7 @@ async fn relay_inner(
     };
     let secure = realm.scheme() == "https" || host_key(&realm) == host_key(up.base_url());
     if !secure {
-        return Err(not_issued());
+        return Err(RelayError::Insecure(realm.to_string()));
     }
     let mut url = realm;
     url.set_query(query.filter(|q| !q.is_empty()));

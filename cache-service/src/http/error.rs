@@ -140,7 +140,9 @@ impl From<Refusal> for ApiError {
 impl From<RelayError> for ApiError {
     fn from(e: RelayError) -> Self {
         let (status, code) = match e {
-            RelayError::NotIssued(_) => (StatusCode::FORBIDDEN, ErrorCode::Denied),
+            RelayError::NotIssued(_) | RelayError::Insecure(_) => {
+                (StatusCode::FORBIDDEN, ErrorCode::Denied)
+            }
             RelayError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
             RelayError::TooLarge => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
         };
