@@ -806,7 +806,7 @@ pub(crate) fn curl_blob(url: &str) -> Result<(u64, f64)> {
 }
 
 /// Samples VmRSS of `pid` while `work` runs; returns (max VmRSS, VmHWM) in KiB.
-fn rss_during(pid: u32, work: impl FnOnce() -> Result<()> + Send) -> Result<(u64, u64)> {
+pub(crate) fn rss_during(pid: u32, work: impl FnOnce() -> Result<()> + Send) -> Result<(u64, u64)> {
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (max, res) = std::thread::scope(|s| {
         let sampler = s.spawn(|| {
@@ -827,7 +827,7 @@ fn rss_during(pid: u32, work: impl FnOnce() -> Result<()> + Send) -> Result<(u64
     Ok((max, util::proc_status_kib(pid, "VmHWM")?))
 }
 
-fn eight_blobs(url: &str, size: u64) -> Result<()> {
+pub(crate) fn eight_blobs(url: &str, size: u64) -> Result<()> {
     std::thread::scope(|s| -> Result<()> {
         let hs: Vec<_> = (0..8).map(|_| s.spawn(|| curl_blob(url))).collect();
         for h in hs {

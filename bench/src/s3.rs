@@ -48,8 +48,15 @@ pub fn run(base: &Path, bins: &Bins, pairs: usize, log: &mut util::Log) -> Vec<R
         ("regmirror vs distribution on S3, cold", cold_rows),
         ("replicas", replica_rows),
     ];
+    // MIRROR_BENCH_S3_PARTS=warm,cold,replicas runs a subset (while tuning one of them).
+    let only = std::env::var("MIRROR_BENCH_S3_PARTS").ok();
     let mut rows = Vec::new();
     for (what, part) in parts {
+        if let Some(only) = &only {
+            if !only.split(',').any(|p| !p.is_empty() && what.ends_with(p)) {
+                continue;
+            }
+        }
         // A SeaweedFS of its own per part: the fixture caps a server at ~2 GB of volumes, and
         // the cold runs of a full bench alone write about 1.5 GB.
         let t = Instant::now();
@@ -308,6 +315,20 @@ fn warm_rows(
         ("req/s", "req/s distribution"),
         Some(Goal::AtLeast(10.0)),
     ));
+
+    // Memory of 8 concurrent warm streams from the bucket (read-ahead is per stream).
+    let (max_rm, hwm_rm) = pull::rss_during(rm.pid(), || pull::eight_blobs(&rm_url, size))?;
+    let (max_dp, hwm_dp) = pull::rss_during(dp.pid(), || pull::eight_blobs(&dp_url, size))?;
+    log.push(format!("S3: RSS 8×256 MiB warm: regmirror max VmRSS {max_rm} KiB (VmHWM {hwm_rm} KiB); distribution max VmRSS {max_dp} KiB (VmHWM {hwm_dp} KiB)"));
+    let mut r = Row::info(
+        S5,
+        "memory streaming 8 concurrent warm 256 MiB blobs from S3: max sampled VmRSS",
+        format!("{:.1} MiB", util::mib(max_rm)),
+        format!("{:.1} MiB distribution", util::mib(max_dp)),
+    );
+    r.figure = Figure::One(max_rm as f64 / max_dp as f64);
+    r.target = "info (regmirror's bound: 8 streams × read-ahead 4 × 4 MiB chunks)".into();
+    rows.push(r);
     Ok(rows)
 }
 

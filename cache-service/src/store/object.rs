@@ -633,6 +633,8 @@ struct ObjectSink {
     in_flight: VecDeque<JoinHandle<object_store::Result<PartId>>>,
     parts: Vec<PartId>,
     committed: bool,
+    /// The upload marker's PUT: awaited before the marker is removed.
+    marker_put: Option<JoinHandle<()>>,
 }
 
 impl ObjectSink {
@@ -654,10 +656,13 @@ impl ObjectSink {
                     started: unix_now(),
                 };
                 let body = serde_json::to_vec(&marker).map_err(io::Error::other)?;
-                self.backend
-                    .put(&self.marker_key, PutPayload::from(body))
-                    .await
-                    .map_err(io_err)?;
+                // Beside the first part, not before it: the download waits on neither.
+                let (store, key) = (self.backend.clone(), self.marker_key.clone());
+                self.marker_put = Some(tokio::spawn(async move {
+                    if let Err(e) = store.put(&key, PutPayload::from(body)).await {
+                        tracing::warn!(key = %key, error = %e, "recording an upload for cleanup failed");
+                    }
+                }));
                 id
             }
         };
@@ -722,7 +727,15 @@ impl Sink for ObjectSink {
             .await
             .map_err(io_err)?;
         self.committed = true;
-        let _ = self.backend.delete(&self.marker_key).await;
+        // The blob is visible: the commit does not wait for the marker's removal.
+        let (store, key) = (self.backend.clone(), self.marker_key.clone());
+        let put = self.marker_put.take();
+        tokio::spawn(async move {
+            if let Some(put) = put {
+                let _ = put.await;
+            }
+            store.delete(&key).await
+        });
         Ok(())
     }
 }
@@ -743,7 +756,11 @@ impl Drop for ObjectSink {
             self.dest.clone(),
             self.marker_key.clone(),
         );
+        let put = self.marker_put.take();
         rt.spawn(async move {
+            if let Some(put) = put {
+                let _ = put.await;
+            }
             if let Err(e) = store.abort_multipart(&dest, &id).await {
                 tracing::warn!(key = %dest, error = %e, "aborting an upload failed; cleanup will retry");
                 return;
@@ -825,6 +842,7 @@ impl BlobStore for ObjectBackend {
                 in_flight: VecDeque::new(),
                 parts: Vec::new(),
                 committed: false,
+                marker_put: None,
             }),
         ))
     }
