@@ -91,10 +91,10 @@ impl Decisions {
     }
 }
 
-/// The realm the upstream's own challenge names, and when it was last asked for it.
+/// The realm (and service) the upstream's own challenge names, and when it was last asked.
 #[derive(Debug, Default)]
 struct LearnedRealm {
-    realm: Option<Url>,
+    realm: Option<(Url, Option<String>)>,
     refreshed: Option<Instant>,
 }
 
@@ -115,21 +115,25 @@ impl Access {
     /// Remember the realm of a 401's Bearer challenge, if the upstream may send the cache
     /// (and so a client's credential) there.
     fn learn(&self, up: &Upstream, resp: &reqwest::Response) {
-        let Some((realm, _, _)) = bearer_challenge(resp) else {
+        let Some((realm, service, _)) = bearer_challenge(resp) else {
             return;
         };
         let Ok(url) = Url::parse(&realm) else { return };
         if up.client.check_realm(&url).is_ok() {
-            lock(&self.realm).realm = Some(url);
+            let service = Some(service).filter(|s| !s.is_empty());
+            lock(&self.realm).realm = Some((url, service));
         }
     }
 
-    /// The learned realm if it is `requested`.
-    fn issued(&self, requested: &RealmUrl) -> Option<Url> {
+    /// The learned realm and service, if the realm is `requested` (any for [`Realm::Own`]).
+    fn issued(&self, requested: Realm<'_>) -> Option<(Url, Option<String>)> {
         lock(&self.realm)
             .realm
             .clone()
-            .filter(|u| RealmUrl::from_realm(u.as_str()).as_ref() == Some(requested))
+            .filter(|(u, _)| match requested {
+                Realm::Named(r) => RealmUrl::from_realm(u.as_str()).as_ref() == Some(r),
+                Realm::Own => true,
+            })
     }
 }
 
@@ -315,11 +319,25 @@ pub struct RelayAnswer {
     pub body: Bytes,
 }
 
+/// The realm a client's token request is for.
+#[derive(Debug, Clone, Copy)]
+pub enum Realm<'a> {
+    /// `/_mirror/auth/<authority><path>`: relayed only if it is the upstream's own realm, with
+    /// the client's query as it is.
+    Named(&'a RealmUrl),
+    /// `/_mirror/token`: the client asked another registry's realm (on the shared host it
+    /// pings first, the default registry's); relayed to the upstream's own realm, with that
+    /// realm's `service` instead of the one the client had.
+    Own,
+}
+
 /// Why a token request is not relayed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RelayError {
     #[error("{0} is not the token realm this registry's challenges name")]
     NotIssued(String),
+    #[error("the upstream's challenges name no token realm the cache may use")]
+    NoRealm,
     #[error("the realm {0} is plain http on another host than the upstream's: no client credential goes there")]
     Insecure(String),
     #[error("the token service could not be reached: {0}")]
@@ -335,7 +353,7 @@ pub enum RelayError {
 /// only on the upstream's own (plain-http) host.
 pub async fn relay(
     up: &Upstream,
-    requested: &RealmUrl,
+    requested: Realm<'_>,
     query: Option<&str>,
     client: Option<&ClientCredential>,
     metrics: &Metrics,
@@ -348,7 +366,7 @@ pub async fn relay(
             400..=499 => "4xx",
             _ => "5xx",
         },
-        Err(RelayError::NotIssued(_) | RelayError::Insecure(_)) => "refused",
+        Err(RelayError::NotIssued(_) | RelayError::NoRealm | RelayError::Insecure(_)) => "refused",
         Err(RelayError::Unavailable(_) | RelayError::TooLarge) => "unavailable",
     };
     metrics.count(Family::TokenRelays, &up.name, status);
@@ -357,16 +375,19 @@ pub async fn relay(
 
 async fn relay_inner(
     up: &Upstream,
-    requested: &RealmUrl,
+    requested: Realm<'_>,
     query: Option<&str>,
     client: Option<&ClientCredential>,
 ) -> Result<RelayAnswer, RelayError> {
-    let not_issued = || RelayError::NotIssued(format!("{}{}", requested.authority, requested.path));
-    let realm = match up.access.issued(requested) {
+    let refused = || match requested {
+        Realm::Named(r) => RelayError::NotIssued(format!("{}{}", r.authority, r.path)),
+        Realm::Own => RelayError::NoRealm,
+    };
+    let (realm, service) = match up.access.issued(requested) {
         Some(r) => r,
         None => {
             refresh_realm(up).await;
-            up.access.issued(requested).ok_or_else(not_issued)?
+            up.access.issued(requested).ok_or_else(refused)?
         }
     };
     let secure = realm.scheme() == "https" || host_key(&realm) == host_key(up.base_url());
@@ -374,7 +395,25 @@ async fn relay_inner(
         return Err(RelayError::Insecure(realm.to_string()));
     }
     let mut url = realm;
-    url.set_query(query.filter(|q| !q.is_empty()));
+    match requested {
+        Realm::Named(_) => url.set_query(query.filter(|q| !q.is_empty())),
+        Realm::Own => {
+            let client_pairs: Vec<(String, String)> = query
+                .map(|q| {
+                    url::form_urlencoded::parse(q.as_bytes())
+                        .into_owned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut pairs = url.query_pairs_mut();
+            if let Some(s) = &service {
+                pairs.append_pair("service", s);
+            }
+            for (k, v) in client_pairs.iter().filter(|(k, _)| k != "service") {
+                pairs.append_pair(k, v);
+            }
+        }
+    }
     let resp = up
         .send_as_client(Method::GET, url, None, client)
         .await

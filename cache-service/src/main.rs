@@ -61,8 +61,8 @@ const CONFIG_HELP: &str = r#"Configuration file (--config FILE; flags override i
                                 # "upstream" checks each client's own Authorization upstream
   authorization_ttl_seconds = 60      # "upstream": how long an allowed decision is reused
 
-Endpoints: /v2/... (pull API), /_mirror/auth/... (client_auth = "upstream": token requests
-relayed to the upstream's own realm only), /healthz, /readyz (storage reachable and writable; the config
+Endpoints: /v2/... (pull API), /_mirror/auth/... and /_mirror/token (client_auth = "upstream":
+token requests relayed to the upstream's own realm only), /healthz, /readyz (storage reachable and writable; the config
 version in force), /metrics (Prometheus), /_status and / (HTML status page).
 SIGHUP, or a change of the config file (watched), reloads it without dropping anything; an
 invalid file, or a changed listen/storage, is logged and the running config kept.

@@ -598,6 +598,31 @@ mod authorized_upstream {
             "the client's query, verbatim"
         );
 
+        // A token request that reached another registry's realm (the shared host's ping
+        // named the default registry's): the upstream's own realm, with its own service.
+        let resp = relay(
+            format!("/_mirror/token?service=registry.docker.io&scope=repository:{REPO}:pull"),
+            &alice,
+        )
+        .send()
+        .await
+        .expect("answer");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let json: serde_json::Value = resp.json().await.expect("token JSON");
+        assert_eq!(
+            json.get("token").and_then(|t| t.as_str()),
+            Some(token_of("alice").as_str())
+        );
+        let last = lab.up.seen().into_iter().last().expect("asked");
+        assert_eq!(
+            (last.path.as_str(), last.query.as_deref()),
+            (
+                "/token",
+                Some("service=fake&scope=repository%3Aprivate%2Fsecret%3Apull")
+            ),
+            "the realm's service, the client's scope"
+        );
+
         // A registry whose clients do not log in upstream relays nothing.
         let anonymous = Mirror::start(&lab.up, TTL).await;
         let resp = anonymous

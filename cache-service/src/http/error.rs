@@ -140,7 +140,7 @@ impl From<Refusal> for ApiError {
 impl From<RelayError> for ApiError {
     fn from(e: RelayError) -> Self {
         let (status, code) = match e {
-            RelayError::NotIssued(_) | RelayError::Insecure(_) => {
+            RelayError::NotIssued(_) | RelayError::NoRealm | RelayError::Insecure(_) => {
                 (StatusCode::FORBIDDEN, ErrorCode::Denied)
             }
             RelayError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),

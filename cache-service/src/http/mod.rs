@@ -44,6 +44,9 @@ const MAX_TAGS_N: u32 = 10_000;
 /// Token requests of clients of an upstream-authorized registry, forwarded by the filter:
 /// `/_mirror/auth/<realm host><realm path>?<query>`.
 const AUTH_PREFIX: &str = registry_rules::route::AUTH_PREFIX;
+/// The same for a token request that reached another registry's realm: relayed to the
+/// upstream's own realm.
+const OWN_REALM_PATH: &str = registry_rules::route::OWN_REALM_PATH;
 
 fn base_headers(h: &mut HeaderMap) {
     h.insert(
@@ -147,7 +150,7 @@ async fn handle(
         _ => {}
     }
     let metrics = st.cache.metrics.clone();
-    let answer = if path.starts_with(AUTH_PREFIX) {
+    let answer = if path.starts_with(AUTH_PREFIX) || path == OWN_REALM_PATH {
         token_relay(&st, &method, &uri, &headers).await
     } else {
         handle_v2(&st, &method, &uri, &headers).await
@@ -378,21 +381,28 @@ async fn token_relay(
             "this registry's clients do not log in at the upstream (client_auth is not \"upstream\")",
         ));
     }
-    let rest = uri.path().strip_prefix(AUTH_PREFIX).unwrap_or_default();
-    let requested = rest
-        .split_once('/')
-        .and_then(|(authority, path)| RealmUrl::new(authority, &format!("/{path}")))
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::FORBIDDEN,
-                ErrorCode::Denied,
-                "not a token realm of this registry",
-            )
-        })?;
+    let named = match uri.path().strip_prefix(AUTH_PREFIX) {
+        None => None,
+        Some(rest) => Some(
+            rest.split_once('/')
+                .and_then(|(authority, path)| RealmUrl::new(authority, &format!("/{path}")))
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        ErrorCode::Denied,
+                        "not a token realm of this registry",
+                    )
+                })?,
+        ),
+    };
+    let requested = match &named {
+        Some(r) => authorize::Realm::Named(r),
+        None => authorize::Realm::Own,
+    };
     let client = ClientCredential::from_header(headers.get(header::AUTHORIZATION));
     let a = authorize::relay(
         &up,
-        &requested,
+        requested,
         uri.query(),
         client.as_ref(),
         &st.cache.metrics,
