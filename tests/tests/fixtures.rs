@@ -2,7 +2,7 @@
 //! the token server, Docker Hub's blob redirect to the CDN, and the CDN's S3 behaviour.
 
 use base64::Engine;
-use mirror_tests::upstreams::{self, Front};
+use mirror_tests::upstreams::{self, AccessLogEntry, Front};
 use mirror_tests::{digest_of, images};
 
 const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
@@ -31,10 +31,11 @@ fn hub_registry_challenges_with_the_docker_hub_realm() {
             && challenge.contains(r#"service="registry.docker.io""#),
         "{challenge}"
     );
-    let log = up.access_log(Front::Hub);
-    assert!(log
-        .iter()
-        .any(|e| e.path() == "/v2/" && e.host == "registry-1.docker.io" && e.status() == 401));
+    // nginx writes its access log line after the answer: wait for it.
+    let seen = |e: &AccessLogEntry| {
+        e.path() == "/v2/" && e.host == "registry-1.docker.io" && e.status() == 401
+    };
+    assert!(up.access_log_with(Front::Hub, seen).iter().any(seen));
 }
 
 #[test]
