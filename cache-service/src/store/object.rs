@@ -727,15 +727,10 @@ impl Sink for ObjectSink {
             .await
             .map_err(io_err)?;
         self.committed = true;
-        // The blob is visible: the commit does not wait for the marker's removal.
-        let (store, key) = (self.backend.clone(), self.marker_key.clone());
-        let put = self.marker_put.take();
-        tokio::spawn(async move {
-            if let Some(put) = put {
-                let _ = put.await;
-            }
-            store.delete(&key).await
-        });
+        if let Some(put) = self.marker_put.take() {
+            let _ = put.await;
+        }
+        let _ = self.backend.delete(&self.marker_key).await;
         Ok(())
     }
 }
