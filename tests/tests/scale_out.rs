@@ -445,12 +445,10 @@ fn a_corrupted_object_in_the_bucket_is_never_served_as_its_digest() {
 
 /// Envoy's retry after a connect failure walks the ring from the key's place to the next
 /// entry of another replica (`previous_hosts`), trying at most `host_selection_retry_max_attempts`
-/// entries. With 3 replicas each owns ~1/3 of the entries in runs: with 3 attempts (as
-/// rendered when this was written) about 1 key in 40 of a dead replica found only that
-/// replica and got Envoy's 503 (URX,UF) until the health checks (2 failures 5 s apart) took
-/// it off the ring; 32 attempts served every one of 2 x 300 keys.
+/// entries. With 3 replicas each owns ~1/3 of the entries in runs: with 3 attempts about
+/// 1 key in 40 of a dead replica found only that replica and got Envoy's 503 (URX,UF) until
+/// the health checks (2 failures 5 s apart) took it off the ring; render gives 32.
 #[test]
-#[ignore = "needs host_selection_retry_max_attempts: 32 on the rendered cache routes (cache-service/src/tools/render/envoy.rs)"]
 fn a_killed_replicas_keys_are_served_by_another_on_the_first_request() {
     let mut s = own();
     let image = &faults::shared().images.small;

@@ -341,7 +341,7 @@ fn cache_cluster(w: &mut String, cache: &CacheService) {
     if cache.is_replicated() {
         let _ = writeln!(
             w,
-            "    # cache-service replicas on one shared store: consistent hashing on the filter's\n    # {CACHE_KEY_HEADER}, so each blob is fetched upstream by one replica.\n    lb_policy: RING_HASH\n    ring_hash_lb_config: {{ minimum_ring_size: 128, maximum_ring_size: 4096 }}\n    health_checks:\n    - timeout: 2s\n      interval: 5s\n      no_traffic_interval: 5s\n      unhealthy_threshold: 2\n      healthy_threshold: 1\n      http_health_check: {{ path: /readyz }}"
+            "    # cache-service replicas on one shared store: consistent hashing on the filter's\n    # {CACHE_KEY_HEADER}, so each blob is fetched upstream by one replica.\n    lb_policy: RING_HASH\n    ring_hash_lb_config: {{ minimum_ring_size: 128, maximum_ring_size: 4096 }}\n    health_checks:\n    - timeout: 2s\n      interval: 5s\n      no_traffic_interval: 5s\n      unhealthy_threshold: 2\n      healthy_threshold: 1\n      http_health_check: {{ path: /readyz }}\n    # When a replica dies, every request in flight on its keys retries at once: Envoy's\n    # default of 3 concurrent retries per cluster would turn the rest into 503s.\n    circuit_breakers: {{ thresholds: [{{ max_retries: 1024 }}] }}"
         );
     }
     let _ = writeln!(
