@@ -1,5 +1,6 @@
 //! Prometheus text metrics from plain atomics.
 
+use registry_rules::oci_error::ErrorCode;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -59,25 +60,8 @@ impl Family {
 /// after very many reloads renaming upstreams (further sets count under registry "other").
 const MAX_LABEL_SETS: usize = 1024;
 
-/// Error codes counted by `regmirror_errors_total{code=...}`.
-pub const ERROR_CODES: [&str; 16] = [
-    "BLOB_UNKNOWN",
-    "MANIFEST_UNKNOWN",
-    "MANIFEST_INVALID",
-    "NAME_INVALID",
-    "NAME_UNKNOWN",
-    "DIGEST_INVALID",
-    "TOOMANYREQUESTS",
-    "UNAUTHORIZED",
-    "DENIED",
-    "UNSUPPORTED",
-    "RANGE_INVALID",
-    "UNAVAILABLE",
-    "PAGINATION_NUMBER_INVALID",
-    "SIZE_INVALID",
-    "INTERNAL",
-    "OTHER",
-];
+/// `regmirror_errors_total{code=...}`: one counter per OCI code, in [`ErrorCode::ALL`]'s order.
+const ERROR_COUNTERS: usize = ErrorCode::ALL.len();
 
 /// Levels of the bounded structures, read when the page is rendered.
 #[derive(Debug, Default)]
@@ -110,7 +94,7 @@ pub struct Metrics {
     /// Configuration reloads put in force / refused (invalid file, restart-only change).
     pub config_reloads: AtomicU64,
     pub config_reload_failures: AtomicU64,
-    errors: [AtomicU64; 16],
+    errors: [AtomicU64; ERROR_COUNTERS],
     labeled: Mutex<BTreeMap<(Family, String, &'static str), u64>>,
 }
 
@@ -124,12 +108,9 @@ impl Metrics {
     pub fn inc(c: &AtomicU64) {
         c.fetch_add(1, Relaxed);
     }
-    pub fn error(&self, code: &str) {
-        let i = ERROR_CODES
-            .iter()
-            .position(|c| *c == code)
-            .unwrap_or(ERROR_CODES.len() - 1);
-        if let Some(c) = self.errors.get(i) {
+    pub fn error(&self, code: ErrorCode) {
+        let i = ErrorCode::ALL.iter().position(|c| *c == code);
+        if let Some(c) = i.and_then(|i| self.errors.get(i)) {
             c.fetch_add(1, Relaxed);
         }
     }
@@ -251,10 +232,11 @@ impl Metrics {
         );
         self.render_labeled(&mut s);
         let _ = writeln!(s, "# HELP regmirror_errors_total Error responses by OCI code.\n# TYPE regmirror_errors_total counter");
-        for (code, c) in ERROR_CODES.iter().zip(self.errors.iter()) {
+        for (code, c) in ErrorCode::ALL.iter().zip(self.errors.iter()) {
             let _ = writeln!(
                 s,
-                "regmirror_errors_total{{code=\"{code}\"}} {}",
+                "regmirror_errors_total{{code=\"{}\"}} {}",
+                code.as_str(),
                 c.load(Relaxed)
             );
         }

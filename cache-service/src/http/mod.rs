@@ -158,7 +158,7 @@ async fn handle(
     match answer {
         Ok(r) => r,
         Err(e) => {
-            metrics.error(e.code.as_str());
+            metrics.error(e.code);
             if e.status.is_server_error() {
                 tracing::warn!(%method, path, code = e.code.as_str(), message = %e.message, "request failed");
             } else {

@@ -141,7 +141,7 @@ async fn check_registry(client: &MirrorClient, registry: &str, probe: Option<&Im
             },
             s => {
                 let body = crate::tools::warm::client::error_body(resp).await;
-                let e = format!("HTTP {}{}", s.as_u16(), first_error(&body));
+                let e = format!("HTTP {}{}", s.as_u16(), super::oci_error_suffix(&body));
                 row.v2 = Check::Fail(e.clone());
                 row.notes.push(format!("/v2/: {e}"));
                 return row;
@@ -225,12 +225,6 @@ async fn check_registry(client: &MirrorClient, registry: &str, probe: Option<&Im
         }
     }
     row
-}
-
-fn first_error(body: &str) -> String {
-    registry_rules::oci_error::parse_first(body.as_bytes())
-        .map(|e| format!(" {e}"))
-        .unwrap_or_default()
 }
 
 pub fn report(rows: &[Row]) -> String {

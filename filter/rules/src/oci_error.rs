@@ -41,6 +41,26 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in declaration order (what a counter per code iterates).
+    pub const ALL: [ErrorCode; 16] = [
+        ErrorCode::Unsupported,
+        ErrorCode::BlobUnknown,
+        ErrorCode::ManifestUnknown,
+        ErrorCode::ManifestInvalid,
+        ErrorCode::SizeInvalid,
+        ErrorCode::RangeInvalid,
+        ErrorCode::PaginationNumberInvalid,
+        ErrorCode::TooManyRequests,
+        ErrorCode::Internal,
+        ErrorCode::NameInvalid,
+        ErrorCode::NameUnknown,
+        ErrorCode::TagInvalid,
+        ErrorCode::DigestInvalid,
+        ErrorCode::Denied,
+        ErrorCode::Unauthorized,
+        ErrorCode::Unavailable,
+    ];
+
     /// The wire code.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -162,26 +182,34 @@ mod tests {
     }
 
     #[test]
+    fn all_lists_every_code_once() {
+        // A new variant fails to compile here until it is added to `ALL` as well.
+        let place = |c: ErrorCode| match c {
+            ErrorCode::Unsupported => 0,
+            ErrorCode::BlobUnknown => 1,
+            ErrorCode::ManifestUnknown => 2,
+            ErrorCode::ManifestInvalid => 3,
+            ErrorCode::SizeInvalid => 4,
+            ErrorCode::RangeInvalid => 5,
+            ErrorCode::PaginationNumberInvalid => 6,
+            ErrorCode::TooManyRequests => 7,
+            ErrorCode::Internal => 8,
+            ErrorCode::NameInvalid => 9,
+            ErrorCode::NameUnknown => 10,
+            ErrorCode::TagInvalid => 11,
+            ErrorCode::DigestInvalid => 12,
+            ErrorCode::Denied => 13,
+            ErrorCode::Unauthorized => 14,
+            ErrorCode::Unavailable => 15,
+        };
+        for (i, code) in ErrorCode::ALL.into_iter().enumerate() {
+            assert_eq!(place(code), i, "{}", code.as_str());
+        }
+    }
+
+    #[test]
     fn every_code_renders_and_parses_back() {
-        use ErrorCode as C;
-        for code in [
-            C::Unsupported,
-            C::BlobUnknown,
-            C::ManifestUnknown,
-            C::ManifestInvalid,
-            C::SizeInvalid,
-            C::RangeInvalid,
-            C::PaginationNumberInvalid,
-            C::TooManyRequests,
-            C::Internal,
-            C::NameInvalid,
-            C::NameUnknown,
-            C::TagInvalid,
-            C::DigestInvalid,
-            C::Denied,
-            C::Unauthorized,
-            C::Unavailable,
-        ] {
+        for code in ErrorCode::ALL {
             let body = render(code, "why", None);
             assert_eq!(
                 parse_first(body.as_bytes()),

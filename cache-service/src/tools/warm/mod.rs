@@ -320,7 +320,7 @@ async fn get_manifest(
         return Err(format!(
             "manifest {reference}: HTTP {}{}",
             status.as_u16(),
-            short_error(&body)
+            super::oci_error_suffix(&body)
         ));
     }
     let ct = resp
@@ -345,12 +345,6 @@ async fn get_manifest(
 }
 
 /// `: <first OCI error message>` from an error body, or nothing.
-fn short_error(body: &str) -> String {
-    registry_rules::oci_error::parse_first(body.as_bytes())
-        .map(|e| format!(" {e}"))
-        .unwrap_or_default()
-}
-
 fn bar_style() -> ProgressStyle {
     ProgressStyle::with_template(
         "{prefix:>12} [{bar:30}] {bytes:>10}/{total_bytes:<10} {bytes_per_sec:>12} {eta:>4}",
@@ -374,7 +368,10 @@ async fn pull_blob(ctx: &Ctx, img: &ImageRef, d: &Descriptor) -> Result<u64, Str
     if resp.status() != StatusCode::OK {
         let s = resp.status().as_u16();
         let body = client::error_body(resp).await;
-        return Err(format!("blob {short}: HTTP {s}{}", short_error(&body)));
+        return Err(format!(
+            "blob {short}: HTTP {s}{}",
+            super::oci_error_suffix(&body)
+        ));
     }
     let total = d.size.or(resp.content_length());
     let bar = ctx.bars.add(match total {
