@@ -475,20 +475,9 @@ fn pull_rows(
     let mut rm = Cache::start(f, bins, rm_addr, "route")?;
     let envoy_dir = f.dir.join("envoy");
     std::fs::create_dir_all(&envoy_dir)?;
-    let sub = Substitution {
-        clusters: f
-            .up
-            .cluster_map()
-            .into_iter()
-            .chain([("cache_service".to_string(), rm_addr)])
-            .collect(),
-        blackhole: Some(util::addr()),
-        ca: Some(f.up.pki.ca.clone()),
-        wasm: Some(bins.wasm.clone()),
-        host_suffix: Some(mirror_tests::mirror::HOST_SUFFIX.to_string()),
-        tls: Some((f.up.pki.cert.clone(), f.up.pki.key.clone())),
-        add_tls: true,
-    };
+    let mut sub = Substitution::for_upstreams(&f.up, true)?;
+    sub.clusters.insert("cache_service".to_string(), rm_addr);
+    sub.wasm = Some(bins.wasm.clone());
     let envoy = Envoy::start(
         &mirror_tests::build::workspace_root().join("envoy/local.yaml"),
         &sub,

@@ -13,7 +13,7 @@ use mirror_tests::mirror::{Mirror, HOST_SUFFIX};
 use mirror_tests::proc::run;
 use mirror_tests::upstreams;
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::process::Command;
 use std::sync::OnceLock;
@@ -100,18 +100,7 @@ fn guarded() -> &'static Guarded {
 /// `envoy --mode validate` on a rendered config, with the documented substitution.
 fn validate(config: &Path, dir: &Path) {
     let up = upstreams::shared();
-    let s = Substitution {
-        clusters: up.cluster_map(),
-        blackhole: Some(SocketAddr::from((
-            [127, 0, 0, 1],
-            mirror_tests::free_port(),
-        ))),
-        ca: Some(up.pki.ca.clone()),
-        wasm: Some(mirror_tests::build::wasm().unwrap()),
-        host_suffix: Some(HOST_SUFFIX.into()),
-        tls: Some((up.pki.cert.clone(), up.pki.key.clone())),
-        add_tls: false,
-    };
+    let s = Substitution::for_upstreams(up, false).unwrap();
     let yaml = std::fs::read_to_string(config).unwrap();
     let out = envoy::substitute(&yaml, &s, &mut mirror_tests::free_port).unwrap();
     let file = dir.join("validate.yaml");

@@ -14,20 +14,8 @@ use std::sync::{Arc, Mutex};
 
 fn substituted(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let up = upstreams::shared();
-    let wasm = mirror_tests::build::wasm().unwrap();
     let yaml = std::fs::read_to_string(workspace_root().join("envoy").join(name)).unwrap();
-    let s = Substitution {
-        clusters: up.cluster_map(),
-        blackhole: Some(SocketAddr::from((
-            [127, 0, 0, 1],
-            mirror_tests::free_port(),
-        ))),
-        ca: Some(up.pki.ca.clone()),
-        wasm: Some(wasm),
-        host_suffix: Some(HOST_SUFFIX.into()),
-        tls: Some((up.pki.cert.clone(), up.pki.key.clone())),
-        add_tls: false,
-    };
+    let s = Substitution::for_upstreams(up, false).unwrap();
     let out = envoy::substitute(&yaml, &s, &mut mirror_tests::free_port).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join(name);
@@ -58,18 +46,7 @@ fn every_shipped_xds_layout_loads() {
     let up = upstreams::shared();
     for layout in ["local", "mirror"] {
         let dir = mirror_tests::temp_dir("xds").unwrap();
-        let s = Substitution {
-            clusters: up.cluster_map(),
-            blackhole: Some(SocketAddr::from((
-                [127, 0, 0, 1],
-                mirror_tests::free_port(),
-            ))),
-            ca: Some(up.pki.ca.clone()),
-            wasm: Some(mirror_tests::build::wasm().unwrap()),
-            host_suffix: Some(HOST_SUFFIX.into()),
-            tls: Some((up.pki.cert.clone(), up.pki.key.clone())),
-            add_tls: false,
-        };
+        let s = Substitution::for_upstreams(up, false).unwrap();
         let rendered = workspace_root().join("envoy/xds").join(layout);
         let (envoy, _) = envoy::Envoy::start_xds(&rendered, &s, dir.path())
             .unwrap_or_else(|e| panic!("xds/{layout}: {e:#}"));

@@ -13,7 +13,6 @@ use mirror_tests::envoy::{self, Envoy, Substitution};
 use mirror_tests::upstreams::{self, Upstreams};
 use sha2::Digest;
 use std::io::Read;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,18 +79,7 @@ impl Live {
         std::fs::create_dir_all(&dir).unwrap();
         let (ok, log) = render(declaration, &work, &out);
         assert!(ok, "{log}");
-        let s = Substitution {
-            clusters: up.cluster_map(),
-            blackhole: Some(SocketAddr::from((
-                [127, 0, 0, 1],
-                mirror_tests::free_port(),
-            ))),
-            ca: Some(up.pki.ca.clone()),
-            wasm: Some(mirror_tests::build::wasm().unwrap()),
-            host_suffix: Some(mirror_tests::mirror::HOST_SUFFIX.to_string()),
-            tls: Some((up.pki.cert.clone(), up.pki.key.clone())),
-            add_tls: true,
-        };
+        let s = Substitution::for_upstreams(up, true).unwrap();
         let (envoy, ports) = Envoy::start_xds(&out.join("xds/local"), &s, &dir).unwrap();
         Live {
             up,

@@ -37,6 +37,23 @@ pub struct Substitution {
     pub add_tls: bool,
 }
 
+impl Substitution {
+    /// A shipped configuration against the upstream fixtures `up`: their clusters, every other
+    /// static cluster on a closed port, their CA and leaf certificate, the fresh wasm and the
+    /// tests' `host_suffix`; `add_tls` as on [`Substitution::add_tls`].
+    pub fn for_upstreams(up: &crate::upstreams::Upstreams, add_tls: bool) -> Result<Self> {
+        Ok(Self {
+            clusters: up.cluster_map(),
+            blackhole: Some(SocketAddr::from(([127, 0, 0, 1], crate::free_port()))),
+            ca: Some(up.pki.ca.clone()),
+            wasm: Some(crate::build::wasm()?),
+            host_suffix: Some(crate::mirror::HOST_SUFFIX.to_string()),
+            tls: Some((up.pki.cert.clone(), up.pki.key.clone())),
+            add_tls,
+        })
+    }
+}
+
 /// The substituted configuration and the ports chosen for it.
 #[derive(Clone, Debug)]
 pub struct Substituted {

@@ -822,20 +822,12 @@ impl HostileMirror {
         let hostile = shared();
         crate::ensure_etc_hosts()?;
         let tmp = crate::fixture_dir("hostile-envoy")?;
-        let mut clusters = up.cluster_map();
+        let mut s = Substitution::for_upstreams(up, true)?;
         for h in [GHCR, GHCR_CDN, K8S] {
-            clusters.insert(h.to_string(), hostile.addr);
+            s.clusters.insert(h.to_string(), hostile.addr);
         }
-        clusters.extend(overrides);
-        let s = Substitution {
-            clusters,
-            blackhole: Some(SocketAddr::from(([127, 0, 0, 1], crate::free_port()))),
-            ca: Some(hostile.pki.bundle.clone()),
-            wasm: Some(crate::build::wasm()?),
-            host_suffix: Some(crate::mirror::HOST_SUFFIX.to_string()),
-            tls: Some((up.pki.cert.clone(), up.pki.key.clone())),
-            add_tls: true,
-        };
+        s.clusters.extend(overrides);
+        s.ca = Some(hostile.pki.bundle.clone());
         let shipped = crate::build::workspace_root().join("envoy/local.yaml");
         let mut doc: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&shipped)?)?;
         set_filter_fields(&mut doc, &filter_fields)?;

@@ -48,18 +48,10 @@ impl Mirror {
         extra_clusters: BTreeMap<String, SocketAddr>,
     ) -> Result<Mirror> {
         crate::ensure_etc_hosts()?;
-        let wasm = crate::build::wasm()?;
         let tmp = crate::fixture_dir("envoy")?;
         let dir = tmp.path().to_path_buf();
-        let s = Substitution {
-            clusters: up.cluster_map().into_iter().chain(extra_clusters).collect(),
-            blackhole: Some(SocketAddr::from(([127, 0, 0, 1], crate::free_port()))),
-            ca: Some(up.pki.ca.clone()),
-            wasm: Some(wasm),
-            host_suffix: Some(HOST_SUFFIX.to_string()),
-            tls: Some((up.pki.cert.clone(), up.pki.key.clone())),
-            add_tls,
-        };
+        let mut s = Substitution::for_upstreams(up, add_tls)?;
+        s.clusters.extend(extra_clusters);
         let envoy = Envoy::start(source, &s, &dir)?;
         Ok(Mirror {
             up,

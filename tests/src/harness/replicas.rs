@@ -327,15 +327,7 @@ pub fn start_envoy(up: &Upstreams, replicas: &[SocketAddr], dir: &Path) -> Resul
         .arg("--no-envoy-validate"))
     .context("regmirror render of the scale-out declaration")?;
     let yaml = std::fs::read_to_string(rendered.join("local.yaml"))?;
-    let s = Substitution {
-        clusters: up.cluster_map(),
-        blackhole: Some(SocketAddr::from(([127, 0, 0, 1], crate::free_port()))),
-        ca: Some(up.pki.ca.clone()),
-        wasm: Some(crate::build::wasm()?),
-        host_suffix: Some(HOST_SUFFIX.to_string()),
-        tls: Some((up.pki.cert.clone(), up.pki.key.clone())),
-        add_tls: true,
-    };
+    let s = Substitution::for_upstreams(up, true)?;
     let sub = crate::envoy::substitute(&yaml, &s, &mut crate::free_port)?;
     let mut doc: Value = serde_yaml::from_str(&sub.yaml)?;
     restore_cache_endpoints(&mut doc, replicas)?;
