@@ -481,21 +481,20 @@ impl<A> Declaration<A> {
             {
                 declared_host(host)?;
             }
-            let client_auth = |error| DeclarationError::ClientAuth {
-                registry: registry.name.clone(),
-                error,
-            };
-            let upstream = registry.cache_upstream();
-            if let Some(field) = upstream.removed_field() {
-                return Err(client_auth(ClientAuthError::Removed(field)));
-            }
             if let (false, Some(field)) = (registry.cache, registry.cache_field()) {
                 return Err(DeclarationError::CacheFieldWithoutCache {
                     registry: registry.name.clone(),
                     field,
                 });
             }
-            upstream.check_client_auth().map_err(client_auth)?;
+            // Removed fields are refused here on any registry (they are no cache fields).
+            registry
+                .cache_upstream()
+                .check_client_auth()
+                .map_err(|error| DeclarationError::ClientAuth {
+                    registry: registry.name.clone(),
+                    error,
+                })?;
         }
         let direct = self.upstream_hosts();
         for registry in self.cached_registries() {

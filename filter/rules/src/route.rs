@@ -810,7 +810,7 @@ fn route_auth(
             // registry's) goes to the target's own realm, as for any registry.
             ClientAuth::Upstream => {
                 let realm = if any_match(&target.realm_hosts, &host) {
-                    format!("/_mirror/auth/{host}/{tail}")
+                    format!("{AUTH_PREFIX}{host}/{tail}")
                 } else {
                     OWN_REALM_PATH.to_owned()
                 };
