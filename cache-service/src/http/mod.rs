@@ -381,9 +381,11 @@ async fn token_relay(
             "this registry's clients do not log in at the upstream (client_auth is not \"upstream\")",
         ));
     }
-    let named = match uri.path().strip_prefix(AUTH_PREFIX) {
-        None => None,
-        Some(rest) => Some(
+    // `/_mirror/auth/<authority><path>` names a realm; `/_mirror/token` asks the upstream's own.
+    let named = uri
+        .path()
+        .strip_prefix(AUTH_PREFIX)
+        .map(|rest| {
             rest.split_once('/')
                 .and_then(|(authority, path)| RealmUrl::new(authority, &format!("/{path}")))
                 .ok_or_else(|| {
@@ -392,13 +394,12 @@ async fn token_relay(
                         ErrorCode::Denied,
                         "not a token realm of this registry",
                     )
-                })?,
-        ),
-    };
-    let requested = match &named {
-        Some(r) => authorize::Realm::Named(r),
-        None => authorize::Realm::Own,
-    };
+                })
+        })
+        .transpose()?;
+    let requested = named
+        .as_ref()
+        .map_or(authorize::Realm::Own, authorize::Realm::Named);
     let client = ClientCredential::from_header(headers.get(header::AUTHORIZATION));
     let a = authorize::relay(
         &up,

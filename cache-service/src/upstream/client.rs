@@ -201,15 +201,6 @@ impl RegistryClient {
         (t.len(), t.evictions())
     }
 
-    /// A GET with nothing done about challenges or redirects: the raw answer, to be checked.
-    pub async fn get_raw(&self, url: Url) -> Result<reqwest::Response, UpstreamError> {
-        self.http
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| UpstreamError::Connect(error_chain(&e)))
-    }
-
     /// One request with a client's credential (or none) exactly as given: no challenge
     /// answered, no redirect followed (a 3xx is the answer), to `url` only. The authorization
     /// check and the token relay; the caller decides `url` may see the credential.

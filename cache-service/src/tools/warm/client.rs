@@ -144,7 +144,10 @@ impl MirrorClient {
 
     /// A GET with nothing done about challenges or redirects: the raw answer, to be checked.
     pub async fn get_raw(&self, url: Url) -> Result<reqwest::Response, String> {
-        self.client.get_raw(url).await.map_err(|e| e.to_string())
+        self.client
+            .send_as_is(Method::GET, url, None, None)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// One request with challenges answered and redirects followed (see `RegistryClient`).
