@@ -432,19 +432,20 @@ pub fn upstream_auth_notes(
         ),
     };
     notes.push(how);
-    let default = declaration.mirror.default_registry.as_deref();
+    // The filter's own rule for which realm gets a client's login on the shared host.
+    let compiled = registry_rules::config::compile(&declaration.filter_config(false)).ok();
+    let forwards = |name: &str| {
+        compiled
+            .as_ref()
+            .and_then(|c| c.registry(name))
+            .is_some_and(|r| r.forward_client_credentials)
+    };
     let suffix = declaration
         .mirror
         .host_suffix
         .as_deref()
         .unwrap_or("<host_suffix>");
-    for r in upstream
-        .iter()
-        .filter(|r| match r.forward_client_credentials {
-            Some(forward) => !forward,
-            None => default != Some(r.name.as_str()),
-        })
-    {
+    for r in upstream.iter().filter(|r| !forwards(&r.name)) {
         // Host mode: the registry's own host name is its own credential domain.
         let own = r
             .host_prefix
