@@ -889,7 +889,7 @@ fn peer_rows(
     };
     for (peer_url, peer, goal) in [
         (&dp_url, "distribution proxy", 1.5),
-        (&ng_url, "nginx sendfile (same file)", 0.9),
+        (&ng_url, "nginx sendfile (same file)", 0.95),
     ] {
         let runs = util::interleaved(pairs, warmup, |side, _| match side {
             Side::Mirror => mbps(&rm_url),

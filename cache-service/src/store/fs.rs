@@ -21,11 +21,14 @@ use super::spool::Spool;
 use super::{
     BlobInfo, BlobStore, BlobWriter, ByteStream, Sink, SpoolReader, StoredBlob, TagRecord,
 };
+use crate::oci;
 use registry_rules::digest::Digest;
 use registry_rules::names::{RepositoryName, Tag};
 
-/// Chunk size for stored blobs: few blocking-pool hops and large writes to the socket.
+/// Chunk size for stored blobs read into memory: few blocking-pool hops and large writes.
 const FILE_CHUNK: u64 = 1024 * 1024;
+/// Mapped window size: large socket writes, and at most two windows resident per response.
+const MAPPED_WINDOW: u64 = 2 * 1024 * 1024;
 
 #[derive(Debug)]
 pub struct FsStore {
@@ -117,17 +120,25 @@ impl StoredBlob for FsBlob {
         self.size
     }
 
-    /// 1 MiB chunks, the next one read on the blocking pool while the current one is sent.
+    /// Chunks prepared on the blocking pool, the next one while the current one is sent: mapped
+    /// windows of [`MAPPED_WINDOW`] for blobs larger than any manifest (their bytes only ever go
+    /// to a socket), 1 MiB reads otherwise (manifests are parsed, so their bytes are copied).
     fn range(self: Box<Self>, start: u64, end: u64) -> ByteStream {
         let file = self.file;
+        let mapped = self.size > oci::MAX_MANIFEST_BYTES as u64;
+        let chunk = if mapped { MAPPED_WINDOW } else { FILE_CHUNK };
         let chunks = (start..end)
-            .step_by(usize::try_from(FILE_CHUNK).unwrap_or(usize::MAX))
-            .map(move |pos| (pos, std::cmp::min(FILE_CHUNK, end - pos)));
+            .step_by(usize::try_from(chunk).unwrap_or(usize::MAX))
+            .map(move |pos| (pos, std::cmp::min(chunk, end - pos)));
         futures::stream::iter(chunks)
             .map(move |(pos, want)| {
                 let file = file.clone();
                 async move {
-                    let b = file.read_at(pos, want).await?;
+                    let b = if mapped {
+                        file.map_at(pos, want).await?
+                    } else {
+                        file.read_at(pos, want).await?
+                    };
                     if b.len() as u64 != want {
                         return Err(io::Error::other("stored blob shorter than expected"));
                     }
@@ -430,25 +441,72 @@ mod tests {
 
     #[tokio::test]
     async fn ranges_and_short_files() {
+        // Below the manifest limit the blob is read into memory; above it, mapped.
+        for size in [
+            2 * FILE_CHUNK + 12345,
+            crate::oci::MAX_MANIFEST_BYTES as u64 + 2 * MAPPED_WINDOW + 777,
+        ] {
+            ranges_of(size).await;
+        }
+    }
+
+    async fn ranges_of(size: u64) {
         use futures::TryStreamExt;
         let dir = tempfile::tempdir().unwrap();
         let store = FsStore::new(dir.path()).unwrap();
-        let data: Vec<u8> = (0..(2 * FILE_CHUNK + 12345))
-            .map(|i| (i % 251) as u8)
-            .collect();
+        let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
         let d = Digest::of_bytes(&data);
         let mut t = store.begin_write(&d).await.unwrap();
         t.write(&Bytes::from(data.clone())).await.unwrap();
         t.commit(&d, None).await.unwrap();
         let len = data.len() as u64;
-        for (s, e) in [(0, len), (5, len - 2), (FILE_CHUNK, FILE_CHUNK + 1), (7, 7)] {
+        for (s, e) in [
+            (0, len),
+            (5, len - 2),
+            (FILE_CHUNK, FILE_CHUNK + 1),
+            (MAPPED_WINDOW - 3, MAPPED_WINDOW + 4097),
+            (7, 7),
+            (len - 1, len),
+        ] {
             let blob = store.open(&d).await.unwrap().unwrap();
             let got: Vec<Bytes> = blob.range(s, e).try_collect().await.unwrap();
-            assert_eq!(got.concat(), &data[s as usize..e as usize], "range {s}-{e}");
+            assert_eq!(
+                got.concat(),
+                &data[s as usize..e as usize],
+                "{size}: range {s}-{e}"
+            );
         }
-        // The file is shorter than the size the response announced: the stream fails.
+        // Evicted (unlinked) while being served: the open blob still yields every byte.
+        let blob = store.open(&d).await.unwrap().unwrap();
+        assert_eq!(store.delete(&d).await.unwrap(), len);
+        let got: Vec<Bytes> = blob.range(0, len).try_collect().await.unwrap();
+        assert_eq!(got.concat(), data, "{size}: evicted while served");
+        // The file is shorter than the size the response announced (or was cut short behind
+        // the cache's back after it was opened): the stream fails instead of serving less.
+        let mut t = store.begin_write(&d).await.unwrap();
+        t.write(&Bytes::from(data.clone())).await.unwrap();
+        t.commit(&d, None).await.unwrap();
         let blob = store.open(&d).await.unwrap().unwrap();
         let items: Vec<_> = blob.range(0, len + 10).collect().await;
-        assert!(items.last().unwrap().is_err());
+        assert!(items.last().unwrap().is_err(), "{size}: past the end");
+        let blob = store.open(&d).await.unwrap().unwrap();
+        let path = blob_path(dir.path(), &d);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        let items: Vec<_> = blob.range(0, len).collect().await;
+        assert!(
+            items.last().unwrap().is_err(),
+            "{size}: truncated after open"
+        );
+        let served: usize = items
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(Bytes::len)
+            .sum();
+        assert!(served as u64 <= len / 2, "{size}: nothing past the cut");
     }
 }

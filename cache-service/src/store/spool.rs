@@ -109,6 +109,19 @@ impl SpoolReader {
             .await
             .map_err(io::Error::other)?
     }
+
+    /// Up to `len` bytes at `pos` (fewer at the end of the file) as a mapped window of a stored
+    /// blob (see [`super::mapped`]), faulted in on the blocking pool.
+    pub(crate) async fn map_at(&self, pos: u64, len: u64) -> io::Result<Bytes> {
+        let f = self.0.clone();
+        tokio::task::spawn_blocking(move || {
+            let size = f.metadata()?.len();
+            let len = std::cmp::min(len, size.saturating_sub(pos));
+            super::mapped::window(&f, pos, usize::try_from(len).map_err(io::Error::other)?)
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
 }
 
 /// `pread` until `len` bytes or end of file.
