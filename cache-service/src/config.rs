@@ -37,6 +37,10 @@ pub struct ServeArgs {
     /// [default: regmirror-spool under the system temp directory].
     #[arg(long, env = "REGMIRROR_SPOOL_DIR", value_name = "DIR")]
     pub spool_dir: Option<PathBuf>,
+    /// With a bucket: bytes of blobs this replica also keeps on its own disk (under the spool
+    /// directory) for fast warm reads, e.g. 20GiB; 0 = none [default: 0].
+    #[arg(long, env = "REGMIRROR_LOCAL_CACHE_SIZE", value_name = "BYTES")]
+    pub local_cache_size: Option<String>,
     /// Upstream registry as NAME=URL, e.g. gcr.io=https://gcr.io (repeatable). NAME is matched
     /// against the `x-mirror-registry` header or the `ns` query parameter.
     #[arg(
@@ -117,6 +121,8 @@ pub struct FileConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spool_dir: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_cache_size: Option<SizeValue>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_size: Option<SizeValue>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag_ttl_seconds: Option<u64>,
@@ -159,6 +165,8 @@ pub enum ConfigError {
     NoStorage,
     #[error(transparent)]
     StorageUrl(#[from] crate::store::object::UrlError),
+    #[error("local_cache_size is for a bucket store (s3://…); a directory store already serves from its own disk")]
+    LocalCacheWithoutBucket,
     #[error("no upstream configured: pass --upstream NAME=URL or add [[upstream]] to the config")]
     NoUpstream,
     #[error("invalid --upstream {0:?}: expected NAME=URL, e.g. gcr.io=https://gcr.io")]
@@ -376,7 +384,16 @@ impl Config {
             .clone()
             .or(file.storage)
             .ok_or(ConfigError::NoStorage)?;
+        let size = |flag: &Option<String>, file: Option<SizeValue>, default: u64| match (flag, file)
+        {
+            (Some(s), _) => parse_size(s),
+            (None, Some(SizeValue::Bytes(b))) => Ok(b),
+            (None, Some(SizeValue::Text(s))) => parse_size(&s),
+            (None, None) => Ok(default),
+        };
+        let local_cache_size = size(&args.local_cache_size, file.local_cache_size, 0)?;
         let storage = match BucketSettings::parse_url(&storage.to_string_lossy()) {
+            None if local_cache_size > 0 => return Err(ConfigError::LocalCacheWithoutBucket),
             None => crate::store::Location::Dir(storage),
             Some(url) => {
                 let (bucket, prefix) = url?;
@@ -390,15 +407,9 @@ impl Config {
                         .clone()
                         .or(file.spool_dir)
                         .unwrap_or_else(|| std::env::temp_dir().join("regmirror-spool")),
+                    local_cache_size,
                 })
             }
-        };
-        let size = |flag: &Option<String>, file: Option<SizeValue>, default: u64| match (flag, file)
-        {
-            (Some(s), _) => parse_size(s),
-            (None, Some(SizeValue::Bytes(b))) => Ok(b),
-            (None, Some(SizeValue::Text(s))) => parse_size(&s),
-            (None, None) => Ok(default),
         };
         let max_size = size(&args.max_size, file.max_size, 0)?;
         let max_blob_size = size(

@@ -6,7 +6,9 @@
 //! round-trip; list and delete agree. Plus what only a bucket has: start-up refuses a wrong
 //! secret, a missing bucket and an unreachable endpoint with exit status 2 and the cause; bytes
 //! changed in the bucket behind the cache's back are never served complete; the eviction lease
-//! has one holder at a time.
+//! has one holder at a time. And the replica's local tier in front of a bucket
+//! (`local_cache_size`) keeps the same contract, serves what it verified from its own disk, and
+//! stays within its budget.
 
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
@@ -18,7 +20,7 @@ use mirror_tests::harness::{build, s3};
 use registry_rules::digest::Digest;
 use registry_rules::names::{RepositoryName, Tag};
 use regmirror::store::object::{BucketSettings, ObjectBackend};
-use regmirror::store::{fs::FsStore, BlobStore, TagRecord};
+use regmirror::store::{self as store, fs::FsStore, BlobStore, Location, TagRecord};
 
 /// The object-store backend reads credentials from the usual AWS variables: set once, before
 /// any backend is built, for the shared server.
@@ -40,6 +42,7 @@ fn settings(s: &s3::S3Server, prefix: &str, spool: &std::path::Path) -> BucketSe
         endpoint: Some(s.endpoint.clone()),
         region: Some(s.region.clone()),
         spool_dir: spool.to_path_buf(),
+        local_cache_size: 0,
     }
 }
 
@@ -381,6 +384,132 @@ fn a_replica_sees_another_replicas_tag_within_the_fresh_window_and_its_own_write
         );
         assert!(b.manifest_media_type(&d).await.unwrap().is_none());
         assert!(a.open(&d).await.unwrap().is_none(), "gone from the bucket");
+    });
+}
+
+/// Where the local tier under `spool` keeps `d`.
+fn local_copy(spool: &std::path::Path, d: &Digest) -> std::path::PathBuf {
+    let hex = d.hex();
+    spool.join("local/blobs/sha256").join(&hex[..2]).join(hex)
+}
+
+async fn tiered(prefix: &str, spool: &std::path::Path, budget: u64) -> Arc<dyn BlobStore> {
+    let mut b = settings(s3_env(), prefix, spool);
+    b.local_cache_size = budget;
+    store::open(&Location::Bucket(b))
+        .await
+        .expect("tiered store")
+}
+
+/// The local copy is written beside the response and lands just after it: wait for it.
+async fn wait_for(path: &std::path::Path, present: bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while path.exists() != present {
+        assert!(
+            Instant::now() < deadline,
+            "{} present={present}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn the_tiered_store_keeps_the_contract() {
+    let spool = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        contract(tiered("tiered-contract", spool.path(), 1 << 30).await).await;
+    });
+}
+
+#[test]
+fn a_replica_serves_what_it_read_whole_from_its_own_disk_within_its_budget() {
+    let spool = tempfile::tempdir().unwrap();
+    let s = s3_env();
+    let blob = |seed: u32| -> Vec<u8> {
+        (0..(5 << 20) as u32)
+            .map(|i| (i.wrapping_mul(seed) % 253) as u8)
+            .collect()
+    };
+    let size = (5 << 20) as u64;
+    rt().block_on(async {
+        // Room for two of the three blobs.
+        let store = tiered("tiered", spool.path(), 2 * size + size / 2).await;
+        let (a, b, c) = (blob(3), blob(5), blob(7));
+        let da = write(store.as_ref(), &a, 1 << 20).await;
+        assert!(
+            !local_copy(spool.path(), &da).exists(),
+            "a write goes to the bucket"
+        );
+        assert_eq!(read(store.as_ref(), &da, 0, size).await, a);
+        wait_for(&local_copy(spool.path(), &da), true).await;
+
+        // The bucket's copy changes behind the cache's back: this replica serves the bytes it
+        // verified, from its disk.
+        let key_a = format!("tiered/blobs/sha256/{}", da.hex());
+        sync(|| s.corrupt(&key_a).unwrap());
+        assert_eq!(
+            read(store.as_ref(), &da, 0, size).await,
+            a,
+            "from the local tier"
+        );
+        assert_eq!(read(store.as_ref(), &da, 7, 4 << 20).await, &a[7..4 << 20]);
+
+        // Bytes that do not match their digest never enter the local tier.
+        let db = write(store.as_ref(), &b, 1 << 20).await;
+        let key_b = format!("tiered/blobs/sha256/{}", db.hex());
+        sync(|| s.corrupt(&key_b).unwrap());
+        let items: Vec<_> = store
+            .open(&db)
+            .await
+            .unwrap()
+            .unwrap()
+            .range(0, size)
+            .collect()
+            .await;
+        assert!(
+            items.last().unwrap().is_err(),
+            "corrupt bucket bytes fail the read"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !local_copy(spool.path(), &db).exists(),
+            "nothing unverified kept"
+        );
+
+        // A client that stops early leaves nothing either.
+        let dc = write(store.as_ref(), &c, 1 << 20).await;
+        let mut partial = store.open(&dc).await.unwrap().unwrap().range(0, size);
+        partial.next().await.unwrap().unwrap();
+        drop(partial);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !local_copy(spool.path(), &dc).exists(),
+            "a partial read keeps nothing"
+        );
+
+        // Within the budget, least recently used first: b (rewritten) and c push a out.
+        let db = write(store.as_ref(), &b, 1 << 20).await;
+        assert_eq!(read(store.as_ref(), &db, 0, size).await, b);
+        wait_for(&local_copy(spool.path(), &db), true).await;
+        assert_eq!(read(store.as_ref(), &dc, 0, size).await, c);
+        wait_for(&local_copy(spool.path(), &dc), true).await;
+        wait_for(&local_copy(spool.path(), &da), false).await;
+
+        // A restarted replica picks up what its disk holds.
+        drop(store);
+        let key_c = format!("tiered/blobs/sha256/{}", dc.hex());
+        sync(|| s.corrupt(&key_c).unwrap());
+        let store = tiered("tiered", spool.path(), 2 * size + size / 2).await;
+        assert_eq!(
+            read(store.as_ref(), &dc, 0, size).await,
+            c,
+            "from disk after a restart"
+        );
+        // Eviction of the shared store removes the local copy too.
+        store.delete(&dc).await.unwrap();
+        assert!(!local_copy(spool.path(), &dc).exists());
+        assert!(store.open(&dc).await.unwrap().is_none());
     });
 }
 

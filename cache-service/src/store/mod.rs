@@ -16,6 +16,7 @@ pub mod fs;
 mod mapped;
 pub mod object;
 mod spool;
+pub mod tiered;
 
 use std::io;
 use std::path::PathBuf;
@@ -66,7 +67,19 @@ pub async fn open(location: &Location) -> Result<Arc<dyn BlobStore>, OpenError> 
                 source,
             })?)
         }
-        Location::Bucket(b) => Arc::new(object::ObjectBackend::open(b).await?),
+        Location::Bucket(b) => {
+            let bucket: Arc<dyn BlobStore> = Arc::new(object::ObjectBackend::open(b).await?);
+            if b.local_cache_size == 0 {
+                bucket
+            } else {
+                let dir = b.spool_dir.join("local");
+                Arc::new(
+                    tiered::Tiered::new(bucket, &dir, b.local_cache_size)
+                        .await
+                        .map_err(|source| OpenError::Dir { path: dir, source })?,
+                )
+            }
+        }
     })
 }
 

@@ -99,6 +99,9 @@ pub struct BucketSettings {
     pub region: Option<String>,
     /// Local scratch for in-flight downloads.
     pub spool_dir: PathBuf,
+    /// Bytes of blobs this replica keeps on its own disk under `spool_dir` (see
+    /// [`super::tiered`]); 0 = none, every read goes to the bucket.
+    pub local_cache_size: u64,
 }
 
 impl fmt::Display for BucketSettings {

@@ -1,0 +1,334 @@
+//! A replica's own disk in front of the shared bucket (`local_cache_size`): the bucket stays the
+//! one truth that every replica reads and writes (tags, links, metadata, eviction), and each
+//! replica keeps the blobs it serves in a bounded local [`FsStore`]. Envoy's consistent hashing
+//! sends a digest to the same replica, so its warm reads come from local disk and the page
+//! cache instead of a bucket round trip per range; after a restart or when a replica's keys move,
+//! the bucket still has everything.
+//!
+//! A blob enters the local tier when a client reads it whole from the bucket: the bytes are
+//! written to a local writer beside the response, and that writer verifies digest and length
+//! before the file appears (as every write of the filesystem store does). A read that fails, a
+//! client that goes away, or bucket bytes that do not match the digest leave nothing behind.
+//! Small blobs (up to [`MEM_BLOB_MAX`]) stay in the bucket store's memory copy instead.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+
+use super::fs::FsStore;
+use super::object::MEM_BLOB_MAX;
+use super::{BlobInfo, BlobStore, BlobWriter, ByteStream, StoredBlob, TagRecord};
+use registry_rules::digest::Digest;
+use registry_rules::names::{RepositoryName, Tag};
+
+/// The local blobs by recency, within a byte budget.
+#[derive(Debug)]
+struct Index {
+    budget: u64,
+    total: u64,
+    /// digest → (size, recency tick)
+    entries: HashMap<Digest, (u64, u64)>,
+    by_tick: BTreeMap<u64, Digest>,
+    next_tick: u64,
+}
+
+impl Index {
+    fn new(budget: u64) -> Self {
+        Self {
+            budget,
+            total: 0,
+            entries: HashMap::new(),
+            by_tick: BTreeMap::new(),
+            next_tick: 0,
+        }
+    }
+
+    /// Mark `digest` as just used; its size when it is here.
+    fn touch(&mut self, digest: &Digest) -> Option<u64> {
+        let tick = self.next_tick;
+        let (size, old) = self.entries.get_mut(digest).map(|e| {
+            let old = e.1;
+            e.1 = tick;
+            (e.0, old)
+        })?;
+        self.next_tick += 1;
+        self.by_tick.remove(&old);
+        self.by_tick.insert(tick, digest.clone());
+        Some(size)
+    }
+
+    /// Add `digest` as the most recent; returns what must go to stay within the budget.
+    fn insert(&mut self, digest: Digest, size: u64) -> Vec<Digest> {
+        self.remove(&digest);
+        let tick = self.next_tick;
+        self.next_tick += 1;
+        self.total += size;
+        self.entries.insert(digest.clone(), (size, tick));
+        self.by_tick.insert(tick, digest);
+        let mut out = Vec::new();
+        while self.total > self.budget {
+            let Some((_, oldest)) = self.by_tick.pop_first() else {
+                break;
+            };
+            if let Some((size, _)) = self.entries.remove(&oldest) {
+                self.total -= size;
+            }
+            out.push(oldest);
+        }
+        out
+    }
+
+    fn remove(&mut self, digest: &Digest) {
+        if let Some((size, tick)) = self.entries.remove(digest) {
+            self.total -= size;
+            self.by_tick.remove(&tick);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Local {
+    store: FsStore,
+    index: Mutex<Index>,
+}
+
+impl Local {
+    fn index(&self) -> MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn admit(&self, digest: Digest, size: u64) {
+        let evict = self.index().insert(digest, size);
+        for d in evict {
+            if let Err(e) = self.store.delete(&d).await {
+                tracing::warn!(digest = %d, error = %e, "removing a blob from the local tier failed");
+            }
+        }
+    }
+}
+
+/// The shared store with a bounded local tier of blobs in front of it.
+#[derive(Debug)]
+pub struct Tiered {
+    shared: Arc<dyn BlobStore>,
+    local: Arc<Local>,
+}
+
+impl Tiered {
+    /// Keep up to `budget` bytes of blobs under `dir` (what an earlier run left there counts,
+    /// most recently used first).
+    pub async fn new(shared: Arc<dyn BlobStore>, dir: &Path, budget: u64) -> io::Result<Self> {
+        let local = Arc::new(Local {
+            store: FsStore::new(dir)?,
+            index: Mutex::new(Index::new(budget)),
+        });
+        let mut found = local.store.list().await?;
+        found.sort_by_key(|b| b.last_access);
+        for b in found {
+            local.admit(b.digest, b.size).await;
+        }
+        Ok(Self { shared, local })
+    }
+}
+
+/// A blob opened from the bucket that copies itself into the local tier when read whole.
+struct FillOnRead {
+    inner: Box<dyn StoredBlob>,
+    digest: Digest,
+    local: Arc<Local>,
+}
+
+impl StoredBlob for FillOnRead {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn range(self: Box<Self>, start: u64, end: u64) -> ByteStream {
+        let size = self.inner.size();
+        if start != 0 || end != size {
+            return self.inner.range(start, end);
+        }
+        let FillOnRead {
+            inner,
+            digest,
+            local,
+        } = *self;
+        struct State {
+            inner: ByteStream,
+            writer: Option<BlobWriter>,
+            started: bool,
+            digest: Digest,
+            local: Arc<Local>,
+            size: u64,
+            sent: u64,
+        }
+        let state = State {
+            inner: inner.range(0, size),
+            writer: None,
+            started: false,
+            digest,
+            local,
+            size,
+            sent: 0,
+        };
+        futures::stream::unfold(state, |mut st| async move {
+            if !st.started {
+                st.started = true;
+                st.writer = st.local.store.begin_write(&st.digest).await.ok();
+            }
+            let item = st.inner.next().await?;
+            match &item {
+                Ok(b) => {
+                    st.sent += b.len() as u64;
+                    if let Some(w) = st.writer.as_mut() {
+                        if w.write(b).await.is_err() {
+                            st.writer = None;
+                        }
+                    }
+                    if st.sent == st.size {
+                        if let Some(w) = st.writer.take() {
+                            // The client gets its last bytes now; the local copy lands after.
+                            let (local, digest, size) = (st.local.clone(), st.digest.clone(), st.size);
+                            tokio::spawn(async move {
+                                match w.commit(&digest, Some(size)).await {
+                                    Ok(()) => local.admit(digest, size).await,
+                                    Err(e) => tracing::warn!(%digest, error = %e, "not kept in the local tier"),
+                                }
+                            });
+                        }
+                    }
+                }
+                // Dropping the writer removes what it wrote.
+                Err(_) => st.writer = None,
+            }
+            Some((item, st))
+        })
+        .boxed()
+    }
+}
+
+#[async_trait]
+impl BlobStore for Tiered {
+    async fn clean_abandoned(&self) -> io::Result<usize> {
+        self.shared.clean_abandoned().await
+    }
+
+    async fn check_ready(&self) -> io::Result<()> {
+        self.shared.check_ready().await
+    }
+
+    async fn open(&self, digest: &Digest) -> io::Result<Option<Box<dyn StoredBlob>>> {
+        if self.local.index().touch(digest).is_some() {
+            match self.local.store.open(digest).await {
+                Ok(Some(blob)) => {
+                    // Eviction of the bucket orders by access: count this one there too.
+                    let (shared, digest) = (self.shared.clone(), digest.clone());
+                    tokio::spawn(async move { shared.touch(&digest).await });
+                    return Ok(Some(blob));
+                }
+                // Gone behind our back: forget it and read the bucket.
+                _ => self.local.index().remove(digest),
+            }
+        }
+        let Some(blob) = self.shared.open(digest).await? else {
+            return Ok(None);
+        };
+        let fits = blob.size() <= self.local.index().budget;
+        Ok(Some(if blob.size() > MEM_BLOB_MAX && fits {
+            Box::new(FillOnRead {
+                inner: blob,
+                digest: digest.clone(),
+                local: self.local.clone(),
+            })
+        } else {
+            blob
+        }))
+    }
+
+    async fn size(&self, digest: &Digest) -> io::Result<Option<u64>> {
+        let local = self.local.index().entries.get(digest).map(|e| e.0);
+        match local {
+            Some(size) => Ok(Some(size)),
+            None => self.shared.size(digest).await,
+        }
+    }
+
+    async fn begin_write(&self, digest: &Digest) -> io::Result<BlobWriter> {
+        self.shared.begin_write(digest).await
+    }
+
+    async fn delete(&self, digest: &Digest) -> io::Result<u64> {
+        self.local.index().remove(digest);
+        if let Err(e) = self.local.store.delete(digest).await {
+            tracing::warn!(%digest, error = %e, "removing a blob from the local tier failed");
+        }
+        self.shared.delete(digest).await
+    }
+
+    async fn list(&self) -> io::Result<Vec<BlobInfo>> {
+        self.shared.list().await
+    }
+
+    async fn touch(&self, digest: &Digest) {
+        self.shared.touch(digest).await
+    }
+
+    async fn manifest_media_type(&self, digest: &Digest) -> io::Result<Option<String>> {
+        self.shared.manifest_media_type(digest).await
+    }
+
+    async fn set_manifest_media_type(&self, digest: &Digest, media_type: &str) -> io::Result<()> {
+        self.shared
+            .set_manifest_media_type(digest, media_type)
+            .await
+    }
+
+    async fn read_tag(
+        &self,
+        registry: &str,
+        name: &RepositoryName,
+        tag: &Tag,
+    ) -> io::Result<Option<TagRecord>> {
+        self.shared.read_tag(registry, name, tag).await
+    }
+
+    async fn write_tag(
+        &self,
+        registry: &str,
+        name: &RepositoryName,
+        tag: &Tag,
+        rec: &TagRecord,
+    ) -> io::Result<()> {
+        self.shared.write_tag(registry, name, tag, rec).await
+    }
+
+    async fn has_link(
+        &self,
+        registry: &str,
+        name: &RepositoryName,
+        digest: &Digest,
+    ) -> io::Result<bool> {
+        self.shared.has_link(registry, name, digest).await
+    }
+
+    async fn add_link(
+        &self,
+        registry: &str,
+        name: &RepositoryName,
+        digest: &Digest,
+    ) -> io::Result<()> {
+        self.shared.add_link(registry, name, digest).await
+    }
+
+    fn shared(&self) -> bool {
+        self.shared.shared()
+    }
+
+    async fn eviction_lease(&self) -> io::Result<bool> {
+        self.shared.eviction_lease().await
+    }
+}
