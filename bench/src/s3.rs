@@ -95,6 +95,19 @@ fn replica(
     listen: SocketAddr,
     prefix: &str,
 ) -> Result<Proc> {
+    replica_with(f, bins, s3, name, listen, prefix, &[])
+}
+
+/// [`replica`] with more `serve` arguments.
+fn replica_with(
+    f: &Fixture,
+    bins: &Bins,
+    s3: &S3Server,
+    name: &str,
+    listen: SocketAddr,
+    prefix: &str,
+    extra: &[&str],
+) -> Result<Proc> {
     let spool = f.dir.join(format!("spool-{name}"));
     std::fs::create_dir_all(&spool)?;
     let mut cmd = Command::new(&bins.regmirror);
@@ -106,7 +119,8 @@ fn replica(
         .arg("--spool-dir")
         .arg(&spool)
         .arg("--upstream")
-        .arg(format!("gcr.io=http://{}", f.origin));
+        .arg(format!("gcr.io=http://{}", f.origin))
+        .args(extra);
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy();
         if k.starts_with("AWS_") || k.starts_with("REGMIRROR_") {
@@ -280,6 +294,67 @@ fn warm_rows(
         ("MB/s", "MB/s distribution"),
         Some(Goal::AtLeast(1.5)),
     ));
+
+    // The same bucket prefix through a replica with a local tier (`--local-cache-size`): one
+    // read from the bucket fills its disk, the runs after it are served from there.
+    let tier_addr = util::addr();
+    let tier = replica_with(
+        f,
+        bins,
+        s3,
+        "regmirror-s3-tier",
+        tier_addr,
+        RM_PREFIX,
+        &["--local-cache-size", "2GiB"],
+    )?;
+    let tier_url = blob_url(f, tier_addr, &layer);
+    let (n, t) = pull::curl_blob(&tier_url)?;
+    let local = f
+        .dir
+        .join("spool-regmirror-s3-tier/local/blobs/sha256")
+        .join(hex.get(..2).unwrap_or_default())
+        .join(hex);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !local.exists() {
+        if Instant::now() > deadline {
+            bail!(
+                "{} not in the local tier:\n{}",
+                local.display(),
+                tier.log_tail(20)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    log.push(format!(
+        "S3 tier: first read {n} B in {t:.2}s from the bucket, then on local disk"
+    ));
+    let warm_tier = util::interleaved(pairs, warmup, |side, _| {
+        let before = util::sum_log_bytes(&f.origin_log);
+        let (who, x) = match side {
+            Side::Mirror => ("regmirror (local tier)", mbps(&tier_url, size)?),
+            Side::Peer => ("distribution", mbps(&dp_url, size)?),
+        };
+        let fetched = util::sum_log_bytes(&f.origin_log).saturating_sub(before);
+        if fetched > 0 {
+            bail!("{who} fetched {fetched} B from the origin during a warm run: not warm");
+        }
+        Ok(x)
+    })
+    .with_context(|| format!("{}\n{}", tier.log_tail(20), dp.log_tail(20)))?;
+    pull::log_pairs(
+        log,
+        "S3: warm 256 MiB blob MB/s, regmirror with a local tier vs distribution proxy",
+        &warm_tier,
+    );
+    rows.push(Row::paired(
+        S5,
+        "warm 256 MiB blob throughput (curl), bucket on S3: regmirror with its local tier (--local-cache-size) vs distribution proxy (streamed from S3)",
+        &warm_tier,
+        |x| *x,
+        ("MB/s", "MB/s distribution"),
+        Some(Goal::AtLeast(1.5)),
+    ));
+    drop(tier);
 
     // Manifest by tag: both caches hold bench/three, then short wrk runs alternately.
     util::skopeo_copy(&three(f, rm_addr), None, true)?;
