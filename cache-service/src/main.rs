@@ -44,6 +44,7 @@ const CONFIG_HELP: &str = r#"Configuration file (--config FILE; flags override i
   # s3_endpoint = "http://127.0.0.1:8333"  # optional; overrides AWS_ENDPOINT_URL
   # s3_region = "us-east-1"     # optional; overrides AWS_REGION
   # spool_dir = "/var/tmp/regmirror-spool"  # downloads in progress when storage is a bucket
+  # local_cache_size = "20GiB"  # a bucket: blobs this replica also keeps on its spool disk
   max_size = "50GiB"            # optional; 0 or absent = unlimited (a bucket: its total)
   tag_ttl_seconds = 300
   shutdown_grace_seconds = 30   # optional; at most 86400
