@@ -597,6 +597,40 @@ mod tests {
     }
 
     #[test]
+    fn a_local_tier_is_for_a_bucket_store() {
+        let up = vec!["gcr.io=https://gcr.io".to_owned()];
+        let args = ServeArgs {
+            storage: Some("s3://cache-bucket/regmirror".into()),
+            local_cache_size: Some("20GiB".into()),
+            upstreams: up.clone(),
+            ..Default::default()
+        };
+        let c = Config::merge(&args, FileConfig::default(), &no_env).unwrap();
+        let crate::store::Location::Bucket(b) = &c.storage else {
+            panic!("{:?}", c.storage)
+        };
+        assert_eq!(b.local_cache_size, 20 << 30);
+        let file: FileConfig =
+            toml::from_str("storage = \"s3://cache-bucket\"\nlocal_cache_size = 1048576").unwrap();
+        let args = ServeArgs {
+            upstreams: up.clone(),
+            ..Default::default()
+        };
+        let c = Config::merge(&args, file, &no_env).unwrap();
+        assert!(
+            matches!(&c.storage, crate::store::Location::Bucket(b) if b.local_cache_size == 1 << 20)
+        );
+        let args = ServeArgs {
+            storage: Some("/var/lib/regmirror".into()),
+            local_cache_size: Some("1GiB".into()),
+            upstreams: up,
+            ..Default::default()
+        };
+        let e = Config::merge(&args, FileConfig::default(), &no_env).unwrap_err();
+        assert!(matches!(e, ConfigError::LocalCacheWithoutBucket), "{e}");
+    }
+
+    #[test]
     fn file_and_validation() {
         let text = r#"
 listen = "127.0.0.1:6000"

@@ -199,7 +199,7 @@ pub fn render_cache(cache_toml: &str) -> String {
          \x20 template:\n    metadata:\n      labels: {{ app: {CACHE_NAME} }}\n    spec:\n\
          \x20     securityContext: {{ runAsNonRoot: true, runAsUser: 10001, fsGroup: 10001 }}\n\
          \x20     containers:\n      - name: cache\n        image: {CACHE_IMAGE}\n\
-         \x20       args: [\"serve\", \"--config\", \"/etc/regmirror/cache.toml\", \"--listen\", \"0.0.0.0:{CACHE_PORT}\", \"--storage\", \"s3://regmirror/cache\", \"--spool-dir\", \"/var/spool/regmirror\"]\n\
+         \x20       args: [\"serve\", \"--config\", \"/etc/regmirror/cache.toml\", \"--listen\", \"0.0.0.0:{CACHE_PORT}\", \"--storage\", \"s3://regmirror/cache\", \"--spool-dir\", \"/var/spool/regmirror\", \"--local-cache-size\", \"40GiB\"]\n\
          \x20       # AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (+ AWS_ALLOW_HTTP).\n\
          \x20       envFrom:\n        - secretRef: {{ name: {S3_SECRET} }}\n\
          \x20       ports:\n        - {{ name: http, containerPort: {CACHE_PORT} }}\n\
@@ -208,10 +208,11 @@ pub fn render_cache(cache_toml: &str) -> String {
          \x20       resources:\n          requests: {{ cpu: 500m, memory: 256Mi }}\n          limits: {{ memory: 1Gi }}\n\
          \x20       securityContext: {{ allowPrivilegeEscalation: false, readOnlyRootFilesystem: true }}\n\
          \x20       volumeMounts:\n        - {{ name: config, mountPath: /etc/regmirror, readOnly: true }}\n\
-         \x20       # In-flight downloads before they are verified and uploaded: a layer or a few.\n\
+         \x20       # In-flight downloads before they are verified and uploaded (a layer or a few), and the\n\
+         \x20       # replica's local tier: up to 40 GiB of the blobs it serves, read from disk when warm.\n\
          \x20       - {{ name: spool, mountPath: /var/spool/regmirror }}\n\
          \x20     volumes:\n      - name: config\n        configMap: {{ name: {CACHE_NAME} }}\n\
-         \x20     - name: spool\n        emptyDir: {{ sizeLimit: 20Gi }}\n\
+         \x20     - name: spool\n        emptyDir: {{ sizeLimit: 64Gi }}\n\
          ---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {CACHE_NAME}\n  namespace: {CACHE_NAMESPACE}\n\
          spec:\n  selector: {{ app: {CACHE_NAME} }}\n  ports:\n  - {{ name: http, port: {CACHE_PORT}, targetPort: http, appProtocol: http }}\n",
         config = indent(cache_toml, "    "),
