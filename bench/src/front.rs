@@ -5,9 +5,10 @@
 //! layer of pull.rs's `bench/huge` (fetched once from pull.rs's origin before any run).
 //!
 //! One run: [`CLIENTS`] concurrent curl processes fetch the blob once each. Measured: the
-//! aggregate MB/s, and the CPU-seconds Envoy and regmirror spent meanwhile (utime + stime
-//! from /proc/PID/stat, before and after), per GB served. MB per Envoy CPU-second is what
-//! one core of Envoy TLS carries.
+//! aggregate MB/s, and the CPU-seconds Envoy, regmirror and the clients spent meanwhile
+//! (utime + stime from /proc/PID/stat before and after; the clients' from this process'
+//! cutime + cstime, the reaped curls), per GB served. MB per Envoy CPU-second is what one
+//! core of Envoy TLS carries.
 //!
 //! The four variants run in rotation (1, 2, 4 workers, alone, 1, 2, 4, alone, …) after an
 //! uncounted warm-up round, so a drift of the machine reaches all of them alike. The rows
@@ -49,6 +50,8 @@ struct Run {
     bytes: u64,
     envoy_cpu_s: f64,
     regmirror_cpu_s: f64,
+    /// The curl processes (TLS at the client end costs about what Envoy's costs).
+    clients_cpu_s: f64,
 }
 
 impl Run {
@@ -204,12 +207,33 @@ fn curl(t: &Target) -> Result<(u64, String)> {
     Ok((bytes as u64, it.next().unwrap_or("?").to_string()))
 }
 
-/// [`CLIENTS`] concurrent fetches of the blob, with the CPU Envoy and regmirror spent.
+/// User + system CPU-seconds of this process' reaped children (`cutime` + `cstime` of
+/// /proc/self/stat): the curls of a run once they are waited for.
+fn children_cpu_s() -> Result<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat")?;
+    // Fields after the `(comm)`, from state (field 3) on: cutime is field 16, cstime 17.
+    let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    match (f.get(13), f.get(14)) {
+        (Some(u), Some(s)) => Ok((u + s) as f64 / util::clk_tck() as f64),
+        _ => bail!("/proc/self/stat has no cutime/cstime: {s:?}"),
+    }
+}
+
+/// [`CLIENTS`] concurrent fetches of the blob, with the CPU Envoy, regmirror and the
+/// clients spent.
 fn one_run(t: &Target, size: u64, regmirror_pid: u32) -> Result<Run> {
     let cpu = |pid: Option<u32>| -> Result<f64> {
         pid.map_or(Ok(0.0), |p| Ok(util::proc_cpu_us(p)? as f64 / 1e6))
     };
-    let (e0, r0) = (cpu(t.envoy_pid)?, cpu(Some(regmirror_pid))?);
+    let (e0, r0, c0) = (
+        cpu(t.envoy_pid)?,
+        cpu(Some(regmirror_pid))?,
+        children_cpu_s()?,
+    );
     let start = Instant::now();
     std::thread::scope(|s| -> Result<()> {
         let hs: Vec<_> = (0..CLIENTS).map(|_| s.spawn(|| curl(t))).collect();
@@ -227,6 +251,7 @@ fn one_run(t: &Target, size: u64, regmirror_pid: u32) -> Result<Run> {
         bytes: size * CLIENTS as u64,
         envoy_cpu_s: cpu(t.envoy_pid)? - e0,
         regmirror_cpu_s: cpu(Some(regmirror_pid))? - r0,
+        clients_cpu_s: children_cpu_s()? - c0,
     })
 }
 
@@ -316,10 +341,11 @@ fn measure(
             .iter()
             .map(|r| {
                 format!(
-                    "{:.0} MB/s (Envoy {:.2} CPU-s, regmirror {:.2} CPU-s in {:.2}s)",
+                    "{:.0} MB/s (CPU-s: Envoy {:.2}, regmirror {:.2}, clients {:.2} in {:.2}s)",
                     r.mb_per_s(),
                     r.envoy_cpu_s,
                     r.regmirror_cpu_s,
+                    r.clients_cpu_s,
                     r.secs
                 )
             })
@@ -372,9 +398,10 @@ fn rows(runs: &[(Via, Vec<Run>)], cores: usize) -> Vec<Row> {
         rows.push(rate_row(
             format!("warm 256 MiB blob, {CLIENTS} concurrent curl over TLS through Envoy --concurrency {w} (TLS + wasm filter) → regmirror: aggregate throughput{}", workers(w)),
             format!(
-                "Envoy {:.2} CPU-s/GB, regmirror {:.2} CPU-s/GB",
+                "CPU-s/GB: Envoy {:.2}, regmirror {:.2}, clients {:.2}",
                 med(r, |x| x.per_gb(x.envoy_cpu_s)),
-                med(r, |x| x.per_gb(x.regmirror_cpu_s))
+                med(r, |x| x.per_gb(x.regmirror_cpu_s)),
+                med(r, |x| x.per_gb(x.clients_cpu_s))
             ),
             format!("cache alone {alone_mbps:.0} MB/s"),
             spread(r, Run::mb_per_s),
@@ -384,8 +411,9 @@ fn rows(runs: &[(Via, Vec<Run>)], cores: usize) -> Vec<Row> {
     rows.push(rate_row(
         format!("same blob, {CLIENTS} concurrent curl straight to regmirror (plain HTTP, no Envoy): aggregate throughput"),
         format!(
-            "regmirror {:.2} CPU-s/GB",
-            med(alone, |x| x.per_gb(x.regmirror_cpu_s))
+            "CPU-s/GB: regmirror {:.2}, clients {:.2}",
+            med(alone, |x| x.per_gb(x.regmirror_cpu_s)),
+            med(alone, |x| x.per_gb(x.clients_cpu_s))
         ),
         "—".into(),
         spread(alone, Run::mb_per_s),
@@ -470,6 +498,7 @@ mod tests {
             bytes: 2_000_000_000,
             envoy_cpu_s: envoy,
             regmirror_cpu_s: regmirror,
+            clients_cpu_s: 3.0,
         }
     }
 
@@ -482,13 +511,13 @@ mod tests {
             ),
             (Via::Envoy(2), vec![run(2.0, 2.0, 0.5)]),
             (Via::Envoy(4), vec![run(2.0, 2.0, 0.5)]),
-            (Via::Alone, vec![run(1.0, 0.0, 0.5), run(1.0, 0.0, 0.0)]),
+            (Via::Alone, vec![run(1.0, 0.0, 0.6), run(1.0, 0.0, 0.0)]),
         ];
         let rows = rows(&runs, 2);
         let t = crate::table(&rows);
         // 2 GB in 4, 5, 8 s: 500, 400, 250 MB/s; Envoy 4, 4, 5 CPU-s → 2.00 CPU-s/GB median.
         assert!(
-            t.contains("--concurrency 1 (TLS + wasm filter) → regmirror: aggregate throughput | Envoy 2.00 CPU-s/GB, regmirror 0.50 CPU-s/GB | cache alone 2000 MB/s | 400 MB/s | 250–500 MB/s | 3 | info (2 cores shared by clients, Envoy and regmirror) | — |"),
+            t.contains("--concurrency 1 (TLS + wasm filter) → regmirror: aggregate throughput | CPU-s/GB: Envoy 2.00, regmirror 0.50, clients 1.50 | cache alone 2000 MB/s | 400 MB/s | 250–500 MB/s | 3 | info (2 cores shared by clients, Envoy and regmirror) | — |"),
             "{t}"
         );
         // One core of Envoy carries 2000 MB / 4 CPU-s = 500, 500, 400 MB per CPU-second.
@@ -498,11 +527,15 @@ mod tests {
         );
         // A run without measurable CPU has no per-core figure, rather than an infinite one.
         assert!(
-            t.contains("per regmirror CPU-second, alone | regmirror busy 0.25 cores | — | 4000 MB/s | 4000–4000 MB/s | 1 |"),
+            t.contains("per regmirror CPU-second, alone | regmirror busy 0.30 cores | — | 3333 MB/s | 3333–3333 MB/s | 1 |"),
             "{t}"
         );
         assert!(t.contains("--concurrency 4 (TLS + wasm filter) → regmirror: aggregate throughput (4 workers on 2 cores: oversubscribed)"), "{t}");
         assert!(!t.contains("2 workers on 2 cores"), "{t}");
+        assert!(
+            t.contains("no Envoy): aggregate throughput | CPU-s/GB: regmirror 0.15, clients 1.50 | — | 2000 MB/s |"),
+            "{t}"
+        );
         assert!(rows.iter().all(|r| r.verdict.is_none()));
         assert_eq!(rows.len(), 8);
     }
