@@ -52,6 +52,9 @@ struct Run {
     regmirror_cpu_s: f64,
     /// The curl processes (TLS at the client end costs about what Envoy's costs).
     clients_cpu_s: f64,
+    /// Every process on the machine (/proc/stat, all but idle and iowait): what the three
+    /// above left to other work shows how much of the machine they had.
+    machine_busy_s: f64,
 }
 
 impl Run {
@@ -223,16 +226,37 @@ fn children_cpu_s() -> Result<f64> {
     }
 }
 
+/// CPU-seconds the whole machine spent so far (first line of /proc/stat, all but idle and
+/// iowait).
+fn machine_busy_s() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let jiffies: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if jiffies.len() < 5 {
+        bail!("/proc/stat has no cpu line");
+    }
+    let idle: f64 = jiffies.iter().skip(3).take(2).sum();
+    Ok((jiffies.iter().sum::<f64>() - idle) / util::clk_tck() as f64)
+}
+
 /// [`CLIENTS`] concurrent fetches of the blob, with the CPU Envoy, regmirror and the
 /// clients spent.
 fn one_run(t: &Target, size: u64, regmirror_pid: u32) -> Result<Run> {
     let cpu = |pid: Option<u32>| -> Result<f64> {
         pid.map_or(Ok(0.0), |p| Ok(util::proc_cpu_us(p)? as f64 / 1e6))
     };
-    let (e0, r0, c0) = (
+    let (e0, r0, c0, m0) = (
         cpu(t.envoy_pid)?,
         cpu(Some(regmirror_pid))?,
         children_cpu_s()?,
+        machine_busy_s()?,
     );
     let start = Instant::now();
     std::thread::scope(|s| -> Result<()> {
@@ -252,6 +276,7 @@ fn one_run(t: &Target, size: u64, regmirror_pid: u32) -> Result<Run> {
         envoy_cpu_s: cpu(t.envoy_pid)? - e0,
         regmirror_cpu_s: cpu(Some(regmirror_pid))? - r0,
         clients_cpu_s: children_cpu_s()? - c0,
+        machine_busy_s: machine_busy_s()? - m0,
     })
 }
 
@@ -341,11 +366,12 @@ fn measure(
             .iter()
             .map(|r| {
                 format!(
-                    "{:.0} MB/s (CPU-s: Envoy {:.2}, regmirror {:.2}, clients {:.2} in {:.2}s)",
+                    "{:.0} MB/s (CPU-s: Envoy {:.2}, regmirror {:.2}, clients {:.2}, machine {:.2} in {:.2}s)",
                     r.mb_per_s(),
                     r.envoy_cpu_s,
                     r.regmirror_cpu_s,
                     r.clients_cpu_s,
+                    r.machine_busy_s,
                     r.secs
                 )
             })
@@ -424,8 +450,9 @@ fn rows(runs: &[(Via, Vec<Run>)], cores: usize) -> Vec<Row> {
         rows.push(rate_row(
             format!("what one core of Envoy TLS carries: MB served per Envoy CPU-second, --concurrency {w}{}", workers(w)),
             format!(
-                "Envoy busy {:.2} cores",
-                med(r, |x| x.cores(x.envoy_cpu_s))
+                "Envoy busy {:.2} cores (whole machine {:.2})",
+                med(r, |x| x.cores(x.envoy_cpu_s)),
+                med(r, |x| x.cores(x.machine_busy_s))
             ),
             format!(
                 "regmirror behind it {:.0} MB per CPU-s",
@@ -438,8 +465,9 @@ fn rows(runs: &[(Via, Vec<Run>)], cores: usize) -> Vec<Row> {
     rows.push(rate_row(
         "what one core of regmirror serves: MB served per regmirror CPU-second, alone".into(),
         format!(
-            "regmirror busy {:.2} cores",
-            med(alone, |x| x.cores(x.regmirror_cpu_s))
+            "regmirror busy {:.2} cores (whole machine {:.2})",
+            med(alone, |x| x.cores(x.regmirror_cpu_s)),
+            med(alone, |x| x.cores(x.machine_busy_s))
         ),
         "—".into(),
         spread(alone, |x| x.mb_per_cpu_s(x.regmirror_cpu_s)),
@@ -499,6 +527,7 @@ mod tests {
             envoy_cpu_s: envoy,
             regmirror_cpu_s: regmirror,
             clients_cpu_s: 3.0,
+            machine_busy_s: 8.0,
         }
     }
 
@@ -522,12 +551,12 @@ mod tests {
         );
         // One core of Envoy carries 2000 MB / 4 CPU-s = 500, 500, 400 MB per CPU-second.
         assert!(
-            t.contains("MB served per Envoy CPU-second, --concurrency 1 | Envoy busy 0.80 cores | regmirror behind it 2000 MB per CPU-s | 500 MB/s | 400–500 MB/s | 3 |"),
+            t.contains("MB served per Envoy CPU-second, --concurrency 1 | Envoy busy 0.80 cores (whole machine 1.60) | regmirror behind it 2000 MB per CPU-s | 500 MB/s | 400–500 MB/s | 3 |"),
             "{t}"
         );
         // A run without measurable CPU has no per-core figure, rather than an infinite one.
         assert!(
-            t.contains("per regmirror CPU-second, alone | regmirror busy 0.30 cores | — | 3333 MB/s | 3333–3333 MB/s | 1 |"),
+            t.contains("per regmirror CPU-second, alone | regmirror busy 0.30 cores (whole machine 8.00) | — | 3333 MB/s | 3333–3333 MB/s | 1 |"),
             "{t}"
         );
         assert!(t.contains("--concurrency 4 (TLS + wasm filter) → regmirror: aggregate throughput (4 workers on 2 cores: oversubscribed)"), "{t}");
