@@ -188,18 +188,37 @@ struct Target {
     envoy_pid: Option<u32>,
 }
 
-/// One curl GET of the target, body discarded: (bytes received, HTTP version).
-fn curl(t: &Target) -> Result<(u64, String)> {
+/// curl for the target: the test CA and the pinned address for TLS.
+fn curl_cmd(t: &Target) -> Command {
     let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--fail", "-o", "/dev/null"])
-        .args(["-w", "%{size_download} %{http_version}"]);
+    cmd.args(["-sS", "--fail", "-o", "/dev/null"]);
     if let Some((ca, port)) = &t.tls {
         cmd.arg("--cacert")
             .arg(ca)
             .arg("--resolve")
             .arg(format!("{HOST}:{port}:127.0.0.1"));
     }
-    cmd.arg(&t.url);
+    cmd
+}
+
+/// The TLS version and cipher curl negotiates with the target (a HEAD, for the log).
+fn tls_session(t: &Target) -> Result<String> {
+    let mut cmd = curl_cmd(t);
+    cmd.args(["-v", "-I"]).arg(&t.url);
+    let out = run_cmd(&mut cmd).with_context(|| format!("curl -I {}", t.url))?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    Ok(err
+        .lines()
+        .find_map(|l| l.split_once("SSL connection using ").map(|(_, v)| v.trim()))
+        .unwrap_or("no TLS session reported by curl")
+        .to_string())
+}
+
+/// One curl GET of the target, body discarded: (bytes received, HTTP version).
+fn curl(t: &Target) -> Result<(u64, String)> {
+    let mut cmd = curl_cmd(t);
+    cmd.args(["-w", "%{size_download} %{http_version}"])
+        .arg(&t.url);
     let out = run_cmd(&mut cmd).with_context(|| format!("curl {}", t.url))?;
     let s = String::from_utf8_lossy(&out.stdout);
     let mut it = s.split_whitespace();
@@ -345,7 +364,8 @@ fn measure(
             bail!("{via:?}: {n} bytes, expected {size}");
         }
         log.push(format!(
-            "front: {via:?} serves the blob over HTTP/{version}"
+            "front: {via:?} serves the blob over HTTP/{version}, {}",
+            tls_session(t)?
         ));
     }
     targets.push((Via::Alone, alone));
