@@ -129,6 +129,9 @@ impl ScaleOut {
                 .arg(s3.url(&prefix))
                 .arg("--spool-dir")
                 .arg(&spool)
+                // As deployed (compose `scale`, the Kubernetes Deployment): a local tier.
+                .arg("--local-cache-size")
+                .arg("1GiB")
                 .arg("--upstream")
                 .arg(format!("{GCR_SERVICE}=https://{}", up.nginx.gcr_front))
                 .arg("--upstream")
