@@ -200,7 +200,7 @@ impl Cache {
         };
         tx.send_modify(|s| s.started = Some(total));
         let mut received: u64 = 0;
-        let mut stream = resp.bytes_stream();
+        let mut stream = batched(resp.bytes_stream());
         while let Some(chunk) = stream.next().await {
             let chunk =
                 chunk.map_err(|e| CacheError::Upstream(UpstreamError::Connect(e.to_string())))?;
@@ -286,6 +286,53 @@ impl Cache {
     }
 }
 
+/// Upstream bytes per spool write at most: the TLS layer hands over 16 KiB records, and one
+/// write (a blocking-pool hop, a hash update, a watermark for the readers) per record costs
+/// more than the bytes.
+const WRITE_BATCH: usize = 512 * 1024;
+
+/// `body` regrouped: each item is one chunk plus whatever else had already arrived, until it
+/// holds [`WRITE_BATCH`]; nothing waits for more bytes than are there (joined clients see each byte
+/// as soon as it is on disk). An error ends the stream after the bytes before it.
+fn batched<E: Send + 'static>(
+    body: impl futures::Stream<Item = Result<bytes::Bytes, E>> + Send + Unpin + 'static,
+) -> futures::stream::BoxStream<'static, Result<bytes::Bytes, E>> {
+    use futures::FutureExt;
+    futures::stream::unfold((body, None, false), |(mut body, held_error, ended)| async move {
+        if let Some(e) = held_error {
+            return Some((Err(e), (body, None, true)));
+        }
+        if ended {
+            return None;
+        }
+        let first = match body.next().await? {
+            Ok(b) => b,
+            Err(e) => return Some((Err(e), (body, None, true))),
+        };
+        if first.len() >= WRITE_BATCH {
+            return Some((Ok(first), (body, None, false)));
+        }
+        let mut batch = bytes::BytesMut::from(&first[..]);
+        let (mut held, mut done) = (None, false);
+        while batch.len() < WRITE_BATCH {
+            match body.next().now_or_never() {
+                Some(Some(Ok(b))) => batch.extend_from_slice(&b),
+                Some(Some(Err(e))) => {
+                    held = Some(e);
+                    break;
+                }
+                Some(None) => {
+                    done = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        Some((Ok(batch.freeze()), (body, held, done)))
+    })
+    .boxed()
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::tests::{limits, name, open, outcome, MIB};
@@ -297,6 +344,45 @@ mod tests {
     use futures::StreamExt;
     use registry_rules::names::Reference;
     use std::time::Duration;
+
+    #[tokio::test]
+    async fn upstream_chunks_are_regrouped_in_order_without_waiting_for_more() {
+        let chunk = |n: usize, b: u8| Ok::<_, &str>(Bytes::from(vec![b; n]));
+        // All ready: grouped until a group holds WRITE_BATCH (a larger chunk stays whole),
+        // order kept, and an error comes after the bytes before it.
+        let items = vec![
+            chunk(16 << 10, 1),
+            chunk(WRITE_BATCH, 2),
+            chunk(100, 3),
+            chunk(WRITE_BATCH - 50, 4),
+            chunk(10, 5),
+            Err("cut"),
+            chunk(1, 6),
+        ];
+        let out: Vec<Result<Bytes, &str>> =
+            batched(futures::stream::iter(items)).collect().await;
+        let sizes: Vec<_> = out.iter().map(|r| r.as_ref().map(Bytes::len)).collect();
+        assert_eq!(
+            sizes,
+            vec![
+                Ok((16 << 10) + WRITE_BATCH),
+                Ok(100 + WRITE_BATCH - 50),
+                Ok(10),
+                Err(&"cut")
+            ]
+        );
+        let bytes: Vec<u8> = out.into_iter().filter_map(Result::ok).flatten().collect();
+        assert_eq!(bytes.first(), Some(&1));
+        assert_eq!(bytes.last(), Some(&5));
+        // A chunk that has arrived is handed on although the next one has not.
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Bytes, &str>>();
+        let mut s = batched(rx);
+        tx.unbounded_send(chunk(10, 7)).unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), s.next()).await;
+        assert_eq!(first.unwrap().unwrap().unwrap().len(), 10);
+        drop(tx);
+        assert!(s.next().await.is_none());
+    }
 
     #[tokio::test]
     async fn upstream_without_head_answers_from_a_get() {
