@@ -2,7 +2,7 @@
 
 use super::config::Registry;
 use super::hosts::{any_match, HostPattern};
-use super::url::{parse_url, UrlParts};
+use super::url::{parse_url, parse_url_ref, UrlParts};
 use std::fmt;
 
 /// Longest header value accepted.
@@ -120,7 +120,7 @@ struct RawValue<'a> {
 impl<'a> RawValue<'a> {
     /// The value (quoted-pairs resolved); borrowed unless it holds one.
     fn unescaped(self) -> std::borrow::Cow<'a, str> {
-        if !self.quoted || !self.text.contains('\\') {
+        if !self.quoted || !self.text.bytes().any(|b| b == b'\\') {
             return self.text.into();
         }
         let mut out = String::with_capacity(self.text.len());
@@ -146,7 +146,7 @@ impl<'a> RawValue<'a> {
 /// the escape of `"` and `\` (what [`push_quoted`] would write back).
 fn push_unescaped(out: &mut String, text: &str, keep: bool) {
     let mut rest = text;
-    while let Some(i) = rest.find('\\') {
+    while let Some(i) = rest.bytes().position(|b| b == b'\\') {
         // The byte after an ASCII `\` starts a character (the parser saw it escaped).
         let (Some(head), Some(tail)) = (rest.get(..i), rest.get(i + 1..)) else {
             break;
@@ -494,6 +494,30 @@ impl LearnedRealm {
     }
 }
 
+/// Path of the mirror's token endpoint in a rewritten realm (before `<host><path>`).
+const MIRROR_AUTH: &str = "/_mirror/auth/";
+
+/// A set of auth-param indexes of one header (at most [`MAX_PARAMS`]), without allocating.
+#[derive(Debug, Default, Clone, Copy)]
+struct ParamSet(u64);
+
+const _: () = assert!(MAX_PARAMS <= 64);
+
+impl ParamSet {
+    fn bit(i: usize) -> u64 {
+        u32::try_from(i)
+            .ok()
+            .and_then(|s| 1u64.checked_shl(s))
+            .unwrap_or(0)
+    }
+    fn insert(&mut self, i: usize) {
+        self.0 |= Self::bit(i);
+    }
+    fn contains(self, i: usize) -> bool {
+        self.0 & Self::bit(i) != 0
+    }
+}
+
 /// Result of [`rewrite_realms`] / [`rewrite_challenges`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rewritten {
@@ -573,23 +597,20 @@ pub fn rewrite_challenges(
     let mut rewritten = 0;
     let mut rejected = 0;
     let mut realms = Vec::new();
-    // The mirror's URL of each rewritten realm, by param index.
-    let mut new_realms: Vec<(usize, UrlParts)> = Vec::new();
-    // Challenges whose scopes are prefixed.
-    let mut prefixed: Vec<usize> = Vec::new();
-    for (ci, ch) in challenges.iter().enumerate() {
+    // The params (by index) whose realm is rewritten.
+    let mut new_realms = ParamSet::default();
+    for ch in &challenges {
         if !ch.scheme.eq_ignore_ascii_case("bearer") {
             continue;
         }
         let ps = params.get(ch.params.clone()).unwrap_or_default();
         let mut service = None;
-        let mut this_rewritten = false;
         for (pi, (k, v)) in ps.iter().enumerate() {
             if !k.eq_ignore_ascii_case("realm") {
                 continue;
             }
             let realm = v.unescaped();
-            match parse_url(&realm) {
+            match parse_url_ref(&realm) {
                 Some(u) if any_match(allowlist, &u.authority) => {
                     let service = service.get_or_insert_with(|| {
                         ps.iter()
@@ -597,22 +618,19 @@ pub fn rewrite_challenges(
                             .map(|(_, v)| v.unescaped())
                     });
                     realms.extend(LearnedRealm::from_url(&realm, service.as_deref()));
-                    new_realms.push((ch.params.start + pi, u));
+                    new_realms.insert(ch.params.start + pi);
                     rewritten += 1;
-                    this_rewritten = true;
                 }
                 _ => rejected += 1,
             }
-        }
-        if this_rewritten && scope_prefix.is_some() {
-            prefixed.push(ci);
         }
     }
     if rewritten == 0 {
         return unchanged(rejected);
     }
-    let mut out = String::with_capacity(header.len() + 64 * rewritten);
-    let mut next_realm = new_realms.iter().peekable();
+    let mut out = String::with_capacity(
+        header.len() + rewritten * (mirror_base.len() + MIRROR_AUTH.len() + 2),
+    );
     for (ci, c) in challenges.iter().enumerate() {
         if ci > 0 {
             out.push_str(", ");
@@ -623,7 +641,8 @@ pub fn rewrite_challenges(
             out.push_str(t);
             continue;
         }
-        let prefix = scope_prefix.filter(|_| prefixed.contains(&ci));
+        // The scopes of a challenge whose realm is rewritten go to the client's namespace.
+        let prefix = scope_prefix.filter(|_| c.params.clone().any(|pi| new_realms.contains(pi)));
         for pi in c.params.clone() {
             let Some((k, v)) = params.get(pi) else {
                 continue;
@@ -631,13 +650,15 @@ pub fn rewrite_challenges(
             out.push(if pi == c.params.start { ' ' } else { ',' });
             out.push_str(k);
             out.push('=');
-            if let Some((_, u)) = next_realm.next_if(|r| r.0 == pi) {
+            // Parsed again rather than kept: cheaper than a list of parts per 401.
+            let realm = new_realms.contains(pi).then(|| v.unescaped());
+            if let Some(u) = realm.as_deref().and_then(parse_url_ref) {
                 out.push('"');
                 push_escaped(&mut out, mirror_base);
-                out.push_str("/_mirror/auth/");
+                out.push_str(MIRROR_AUTH);
                 push_escaped(&mut out, &u.authority);
-                push_escaped(&mut out, &u.path);
-                if let Some(q) = &u.query {
+                push_escaped(&mut out, u.path);
+                if let Some(q) = u.query {
                     out.push('?');
                     push_escaped(&mut out, q);
                 }

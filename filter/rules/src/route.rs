@@ -352,7 +352,7 @@ fn host_without_port(a: &str) -> Cow<'_, str> {
     let h = if let Some(rest) = a.strip_prefix('[') {
         rest.split(']').next().unwrap_or_default()
     } else {
-        a.split(':').next().unwrap_or_default()
+        a.get(..crate::url::find_byte(a, b':')).unwrap_or_default()
     };
     if h.bytes().any(|b| b.is_ascii_uppercase()) {
         h.to_ascii_lowercase().into()
