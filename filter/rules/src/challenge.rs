@@ -105,6 +105,11 @@ fn is_tchar(b: u8) -> bool {
         | b'`' | b'|' | b'~')
 }
 
+/// A control character a quoted-string may not hold (a tab it may).
+fn is_ctl(c: u8) -> bool {
+    c < 0x20 && c != b'\t' || c == 0x7f
+}
+
 fn is_token68_char(b: u8) -> bool {
     matches!(b, b'0'..=b'9' | b'a'..=b'z' | b'A'..=b'Z' | b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
 }
@@ -114,13 +119,14 @@ fn is_token68_char(b: u8) -> bool {
 #[derive(Debug, Clone, Copy)]
 struct RawValue<'a> {
     text: &'a str,
-    quoted: bool,
+    /// `text` holds quoted-pairs (seen by the parser: nobody scans for them again).
+    escaped: bool,
 }
 
 impl<'a> RawValue<'a> {
     /// The value (quoted-pairs resolved); borrowed unless it holds one.
     fn unescaped(self) -> std::borrow::Cow<'a, str> {
-        if !self.quoted || !self.text.bytes().any(|b| b == b'\\') {
+        if !self.escaped {
             return self.text.into();
         }
         let mut out = String::with_capacity(self.text.len());
@@ -132,10 +138,10 @@ impl<'a> RawValue<'a> {
     /// [`RawValue::unescaped`], without building it.
     fn push_quoted_to(self, out: &mut String) {
         out.push('"');
-        if self.quoted {
+        if self.escaped {
             push_unescaped(out, self.text, true);
         } else {
-            // A token holds neither `"` nor `\`.
+            // Neither a token nor a quoted-string without quoted-pairs holds `"` or `\`.
             out.push_str(self.text);
         }
         out.push('"');
@@ -213,30 +219,37 @@ impl<'a> Parser<'a> {
         matches!(self.peek_at(k), None | Some(b','))
     }
     /// A quoted-string at the cursor: its inside, quoted-pairs still escaped.
-    fn quoted(&mut self) -> Result<&'a str, ChallengeError> {
+    fn quoted(&mut self) -> Result<RawValue<'a>, ChallengeError> {
         let start = self.i;
-        self.i += 1; // opening quote
+        // Plain text runs (most of a realm or scope) are skipped in a tight loop.
+        let ordinary = |c: u8| c >= 0x20 && c != b'"' && c != b'\\' && c != 0x7f;
+        let mut j = start + 1; // after the opening quote
+        let mut escaped = false;
         loop {
-            match self.peek() {
+            while self.peek_at(j).is_some_and(ordinary) {
+                j += 1;
+            }
+            match self.peek_at(j) {
                 None => return Err(ChallengeError::Syntax(start)),
                 Some(b'"') => {
-                    self.i += 1;
-                    return self.slice(start + 1, self.i - 1);
+                    self.i = j + 1;
+                    let text = self.slice(start + 1, j)?;
+                    return Ok(RawValue { text, escaped });
                 }
                 Some(b'\\') => {
-                    let c = self
-                        .peek_at(self.i + 1)
-                        .ok_or(ChallengeError::Syntax(self.i))?;
-                    if c < 0x20 && c != b'\t' || c == 0x7f {
-                        return Err(ChallengeError::Syntax(self.i));
+                    let c = self.peek_at(j + 1).ok_or(ChallengeError::Syntax(j))?;
+                    if is_ctl(c) {
+                        return Err(ChallengeError::Syntax(j));
                     }
-                    self.i += 2;
+                    escaped = true;
+                    j += 2;
                 }
+                // A tab, or a control character.
                 Some(c) => {
-                    if c < 0x20 && c != b'\t' || c == 0x7f {
-                        return Err(ChallengeError::Syntax(self.i));
+                    if is_ctl(c) {
+                        return Err(ChallengeError::Syntax(j));
                     }
-                    self.i += 1;
+                    j += 1;
                 }
             }
         }
@@ -335,10 +348,7 @@ fn parse_raw(value: &str) -> Result<(Vec<RawChallenge<'_>>, Vec<RawParam<'_>>), 
             p.i += 1;
             p.skip_ws();
             let val = if p.peek() == Some(b'"') {
-                RawValue {
-                    text: p.quoted()?,
-                    quoted: true,
-                }
+                p.quoted()?
             } else {
                 let v0 = p.i;
                 let v1 = p.token_end(v0);
@@ -348,7 +358,7 @@ fn parse_raw(value: &str) -> Result<(Vec<RawChallenge<'_>>, Vec<RawParam<'_>>), 
                 p.i = v1;
                 RawValue {
                     text: p.slice(v0, v1)?,
-                    quoted: false,
+                    escaped: false,
                 }
             };
             if params.len() >= MAX_PARAMS {
