@@ -2,7 +2,7 @@
 
 use super::config::Registry;
 use super::hosts::{any_match, HostPattern};
-use super::url::{parse_url, parse_url_ref, UrlParts};
+use super::url::{parse_url, parse_url_ref, UrlParts, UrlRef};
 use std::fmt;
 
 /// Longest header value accepted.
@@ -609,6 +609,9 @@ pub fn rewrite_challenges(
     let mut realms = Vec::new();
     // The params (by index) whose realm is rewritten.
     let mut new_realms = ParamSet::default();
+    // The first of them when it borrows the header (no quoted-pairs): the usual single
+    // realm is parsed once; any other is parsed again below.
+    let mut first_url: Option<(usize, UrlRef<'_>)> = None;
     for ch in &challenges {
         if !ch.scheme.eq_ignore_ascii_case("bearer") {
             continue;
@@ -620,19 +623,29 @@ pub fn rewrite_challenges(
                 continue;
             }
             let realm = v.unescaped();
-            match parse_url_ref(&realm) {
-                Some(u) if any_match(allowlist, &u.authority) => {
-                    let service = service.get_or_insert_with(|| {
-                        ps.iter()
-                            .find(|(k, _)| k.eq_ignore_ascii_case("service"))
-                            .map(|(_, v)| v.unescaped())
-                    });
-                    realms.extend(LearnedRealm::from_url(&realm, service.as_deref()));
-                    new_realms.insert(ch.params.start + pi);
-                    rewritten += 1;
-                }
-                _ => rejected += 1,
+            let allowed = |u: &UrlRef<'_>| any_match(allowlist, &u.authority);
+            let (ok, url) = if v.escaped {
+                (parse_url_ref(&realm).is_some_and(|u| allowed(&u)), None)
+            } else {
+                let u = parse_url_ref(v.text).filter(allowed);
+                (u.is_some(), u)
+            };
+            if !ok {
+                rejected += 1;
+                continue;
             }
+            let service = service.get_or_insert_with(|| {
+                ps.iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case("service"))
+                    .map(|(_, v)| v.unescaped())
+            });
+            realms.extend(LearnedRealm::from_url(&realm, service.as_deref()));
+            let at = ch.params.start + pi;
+            new_realms.insert(at);
+            if first_url.is_none() {
+                first_url = url.map(|u| (at, u));
+            }
+            rewritten += 1;
         }
     }
     if rewritten == 0 {
@@ -660,9 +673,13 @@ pub fn rewrite_challenges(
             out.push(if pi == c.params.start { ' ' } else { ',' });
             out.push_str(k);
             out.push('=');
-            // Parsed again rather than kept: cheaper than a list of parts per 401.
             let realm = new_realms.contains(pi).then(|| v.unescaped());
-            if let Some(u) = realm.as_deref().and_then(parse_url_ref) {
+            let url = match &first_url {
+                Some((at, u)) if *at == pi => Some(u.clone()),
+                // Parsed again rather than kept: cheaper than a list of parts per 401.
+                _ => realm.as_deref().and_then(parse_url_ref),
+            };
+            if let Some(u) = url {
                 out.push('"');
                 push_escaped(&mut out, mirror_base);
                 out.push_str(MIRROR_AUTH);
