@@ -487,10 +487,8 @@ pub fn route_with(
     if !full.starts_with('/') || !full.bytes().all(super::url::is_url_char) {
         return bad_request("invalid request path");
     }
-    let (path, query) = match full.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (full, None),
-    };
+    let q = super::url::find_byte(full, b'?');
+    let (path, query) = (full.get(..q).unwrap_or(full), full.get(q + 1..));
 
     if needs_signing_key(full) {
         return route_redirect(cfg, req, key, now, learned);
@@ -502,10 +500,10 @@ pub fn route_with(
         return route_auth(cfg, req, rest, query, learned);
     }
     if path == "/v2" || path == "/v2/" {
-        return route_v2(cfg, req, None, query);
+        return route_v2(cfg, req, &host, None, query);
     }
     if let Some(rest) = path.strip_prefix("/v2/") {
-        return route_v2(cfg, req, Some(rest), query);
+        return route_v2(cfg, req, &host, Some(rest), query);
     }
     not_found("unsupported path")
 }
@@ -527,9 +525,11 @@ enum Kind {
     Referrers,
 }
 
+/// `host`: the client's, as [`host_without_port`] gives it.
 fn route_v2(
     cfg: &CompiledConfig,
     req: &Request<'_>,
+    host: &str,
     rest: Option<&str>,
     query: Option<&str>,
 ) -> Decision {
@@ -540,8 +540,15 @@ fn route_v2(
     let (parsed, mut name) = match rest {
         None => (None, None),
         Some(rest) => {
-            let mut parts = rest.rsplitn(3, '/');
-            let (Some(last), Some(kind), Some(name)) = (parts.next(), parts.next(), parts.next())
+            // The last two `/` (a byte loop: this runs on every request).
+            let slash_before =
+                |end: usize| rest.as_bytes().get(..end)?.iter().rposition(|&b| b == b'/');
+            let Some((k, n)) = slash_before(rest.len()).and_then(|k| Some((k, slash_before(k)?)))
+            else {
+                return not_found("unsupported path");
+            };
+            let (Some(name), Some(kind), Some(last)) =
+                (rest.get(..n), rest.get(n + 1..k), rest.get(k + 1..))
             else {
                 return not_found("unsupported path");
             };
@@ -557,13 +564,12 @@ fn route_v2(
     };
 
     // Registry selection: host mode, ns, path prefix, default.
-    let host = host_without_port(req.authority);
     let ns_reg = match &ns_raw {
         None => None,
         Some(raw) => match percent_decode(raw).and_then(|d| cfg.registry(&d).map(|r| (d, r))) {
             Some(x) => Some(x),
             None => {
-                if cfg.registry_for_host(&host).is_none() {
+                if cfg.registry_for_host(host).is_none() {
                     return name_unknown("unknown registry in ns");
                 }
                 None
@@ -573,7 +579,7 @@ fn route_v2(
     let echo = ns_reg.as_ref().map(|(d, _)| d.clone());
     let mut path_prefix = None;
     let mut by_default = false;
-    let registry: Option<&Registry> = if let Some(r) = cfg.registry_for_host(&host) {
+    let registry: Option<&Registry> = if let Some(r) = cfg.registry_for_host(host) {
         Some(r)
     } else if let Some((_, r)) = ns_reg {
         // containerd's path-prefix mode (`override_path`) still adds `ns`: a first
