@@ -124,6 +124,8 @@ struct RequestHeaders {
     scheme: Option<String>,
     forwarded_proto: Option<String>,
     authorization: Option<String>,
+    /// The client sent an `x-mirror-registry` (only the filter's own may reach a route).
+    registry_header: bool,
 }
 
 impl RequestHeaders {
@@ -139,6 +141,10 @@ impl RequestHeaders {
                 ":scheme" => (&mut h.scheme, ":scheme"),
                 "x-forwarded-proto" => (&mut h.forwarded_proto, "x-forwarded-proto"),
                 "authorization" => (&mut h.authorization, "authorization"),
+                "x-mirror-registry" => {
+                    h.registry_header = true;
+                    continue;
+                }
                 _ => continue,
             };
             if slot.is_none() {
@@ -220,8 +226,19 @@ impl MirrorHttp {
         if f.path != client.path {
             hostcalls::set_map_value(req, ":path", Some(&f.path))?;
         }
-        // Replacing removes every client-sent copy (which must never reach an upstream).
-        hostcalls::set_map_value(req, "x-mirror-registry", Some(&f.registry))?;
+        // Only cache-service reads it (Envoy routes there by the authority of a cached
+        // registry's upstream) and Envoy strips it on every other route: elsewhere it is
+        // written only to replace a client's copies (which must never reach an upstream),
+        // one host call fewer per request.
+        let to_cache = f.cache_key.is_some()
+            || shared
+                .cfg
+                .registries()
+                .iter()
+                .any(|r| r.cache && r.upstream == f.authority);
+        if to_cache || client.registry_header {
+            hostcalls::set_map_value(req, "x-mirror-registry", Some(&f.registry))?;
+        }
         // Only routes to the cache are hashed on it; Envoy strips it on every other route.
         if let Some(key) = &f.cache_key {
             hostcalls::set_map_value(req, CACHE_KEY_HEADER, Some(key))?;

@@ -2,7 +2,7 @@
 
 use super::config::Registry;
 use super::hosts::{any_match, HostPattern};
-use super::url::{parse_url, UrlParts};
+use super::url::{parse_url, parse_url_ref, UrlParts, UrlRef};
 use std::fmt;
 
 /// Longest header value accepted.
@@ -105,6 +105,11 @@ fn is_tchar(b: u8) -> bool {
         | b'`' | b'|' | b'~')
 }
 
+/// A control character a quoted-string may not hold (a tab it may).
+fn is_ctl(c: u8) -> bool {
+    c < 0x20 && c != b'\t' || c == 0x7f
+}
+
 fn is_token68_char(b: u8) -> bool {
     matches!(b, b'0'..=b'9' | b'a'..=b'z' | b'A'..=b'Z' | b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
 }
@@ -114,13 +119,14 @@ fn is_token68_char(b: u8) -> bool {
 #[derive(Debug, Clone, Copy)]
 struct RawValue<'a> {
     text: &'a str,
-    quoted: bool,
+    /// `text` holds quoted-pairs (seen by the parser: nobody scans for them again).
+    escaped: bool,
 }
 
 impl<'a> RawValue<'a> {
     /// The value (quoted-pairs resolved); borrowed unless it holds one.
     fn unescaped(self) -> std::borrow::Cow<'a, str> {
-        if !self.quoted || !self.text.contains('\\') {
+        if !self.escaped {
             return self.text.into();
         }
         let mut out = String::with_capacity(self.text.len());
@@ -132,10 +138,10 @@ impl<'a> RawValue<'a> {
     /// [`RawValue::unescaped`], without building it.
     fn push_quoted_to(self, out: &mut String) {
         out.push('"');
-        if self.quoted {
+        if self.escaped {
             push_unescaped(out, self.text, true);
         } else {
-            // A token holds neither `"` nor `\`.
+            // Neither a token nor a quoted-string without quoted-pairs holds `"` or `\`.
             out.push_str(self.text);
         }
         out.push('"');
@@ -146,7 +152,7 @@ impl<'a> RawValue<'a> {
 /// the escape of `"` and `\` (what [`push_quoted`] would write back).
 fn push_unescaped(out: &mut String, text: &str, keep: bool) {
     let mut rest = text;
-    while let Some(i) = rest.find('\\') {
+    while let Some(i) = rest.bytes().position(|b| b == b'\\') {
         // The byte after an ASCII `\` starts a character (the parser saw it escaped).
         let (Some(head), Some(tail)) = (rest.get(..i), rest.get(i + 1..)) else {
             break;
@@ -213,30 +219,37 @@ impl<'a> Parser<'a> {
         matches!(self.peek_at(k), None | Some(b','))
     }
     /// A quoted-string at the cursor: its inside, quoted-pairs still escaped.
-    fn quoted(&mut self) -> Result<&'a str, ChallengeError> {
+    fn quoted(&mut self) -> Result<RawValue<'a>, ChallengeError> {
         let start = self.i;
-        self.i += 1; // opening quote
+        // Plain text runs (most of a realm or scope) are skipped in a tight loop.
+        let ordinary = |c: u8| c >= 0x20 && c != b'"' && c != b'\\' && c != 0x7f;
+        let mut j = start + 1; // after the opening quote
+        let mut escaped = false;
         loop {
-            match self.peek() {
+            while self.peek_at(j).is_some_and(ordinary) {
+                j += 1;
+            }
+            match self.peek_at(j) {
                 None => return Err(ChallengeError::Syntax(start)),
                 Some(b'"') => {
-                    self.i += 1;
-                    return self.slice(start + 1, self.i - 1);
+                    self.i = j + 1;
+                    let text = self.slice(start + 1, j)?;
+                    return Ok(RawValue { text, escaped });
                 }
                 Some(b'\\') => {
-                    let c = self
-                        .peek_at(self.i + 1)
-                        .ok_or(ChallengeError::Syntax(self.i))?;
-                    if c < 0x20 && c != b'\t' || c == 0x7f {
-                        return Err(ChallengeError::Syntax(self.i));
+                    let c = self.peek_at(j + 1).ok_or(ChallengeError::Syntax(j))?;
+                    if is_ctl(c) {
+                        return Err(ChallengeError::Syntax(j));
                     }
-                    self.i += 2;
+                    escaped = true;
+                    j += 2;
                 }
+                // A tab, or a control character.
                 Some(c) => {
-                    if c < 0x20 && c != b'\t' || c == 0x7f {
-                        return Err(ChallengeError::Syntax(self.i));
+                    if is_ctl(c) {
+                        return Err(ChallengeError::Syntax(j));
                     }
-                    self.i += 1;
+                    j += 1;
                 }
             }
         }
@@ -335,10 +348,7 @@ fn parse_raw(value: &str) -> Result<(Vec<RawChallenge<'_>>, Vec<RawParam<'_>>), 
             p.i += 1;
             p.skip_ws();
             let val = if p.peek() == Some(b'"') {
-                RawValue {
-                    text: p.quoted()?,
-                    quoted: true,
-                }
+                p.quoted()?
             } else {
                 let v0 = p.i;
                 let v1 = p.token_end(v0);
@@ -348,7 +358,7 @@ fn parse_raw(value: &str) -> Result<(Vec<RawChallenge<'_>>, Vec<RawParam<'_>>), 
                 p.i = v1;
                 RawValue {
                     text: p.slice(v0, v1)?,
-                    quoted: false,
+                    escaped: false,
                 }
             };
             if params.len() >= MAX_PARAMS {
@@ -494,6 +504,30 @@ impl LearnedRealm {
     }
 }
 
+/// Path of the mirror's token endpoint in a rewritten realm (before `<host><path>`).
+const MIRROR_AUTH: &str = "/_mirror/auth/";
+
+/// A set of auth-param indexes of one header (at most [`MAX_PARAMS`]), without allocating.
+#[derive(Debug, Default, Clone, Copy)]
+struct ParamSet(u64);
+
+const _: () = assert!(MAX_PARAMS <= 64);
+
+impl ParamSet {
+    fn bit(i: usize) -> u64 {
+        u32::try_from(i)
+            .ok()
+            .and_then(|s| 1u64.checked_shl(s))
+            .unwrap_or(0)
+    }
+    fn insert(&mut self, i: usize) {
+        self.0 |= Self::bit(i);
+    }
+    fn contains(self, i: usize) -> bool {
+        self.0 & Self::bit(i) != 0
+    }
+}
+
 /// Result of [`rewrite_realms`] / [`rewrite_challenges`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rewritten {
@@ -573,46 +607,53 @@ pub fn rewrite_challenges(
     let mut rewritten = 0;
     let mut rejected = 0;
     let mut realms = Vec::new();
-    // The mirror's URL of each rewritten realm, by param index.
-    let mut new_realms: Vec<(usize, UrlParts)> = Vec::new();
-    // Challenges whose scopes are prefixed.
-    let mut prefixed: Vec<usize> = Vec::new();
-    for (ci, ch) in challenges.iter().enumerate() {
+    // The params (by index) whose realm is rewritten.
+    let mut new_realms = ParamSet::default();
+    // The first of them when it borrows the header (no quoted-pairs): the usual single
+    // realm is parsed once; any other is parsed again below.
+    let mut first_url: Option<(usize, UrlRef<'_>)> = None;
+    for ch in &challenges {
         if !ch.scheme.eq_ignore_ascii_case("bearer") {
             continue;
         }
         let ps = params.get(ch.params.clone()).unwrap_or_default();
         let mut service = None;
-        let mut this_rewritten = false;
         for (pi, (k, v)) in ps.iter().enumerate() {
             if !k.eq_ignore_ascii_case("realm") {
                 continue;
             }
             let realm = v.unescaped();
-            match parse_url(&realm) {
-                Some(u) if any_match(allowlist, &u.authority) => {
-                    let service = service.get_or_insert_with(|| {
-                        ps.iter()
-                            .find(|(k, _)| k.eq_ignore_ascii_case("service"))
-                            .map(|(_, v)| v.unescaped())
-                    });
-                    realms.extend(LearnedRealm::from_url(&realm, service.as_deref()));
-                    new_realms.push((ch.params.start + pi, u));
-                    rewritten += 1;
-                    this_rewritten = true;
-                }
-                _ => rejected += 1,
+            let allowed = |u: &UrlRef<'_>| any_match(allowlist, &u.authority);
+            let (ok, url) = if v.escaped {
+                (parse_url_ref(&realm).is_some_and(|u| allowed(&u)), None)
+            } else {
+                let u = parse_url_ref(v.text).filter(allowed);
+                (u.is_some(), u)
+            };
+            if !ok {
+                rejected += 1;
+                continue;
             }
-        }
-        if this_rewritten && scope_prefix.is_some() {
-            prefixed.push(ci);
+            let service = service.get_or_insert_with(|| {
+                ps.iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case("service"))
+                    .map(|(_, v)| v.unescaped())
+            });
+            realms.extend(LearnedRealm::from_url(&realm, service.as_deref()));
+            let at = ch.params.start + pi;
+            new_realms.insert(at);
+            if first_url.is_none() {
+                first_url = url.map(|u| (at, u));
+            }
+            rewritten += 1;
         }
     }
     if rewritten == 0 {
         return unchanged(rejected);
     }
-    let mut out = String::with_capacity(header.len() + 64 * rewritten);
-    let mut next_realm = new_realms.iter().peekable();
+    let mut out = String::with_capacity(
+        header.len() + rewritten * (mirror_base.len() + MIRROR_AUTH.len() + 2),
+    );
     for (ci, c) in challenges.iter().enumerate() {
         if ci > 0 {
             out.push_str(", ");
@@ -623,7 +664,8 @@ pub fn rewrite_challenges(
             out.push_str(t);
             continue;
         }
-        let prefix = scope_prefix.filter(|_| prefixed.contains(&ci));
+        // The scopes of a challenge whose realm is rewritten go to the client's namespace.
+        let prefix = scope_prefix.filter(|_| c.params.clone().any(|pi| new_realms.contains(pi)));
         for pi in c.params.clone() {
             let Some((k, v)) = params.get(pi) else {
                 continue;
@@ -631,13 +673,19 @@ pub fn rewrite_challenges(
             out.push(if pi == c.params.start { ' ' } else { ',' });
             out.push_str(k);
             out.push('=');
-            if let Some((_, u)) = next_realm.next_if(|r| r.0 == pi) {
+            let realm = new_realms.contains(pi).then(|| v.unescaped());
+            let url = match &first_url {
+                Some((at, u)) if *at == pi => Some(u.clone()),
+                // Parsed again rather than kept: cheaper than a list of parts per 401.
+                _ => realm.as_deref().and_then(parse_url_ref),
+            };
+            if let Some(u) = url {
                 out.push('"');
                 push_escaped(&mut out, mirror_base);
-                out.push_str("/_mirror/auth/");
+                out.push_str(MIRROR_AUTH);
                 push_escaped(&mut out, &u.authority);
-                push_escaped(&mut out, &u.path);
-                if let Some(q) = &u.query {
+                push_escaped(&mut out, u.path);
+                if let Some(q) = u.query {
                     out.push('?');
                     push_escaped(&mut out, q);
                 }

@@ -286,6 +286,8 @@ pub struct CompiledConfig {
     registries: Vec<Registry>,
     by_name: HashMap<String, usize>,
     by_host: HashMap<String, usize>,
+    /// The suffix every key of `by_host` ends in (the compiled `host_suffix`).
+    by_host_suffix: Option<String>,
     default_registry: Option<usize>,
     /// Host-mode suffix.
     pub host_suffix: Option<String>,
@@ -305,14 +307,28 @@ impl CompiledConfig {
 
     /// Registry by name or alias (case-insensitive).
     pub fn registry(&self, name: &str) -> Option<&Registry> {
-        let key = name.to_ascii_lowercase();
-        self.by_name.get(&key).and_then(|&i| self.registries.get(i))
+        let key = lowercase(name);
+        self.by_name
+            .get(key.as_ref())
+            .and_then(|&i| self.registries.get(i))
     }
 
     /// Registry selected by a host-mode host (no port).
     pub fn registry_for_host(&self, host: &str) -> Option<&Registry> {
-        let key = host.to_ascii_lowercase();
-        self.by_host.get(&key).and_then(|&i| self.registries.get(i))
+        // Every host-mode host ends in the suffix: the shared host (every request there)
+        // is told apart without hashing.
+        let sfx = self.by_host_suffix.as_deref()?;
+        if host.len() <= sfx.len()
+            || !host
+                .get(host.len() - sfx.len()..)
+                .is_some_and(|end| end.eq_ignore_ascii_case(sfx))
+        {
+            return None;
+        }
+        let key = lowercase(host);
+        self.by_host
+            .get(key.as_ref())
+            .and_then(|&i| self.registries.get(i))
     }
 
     /// The default registry.
@@ -334,6 +350,15 @@ impl CompiledConfig {
         self.registries
             .iter()
             .find(|r| any_match(&r.realm_hosts, authority))
+    }
+}
+
+/// `s` lowercased, borrowed when it already is (lookups run on every request).
+fn lowercase(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        s.to_ascii_lowercase().into()
+    } else {
+        s.into()
     }
 }
 
@@ -509,6 +534,7 @@ pub fn compile(cfg: &FilterConfig) -> Result<CompiledConfig, ConfigError> {
         registries,
         by_name,
         by_host,
+        by_host_suffix: host_suffix.clone(),
         default_registry,
         host_suffix,
         redirect_ttl_seconds: ttl,

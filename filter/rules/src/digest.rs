@@ -45,6 +45,15 @@ pub struct Digest {
 impl Digest {
     /// Parses `sha256:<64 lower hex>` or `sha512:<128 lower hex>`.
     pub fn parse(s: &str) -> Result<Self, NameError> {
+        Ok(Digest {
+            algorithm: Self::check(s)?,
+            text: s.to_owned(),
+        })
+    }
+
+    /// What [`Digest::parse`] accepts, checked without building one (routing only needs
+    /// to know a path's digest is valid): its algorithm.
+    pub(crate) fn check(s: &str) -> Result<Algorithm, NameError> {
         let (alg, hex) = s.split_once(':').ok_or(NameError::Digest)?;
         let algorithm = match alg {
             "sha256" => Algorithm::Sha256,
@@ -58,10 +67,7 @@ impl Digest {
         {
             return Err(NameError::Digest);
         }
-        Ok(Digest {
-            text: s.to_owned(),
-            algorithm,
-        })
+        Ok(algorithm)
     }
 
     /// The digest of a finished sha256 hash.

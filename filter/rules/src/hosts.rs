@@ -8,15 +8,26 @@ pub fn is_valid_hostname(h: &str) -> bool {
     if h.is_empty() || h.len() > 253 {
         return false;
     }
-    h.split('.').all(|label| {
-        let b = label.as_bytes();
-        !b.is_empty()
-            && b.len() <= 63
-            && b.iter()
-                .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
-            && b.first() != Some(&b'-')
-            && b.last() != Some(&b'-')
-    })
+    // One pass over the bytes (every realm and redirect target is checked): each label
+    // non-empty, at most 63 of `[a-z0-9-]`, neither starting nor ending with `-`.
+    let mut label = 0usize;
+    let mut prev = b'.';
+    for &c in h.as_bytes() {
+        if c == b'.' {
+            if label == 0 || prev == b'-' {
+                return false;
+            }
+            label = 0;
+        } else {
+            let ok = c.is_ascii_lowercase() || c.is_ascii_digit() || (c == b'-' && label > 0);
+            label += 1;
+            if !ok || label > 63 {
+                return false;
+            }
+        }
+        prev = c;
+    }
+    label > 0 && prev != b'-'
 }
 
 /// Validates a port: 1..=65535, digits only, no leading zero.
@@ -30,9 +41,10 @@ fn is_valid_port(p: &str) -> bool {
 
 /// Validates `host[:port]` (lowercase).
 pub fn is_valid_authority(a: &str) -> bool {
-    match a.split_once(':') {
-        Some((h, p)) => is_valid_hostname(h) && is_valid_port(p),
-        None => is_valid_hostname(a),
+    let colon = crate::url::find_byte(a, b':');
+    match (a.get(..colon), a.get(colon + 1..)) {
+        (Some(h), Some(p)) => is_valid_hostname(h) && is_valid_port(p),
+        _ => is_valid_hostname(a),
     }
 }
 
@@ -118,6 +130,32 @@ pub fn any_match(patterns: &[HostPattern], authority: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
+    /// The grammar of [`is_valid_hostname`] as stated, label by label.
+    fn hostname_reference(h: &str) -> bool {
+        !h.is_empty()
+            && h.len() <= 253
+            && h.split('.').all(|label| {
+                let b = label.as_bytes();
+                !b.is_empty()
+                    && b.len() <= 63
+                    && b.iter()
+                        .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+                    && b.first() != Some(&b'-')
+                    && b.last() != Some(&b'-')
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn hostname_check_agrees_with_the_grammar(
+            h in prop_oneof!["[a-z0-9.-]{0,12}", "[a-zA-Z0-9._:-]{0,20}", "([a-z-]{0,64}\\.){0,5}[a-z0-9-]{0,64}"],
+        ) {
+            prop_assert_eq!(is_valid_hostname(&h), hostname_reference(&h), "{}", h);
+        }
+    }
+
     use super::*;
 
     #[test]

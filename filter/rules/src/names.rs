@@ -63,6 +63,12 @@ pub fn is_valid_component(c: &str) -> bool {
     }
 }
 
+/// What [`RepositoryName::parse`] accepts, checked without building one (routing checks
+/// a name inside the path it builds).
+pub(crate) fn is_valid_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_NAME_LEN && s.split('/').all(is_valid_component)
+}
+
 /// A repository name such as `library/alpine`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RepositoryName(String);
@@ -70,10 +76,7 @@ pub struct RepositoryName(String);
 impl RepositoryName {
     /// Parses and validates a full repository name.
     pub fn parse(s: &str) -> Result<Self, NameError> {
-        if s.is_empty() || s.len() > MAX_NAME_LEN {
-            return Err(NameError::Name);
-        }
-        if s.split('/').all(is_valid_component) {
+        if is_valid_name(s) {
             Ok(RepositoryName(s.to_string()))
         } else {
             Err(NameError::Name)
@@ -151,6 +154,17 @@ impl Reference {
             Digest::parse(s).map(Reference::Digest)
         } else {
             Tag::parse(s).map(Reference::Tag)
+        }
+    }
+
+    /// What [`Reference::parse`] accepts, checked without building one; true for a digest.
+    pub(crate) fn check(s: &str) -> Result<bool, NameError> {
+        if s.contains(':') {
+            Digest::check(s).map(|_| true)
+        } else if is_valid_tag(s) {
+            Ok(false)
+        } else {
+            Err(NameError::Tag)
         }
     }
 }

@@ -9,14 +9,16 @@ use super::config::{
 };
 use super::digest::Digest;
 use super::hosts::any_match;
-use super::names::{Reference, RepositoryName};
+use super::names::{NameError, Reference, RepositoryName};
 use super::realms::IssuedRealms;
 use super::redirect::{
     mirror_url, resolve_location, rewrite_location, LocationOutcome, SignParams, SignedRedirect,
     Target, PREFIX,
 };
 use super::response::{plan_challenges, Answer};
-use super::route::{route_with, Decision, ForwardKind, Learned, NothingLearned, Request};
+use super::route::{
+    route_with, Decision, ForwardKind, Learned, NothingLearned, RejectReason, Request,
+};
 use super::token;
 use super::token_host::TokenHosts;
 use super::url::{decode_query_value, encode_query_value, is_url_char, parse_url};
@@ -240,6 +242,57 @@ fn configs() -> Vec<CompiledConfig> {
         .collect()
 }
 
+/// A `/v2/<name>/<kind>/<last>` request for the default registry as the typed parsers
+/// route it: the upstream path and cache key, else the rejection's reason. The reference
+/// for routing's one-buffer path building.
+fn v2_reference(
+    cfg: &CompiledConfig,
+    name: &str,
+    kind: &str,
+    last: &str,
+) -> Option<Result<(String, Option<String>), RejectReason>> {
+    let reg = cfg.default_registry()?;
+    let full = if reg.library_namespace && !name.contains('/') {
+        format!("library/{name}")
+    } else {
+        name.to_string()
+    };
+    let Ok(name) = RepositoryName::parse(&full) else {
+        return Some(Err(RejectReason::NameInvalid));
+    };
+    let reason = |e: NameError| match e {
+        NameError::Name => RejectReason::NameInvalid,
+        NameError::Tag => RejectReason::TagInvalid,
+        NameError::Digest => RejectReason::DigestInvalid,
+    };
+    let (path, key) = match kind {
+        "tags" => {
+            let p = format!("/v2/{name}/tags/list");
+            (p.clone(), p)
+        }
+        "manifests" => match Reference::parse(last) {
+            Ok(Reference::Digest(d)) => (format!("/v2/{name}/manifests/{d}"), d.to_string()),
+            Ok(Reference::Tag(t)) => (
+                format!("/v2/{name}/manifests/{t}"),
+                format!("{}/{name}:{t}", reg.name),
+            ),
+            Err(e) => return Some(Err(reason(e))),
+        },
+        "blobs" => match Digest::parse(last) {
+            Ok(d) => (format!("/v2/{name}/blobs/{d}"), d.to_string()),
+            Err(e) => return Some(Err(reason(e))),
+        },
+        _ => match Digest::parse(last) {
+            Ok(d) => {
+                let p = format!("/v2/{name}/referrers/{d}");
+                (p.clone(), p)
+            }
+            Err(e) => return Some(Err(reason(e))),
+        },
+    };
+    Some(Ok((path, reg.cache.then_some(key))))
+}
+
 /// An Envoy that has learned everything: every realm issued, every host a token host.
 struct AllLearned;
 
@@ -429,6 +482,54 @@ proptest! {
             };
             let d = route_with(&cfg, &req, &KEY, now, learned);
             check_decision(&cfg, &d)?;
+        }
+    }
+
+    #[test]
+    fn v2_resource_routes_agree_with_the_typed_parsers(
+        first in "[a-z0-9_A-]{1,6}",
+        more in prop::collection::vec("[a-zA-Z0-9_-][a-zA-Z0-9._-]{0,5}", 0..4),
+        kind in prop::sample::select(&["manifests", "blobs", "tags", "referrers"][..]),
+        last in prop_oneof![
+            "[a-zA-Z0-9._:-]{0,12}",
+            "(sha256|sha512|SHA256|md5):[0-9a-fA-F]{62,66}",
+            Just(format!("sha256:{}", "ab".repeat(32))),
+            Just("list".to_string()),
+        ],
+        cached in any::<bool>(),
+    ) {
+        let name = std::iter::once(first).chain(more).collect::<Vec<_>>().join("/");
+        let last = if kind == "tags" { "list".to_string() } else { last };
+        // Not a path trick (a dot segment): those are refused before the resource is read.
+        prop_assume!(last != "." && last != "..");
+        let mut c = default_config();
+        for r in &mut c.registries {
+            r.cache = cached;
+        }
+        let Ok(cfg) = compile(&c) else {
+            return Err(TestCaseError::reject("configuration"));
+        };
+        let Some(want) = v2_reference(&cfg, &name, kind, &last) else {
+            return Err(TestCaseError::reject("no default registry"));
+        };
+        let path = format!("/v2/{name}/{kind}/{last}");
+        let req = Request {
+            method: "GET",
+            authority: "127.0.0.1:5000",
+            path: &path,
+            scheme: "http",
+            forwarded_proto: None,
+            authorization: None,
+        };
+        let got = match route_with(&cfg, &req, &KEY, 0, &NothingLearned) {
+            Decision::Forward(f) => Ok((f.path, f.cache_key)),
+            Decision::Reply(r) => Err(r.reason),
+            other => return Err(TestCaseError::fail(format!("{other:?}"))),
+        };
+        match (got, want) {
+            (Ok(g), Ok(w)) => prop_assert_eq!(g, w),
+            (Err(g), Err(w)) => prop_assert_eq!(g, Some(w)),
+            (g, w) => prop_assert!(false, "{path}: got {g:?}, want {w:?}"),
         }
     }
 

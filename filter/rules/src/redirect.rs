@@ -5,7 +5,6 @@ use super::hosts::is_valid_authority;
 use super::url::{is_url_char, parse_url};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use std::fmt::Write as _;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -38,9 +37,11 @@ impl Target {
 
 /// Lower hex encoding.
 pub fn hex(bytes: &[u8]) -> String {
+    // Digit by digit, not `write!` per byte (formatting cost more than the HMAC it encodes).
     let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
+    for &b in bytes {
+        s.extend(char::from_digit(u32::from(b >> 4), 16));
+        s.extend(char::from_digit(u32::from(b & 0xf), 16));
     }
     s
 }
@@ -122,8 +123,16 @@ pub fn resolve_location(location: &str, base_host: &str, base_path: &str) -> Opt
     })
 }
 
-fn message(registry: &str, expires: u64, cred: &str, host: &str, path_and_query: &str) -> String {
-    format!("{registry}\n{expires}\n{cred}\n{host}\n{path_and_query}")
+/// Feeds the signed message `<registry>\n<expires>\n<cred>\n<host>\n<tail…>` to `mac`
+/// piece by piece (never built as one string).
+fn feed(mac: &mut HmacSha256, registry: &str, expires: u64, cred: &str, host: &str, tail: &[&str]) {
+    let expires = expires.to_string();
+    for part in [registry, "\n", &expires, "\n", cred, "\n", host, "\n"]
+        .iter()
+        .chain(tail)
+    {
+        mac.update(part.as_bytes());
+    }
 }
 
 /// Hex HMAC-SHA256 over `<registry>\n<expires>\n<cred>\n<host>\n<path>[?<query>]`.
@@ -137,7 +146,7 @@ pub fn sign(
 ) -> String {
     match HmacSha256::new_from_slice(key) {
         Ok(mut mac) => {
-            mac.update(message(registry, expires, cred, host, path_and_query).as_bytes());
+            feed(&mut mac, registry, expires, cred, host, &[path_and_query]);
             hex(&mac.finalize().into_bytes())
         }
         Err(_) => String::new(),
@@ -155,10 +164,25 @@ pub fn mirror_url(
 ) -> String {
     let pq = target.path_and_query();
     let sig = sign(key, registry, expires, cred, &target.host, &pq);
-    format!(
-        "{mirror_base}{PREFIX}{registry}/{expires}/{cred}/{sig}/{}{pq}",
-        target.host
-    )
+    let expires = expires.to_string();
+    let parts = [
+        mirror_base,
+        PREFIX,
+        registry,
+        "/",
+        &expires,
+        "/",
+        cred,
+        "/",
+        &sig,
+        "/",
+        &target.host,
+        &pq,
+    ];
+    // One allocation (`format!` grew it several times).
+    let mut url = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+    parts.iter().for_each(|p| url.push_str(p));
+    url
 }
 
 /// A parsed (not yet verified) signed redirect path.
@@ -264,15 +288,18 @@ impl SignedRedirect {
         }
         let sig = super::config::decode_hex(&self.sig).ok_or(RedirectError::BadSignature)?;
         let mut mac = HmacSha256::new_from_slice(key).map_err(|_| RedirectError::BadSignature)?;
-        mac.update(
-            message(
-                &self.registry,
-                self.expires,
-                &self.cred,
-                &self.target.host,
-                &self.target.path_and_query(),
-            )
-            .as_bytes(),
+        let t = &self.target;
+        let tail = match &t.query {
+            Some(q) => [t.path.as_str(), "?", q],
+            None => [t.path.as_str(), "", ""],
+        };
+        feed(
+            &mut mac,
+            &self.registry,
+            self.expires,
+            &self.cred,
+            &t.host,
+            &tail,
         );
         mac.verify_slice(&sig)
             .map_err(|_| RedirectError::BadSignature)?;
@@ -355,6 +382,14 @@ pub fn rewrite_location(
 mod tests {
     use super::*;
     use crate::config::parse as parse_config;
+
+    #[test]
+    fn hex_is_lowercase_two_digits_per_byte() {
+        let all: Vec<u8> = (0..=255).collect();
+        let want: String = all.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex(&all), want);
+        assert_eq!(hex(&[]), "");
+    }
 
     const KEY: [u8; 32] = [7u8; 32];
 

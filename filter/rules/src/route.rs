@@ -4,7 +4,7 @@ use super::challenge::LearnedRealm;
 use super::config::{ClientAuth, CompiledConfig, Registry};
 use super::digest::Digest;
 use super::hosts::{any_match, is_valid_authority};
-use super::names::{NameError, Reference, RepositoryName};
+use super::names::{is_valid_name, NameError, Reference};
 use super::oci_error::{render, ErrorCode};
 use super::realms::RealmUrl;
 use super::redirect::{SignedRedirect, PREFIX as REDIRECT_PREFIX};
@@ -81,10 +81,12 @@ pub struct Forward {
 /// tag on `registry/name:tag` (one tag record), anything else on its path.
 #[derive(Debug, Clone, Copy)]
 enum CacheKey<'a> {
-    Digest(&'a Digest),
+    /// A validated digest.
+    Digest(&'a str),
     Tag {
         registry: &'a str,
-        name: &'a RepositoryName,
+        /// A validated repository name.
+        name: &'a str,
         tag: &'a str,
     },
     Path(&'a str),
@@ -93,7 +95,7 @@ enum CacheKey<'a> {
 impl CacheKey<'_> {
     fn header_value(self) -> String {
         match self {
-            Self::Digest(digest) => digest.to_string(),
+            Self::Digest(digest) => digest.to_owned(),
             Self::Tag {
                 registry,
                 name,
@@ -350,7 +352,7 @@ fn host_without_port(a: &str) -> Cow<'_, str> {
     let h = if let Some(rest) = a.strip_prefix('[') {
         rest.split(']').next().unwrap_or_default()
     } else {
-        a.split(':').next().unwrap_or_default()
+        a.get(..crate::url::find_byte(a, b':')).unwrap_or_default()
     };
     if h.bytes().any(|b| b.is_ascii_uppercase()) {
         h.to_ascii_lowercase().into()
@@ -430,11 +432,13 @@ fn take_ns(query: Option<&str>) -> (Option<String>, Option<String>) {
     (ns, rest)
 }
 
-fn with_query(path: String, query: Option<&str>) -> String {
-    match query {
-        Some(q) => format!("{path}?{q}"),
-        None => path,
+fn with_query(mut path: String, query: Option<&str>) -> String {
+    if let Some(q) = query {
+        path.reserve(1 + q.len());
+        path.push('?');
+        path.push_str(q);
     }
+    path
 }
 
 /// Does routing `path` verify a signed redirect, so that it needs the signing key and the
@@ -483,10 +487,8 @@ pub fn route_with(
     if !full.starts_with('/') || !full.bytes().all(super::url::is_url_char) {
         return bad_request("invalid request path");
     }
-    let (path, query) = match full.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (full, None),
-    };
+    let q = super::url::find_byte(full, b'?');
+    let (path, query) = (full.get(..q).unwrap_or(full), full.get(q + 1..));
 
     if needs_signing_key(full) {
         return route_redirect(cfg, req, key, now, learned);
@@ -498,12 +500,22 @@ pub fn route_with(
         return route_auth(cfg, req, rest, query, learned);
     }
     if path == "/v2" || path == "/v2/" {
-        return route_v2(cfg, req, None, query);
+        return route_v2(cfg, req, &host, None, query);
     }
     if let Some(rest) = path.strip_prefix("/v2/") {
-        return route_v2(cfg, req, Some(rest), query);
+        return route_v2(cfg, req, &host, Some(rest), query);
     }
     not_found("unsupported path")
+}
+
+/// The first `/`-separated component of a name.
+fn first_component(name: Option<&str>) -> Option<&str> {
+    name.map(|n| n.split('/').next().unwrap_or(n))
+}
+
+/// The name without its first component; `None` when that was the only one.
+fn drop_first(name: Option<&str>) -> Option<&str> {
+    name.and_then(|n| n.split_once('/')).map(|(_, r)| r)
 }
 
 enum Kind {
@@ -513,25 +525,30 @@ enum Kind {
     Referrers,
 }
 
+/// `host`: the client's, as [`host_without_port`] gives it.
 fn route_v2(
     cfg: &CompiledConfig,
     req: &Request<'_>,
+    host: &str,
     rest: Option<&str>,
     query: Option<&str>,
 ) -> Decision {
     let (ns_raw, query_rest) = take_ns(query);
 
-    // Parse the resource path first (without touching the registry).
-    let parsed = match rest {
-        None => None,
+    // Parse the resource path first (without touching the registry): `<name>/<kind>/<last>`,
+    // the name kept as the slice of its `/`-separated components (at least one).
+    let (parsed, mut name) = match rest {
+        None => (None, None),
         Some(rest) => {
-            let comps: Vec<&str> = rest.split('/').collect();
-            let n = comps.len();
-            if n < 3 {
+            // The last two `/` (a byte loop: this runs on every request).
+            let slash_before =
+                |end: usize| rest.as_bytes().get(..end)?.iter().rposition(|&b| b == b'/');
+            let Some((k, n)) = slash_before(rest.len()).and_then(|k| Some((k, slash_before(k)?)))
+            else {
                 return not_found("unsupported path");
-            }
-            let (Some(&kind), Some(&last), Some(name_comps)) =
-                (comps.get(n - 2), comps.get(n - 1), comps.get(..n - 2))
+            };
+            let (Some(name), Some(kind), Some(last)) =
+                (rest.get(..n), rest.get(n + 1..k), rest.get(k + 1..))
             else {
                 return not_found("unsupported path");
             };
@@ -542,22 +559,17 @@ fn route_v2(
                 ("referrers", _) => Kind::Referrers,
                 _ => return not_found("unsupported path"),
             };
-            Some((name_comps.to_vec(), kind, last))
+            (Some((kind, last)), Some(name))
         }
-    };
-    let (parsed, mut name_comps) = match parsed {
-        Some((comps, kind, last)) => (Some((kind, last)), comps),
-        None => (None, Vec::new()),
     };
 
     // Registry selection: host mode, ns, path prefix, default.
-    let host = host_without_port(req.authority);
     let ns_reg = match &ns_raw {
         None => None,
         Some(raw) => match percent_decode(raw).and_then(|d| cfg.registry(&d).map(|r| (d, r))) {
             Some(x) => Some(x),
             None => {
-                if cfg.registry_for_host(&host).is_none() {
+                if cfg.registry_for_host(host).is_none() {
                     return name_unknown("unknown registry in ns");
                 }
                 None
@@ -567,30 +579,24 @@ fn route_v2(
     let echo = ns_reg.as_ref().map(|(d, _)| d.clone());
     let mut path_prefix = None;
     let mut by_default = false;
-    let registry: Option<&Registry> = if let Some(r) = cfg.registry_for_host(&host) {
+    let registry: Option<&Registry> = if let Some(r) = cfg.registry_for_host(host) {
         Some(r)
     } else if let Some((_, r)) = ns_reg {
         // containerd's path-prefix mode (`override_path`) still adds `ns`: a first
         // component naming the ns registry itself is the client's prefix, not part of
         // the name. A component naming another registry stays (a legal repository path).
-        if let Some(first) = name_comps
-            .first()
-            .copied()
-            .filter(|f| cfg.registry(f).is_some_and(|p| p.name == r.name))
+        if let Some(first) =
+            first_component(name).filter(|f| cfg.registry(f).is_some_and(|p| p.name == r.name))
         {
             path_prefix = Some(first.to_ascii_lowercase());
-            name_comps.remove(0);
+            name = drop_first(name);
         }
         Some(r)
-    } else if let Some(first) = name_comps
-        .first()
-        .copied()
-        .filter(|f| f.contains(['.', ':']))
-    {
+    } else if let Some(first) = first_component(name).filter(|f| f.contains(['.', ':'])) {
         match cfg.registry(first) {
             Some(r) => {
                 path_prefix = Some(first.to_ascii_lowercase());
-                name_comps.remove(0);
+                name = drop_first(name);
                 Some(r)
             }
             None => return name_unknown("unknown registry"),
@@ -632,70 +638,73 @@ fn route_v2(
     let Some(registry) = registry else {
         return name_unknown("no registry selected");
     };
-    if name_comps.is_empty() {
-        return reject(
+    let invalid_name = || {
+        reject(
             400,
             ErrorCode::NameInvalid,
             RejectReason::NameInvalid,
             "invalid repository name",
-        );
-    }
-    let mut name = name_comps.join("/");
-    if registry.library_namespace && name_comps.len() == 1 {
-        name = format!("library/{name}");
-    }
-    let name = match RepositoryName::parse(&name) {
-        Ok(n) => n,
-        Err(_) => {
-            return reject(
-                400,
-                ErrorCode::NameInvalid,
-                RejectReason::NameInvalid,
-                "invalid repository name",
-            )
-        }
+        )
     };
-    let (upstream_path, key) = match kind {
-        Kind::Tags => {
-            let path = format!("/v2/{name}/tags/list");
-            let key = CacheKey::Path(&path).header_value();
-            (path, key)
-        }
-        Kind::Manifests => match Reference::parse(last) {
-            Ok(r) => {
-                let key = match &r {
-                    Reference::Digest(d) => CacheKey::Digest(d),
-                    Reference::Tag(tag) => CacheKey::Tag {
-                        registry: &registry.name,
-                        name: &name,
-                        tag: tag.as_str(),
-                    },
-                };
-                (format!("/v2/{name}/manifests/{r}"), key.header_value())
-            }
+    let Some(name) = name else {
+        return invalid_name();
+    };
+    // The upstream path is built in one buffer and the name checked where it lies in it
+    // (this runs on every request): `/v2/<name>/<kind>/<last>`.
+    const V2: &str = "/v2/";
+    const LIBRARY: &str = "library/";
+    let library = registry.library_namespace && !name.contains('/');
+    let mut path = String::with_capacity(
+        V2.len() + LIBRARY.len() + name.len() + "/referrers/".len() + last.len(),
+    );
+    path.push_str(V2);
+    if library {
+        path.push_str(LIBRARY);
+    }
+    path.push_str(name);
+    let name_end = path.len();
+    if !path.get(V2.len()..).is_some_and(is_valid_name) {
+        return invalid_name();
+    }
+    let (segment, is_digest) = match kind {
+        Kind::Tags => ("/tags/", false),
+        Kind::Manifests => match Reference::check(last) {
+            Ok(is_digest) => ("/manifests/", is_digest),
             Err(e) => return reference_error(&e),
         },
-        Kind::Blobs => match Digest::parse(last) {
-            Ok(d) => (
-                format!("/v2/{name}/blobs/{d}"),
-                CacheKey::Digest(&d).header_value(),
+        Kind::Blobs | Kind::Referrers => match Digest::check(last) {
+            Ok(_) => (
+                if matches!(kind, Kind::Blobs) {
+                    "/blobs/"
+                } else {
+                    "/referrers/"
+                },
+                true,
             ),
             Err(e) => return reference_error(&e),
         },
-        Kind::Referrers => match Digest::parse(last) {
-            Ok(d) => {
-                let path = format!("/v2/{name}/referrers/{d}");
-                let key = CacheKey::Path(&path).header_value();
-                (path, key)
-            }
-            Err(e) => return reference_error(&e),
-        },
     };
+    path.push_str(segment);
+    path.push_str(last);
+    // Only a cached registry's requests carry the key: not computed for the others.
+    let key = registry.cache.then(|| {
+        let name = path.get(V2.len()..name_end).unwrap_or_default();
+        match kind {
+            Kind::Manifests | Kind::Blobs if is_digest => CacheKey::Digest(last),
+            Kind::Manifests => CacheKey::Tag {
+                registry: &registry.name,
+                name,
+                tag: last,
+            },
+            Kind::Tags | Kind::Blobs | Kind::Referrers => CacheKey::Path(&path),
+        }
+        .header_value()
+    });
     forward(
         cfg,
         registry,
         req,
-        (upstream_path, Some(key)),
+        (path, key),
         query_rest.as_deref(),
         echo,
         path_prefix,
