@@ -580,7 +580,7 @@ fn pull_rows(
         &cold,
         secs,
         ("s", "s direct"),
-        None,
+        Some(Goal::AtMost(1.1)),
     ));
     rows.push(Row::paired(
         S2,
