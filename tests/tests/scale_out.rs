@@ -90,9 +90,21 @@ fn faulty_requests(s: &ScaleOut, image: &SeededImage) -> Vec<String> {
 }
 
 /// Every blob of `image` is in the bucket under its digest, with bytes that hash to it.
+/// Every blob of `image` is in the bucket, verified. A client gets a blob's last bytes once
+/// they verified; the upload completes just after (the download stays open for other
+/// requests until then), so this waits a little for it.
 fn assert_in_bucket(s: &ScaleOut, image: &SeededImage) {
     for d in image.all_blobs() {
-        let bytes = ok(s, s.s3.read(&s.blob_key(&d)));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let bytes = loop {
+            match s.s3.read(&s.blob_key(&d)) {
+                Ok(b) => break b,
+                Err(e) if Instant::now() > deadline => {
+                    panic!("{d} not in the bucket: {e}\n{}", s.logs())
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
         assert_eq!(mirror_tests::digest_of(&bytes), d, "bucket object of {d}");
     }
 }

@@ -14,7 +14,7 @@ use super::single_flight::Role;
 use super::streams::{FlightState, InFlight, StoredBody, Tail};
 use super::{lock, status_error, Cache, CacheError, Kind, Source};
 use crate::metrics::Metrics;
-use crate::store::{BlobWriter, CommitError};
+use crate::store::BlobWriter;
 use crate::upstream::UpstreamError;
 use registry_rules::digest::Digest;
 use registry_rules::names::RepositoryName;
@@ -253,16 +253,23 @@ impl Cache {
             }
         }
         match (temp, hasher) {
-            (Some(t), _) => match t.commit(d, Some(received)).await {
-                Ok(()) => {
-                    lock(&self.lru).insert(d, received, None);
-                    self.make_room(0).await;
-                    Ok(())
-                }
-                Err(CommitError::Io(e)) => {
-                    // Verified already (commit checks first); only storing failed.
-                    Metrics::inc(&self.metrics.store_write_errors);
-                    tracing::error!(digest = %d, error = %e, "could not commit blob; served uncached");
+            (Some(t), _) => match t.verify(d, Some(received)) {
+                Ok(verified) => {
+                    // The clients get their last bytes now; storing (fsync and rename, or the
+                    // upload's completion) happens while this download stays the one that
+                    // requests for the digest join, reading the spool.
+                    tx.send_modify(|s| s.done = Some(Ok(())));
+                    match verified.store().await {
+                        Ok(()) => {
+                            lock(&self.lru).insert(d, received, None);
+                            self.make_room(0).await;
+                        }
+                        Err(e) => {
+                            // Verified already; only storing failed.
+                            Metrics::inc(&self.metrics.store_write_errors);
+                            tracing::error!(digest = %d, error = %e, "could not commit blob; served uncached");
+                        }
+                    }
                     Ok(())
                 }
                 Err(e) => {
@@ -298,38 +305,41 @@ fn batched<E: Send + 'static>(
     body: impl futures::Stream<Item = Result<bytes::Bytes, E>> + Send + Unpin + 'static,
 ) -> futures::stream::BoxStream<'static, Result<bytes::Bytes, E>> {
     use futures::FutureExt;
-    futures::stream::unfold((body, None, false), |(mut body, held_error, ended)| async move {
-        if let Some(e) = held_error {
-            return Some((Err(e), (body, None, true)));
-        }
-        if ended {
-            return None;
-        }
-        let first = match body.next().await? {
-            Ok(b) => b,
-            Err(e) => return Some((Err(e), (body, None, true))),
-        };
-        if first.len() >= WRITE_BATCH {
-            return Some((Ok(first), (body, None, false)));
-        }
-        let mut batch = bytes::BytesMut::from(&first[..]);
-        let (mut held, mut done) = (None, false);
-        while batch.len() < WRITE_BATCH {
-            match body.next().now_or_never() {
-                Some(Some(Ok(b))) => batch.extend_from_slice(&b),
-                Some(Some(Err(e))) => {
-                    held = Some(e);
-                    break;
-                }
-                Some(None) => {
-                    done = true;
-                    break;
-                }
-                None => break,
+    futures::stream::unfold(
+        (body, None, false),
+        |(mut body, held_error, ended)| async move {
+            if let Some(e) = held_error {
+                return Some((Err(e), (body, None, true)));
             }
-        }
-        Some((Ok(batch.freeze()), (body, held, done)))
-    })
+            if ended {
+                return None;
+            }
+            let first = match body.next().await? {
+                Ok(b) => b,
+                Err(e) => return Some((Err(e), (body, None, true))),
+            };
+            if first.len() >= WRITE_BATCH {
+                return Some((Ok(first), (body, None, false)));
+            }
+            let mut batch = bytes::BytesMut::from(&first[..]);
+            let (mut held, mut done) = (None, false);
+            while batch.len() < WRITE_BATCH {
+                match body.next().now_or_never() {
+                    Some(Some(Ok(b))) => batch.extend_from_slice(&b),
+                    Some(Some(Err(e))) => {
+                        held = Some(e);
+                        break;
+                    }
+                    Some(None) => {
+                        done = true;
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            Some((Ok(batch.freeze()), (body, held, done)))
+        },
+    )
     .boxed()
 }
 
@@ -359,8 +369,7 @@ mod tests {
             Err("cut"),
             chunk(1, 6),
         ];
-        let out: Vec<Result<Bytes, &str>> =
-            batched(futures::stream::iter(items)).collect().await;
+        let out: Vec<Result<Bytes, &str>> = batched(futures::stream::iter(items)).collect().await;
         let sizes: Vec<_> = out.iter().map(|r| r.as_ref().map(Bytes::len)).collect();
         assert_eq!(
             sizes,

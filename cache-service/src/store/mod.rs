@@ -192,10 +192,20 @@ impl BlobWriter {
 
     /// Verify digest and length, then make the content visible. Nothing is visible on error.
     pub async fn commit(
-        mut self,
+        self,
         expected: &Digest,
         expected_len: Option<u64>,
     ) -> Result<(), CommitError> {
+        self.verify(expected, expected_len)?.store().await
+    }
+
+    /// Check digest and length: the bytes written are the content of `expected` (what a client
+    /// may be given in full), though not stored yet. Dropping the result removes them.
+    pub fn verify(
+        mut self,
+        expected: &Digest,
+        expected_len: Option<u64>,
+    ) -> Result<VerifiedWrite, CommitError> {
         let actual = Digest::from_sha256(std::mem::take(&mut self.hasher));
         if &actual != expected {
             return Err(CommitError::DigestMismatch {
@@ -211,10 +221,31 @@ impl BlobWriter {
                 });
             }
         }
+        Ok(VerifiedWrite {
+            digest: actual,
+            spool: self.spool,
+            sink: self.sink,
+            sink_error: self.sink_error,
+        })
+    }
+}
+
+/// A write whose bytes matched their digest, not yet visible in the store.
+pub struct VerifiedWrite {
+    digest: Digest,
+    spool: Spool,
+    sink: Box<dyn Sink>,
+    sink_error: Option<io::Error>,
+}
+
+impl VerifiedWrite {
+    /// Make the content visible under its digest (the filesystem: fsync and rename; a bucket:
+    /// the upload's last part and its completion).
+    pub async fn store(self) -> Result<(), CommitError> {
         if let Some(e) = self.sink_error {
             return Err(CommitError::Io(e));
         }
-        self.sink.commit(expected, self.spool).await?;
+        self.sink.commit(&self.digest, self.spool).await?;
         Ok(())
     }
 }
