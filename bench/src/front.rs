@@ -245,26 +245,6 @@ fn children_cpu_s() -> Result<f64> {
     }
 }
 
-/// CPU-seconds the whole machine spent so far (first line of /proc/stat, all but idle and
-/// iowait).
-fn machine_busy_s() -> Result<f64> {
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    let jiffies: Vec<f64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    if jiffies.len() < 5 {
-        bail!("/proc/stat has no cpu line");
-    }
-    let idle: f64 = jiffies.iter().skip(3).take(2).sum();
-    Ok((jiffies.iter().sum::<f64>() - idle) / util::clk_tck() as f64)
-}
-
 /// [`CLIENTS`] concurrent fetches of the blob, with the CPU Envoy, regmirror and the
 /// clients spent.
 fn one_run(t: &Target, size: u64, regmirror_pid: u32) -> Result<Run> {
@@ -275,7 +255,7 @@ fn one_run(t: &Target, size: u64, regmirror_pid: u32) -> Result<Run> {
         cpu(t.envoy_pid)?,
         cpu(Some(regmirror_pid))?,
         children_cpu_s()?,
-        machine_busy_s()?,
+        util::machine_busy_s()?,
     );
     let start = Instant::now();
     std::thread::scope(|s| -> Result<()> {
@@ -295,7 +275,7 @@ fn one_run(t: &Target, size: u64, regmirror_pid: u32) -> Result<Run> {
         envoy_cpu_s: cpu(t.envoy_pid)? - e0,
         regmirror_cpu_s: cpu(Some(regmirror_pid))? - r0,
         clients_cpu_s: children_cpu_s()? - c0,
-        machine_busy_s: machine_busy_s()? - m0,
+        machine_busy_s: util::machine_busy_s()? - m0,
     })
 }
 

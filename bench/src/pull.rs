@@ -730,25 +730,12 @@ struct CpuUse {
 
 impl CpuUse {
     fn sample(pids: [u32; 3]) -> Result<Self> {
-        let stat = std::fs::read_to_string("/proc/stat")?;
-        // cpu  user nice system idle iowait irq softirq steal …: busy = all but idle, iowait.
-        let jiffies: Vec<f64> = stat
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        let total: f64 = jiffies.iter().take(8).sum();
-        let idle = jiffies.get(3).copied().unwrap_or(0.0) + jiffies.get(4).copied().unwrap_or(0.0);
-        let tick = util::clk_tck() as f64;
         let mut process_s = [0.0; 3];
         for (slot, pid) in process_s.iter_mut().zip(pids) {
             *slot = util::proc_cpu_us(pid)? as f64 / 1e6;
         }
         Ok(CpuUse {
-            machine_busy_s: (total - idle) / tick,
+            machine_busy_s: util::machine_busy_s()?,
             process_s,
         })
     }

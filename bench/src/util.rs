@@ -369,7 +369,6 @@ pub fn wrk(url: &str, conns: u32, secs: u32, headers: &[&str]) -> Result<WrkResu
     parse_wrk(&String::from_utf8_lossy(&out.stdout))
 }
 
-/// A field (`VmRSS`, `VmHWM`) of /proc/<pid>/status in KiB.
 /// User + system CPU time of `pid` so far, in µs (from `/proc/PID/stat`, clock ticks).
 pub fn proc_cpu_us(pid: u32) -> Result<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -394,6 +393,7 @@ pub fn clk_tck() -> u64 {
         .unwrap_or(100)
 }
 
+/// A field (`VmRSS`, `VmHWM`) of /proc/<pid>/status in KiB.
 pub fn proc_status_kib(pid: u32, field: &str) -> Result<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     s.lines()
@@ -581,6 +581,26 @@ pub fn count_log_lines(path: &Path) -> usize {
         .unwrap_or_default()
         .lines()
         .count()
+}
+
+/// CPU-seconds the whole machine spent so far (first line of /proc/stat: user nice system
+/// idle iowait irq softirq steal, all but idle and iowait).
+pub fn machine_busy_s() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let jiffies: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if jiffies.len() < 5 {
+        bail!("/proc/stat has no cpu line");
+    }
+    let idle: f64 = jiffies.iter().skip(3).take(2).sum();
+    Ok((jiffies.iter().sum::<f64>() - idle) / clk_tck() as f64)
 }
 
 #[cfg(test)]
