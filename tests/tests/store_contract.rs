@@ -709,6 +709,13 @@ fn a_store_outage_turns_readyz_false_and_blobs_pass_through() {
         1,
         "warm from the bucket"
     );
+    // The client had its last byte once it verified; the upload lands just after.
+    let key = format!("outage/blobs/sha256/{}", d.hex());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !s.exists(&key).unwrap() {
+        assert!(Instant::now() < deadline, "{key} never stored");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     s.stop();
     assert_eq!(readyz(503), 503, "the store is down");
