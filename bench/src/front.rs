@@ -285,18 +285,7 @@ fn measure(
     pairs: usize,
     log: &mut util::Log,
 ) -> Result<Vec<(Via, Vec<Run>)>> {
-    let layer = f
-        .huge
-        .platforms
-        .first()
-        .and_then(|p| p.layer_digests.first())
-        .cloned()
-        .ok_or_else(|| anyhow!("bench/huge has no layer"))?;
-    let size = f
-        .sizes
-        .get(&layer)
-        .copied()
-        .ok_or_else(|| anyhow!("no size for {layer}"))?;
+    let (layer, size) = f.huge_layer()?;
     let path = format!("/v2/{}/blobs/{layer}", f.huge.name);
     let rm_addr = util::addr();
     let rm = util::start_regmirror(

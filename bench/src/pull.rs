@@ -52,6 +52,23 @@ pub(crate) struct Fixture {
 }
 
 impl Fixture {
+    /// The one 256 MiB layer of bench/huge and its size.
+    pub fn huge_layer(&self) -> Result<(String, u64)> {
+        let layer = self
+            .huge
+            .platforms
+            .first()
+            .and_then(|p| p.layer_digests.first())
+            .cloned()
+            .ok_or_else(|| anyhow!("bench/huge has no layer"))?;
+        let size = self
+            .sizes
+            .get(&layer)
+            .copied()
+            .ok_or_else(|| anyhow!("no size for {layer}"))?;
+        Ok((layer, size))
+    }
+
     pub(crate) fn image_bytes(&self, img: &SeededImage) -> u64 {
         img.all_blobs()
             .iter()
@@ -836,14 +853,7 @@ fn peer_rows(
         dp_addr,
         &proxy_cfg,
     )?;
-    let layer = f
-        .huge
-        .platforms
-        .first()
-        .and_then(|p| p.layer_digests.first())
-        .cloned()
-        .ok_or_else(|| anyhow!("huge image has no layer"))?;
-    let size = f.sizes.get(&layer).copied().unwrap_or(0);
+    let (layer, size) = f.huge_layer()?;
     let blob_path = f.blob_path(&f.huge, &layer);
     let www = f.dir.join("www");
     std::fs::create_dir_all(&www)?;

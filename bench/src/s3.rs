@@ -187,21 +187,28 @@ fn wait_for_key(s3: &S3Server, key: &str, timeout: Duration) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// The one 256 MiB layer of bench/huge and its size.
-fn huge_layer(f: &Fixture) -> Result<(String, u64)> {
-    let layer = f
-        .huge
-        .platforms
-        .first()
-        .and_then(|p| p.layer_digests.first())
-        .cloned()
-        .ok_or_else(|| anyhow!("bench/huge has no layer"))?;
-    let size = f
-        .sizes
-        .get(&layer)
-        .copied()
-        .ok_or_else(|| anyhow!("no size for {layer}"))?;
-    Ok((layer, size))
+/// Warm whole-blob MB/s of a regmirror against distribution, interleaved; a run that reaches
+/// the origin is not warm and fails the comparison.
+fn warm_pairs(
+    f: &Fixture,
+    pairs: usize,
+    (who, url, rm): (&str, &str, &Proc),
+    (dp_url, dp): (&str, &Proc),
+    size: u64,
+) -> Result<util::Paired<f64>> {
+    util::interleaved(pairs, util::WARMUP_PAIRS, |side, _| {
+        let before = util::sum_log_bytes(&f.origin_log);
+        let (who, x) = match side {
+            Side::Mirror => (who, mbps(url, size)?),
+            Side::Peer => ("distribution", mbps(dp_url, size)?),
+        };
+        let fetched = util::sum_log_bytes(&f.origin_log).saturating_sub(before);
+        if fetched > 0 {
+            bail!("{who} fetched {fetched} B from the origin during a warm run: not warm");
+        }
+        Ok(x)
+    })
+    .with_context(|| format!("{}\n{}", rm.log_tail(20), dp.log_tail(20)))
 }
 
 fn blob_url(f: &Fixture, addr: SocketAddr, layer: &str) -> String {
@@ -230,7 +237,7 @@ fn warm_rows(
     let rm = replica(f, bins, s3, "regmirror-s3", rm_addr, RM_PREFIX)?;
     let dp_addr = util::addr();
     let dp = distribution(f, s3, "distribution-s3", dp_addr, DP_ROOT)?;
-    let (layer, size) = huge_layer(f)?;
+    let (layer, size) = f.huge_layer()?;
     let (rm_url, dp_url) = (blob_url(f, rm_addr, &layer), blob_url(f, dp_addr, &layer));
     // distribution serves a miss from the origin while a second fetch of its own stores the
     // blob in the background: the warm runs start once both copies are in the bucket.
@@ -268,19 +275,7 @@ fn warm_rows(
         rows.push(r);
     }
     // A warm run must be served from the bucket: the origin's byte count proves it.
-    let warm = util::interleaved(pairs, warmup, |side, _| {
-        let before = util::sum_log_bytes(&f.origin_log);
-        let (who, x) = match side {
-            Side::Mirror => ("regmirror", mbps(&rm_url, size)?),
-            Side::Peer => ("distribution", mbps(&dp_url, size)?),
-        };
-        let fetched = util::sum_log_bytes(&f.origin_log).saturating_sub(before);
-        if fetched > 0 {
-            bail!("{who} fetched {fetched} B from the origin during a warm run: not warm");
-        }
-        Ok(x)
-    })
-    .with_context(|| format!("{}\n{}", rm.log_tail(20), dp.log_tail(20)))?;
+    let warm = warm_pairs(f, pairs, ("regmirror", &rm_url, &rm), (&dp_url, &dp), size)?;
     pull::log_pairs(
         log,
         "S3: warm 256 MiB blob MB/s, regmirror vs distribution proxy",
@@ -328,19 +323,13 @@ fn warm_rows(
     log.push(format!(
         "S3 tier: first read {n} B in {t:.2}s from the bucket, then on local disk"
     ));
-    let warm_tier = util::interleaved(pairs, warmup, |side, _| {
-        let before = util::sum_log_bytes(&f.origin_log);
-        let (who, x) = match side {
-            Side::Mirror => ("regmirror (local tier)", mbps(&tier_url, size)?),
-            Side::Peer => ("distribution", mbps(&dp_url, size)?),
-        };
-        let fetched = util::sum_log_bytes(&f.origin_log).saturating_sub(before);
-        if fetched > 0 {
-            bail!("{who} fetched {fetched} B from the origin during a warm run: not warm");
-        }
-        Ok(x)
-    })
-    .with_context(|| format!("{}\n{}", tier.log_tail(20), dp.log_tail(20)))?;
+    let warm_tier = warm_pairs(
+        f,
+        pairs,
+        ("regmirror (local tier)", &tier_url, &tier),
+        (&dp_url, &dp),
+        size,
+    )?;
     pull::log_pairs(
         log,
         "S3: warm 256 MiB blob MB/s, regmirror with a local tier vs distribution proxy",
@@ -559,7 +548,7 @@ fn replica_rows(
 
     // Aggregate warm throughput: the first GET fills the prefix, the others read it warm.
     reps.start(RM_PREFIX)?;
-    let (layer, size) = huge_layer(f)?;
+    let (layer, size) = f.huge_layer()?;
     let urls: Vec<String> = reps.addrs.iter().map(|a| blob_url(f, *a, &layer)).collect();
     for u in &urls {
         mbps(u, size).with_context(|| reps.log_tails())?;
