@@ -128,9 +128,14 @@ impl Session {
         );
     }
 
-    /// The stored blob exists and hashes to its digest.
+    /// The stored blob exists and hashes to its digest. A client has its last byte once the
+    /// download verified; the store's fsync and rename follow, so this waits up to 10 s.
     fn assert_cached(&self, digest: &str) {
         let path = self.cache.blob_path(digest);
+        let start = Instant::now();
+        while !path.exists() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let bytes = std::fs::read(&path)
             .unwrap_or_else(|e| panic!("{} not stored: {e}\n{}", path.display(), self.logs()));
         assert_eq!(

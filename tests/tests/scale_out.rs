@@ -279,10 +279,10 @@ fn a_replica_killed_mid_pull_the_retry_succeeds_and_nothing_partial_is_served() 
     );
     // Nothing the killed replica wrote half-way is visible: every blob object in the bucket
     // hashes to its name, and the layer is there, whole.
+    assert_in_bucket(&s, image);
     let (bad, checked) = ok(&s, s.unverified_blobs());
     assert!(bad.is_empty(), "unverified objects under blobs/: {bad:?}");
     assert!(checked >= image.all_blobs().len(), "{checked} blob objects");
-    assert_in_bucket(&s, image);
     // The killed replica comes back and serves the layer from the bucket, verified.
     let restarted = s.replicas[fetching].start();
     ok(&s, restarted);
@@ -330,6 +330,7 @@ fn with_the_upstream_down_every_replica_serves_cached_tags() {
     let image = &up.images.small;
     let reference = faulty_ref(&s, image);
     ok(&s, skopeo(&s, &reference)).assert_is(image, false);
+    assert_in_bucket(&s, image);
 
     for r in &s.replicas {
         r.proxy.set_upstream_up(false, up.registry.addr);
@@ -407,6 +408,7 @@ fn a_corrupted_object_in_the_bucket_is_never_served_as_its_digest() {
     let layer = image.first_layer();
     let reference = faulty_ref(s, image);
     ok(s, skopeo(s, &reference)).assert_is(image, false);
+    assert_in_bucket(s, image);
     let key = s.blob_key(&layer);
     ok(s, s.s3.corrupt(&key));
     let fetched_at_corruption = layer_fetches(s, &layer);

@@ -42,6 +42,15 @@ impl Cache {
         d: &Digest,
         head: bool,
     ) -> Result<BlobReply, CacheError> {
+        let key: FlightKey = (up.name.clone(), name.clone(), d.clone());
+        // A download in progress first: it stays registered until its copy is stored, so a
+        // request that misses it here finds the stored copy below (the other order leaves a
+        // window where a download ends between the two looks and the blob is fetched again).
+        if let Some(flight) = self.flights.get(&key) {
+            Metrics::inc(&self.metrics.coalesced_waiters);
+            let size = flight.started().await?;
+            return Ok(BlobReply::Flight { flight, size });
+        }
         let pin = PinGuard::new(&self.lru, d);
         if let Some(blob) = self.stored(d).await {
             if self.linked(&up.name, name, d).await || self.confirm(up, name, d, Kind::Blob).await?
@@ -60,7 +69,6 @@ impl Cache {
             }
         }
         drop(pin);
-        let key: FlightKey = (up.name.clone(), name.clone(), d.clone());
         let existing = self.flights.get(&key);
         if let Some(flight) = existing {
             Metrics::inc(&self.metrics.coalesced_waiters);
