@@ -23,7 +23,7 @@ use mirror_tests::proc::{run as run_cmd, Proc};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const S6: &str = "6. Envoy TLS front";
 /// Envoy `--concurrency` values compared.
@@ -119,7 +119,8 @@ fn rotation<T>(
 
 /// Envoy on the shipped `local.yaml` (harness substitution, TLS listener) with `workers`
 /// worker threads, `cache_service` → `cache`; returns it and its listener's port. Started
-/// here rather than by the harness' `Envoy::start`, which fixes `--concurrency 2`.
+/// here rather than by the harness' `Envoy::start`, which fixes `--concurrency 2` and the
+/// tests' debug log level.
 fn start_front(f: &Fixture, bins: &Bins, cache: SocketAddr, workers: u32) -> Result<(Proc, u16)> {
     let dir = f.dir.join(format!("front-envoy-c{workers}"));
     std::fs::create_dir_all(&dir)?;
@@ -150,33 +151,7 @@ fn start_front(f: &Fixture, bins: &Bins, cache: SocketAddr, workers: u32) -> Res
         &cmd,
         &dir.join("envoy.log"),
     )?;
-    let admin = SocketAddr::from(([127, 0, 0, 1], s.admin_port));
-    proc.wait_for_port(admin, Duration::from_secs(60))?;
-    let client = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()?;
-    let t = Instant::now();
-    loop {
-        proc.check_running()?;
-        let ready = client
-            .get(format!("http://{admin}/ready"))
-            .send()
-            .is_ok_and(|r| r.status().is_success());
-        if ready {
-            break;
-        }
-        if t.elapsed() > Duration::from_secs(60) {
-            bail!(
-                "Envoy --concurrency {workers} not ready after 60 s:\n{}",
-                proc.log_tail(40)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    proc.wait_for_port(
-        SocketAddr::from(([127, 0, 0, 1], port)),
-        Duration::from_secs(20),
-    )?;
+    envoy::wait_ready(&mut proc, s.admin_port, [port])?;
     Ok((proc, port))
 }
 

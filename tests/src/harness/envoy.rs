@@ -442,33 +442,7 @@ impl Envoy {
         cmd.args(["--concurrency", "2", "--disable-hot-restart"])
             .args(["--log-level", "info", "--component-log-level", "wasm:debug"]);
         let mut proc = Proc::spawn("envoy", &cmd, &dir.join("envoy.log"))?;
-        let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
-        proc.wait_for_port(admin, Duration::from_secs(60))?;
-        let client = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()?;
-        let start = Instant::now();
-        loop {
-            proc.check_running()?;
-            let ready = client
-                .get(format!("http://{admin}/ready"))
-                .send()
-                .map(|r| r.status().is_success())
-                .unwrap_or(false);
-            if ready {
-                break;
-            }
-            if start.elapsed() > Duration::from_secs(60) {
-                bail!("envoy not ready after 60s; log:\n{}", proc.log_tail(80));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        for (_, p) in &listeners {
-            proc.wait_for_port(
-                SocketAddr::from(([127, 0, 0, 1], *p)),
-                Duration::from_secs(20),
-            )?;
-        }
+        wait_ready(&mut proc, admin_port, listeners.iter().map(|l| l.1))?;
         Ok(Envoy {
             config,
             listeners,
@@ -499,6 +473,41 @@ impl Envoy {
     pub fn log_tail(&self, lines: usize) -> String {
         self.proc.log_tail(lines)
     }
+}
+
+/// Waits (60 s at most) for a started Envoy: its admin `/ready`, then each listener port.
+pub fn wait_ready(
+    proc: &mut Proc,
+    admin_port: u16,
+    listener_ports: impl IntoIterator<Item = u16>,
+) -> Result<()> {
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
+    proc.wait_for_port(admin, Duration::from_secs(60))?;
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let start = Instant::now();
+    loop {
+        proc.check_running()?;
+        let ready = client
+            .get(format!("http://{admin}/ready"))
+            .send()
+            .is_ok_and(|r| r.status().is_success());
+        if ready {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("envoy not ready after 60s; log:\n{}", proc.log_tail(80));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for p in listener_ports {
+        proc.wait_for_port(
+            SocketAddr::from(([127, 0, 0, 1], p)),
+            Duration::from_secs(20),
+        )?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
