@@ -47,9 +47,7 @@ impl Cache {
         // request that misses it here finds the stored copy below (the other order leaves a
         // window where a download ends between the two looks and the blob is fetched again).
         if let Some(flight) = self.flights.get(&key) {
-            Metrics::inc(&self.metrics.coalesced_waiters);
-            let size = flight.started().await?;
-            return Ok(BlobReply::Flight { flight, size });
+            return self.joined(flight).await;
         }
         let pin = PinGuard::new(&self.lru, d);
         if let Some(blob) = self.stored(d).await {
@@ -69,11 +67,9 @@ impl Cache {
             }
         }
         drop(pin);
-        let existing = self.flights.get(&key);
-        if let Some(flight) = existing {
-            Metrics::inc(&self.metrics.coalesced_waiters);
-            let size = flight.started().await?;
-            return Ok(BlobReply::Flight { flight, size });
+        // Started by another request while this one looked in the store.
+        if let Some(flight) = self.flights.get(&key) {
+            return self.joined(flight).await;
         }
         Metrics::inc(&self.metrics.misses);
         if head {
@@ -87,6 +83,13 @@ impl Cache {
             // No length on HEAD: fall through to a download, which tells us.
         }
         let flight = self.start_flight(up, name, d, key).await;
+        let size = flight.started().await?;
+        Ok(BlobReply::Flight { flight, size })
+    }
+
+    /// Answer from a download in progress that this request joins.
+    async fn joined(&self, flight: Arc<InFlight>) -> Result<BlobReply, CacheError> {
+        Metrics::inc(&self.metrics.coalesced_waiters);
         let size = flight.started().await?;
         Ok(BlobReply::Flight { flight, size })
     }
