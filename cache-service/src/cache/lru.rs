@@ -40,6 +40,11 @@ impl Lru {
         self.total += size;
     }
 
+    /// Size of a registered digest.
+    pub fn size(&self, d: &Digest) -> Option<u64> {
+        self.entries.get(d).map(|e| e.0)
+    }
+
     pub fn touch(&mut self, d: &Digest) {
         self.tick += 1;
         let t = self.tick;

@@ -11,7 +11,6 @@
 //! client that goes away, or bucket bytes that do not match the digest leave nothing behind.
 //! Small blobs (up to [`MEM_BLOB_MAX`]) stay in the bucket store's memory copy instead.
 
-use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,88 +21,32 @@ use futures::StreamExt;
 use super::fs::FsStore;
 use super::object::MEM_BLOB_MAX;
 use super::{BlobInfo, BlobStore, BlobWriter, ByteStream, StoredBlob, TagRecord};
+use crate::cache::lru::Lru;
 use registry_rules::digest::Digest;
 use registry_rules::names::{RepositoryName, Tag};
 
-/// The local blobs by recency, within a byte budget.
-#[derive(Debug)]
-struct Index {
-    budget: u64,
-    total: u64,
-    /// digest → (size, recency tick)
-    entries: HashMap<Digest, (u64, u64)>,
-    by_tick: BTreeMap<u64, Digest>,
-    next_tick: u64,
-}
-
-impl Index {
-    fn new(budget: u64) -> Self {
-        Self {
-            budget,
-            total: 0,
-            entries: HashMap::new(),
-            by_tick: BTreeMap::new(),
-            next_tick: 0,
-        }
-    }
-
-    /// Mark `digest` as just used; its size when it is here.
-    fn touch(&mut self, digest: &Digest) -> Option<u64> {
-        let tick = self.next_tick;
-        let (size, old) = self.entries.get_mut(digest).map(|e| {
-            let old = e.1;
-            e.1 = tick;
-            (e.0, old)
-        })?;
-        self.next_tick += 1;
-        self.by_tick.remove(&old);
-        self.by_tick.insert(tick, digest.clone());
-        Some(size)
-    }
-
-    /// Add `digest` as the most recent; returns what must go to stay within the budget.
-    fn insert(&mut self, digest: Digest, size: u64) -> Vec<Digest> {
-        self.remove(&digest);
-        let tick = self.next_tick;
-        self.next_tick += 1;
-        self.total += size;
-        self.entries.insert(digest.clone(), (size, tick));
-        self.by_tick.insert(tick, digest);
-        let mut out = Vec::new();
-        while self.total > self.budget {
-            let Some((_, oldest)) = self.by_tick.pop_first() else {
-                break;
-            };
-            if let Some((size, _)) = self.entries.remove(&oldest) {
-                self.total -= size;
-            }
-            out.push(oldest);
-        }
-        out
-    }
-
-    fn remove(&mut self, digest: &Digest) {
-        if let Some((size, tick)) = self.entries.remove(digest) {
-            self.total -= size;
-            self.by_tick.remove(&tick);
-        }
-    }
-}
-
+/// The local blobs: the cache's own size accounting and least-recently-used order (nothing is
+/// pinned: evicting a blob being served only unlinks its file), within `budget` bytes.
 #[derive(Debug)]
 struct Local {
     store: FsStore,
-    index: Mutex<Index>,
+    lru: Mutex<Lru>,
+    budget: u64,
 }
 
 impl Local {
-    fn index(&self) -> MutexGuard<'_, Index> {
-        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    fn lru(&self) -> MutexGuard<'_, Lru> {
+        self.lru.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Register `digest` as the most recent, then remove what no longer fits the budget.
     async fn admit(&self, digest: Digest, size: u64) {
-        let evict = self.index().insert(digest, size);
-        for d in evict {
+        let evict = {
+            let mut lru = self.lru();
+            lru.insert(&digest, size, None);
+            lru.victims(0, self.budget)
+        };
+        for (d, _) in evict {
             if let Err(e) = self.store.delete(&d).await {
                 tracing::warn!(digest = %d, error = %e, "removing a blob from the local tier failed");
             }
@@ -120,11 +63,12 @@ pub struct Tiered {
 
 impl Tiered {
     /// Keep up to `budget` bytes of blobs under `dir` (what an earlier run left there counts,
-    /// most recently used first).
+    /// ordered by when each file was written; hits are not recorded on disk).
     pub async fn new(shared: Arc<dyn BlobStore>, dir: &Path, budget: u64) -> io::Result<Self> {
         let local = Arc::new(Local {
             store: FsStore::new(dir)?,
-            index: Mutex::new(Index::new(budget)),
+            lru: Mutex::new(Lru::default()),
+            budget,
         });
         let mut found = local.store.list().await?;
         found.sort_by_key(|b| b.last_access);
@@ -222,7 +166,12 @@ impl BlobStore for Tiered {
     }
 
     async fn open(&self, digest: &Digest) -> io::Result<Option<Box<dyn StoredBlob>>> {
-        if self.local.index().touch(digest).is_some() {
+        let here = {
+            let mut lru = self.local.lru();
+            lru.touch(digest);
+            lru.size(digest).is_some()
+        };
+        if here {
             match self.local.store.open(digest).await {
                 Ok(Some(blob)) => {
                     // Eviction of the bucket orders by access: count this one there too.
@@ -231,13 +180,13 @@ impl BlobStore for Tiered {
                     return Ok(Some(blob));
                 }
                 // Gone behind our back: forget it and read the bucket.
-                _ => self.local.index().remove(digest),
+                _ => self.local.lru().remove(digest),
             }
         }
         let Some(blob) = self.shared.open(digest).await? else {
             return Ok(None);
         };
-        let fits = blob.size() <= self.local.index().budget;
+        let fits = blob.size() <= self.local.budget;
         Ok(Some(if blob.size() > MEM_BLOB_MAX && fits {
             Box::new(FillOnRead {
                 inner: blob,
@@ -250,7 +199,7 @@ impl BlobStore for Tiered {
     }
 
     async fn size(&self, digest: &Digest) -> io::Result<Option<u64>> {
-        let local = self.local.index().entries.get(digest).map(|e| e.0);
+        let local = self.local.lru().size(digest);
         match local {
             Some(size) => Ok(Some(size)),
             None => self.shared.size(digest).await,
@@ -262,7 +211,7 @@ impl BlobStore for Tiered {
     }
 
     async fn delete(&self, digest: &Digest) -> io::Result<u64> {
-        self.local.index().remove(digest);
+        self.local.lru().remove(digest);
         if let Err(e) = self.local.store.delete(digest).await {
             tracing::warn!(%digest, error = %e, "removing a blob from the local tier failed");
         }
