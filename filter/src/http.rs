@@ -230,13 +230,7 @@ impl MirrorHttp {
         // registry's upstream) and Envoy strips it on every other route: elsewhere it is
         // written only to replace a client's copies (which must never reach an upstream),
         // one host call fewer per request.
-        let to_cache = f.cache_key.is_some()
-            || shared
-                .cfg
-                .registries()
-                .iter()
-                .any(|r| r.cache && r.upstream == f.authority);
-        if to_cache || client.registry_header {
+        if f.reaches_cache(&shared.cfg) || client.registry_header {
             hostcalls::set_map_value(req, "x-mirror-registry", Some(&f.registry))?;
         }
         // Only routes to the cache are hashed on it; Envoy strips it on every other route.

@@ -75,6 +75,18 @@ pub struct Forward {
     pub cache_key: Option<String>,
 }
 
+impl Forward {
+    /// Whether Envoy sends this forward to cache-service: it carries a cache key, or its new
+    /// authority is a cached registry's upstream (Envoy picks the route by authority).
+    pub fn reaches_cache(&self, cfg: &CompiledConfig) -> bool {
+        self.cache_key.is_some()
+            || cfg
+                .registries()
+                .iter()
+                .any(|r| r.cache && r.upstream == self.authority)
+    }
+}
+
 /// What a request to cache-service is hashed on, so that every replica-bound request for
 /// the same content lands on the same replica: a blob or a manifest by digest on its
 /// digest (content-addressed, whatever repository or registry names it), a manifest by
@@ -1988,6 +2000,42 @@ mod tests {
 
     /// `client_auth = "upstream"`: the client's token request goes to cache-service, which
     /// forwards it to the upstream's realm; nothing (no realm learned) is needed first.
+    #[test]
+    fn a_forward_reaches_cache_service_by_its_cache_key_or_a_cached_upstream_as_authority() {
+        let cfg = parse_config(
+            br#"{"host_suffix":"m.test","default_registry":"docker.io","registries":[
+                {"name":"gcr.io","upstream":"gcr.io","host_prefix":"gcr","cache":true},
+                {"name":"docker.io","upstream":"registry-1.docker.io","library_namespace":true,
+                 "realm_hosts":["auth.docker.io"]}]}"#,
+        )
+        .unwrap();
+        let cached = fwd(route(
+            &cfg,
+            &get("gcr.m.test", "/v2/p/i/manifests/1"),
+            &KEY,
+            0,
+        ));
+        assert!(cached.reaches_cache(&cfg));
+        let passed = fwd(route(
+            &cfg,
+            &get("m.test", "/v2/alpine/manifests/3"),
+            &KEY,
+            0,
+        ));
+        assert!(!passed.reaches_cache(&cfg));
+        // No cache key, but Envoy routes by the new authority: a cached registry's upstream.
+        let by_authority = Forward {
+            authority: "gcr.io".into(),
+            ..passed.clone()
+        };
+        assert!(by_authority.reaches_cache(&cfg));
+        let elsewhere = Forward {
+            authority: "auth.docker.io".into(),
+            ..passed
+        };
+        assert!(!elsewhere.reaches_cache(&cfg));
+    }
+
     #[test]
     fn cached_registries_with_upstream_login_send_token_requests_to_the_cache() {
         let cfg = parse_config(
