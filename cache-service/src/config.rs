@@ -41,6 +41,18 @@ pub struct ServeArgs {
     /// directory) for fast warm reads, e.g. 20GiB; 0 = none [default: 0].
     #[arg(long, env = "REGMIRROR_LOCAL_CACHE_SIZE", value_name = "BYTES")]
     pub local_cache_size: Option<String>,
+    /// With a bucket: answer a blob GET with a 307 to a presigned URL of its object, so
+    /// clients fetch the bytes from the bucket (which they must reach) instead of through
+    /// the replica. Blobs up to 256 KiB and HEADs are still answered by the replica.
+    #[arg(long, env = "REGMIRROR_REDIRECT")]
+    pub redirect: bool,
+    /// With --redirect: the bucket endpoint clients reach, when it is not --s3-endpoint
+    /// (URLs are signed for its host) [default: the replicas' endpoint].
+    #[arg(long, env = "REGMIRROR_REDIRECT_ENDPOINT", value_name = "URL")]
+    pub redirect_endpoint: Option<String>,
+    /// With --redirect: seconds a presigned URL can be used, 1-604800 [default: 300].
+    #[arg(long, env = "REGMIRROR_REDIRECT_TTL", value_name = "SECONDS")]
+    pub redirect_ttl: Option<u64>,
     /// Upstream registry as NAME=URL, e.g. gcr.io=https://gcr.io (repeatable). NAME is matched
     /// against the `x-mirror-registry` header or the `ns` query parameter.
     #[arg(
@@ -123,6 +135,12 @@ pub struct FileConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_cache_size: Option<SizeValue>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_ttl_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_size: Option<SizeValue>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag_ttl_seconds: Option<u64>,
@@ -167,6 +185,18 @@ pub enum ConfigError {
     StorageUrl(#[from] crate::store::object::UrlError),
     #[error("local_cache_size is for a bucket store (s3://…); a directory store already serves from its own disk")]
     LocalCacheWithoutBucket,
+    #[error("redirect is for a bucket store (s3://…): clients are sent to presigned URLs of its objects")]
+    RedirectWithoutBucket,
+    #[error("redirect and local_cache_size exclude each other: with redirect clients fetch blobs from the bucket, so this replica's disk would never serve them")]
+    RedirectWithLocalCache,
+    #[error(
+        "redirect_ttl_seconds = {0}: expected 1 to 604800 (S3's longest presigned URL, 7 days)"
+    )]
+    RedirectTtl(u64),
+    #[error("invalid redirect_endpoint {0:?}: expected the URL clients reach the bucket at, e.g. https://s3.example.com")]
+    RedirectEndpoint(String),
+    #[error("redirect_endpoint / redirect_ttl_seconds are set without redirect = true")]
+    RedirectSettingsWithoutRedirect,
     #[error("no upstream configured: pass --upstream NAME=URL or add [[upstream]] to the config")]
     NoUpstream,
     #[error("invalid --upstream {0:?}: expected NAME=URL, e.g. gcr.io=https://gcr.io")]
@@ -239,6 +269,35 @@ pub struct Config {
     pub max_pass_through_memory: u64,
     pub log_format: LogFormat,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
+}
+
+/// `redirect` with its endpoint and URL lifetime; the two settings alone are refused (they
+/// would silently do nothing).
+fn store_redirect(
+    args: &ServeArgs,
+    redirect: Option<bool>,
+    endpoint: Option<String>,
+    ttl_seconds: Option<u64>,
+) -> Result<Option<crate::store::object::StoreRedirect>, ConfigError> {
+    let endpoint = args.redirect_endpoint.clone().or(endpoint);
+    let ttl = args.redirect_ttl.or(ttl_seconds);
+    if !(args.redirect || redirect == Some(true)) {
+        if endpoint.is_some() || ttl.is_some() {
+            return Err(ConfigError::RedirectSettingsWithoutRedirect);
+        }
+        return Ok(None);
+    }
+    if let Some(e) = endpoint.as_deref().filter(|e| url::Url::parse(e).is_err()) {
+        return Err(ConfigError::RedirectEndpoint(e.to_owned()));
+    }
+    let ttl = ttl.unwrap_or(300);
+    if !(1..=604_800).contains(&ttl) {
+        return Err(ConfigError::RedirectTtl(ttl));
+    }
+    Ok(Some(crate::store::object::StoreRedirect {
+        endpoint,
+        ttl: Duration::from_secs(ttl),
+    }))
 }
 
 /// Parse `50GiB`, `500MB`, `10k`, `1048576`. Binary (KiB/MiB/GiB/TiB) and decimal (KB/MB/GB/TB)
@@ -391,9 +450,19 @@ impl Config {
             (None, Some(SizeValue::Text(s))) => parse_size(&s),
             (None, None) => Ok(default),
         };
+        let redirect = store_redirect(
+            args,
+            file.redirect,
+            file.redirect_endpoint,
+            file.redirect_ttl_seconds,
+        )?;
         let local_cache_size = size(&args.local_cache_size, file.local_cache_size, 0)?;
+        if redirect.is_some() && local_cache_size > 0 {
+            return Err(ConfigError::RedirectWithLocalCache);
+        }
         let storage = match BucketSettings::parse_url(&storage.to_string_lossy()) {
             None if local_cache_size > 0 => return Err(ConfigError::LocalCacheWithoutBucket),
+            None if redirect.is_some() => return Err(ConfigError::RedirectWithoutBucket),
             None => crate::store::Location::Dir(storage),
             Some(url) => {
                 let (bucket, prefix) = url?;
@@ -408,6 +477,7 @@ impl Config {
                         .or(file.spool_dir)
                         .unwrap_or_else(|| std::env::temp_dir().join("regmirror-spool")),
                     local_cache_size,
+                    redirect,
                 })
             }
         };
@@ -628,6 +698,60 @@ mod tests {
         };
         let e = Config::merge(&args, FileConfig::default(), &no_env).unwrap_err();
         assert!(matches!(e, ConfigError::LocalCacheWithoutBucket), "{e}");
+    }
+
+    #[test]
+    fn redirect_is_for_a_bucket_store_without_a_local_tier() {
+        let merge = |text: &str| {
+            let file: FileConfig = toml::from_str(text).unwrap();
+            let args = ServeArgs {
+                upstreams: vec!["gcr.io=https://gcr.io".to_owned()],
+                ..Default::default()
+            };
+            Config::merge(&args, file, &no_env)
+        };
+        let c = merge("storage = \"s3://cache-bucket\"\nredirect = true").unwrap();
+        let crate::store::Location::Bucket(b) = &c.storage else {
+            panic!("{:?}", c.storage)
+        };
+        let want = crate::store::object::StoreRedirect {
+            endpoint: None,
+            ttl: Duration::from_secs(300),
+        };
+        assert_eq!(b.redirect, Some(want));
+        let c = merge(
+            "storage = \"s3://cache-bucket\"\nredirect = true\nredirect_endpoint = \"https://s3.example.com\"\nredirect_ttl_seconds = 60",
+        )
+        .unwrap();
+        assert!(matches!(&c.storage, crate::store::Location::Bucket(b)
+            if b.redirect.as_ref().is_some_and(|r| r.ttl == Duration::from_secs(60)
+                && r.endpoint.as_deref() == Some("https://s3.example.com"))));
+        let refused = [
+            (
+                "storage = \"/var/lib/regmirror\"\nredirect = true",
+                "bucket store",
+            ),
+            (
+                "storage = \"s3://cache-bucket\"\nredirect = true\nlocal_cache_size = \"1GiB\"",
+                "exclude each other",
+            ),
+            (
+                "storage = \"s3://cache-bucket\"\nredirect = true\nredirect_ttl_seconds = 0",
+                "1 to 604800",
+            ),
+            (
+                "storage = \"s3://cache-bucket\"\nredirect = true\nredirect_endpoint = \"s3 host\"",
+                "invalid redirect_endpoint",
+            ),
+            (
+                "storage = \"s3://cache-bucket\"\nredirect_ttl_seconds = 60",
+                "without redirect = true",
+            ),
+        ];
+        for (text, says) in refused {
+            let e = merge(text).unwrap_err().to_string();
+            assert!(e.contains(says), "{text}: {e}");
+        }
     }
 
     #[test]

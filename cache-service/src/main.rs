@@ -45,6 +45,10 @@ const CONFIG_HELP: &str = r#"Configuration file (--config FILE; flags override i
   # s3_region = "us-east-1"     # optional; overrides AWS_REGION
   # spool_dir = "/var/tmp/regmirror-spool"  # downloads in progress when storage is a bucket
   # local_cache_size = "20GiB"  # a bucket: blobs this replica also keeps on its spool disk
+  # redirect = true             # a bucket, instead of local_cache_size: warm blob GETs get a
+                                # 307 to a presigned URL of the object (clients must reach it)
+  # redirect_endpoint = "https://s3.example.com"  # the bucket as clients reach it, if not s3_endpoint
+  # redirect_ttl_seconds = 300  # how long a presigned URL can be used
   max_size = "50GiB"            # optional; 0 or absent = unlimited (a bucket: its total)
   tag_ttl_seconds = 300
   shutdown_grace_seconds = 30   # optional; at most 86400
@@ -73,7 +77,7 @@ bucket that cannot be used (unreachable endpoint, refused credentials, no such b
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the cache (the default when no subcommand is given).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Render the Envoy, filter and cache configs from envoy/registries.toml.
     Render(render::RenderArgs),
     /// Print (or write) a container runtime's configuration for pulling through the mirror.

@@ -81,6 +81,8 @@ pub struct Gauges {
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub hits: AtomicU64,
+    /// Hits answered with a presigned URL of the bucket object (`redirect = true`).
+    pub store_redirects: AtomicU64,
     pub misses: AtomicU64,
     pub stale_served: AtomicU64,
     pub bytes_from_cache: AtomicU64,
@@ -154,6 +156,11 @@ impl Metrics {
             "regmirror_cache_hits_total",
             "Requests answered from the cache.",
             self.hits.load(Relaxed),
+        );
+        counter(
+            "regmirror_store_redirects_total",
+            "Blob hits answered with a 307 to a presigned URL of the bucket object (redirect = true).",
+            self.store_redirects.load(Relaxed),
         );
         counter(
             "regmirror_cache_misses_total",

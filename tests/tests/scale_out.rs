@@ -11,7 +11,7 @@
 use mirror_tests::clients::{self, PulledDir, SkopeoPull};
 use mirror_tests::faults::{self, Fault};
 use mirror_tests::images::{SeededImage, MT_MANIFEST};
-use mirror_tests::replicas::{ScaleOut, FAULTY};
+use mirror_tests::replicas::{ScaleOut, WarmReads, FAULTY};
 use mirror_tests::upstreams::Front;
 use sha2::{Digest as _, Sha256};
 use std::collections::BTreeMap;
@@ -494,5 +494,144 @@ fn a_killed_replicas_keys_are_served_by_another_on_the_first_request() {
         [] as [String; 0],
         "keys of the killed replica {dead} not served on the first request (requests per replica {per_replica:?})\n{}",
         s.logs()
+    );
+}
+
+/// The sum of one counter over every replica's `/metrics`.
+fn replicas_counter(s: &ScaleOut, name: &str) -> u64 {
+    (0..s.replicas.len())
+        .map(|i| {
+            let got = faults::get(&faults::client(), &s.replicas[i].url("/metrics"), &[]);
+            String::from_utf8_lossy(&got.body)
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no {name} in replica {i}'s /metrics"))
+        })
+        .sum()
+}
+
+/// `redirect = true`: the operator's clients reach the bucket, and warm layers go from it to
+/// them by presigned URLs instead of through the replicas. Misses still stream through a
+/// replica (verified on the way), HEADs and small blobs are answered by the replica.
+#[test]
+fn with_redirect_on_warm_layers_come_from_the_bucket_by_presigned_urls() {
+    const TTL: u64 = 3;
+    let s = ScaleOut::start_with(
+        mirror_tests::s3::shared(),
+        2,
+        WarmReads::Redirect { ttl_seconds: TTL },
+    )
+    .unwrap_or_else(|e| panic!("scale-out fixture failed to start: {e:#}"));
+    let image = large_image();
+    let layer = image.first_layer();
+    let reference = faulty_ref(&s, image);
+    // Cold: streamed through the replica that fetched it.
+    ok(&s, skopeo(&s, &reference)).assert_is(image, false);
+    assert_in_bucket(&s, image);
+    assert_eq!(replicas_counter(&s, "regmirror_store_redirects_total"), 0);
+
+    // Warm, skopeo and containerd: the layer by redirect, digests verified by both clients.
+    ok(&s, skopeo(&s, &reference)).assert_is(image, false);
+    let ctrd = clients::containerd();
+    let hosts = tempfile::tempdir().unwrap();
+    let decl = s.declaration();
+    ok(
+        &s,
+        clients::write_hosts_toml_of(&decl, hosts.path(), FAULTY, &s.addr(), &s.up.pki.ca),
+    );
+    let ns = format!("redirect-{}", hex::encode(rand::random::<[u8; 4]>()));
+    let cref = format!("{FAULTY}/{}:{}", image.name, image.tag);
+    ok(&s, ctrd.pull(&ns, hosts.path(), &cref, &[]));
+    assert_eq!(ok(&s, ctrd.image_digest(&ns, &cref)), image.digest);
+    for d in image.all_blobs() {
+        ok(&s, ctrd.verify_content(&ns, &d));
+    }
+    let redirected = replicas_counter(&s, "regmirror_store_redirects_total");
+    assert!(
+        redirected >= 2,
+        "{redirected} redirects for two warm pulls of a 20 MiB layer\n{}",
+        s.logs()
+    );
+    assert_eq!(
+        layer_fetches(&s, &layer),
+        1,
+        "upstream fetches of the layer"
+    );
+
+    // What a client is handed: a URL of the bucket object, signed, that serves the verified
+    // bytes (and ranges of them); it expires.
+    let client = ok(&s, s.up.pki.client(&[]));
+    let blob_url = |d: &str| format!("https://{}/v2/{FAULTY}/{}/blobs/{d}", s.addr(), image.name);
+    let resp = ok(&s, client.get(blob_url(&layer)).send().map_err(Into::into));
+    assert_eq!(resp.status(), 307, "{}", s.logs());
+    let header = |r: &reqwest::blocking::Response, h: &str| {
+        r.headers()
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(header(&resp, "docker-content-digest"), layer);
+    let location = header(&resp, "location");
+    let object = format!("{}/{}/{}", s.s3.endpoint, s.s3.bucket, s.blob_key(&layer));
+    assert!(
+        location.starts_with(&format!("{object}?")) && location.contains("X-Amz-Signature="),
+        "Location {location:?}, expected a presigned URL of {object}"
+    );
+    let plain = faults::client();
+    let got = faults::get(&plain, &location, &[]);
+    assert_eq!(
+        (got.status, mirror_tests::digest_of(&got.body)),
+        (200, layer.clone()),
+        "the presigned URL"
+    );
+    let part = ok(
+        &s,
+        plain
+            .get(&location)
+            .header("range", "bytes=100-199")
+            .send()
+            .and_then(|r| Ok((r.status().as_u16(), r.bytes()?)))
+            .map_err(Into::into),
+    );
+    assert_eq!((part.0, &part.1[..]), (206, &got.body[100..200]));
+    let unsigned = faults::get(&plain, &object, &[]);
+    assert_eq!(
+        unsigned.status, 403,
+        "the bucket object without a signature"
+    );
+    // HEAD and a small blob (the config) are the replica's.
+    let head = ok(&s, client.head(blob_url(&layer)).send().map_err(Into::into));
+    assert_eq!(
+        (head.status().as_u16(), header(&head, "content-length")),
+        (200, got.body.len().to_string())
+    );
+    let config = &image.platforms[0].config_digest;
+    let small = faults::get(&client, &blob_url(config), &[]);
+    assert_eq!(
+        (small.status, mirror_tests::digest_of(&small.body)),
+        (200, config.clone())
+    );
+    // Past its lifetime the URL is refused; the mirror hands out a fresh one.
+    std::thread::sleep(Duration::from_secs(TTL + 2));
+    assert_eq!(
+        faults::get(&plain, &location, &[]).status,
+        403,
+        "expired URL"
+    );
+    let again = ok(&s, client.get(blob_url(&layer)).send().map_err(Into::into));
+    let fresh = faults::get(&plain, &header(&again, "location"), &[]);
+    assert_eq!(
+        (
+            again.status().as_u16(),
+            fresh.status,
+            mirror_tests::digest_of(&fresh.body)
+        ),
+        (307, 200, layer.clone())
+    );
+    assert_eq!(
+        layer_fetches(&s, &layer),
+        1,
+        "upstream fetches of the layer"
     );
 }

@@ -43,6 +43,7 @@ fn settings(s: &s3::S3Server, prefix: &str, spool: &std::path::Path) -> BucketSe
         region: Some(s.region.clone()),
         spool_dir: spool.to_path_buf(),
         local_cache_size: 0,
+        redirect: None,
     }
 }
 

@@ -25,6 +25,8 @@ pub enum BlobReply {
     Head { size: u64 },
     /// Verified stored content.
     Cached { body: StoredBody, size: u64 },
+    /// Stored content the client fetches from the store itself, at this URL.
+    Redirect { url: String },
     /// A download in progress (possibly started by this request).
     Flight {
         flight: Arc<InFlight>,
@@ -56,6 +58,12 @@ impl Cache {
                 Metrics::inc(&self.metrics.hits);
                 self.touch(d);
                 let size = blob.size();
+                if !head {
+                    if let Some(url) = self.redirect_url(d, size).await {
+                        Metrics::inc(&self.metrics.store_redirects);
+                        return Ok(BlobReply::Redirect { url });
+                    }
+                }
                 return Ok(if head {
                     BlobReply::Head { size }
                 } else {
@@ -85,6 +93,19 @@ impl Cache {
         let flight = self.start_flight(up, name, d, key).await;
         let size = flight.started().await?;
         Ok(BlobReply::Flight { flight, size })
+    }
+
+    /// The store's URL for a stored blob, if it hands them out; a store that cannot sign
+    /// one now gets the request served through the cache instead.
+    async fn redirect_url(&self, d: &Digest, size: u64) -> Option<String> {
+        self.store
+            .redirect_url(d, size)
+            .await
+            .inspect_err(|e| {
+                tracing::warn!(digest = %d, error = %e, "cannot presign the blob's URL; serving it")
+            })
+            .ok()
+            .flatten()
     }
 
     /// Answer from a download in progress that this request joins.

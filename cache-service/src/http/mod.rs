@@ -485,6 +485,19 @@ async fn blob_response(
                 .body(Body::empty())
                 .map_err(ApiError::internal);
         }
+        // The store's own URL: the client fetches it there (Range and all); only a
+        // presigned object of verified content is handed out.
+        BlobReply::Redirect { url } => {
+            return Response::builder()
+                .status(StatusCode::TEMPORARY_REDIRECT)
+                .header("docker-content-digest", digest.as_str())
+                .header(header::LOCATION, url)
+                .header(header::CONTENT_LENGTH, 0)
+                // The URL expires; the content behind it does not.
+                .header(header::CACHE_CONTROL, "no-store")
+                .body(Body::empty())
+                .map_err(ApiError::internal);
+        }
         BlobReply::Cached { body, size } => (
             Some(size),
             Box::new(move |s, e| Body::from_stream(body.range(s, e.unwrap_or(size)))),

@@ -261,6 +261,11 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug + 'static {
     async fn check_ready(&self) -> io::Result<()>;
     /// Open a stored blob.
     async fn open(&self, digest: &Digest) -> io::Result<Option<Box<dyn StoredBlob>>>;
+    /// A URL the client can fetch the stored blob of `size` bytes from itself, for a while
+    /// (a bucket with `redirect = true`); `None`: the cache serves it.
+    async fn redirect_url(&self, _digest: &Digest, _size: u64) -> io::Result<Option<String>> {
+        Ok(None)
+    }
     /// Size of a stored blob.
     async fn size(&self, digest: &Digest) -> io::Result<Option<u64>>;
     /// Start writing content expected to have `digest` (checked on commit).

@@ -43,6 +43,7 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
+use object_store::signer::Signer;
 use object_store::{
     ClientOptions, GetOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
     RetryConfig, UpdateVersion,
@@ -102,6 +103,20 @@ pub struct BucketSettings {
     /// Bytes of blobs this replica keeps on its own disk under `spool_dir` (see
     /// [`super::tiered`]); 0 = none, every read goes to the bucket.
     pub local_cache_size: u64,
+    /// `redirect = true`: clients fetch stored blobs from the bucket by presigned URLs.
+    pub redirect: Option<StoreRedirect>,
+}
+
+/// Blob GETs answered with a `307` to a presigned URL of the object (like distribution's
+/// storage redirect): the bytes go from the bucket to the client, not through the replica.
+/// Blobs up to [`MEM_BLOB_MAX`] are still served by the replica, from memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreRedirect {
+    /// The endpoint clients reach the bucket at, when it is not the replicas' (the URL is
+    /// signed for its host); `None`: the replicas' endpoint.
+    pub endpoint: Option<String>,
+    /// How long a presigned URL can be used (S3 checks it when a request starts).
+    pub ttl: Duration,
 }
 
 impl fmt::Display for BucketSettings {
@@ -189,6 +204,8 @@ struct Lease {
 
 pub struct ObjectBackend {
     store: Arc<AmazonS3>,
+    /// With `redirect = true`: signs clients' URLs of stored blobs.
+    presigner: Option<Presigner>,
     endpoint: String,
     prefix: String,
     spool_dir: PathBuf,
@@ -329,45 +346,25 @@ impl ObjectBackend {
 
     /// [`Self::open`] with another abandon age (tests).
     pub async fn open_with(s: &BucketSettings, abandon_after: Duration) -> Result<Self, OpenError> {
-        // Replacing the client options drops what `from_env` put there: AWS_ALLOW_HTTP is
-        // applied here again.
-        let allow_http = std::env::var("AWS_ALLOW_HTTP")
-            .is_ok_and(|v| v.eq_ignore_ascii_case("true"))
-            || s.endpoint
-                .as_deref()
-                .is_some_and(|e| e.starts_with("http://"));
-        let mut b = AmazonS3Builder::from_env()
-            .with_bucket_name(&s.bucket)
-            // SeaweedFS, MinIO and most S3-compatible stores are path-style.
-            .with_virtual_hosted_style_request(false)
-            // Few, short retries: an outage must turn into pass-through within seconds.
-            .with_retry(RetryConfig {
-                max_retries: 2,
-                retry_timeout: Duration::from_secs(5),
-                ..RetryConfig::default()
-            })
-            .with_client_options(
-                ClientOptions::new()
-                    .with_allow_http(allow_http)
-                    .with_connect_timeout(Duration::from_secs(3))
-                    .with_timeout(Duration::from_secs(60)),
-            );
-        if let Some(e) = &s.endpoint {
-            b = b.with_endpoint(e);
-        }
-        if let Some(r) = &s.region {
-            b = b.with_region(r);
-        }
         let endpoint = s
             .endpoint
             .clone()
             .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
             .or_else(|| std::env::var("AWS_ENDPOINT").ok())
             .unwrap_or_else(|| "the AWS S3 endpoint".to_owned());
-        let store = b.build().map_err(|e| OpenError::Client {
-            url: s.to_string(),
-            detail: e.to_string(),
-        })?;
+        let store = client(s, s.endpoint.as_deref())?;
+        // Signing needs no request: a presigner for another endpoint is a second client
+        // that is never used to send one.
+        let presigner = match &s.redirect {
+            None => None,
+            Some(r) => Some(Presigner {
+                client: match &r.endpoint {
+                    Some(e) => Arc::new(client(s, Some(e))?),
+                    None => Arc::new(client(s, s.endpoint.as_deref())?),
+                },
+                ttl: r.ttl,
+            }),
+        };
         std::fs::create_dir_all(&s.spool_dir).map_err(|source| OpenError::Spool {
             path: s.spool_dir.clone(),
             source,
@@ -389,6 +386,7 @@ impl ObjectBackend {
         );
         let backend = Self {
             store: Arc::new(store),
+            presigner,
             endpoint,
             prefix: s.prefix.clone(),
             spool_dir: s.spool_dir.clone(),
@@ -518,6 +516,47 @@ impl ObjectBackend {
             .await
             .map_err(io_err)
     }
+}
+
+/// The S3 client for `s` at `endpoint` (env: `AWS_ENDPOINT_URL`/`AWS_ENDPOINT`, `AWS_REGION`,
+/// keys, `AWS_ALLOW_HTTP`; the settings override endpoint and region).
+fn client(s: &BucketSettings, endpoint: Option<&str>) -> Result<AmazonS3, OpenError> {
+    // Replacing the client options drops what `from_env` put there: AWS_ALLOW_HTTP is
+    // applied here again.
+    let allow_http = std::env::var("AWS_ALLOW_HTTP").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
+        || endpoint.is_some_and(|e| e.starts_with("http://"));
+    let mut b = AmazonS3Builder::from_env()
+        .with_bucket_name(&s.bucket)
+        // SeaweedFS, MinIO and most S3-compatible stores are path-style.
+        .with_virtual_hosted_style_request(false)
+        // Few, short retries: an outage must turn into pass-through within seconds.
+        .with_retry(RetryConfig {
+            max_retries: 2,
+            retry_timeout: Duration::from_secs(5),
+            ..RetryConfig::default()
+        })
+        .with_client_options(
+            ClientOptions::new()
+                .with_allow_http(allow_http)
+                .with_connect_timeout(Duration::from_secs(3))
+                .with_timeout(Duration::from_secs(60)),
+        );
+    if let Some(e) = endpoint {
+        b = b.with_endpoint(e);
+    }
+    if let Some(r) = &s.region {
+        b = b.with_region(r);
+    }
+    b.build().map_err(|e| OpenError::Client {
+        url: s.to_string(),
+        detail: e.to_string(),
+    })
+}
+
+/// Signs GET URLs of blob objects for clients (`redirect = true`).
+struct Presigner {
+    client: Arc<AmazonS3>,
+    ttl: Duration,
 }
 
 fn is_connect_error(e: &object_store::Error) -> bool {
@@ -800,6 +839,21 @@ impl BlobStore for ObjectBackend {
     async fn check_ready(&self) -> io::Result<()> {
         // A missing key is an answer: the bucket is reachable and the credentials good.
         not_found_is_none(self.store.head(&self.key("ready")).await).map(drop)
+    }
+
+    async fn redirect_url(&self, digest: &Digest, size: u64) -> io::Result<Option<String>> {
+        let Some(p) = &self.presigner else {
+            return Ok(None);
+        };
+        if size <= MEM_BLOB_MAX {
+            return Ok(None);
+        }
+        let url = p
+            .client
+            .signed_url(reqwest::Method::GET, &self.blob_key(digest), p.ttl)
+            .await
+            .map_err(io_err)?;
+        Ok(Some(url.into()))
     }
 
     async fn open(&self, digest: &Digest) -> io::Result<Option<Box<dyn StoredBlob>>> {

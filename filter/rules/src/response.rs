@@ -152,6 +152,11 @@ pub fn plan_redirect(
     let Ok(loc) = std::str::from_utf8(loc) else {
         return RedirectPlan::NotUtf8;
     };
+    // cache-service follows its upstreams' redirects itself: the one it answers with is a
+    // presigned URL of the mirror's own store (`redirect = true`), meant for the client.
+    if fwd.reaches_cache(cfg) {
+        return RedirectPlan::Location(LocationOutcome::Passthrough);
+    }
     let (key, now) = key_and_now();
     let params = SignParams {
         registry: &fwd.registry,
@@ -443,6 +448,21 @@ mod tests {
         .unwrap();
         let p = plan_redirect(&pass, &f, Some(307), Some(cdn), key);
         assert_eq!(p, RedirectPlan::Location(LocationOutcome::Passthrough));
+    }
+
+    #[test]
+    fn a_store_url_from_cache_service_reaches_the_client_unchanged() {
+        let cfg =
+            parse_config(br#"{"registries":[{"name":"gcr.io","upstream":"gcr.io","cache":true}]}"#)
+                .unwrap();
+        let f = forward_to("gcr.io", "gcr.io", "/v2/a/blobs/sha256:ab");
+        assert!(f.reaches_cache(&cfg));
+        let store = b"https://s3.example/bucket/blobs/sha256/ab?X-Amz-Signature=1".as_slice();
+        let unread = || -> (Vec<u8>, u64) { panic!("key read") };
+        assert_eq!(
+            plan_redirect(&cfg, &f, Some(307), Some(store), unread),
+            RedirectPlan::Location(LocationOutcome::Passthrough)
+        );
     }
 
     fn token_wait(cfg: &crate::CompiledConfig, expect: Option<RealmUrl>) -> RealmWait {

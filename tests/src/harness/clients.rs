@@ -147,7 +147,17 @@ pub fn verify_dir(dir: tempfile::TempDir) -> Result<PulledDir> {
 /// Runs `regmirror client-config RUNTIME --mirror https://<mirror> [ARGS]`, the generator
 /// users run, over the shipped `envoy/registries.toml`.
 fn client_config(runtime: &str, mirror: &str, args: &[&str]) -> Result<String> {
-    let root = crate::build::workspace_root();
+    let shipped = crate::build::workspace_root().join("envoy/registries.toml");
+    client_config_of(&shipped, runtime, mirror, args)
+}
+
+/// [`client_config`] for the declaration at `registries`.
+fn client_config_of(
+    registries: &Path,
+    runtime: &str,
+    mirror: &str,
+    args: &[&str],
+) -> Result<String> {
     let out = crate::proc::run(
         std::process::Command::new(crate::build::regmirror()?)
             .args([
@@ -157,7 +167,7 @@ fn client_config(runtime: &str, mirror: &str, args: &[&str]) -> Result<String> {
                 &format!("https://{mirror}"),
             ])
             .arg("--registries")
-            .arg(root.join("envoy/registries.toml"))
+            .arg(registries)
             .args(args),
     )?;
     Ok(String::from_utf8(out.stdout)?)
@@ -196,8 +206,21 @@ pub fn write_registries_conf(path: &Path, registry: &str, mirror: &str) -> Resul
 /// The `hosts.toml` files `regmirror client-config containerd --ca CA` generates for
 /// `mirror` (host:port), in `hosts_dir/<registry>/hosts.toml`.
 pub fn write_hosts_toml(hosts_dir: &Path, registry: &str, mirror: &str, ca: &Path) -> Result<()> {
+    let shipped = crate::build::workspace_root().join("envoy/registries.toml");
+    write_hosts_toml_of(&shipped, hosts_dir, registry, mirror, ca)
+}
+
+/// [`write_hosts_toml`] for the declaration at `registries`.
+pub fn write_hosts_toml_of(
+    registries: &Path,
+    hosts_dir: &Path,
+    registry: &str,
+    mirror: &str,
+    ca: &Path,
+) -> Result<()> {
     let ca = ca.display().to_string();
-    client_config(
+    client_config_of(
+        registries,
         "containerd",
         mirror,
         &["--ca", &ca, "--out", &hosts_dir.display().to_string()],

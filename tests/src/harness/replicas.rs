@@ -106,9 +106,23 @@ pub struct ScaleOut {
     _tmp: tempfile::TempDir,
 }
 
+/// How the replicas serve a warm blob that is in the bucket.
+#[derive(Debug, Clone, Copy)]
+pub enum WarmReads {
+    /// From their local tier once read whole (`--local-cache-size`), as deployed.
+    LocalTier,
+    /// By a 307 to a presigned URL of the object valid this many seconds (`--redirect`).
+    Redirect { ttl_seconds: u64 },
+}
+
 impl ScaleOut {
     /// `n` replicas on a fresh prefix of `s3`'s bucket, and Envoy on the rendered declaration.
     pub fn start(s3: &'static S3Server, n: usize) -> Result<ScaleOut> {
+        Self::start_with(s3, n, WarmReads::LocalTier)
+    }
+
+    /// [`Self::start`], serving warm blobs as `warm` says.
+    pub fn start_with(s3: &'static S3Server, n: usize, warm: WarmReads) -> Result<ScaleOut> {
         crate::ensure_etc_hosts()?;
         let up = upstreams::shared();
         let fault_up = faults::shared();
@@ -129,9 +143,6 @@ impl ScaleOut {
                 .arg(s3.url(&prefix))
                 .arg("--spool-dir")
                 .arg(&spool)
-                // As deployed (compose `scale`, the Kubernetes Deployment): a local tier.
-                .arg("--local-cache-size")
-                .arg("1GiB")
                 .arg("--upstream")
                 .arg(format!("{GCR_SERVICE}=https://{}", up.nginx.gcr_front))
                 .arg("--upstream")
@@ -150,6 +161,13 @@ impl ScaleOut {
                 }
             }
             cmd.envs(s3.env());
+            match warm {
+                // As deployed (compose `scale`, the Kubernetes Deployment).
+                WarmReads::LocalTier => cmd.args(["--local-cache-size", "1GiB"]),
+                WarmReads::Redirect { ttl_seconds } => cmd
+                    .arg("--redirect")
+                    .args(["--redirect-ttl", &ttl_seconds.to_string()]),
+            };
             let mut r = Replica {
                 addr,
                 log: tmp.path().join(format!("regmirror-{i}.log")),
@@ -246,6 +264,12 @@ impl ScaleOut {
             }
         }
         Ok((bad, keys.len()))
+    }
+
+    /// The declaration Envoy's configuration was rendered from (the shipped one with the
+    /// replicas and `faulty.test`).
+    pub fn declaration(&self) -> PathBuf {
+        self._tmp.path().join("registries.toml")
     }
 
     /// The port of Envoy's client-facing listener.
