@@ -345,6 +345,57 @@ fn warm_rows(
     ));
     drop(tier);
 
+    // The same prefix through a replica with `--redirect`: a blob GET is a 307 to a presigned
+    // URL of the object, which curl follows, so the bytes come from SeaweedFS itself.
+    let redirect_addr = util::addr();
+    let redirect = replica_with(
+        f,
+        bins,
+        s3,
+        "regmirror-s3-redirect",
+        redirect_addr,
+        RM_PREFIX,
+        &["--redirect"],
+    )?;
+    let redirect_url = blob_url(f, redirect_addr, &layer);
+    let status = mirror_tests::proc::run(Command::new("curl").args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{redirect_url}",
+        &redirect_url,
+    ]))?;
+    let status = String::from_utf8_lossy(&status.stdout).to_string();
+    if !status.starts_with("307 ") {
+        bail!(
+            "{redirect_url}: {status}, expected a 307 to the bucket:\n{}",
+            redirect.log_tail(20)
+        );
+    }
+    log.push(format!("S3 redirect: {redirect_url} -> {status}"));
+    let warm_redirect = warm_pairs(
+        f,
+        pairs,
+        ("regmirror (redirect)", &redirect_url, &redirect),
+        (&dp_url, &dp),
+        size,
+    )?;
+    pull::log_pairs(
+        log,
+        "S3: warm 256 MiB blob MB/s, regmirror with redirect = true (curl -L) vs distribution proxy",
+        &warm_redirect,
+    );
+    rows.push(Row::paired(
+        S5,
+        "warm 256 MiB blob throughput (curl -L), bucket on S3: regmirror with redirect = true (307 to a presigned URL, bytes from SeaweedFS) vs distribution proxy (streamed from S3)",
+        &warm_redirect,
+        |x| *x,
+        ("MB/s", "MB/s distribution"),
+        Some(Goal::AtLeast(1.5)),
+    ));
+    drop(redirect);
+
     // Manifest by tag: both caches hold bench/three, then short wrk runs alternately.
     util::skopeo_copy(&three(f, rm_addr), None, true)?;
     util::skopeo_copy(&three(f, dp_addr), None, true)?;
