@@ -140,6 +140,7 @@ impl Cache {
                 spool,
                 state: rx,
                 tail: Mutex::new(Tail::new(self.pass_through.clone())),
+                recent: Mutex::default(),
             });
             let (this, up, name, d, f2) = (
                 self.clone(),
@@ -249,6 +250,7 @@ impl Cache {
             if let Some(t) = temp.as_mut() {
                 match t.write(&chunk).await {
                     Ok(()) => {
+                        lock(&flight.recent).push(received, chunk);
                         received += len;
                         tx.send_modify(|s| {
                             s.received = received;
@@ -353,7 +355,17 @@ fn batched<E: Send + 'static>(
             if first.len() >= WRITE_BATCH {
                 return Some((Ok(first), (body, None, false)));
             }
-            let mut batch = bytes::BytesMut::from(&first[..]);
+            // Copied into a batch only when more has already arrived.
+            let second = match body.next().now_or_never() {
+                None => return Some((Ok(first), (body, None, false))),
+                Some(None) => return Some((Ok(first), (body, None, true))),
+                Some(Some(Err(e))) => return Some((Ok(first), (body, Some(e), false))),
+                Some(Some(Ok(b))) => b,
+            };
+            let mut batch =
+                bytes::BytesMut::with_capacity(WRITE_BATCH.max(first.len() + second.len()));
+            batch.extend_from_slice(&first);
+            batch.extend_from_slice(&second);
             let (mut held, mut done) = (None, false);
             while batch.len() < WRITE_BATCH {
                 match body.next().now_or_never() {

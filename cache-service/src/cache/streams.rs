@@ -130,11 +130,72 @@ impl Drop for Tail {
     }
 }
 
+/// The bytes of a download most recently written to its spool, kept in memory so that
+/// readers keeping up with the download take them as they are (no read back from the spool,
+/// no copy); a reader further behind reads the spool.
+#[derive(Debug, Default)]
+pub struct Recent {
+    start: u64,
+    chunks: std::collections::VecDeque<Bytes>,
+    len: u64,
+}
+
+/// Bytes a download keeps in [`Recent`] beyond its last chunk (per download, in memory).
+const RECENT_BYTES: u64 = 1024 * 1024;
+
+impl Recent {
+    /// `chunk` was written to the spool at `pos`.
+    pub fn push(&mut self, pos: u64, chunk: Bytes) {
+        if pos != self.start + self.len {
+            // Not contiguous (never, for one writer): start over.
+            self.chunks.clear();
+            (self.start, self.len) = (pos, 0);
+        }
+        self.len += chunk.len() as u64;
+        self.chunks.push_back(chunk);
+        while self.len > RECENT_BYTES + self.chunks.back().map_or(0, |c| c.len() as u64) {
+            let Some(old) = self.chunks.pop_front() else {
+                break;
+            };
+            self.start += old.len() as u64;
+            self.len -= old.len() as u64;
+        }
+    }
+
+    fn read(&self, pos: u64, max: u64) -> Option<Bytes> {
+        slice_at(self.start, self.chunks.iter(), pos, max)
+    }
+}
+
+/// Up to `max` bytes at `pos` from `chunks`, which hold the bytes from `start` on.
+fn slice_at<'a>(
+    start: u64,
+    chunks: impl Iterator<Item = &'a Bytes>,
+    pos: u64,
+    max: u64,
+) -> Option<Bytes> {
+    if pos < start {
+        return None;
+    }
+    let mut off = start;
+    for c in chunks {
+        let clen = c.len() as u64;
+        if pos < off + clen {
+            let from = usize::try_from(pos - off).ok()?;
+            let to = usize::try_from(std::cmp::min(clen, pos - off + max)).ok()?;
+            return Some(c.slice(from..to));
+        }
+        off += clen;
+    }
+    None
+}
+
 #[derive(Debug)]
 pub struct InFlight {
     pub(super) spool: Option<SpoolReader>,
     pub(super) state: watch::Receiver<FlightState>,
     pub(super) tail: Mutex<Tail>,
+    pub(super) recent: Mutex<Recent>,
 }
 
 impl InFlight {
@@ -162,20 +223,19 @@ impl InFlight {
 
     fn read_tail(&self, pos: u64, max: u64) -> Option<Bytes> {
         let tail = super::lock(&self.tail);
-        if pos < tail.start {
-            return None;
+        slice_at(tail.start, tail.chunks.iter(), pos, max)
+    }
+
+    /// Up to `max` bytes at `pos` if the spool holds them: from memory while they are
+    /// recent, else read back.
+    async fn read_spooled(&self, pos: u64, max: u64) -> io::Result<Bytes> {
+        if let Some(b) = super::lock(&self.recent).read(pos, max) {
+            return Ok(b);
         }
-        let mut off = tail.start;
-        for c in &tail.chunks {
-            let clen = c.len() as u64;
-            if pos < off + clen {
-                let from = usize::try_from(pos - off).ok()?;
-                let to = usize::try_from(std::cmp::min(clen, pos - off + max)).ok()?;
-                return Some(c.slice(from..to));
-            }
-            off += clen;
+        match &self.spool {
+            Some(f) => f.read_at(pos, max).await,
+            None => Err(io::Error::other("no spool")),
         }
-        None
     }
 }
 
@@ -229,10 +289,7 @@ pub fn reader(
                         let want = std::cmp::min(READ_CHUNK, avail - pos);
                         let chunk = if pos < s.on_disk {
                             let want = std::cmp::min(want, s.on_disk - pos);
-                            match &flight.spool {
-                                Some(f) => f.read_at(pos, want).await,
-                                None => Err(io::Error::other("no spool")),
-                            }
+                            flight.read_spooled(pos, want).await
                         } else {
                             flight
                                 .read_tail(pos, want)
@@ -298,6 +355,28 @@ mod tests {
     use futures::StreamExt;
     use std::io::Write;
 
+    #[test]
+    fn recent_bytes_are_bounded_and_sliced_where_asked() {
+        let mut r = Recent::default();
+        let chunk = |b: u8, n: usize| Bytes::from(vec![b; n]);
+        let k = 256 * 1024;
+        for i in 0..8u8 {
+            r.push(u64::from(i) * k as u64, chunk(i, k));
+        }
+        // 1 MiB plus the last chunk stay: chunks 3..=7.
+        assert_eq!((r.start, r.len), (3 * k as u64, 5 * k as u64));
+        assert_eq!(r.read(0, 10), None, "dropped: read back from the spool");
+        let got = r.read(3 * k as u64 + 5, 1 << 20).unwrap();
+        assert_eq!((got.len(), got[0]), (k - 5, 3), "one chunk's rest at most");
+        assert_eq!(r.read(8 * k as u64, 1), None, "not written yet");
+        // A chunk bigger than the window is still kept whole while it is the last one.
+        r.push(8 * k as u64, chunk(9, 4 << 20));
+        assert_eq!(r.read(8 * k as u64 + 7, 3).as_deref(), Some(&[9u8; 3][..]));
+        // A gap (never from one writer) starts over rather than serve wrong offsets.
+        r.push(100 << 20, chunk(1, 10));
+        assert_eq!((r.start, r.len), (100 << 20, 10));
+    }
+
     fn setup() -> (
         tempfile::NamedTempFile,
         Arc<InFlight>,
@@ -310,6 +389,7 @@ mod tests {
             spool: Some(file),
             state: rx,
             tail: Mutex::new(Tail::default()),
+            recent: Mutex::default(),
         });
         (tmp, f, tx)
     }
