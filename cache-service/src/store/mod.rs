@@ -172,8 +172,15 @@ impl BlobWriter {
     /// Append bytes; when this returns they are readable through [`Self::reader`]. An error
     /// means the local spool failed (disk full): the caller passes the rest through.
     pub async fn write(&mut self, data: &Bytes) -> io::Result<()> {
-        self.spool.write(data).await?;
+        // The spool write runs on the blocking pool while this task hashes the same bytes;
+        // if it fails, the hash goes back to the bytes written (see `abandon`).
+        let written = self.spool.write(data.clone());
+        let before = self.hasher.clone();
         self.hasher.update(data);
+        if let Err(e) = written.await {
+            self.hasher = before;
+            return Err(e);
+        }
         self.len += data.len() as u64;
         if self.sink_error.is_none() {
             if let Err(e) = self.sink.write(data).await {

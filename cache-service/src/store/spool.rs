@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::io::AsyncWriteExt;
 
 pub(crate) struct Spool {
-    file: tokio::fs::File,
+    /// Written on the blocking pool, one write at a time, at the file's position.
+    file: Arc<std::fs::File>,
     read: Arc<std::fs::File>,
     /// A named spool (the filesystem store's temp file) is removed on drop unless persisted;
     /// an anonymous one (`O_TMPFILE`) vanishes with its last handle, even after a crash.
@@ -33,7 +33,7 @@ impl Spool {
             }
         };
         Ok(Self {
-            file: tokio::fs::File::from_std(file),
+            file: Arc::new(file),
             read: Arc::new(read),
             path: Some(path),
         })
@@ -44,15 +44,25 @@ impl Spool {
         let file = tempfile::tempfile_in(dir)?;
         let read = file.try_clone()?;
         Ok(Self {
-            file: tokio::fs::File::from_std(file),
+            file: Arc::new(file),
             read: Arc::new(read),
             path: None,
         })
     }
 
-    pub(crate) async fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        self.file.write_all(data).await?;
-        self.file.flush().await
+    /// Append `data`: the write starts on the blocking pool now (the caller may work on the
+    /// same bytes meanwhile) and the bytes are readable once the returned future is done.
+    /// `&mut self`: one write at a time, each awaited before the next.
+    pub(crate) fn write(
+        &mut self,
+        data: Bytes,
+    ) -> impl std::future::Future<Output = io::Result<()>> + Send + 'static {
+        let file = self.file.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            (&*file).write_all(&data)
+        });
+        async move { written.await.map_err(io::Error::other)? }
     }
 
     pub(crate) fn reader(&self) -> SpoolReader {
@@ -64,8 +74,10 @@ impl Spool {
         let Some(src) = self.path.clone() else {
             return Err(io::Error::other("an anonymous spool cannot be persisted"));
         };
-        self.file.flush().await?;
-        self.file.sync_all().await?;
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || file.sync_all())
+            .await
+            .map_err(io::Error::other)??;
         let dir = dest
             .parent()
             .map(Path::to_path_buf)
