@@ -186,7 +186,7 @@ pub(crate) fn setup(base: &Path, log: &mut crate::util::Log) -> Result<Fixture> 
         &dir,
         "origin-nginx",
         &format!(
-            "  log_format bytes '$body_bytes_sent';\n  server {{\n    listen {origin};\n    access_log {} bytes;\n    proxy_http_version 1.1;\n    proxy_buffering off;\n    proxy_request_buffering off;\n    location / {{ proxy_set_header Host $http_host; proxy_pass http://{plain}; }}\n  }}",
+            "  log_format bytes '$body_bytes_sent $status $request_method $uri';\n  server {{\n    listen {origin};\n    access_log {} bytes;\n    proxy_http_version 1.1;\n    proxy_buffering off;\n    proxy_request_buffering off;\n    location / {{ proxy_set_header Host $http_host; proxy_pass http://{plain}; }}\n  }}",
             origin_log.display()
         ),
         &[origin],

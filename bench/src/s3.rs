@@ -675,6 +675,12 @@ fn replica_rows(
         log.push(format!(
             "S3: {PULLS} concurrent cold pulls via Envoy over {REPLICAS} replicas: {secs:.2}s, upstream {bytes} B in {reqs} requests; image {img_bytes} B (its manifest {manifest} B)"
         ));
+        if bytes > img_bytes {
+            log.push(format!(
+                "  the origin's log of that run (bytes status method path): {}",
+                util::log_lines_after(&f.origin_log, reqs0).join("; ")
+            ));
+        }
         worst = worst.max(bytes);
     }
     let mut r = Row::ratio(

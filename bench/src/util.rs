@@ -560,8 +560,18 @@ pub fn sum_log_bytes(path: &Path) -> u64 {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| l.trim().parse::<u64>().ok())
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
         .sum()
+}
+
+/// The lines of an access log after the first `skip` (what one run asked).
+pub fn log_lines_after(path: &Path, skip: usize) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .skip(skip)
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The run log: kept for RESULTS.md and echoed to stderr as progress.
