@@ -36,6 +36,10 @@ pub enum BlobReply {
 
 pub(super) type FlightKey = (String, RepositoryName, Digest);
 
+/// How many times a request that missed a blob looks again because a download ended while
+/// it looked (the whole download of a small blob can fit between a request's two looks).
+const LOOKS_AGAIN: usize = 2;
+
 impl Cache {
     pub async fn blob(
         self: &Arc<Self>,
@@ -45,54 +49,62 @@ impl Cache {
         head: bool,
     ) -> Result<BlobReply, CacheError> {
         let key: FlightKey = (up.name.clone(), name.clone(), d.clone());
-        // A download in progress first: it stays registered until its copy is stored, so a
-        // request that misses it here finds the stored copy below (the other order leaves a
-        // window where a download ends between the two looks and the blob is fetched again).
-        if let Some(flight) = self.flights.get(&key) {
-            return self.joined(flight).await;
-        }
-        let pin = PinGuard::new(&self.lru, d);
-        if let Some(blob) = self.stored(d).await {
-            if self.linked(&up.name, name, d).await || self.confirm(up, name, d, Kind::Blob).await?
-            {
-                Metrics::inc(&self.metrics.hits);
-                self.touch(d);
-                let size = blob.size();
-                if !head {
-                    if let Some(url) = self.redirect_url(d, size).await {
-                        Metrics::inc(&self.metrics.store_redirects);
-                        return Ok(BlobReply::Redirect { url });
+        let mut attempt = 0;
+        loop {
+            // Flights that ended before this look kept what they stored: the store look below
+            // sees it. One that ends after it makes the start below look again.
+            let since = self.flights.ended();
+            // A download in progress first: it stays registered until its copy is stored, so a
+            // request that misses it here finds the stored copy below.
+            if let Some(flight) = self.flights.get(&key) {
+                return self.joined(flight).await;
+            }
+            let pin = PinGuard::new(&self.lru, d);
+            if let Some(blob) = self.stored(d).await {
+                if self.linked(&up.name, name, d).await
+                    || self.confirm(up, name, d, Kind::Blob).await?
+                {
+                    Metrics::inc(&self.metrics.hits);
+                    self.touch(d);
+                    let size = blob.size();
+                    if !head {
+                        if let Some(url) = self.redirect_url(d, size).await {
+                            Metrics::inc(&self.metrics.store_redirects);
+                            return Ok(BlobReply::Redirect { url });
+                        }
                     }
+                    return Ok(if head {
+                        BlobReply::Head { size }
+                    } else {
+                        BlobReply::Cached {
+                            body: StoredBody::new(blob, pin, self.metrics.clone()),
+                            size,
+                        }
+                    });
                 }
-                return Ok(if head {
-                    BlobReply::Head { size }
-                } else {
-                    BlobReply::Cached {
-                        body: StoredBody::new(blob, pin, self.metrics.clone()),
-                        size,
-                    }
-                });
             }
-        }
-        drop(pin);
-        // Started by another request while this one looked in the store.
-        if let Some(flight) = self.flights.get(&key) {
-            return self.joined(flight).await;
-        }
-        Metrics::inc(&self.metrics.misses);
-        if head {
-            let info = self.head_shared(up, name, d, Kind::Blob).await?;
-            if info.status != StatusCode::OK.as_u16() {
-                return Err(CacheError::UpstreamStatus(info.status));
+            drop(pin);
+            if attempt == 0 {
+                Metrics::inc(&self.metrics.misses);
             }
-            if let Some(size) = info.size {
-                return Ok(BlobReply::Head { size });
+            if head {
+                let info = self.head_shared(up, name, d, Kind::Blob).await?;
+                if info.status != StatusCode::OK.as_u16() {
+                    return Err(CacheError::UpstreamStatus(info.status));
+                }
+                if let Some(size) = info.size {
+                    return Ok(BlobReply::Head { size });
+                }
+                // No length on HEAD: fall through to a download, which tells us.
             }
-            // No length on HEAD: fall through to a download, which tells us.
+            // The last attempt starts (or joins) whatever ended meanwhile.
+            let since = (attempt < LOOKS_AGAIN).then_some(since);
+            if let Some(flight) = self.start_flight(up, name, d, key.clone(), since).await {
+                let size = flight.started().await?;
+                return Ok(BlobReply::Flight { flight, size });
+            }
+            attempt += 1;
         }
-        let flight = self.start_flight(up, name, d, key).await;
-        let size = flight.started().await?;
-        Ok(BlobReply::Flight { flight, size })
     }
 
     /// The store's URL for a stored blob, if it hands them out; a store that cannot sign
@@ -115,14 +127,16 @@ impl Cache {
         Ok(BlobReply::Flight { flight, size })
     }
 
-    /// Join the download of `key` in progress, or start it.
+    /// Join the download of `key` in progress, or start it; with `since`, `None` instead of
+    /// starting when a download ended after it (see `SingleFlight::join_or_start_since`).
     async fn start_flight(
         self: &Arc<Self>,
         up: &Source,
         name: &RepositoryName,
         d: &Digest,
         key: FlightKey,
-    ) -> Arc<InFlight> {
+        since: Option<u64>,
+    ) -> Option<Arc<InFlight>> {
         // Made before the single-flight lock is taken (it may touch the disk); dropped unused
         // by a request that finds the download already started.
         let temp = match self.store.begin_write(d).await {
@@ -133,7 +147,7 @@ impl Cache {
                 None
             }
         };
-        let (flight, role) = self.flights.join_or_start(key, || {
+        let start = || {
             let spool = temp.as_ref().map(BlobWriter::reader);
             let (tx, rx) = watch::channel(FlightState::default());
             let flight = Arc::new(InFlight {
@@ -154,7 +168,9 @@ impl Cache {
                 Metrics::inc(&this.metrics.upstream_fetches);
                 let r = this.download(&up, &name, &d, &tx, temp, &f2).await;
                 match &r {
-                    Ok(()) => tracing::info!(registry = %up.name, %name, digest = %d, "blob fetched"),
+                    Ok(()) => {
+                        tracing::info!(registry = %up.name, %name, digest = %d, "blob fetched")
+                    }
                     Err(e) => {
                         tracing::warn!(registry = %up.name, %name, digest = %d, error = %e, "blob fetch failed")
                     }
@@ -165,11 +181,15 @@ impl Cache {
                 }
             };
             (flight, work)
-        });
+        };
+        let (flight, role) = match since {
+            Some(since) => self.flights.join_or_start_since(key, since, start)?,
+            None => self.flights.join_or_start(key, start),
+        };
         if role == Role::Joined {
             Metrics::inc(&self.metrics.coalesced_waiters);
         }
-        flight
+        Some(flight)
     }
 
     async fn download(
@@ -389,7 +409,7 @@ fn batched<E: Send + 'static>(
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{limits, name, open, outcome, MIB};
+    use super::super::tests::{limits, name, open, open_with, outcome, MIB};
     use super::*;
     use crate::cache::Limits;
     use crate::oci;
@@ -435,6 +455,119 @@ mod tests {
         assert_eq!(first.unwrap().unwrap().unwrap().len(), 10);
         drop(tx);
         assert!(s.next().await.is_none());
+    }
+
+    /// A filesystem store whose first `open` answers late (a bucket's HEAD under load): what
+    /// it answers is what the store held when the look began.
+    #[derive(Debug)]
+    struct FirstLookSlow {
+        inner: crate::store::fs::FsStore,
+        slow: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::store::BlobStore for FirstLookSlow {
+        async fn clean_abandoned(&self) -> std::io::Result<usize> {
+            self.inner.clean_abandoned().await
+        }
+        async fn check_ready(&self) -> std::io::Result<()> {
+            self.inner.check_ready().await
+        }
+        async fn open(
+            &self,
+            d: &Digest,
+        ) -> std::io::Result<Option<Box<dyn crate::store::StoredBlob>>> {
+            let found = self.inner.open(d).await;
+            if self.slow.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            found
+        }
+        async fn size(&self, d: &Digest) -> std::io::Result<Option<u64>> {
+            self.inner.size(d).await
+        }
+        async fn begin_write(&self, d: &Digest) -> std::io::Result<BlobWriter> {
+            self.inner.begin_write(d).await
+        }
+        async fn delete(&self, d: &Digest) -> std::io::Result<u64> {
+            self.inner.delete(d).await
+        }
+        async fn list(&self) -> std::io::Result<Vec<crate::store::BlobInfo>> {
+            self.inner.list().await
+        }
+        async fn touch(&self, d: &Digest) {
+            self.inner.touch(d).await
+        }
+        async fn manifest_media_type(&self, d: &Digest) -> std::io::Result<Option<String>> {
+            self.inner.manifest_media_type(d).await
+        }
+        async fn set_manifest_media_type(&self, d: &Digest, mt: &str) -> std::io::Result<()> {
+            self.inner.set_manifest_media_type(d, mt).await
+        }
+        async fn read_tag(
+            &self,
+            r: &str,
+            n: &RepositoryName,
+            t: &registry_rules::names::Tag,
+        ) -> std::io::Result<Option<crate::store::TagRecord>> {
+            self.inner.read_tag(r, n, t).await
+        }
+        async fn write_tag(
+            &self,
+            r: &str,
+            n: &RepositoryName,
+            t: &registry_rules::names::Tag,
+            rec: &crate::store::TagRecord,
+        ) -> std::io::Result<()> {
+            self.inner.write_tag(r, n, t, rec).await
+        }
+        async fn has_link(&self, r: &str, n: &RepositoryName, d: &Digest) -> std::io::Result<bool> {
+            self.inner.has_link(r, n, d).await
+        }
+        async fn add_link(&self, r: &str, n: &RepositoryName, d: &Digest) -> std::io::Result<()> {
+            self.inner.add_link(r, n, d).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_download_that_comes_and_goes_while_a_request_looks_is_not_fetched_again() {
+        let blob = Bytes::from(vec![5u8; 363]);
+        let d = Digest::of_bytes(&blob);
+        let body = blob.clone();
+        let server = TestServer::start(move |_| reply(200, &[], body.clone())).await;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FirstLookSlow {
+            inner: crate::store::fs::FsStore::new(dir.path()).unwrap(),
+            slow: true.into(),
+        });
+        let (cache, up) = open_with(store, &server, limits(MIB)).await;
+        let repo = name("lab/app");
+
+        // The first request looks in the store (empty) and hears back late; meanwhile a
+        // second request downloads and stores the small blob, and its download ends.
+        let (c, u, r, dd) = (cache.clone(), up.clone(), repo.clone(), d.clone());
+        let slow = tokio::spawn(async move { c.blob(&u, &r, &dd, false).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Ok(BlobReply::Flight { flight, .. }) = cache.blob(&up, &repo, &d, false).await else {
+            panic!("the second request started no download")
+        };
+        outcome(&flight).await.unwrap();
+        drop(flight);
+        while !cache.flights.is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The first request finds the stored copy instead of fetching the blob again.
+        match slow.await.unwrap() {
+            Ok(BlobReply::Cached { size, .. }) => assert_eq!(size, 363),
+            Ok(_) => panic!("not served from the store"),
+            Err(e) => panic!("{e}"),
+        }
+        let gets = server
+            .seen()
+            .iter()
+            .filter(|s| s.method == axum::http::Method::GET)
+            .count();
+        assert_eq!(gets, 1, "upstream GETs of the blob");
     }
 
     #[tokio::test]

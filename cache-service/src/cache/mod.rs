@@ -674,6 +674,16 @@ pub(super) mod tests {
         server: &TestServer,
         limits: Limits,
     ) -> (Arc<Cache>, Source) {
+        let store = Arc::new(crate::store::fs::FsStore::new(root).unwrap());
+        open_with(store, server, limits).await
+    }
+
+    /// [`open`] on a store of the test's own.
+    pub(super) async fn open_with(
+        store: Arc<dyn BlobStore>,
+        server: &TestServer,
+        limits: Limits,
+    ) -> (Arc<Cache>, Source) {
         let up = Arc::new(
             Upstream::new(
                 &UpstreamConfig {
@@ -690,7 +700,6 @@ pub(super) mod tests {
             )
             .unwrap(),
         );
-        let store = Arc::new(crate::store::fs::FsStore::new(root).unwrap());
         let ups = BTreeMap::from([("lab".to_owned(), up.clone())]);
         let cache = Cache::open(store, ups, Duration::from_secs(60), limits)
             .await

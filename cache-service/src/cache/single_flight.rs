@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -21,12 +22,15 @@ type Map<K, H> = Arc<Mutex<HashMap<K, H>>>;
 
 pub struct SingleFlight<K, H> {
     map: Map<K, H>,
+    /// Flights ended so far (counted under the map's lock as each key is released).
+    ended: Arc<AtomicU64>,
 }
 
 impl<K, H> Default for SingleFlight<K, H> {
     fn default() -> Self {
         Self {
             map: Arc::new(Mutex::new(HashMap::new())),
+            ended: Arc::default(),
         }
     }
 }
@@ -42,12 +46,15 @@ impl<K, H> std::fmt::Debug for SingleFlight<K, H> {
 /// Removes the key when the work ends, including by panic or runtime shutdown.
 struct Release<K: Hash + Eq, H> {
     map: Map<K, H>,
+    ended: Arc<AtomicU64>,
     key: K,
 }
 
 impl<K: Hash + Eq, H> Drop for Release<K, H> {
     fn drop(&mut self) {
-        lock(&self.map).remove(&self.key);
+        let mut map = lock(&self.map);
+        self.ended.fetch_add(1, Ordering::Release);
+        map.remove(&self.key);
     }
 }
 
@@ -68,6 +75,12 @@ where
         lock(&self.map).get(key).cloned()
     }
 
+    /// How many flights have ended: taken before a caller looks for what a flight keeps
+    /// (the store), and given to [`Self::join_or_start_since`].
+    pub fn ended(&self) -> u64 {
+        self.ended.load(Ordering::Acquire)
+    }
+
     /// Join the flight for `key`, or start one: `start` runs under the map's lock (so one
     /// caller starts) and gives the handle followers share and the work. The work's output is
     /// the publication of its outcome, run once the key is released.
@@ -76,13 +89,52 @@ where
         W: Future<Output = P> + Send + 'static,
         P: FnOnce() + Send + 'static,
     {
-        let mut map = lock(&self.map);
+        let map = lock(&self.map);
         if let Some(h) = map.get(&key) {
             return (h.clone(), Role::Joined);
         }
+        self.start(map, key, start)
+    }
+
+    /// [`Self::join_or_start`], except that with no flight in progress for `key` and some
+    /// flight ended after `since` (a value of [`Self::ended`]), nothing starts: `None`. The
+    /// flight for `key` may have come and gone between the caller's looks, and what it kept
+    /// is to be looked for again rather than fetched twice.
+    pub fn join_or_start_since<W, P>(
+        &self,
+        key: K,
+        since: u64,
+        start: impl FnOnce() -> (H, W),
+    ) -> Option<(H, Role)>
+    where
+        W: Future<Output = P> + Send + 'static,
+        P: FnOnce() + Send + 'static,
+    {
+        let map = lock(&self.map);
+        if let Some(h) = map.get(&key) {
+            return Some((h.clone(), Role::Joined));
+        }
+        if self.ended.load(Ordering::Acquire) != since {
+            return None;
+        }
+        Some(self.start(map, key, start))
+    }
+
+    /// Start the flight for `key` (not in `map`, whose lock the caller holds).
+    fn start<W, P>(
+        &self,
+        mut map: std::sync::MutexGuard<'_, HashMap<K, H>>,
+        key: K,
+        start: impl FnOnce() -> (H, W),
+    ) -> (H, Role)
+    where
+        W: Future<Output = P> + Send + 'static,
+        P: FnOnce() + Send + 'static,
+    {
         let (handle, work) = start();
         let release = Release {
             map: self.map.clone(),
+            ended: self.ended.clone(),
             key: key.clone(),
         };
         map.insert(key, handle.clone());
