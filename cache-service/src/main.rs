@@ -182,11 +182,14 @@ async fn run(args: ServeArgs, cfg: Config, text: Option<String>) -> ExitCode {
         tokio::spawn(reload::Reloader::new(args, cache.clone(), config.clone()).run(hup));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async {
-                let _ = stop_rx.await;
-            })
-            .into_future(),
+        axum::serve(
+            regmirror::http::zero_copy::ZeroCopyListener(listener),
+            router,
+        )
+        .with_graceful_shutdown(async {
+            let _ = stop_rx.await;
+        })
+        .into_future(),
     );
     tokio::select! {
         r = &mut server => {

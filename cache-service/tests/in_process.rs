@@ -145,6 +145,54 @@ async fn concurrent_pulls_of_a_cold_blob_share_one_download() {
     );
 }
 
+/// A stored blob larger than a mapped window (4 MiB) goes from the page cache to the socket
+/// by `sendfile`: whole, and in ranges within and across windows, the bytes are the blob's.
+#[tokio::test]
+async fn a_large_cached_blob_is_sent_whole_and_in_ranges_from_the_page_cache() {
+    let up = FakeUpstream::start().await;
+    let blob: Vec<u8> = (0..10 * 1024 * 1024 + 7u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let d = digest_of(&blob);
+    up.blob(&d, blob.clone());
+    let m = Mirror::start(&up, TTL).await;
+    let path = format!("/v2/lab/app/blobs/{d}");
+    let (status, body) = fetch(m.get(&path)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.map(|b| digest_of(&b)), Some(d.clone()), "cold");
+    // Stored once the download ends (its last bytes reach the client first).
+    let mut warm = None;
+    for _ in 0..100 {
+        let (status, body) = fetch(m.get(&path)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body.as_deref().map(digest_of), Some(d.clone()), "warm");
+        if up.hits(Method::GET, &d) == 1 {
+            warm = body;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(warm.is_some(), "never served from the store");
+    let window = 4 * 1024 * 1024;
+    for (start, end) in [
+        (0, 99),
+        (window - 10, window + 10),
+        (window + 5, 2 * window + 3),
+        (blob.len() - 100, blob.len() - 1),
+    ] {
+        let resp = m
+            .get(&path)
+            .header("range", format!("bytes={start}-{end}"))
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+        let got = resp.bytes().await.expect("body");
+        assert!(got[..] == blob[start..=end], "bytes {start}-{end}");
+    }
+    assert_eq!(up.hits(Method::GET, &d), 1, "served from the cache");
+}
+
 #[tokio::test]
 async fn a_range_of_a_cached_blob() {
     let up = FakeUpstream::start().await;

@@ -4,6 +4,7 @@
 pub mod error;
 pub mod range;
 pub mod status;
+pub mod zero_copy;
 
 use std::sync::Arc;
 

@@ -1,35 +1,113 @@
 //! Stored blobs handed to the response straight from the page cache: each window of the file is
 //! mapped (and faulted in on the blocking pool) and becomes a `Bytes` without a copy through a
-//! user-space buffer, so the socket write is the only copy, as with `sendfile`.
+//! user-space buffer. Every live window is registered with its file and offset, so that the
+//! connection writing it to a plain TCP socket can `sendfile` those bytes instead of copying
+//! them (see `http::zero_copy`); anything else that gets the `Bytes` (TLS, HTTP/2 framing)
+//! reads the mapping as ordinary memory.
 //!
 //! Mapping is the one `unsafe` operation in the workspace. Its soundness condition is that the
 //! mapped bytes do not change or shrink while mapped. A stored blob's file is written once under
 //! a temporary name, verified, renamed into place and never opened for writing again; eviction
 //! unlinks it, which keeps the mapped pages valid until the last mapping is gone. What is left is
 //! somebody outside the cache truncating a blob in place: the kernel's copy to the socket then
-//! fails with `EFAULT` (the response is cut short, which the client detects by its length), and
-//! no code of ours reads the mapped memory itself.
+//! fails with `EFAULT`, or `sendfile` finds the file's end early, and the response is cut short
+//! (which the client detects by its length).
 #![allow(unsafe_code)]
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 
+/// A file region `[offset, offset + len)` whose bytes are the mapped memory at `start`.
+#[derive(Debug, Clone)]
+pub(crate) struct Region {
+    pub(crate) file: Arc<File>,
+    pub(crate) offset: u64,
+    len: usize,
+}
+
+/// Live windows by the address their mapping starts at (mappings never overlap).
+fn windows() -> &'static Mutex<BTreeMap<usize, Region>> {
+    static W: OnceLock<Mutex<BTreeMap<usize, Region>>> = OnceLock::new();
+    W.get_or_init(Mutex::default)
+}
+
+/// The file and offset behind `len` bytes at `ptr`, if they lie in one live window.
+pub(crate) fn region_of(ptr: *const u8, len: usize) -> Option<(Arc<File>, u64)> {
+    let addr = ptr as usize;
+    let w = crate::lock(windows());
+    let (&start, r) = w.range(..=addr).next_back()?;
+    let within = addr - start;
+    (within.checked_add(len)? <= r.len).then(|| (r.file.clone(), r.offset + within as u64))
+}
+
+/// One mapped window, registered while it lives.
+struct Window {
+    map: memmap2::Mmap,
+}
+
+impl AsRef<[u8]> for Window {
+    fn as_ref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        // Deregistered before the mapping goes (the fields drop after this body).
+        crate::lock(windows()).remove(&(self.map.as_ptr() as usize));
+    }
+}
+
 /// The bytes `[pos, pos + len)` of `file`, mapped read-only with their pages already resident.
 /// Blocks on disk reads: call it on the blocking pool.
-pub(crate) fn window(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
+pub(crate) fn window(file: &Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> {
     if len == 0 {
         return Ok(Bytes::new());
     }
-    // SAFETY: see the module comment: a stored blob is immutable while the cache runs, and the
-    // mapping is only read by the kernel (socket writes), never dereferenced here.
+    // SAFETY: see the module comment: a stored blob is immutable while the cache runs.
     let map = unsafe {
         memmap2::MmapOptions::new()
             .offset(pos)
             .len(len)
             .populate()
-            .map(file)?
+            .map(&**file)?
     };
-    Ok(Bytes::from_owner(map))
+    crate::lock(windows()).insert(
+        map.as_ptr() as usize,
+        Region {
+            file: file.clone(),
+            offset: pos,
+            len: map.len(),
+        },
+    );
+    Ok(Bytes::from_owner(Window { map }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn a_live_window_names_its_file_region_and_a_dropped_one_nothing() {
+        let mut tmp = tempfile::NamedTempFile::new().unwrap();
+        let content: Vec<u8> = (0..3 * 4096u32).map(|i| (i % 251) as u8).collect();
+        tmp.write_all(&content).unwrap();
+        let file = Arc::new(File::open(tmp.path()).unwrap());
+        let w = window(&file, 4096, 8192).unwrap();
+        assert_eq!(&w[..], &content[4096..]);
+        let part = w.slice(100..200);
+        let (_, offset) = region_of(part.as_ptr(), part.len()).unwrap();
+        assert_eq!(offset, 4096 + 100);
+        assert!(region_of(part.as_ptr(), 8192).is_none(), "past the window");
+        let other = Bytes::from(vec![0u8; 10]);
+        assert!(region_of(other.as_ptr(), 10).is_none(), "ordinary memory");
+        let addr = w.as_ptr();
+        drop((w, part));
+        assert!(region_of(addr, 1).is_none(), "dropped");
+    }
 }

@@ -13,7 +13,7 @@
 //! object). A reader of a record sees either the old or the new version.
 
 pub mod fs;
-mod mapped;
+pub(crate) mod mapped;
 pub mod object;
 mod spool;
 pub mod tiered;

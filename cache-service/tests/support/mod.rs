@@ -380,6 +380,8 @@ impl Mirror {
             .await
             .expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
+        // As `regmirror serve` listens: stored blob windows go out by sendfile.
+        let listener = regmirror::http::zero_copy::ZeroCopyListener(listener);
         tokio::spawn(async move { axum::serve(listener, app.router).await });
         let http = reqwest::Client::builder()
             .no_proxy()

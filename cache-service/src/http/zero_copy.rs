@@ -1,0 +1,146 @@
+//! Plain-HTTP connections that send stored blobs with `sendfile`: a write whose bytes are a
+//! live window of a stored blob's file (`store::mapped`) goes from the page cache to the
+//! socket without the copy through user space that writing the mapped memory costs; every
+//! other write is an ordinary one. The bytes are the same either way: the window *is* that
+//! file region, and stored blobs never change.
+
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::store::mapped;
+
+/// The listener `regmirror serve` runs on: accepted connections are [`ZeroCopyStream`]s.
+pub struct ZeroCopyListener(pub TcpListener);
+
+impl axum::serve::Listener for ZeroCopyListener {
+    type Io = ZeroCopyStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.0.accept().await {
+                Ok((stream, addr)) => return (ZeroCopyStream(stream), addr),
+                // A connection that went away before it was accepted: the next one.
+                Err(e) if is_connection_error(&e) => {}
+                // Out of file descriptors and the like: wait rather than spin.
+                Err(e) => {
+                    tracing::error!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+}
+
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+/// A TCP connection whose writes of mapped blob windows use `sendfile`.
+pub struct ZeroCopyStream(TcpStream);
+
+impl ZeroCopyStream {
+    /// `len` bytes of `file` at `offset` to the socket; `Ok(0)` never: a file shorter than
+    /// its window (truncated behind the cache) is an error, which cuts the response.
+    fn poll_sendfile(
+        &self,
+        cx: &mut Context<'_>,
+        file: &std::fs::File,
+        offset: u64,
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
+        let mut off = i64::try_from(offset).map_err(io::Error::other)?;
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            let sent = self.0.try_io(Interest::WRITABLE, || {
+                nix::sys::sendfile::sendfile64(&self.0, file, Some(&mut off), len)
+                    .map_err(io::Error::from)
+            });
+            return Poll::Ready(match sent {
+                Ok(0) => Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "stored blob shorter than its mapped window",
+                )),
+                Ok(n) => Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => Err(e),
+            });
+        }
+    }
+}
+
+impl AsyncRead for ZeroCopyStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ZeroCopyStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    /// The leading slices up to the first window go out in one `writev`; a window (first)
+    /// goes out by `sendfile`. Either way the count is of the leading bytes, as `writev`'s.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let window = |b: &IoSlice<'_>| {
+            if b.is_empty() {
+                None
+            } else {
+                mapped::region_of(b.as_ptr(), b.len())
+            }
+        };
+        let first = bufs.iter().position(|b| !b.is_empty()).unwrap_or(0);
+        let Some(lead) = bufs.get(first) else {
+            return Poll::Ready(Ok(0));
+        };
+        if let Some((file, offset)) = window(lead) {
+            return self.poll_sendfile(cx, &file, offset, lead.len());
+        }
+        let end = bufs
+            .iter()
+            .skip(first)
+            .position(|b| window(b).is_some())
+            .map_or(bufs.len(), |i| first + i);
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs.get(..end).unwrap_or(bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
