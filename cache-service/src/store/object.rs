@@ -66,6 +66,8 @@ const PARTS_IN_FLIGHT: usize = 4;
 pub const READ_CHUNK: u64 = 4 << 20;
 /// Ranged GETs of one read in flight at once (memory: READ_AHEAD x READ_CHUNK per client).
 pub const READ_AHEAD: usize = 4;
+/// Tries to abort an upload whose writer was dropped before leaving it to cleanup.
+const ABORT_TRIES: u32 = 4;
 /// An upload older than this is taken for abandoned (its replica died).
 const ABANDON_AFTER: Duration = Duration::from_secs(6 * 3600);
 /// A replica records an access to a blob at most this often.
@@ -798,11 +800,19 @@ impl Drop for ObjectSink {
             if let Some(put) = put {
                 let _ = put.await;
             }
-            if let Err(e) = store.abort_multipart(&dest, &id).await {
-                tracing::warn!(key = %dest, error = %e, "aborting an upload failed; cleanup will retry");
-                return;
+            // A part cut off mid-request can make the store refuse the abort for a moment.
+            for attempt in 0..ABORT_TRIES {
+                match store.abort_multipart(&dest, &id).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {
+                        let _ = store.delete(&marker).await;
+                        return;
+                    }
+                    Err(e) if attempt + 1 == ABORT_TRIES => {
+                        tracing::warn!(key = %dest, error = %e, "aborting an upload failed; cleanup will retry");
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200 << attempt)).await,
+                }
             }
-            let _ = store.delete(&marker).await;
         });
     }
 }
