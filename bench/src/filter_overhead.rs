@@ -167,33 +167,7 @@ pub fn start_envoy(dir: &Path, name: &str, yaml: &str, concurrency: u32) -> Resu
     let mut proc = Proc::spawn(name, &cmd, &dir.join(format!("{name}.log")))?;
     // Ports are the ones written into the YAML: read them back.
     let [lp, ap] = yaml_ports(yaml).map(|p| u16::try_from(p).unwrap_or(0));
-    proc.wait_for_port(
-        SocketAddr::from(([127, 0, 0, 1], ap)),
-        Duration::from_secs(60),
-    )?;
-    proc.wait_for_port(
-        SocketAddr::from(([127, 0, 0, 1], lp)),
-        Duration::from_secs(60),
-    )?;
-    let c = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()?;
-    let t = Instant::now();
-    loop {
-        proc.check_running()?;
-        let ok = c
-            .get(format!("http://127.0.0.1:{ap}/ready"))
-            .send()
-            .map(|r| r.status().is_success())
-            .unwrap_or(false);
-        if ok {
-            break;
-        }
-        if t.elapsed() > Duration::from_secs(60) {
-            bail!("{name} not ready:\n{}", proc.log_tail(40));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    mirror_tests::envoy::wait_ready(&mut proc, ap, [lp]).with_context(|| name.to_owned())?;
     Ok(RunningEnvoy { proc, port: lp })
 }
 

@@ -124,11 +124,12 @@ impl AsyncWrite for ZeroCopyStream {
         if let Some((file, offset)) = window(lead) {
             return self.poll_sendfile(cx, &file, offset, lead.len());
         }
+        // The lead is ordinary memory (looked up above): the run ends before the next window.
         let end = bufs
             .iter()
-            .skip(first)
+            .skip(first + 1)
             .position(|b| window(b).is_some())
-            .map_or(bufs.len(), |i| first + i);
+            .map_or(bufs.len(), |i| first + 1 + i);
         Pin::new(&mut self.0).poll_write_vectored(cx, bufs.get(..end).unwrap_or(bufs))
     }
 

@@ -21,7 +21,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 
-/// A file region `[offset, offset + len)` whose bytes are the mapped memory at `start`.
+/// A file region `[offset, offset + len)` whose bytes are a live window's mapped memory (the
+/// window's address is its key in [`windows`]).
 #[derive(Debug, Clone)]
 pub(crate) struct Region {
     pub(crate) file: Arc<File>,

@@ -354,7 +354,7 @@ impl ObjectBackend {
             .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
             .or_else(|| std::env::var("AWS_ENDPOINT").ok())
             .unwrap_or_else(|| "the AWS S3 endpoint".to_owned());
-        let store = client(s, s.endpoint.as_deref())?;
+        let store = Arc::new(client(s, s.endpoint.as_deref())?);
         // Signing needs no request: a presigner for another endpoint is a second client
         // that is never used to send one.
         let presigner = match &s.redirect {
@@ -362,7 +362,7 @@ impl ObjectBackend {
             Some(r) => Some(Presigner {
                 client: match &r.endpoint {
                     Some(e) => Arc::new(client(s, Some(e))?),
-                    None => Arc::new(client(s, s.endpoint.as_deref())?),
+                    None => store.clone(),
                 },
                 ttl: r.ttl,
             }),
@@ -387,7 +387,7 @@ impl ObjectBackend {
                 .map_or(0, |d| d.subsec_nanos())
         );
         let backend = Self {
-            store: Arc::new(store),
+            store,
             presigner,
             endpoint,
             prefix: s.prefix.clone(),

@@ -52,7 +52,8 @@ impl Spool {
 
     /// Append `data`: the write starts on the blocking pool now (the caller may work on the
     /// same bytes meanwhile) and the bytes are readable once the returned future is done.
-    /// `&mut self`: one write at a time, each awaited before the next.
+    /// Writes go at the file's position, so the caller awaits each before starting the next
+    /// (`BlobWriter::write` does); the returned future does not borrow the spool.
     pub(crate) fn write(
         &mut self,
         data: Bytes,

@@ -25,6 +25,9 @@ use std::time::{Duration, Instant};
 /// The fault upstream's registry name in the test declaration (`x-mirror-registry`).
 pub const FAULTY: &str = "faulty.test";
 
+/// The file in a replica set's directory that Envoy's configuration is rendered from.
+const DECLARATION: &str = "registries.toml";
+
 /// The cache cluster's name in the rendered Envoy configuration.
 const CACHE_CLUSTER: &str = "cache_service";
 
@@ -103,7 +106,7 @@ pub struct ScaleOut {
     pub prefix: String,
     pub replicas: Vec<Replica>,
     pub envoy: Envoy,
-    _tmp: tempfile::TempDir,
+    tmp: tempfile::TempDir,
 }
 
 /// How the replicas serve a warm blob that is in the bucket.
@@ -186,7 +189,7 @@ impl ScaleOut {
             prefix,
             replicas,
             envoy,
-            _tmp: tmp,
+            tmp,
         };
         s.wait_healthy(n)?;
         Ok(s)
@@ -269,7 +272,7 @@ impl ScaleOut {
     /// The declaration Envoy's configuration was rendered from (the shipped one with the
     /// replicas and `faulty.test`).
     pub fn declaration(&self) -> PathBuf {
-        self._tmp.path().join("registries.toml")
+        self.tmp.path().join(DECLARATION)
     }
 
     /// The port of Envoy's client-facing listener.
@@ -343,7 +346,7 @@ fn declaration(replicas: &[SocketAddr]) -> Result<String> {
 pub fn start_envoy(up: &Upstreams, replicas: &[SocketAddr], dir: &Path) -> Result<Envoy> {
     let rendered = dir.join("rendered");
     std::fs::create_dir_all(&rendered)?;
-    let decl = dir.join("registries.toml");
+    let decl = dir.join(DECLARATION);
     std::fs::write(&decl, declaration(replicas)?)?;
     run(Command::new(crate::build::regmirror()?)
         .arg("render")
