@@ -183,7 +183,7 @@ async fn run(args: ServeArgs, cfg: Config, text: Option<String>) -> ExitCode {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
         axum::serve(
-            regmirror::http::zero_copy::ZeroCopyListener(listener),
+            regmirror::http::zero_copy::ZeroCopyListener::new(listener, cache.metrics.clone()),
             router,
         )
         .with_graceful_shutdown(async {

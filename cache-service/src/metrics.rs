@@ -86,6 +86,8 @@ pub struct Metrics {
     pub misses: AtomicU64,
     pub stale_served: AtomicU64,
     pub bytes_from_cache: AtomicU64,
+    /// Of those, bytes the socket took straight from the page cache (`sendfile`).
+    pub bytes_sendfile: AtomicU64,
     pub bytes_from_upstream: AtomicU64,
     pub upstream_fetches: AtomicU64,
     pub coalesced_waiters: AtomicU64,
@@ -176,6 +178,11 @@ impl Metrics {
             "regmirror_bytes_from_cache_total",
             "Body bytes served from stored blobs.",
             self.bytes_from_cache.load(Relaxed),
+        );
+        counter(
+            "regmirror_bytes_sendfile_total",
+            "Stored blob bytes sent from the page cache with sendfile (plain HTTP/1.1 connections), no copy through regmirror's memory.",
+            self.bytes_sendfile.load(Relaxed),
         );
         counter(
             "regmirror_bytes_from_upstream_total",

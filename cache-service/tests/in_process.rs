@@ -27,6 +27,16 @@ async fn fetch(r: reqwest::RequestBuilder) -> (StatusCode, Option<Vec<u8>>) {
     (status, resp.bytes().await.ok().map(|b| b.to_vec()))
 }
 
+/// `regmirror_bytes_sendfile_total` as the mirror's /metrics reports it.
+async fn sendfile_bytes(m: &Mirror) -> u64 {
+    let (_, text) = fetch(m.get("/metrics")).await;
+    let text = String::from_utf8(text.expect("metrics")).expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix("regmirror_bytes_sendfile_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("regmirror_bytes_sendfile_total in /metrics")
+}
+
 #[tokio::test]
 async fn a_blob_is_served_and_kept_only_after_its_digest_verified() {
     let up = FakeUpstream::start().await;
@@ -173,6 +183,15 @@ async fn a_large_cached_blob_is_sent_whole_and_in_ranges_from_the_page_cache() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(warm.is_some(), "never served from the store");
+    // Whole: every body byte went from the page cache to the socket.
+    let before = sendfile_bytes(&m).await;
+    let (_, body) = fetch(m.get(&path)).await;
+    assert_eq!(body.as_deref().map(digest_of), Some(d.clone()), "warm");
+    assert_eq!(
+        sendfile_bytes(&m).await - before,
+        blob.len() as u64,
+        "the whole body by sendfile"
+    );
     let window = 4 * 1024 * 1024;
     for (start, end) in [
         (0, 99),
@@ -180,6 +199,7 @@ async fn a_large_cached_blob_is_sent_whole_and_in_ranges_from_the_page_cache() {
         (window + 5, 2 * window + 3),
         (blob.len() - 100, blob.len() - 1),
     ] {
+        let before = sendfile_bytes(&m).await;
         let resp = m
             .get(&path)
             .header("range", format!("bytes={start}-{end}"))
@@ -189,6 +209,11 @@ async fn a_large_cached_blob_is_sent_whole_and_in_ranges_from_the_page_cache() {
         assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
         let got = resp.bytes().await.expect("body");
         assert!(got[..] == blob[start..=end], "bytes {start}-{end}");
+        assert_eq!(
+            sendfile_bytes(&m).await - before,
+            (end - start + 1) as u64,
+            "bytes {start}-{end} by sendfile"
+        );
     }
     assert_eq!(up.hits(Method::GET, &d), 1, "served from the cache");
 }

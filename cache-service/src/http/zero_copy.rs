@@ -7,16 +7,29 @@
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::metrics::Metrics;
 use crate::store::mapped;
 
 /// The listener `regmirror serve` runs on: accepted connections are [`ZeroCopyStream`]s.
-pub struct ZeroCopyListener(pub TcpListener);
+pub struct ZeroCopyListener {
+    listener: TcpListener,
+    /// Counts the bytes sent by `sendfile` (`regmirror_bytes_sendfile_total`).
+    metrics: Arc<Metrics>,
+}
+
+impl ZeroCopyListener {
+    pub fn new(listener: TcpListener, metrics: Arc<Metrics>) -> Self {
+        Self { listener, metrics }
+    }
+}
 
 impl axum::serve::Listener for ZeroCopyListener {
     type Io = ZeroCopyStream;
@@ -24,8 +37,11 @@ impl axum::serve::Listener for ZeroCopyListener {
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
-            match self.0.accept().await {
-                Ok((stream, addr)) => return (ZeroCopyStream(stream), addr),
+            match self.listener.accept().await {
+                Ok((stream, addr)) => {
+                    let metrics = self.metrics.clone();
+                    return (ZeroCopyStream { stream, metrics }, addr);
+                }
                 // A connection that went away before it was accepted: the next one.
                 Err(e) if is_connection_error(&e) => {}
                 // Out of file descriptors and the like: wait rather than spin.
@@ -38,7 +54,7 @@ impl axum::serve::Listener for ZeroCopyListener {
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.0.local_addr()
+        self.listener.local_addr()
     }
 }
 
@@ -52,7 +68,10 @@ fn is_connection_error(e: &io::Error) -> bool {
 }
 
 /// A TCP connection whose writes of mapped blob windows use `sendfile`.
-pub struct ZeroCopyStream(TcpStream);
+pub struct ZeroCopyStream {
+    stream: TcpStream,
+    metrics: Arc<Metrics>,
+}
 
 impl ZeroCopyStream {
     /// `len` bytes of `file` at `offset` to the socket; `Ok(0)` never: a file shorter than
@@ -66,9 +85,9 @@ impl ZeroCopyStream {
     ) -> Poll<io::Result<usize>> {
         let mut off = i64::try_from(offset).map_err(io::Error::other)?;
         loop {
-            ready!(self.0.poll_write_ready(cx))?;
-            let sent = self.0.try_io(Interest::WRITABLE, || {
-                nix::sys::sendfile::sendfile64(&self.0, file, Some(&mut off), len)
+            ready!(self.stream.poll_write_ready(cx))?;
+            let sent = self.stream.try_io(Interest::WRITABLE, || {
+                nix::sys::sendfile::sendfile64(&self.stream, file, Some(&mut off), len)
                     .map_err(io::Error::from)
             });
             return Poll::Ready(match sent {
@@ -76,7 +95,10 @@ impl ZeroCopyStream {
                     io::ErrorKind::UnexpectedEof,
                     "stored blob shorter than its mapped window",
                 )),
-                Ok(n) => Ok(n),
+                Ok(n) => {
+                    self.metrics.bytes_sendfile.fetch_add(n as u64, Relaxed);
+                    Ok(n)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => Err(e),
             });
@@ -90,7 +112,7 @@ impl AsyncRead for ZeroCopyStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
@@ -130,7 +152,7 @@ impl AsyncWrite for ZeroCopyStream {
             .skip(first + 1)
             .position(|b| window(b).is_some())
             .map_or(bufs.len(), |i| first + 1 + i);
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs.get(..end).unwrap_or(bufs))
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs.get(..end).unwrap_or(bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -138,10 +160,10 @@ impl AsyncWrite for ZeroCopyStream {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }

@@ -381,7 +381,8 @@ impl Mirror {
             .expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         // As `regmirror serve` listens: stored blob windows go out by sendfile.
-        let listener = regmirror::http::zero_copy::ZeroCopyListener(listener);
+        let listener =
+            regmirror::http::zero_copy::ZeroCopyListener::new(listener, app.cache.metrics.clone());
         tokio::spawn(async move { axum::serve(listener, app.router).await });
         let http = reqwest::Client::builder()
             .no_proxy()
