@@ -78,7 +78,7 @@ async fn write(store: &dyn BlobStore, data: &[u8], chunk: usize) -> Digest {
     let d = Digest::of_bytes(data);
     let mut w = store.begin_write(&d).await.expect("begin");
     for c in data.chunks(chunk.max(1)) {
-        w.write(&Bytes::copy_from_slice(c)).await.expect("write");
+        w.write(&[Bytes::copy_from_slice(c)]).await.expect("write");
     }
     w.commit(&d, Some(data.len() as u64)).await.expect("commit");
     d
@@ -122,25 +122,25 @@ async fn contract(store: Arc<dyn BlobStore>) {
     // Wrong content or length: nothing visible.
     let want = Digest::of_bytes(b"the right bytes");
     let mut w = store.begin_write(&want).await.unwrap();
-    w.write(&Bytes::from_static(b"the wrong bytes"))
+    w.write(&[Bytes::from_static(b"the wrong bytes")])
         .await
         .unwrap();
     assert!(w.commit(&want, Some(15)).await.is_err());
     let mut w = store.begin_write(&want).await.unwrap();
-    w.write(&Bytes::from_static(b"the right bytes"))
+    w.write(&[Bytes::from_static(b"the right bytes")])
         .await
         .unwrap();
     assert!(w.commit(&want, Some(16)).await.is_err(), "length checked");
     let big_want = Digest::of_bytes(b"never written");
     let mut w = store.begin_write(&big_want).await.unwrap();
-    w.write(&Bytes::from(big.clone())).await.unwrap();
+    w.write(&[Bytes::from(big.clone())]).await.unwrap();
     assert!(
         w.commit(&big_want, None).await.is_err(),
         "multipart mismatch"
     );
     // Dropped mid-write (an upstream cut): nothing visible.
     let mut w = store.begin_write(&big_want).await.unwrap();
-    w.write(&Bytes::from(big[..(9 << 20)].to_vec()))
+    w.write(&[Bytes::from(big[..(9 << 20)].to_vec())])
         .await
         .unwrap();
     drop(w);
@@ -258,7 +258,7 @@ fn a_replica_killed_mid_upload_leaves_nothing_served_and_cleanup_aborts_its_uplo
         let data = vec![7u8; 9 << 20];
         let d = Digest::of_bytes(&data);
         let mut w = store.begin_write(&d).await.unwrap();
-        w.write(&Bytes::from(data)).await.unwrap();
+        w.write(&[Bytes::from(data)]).await.unwrap();
         // A killed process runs no destructor: its upload stays open.
         std::mem::forget(w);
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -4,6 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use futures::StreamExt;
 use reqwest::{Method, StatusCode};
 use sha2::Digest as _;
@@ -254,10 +255,10 @@ impl Cache {
         tx.send_modify(|s| s.started = Some(total));
         let mut received: u64 = 0;
         let mut stream = batched(resp.bytes_stream());
-        while let Some(chunk) = stream.next().await {
-            let chunk =
-                chunk.map_err(|e| CacheError::Upstream(UpstreamError::Connect(e.to_string())))?;
-            let len = chunk.len() as u64;
+        while let Some(group) = stream.next().await {
+            let group =
+                group.map_err(|e| CacheError::Upstream(UpstreamError::Connect(e.to_string())))?;
+            let len: u64 = group.iter().map(|c| c.len() as u64).sum();
             if received.saturating_add(len) > limit {
                 Metrics::inc(&self.metrics.verify_failures);
                 return Err(match total {
@@ -268,10 +269,15 @@ impl Cache {
                 });
             }
             if let Some(t) = temp.as_mut() {
-                match t.write(&chunk).await {
+                match t.write(&group).await {
                     Ok(()) => {
-                        lock(&flight.recent).push(received, chunk);
-                        received += len;
+                        let mut recent = lock(&flight.recent);
+                        for c in group {
+                            let n = c.len() as u64;
+                            recent.push(received, c);
+                            received += n;
+                        }
+                        drop(recent);
                         tx.send_modify(|s| {
                             s.received = received;
                             s.on_disk = received;
@@ -289,13 +295,19 @@ impl Cache {
                 }
             }
             if let Some(h) = hasher.as_mut() {
-                h.update(&chunk);
+                for c in &group {
+                    h.update(c);
+                }
             }
-            if !lock(&flight.tail).push(chunk) {
-                return Err(CacheError::Storage(
-                    "disk full and the pass-through memory is spent".into(),
-                ));
+            let mut tail = lock(&flight.tail);
+            for c in group {
+                if !tail.push(c) {
+                    return Err(CacheError::Storage(
+                        "disk full and the pass-through memory is spent".into(),
+                    ));
+                }
             }
+            drop(tail);
             received += len;
             tx.send_modify(|s| s.received = received);
         }
@@ -348,16 +360,16 @@ impl Cache {
 }
 
 /// Upstream bytes per spool write at most: the TLS layer hands over 16 KiB records, and one
-/// write (a blocking-pool hop, a hash update, a watermark for the readers) per record costs
-/// more than the bytes.
+/// write (a blocking-pool hop, a watermark for the readers) per record costs more than the bytes.
 const WRITE_BATCH: usize = 512 * 1024;
 
-/// `body` regrouped: each item is one chunk plus whatever else had already arrived, until it
-/// holds [`WRITE_BATCH`]; nothing waits for more bytes than are there (joined clients see each byte
-/// as soon as it is on disk). An error ends the stream after the bytes before it.
+/// `body` regrouped: each item is one chunk plus whatever else had already arrived, until the
+/// group holds [`WRITE_BATCH`]; nothing waits for more bytes than are there (joined clients see
+/// each byte as soon as it is on disk), and no byte is copied. An error ends the stream after
+/// the bytes before it.
 fn batched<E: Send + 'static>(
-    body: impl futures::Stream<Item = Result<bytes::Bytes, E>> + Send + Unpin + 'static,
-) -> futures::stream::BoxStream<'static, Result<bytes::Bytes, E>> {
+    body: impl futures::Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
+) -> futures::stream::BoxStream<'static, Result<Vec<Bytes>, E>> {
     use futures::FutureExt;
     futures::stream::unfold(
         (body, None, false),
@@ -372,24 +384,15 @@ fn batched<E: Send + 'static>(
                 Ok(b) => b,
                 Err(e) => return Some((Err(e), (body, None, true))),
             };
-            if first.len() >= WRITE_BATCH {
-                return Some((Ok(first), (body, None, false)));
-            }
-            // Copied into a batch only when more has already arrived.
-            let second = match body.next().now_or_never() {
-                None => return Some((Ok(first), (body, None, false))),
-                Some(None) => return Some((Ok(first), (body, None, true))),
-                Some(Some(Err(e))) => return Some((Ok(first), (body, Some(e), false))),
-                Some(Some(Ok(b))) => b,
-            };
-            let mut batch =
-                bytes::BytesMut::with_capacity(WRITE_BATCH.max(first.len() + second.len()));
-            batch.extend_from_slice(&first);
-            batch.extend_from_slice(&second);
+            let mut len = first.len();
+            let mut group = vec![first];
             let (mut held, mut done) = (None, false);
-            while batch.len() < WRITE_BATCH {
+            while len < WRITE_BATCH {
                 match body.next().now_or_never() {
-                    Some(Some(Ok(b))) => batch.extend_from_slice(&b),
+                    Some(Some(Ok(b))) => {
+                        len += b.len();
+                        group.push(b);
+                    }
                     Some(Some(Err(e))) => {
                         held = Some(e);
                         break;
@@ -401,7 +404,7 @@ fn batched<E: Send + 'static>(
                     None => break,
                 }
             }
-            Some((Ok(batch.freeze()), (body, held, done)))
+            Some((Ok(group), (body, held, done)))
         },
     )
     .boxed()
@@ -433,18 +436,30 @@ mod tests {
             Err("cut"),
             chunk(1, 6),
         ];
-        let out: Vec<Result<Bytes, &str>> = batched(futures::stream::iter(items)).collect().await;
-        let sizes: Vec<_> = out.iter().map(|r| r.as_ref().map(Bytes::len)).collect();
+        let out: Vec<Result<Vec<Bytes>, &str>> =
+            batched(futures::stream::iter(items)).collect().await;
+        let sizes: Vec<_> = out
+            .iter()
+            .map(|r| {
+                r.as_ref()
+                    .map(|g| g.iter().map(Bytes::len).collect::<Vec<_>>())
+            })
+            .collect();
         assert_eq!(
             sizes,
             vec![
-                Ok((16 << 10) + WRITE_BATCH),
-                Ok(100 + WRITE_BATCH - 50),
-                Ok(10),
+                Ok(vec![16 << 10, WRITE_BATCH]),
+                Ok(vec![100, WRITE_BATCH - 50]),
+                Ok(vec![10]),
                 Err(&"cut")
             ]
         );
-        let bytes: Vec<u8> = out.into_iter().filter_map(Result::ok).flatten().collect();
+        let bytes: Vec<u8> = out
+            .into_iter()
+            .filter_map(Result::ok)
+            .flatten()
+            .flatten()
+            .collect();
         assert_eq!(bytes.first(), Some(&1));
         assert_eq!(bytes.last(), Some(&5));
         // A chunk that has arrived is handed on although the next one has not.
@@ -452,7 +467,10 @@ mod tests {
         let mut s = batched(rx);
         tx.unbounded_send(chunk(10, 7)).unwrap();
         let first = tokio::time::timeout(Duration::from_secs(5), s.next()).await;
-        assert_eq!(first.unwrap().unwrap().unwrap().len(), 10);
+        assert_eq!(
+            first.unwrap().unwrap().unwrap(),
+            vec![Bytes::from(vec![7; 10])]
+        );
         drop(tx);
         assert!(s.next().await.is_none());
     }

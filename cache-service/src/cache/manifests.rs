@@ -475,7 +475,9 @@ impl Cache {
             .await
             .map_err(storage_err)?;
         let mut t = self.store.begin_write(d).await.map_err(storage_err)?;
-        t.write(body).await.map_err(storage_err)?;
+        t.write(std::slice::from_ref(body))
+            .await
+            .map_err(storage_err)?;
         t.commit(d, Some(body.len() as u64))
             .await
             .map_err(|e| CacheError::Storage(e.to_string()))?;

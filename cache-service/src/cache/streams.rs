@@ -496,7 +496,7 @@ mod tests {
         let data = Bytes::from(vec![3u8; 3 << 20]);
         let d = registry_rules::digest::Digest::of_bytes(&data);
         let mut w = store.begin_write(&d).await.unwrap();
-        w.write(&data).await.unwrap();
+        w.write(&[data]).await.unwrap();
         w.commit(&d, None).await.unwrap();
         let blob = store.open(&d).await.unwrap().unwrap();
         let body = StoredBody::new(blob, super::super::lru::PinGuard::new(&lru, &d), m.clone());

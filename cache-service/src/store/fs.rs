@@ -354,7 +354,9 @@ mod tests {
 
         // Mismatching content: nothing stored, temp removed.
         let mut t = store.begin_write(&good).await.unwrap();
-        t.write(&Bytes::from_static(b"hello WORLD")).await.unwrap();
+        t.write(&[Bytes::from_static(b"hello WORLD")])
+            .await
+            .unwrap();
         assert_eq!(tmp_count(dir.path()), 1);
         assert!(t.commit(&good, Some(11)).await.is_err());
         assert_eq!(tmp_count(dir.path()), 0);
@@ -362,20 +364,22 @@ mod tests {
 
         // Wrong length: refused.
         let mut t = store.begin_write(&good).await.unwrap();
-        t.write(&Bytes::from_static(b"hello world")).await.unwrap();
+        t.write(&[Bytes::from_static(b"hello world")])
+            .await
+            .unwrap();
         assert!(t.commit(&good, Some(12)).await.is_err());
         assert!(store.open(&good).await.unwrap().is_none());
 
         // Dropped (upstream cut): temp removed.
         let mut t = store.begin_write(&good).await.unwrap();
-        t.write(&Bytes::from_static(b"hello")).await.unwrap();
+        t.write(&[Bytes::from_static(b"hello")]).await.unwrap();
         drop(t);
         assert_eq!(tmp_count(dir.path()), 0);
 
         // Good content.
         let mut t = store.begin_write(&good).await.unwrap();
-        t.write(&Bytes::from_static(b"hello ")).await.unwrap();
-        t.write(&Bytes::from_static(b"world")).await.unwrap();
+        t.write(&[Bytes::from_static(b"hello ")]).await.unwrap();
+        t.write(&[Bytes::from_static(b"world")]).await.unwrap();
         t.commit(&good, Some(11)).await.unwrap();
         let blob = store.open(&good).await.unwrap().unwrap();
         assert_eq!(blob.size(), 11);
@@ -458,7 +462,7 @@ mod tests {
         let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
         let d = Digest::of_bytes(&data);
         let mut t = store.begin_write(&d).await.unwrap();
-        t.write(&Bytes::from(data.clone())).await.unwrap();
+        t.write(&[Bytes::from(data.clone())]).await.unwrap();
         t.commit(&d, None).await.unwrap();
         let len = data.len() as u64;
         for (s, e) in [
@@ -488,7 +492,7 @@ mod tests {
         // The file is shorter than the size the response announced (or was cut short behind
         // the cache's back after it was opened): the stream fails instead of serving less.
         let mut t = store.begin_write(&d).await.unwrap();
-        t.write(&Bytes::from(data.clone())).await.unwrap();
+        t.write(&[Bytes::from(data.clone())]).await.unwrap();
         t.commit(&d, None).await.unwrap();
         let blob = store.open(&d).await.unwrap().unwrap();
         let items: Vec<_> = blob.range(0, len + 10).collect().await;

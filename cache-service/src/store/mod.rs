@@ -169,21 +169,27 @@ impl BlobWriter {
         self.spool.reader()
     }
 
-    /// Append bytes; when this returns they are readable through [`Self::reader`]. An error
-    /// means the local spool failed (disk full): the caller passes the rest through.
-    pub async fn write(&mut self, data: &Bytes) -> io::Result<()> {
+    /// Append `chunks` (in order, each as it is: one vectored write, no copy); when this returns
+    /// they are readable through [`Self::reader`]. An error means the local spool failed (disk
+    /// full): the caller passes the rest through.
+    pub async fn write(&mut self, chunks: &[Bytes]) -> io::Result<()> {
         // The spool write runs on the blocking pool while this task hashes the same bytes;
         // if it fails, the hash goes back to the bytes written (see `abandon`).
-        let written = self.spool.write(data.clone());
+        let written = self.spool.write(chunks.to_vec());
         let before = self.hasher.clone();
-        self.hasher.update(data);
+        for c in chunks {
+            self.hasher.update(c);
+        }
         if let Err(e) = written.await {
             self.hasher = before;
             return Err(e);
         }
-        self.len += data.len() as u64;
-        if self.sink_error.is_none() {
-            if let Err(e) = self.sink.write(data).await {
+        self.len += chunks.iter().map(|c| c.len() as u64).sum::<u64>();
+        for c in chunks {
+            if self.sink_error.is_some() {
+                break;
+            }
+            if let Err(e) = self.sink.write(c).await {
                 tracing::error!(error = %e, "storing the download failed; it goes on uncached");
                 self.sink_error = Some(e);
             }

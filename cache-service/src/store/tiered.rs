@@ -129,7 +129,7 @@ impl StoredBlob for FillOnRead {
                 Ok(b) => {
                     st.sent += b.len() as u64;
                     if let Some(w) = st.writer.as_mut() {
-                        if w.write(b).await.is_err() {
+                        if w.write(std::slice::from_ref(b)).await.is_err() {
                             st.writer = None;
                         }
                     }
