@@ -13,10 +13,12 @@
 //!
 //! Denials are not remembered: a refused client costs one upstream request each time, which
 //! a client that was just refused rarely repeats (it logs in first), and a cached denial
-//! would keep refusing a client whose access was just granted.
+//! would keep refusing a client whose access was just granted. Identical checks in progress
+//! at once (a fleet's nodes pulling one image with one pull secret) are one request, whose
+//! answer, allowed or not, they all get.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -25,6 +27,7 @@ use reqwest::{Method, StatusCode};
 use sha2::Digest as _;
 use url::Url;
 
+use crate::cache::single_flight::{Outcome, Role, SingleFlight};
 use crate::lock;
 use crate::metrics::{Family, Metrics};
 use crate::upstream::auth::MAX_TOKEN_RESPONSE_BYTES;
@@ -65,6 +68,9 @@ impl std::fmt::Debug for Fingerprint {
 /// (credential, repository; `None` for the base `/v2/`) of one upstream.
 type DecisionKey = (Fingerprint, Option<RepositoryName>);
 
+/// One check of one credential: the same request to the upstream, so the same answer.
+type CheckKey = (Fingerprint, Method, String);
+
 /// Allowed decisions, each until it expires; bounded by [`MAX_DECISIONS`].
 #[derive(Debug, Default)]
 struct Decisions {
@@ -104,6 +110,8 @@ struct LearnedRealm {
 pub struct Access {
     decisions: Mutex<Decisions>,
     realm: Mutex<LearnedRealm>,
+    /// Checks in progress (bounded by the requests waiting on them).
+    checks: SingleFlight<CheckKey, Outcome<Result<(), Refusal>>>,
 }
 
 impl Access {
@@ -234,14 +242,15 @@ fn head_unsupported(s: StatusCode) -> bool {
 /// Returns the access content is then fetched with: the cache's login when it has one
 /// (`cache_login`), else the client's own credential.
 pub async fn authorize(
-    up: &Upstream,
+    up: &Arc<Upstream>,
     ttl: Duration,
     cache_login: bool,
     check: &Check,
     client: Option<ClientCredential>,
     metrics: &Metrics,
 ) -> Result<Credential, Refusal> {
-    let key = (Fingerprint::of(client.as_ref()), check.repository.clone());
+    let fingerprint = Fingerprint::of(client.as_ref());
+    let key = (fingerprint, check.repository.clone());
     let fetch_with = match (&client, cache_login) {
         (Some(c), false) => Credential::Client(c.clone()),
         _ => Credential::Cache,
@@ -250,14 +259,29 @@ pub async fn authorize(
         metrics.count(Family::AuthorizationCacheHits, &up.name, "");
         return Ok(fetch_with);
     }
-    let r = ask(up, check, client.as_ref()).await;
-    let result = match &r {
-        Ok(()) => "allowed",
-        Err(Refusal::Unauthorized { .. } | Refusal::Denied { .. }) => "denied",
-        Err(Refusal::NotFound(_)) => "not_found",
-        Err(Refusal::TooManyRequests { .. } | Refusal::Unavailable(_)) => "unavailable",
-    };
-    metrics.count(Family::AuthorizationChecks, &up.name, result);
+    let flight = (
+        fingerprint,
+        check.method.clone(),
+        check.path_and_query.clone(),
+    );
+    let (asked, role) = up
+        .access
+        .checks
+        .run(flight, || {
+            let (up, check) = (up.clone(), check.clone());
+            async move { Ok(ask(&up, &check, client.as_ref()).await) }
+        })
+        .await;
+    let r = asked.unwrap_or_else(|e| Err(Refusal::Unavailable(e.to_string())));
+    if role == Role::Leader {
+        let result = match &r {
+            Ok(()) => "allowed",
+            Err(Refusal::Unauthorized { .. } | Refusal::Denied { .. }) => "denied",
+            Err(Refusal::NotFound(_)) => "not_found",
+            Err(Refusal::TooManyRequests { .. } | Refusal::Unavailable(_)) => "unavailable",
+        };
+        metrics.count(Family::AuthorizationChecks, &up.name, result);
+    }
     r?;
     let now = Instant::now();
     let until = now.checked_add(ttl).unwrap_or(now);

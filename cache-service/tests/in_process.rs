@@ -528,6 +528,48 @@ mod authorized_upstream {
         );
     }
 
+    /// A fleet pulling one image with one pull secret: the requests that need the same
+    /// check while it is in progress share its one upstream request, allowed or refused.
+    #[tokio::test]
+    async fn concurrent_identical_checks_ask_the_upstream_once() {
+        let lab = lab(Duration::from_secs(60)).await;
+        let (alice, bob) = (lab.login("alice").await, lab.login("bob").await);
+        // Each check takes a while, so the requests arrive while it is in progress.
+        lab.up.delay_blobs(Duration::from_millis(300));
+        let path = format!("/v2/{REPO}/blobs/{}", lab.layer_digest);
+        let get = |authorization: &str| {
+            let r = lab.mirror.get(&path).header("authorization", authorization);
+            fetch(r)
+        };
+        let (allowed, refused) = tokio::join!(
+            futures::future::join_all((0..8).map(|_| get(&alice))),
+            futures::future::join_all((0..4).map(|_| get(&bob))),
+        );
+        for (status, body) in allowed {
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(body.as_deref(), Some(&lab.layer[..]), "the verified bytes");
+        }
+        for (status, _) in refused {
+            assert_eq!(status, StatusCode::FORBIDDEN);
+        }
+        let checks_as = |authorization: &str| {
+            let seen = lab.up.seen();
+            seen.iter()
+                .filter(|s| s.method == Method::HEAD && s.path == path)
+                .filter(|s| s.authorization.as_deref() == Some(authorization))
+                .count()
+        };
+        assert_eq!(checks_as(&alice), 1, "8 requests, one check");
+        assert_eq!(checks_as(&bob), 1, "4 refused requests, one check");
+        let metrics = lab.metrics().await;
+        for result in ["allowed", "denied"] {
+            let line = format!(
+                r#"regmirror_authorization_checks_total{{registry="lab",result="{result}"}} 1"#
+            );
+            assert!(metrics.contains(&line), "{line} in {metrics}");
+        }
+    }
+
     #[tokio::test]
     async fn a_decision_expires_and_a_revoked_client_is_then_refused() {
         let lab = lab(Duration::from_secs(1)).await;
