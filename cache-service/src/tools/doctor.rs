@@ -90,7 +90,7 @@ pub fn realm_on_mirror(client: &MirrorClient, realm: &str) -> Result<String, Str
     let rest = u
         .path()
         .strip_prefix(base)
-        .and_then(|p| p.strip_prefix("/_mirror/auth/"))
+        .and_then(|p| p.strip_prefix(registry_rules::route::AUTH_PREFIX))
         .ok_or_else(|| format!("realm {realm} is on the mirror but not under /_mirror/auth/"))?;
     Ok(rest.split('/').next().unwrap_or("").to_owned())
 }

@@ -2,6 +2,7 @@
 
 use super::config::Registry;
 use super::hosts::{any_match, HostPattern};
+use super::route::AUTH_PREFIX;
 use super::url::{parse_url, parse_url_ref, UrlParts, UrlRef};
 use std::fmt;
 
@@ -504,9 +505,6 @@ impl LearnedRealm {
     }
 }
 
-/// Path of the mirror's token endpoint in a rewritten realm (before `<host><path>`).
-const MIRROR_AUTH: &str = "/_mirror/auth/";
-
 /// A set of auth-param indexes of one header (at most [`MAX_PARAMS`]), without allocating.
 #[derive(Debug, Default, Clone, Copy)]
 struct ParamSet(u64);
@@ -652,7 +650,7 @@ pub fn rewrite_challenges(
         return unchanged(rejected);
     }
     let mut out = String::with_capacity(
-        header.len() + rewritten * (mirror_base.len() + MIRROR_AUTH.len() + 2),
+        header.len() + rewritten * (mirror_base.len() + AUTH_PREFIX.len() + 2),
     );
     for (ci, c) in challenges.iter().enumerate() {
         if ci > 0 {
@@ -682,7 +680,7 @@ pub fn rewrite_challenges(
             if let Some(u) = url {
                 out.push('"');
                 push_escaped(&mut out, mirror_base);
-                out.push_str(MIRROR_AUTH);
+                out.push_str(AUTH_PREFIX);
                 push_escaped(&mut out, &u.authority);
                 push_escaped(&mut out, u.path);
                 if let Some(q) = u.query {

@@ -6,7 +6,7 @@
 use super::declaration::Declaration;
 use registry_rules::declaration::CacheService;
 use registry_rules::hosts::HostPattern;
-use registry_rules::route::CACHE_KEY_HEADER;
+use registry_rules::route::{AUTH_PREFIX, CACHE_KEY_HEADER};
 use std::fmt::Write;
 
 /// Which listener layout to render.
@@ -233,7 +233,7 @@ fn route_config(
         // without the mirror login on /v2/.
         let _ = writeln!(
             w,
-            "              - match: {{ prefix: \"/_mirror/auth/\" }}\n                {unrouted}\n                typed_per_filter_config:\n                  envoy.filters.http.basic_auth:\n                    \"@type\": type.googleapis.com/envoy.config.route.v3.FilterConfig\n                    disabled: true"
+            "              - match: {{ prefix: \"{AUTH_PREFIX}\" }}\n                {unrouted}\n                typed_per_filter_config:\n                  envoy.filters.http.basic_auth:\n                    \"@type\": type.googleapis.com/envoy.config.route.v3.FilterConfig\n                    disabled: true"
         );
     }
     let _ = writeln!(
