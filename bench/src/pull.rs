@@ -42,6 +42,7 @@ pub(crate) struct Fixture {
     /// Bytes of each blob, by digest.
     pub(crate) sizes: BTreeMap<String, u64>,
     direct: SocketAddr,
+    direct_pid: u32,
     /// The hub front of the fair direct baseline.
     hub_direct: SocketAddr,
     /// Its CDN's access log (one line per request).
@@ -177,6 +178,7 @@ pub(crate) fn setup(base: &Path, log: &mut crate::util::Log) -> Result<Fixture> 
             up.pki.key.display()
         ),
     )?);
+    let direct_pid = procs.last().map_or(0, Proc::pid);
     let hub_direct_cdn_log = dir.join("hub-direct-cdn.log");
     let (hub_direct, hub_procs) = start_hub_direct(&up, &dir, &hub_direct_cdn_log)?;
     procs.extend(hub_procs);
@@ -199,6 +201,7 @@ pub(crate) fn setup(base: &Path, log: &mut crate::util::Log) -> Result<Fixture> 
         three,
         sizes,
         direct,
+        direct_pid,
         hub_direct,
         hub_direct_cdn_log,
         origin,
@@ -588,32 +591,26 @@ fn pull_rows(
     // Each pull also counts the machine's busy CPU-seconds: on two shared cores a pull that
     // needs more CPU cannot be faster than CPU-s / 2, whatever the waiting.
     rm.origin = Origin::Direct;
-    let cold_runs = util::interleaved(pairs, warmup, |side, _| -> Result<(f64, f64)> {
+    let cold_runs = util::interleaved(pairs, warmup, |side, _| -> Result<ColdPull> {
         if side == Side::Mirror {
             rm.restart_cold()?;
         }
-        let busy0 = util::machine_busy_s()?;
+        let pids = [f.direct_pid, envoy.proc.pid(), rm.pid()];
+        let before = PullCpu::sample(pids)?;
         let secs = match side {
             Side::Mirror => pull(&cache_ref)
                 .with_context(|| format!("{}\n{}", envoy.log_tail(20), rm.log_tail(20)))?,
             Side::Peer => pull(&direct_ref)?,
         };
-        Ok((secs, util::machine_busy_s()? - busy0))
+        let cpu = PullCpu::sample(pids)?.minus(&before);
+        Ok(ColdPull { secs, cpu })
     })?;
     rm.origin = Origin::Metered;
-    let part = |i: usize| Paired {
-        mirror: cold_runs
-            .mirror
-            .iter()
-            .map(|r: &(f64, f64)| if i == 0 { r.0 } else { r.1 })
-            .collect(),
-        peer: cold_runs
-            .peer
-            .iter()
-            .map(|r: &(f64, f64)| if i == 0 { r.0 } else { r.1 })
-            .collect(),
+    let part = |value: fn(&ColdPull) -> f64| Paired {
+        mirror: cold_runs.mirror.iter().map(value).collect(),
+        peer: cold_runs.peer.iter().map(value).collect(),
     };
-    let (cold, cold_cpu) = (part(0), part(1));
+    let (cold, cold_cpu) = (part(|r| r.secs), part(|r| r.cpu.machine));
     log_pairs(
         log,
         "pull s, cache route cold (Envoy → regmirror → the direct pull's distribution over TLS) vs direct distribution (TLS, no auth)",
@@ -623,6 +620,29 @@ fn pull_rows(
         log,
         "busy CPU-s of the machine per pull, cache route cold vs direct",
         &cold_cpu,
+    );
+    let by_process = |side: Side| {
+        let m = |g: fn(&PullCpu) -> f64| cold_runs.median_of(side, |r| g(&r.cpu));
+        let rest = m(|c| c.machine - c.skopeo - c.distribution - c.envoy - c.regmirror);
+        let own = match side {
+            Side::Mirror => format!(
+                ", Envoy {:.2}, regmirror {:.2}",
+                m(|c| c.envoy),
+                m(|c| c.regmirror)
+            ),
+            Side::Peer => String::new(),
+        };
+        format!(
+            "skopeo {:.2}, distribution {:.2}{own}, rest {rest:.2}",
+            m(|c| c.skopeo),
+            m(|c| c.distribution)
+        )
+    };
+    let cpu_split = Row::info(
+        S2,
+        "same cold pulls: CPU-seconds per pull by process (medians; rest: the kernel's own threads and anything else running), cache route cold vs direct",
+        by_process(Side::Mirror),
+        by_process(Side::Peer),
     );
     let warm = util::interleaved(pairs, warmup, |side, _| match side {
         Side::Mirror => pull(&cache_ref),
@@ -661,6 +681,7 @@ fn pull_rows(
     );
     cpu_row.target = "info: the mirror's own work (Envoy TLS, hashing, writing the cache); with 2 cores busy the wall-time ratio cannot beat it".into();
     rows.push(cpu_row);
+    rows.push(cpu_split);
     rows.push(Row::paired(
         S2,
         "same image: cache route warm (Envoy TLS + wasm → regmirror) vs direct distribution (TLS, no auth)",
@@ -797,6 +818,47 @@ struct Conc {
     upstream_bytes: u64,
     upstream_requests: usize,
     cpu: CpuUse,
+}
+
+/// One cold pull of section 2: its wall time and the CPU it took.
+struct ColdPull {
+    secs: f64,
+    cpu: PullCpu,
+}
+
+/// CPU-seconds used so far by the machine (all cores, non-idle), by this process's waited-for
+/// children (the skopeo runs) and by the servers of a pull.
+#[derive(Clone, Copy, Debug)]
+struct PullCpu {
+    machine: f64,
+    skopeo: f64,
+    distribution: f64,
+    envoy: f64,
+    regmirror: f64,
+}
+
+impl PullCpu {
+    /// `pids`: the direct distribution, Envoy, regmirror.
+    fn sample(pids: [u32; 3]) -> Result<Self> {
+        let s = |us: u64| us as f64 / 1e6;
+        Ok(PullCpu {
+            machine: util::machine_busy_s()?,
+            skopeo: s(util::children_cpu_us()?),
+            distribution: s(util::proc_cpu_us(pids[0])?),
+            envoy: s(util::proc_cpu_us(pids[1])?),
+            regmirror: s(util::proc_cpu_us(pids[2])?),
+        })
+    }
+
+    fn minus(&self, before: &PullCpu) -> PullCpu {
+        PullCpu {
+            machine: self.machine - before.machine,
+            skopeo: self.skopeo - before.skopeo,
+            distribution: self.distribution - before.distribution,
+            envoy: self.envoy - before.envoy,
+            regmirror: self.regmirror - before.regmirror,
+        }
+    }
 }
 
 /// CPU time used so far by the machine (all cores, non-idle) and by given processes.

@@ -371,15 +371,26 @@ pub fn wrk(url: &str, conns: u32, secs: u32, headers: &[&str]) -> Result<WrkResu
 
 /// User + system CPU time of `pid` so far, in µs (from `/proc/PID/stat`, clock ticks).
 pub fn proc_cpu_us(pid: u32) -> Result<u64> {
+    stat_cpu_us(pid, 10)
+}
+
+/// User + system CPU time of this process's children that have ended and been waited for
+/// (a `skopeo` run, say), in µs.
+pub fn children_cpu_us() -> Result<u64> {
+    stat_cpu_us(std::process::id(), 12)
+}
+
+/// The two clock-tick fields from `first` on (counted after the state) of `/proc/PID/stat`.
+fn stat_cpu_us(pid: u32, first: usize) -> Result<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the `(comm)`: state is field 3, utime 14, stime 15.
+    // Fields after the `(comm)`: state is field 3, utime 14, stime 15, cutime 16, cstime 17.
     let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
     let f: Vec<u64> = rest
         .split_whitespace()
         .skip(1)
         .map(|x| x.parse().unwrap_or(0))
         .collect();
-    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
+    let ticks = f.get(first).copied().unwrap_or(0) + f.get(first + 1).copied().unwrap_or(0);
     Ok(ticks * 1_000_000 / clk_tck())
 }
 
