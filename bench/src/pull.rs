@@ -595,14 +595,19 @@ fn pull_rows(
         if side == Side::Mirror {
             rm.restart_cold()?;
         }
-        let pids = [f.direct_pid, envoy.proc.pid(), rm.pid()];
-        let before = PullCpu::sample(pids)?;
+        let meters = [
+            Meter::WaitedChildren,
+            Meter::Process(f.direct_pid),
+            Meter::Process(envoy.proc.pid()),
+            Meter::Process(rm.pid()),
+        ];
+        let before = CpuUse::sample(meters)?;
         let secs = match side {
             Side::Mirror => pull(&cache_ref)
                 .with_context(|| format!("{}\n{}", envoy.log_tail(20), rm.log_tail(20)))?,
             Side::Peer => pull(&direct_ref)?,
         };
-        let cpu = PullCpu::sample(pids)?.minus(&before);
+        let cpu = CpuUse::sample(meters)?.minus(&before);
         Ok(ColdPull { secs, cpu })
     })?;
     rm.origin = Origin::Metered;
@@ -610,7 +615,7 @@ fn pull_rows(
         mirror: cold_runs.mirror.iter().map(value).collect(),
         peer: cold_runs.peer.iter().map(value).collect(),
     };
-    let (cold, cold_cpu) = (part(|r| r.secs), part(|r| r.cpu.machine));
+    let (cold, cold_cpu) = (part(|r| r.secs), part(|r| r.cpu.machine_busy_s));
     log_pairs(
         log,
         "pull s, cache route cold (Envoy → regmirror → the direct pull's distribution over TLS) vs direct distribution (TLS, no auth)",
@@ -622,20 +627,19 @@ fn pull_rows(
         &cold_cpu,
     );
     let by_process = |side: Side| {
-        let m = |g: fn(&PullCpu) -> f64| cold_runs.median_of(side, |r| g(&r.cpu));
-        let rest = m(|c| c.machine - c.skopeo - c.distribution - c.envoy - c.regmirror);
+        // Meters in the order sampled: skopeo, distribution, Envoy, regmirror.
+        let m = |g: fn(&[f64; 4]) -> f64| cold_runs.median_of(side, |r| g(&r.cpu.process_s));
+        let rest = cold_runs.median_of(side, |r| {
+            r.cpu.machine_busy_s - r.cpu.process_s.iter().sum::<f64>()
+        });
         let own = match side {
-            Side::Mirror => format!(
-                ", Envoy {:.2}, regmirror {:.2}",
-                m(|c| c.envoy),
-                m(|c| c.regmirror)
-            ),
+            Side::Mirror => format!(", Envoy {:.2}, regmirror {:.2}", m(|p| p[2]), m(|p| p[3])),
             Side::Peer => String::new(),
         };
         format!(
             "skopeo {:.2}, distribution {:.2}{own}, rest {rest:.2}",
-            m(|c| c.skopeo),
-            m(|c| c.distribution)
+            m(|p| p[0]),
+            m(|p| p[1])
         )
     };
     let cpu_split = Row::info(
@@ -704,8 +708,12 @@ fn pull_rows(
         rm.restart_cold()?;
         let before = util::sum_log_bytes(&f.origin_log);
         let lines_before = util::count_log_lines(&f.origin_log);
-        let pids = [std::process::id(), envoy.proc.pid(), rm.pid()];
-        let cpu0 = CpuUse::sample(pids)?;
+        let meters = [
+            Meter::Process(std::process::id()),
+            Meter::Process(envoy.proc.pid()),
+            Meter::Process(rm.pid()),
+        ];
+        let cpu0 = CpuUse::sample(meters)?;
         let t = Instant::now();
         std::thread::scope(|s| -> Result<()> {
             let hs: Vec<_> = (0..n)
@@ -717,7 +725,7 @@ fn pull_rows(
             Ok(())
         })?;
         let secs = t.elapsed().as_secs_f64();
-        let cpu = CpuUse::sample(pids)?.minus(&cpu0);
+        let cpu = CpuUse::sample(meters)?.minus(&cpu0);
         Ok(Conc {
             secs,
             upstream_bytes: util::sum_log_bytes(&f.origin_log).saturating_sub(before),
@@ -817,63 +825,41 @@ struct Conc {
     secs: f64,
     upstream_bytes: u64,
     upstream_requests: usize,
-    cpu: CpuUse,
+    /// Clients (this process), Envoy, regmirror.
+    cpu: CpuUse<3>,
 }
 
 /// One cold pull of section 2: its wall time and the CPU it took.
 struct ColdPull {
     secs: f64,
-    cpu: PullCpu,
+    /// skopeo, the direct distribution, Envoy, regmirror.
+    cpu: CpuUse<4>,
 }
 
-/// CPU-seconds used so far by the machine (all cores, non-idle), by this process's waited-for
-/// children (the skopeo runs) and by the servers of a pull.
+/// Whose CPU time a [`CpuUse`] counts.
 #[derive(Clone, Copy, Debug)]
-struct PullCpu {
-    machine: f64,
-    skopeo: f64,
-    distribution: f64,
-    envoy: f64,
-    regmirror: f64,
+enum Meter {
+    Process(u32),
+    /// This process's children that have ended and been waited for (the skopeo runs).
+    WaitedChildren,
 }
 
-impl PullCpu {
-    /// `pids`: the direct distribution, Envoy, regmirror.
-    fn sample(pids: [u32; 3]) -> Result<Self> {
-        let s = |us: u64| us as f64 / 1e6;
-        Ok(PullCpu {
-            machine: util::machine_busy_s()?,
-            skopeo: s(util::children_cpu_us()?),
-            distribution: s(util::proc_cpu_us(pids[0])?),
-            envoy: s(util::proc_cpu_us(pids[1])?),
-            regmirror: s(util::proc_cpu_us(pids[2])?),
-        })
-    }
-
-    fn minus(&self, before: &PullCpu) -> PullCpu {
-        PullCpu {
-            machine: self.machine - before.machine,
-            skopeo: self.skopeo - before.skopeo,
-            distribution: self.distribution - before.distribution,
-            envoy: self.envoy - before.envoy,
-            regmirror: self.regmirror - before.regmirror,
-        }
-    }
-}
-
-/// CPU time used so far by the machine (all cores, non-idle) and by given processes.
+/// CPU-seconds used so far by the machine (all cores, non-idle) and by each of `N` meters.
 #[derive(Clone, Copy, Debug)]
-struct CpuUse {
+struct CpuUse<const N: usize> {
     machine_busy_s: f64,
-    /// Clients (this process), Envoy, regmirror.
-    process_s: [f64; 3],
+    process_s: [f64; N],
 }
 
-impl CpuUse {
-    fn sample(pids: [u32; 3]) -> Result<Self> {
-        let mut process_s = [0.0; 3];
-        for (slot, pid) in process_s.iter_mut().zip(pids) {
-            *slot = util::proc_cpu_us(pid)? as f64 / 1e6;
+impl<const N: usize> CpuUse<N> {
+    fn sample(meters: [Meter; N]) -> Result<Self> {
+        let mut process_s = [0.0; N];
+        for (slot, meter) in process_s.iter_mut().zip(meters) {
+            let us = match meter {
+                Meter::Process(pid) => util::proc_cpu_us(pid)?,
+                Meter::WaitedChildren => util::children_cpu_us()?,
+            };
+            *slot = us as f64 / 1e6;
         }
         Ok(CpuUse {
             machine_busy_s: util::machine_busy_s()?,
@@ -881,7 +867,7 @@ impl CpuUse {
         })
     }
 
-    fn minus(&self, before: &CpuUse) -> CpuUse {
+    fn minus(&self, before: &CpuUse<N>) -> CpuUse<N> {
         let mut process_s = self.process_s;
         for (p, b) in process_s.iter_mut().zip(before.process_s) {
             *p -= b;
@@ -893,7 +879,7 @@ impl CpuUse {
     }
 }
 
-impl std::fmt::Display for CpuUse {
+impl std::fmt::Display for CpuUse<3> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
