@@ -475,6 +475,15 @@ mod tests {
         assert!(s.next().await.is_none());
     }
 
+    /// The GETs the upstream has seen.
+    fn upstream_gets(server: &TestServer) -> usize {
+        server
+            .seen()
+            .iter()
+            .filter(|s| s.method == axum::http::Method::GET)
+            .count()
+    }
+
     /// A filesystem store whose first `open` answers late (a bucket's HEAD under load): what
     /// it answers is what the store held when the look began.
     #[derive(Debug)]
@@ -580,12 +589,7 @@ mod tests {
             Ok(_) => panic!("not served from the store"),
             Err(e) => panic!("{e}"),
         }
-        let gets = server
-            .seen()
-            .iter()
-            .filter(|s| s.method == axum::http::Method::GET)
-            .count();
-        assert_eq!(gets, 1, "upstream GETs of the blob");
+        assert_eq!(upstream_gets(&server), 1, "upstream GETs of the blob");
     }
 
     #[tokio::test]
@@ -625,12 +629,11 @@ mod tests {
             Ok(_) => panic!("not a HEAD answer"),
             Err(e) => panic!("confirmation without HEAD support: {e}"),
         }
-        let gets = server
-            .seen()
-            .iter()
-            .filter(|s| s.method == axum::http::Method::GET)
-            .count();
-        assert_eq!(gets, 3, "one download and two HEAD fallbacks");
+        assert_eq!(
+            upstream_gets(&server),
+            3,
+            "one download and two HEAD fallbacks"
+        );
     }
 
     #[tokio::test]
