@@ -29,9 +29,9 @@ async fn fetch(r: reqwest::RequestBuilder) -> (StatusCode, Option<Vec<u8>>) {
 
 /// `regmirror_bytes_sendfile_total` as the mirror's /metrics reports it.
 async fn sendfile_bytes(m: &Mirror) -> u64 {
-    let (_, text) = fetch(m.get("/metrics")).await;
-    let text = String::from_utf8(text.expect("metrics")).expect("text");
-    text.lines()
+    m.metrics()
+        .await
+        .lines()
         .find_map(|l| l.strip_prefix("regmirror_bytes_sendfile_total "))
         .and_then(|v| v.trim().parse().ok())
         .expect("regmirror_bytes_sendfile_total in /metrics")
@@ -400,17 +400,6 @@ mod authorized_upstream {
                 .filter(|s| s.authorization.as_deref() == Some(authorization))
                 .count()
         }
-
-        async fn metrics(&self) -> String {
-            self.mirror
-                .get("/metrics")
-                .send()
-                .await
-                .expect("metrics")
-                .text()
-                .await
-                .expect("text")
-        }
     }
 
     async fn error_code(resp: reqwest::Response) -> String {
@@ -468,7 +457,7 @@ mod authorized_upstream {
             "within the decision's time: no check, nothing fetched: {:?}",
             lab.up.seen().get(seen..)
         );
-        let metrics = lab.metrics().await;
+        let metrics = lab.mirror.metrics().await;
         assert!(
             metrics.contains(
                 r#"regmirror_authorization_checks_total{registry="lab",result="allowed"} 1"#
@@ -519,7 +508,7 @@ mod authorized_upstream {
         for (status, _) in lab.pull(Some("Bearer forged")).await {
             assert_eq!(status, StatusCode::UNAUTHORIZED);
         }
-        let metrics = lab.metrics().await;
+        let metrics = lab.mirror.metrics().await;
         assert!(
             metrics.contains(
                 r#"regmirror_authorization_checks_total{registry="lab",result="denied"} 7"#
@@ -561,7 +550,7 @@ mod authorized_upstream {
         };
         assert_eq!(checks_as(&alice), 1, "8 requests, one check");
         assert_eq!(checks_as(&bob), 1, "4 refused requests, one check");
-        let metrics = lab.metrics().await;
+        let metrics = lab.mirror.metrics().await;
         for result in ["allowed", "denied"] {
             let line = format!(
                 r#"regmirror_authorization_checks_total{{registry="lab",result="{result}"}} 1"#
