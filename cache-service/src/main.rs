@@ -8,8 +8,6 @@ use regmirror::{build_app, App};
 
 use std::process::ExitCode;
 
-use std::future::IntoFuture;
-
 use clap::{Parser, Subcommand};
 
 use regmirror::config::{Config, LogFormat, ServeArgs};
@@ -181,19 +179,16 @@ async fn run(args: ServeArgs, cfg: Config, text: Option<String>) -> ExitCode {
     let reloader =
         tokio::spawn(reload::Reloader::new(args, cache.clone(), config.clone()).run(hup));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(
-        axum::serve(
-            regmirror::http::zero_copy::ZeroCopyListener::new(listener, cache.metrics.clone()),
-            router,
-        )
-        .with_graceful_shutdown(async {
+    let mut server = tokio::spawn(regmirror::http::server::serve_http1(
+        regmirror::http::zero_copy::ZeroCopyListener::new(listener, cache.metrics.clone()),
+        router,
+        async {
             let _ = stop_rx.await;
-        })
-        .into_future(),
-    );
+        },
+    ));
     tokio::select! {
         r = &mut server => {
-            if let Ok(Err(e)) = r {
+            if let Err(e) = r {
                 tracing::error!(error = %e, "server failed");
             }
             cache.clean_abandoned().await;

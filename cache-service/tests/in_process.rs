@@ -218,6 +218,37 @@ async fn a_large_cached_blob_is_sent_whole_and_in_ranges_from_the_page_cache() {
     assert_eq!(up.hits(Method::GET, &d), 1, "served from the cache");
 }
 
+/// Stored blobs go out as mapped page-cache windows that only the kernel may read (a file
+/// truncated behind the cache then cuts the response instead of killing the process), so the
+/// cache listener speaks HTTP/1.1 only: an HTTP/2 prior-knowledge client is refused.
+#[tokio::test]
+async fn the_cache_listener_refuses_http2() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = FakeUpstream::start().await;
+    let m = Mirror::start(&up, TTL).await;
+    let addr = m.base.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    // The client preface and an empty SETTINGS frame (RFC 9113 §3.4).
+    conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("write");
+    // An HTTP/2 server answers with its SETTINGS frame and keeps the connection open; an
+    // HTTP/1.1 one closes it, with a 4xx or without a word.
+    let mut answer = vec![0; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut answer))
+        .await
+        .expect("an answer or a close")
+        .expect("read");
+    let text = String::from_utf8_lossy(&answer[..n]);
+    assert!(
+        n == 0 || text.starts_with("HTTP/1.1 4"),
+        "an HTTP/2 answer: {:?}",
+        &answer[..n]
+    );
+    let (status, _) = fetch(m.get("/healthz")).await;
+    assert_eq!(status, StatusCode::OK, "HTTP/1.1 still served");
+}
+
 #[tokio::test]
 async fn a_range_of_a_cached_blob() {
     let up = FakeUpstream::start().await;

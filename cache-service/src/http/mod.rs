@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod range;
+pub mod server;
 pub mod status;
 pub mod zero_copy;
 

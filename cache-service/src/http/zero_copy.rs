@@ -5,7 +5,6 @@
 //! file region, and stored blobs never change.
 
 use std::io::{self, IoSlice};
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -29,18 +28,14 @@ impl ZeroCopyListener {
     pub fn new(listener: TcpListener, metrics: Arc<Metrics>) -> Self {
         Self { listener, metrics }
     }
-}
 
-impl axum::serve::Listener for ZeroCopyListener {
-    type Io = ZeroCopyStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+    /// The next connection; failed accepts are logged and retried.
+    pub async fn accept(&mut self) -> ZeroCopyStream {
         loop {
             match self.listener.accept().await {
-                Ok((stream, addr)) => {
+                Ok((stream, _)) => {
                     let metrics = self.metrics.clone();
-                    return (ZeroCopyStream { stream, metrics }, addr);
+                    return ZeroCopyStream { stream, metrics };
                 }
                 // A connection that went away before it was accepted: the next one.
                 Err(e) if is_connection_error(&e) => {}
@@ -51,10 +46,6 @@ impl axum::serve::Listener for ZeroCopyListener {
                 }
             }
         }
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
     }
 }
 

@@ -383,7 +383,11 @@ impl Mirror {
         // As `regmirror serve` listens: stored blob windows go out by sendfile.
         let listener =
             regmirror::http::zero_copy::ZeroCopyListener::new(listener, app.cache.metrics.clone());
-        tokio::spawn(async move { axum::serve(listener, app.router).await });
+        tokio::spawn(regmirror::http::server::serve_http1(
+            listener,
+            app.router,
+            std::future::pending(),
+        ));
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(20))
