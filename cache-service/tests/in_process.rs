@@ -67,6 +67,25 @@ async fn a_blob_is_served_and_kept_only_after_its_digest_verified() {
     );
 }
 
+/// A range of a cold blob comes out of the download every client shares: its bytes, too, are
+/// only complete once the whole blob verified.
+#[tokio::test]
+async fn a_range_of_a_cold_blob_is_never_complete_before_the_digest_verified() {
+    let up = FakeUpstream::start().await;
+    let real = vec![7u8; 1 << 20];
+    let d = digest_of(&real);
+    let mut tampered = real.clone();
+    tampered[1000] = 8;
+    up.blob(&d, tampered);
+    let m = Mirror::start(&up, TTL).await;
+    let path = format!("/v2/lab/app/blobs/{d}");
+    let (status, body) = fetch(m.get(&path).header("range", "bytes=0-9")).await;
+    assert!(
+        !(status.is_success() && body.is_some()),
+        "bytes of a blob that fails its digest reached the client as a complete body: {status} {body:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_tag_is_resolved_once_per_ttl() {
     let up = FakeUpstream::start().await;

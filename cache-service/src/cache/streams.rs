@@ -7,9 +7,10 @@
 //! (or dropped). If the spool's disk fills up, later bytes are kept in memory (`tail`) so the
 //! attached clients are still served, and nothing is cached.
 //!
-//! Readers never send the final byte of a body of known length before the download verified:
-//! if the digest does not match, the stream ends with an error instead, which aborts the HTTP
-//! response (the client sees a cut connection, never a complete-looking body).
+//! Readers never send the final byte of a body of known length, or of a range, before the
+//! download verified: if the digest does not match, the stream ends with an error instead,
+//! which aborts the HTTP response (the client sees a cut connection, never a complete-looking
+//! body).
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -267,22 +268,15 @@ pub fn reader(
                         (Some(e), _) => Some(e),
                         (None, l) => l,
                     };
-                    if let Some(l) = limit {
-                        // A range that stops before the end needs no verification to finish
-                        // (a partial body cannot be verified by the client either).
-                        let partial = s.started.flatten().is_some_and(|t| l < t);
-                        if pos >= l && (verified || partial) {
-                            return None;
-                        }
+                    if limit.is_some_and(|l| pos >= l) && verified {
+                        return None;
                     }
-                    // Hold back the last byte of a known-length body until verified.
+                    // Hold back the last byte of a known-length body, or of a range, until
+                    // verified: a range's client cannot check the digest of what it got, so
+                    // a complete-looking 206 must not carry bytes the download then rejects.
                     let mut avail = s.received;
-                    if !verified {
-                        if let Some(total) = s.started.flatten() {
-                            avail = std::cmp::min(avail, total.saturating_sub(1));
-                        }
-                    }
                     if let Some(l) = limit {
+                        let l = if verified { l } else { l.saturating_sub(1) };
                         avail = std::cmp::min(avail, l);
                     }
                     if pos < avail {
@@ -428,7 +422,7 @@ mod tests {
             "ends after verified"
         );
 
-        // A partial range finishes without waiting for verification.
+        // So is the last byte of a range that stops before the end.
         let (mut tmp, f, tx) = setup();
         let mut r = Box::pin(reader(f.clone(), 2, Some(5), m.clone()));
         tx.send_modify(|s| s.started = Some(Some(10)));
@@ -438,7 +432,14 @@ mod tests {
             s.on_disk = 10;
         });
         let b = next_within(&mut r).await.unwrap().unwrap().unwrap();
-        assert_eq!(&b[..], b"234");
+        assert_eq!(&b[..], b"23");
+        assert!(
+            next_within(&mut r).await.is_none(),
+            "waits for verification"
+        );
+        tx.send_modify(|s| s.done = Some(Ok(())));
+        let last = next_within(&mut r).await.unwrap().unwrap().unwrap();
+        assert_eq!(&last[..], b"4");
         assert!(next_within(&mut r).await.unwrap().is_none());
     }
 
