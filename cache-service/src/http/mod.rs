@@ -468,7 +468,7 @@ async fn blob_response(
             let s = v
                 .to_str()
                 .map_err(|_| range_error(range::RangeError::Malformed, None))?;
-            Some(range::parse(s).map_err(|e| range_error(e, None))?)
+            range::parse(s).map_err(|e| range_error(e, None))?
         }
         _ => None,
     };

@@ -1,4 +1,4 @@
-//! `Range` header parsing for blob GETs (single ranges only).
+//! `Range` header parsing for blob GETs (single byte ranges only).
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RangeSpec {
@@ -18,12 +18,14 @@ pub enum RangeError {
     Unsatisfiable,
 }
 
-pub fn parse(h: &str) -> Result<RangeSpec, RangeError> {
-    let spec = h
-        .trim()
-        .strip_prefix("bytes=")
-        .ok_or(RangeError::Malformed)?
-        .trim();
+/// A `Range` header's one byte range; `None` for another range unit, which RFC 9110 §14.2 says
+/// a server ignores (the whole body is served).
+pub fn parse(h: &str) -> Result<Option<RangeSpec>, RangeError> {
+    let (unit, spec) = h.trim().split_once('=').ok_or(RangeError::Malformed)?;
+    if !unit.eq_ignore_ascii_case("bytes") {
+        return Ok(None);
+    }
+    let spec = spec.trim();
     if spec.contains(',') {
         return Err(RangeError::Malformed);
     }
@@ -34,17 +36,18 @@ pub fn parse(h: &str) -> Result<RangeSpec, RangeError> {
         }
         s.parse().map_err(|_| RangeError::Malformed)
     };
-    match (a.trim(), b.trim()) {
-        ("", n) => Ok(RangeSpec::Suffix(num(n)?)),
-        (s, "") => Ok(RangeSpec::From(num(s)?)),
+    let spec = match (a.trim(), b.trim()) {
+        ("", n) => RangeSpec::Suffix(num(n)?),
+        (s, "") => RangeSpec::From(num(s)?),
         (s, e) => {
             let (s, e) = (num(s)?, num(e)?);
             if e < s {
                 return Err(RangeError::Malformed);
             }
-            Ok(RangeSpec::FromTo(s, e))
+            RangeSpec::FromTo(s, e)
         }
-    }
+    };
+    Ok(Some(spec))
 }
 
 /// Resolve against the body size: `[start, end)`.
@@ -67,16 +70,17 @@ mod tests {
 
     #[test]
     fn parsing() {
-        assert_eq!(parse("bytes=10-"), Ok(RangeSpec::From(10)));
-        assert_eq!(parse("bytes=0-99"), Ok(RangeSpec::FromTo(0, 99)));
-        assert_eq!(parse("bytes=-5"), Ok(RangeSpec::Suffix(5)));
+        assert_eq!(parse("bytes=10-"), Ok(Some(RangeSpec::From(10))));
+        assert_eq!(parse("bytes=0-99"), Ok(Some(RangeSpec::FromTo(0, 99))));
+        assert_eq!(parse("Bytes=-5"), Ok(Some(RangeSpec::Suffix(5))));
+        assert_eq!(parse("items=0-1"), Ok(None), "another unit is ignored");
         for bad in [
             "bytes=",
             "bytes=-",
             "bytes=a-",
             "bytes=5-1",
             "bytes=0-1,3-4",
-            "items=0-1",
+            "bytes 0-1",
             "bytes=+1-",
             "bytes=99999999999999999999999-",
             "",
@@ -115,7 +119,7 @@ mod tests {
 
             #[test]
             fn proptest_range_never_panics(h in "\\PC{0,40}", size in any::<u64>()) {
-                if let Ok(spec) = parse(&h) {
+                if let Ok(Some(spec)) = parse(&h) {
                     if let Ok((s, e)) = resolve(spec, size) {
                         prop_assert!(s < e && e <= size);
                     }
@@ -125,9 +129,9 @@ mod tests {
             #[test]
             fn proptest_range_round_trip(a in any::<u64>(), b in any::<u64>(), size in 1u64..u64::MAX) {
                 let (s, e) = (a.min(b), a.max(b));
-                prop_assert_eq!(parse(&format!("bytes={s}-{e}")), Ok(RangeSpec::FromTo(s, e)));
-                prop_assert_eq!(parse(&format!("bytes={s}-")), Ok(RangeSpec::From(s)));
-                prop_assert_eq!(parse(&format!(" bytes=-{e} ")), Ok(RangeSpec::Suffix(e)));
+                prop_assert_eq!(parse(&format!("bytes={s}-{e}")), Ok(Some(RangeSpec::FromTo(s, e))));
+                prop_assert_eq!(parse(&format!("bytes={s}-")), Ok(Some(RangeSpec::From(s))));
+                prop_assert_eq!(parse(&format!(" bytes=-{e} ")), Ok(Some(RangeSpec::Suffix(e))));
                 match resolve(RangeSpec::FromTo(s, e), size) {
                     Ok((rs, re)) => prop_assert!(rs == s && re == e.saturating_add(1).min(size)),
                     Err(err) => prop_assert!(s >= size && err == RangeError::Unsatisfiable),
