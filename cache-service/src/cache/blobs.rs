@@ -10,7 +10,7 @@ use reqwest::{Method, StatusCode};
 use sha2::Digest as _;
 use tokio::sync::watch;
 
-use super::lru::PinGuard;
+use super::lru::{PinGuard, Reservation};
 use super::single_flight::Role;
 use super::streams::{FlightState, InFlight, StoredBody, Tail};
 use super::{lock, status_error, Cache, CacheError, Kind, Source};
@@ -238,12 +238,15 @@ impl Cache {
             None if max_size > 0 => max_blob_size.min(max_size),
             None => max_blob_size,
         };
+        // The spool's bytes count against max_size while they are written: with several
+        // downloads at once, each one's room must not be the room another is filling.
+        let mut reservation = Reservation::new(&self.lru);
         if let Some(t) = total {
             if max_size > 0 && t > max_size {
                 tracing::warn!(digest = %d, size = t, "blob larger than max_size; not caching");
                 temp = None;
             } else {
-                self.make_room(t).await;
+                self.reserve(&mut reservation, t).await;
             }
         }
         // Once the disk is out of the picture, hash here.
@@ -269,6 +272,9 @@ impl Cache {
                 });
             }
             if let Some(t) = temp.as_mut() {
+                if total.is_none() {
+                    self.reserve(&mut reservation, len).await;
+                }
                 match t.write(&group).await {
                     Ok(()) => {
                         let mut recent = lock(&flight.recent);
@@ -290,6 +296,8 @@ impl Cache {
                         if let Some(t) = temp.take() {
                             hasher = Some(t.abandon());
                         }
+                        // The spool is gone with its writer: its room is free again.
+                        reservation = Reservation::new(&self.lru);
                         lock(&flight.tail).start = received;
                     }
                 }
@@ -327,7 +335,9 @@ impl Cache {
                     tx.send_modify(|s| s.done = Some(Ok(())));
                     match verified.store().await {
                         Ok(()) => {
+                            // Counted as a stored blob now, no longer as a reservation.
                             lock(&self.lru).insert(d, received, None);
+                            drop(reservation);
                             self.make_room(0).await;
                         }
                         Err(e) => {
@@ -759,6 +769,109 @@ mod tests {
         assert!(
             r.is_ok(),
             "another repository's claim broke the pull: {r:?}"
+        );
+    }
+
+    /// Downloads of `blobs`, each to its end, and the wait until they are stored.
+    async fn store_all(cache: &Arc<Cache>, up: &Source, blobs: &[&Bytes]) {
+        for blob in blobs {
+            let d = Digest::of_bytes(blob);
+            let Ok(BlobReply::Flight { flight, .. }) =
+                cache.blob(up, &name("lab/app"), &d, false).await
+            else {
+                panic!("no download")
+            };
+            outcome(&flight).await.unwrap();
+            // Stored right after the clients got the verified bytes.
+            let mut tries = 0;
+            while lock(&cache.lru).size(&d).is_none() {
+                tries += 1;
+                assert!(tries < 200, "not stored");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn downloads_in_progress_count_against_max_size() {
+        let (older, newer) = (Bytes::from(vec![1u8; 400]), Bytes::from(vec![2u8; 300]));
+        let (first, second) = (Bytes::from(vec![3u8; 500]), Bytes::from(vec![4u8; 500]));
+        let bodies: Vec<Bytes> = vec![older.clone(), newer.clone(), first.clone(), second.clone()];
+        // Stored blobs are served whole; the two 500-byte ones send 100 bytes and then stall.
+        let server = TestServer::start(move |seen| {
+            let Some(b) = bodies
+                .iter()
+                .find(|b| seen.uri.ends_with(Digest::of_bytes(b).as_str()))
+            else {
+                return reply(404, &[], "");
+            };
+            if b.len() < 500 {
+                return reply(200, &[], b.clone());
+            }
+            let head = futures::stream::iter([Ok::<_, std::io::Error>(b.slice(..100))]);
+            reply(
+                200,
+                &[("content-length", "500")],
+                axum::body::Body::from_stream(head.chain(futures::stream::pending())),
+            )
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let bounded = Limits {
+            max_size: 1000,
+            ..limits(MIB)
+        };
+        let (cache, up) = open(dir.path(), &server, bounded).await;
+        store_all(&cache, &up, &[&older, &newer]).await;
+        let mut flights = Vec::new();
+        for blob in [&first, &second] {
+            let d = Digest::of_bytes(blob);
+            let Ok(BlobReply::Flight { flight, .. }) =
+                cache.blob(&up, &name("lab/app"), &d, false).await
+            else {
+                panic!("no download")
+            };
+            let mut rx = flight.state.clone();
+            while rx.borrow_and_update().received < 100 {
+                rx.changed().await.unwrap();
+            }
+            flights.push(flight);
+        }
+        // 1000 bytes are being written: both stored blobs had to go, not only the older.
+        assert_eq!(cache.store_bytes(), 0, "{} stored", cache.entries());
+        drop(flights);
+    }
+
+    #[tokio::test]
+    async fn a_blob_removed_behind_the_cache_no_longer_takes_room() {
+        let (older, newer) = (Bytes::from(vec![1u8; 400]), Bytes::from(vec![2u8; 400]));
+        let incoming = Bytes::from(vec![3u8; 500]);
+        let bodies = vec![older.clone(), newer.clone(), incoming.clone()];
+        let server = TestServer::start(move |seen| {
+            match bodies
+                .iter()
+                .find(|b| seen.uri.ends_with(Digest::of_bytes(b).as_str()))
+            {
+                Some(b) => reply(200, &[], b.clone()),
+                None => reply(404, &[], ""),
+            }
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let bounded = Limits {
+            max_size: 1000,
+            ..limits(MIB)
+        };
+        let (cache, up) = open(dir.path(), &server, bounded).await;
+        store_all(&cache, &up, &[&older, &newer]).await;
+        // An operator removes the newer blob's file; the next request for it finds it gone.
+        let newer_digest = Digest::of_bytes(&newer);
+        cache.store.delete(&newer_digest).await.unwrap();
+        assert!(cache.stored(&newer_digest).await.is_none());
+        store_all(&cache, &up, &[&incoming]).await;
+        assert!(
+            cache.stored(&Digest::of_bytes(&older)).await.is_some(),
+            "400 + 500 fit: the older blob stays"
         );
     }
 

@@ -14,6 +14,8 @@ pub struct Lru {
     order: BTreeSet<(u64, Digest)>,
     pins: HashMap<Digest, usize>,
     total: u64,
+    /// Bytes downloads in progress are writing to disk (see [`Reservation`]).
+    reserved: u64,
     tick: u64,
 }
 
@@ -79,16 +81,18 @@ impl Lru {
         self.pins.contains_key(d)
     }
 
-    /// Choose and forget victims until `incoming` more bytes fit under `max` (0 = unlimited).
-    /// Pinned entries are skipped, so the result may not free enough.
+    /// Choose and forget victims until `incoming` more bytes fit under `max` (0 = unlimited)
+    /// beside what is stored and what downloads have reserved. Pinned entries are skipped, so
+    /// the result may not free enough.
     pub fn victims(&mut self, incoming: u64, max: u64) -> Vec<(Digest, u64)> {
         if max == 0 {
             return Vec::new();
         }
         let mut chosen = Vec::new();
         let mut freed: u64 = 0;
+        let held = self.total.saturating_add(self.reserved);
         for (_, d) in &self.order {
-            if self.total.saturating_sub(freed).saturating_add(incoming) <= max {
+            if held.saturating_sub(freed).saturating_add(incoming) <= max {
                 break;
             }
             if self.pins.contains_key(d) {
@@ -103,6 +107,39 @@ impl Lru {
             self.remove(d);
         }
         chosen
+    }
+}
+
+/// Disk bytes a download is writing, counted against the size bound until dropped (the
+/// download then either stored them, counted as a blob, or removed them).
+#[derive(Debug)]
+pub struct Reservation {
+    lru: Arc<Mutex<Lru>>,
+    bytes: u64,
+}
+
+impl Reservation {
+    pub fn new(lru: &Arc<Mutex<Lru>>) -> Self {
+        Self {
+            lru: lru.clone(),
+            bytes: 0,
+        }
+    }
+
+    /// Reserve `incoming` more bytes; returns the victims to delete to make room for them.
+    pub fn grow(&mut self, incoming: u64, max: u64) -> Vec<(Digest, u64)> {
+        let mut lru = super::lock(&self.lru);
+        let victims = lru.victims(incoming, max);
+        lru.reserved = lru.reserved.saturating_add(incoming);
+        self.bytes = self.bytes.saturating_add(incoming);
+        victims
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut lru = super::lock(&self.lru);
+        lru.reserved = lru.reserved.saturating_sub(self.bytes);
     }
 }
 
@@ -177,6 +214,23 @@ mod tests {
             "oldest untouched first"
         );
         assert_eq!(l.total(), 95);
+    }
+
+    #[test]
+    fn reservations_count_until_dropped() {
+        let lru = Arc::new(Mutex::new(Lru::default()));
+        super::super::lock(&lru).insert(&d(1), 400, None);
+        super::super::lock(&lru).insert(&d(2), 400, None);
+        let mut a = Reservation::new(&lru);
+        assert_eq!(a.grow(600, 1000), vec![(d(1), 400)], "400 + 600 fit");
+        let mut b = Reservation::new(&lru);
+        assert_eq!(b.grow(300, 1000), vec![(d(2), 400)], "a's 600 count");
+        assert!(b.grow(100, 1000).is_empty(), "600 + 400 fit");
+        drop(a);
+        super::super::lock(&lru).insert(&d(3), 500, None);
+        assert!(b.grow(100, 1000).is_empty(), "500 + 400 + 100");
+        drop(b);
+        assert_eq!(super::super::lock(&lru).reserved, 0, "all given back");
     }
 
     #[test]

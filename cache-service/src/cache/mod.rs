@@ -27,7 +27,7 @@ use crate::oci;
 use crate::store::{BlobStore, StoredBlob};
 use crate::upstream::client::Credential;
 use crate::upstream::{read_body, BodyError, Upstream, UpstreamError};
-use lru::Lru;
+use lru::{Lru, Reservation};
 use pass_through::SmallCache;
 use registry_rules::digest::Digest;
 use registry_rules::names::RepositoryName;
@@ -465,6 +465,20 @@ impl Cache {
             return;
         }
         let victims = lock(&self.lru).victims(incoming, self.max_size());
+        self.evict(victims).await;
+    }
+
+    /// Add `incoming` bytes a download is about to write to its reservation, evicting what no
+    /// longer fits beside the stored blobs and every download's reservation.
+    async fn reserve(&self, reservation: &mut Reservation, incoming: u64) {
+        if self.store.shared() {
+            return;
+        }
+        let victims = reservation.grow(incoming, self.max_size());
+        self.evict(victims).await;
+    }
+
+    async fn evict(&self, victims: Vec<(Digest, u64)>) {
         for (d, size) in victims {
             self.evicted(&d, size, self.store.delete(&d).await);
         }
@@ -540,7 +554,12 @@ impl Cache {
     /// a miss served from upstream (a store outage degrades to pass-through).
     async fn stored(&self, d: &Digest) -> Option<Box<dyn StoredBlob>> {
         match self.store.open(d).await {
-            Ok(b) => b,
+            Ok(Some(b)) => Some(b),
+            Ok(None) => {
+                // Removed behind the cache's back: it no longer takes room.
+                lock(&self.lru).remove(d);
+                None
+            }
             Err(e) => {
                 tracing::warn!(digest = %d, error = %e, "storage unavailable; passing through");
                 None

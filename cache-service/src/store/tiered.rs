@@ -70,6 +70,13 @@ impl Tiered {
             lru: Mutex::new(Lru::default()),
             budget,
         });
+        // `dir` is this replica's own: what its temp directory holds now are the fills of a
+        // run that was killed mid-write. Only here: the bucket's periodic cleanup
+        // (`clean_abandoned`) must not remove this run's fills in progress.
+        let abandoned = local.store.clean_abandoned().await?;
+        if abandoned > 0 {
+            tracing::info!(abandoned, "removed the local tier's interrupted fills");
+        }
         let mut found = local.store.list().await?;
         found.sort_by_key(|b| b.last_access);
         for b in found {
@@ -279,5 +286,24 @@ impl BlobStore for Tiered {
 
     async fn eviction_lease(&self) -> io::Result<bool> {
         self.shared.eviction_lease().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_killed_runs_partial_fills_are_removed_at_start() {
+        let bucket = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let shared: Arc<dyn BlobStore> = Arc::new(FsStore::new(bucket.path()).unwrap());
+        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        std::fs::write(dir.path().join("tmp/blob-1-0"), vec![0; 4096]).unwrap();
+        let _tiered = Tiered::new(shared, dir.path(), 1 << 20).await.unwrap();
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("tmp"))
+            .unwrap()
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 }
