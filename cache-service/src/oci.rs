@@ -75,16 +75,30 @@ pub fn manifest_media_type(content_type: Option<&str>, body: &[u8]) -> Result<St
         if is_schema1(mt) {
             return Err("schema1 manifest is not supported".to_owned());
         }
-        return Ok(mt.to_owned());
+        return media_type(mt);
     }
     if !ct.is_empty() && ct != "application/json" && ct != "application/octet-stream" {
-        return Ok(ct);
+        return media_type(&ct);
     }
     // OCI manifests may omit mediaType; an index has `manifests`, an image manifest `layers`.
     if v.get("manifests").is_some() {
         Ok(MT_OCI_INDEX.to_owned())
     } else {
         Ok(MT_OCI_MANIFEST.to_owned())
+    }
+}
+
+/// `mt` if it is a `type/subtype` media type (RFC 6838 names): it becomes the Content-Type of
+/// every answer for the manifest, so anything else would be stored and then never servable.
+fn media_type(mt: &str) -> Result<String, String> {
+    let name = |s: &str| {
+        (1..=127).contains(&s.len())
+            && s.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&c))
+    };
+    match mt.split_once('/') {
+        Some((t, sub)) if name(t) && name(sub) => Ok(mt.to_owned()),
+        _ => Err(format!("manifest media type {mt:?} is not type/subtype")),
     }
 }
 
@@ -113,6 +127,23 @@ pub fn descriptor_sizes(body: &[u8]) -> Vec<(Digest, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_media_type_that_cannot_be_a_header_is_refused() {
+        let body = |mt: &str| format!(r#"{{"schemaVersion":2,"mediaType":{mt:?},"layers":[]}}"#);
+        for bad in ["a\nb", "text", "/x", "a/b/c", "a/b; x=\"1\"", "a/\u{e9}"] {
+            assert!(
+                manifest_media_type(Some("application/json"), body(bad).as_bytes()).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert!(manifest_media_type(Some("bad type"), br#"{"schemaVersion":2}"#).is_err());
+        let artifact = "application/vnd.example.thing.v1+json";
+        assert_eq!(
+            manifest_media_type(None, body(artifact).as_bytes()),
+            Ok(artifact.to_owned())
+        );
+    }
 
     #[test]
     fn descriptor_sizes_of_manifests() {
