@@ -11,6 +11,7 @@
 //! client that goes away, or bucket bytes that do not match the digest leave nothing behind.
 //! Small blobs (up to [`MEM_BLOB_MAX`]) stay in the bucket store's memory copy instead.
 
+use std::collections::HashSet;
 use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,7 +22,7 @@ use futures::StreamExt;
 use super::fs::FsStore;
 use super::object::MEM_BLOB_MAX;
 use super::{BlobInfo, BlobStore, BlobWriter, ByteStream, StoredBlob, TagRecord};
-use crate::cache::lru::Lru;
+use crate::cache::lru::{Lru, Reservation};
 use registry_rules::digest::Digest;
 use registry_rules::names::{RepositoryName, Tag};
 
@@ -30,13 +31,16 @@ use registry_rules::names::{RepositoryName, Tag};
 #[derive(Debug)]
 struct Local {
     store: FsStore,
-    lru: Mutex<Lru>,
+    lru: Arc<Mutex<Lru>>,
     budget: u64,
+    /// Digests whose local copy is being written (at most one per digest; bounded by the
+    /// whole reads in progress).
+    filling: Mutex<HashSet<Digest>>,
 }
 
 impl Local {
     fn lru(&self) -> MutexGuard<'_, Lru> {
-        self.lru.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.lru)
     }
 
     /// Register `digest` as the most recent, then remove what no longer fits the budget.
@@ -46,11 +50,59 @@ impl Local {
             lru.insert(&digest, size, None);
             lru.victims(0, self.budget)
         };
-        for (d, _) in evict {
+        self.remove(evict).await;
+    }
+
+    async fn remove(&self, blobs: Vec<(Digest, u64)>) {
+        for (d, _) in blobs {
             if let Err(e) = self.store.delete(&d).await {
                 tracing::warn!(digest = %d, error = %e, "removing a blob from the local tier failed");
             }
         }
+    }
+
+    /// A writer for the local copy of `digest`, unless one is being written already: a fleet
+    /// reading one layer from the bucket at once writes it once, in room made for it first.
+    async fn begin_fill(
+        self: &Arc<Self>,
+        digest: &Digest,
+        size: u64,
+    ) -> Option<(BlobWriter, Fill)> {
+        if !crate::lock(&self.filling).insert(digest.clone()) {
+            return None;
+        }
+        let mut room = Reservation::new(&self.lru);
+        let evict = room.grow(size, self.budget);
+        let fill = Fill {
+            local: self.clone(),
+            digest: digest.clone(),
+            room: Some(room),
+        };
+        self.remove(evict).await;
+        let writer = self.store.begin_write(digest).await.ok()?;
+        Some((writer, fill))
+    }
+}
+
+/// A local copy being written: its digest claimed and its size reserved in the budget until
+/// it lands (then counted as a stored blob) or is dropped.
+struct Fill {
+    local: Arc<Local>,
+    digest: Digest,
+    room: Option<Reservation>,
+}
+
+impl Fill {
+    /// The verified copy is in place: count it as a stored blob instead of a reservation.
+    async fn landed(mut self, size: u64) {
+        self.room = None;
+        self.local.admit(self.digest.clone(), size).await;
+    }
+}
+
+impl Drop for Fill {
+    fn drop(&mut self) {
+        crate::lock(&self.local.filling).remove(&self.digest);
     }
 }
 
@@ -67,8 +119,9 @@ impl Tiered {
     pub async fn new(shared: Arc<dyn BlobStore>, dir: &Path, budget: u64) -> io::Result<Self> {
         let local = Arc::new(Local {
             store: FsStore::new(dir)?,
-            lru: Mutex::new(Lru::default()),
+            lru: Arc::default(),
             budget,
+            filling: Mutex::default(),
         });
         // `dir` is this replica's own: what its temp directory holds now are the fills of a
         // run that was killed mid-write. Only here: the bucket's periodic cleanup
@@ -110,7 +163,7 @@ impl StoredBlob for FillOnRead {
         } = *self;
         struct State {
             inner: ByteStream,
-            writer: Option<BlobWriter>,
+            writer: Option<(BlobWriter, Fill)>,
             started: bool,
             digest: Digest,
             local: Arc<Local>,
@@ -129,24 +182,24 @@ impl StoredBlob for FillOnRead {
         futures::stream::unfold(state, |mut st| async move {
             if !st.started {
                 st.started = true;
-                st.writer = st.local.store.begin_write(&st.digest).await.ok();
+                st.writer = st.local.begin_fill(&st.digest, st.size).await;
             }
             let item = st.inner.next().await?;
             match &item {
                 Ok(b) => {
                     st.sent += b.len() as u64;
-                    if let Some(w) = st.writer.as_mut() {
+                    if let Some((w, _)) = st.writer.as_mut() {
                         if w.write(std::slice::from_ref(b)).await.is_err() {
                             st.writer = None;
                         }
                     }
                     if st.sent == st.size {
-                        if let Some(w) = st.writer.take() {
+                        if let Some((w, fill)) = st.writer.take() {
                             // The client gets its last bytes now; the local copy lands after.
-                            let (local, digest, size) = (st.local.clone(), st.digest.clone(), st.size);
+                            let (digest, size) = (st.digest.clone(), st.size);
                             tokio::spawn(async move {
                                 match w.commit(&digest, Some(size)).await {
-                                    Ok(()) => local.admit(digest, size).await,
+                                    Ok(()) => fill.landed(size).await,
                                     Err(e) => tracing::warn!(%digest, error = %e, "not kept in the local tier"),
                                 }
                             });
@@ -301,9 +354,40 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
         std::fs::write(dir.path().join("tmp/blob-1-0"), vec![0; 4096]).unwrap();
         let _tiered = Tiered::new(shared, dir.path(), 1 << 20).await.unwrap();
-        let left: Vec<_> = std::fs::read_dir(dir.path().join("tmp"))
-            .unwrap()
-            .collect();
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("tmp")).unwrap().collect();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[tokio::test]
+    async fn a_blob_read_whole_by_two_clients_at_once_is_copied_locally_once() {
+        let bucket = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let shared: Arc<dyn BlobStore> = Arc::new(FsStore::new(bucket.path()).unwrap());
+        let blob = bytes::Bytes::from(vec![5u8; 3 << 20]);
+        let d = Digest::of_bytes(&blob);
+        let mut w = shared.begin_write(&d).await.unwrap();
+        w.write(&[blob.clone()]).await.unwrap();
+        w.commit(&d, Some(blob.len() as u64)).await.unwrap();
+        let tiered = Tiered::new(shared, dir.path(), 3 << 20).await.unwrap();
+        let size = blob.len() as u64;
+        let mut a = tiered.open(&d).await.unwrap().unwrap().range(0, size);
+        let mut b = tiered.open(&d).await.unwrap().unwrap().range(0, size);
+        a.next().await.unwrap().unwrap();
+        b.next().await.unwrap().unwrap();
+        let writing = std::fs::read_dir(dir.path().join("tmp")).unwrap().count();
+        assert_eq!(writing, 1, "one local copy in progress");
+        for s in [&mut a, &mut b] {
+            while let Some(chunk) = s.next().await {
+                chunk.unwrap();
+            }
+        }
+        for _ in 0..200 {
+            if tiered.local.lru().size(&d).is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(tiered.local.lru().size(&d), Some(size), "kept locally");
+        assert!(crate::lock(&tiered.local.filling).is_empty());
     }
 }
