@@ -846,7 +846,7 @@ mod tests {
     async fn a_blob_removed_behind_the_cache_no_longer_takes_room() {
         let (older, newer) = (Bytes::from(vec![1u8; 400]), Bytes::from(vec![2u8; 400]));
         let incoming = Bytes::from(vec![3u8; 500]);
-        let bodies = vec![older.clone(), newer.clone(), incoming.clone()];
+        let bodies = [older.clone(), newer.clone(), incoming.clone()];
         let server = TestServer::start(move |seen| {
             match bodies
                 .iter()

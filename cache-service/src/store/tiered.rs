@@ -366,7 +366,7 @@ mod tests {
         let blob = bytes::Bytes::from(vec![5u8; 3 << 20]);
         let d = Digest::of_bytes(&blob);
         let mut w = shared.begin_write(&d).await.unwrap();
-        w.write(&[blob.clone()]).await.unwrap();
+        w.write(std::slice::from_ref(&blob)).await.unwrap();
         w.commit(&d, Some(blob.len() as u64)).await.unwrap();
         let tiered = Tiered::new(shared, dir.path(), 3 << 20).await.unwrap();
         let size = blob.len() as u64;
