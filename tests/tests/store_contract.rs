@@ -776,9 +776,12 @@ fn a_shared_bucket_is_bounded_by_the_lease_holder_oldest_access_first() {
             3,
             "not at open"
         );
+        // The replica's gauges are the bucket as it listed it.
+        assert_eq!((cache.entries(), cache.store_bytes()), (3, 3 << 20));
         cache.evict_shared().await.unwrap();
         let left: Vec<String> = sync(|| s.list("evict/blobs").unwrap());
         assert_eq!(left.len(), 2, "{left:?}");
+        assert_eq!((cache.entries(), cache.store_bytes()), (2, 2 << 20));
         assert!(
             !left.iter().any(|k| k.ends_with(digests[1].hex())),
             "the oldest access went"

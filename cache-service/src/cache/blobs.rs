@@ -336,7 +336,7 @@ impl Cache {
                     match verified.store().await {
                         Ok(()) => {
                             // Counted as a stored blob now, no longer as a reservation.
-                            lock(&self.lru).insert(d, received, None);
+                            self.count_stored(d, received);
                             drop(reservation);
                             self.make_room(0).await;
                         }

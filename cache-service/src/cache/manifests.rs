@@ -481,7 +481,7 @@ impl Cache {
         t.commit(d, Some(body.len() as u64))
             .await
             .map_err(|e| CacheError::Storage(e.to_string()))?;
-        lock(&self.lru).insert(d, body.len() as u64, None);
+        self.count_stored(d, body.len() as u64);
         Ok(())
     }
 }

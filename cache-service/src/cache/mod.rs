@@ -241,7 +241,13 @@ pub struct Cache {
     /// Shared by every download's in-memory tail.
     pass_through: Arc<MemoryBudget>,
     pub metrics: Arc<Metrics>,
+    /// Size accounting and eviction order of a store this replica owns; for a shared store
+    /// only the pins (the bucket's own listing orders its eviction, and a per-blob map here
+    /// would grow with the bucket).
     lru: Arc<Mutex<Lru>>,
+    /// A shared store's bytes and blobs as this replica last listed them (at start, then at
+    /// each eviction pass it runs).
+    listed: Mutex<(u64, usize)>,
     /// Blob downloads in progress: followers read the download as it streams.
     flights: SingleFlight<blobs::FlightKey, Arc<InFlight>>,
     /// Tag resolutions (HEAD, or GET when HEAD says too little) in progress.
@@ -312,11 +318,14 @@ impl Cache {
         }
         let mut blobs = store.list().await?;
         blobs.sort_by_key(|b| b.last_access);
+        let listed = (blobs.iter().map(|b| b.size).sum(), blobs.len());
         let mut lru = Lru::default();
-        for (i, b) in blobs.iter().enumerate() {
-            lru.insert(&b.digest, b.size, Some(i as u64));
+        if !store.shared() {
+            for (i, b) in blobs.iter().enumerate() {
+                lru.insert(&b.digest, b.size, Some(i as u64));
+            }
         }
-        tracing::info!(blobs = blobs.len(), bytes = lru.total(), "cache opened");
+        tracing::info!(blobs = listed.1, bytes = listed.0, "cache opened");
         let cache = Self {
             store,
             upstreams: RwLock::new(Arc::new(upstreams)),
@@ -326,6 +335,7 @@ impl Cache {
             pass_through: Arc::new(MemoryBudget::new(limits.max_pass_through_memory)),
             metrics: Arc::new(Metrics::default()),
             lru: Arc::new(Mutex::new(lru)),
+            listed: Mutex::new(listed),
             flights: SingleFlight::default(),
             tag_flights: SingleFlight::default(),
             manifest_flights: SingleFlight::default(),
@@ -338,13 +348,27 @@ impl Cache {
         Ok(cache)
     }
 
+    /// Bytes stored (a shared store: as last listed by this replica).
     pub fn store_bytes(&self) -> u64 {
+        if self.store.shared() {
+            return lock(&self.listed).0;
+        }
         lock(&self.lru).total()
     }
 
-    /// Stored blobs and manifests.
+    /// Stored blobs and manifests (a shared store: as last listed by this replica).
     pub fn entries(&self) -> usize {
+        if self.store.shared() {
+            return lock(&self.listed).1;
+        }
         lock(&self.lru).count()
+    }
+
+    /// Count a blob just stored (a shared store's is counted by its next listing).
+    fn count_stored(&self, d: &Digest, size: u64) {
+        if !self.store.shared() {
+            lock(&self.lru).insert(d, size, None);
+        }
     }
 
     /// `max_size` in bytes; 0 = unlimited.
@@ -505,6 +529,7 @@ impl Cache {
         }
         let mut blobs = self.store.list().await?;
         let mut total: u64 = blobs.iter().map(|b| b.size).sum();
+        let mut count = blobs.len();
         blobs.sort_by_key(|b| b.last_access);
         for b in blobs {
             if total <= max {
@@ -516,10 +541,11 @@ impl Cache {
             let r = self.store.delete(&b.digest).await;
             if r.is_ok() {
                 total = total.saturating_sub(b.size);
-                lock(&self.lru).remove(&b.digest);
+                count = count.saturating_sub(1);
             }
             self.evicted(&b.digest, b.size, r);
         }
+        *lock(&self.listed) = (total, count);
         Ok(())
     }
 
