@@ -6,7 +6,8 @@ use crate::rules::challenge::LearnedRealm;
 use crate::rules::oci_error::{self, ErrorCode};
 use crate::rules::redirect::LocationOutcome;
 use crate::rules::response::{
-    plan_challenges, plan_realm_call, plan_redirect, Answer, RealmWait, RedirectPlan, Resume,
+    plan_challenges, plan_link, plan_realm_call, plan_redirect, Answer, RealmWait, RedirectPlan,
+    Resume,
 };
 use crate::rules::route::{
     forward_with_stored, needs_signing_key, ping_reply, realm_failure, route_with, Decision,
@@ -96,6 +97,24 @@ fn set_response_header(name: &str, value: &str) {
     }
 }
 
+/// Replaces every value of the response header `name` with `values` (none: removes it).
+fn replace_response_header(name: &str, values: &[Vec<u8>]) {
+    let resp = MapType::HttpResponseHeaders;
+    // One value (the usual case) replaces the only one in one host call; more are removed
+    // and added (older Envoys replace only the first on a set).
+    let written = match values {
+        [v] => hostcalls::set_map_value_bytes(resp, name, Some(v)),
+        _ => hostcalls::set_map_value(resp, name, None).and_then(|()| {
+            values
+                .iter()
+                .try_for_each(|v| hostcalls::add_map_value_bytes(resp, name, v))
+        }),
+    };
+    if let Err(e) = written {
+        warn!("cannot rewrite response header {name}: {e:?}");
+    }
+}
+
 /// Sends a local answer.
 fn send(status: u32, headers: &[(String, String)], body: &str) -> Result<(), Status> {
     let h: Vec<(&str, &str)> = headers
@@ -129,7 +148,8 @@ struct RequestHeaders {
 }
 
 impl RequestHeaders {
-    /// The first value of each header; `Err(name)` when one of them is not UTF-8.
+    /// The first value of each header, every `authorization` joined; `Err(name)` when one
+    /// of them is not UTF-8.
     fn from_map(map: Vec<(String, Vec<u8>)>) -> Result<Self, &'static str> {
         let mut h = RequestHeaders::default();
         let (mut method, mut authority, mut path) = (None, None, None);
@@ -147,8 +167,15 @@ impl RequestHeaders {
                 }
                 _ => continue,
             };
-            if slot.is_none() {
-                *slot = Some(String::from_utf8(value).map_err(|_| label)?);
+            match slot {
+                None => *slot = Some(String::from_utf8(value).map_err(|_| label)?),
+                // Repeated credentials all go upstream: judged as one list, they never pass
+                // for a single Bearer token.
+                Some(first) if name == "authorization" => {
+                    first.push_str(", ");
+                    first.push_str(&String::from_utf8_lossy(&value));
+                }
+                Some(_) => {}
             }
         }
         h.method = method.unwrap_or_default();
@@ -165,6 +192,7 @@ struct ResponseHeaders {
     status: Option<u32>,
     challenges: Vec<Vec<u8>>,
     location: Option<Vec<u8>>,
+    links: Vec<Vec<u8>>,
 }
 
 impl ResponseHeaders {
@@ -179,6 +207,7 @@ impl ResponseHeaders {
                 }
                 "www-authenticate" => h.challenges.push(value),
                 "location" if h.location.is_none() => h.location = Some(value),
+                "link" => h.links.push(value),
                 _ => {}
             }
         }
@@ -339,28 +368,22 @@ impl MirrorHttp {
             status,
             mirror_base: &fwd.mirror_base,
             scope_prefix: fwd.path_prefix.as_deref(),
+            withhold_client_credential: fwd.withhold_client_credential,
         };
         let plan = plan_challenges(&answer, values);
         if let Some(out) = &plan.values {
-            let resp = MapType::HttpResponseHeaders;
-            // One value (the usual case) replaces the only one in one host call; more are
-            // removed and added (older Envoys replace only the first on a set).
-            let written = match out.as_slice() {
-                [v] => hostcalls::set_map_value_bytes(resp, "www-authenticate", Some(v)),
-                _ => hostcalls::set_map_value(resp, "www-authenticate", None).and_then(|()| {
-                    out.iter().try_for_each(|v| {
-                        hostcalls::add_map_value_bytes(resp, "www-authenticate", v)
-                    })
-                }),
-            };
-            if let Err(e) = written {
-                warn!("cannot rewrite the challenge: {e:?}");
-            }
+            replace_response_header("www-authenticate", out);
         }
         if plan.rejected > 0 {
             info!(
                 "{} challenge realm(s) from {} not allowlisted for {}, left alone",
                 plan.rejected, fwd.authority, fwd.registry
+            );
+        }
+        if plan.dropped > 0 {
+            info!(
+                "{} challenge(s) from {} dropped: {} gets no client credential from the shared host",
+                plan.dropped, fwd.authority, fwd.registry
             );
         }
         shared
@@ -375,6 +398,20 @@ impl MirrorHttp {
         let store = |l: &LearnedRealm| shared.seen_realms.store(&fwd.registry, l);
         for u in &plan.record(store) {
             shared_data::add_issued_realm(&fwd.registry, u);
+        }
+    }
+
+    /// Applies [`plan_link`] to the answer's `Link` values.
+    fn apply_link(fwd: &Forward, values: Vec<Vec<u8>>) {
+        let plan = plan_link(fwd, values);
+        if let Some(out) = &plan.values {
+            replace_response_header("link", out);
+        }
+        if plan.dropped > 0 {
+            info!(
+                "{} link(s) from {} for {} dropped: not a page on the mirror",
+                plan.dropped, fwd.authority, fwd.registry
+            );
         }
     }
 
@@ -490,6 +527,7 @@ impl HttpContext for MirrorHttp {
         };
         Self::apply_challenges(shared, fwd, h.status, h.challenges);
         Self::apply_redirect(shared, fwd, h.status, h.location.as_deref());
+        Self::apply_link(fwd, h.links);
         if let Some(ns) = &fwd.oci_namespace_echo {
             set_response_header("oci-namespace", ns);
         }

@@ -526,22 +526,37 @@ impl ParamSet {
     }
 }
 
+/// What [`rewrite_challenges`] does with a challenge it does not rewrite to the mirror (not
+/// Bearer, a realm off the allowlist or none) and with a value that does not parse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unrewritten {
+    /// Passed on as the upstream sent it.
+    Keep,
+    /// Removed: the client would answer it with the credential it keeps for the mirror
+    /// host, which must not reach this registry (see
+    /// [`super::route::Forward::withhold_client_credential`]).
+    Drop,
+}
+
 /// Result of [`rewrite_realms`] / [`rewrite_challenges`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rewritten {
-    /// The new header value (the original when nothing was rewritten).
+    /// The new header value: the original when nothing was rewritten or dropped, empty
+    /// when every challenge was dropped.
     pub value: String,
     /// Bearer realms rewritten to the mirror.
     pub rewritten: usize,
     /// Bearer realms left alone (not allowlisted, not a URL) or unparseable headers.
     pub rejected: usize,
+    /// Challenges removed by [`Unrewritten::Drop`] (an unparseable value counts as one).
+    pub dropped: usize,
     /// The upstream realm and service of every rewritten challenge, in order.
     pub realms: Vec<LearnedRealm>,
 }
 
 /// Rewrites allowlisted Bearer realms to `<mirror_base>/_mirror/auth/<host><path>[?query]`.
 pub fn rewrite_realms(header: &str, allowlist: &[HostPattern], mirror_base: &str) -> Rewritten {
-    rewrite_challenges(header, allowlist, mirror_base, None)
+    rewrite_challenges(header, allowlist, mirror_base, None, Unrewritten::Keep)
 }
 
 /// Puts `prefix/` in front of the name of every `repository:<name>:<actions>` in a
@@ -583,7 +598,9 @@ fn push_escaped(s: &mut String, v: &str) {
 
 /// [`rewrite_realms`], and for requests routed by path prefix (`scope_prefix` = the
 /// client's registry component) the `scope` of each rewritten challenge is put into the
-/// client's namespace: `repository:<prefix>/<upstream name>:<actions>`.
+/// client's namespace: `repository:<prefix>/<upstream name>:<actions>`. With
+/// [`Unrewritten::Drop`] only the challenges whose every realm (at least one) is rewritten
+/// are kept.
 ///
 /// The result is [`serialize`] of the rewritten [`parse`], written in one pass from
 /// slices of `header` (this runs on every 401 a registry sends).
@@ -592,15 +609,23 @@ pub fn rewrite_challenges(
     allowlist: &[HostPattern],
     mirror_base: &str,
     scope_prefix: Option<&str>,
+    unrewritten: Unrewritten,
 ) -> Rewritten {
-    let unchanged = |rejected| Rewritten {
-        value: header.to_string(),
+    let drop = unrewritten == Unrewritten::Drop;
+    // Nothing rewritten: `dropped` challenges were there.
+    let unchanged = |rejected, dropped| Rewritten {
+        value: if drop {
+            String::new()
+        } else {
+            header.to_string()
+        },
         rewritten: 0,
         rejected,
+        dropped: if drop { dropped } else { 0 },
         realms: Vec::new(),
     };
     let Ok((challenges, params)) = parse_raw(header) else {
-        return unchanged(1);
+        return unchanged(1, 1);
     };
     let mut rewritten = 0;
     let mut rejected = 0;
@@ -647,13 +672,27 @@ pub fn rewrite_challenges(
         }
     }
     if rewritten == 0 {
-        return unchanged(rejected);
+        return unchanged(rejected, challenges.len());
     }
+    let is_realm = |pi: &usize| {
+        params
+            .get(*pi)
+            .is_some_and(|(k, _)| k.eq_ignore_ascii_case("realm"))
+    };
+    let mut dropped = 0;
     let mut out = String::with_capacity(
         header.len() + rewritten * (mirror_base.len() + AUTH_PREFIX.len() + 2),
     );
-    for (ci, c) in challenges.iter().enumerate() {
-        if ci > 0 {
+    for c in &challenges {
+        if drop {
+            let mut realms = c.params.clone().filter(is_realm).peekable();
+            if realms.peek().is_none() || !realms.all(|pi| new_realms.contains(pi)) {
+                dropped += 1;
+                continue;
+            }
+        }
+        // A scheme is never empty: `out` is empty only before the first challenge.
+        if !out.is_empty() {
             out.push_str(", ");
         }
         out.push_str(c.scheme);
@@ -699,6 +738,7 @@ pub fn rewrite_challenges(
         value: out,
         rewritten,
         rejected,
+        dropped,
         realms,
     }
 }
@@ -840,7 +880,7 @@ mod tests {
     fn rewrites_scopes_for_path_prefixes() {
         let allow = vec![HostPattern::parse("quay.io").unwrap()];
         let h = r#"Bearer realm="https://quay.io/v2/auth",service="quay.io",scope="repository:coreos/etcd:pull""#;
-        let r = rewrite_challenges(h, &allow, "http://m", Some("quay.io"));
+        let r = rewrite_challenges(h, &allow, "http://m", Some("quay.io"), Unrewritten::Keep);
         assert_eq!(
             r.value,
             r#"Bearer realm="http://m/_mirror/auth/quay.io/v2/auth",service="quay.io",scope="repository:quay.io/coreos/etcd:pull""#
@@ -850,11 +890,11 @@ mod tests {
             LearnedRealm::new("https://quay.io/v2/auth", Some("quay.io"))
         );
         // Without a prefix (host mode, ns, default) the scope is the upstream's.
-        let r = rewrite_challenges(h, &allow, "http://m", None);
+        let r = rewrite_challenges(h, &allow, "http://m", None, Unrewritten::Keep);
         assert!(r.value.contains(r#"scope="repository:coreos/etcd:pull""#));
         // A challenge whose realm is not rewritten keeps its scope.
         let h2 = r#"Bearer realm="https://evil.example/t",scope="repository:a:pull""#;
-        let r = rewrite_challenges(h2, &allow, "http://m", Some("quay.io"));
+        let r = rewrite_challenges(h2, &allow, "http://m", Some("quay.io"), Unrewritten::Keep);
         assert_eq!(r.value.as_str(), h2);
         assert!(r.realms.is_empty());
         assert_eq!(
@@ -864,6 +904,45 @@ mod tests {
             ),
             "repository:docker.io/a/b:pull,push registry:catalog:* repository:x repository::pull"
         );
+    }
+
+    #[test]
+    fn drops_every_challenge_not_rewritten_to_the_mirror_when_asked() {
+        let allow = vec![HostPattern::parse("quay.io").unwrap()];
+        let drop = |h: &str| rewrite_challenges(h, &allow, "https://m", None, Unrewritten::Drop);
+        let bearer = r#"Bearer realm="https://m/_mirror/auth/quay.io/v2/auth",service="quay.io""#;
+        let r = drop(
+            r#"Basic realm="quay.io", Bearer realm="https://quay.io/v2/auth",service="quay.io""#,
+        );
+        assert_eq!((r.value.as_str(), r.rewritten, r.dropped), (bearer, 1, 1));
+        assert_eq!(r.realms.len(), 1);
+        // After the Bearer one, a token68 scheme, a foreign realm, a Bearer whose second
+        // realm is foreign: all dropped.
+        let r = drop(
+            r#"Bearer realm="https://quay.io/v2/auth",service="quay.io", Negotiate abc=, Bearer realm="https://evil.example/t", Bearer realm="https://quay.io/a",realm="https://evil.example/b""#,
+        );
+        assert_eq!(
+            (r.value.as_str(), r.rewritten, r.rejected, r.dropped),
+            (bearer, 2, 2, 3)
+        );
+        // Nothing rewritten, or a value that does not parse: no challenge left.
+        for (h, dropped) in [
+            (r#"Basic realm="quay.io""#, 1),
+            (r#"Bearer realm="https://evil.example/t", Basic"#, 2),
+            (r#"Basic realm="unterminated"#, 1),
+            ("", 0),
+        ] {
+            let r = drop(h);
+            assert_eq!(
+                (r.value.as_str(), r.rewritten, r.dropped),
+                ("", 0, dropped),
+                "{h}"
+            );
+        }
+        // Keep: the same values as before.
+        let h = r#"Bearer realm="https://evil.example/t", Basic"#;
+        let r = rewrite_challenges(h, &allow, "https://m", None, Unrewritten::Keep);
+        assert_eq!((r.value.as_str(), r.dropped), (h, 0));
     }
 
     #[test]

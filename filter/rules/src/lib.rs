@@ -6,6 +6,7 @@ pub mod config;
 pub mod declaration;
 pub mod digest;
 pub mod hosts;
+pub mod link;
 pub mod names;
 pub mod oci_error;
 #[cfg(test)]

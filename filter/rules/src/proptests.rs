@@ -3,12 +3,13 @@
 //! hosts the configuration allows. `PROPTEST_CASES` sets the cases per property
 //! (`just fuzz` runs many more than the default).
 
-use super::challenge::{self, rewrite_challenges, serialize, LearnedRealm};
+use super::challenge::{self, rewrite_challenges, serialize, LearnedRealm, Unrewritten};
 use super::config::{
     compile, default_config, parse, ClientAuth, FilterConfig, RedirectMode, RegistryConfig,
 };
 use super::digest::Digest;
 use super::hosts::any_match;
+use super::link::{self, rewrite_links, ClientView};
 use super::names::{NameError, Reference, RepositoryName};
 use super::realms::IssuedRealms;
 use super::redirect::{
@@ -166,6 +167,32 @@ const CHALLENGE_PIECES: &[&str] = &[
     "é",
 ];
 
+/// Pieces of `Link` values: targets relative, absolute, on the upstream and elsewhere,
+/// params with quoted-strings, list separators.
+const LINK_PIECES: &[&str] = &[
+    "</v2/org/img/tags/list?last=x&n=50>",
+    "</v2/a/tags/list?ns=docker.io&ns=evil>",
+    "<https://quay.io/v2/a/tags/list?last=b>",
+    "<HTTP://QUAY.IO:80/v2/a/referrers/sha256:ab>",
+    "<https://evil.example/v2/a/tags/list>",
+    "<//quay.io/v2/a/tags/list>",
+    "<?last=y>",
+    "<list?n=1>",
+    "<../../x>",
+    "</v2/a/../b>",
+    "<>",
+    "; rel=\"next\"",
+    ";rel=next",
+    "; title=\"a, <b>; \\\" c\"",
+    ", ",
+    ",",
+    "<",
+    ">",
+    "\"",
+    " ",
+    "é",
+];
+
 /// Auth-param values, tokens and quoted-strings with quoted-pairs.
 const PARAM_VALUES: &[&str] = &[
     "\"https://auth.docker.io/token\"",
@@ -183,39 +210,50 @@ const PARAM_VALUES: &[&str] = &[
 ];
 
 /// `rewrite_challenges` as parse, edit, serialize (its definition before the one-pass
-/// rewrite): `(value, rewritten, rejected, realms)`.
+/// rewrite): `(value, rewritten, rejected, dropped, realms)`.
 fn rewrite_by_parse(
     header: &str,
     allowlist: &[super::hosts::HostPattern],
     mirror_base: &str,
     scope_prefix: Option<&str>,
-) -> (String, usize, usize, Vec<LearnedRealm>) {
+    unrewritten: Unrewritten,
+) -> (String, usize, usize, usize, Vec<LearnedRealm>) {
+    let drop = unrewritten == Unrewritten::Drop;
     let Ok(mut challenges) = challenge::parse(header) else {
-        return (header.to_string(), 0, 1, Vec::new());
+        return if drop {
+            (String::new(), 0, 1, 1, Vec::new())
+        } else {
+            (header.to_string(), 0, 1, 0, Vec::new())
+        };
     };
     let (mut rewritten, mut rejected, mut realms) = (0, 0, Vec::new());
+    // Per challenge: Bearer, every realm (at least one) rewritten.
+    let mut all_rewritten = Vec::new();
     for ch in challenges.iter_mut() {
         if !ch.scheme.eq_ignore_ascii_case("bearer") {
+            all_rewritten.push(false);
             continue;
         }
         let service = ch.param("service").map(str::to_string);
-        let mut this_rewritten = false;
+        let (mut named, mut this_rewritten) = (0, 0);
         for (k, v) in ch.params.iter_mut() {
             if !k.eq_ignore_ascii_case("realm") {
                 continue;
             }
+            named += 1;
             match parse_url(v) {
                 Some(u) if any_match(allowlist, &u.authority) => {
                     realms.extend(LearnedRealm::new(v, service.as_deref()));
                     let q = u.query.map(|q| format!("?{q}")).unwrap_or_default();
                     *v = format!("{mirror_base}/_mirror/auth/{}{}{q}", u.authority, u.path);
                     rewritten += 1;
-                    this_rewritten = true;
+                    this_rewritten += 1;
                 }
                 _ => rejected += 1,
             }
         }
-        if let (true, Some(prefix)) = (this_rewritten, scope_prefix) {
+        all_rewritten.push(named > 0 && this_rewritten == named);
+        if let (true, Some(prefix)) = (this_rewritten > 0, scope_prefix) {
             for (k, v) in ch.params.iter_mut() {
                 if k.eq_ignore_ascii_case("scope") {
                     *v = challenge::prefix_scope(v, prefix);
@@ -224,9 +262,19 @@ fn rewrite_by_parse(
         }
     }
     if rewritten == 0 {
-        return (header.to_string(), 0, rejected, Vec::new());
+        return if drop {
+            (String::new(), 0, rejected, challenges.len(), Vec::new())
+        } else {
+            (header.to_string(), 0, rejected, 0, Vec::new())
+        };
     }
-    (serialize(&challenges), rewritten, rejected, realms)
+    let before = challenges.len();
+    if drop {
+        let mut keep = all_rewritten.into_iter();
+        challenges.retain(|_| keep.next().unwrap_or(false));
+    }
+    let dropped = before - challenges.len();
+    (serialize(&challenges), rewritten, rejected, dropped, realms)
 }
 
 /// The shipped registries, host mode on `mirror.test`, with and without `public_url`.
@@ -584,10 +632,10 @@ proptest! {
         base in prop::sample::select(&["https://m", "http://127.0.0.1:5000", "http://a\"b"][..]),
     ) {
         let cfg = parse(b"").map_err(|e| TestCaseError::fail(e.to_string()))?;
-        for reg in cfg.registries() {
-            let r = rewrite_challenges(&header, &reg.realm_hosts, base, prefix);
-            let want = rewrite_by_parse(&header, &reg.realm_hosts, base, prefix);
-            prop_assert_eq!((&r.value, r.rewritten, r.rejected, &r.realms), (&want.0, want.1, want.2, &want.3));
+        for (reg, unrewritten) in cfg.registries().iter().flat_map(|r| [(r, Unrewritten::Keep), (r, Unrewritten::Drop)]) {
+            let r = rewrite_challenges(&header, &reg.realm_hosts, base, prefix, unrewritten);
+            let want = rewrite_by_parse(&header, &reg.realm_hosts, base, prefix, unrewritten);
+            prop_assert_eq!((&r.value, r.rewritten, r.rejected, r.dropped, &r.realms), (&want.0, want.1, want.2, want.3, &want.4));
         }
     }
 
@@ -610,19 +658,24 @@ proptest! {
             format!("{tail}, Bearer realm={realm}"),
             tail.clone(),
         ] {
-            for reg in cfg.registries() {
-                let r = rewrite_challenges(&header, &reg.realm_hosts, base, prefix);
+            for (reg, unrewritten) in cfg.registries().iter().flat_map(|r| [(r, Unrewritten::Keep), (r, Unrewritten::Drop)]) {
+                let drop = unrewritten == Unrewritten::Drop;
+                let r = rewrite_challenges(&header, &reg.realm_hosts, base, prefix, unrewritten);
                 for l in &r.realms {
                     prop_assert!(l.allowed_for(reg));
                 }
                 if r.rewritten == 0 {
-                    prop_assert_eq!(&r.value, &header);
+                    prop_assert_eq!(&r.value, if drop { "" } else { &header });
                     continue;
                 }
                 let parsed = challenge::parse(&r.value);
                 prop_assert!(parsed.is_ok(), "{}", r.value);
                 for c in parsed.unwrap_or_default() {
-                    if !c.scheme.eq_ignore_ascii_case("bearer") {
+                    // Dropping leaves only Bearer challenges naming the mirror's realms.
+                    let bearer = c.scheme.eq_ignore_ascii_case("bearer");
+                    prop_assert!(bearer || !drop, "{}", r.value);
+                    prop_assert!(c.param("realm").is_some() || !drop, "{}", r.value);
+                    if !bearer {
                         continue;
                     }
                     for (k, v) in &c.params {
@@ -630,7 +683,7 @@ proptest! {
                             let on_mirror = v.starts_with(&format!("{base}/_mirror/auth/"));
                             let foreign = parse_url(v)
                                 .is_none_or(|u| !any_match(&reg.realm_hosts, &u.authority));
-                            prop_assert!(on_mirror || foreign, "{}", v);
+                            prop_assert!(on_mirror || (foreign && !drop), "{}", v);
                         }
                     }
                 }
@@ -643,11 +696,30 @@ proptest! {
         values in prop::collection::vec(hostile(), 0..3),
         status in prop::option::of(prop::sample::select(&[200u32, 307, 401, 403][..])),
         kind in prop::sample::select(&[ForwardKind::Registry, ForwardKind::Auth, ForwardKind::Redirect][..]),
+        withhold in any::<bool>(),
     ) {
         let cfg = parse(b"").map_err(|e| TestCaseError::fail(e.to_string()))?;
         for reg in cfg.registries() {
-            let a = Answer { registry: reg, kind, status, mirror_base: "https://m", scope_prefix: None };
+            let a = Answer {
+                registry: reg,
+                kind,
+                status,
+                mirror_base: "https://m",
+                scope_prefix: None,
+                withhold_client_credential: withhold,
+            };
             let p = plan_challenges(&a, values.iter().map(|v| v.as_bytes().to_vec()).collect());
+            // Withheld: every challenge left is Bearer with the mirror's realm.
+            let left = p.values.as_ref().map_or_else(
+                || values.iter().map(|v| challenge::parse(v).unwrap_or_default()).collect::<Vec<_>>(),
+                |out| out.iter().map(|v| challenge::parse(&String::from_utf8_lossy(v)).unwrap_or_default()).collect(),
+            );
+            prop_assert!(!withhold || p.values.is_some() || values.iter().all(|v| challenge::parse(v).is_ok()));
+            for c in left.iter().flatten().filter(|_| withhold) {
+                prop_assert!(c.is("bearer"), "{:?}", c);
+                let realm = c.param("realm").unwrap_or_default();
+                prop_assert!(realm.starts_with("https://m/_mirror/auth/"), "{:?}", c);
+            }
             if let Some(l) = p.store_realm() {
                 prop_assert!(status == Some(401) && kind == ForwardKind::Registry);
                 prop_assert!(l.allowed_for(reg));
@@ -797,6 +869,42 @@ proptest! {
         prop_assert_eq!(Digest::parse(h.as_str()), Ok(h.clone()));
         prop_assert!(Digest::parse(&h.as_str().to_uppercase()).is_err());
         prop_assert!(Digest::parse(h.hex()).is_err());
+    }
+
+    #[test]
+    fn links_stay_on_the_mirror_and_name_the_clients_registry(
+        value in prop_oneof![
+            3 => prop::collection::vec(prop::sample::select(LINK_PIECES), 0..8).prop_map(|v| v.concat()),
+            1 => hostile(),
+        ],
+        prefix in prop::option::of(prop::sample::select(&["quay.io", "docker.io"][..])),
+        ns in prop::option::of(prop::sample::select(&["quay.io", "localhost:5000"][..])),
+    ) {
+        let view = ClientView {
+            mirror_base: "https://m",
+            upstream: "quay.io",
+            upstream_path: "/v2/org/img/tags/list?n=1",
+            path_prefix: prefix,
+            ns,
+        };
+        let r = rewrite_links(&value, &view);
+        if r.rewritten == 0 && r.dropped == 0 {
+            prop_assert_eq!(&r.value, &value);
+        }
+        let links = link::parse(&r.value);
+        prop_assert!(links.is_some(), "{}", r.value);
+        for (target, _) in links.unwrap_or_default() {
+            if target.is_empty() {
+                continue;
+            }
+            let path = target.strip_prefix("https://m").unwrap_or(target);
+            let want = format!("/v2/{}", prefix.map(|p| format!("{p}/")).unwrap_or_default());
+            prop_assert!(path.starts_with(&want), "{}", target);
+            let q = path.split_once('?').map(|(_, q)| q).unwrap_or_default();
+            let nss: Vec<&str> = q.split('&').filter(|s| s.split('=').next() == Some("ns")).collect();
+            let client = ns.map(|n| format!("ns={}", encode_query_value(n, true)));
+            prop_assert_eq!(nss, client.as_deref().into_iter().collect::<Vec<_>>());
+        }
     }
 
     #[test]

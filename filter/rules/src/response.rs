@@ -1,12 +1,13 @@
 //! Response phase: what to do with an upstream's answer, decided here and applied by the
 //! glue. A forwarded request's `WWW-Authenticate` values ([`plan_challenges`]: rewrite,
-//! store the realm, record issued realms and token hosts) and `Location`
-//! ([`plan_redirect`]: sign or leave); a realm-learning call's answer ([`plan_realm_call`]:
-//! store the realm, resume or answer the paused request).
+//! store the realm, record issued realms and token hosts), `Location` ([`plan_redirect`]:
+//! sign or leave) and `Link` ([`plan_link`]: name the registry as the client did); a
+//! realm-learning call's answer ([`plan_realm_call`]: store the realm, resume or answer
+//! the paused request).
 
-use super::challenge::rewrite_challenges;
-use super::challenge::LearnedRealm;
+use super::challenge::{rewrite_challenges, LearnedRealm, Unrewritten, MAX_HEADER_VALUES};
 use super::config::{CompiledConfig, Registry};
+use super::link::{rewrite_links, ClientView};
 use super::oci_error::ErrorCode;
 use super::realms::RealmUrl;
 use super::redirect::{rewrite_location, LocationOutcome, SignParams, NO_CREDENTIAL};
@@ -29,17 +30,22 @@ pub struct Answer<'a> {
     pub mirror_base: &'a str,
     /// Path-prefix mode: the registry component the client used.
     pub scope_prefix: Option<&'a str>,
+    /// See [`Forward::withhold_client_credential`].
+    pub withhold_client_credential: bool,
 }
 
 /// What the glue applies.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ChallengePlan {
-    /// Replacement `WWW-Authenticate` values; `None`: leave the headers alone.
+    /// Replacement `WWW-Authenticate` values (none: remove the header); `None`: leave the
+    /// headers alone.
     pub values: Option<Vec<Vec<u8>>>,
     /// Bearer realms rewritten to the mirror.
     pub rewritten: usize,
     /// Realms left alone, or values that did not parse.
     pub rejected: usize,
+    /// Challenges removed ([`Answer::withhold_client_credential`]).
+    pub dropped: usize,
     /// The realms of the rewritten challenges of an answer that learns, in order.
     learned: Vec<LearnedRealm>,
     /// The first of `learned` is the registry's realm.
@@ -89,6 +95,13 @@ impl ChallengePlan {
 /// issued realms), or from a signed redirect target that challenges with a realm on the
 /// registry's `realm_hosts` (a token host; its realm is issued too). A challenge on any
 /// other answer, a token service's or one that does not parse is rewritten at most.
+///
+/// When the client's credential is withheld from the registry, only the challenges
+/// rewritten to the mirror's Bearer realm are passed on: a Basic one, or a realm of another
+/// host, would have the client send the login it keeps for the mirror host (another
+/// registry's) on to this one. With none left the header goes: the client sees a 401
+/// without a challenge and fails as unauthorized, asked for no credential. No Bearer
+/// challenge is invented in its place (the registry named no realm the mirror may route).
 pub fn plan_challenges(a: &Answer<'_>, values: Vec<Vec<u8>>) -> ChallengePlan {
     let mut plan = ChallengePlan::default();
     if values.is_empty() {
@@ -96,27 +109,44 @@ pub fn plan_challenges(a: &Answer<'_>, values: Vec<Vec<u8>>) -> ChallengePlan {
     }
     let learns = a.status == Some(401) && a.kind != ForwardKind::Auth;
     plan.stores = learns && a.kind == ForwardKind::Registry;
+    let unrewritten = if a.withhold_client_credential {
+        Unrewritten::Drop
+    } else {
+        Unrewritten::Keep
+    };
     let mut out = Vec::with_capacity(values.len());
     for v in values {
         match String::from_utf8(v) {
             Ok(s) => {
-                let r =
-                    rewrite_challenges(&s, &a.registry.realm_hosts, a.mirror_base, a.scope_prefix);
+                let r = rewrite_challenges(
+                    &s,
+                    &a.registry.realm_hosts,
+                    a.mirror_base,
+                    a.scope_prefix,
+                    unrewritten,
+                );
                 plan.rewritten += r.rewritten;
                 plan.rejected += r.rejected;
+                plan.dropped += r.dropped;
                 if learns {
                     plan.learned.extend(r.realms);
                 }
-                out.push(r.value.into_bytes());
+                // A value whose every challenge was dropped goes.
+                if !(unrewritten == Unrewritten::Drop && r.value.is_empty()) {
+                    out.push(r.value.into_bytes());
+                }
             }
             Err(e) => {
                 plan.rejected += 1;
-                out.push(e.into_bytes());
+                match unrewritten {
+                    Unrewritten::Keep => out.push(e.into_bytes()),
+                    Unrewritten::Drop => plan.dropped += 1,
+                }
             }
         }
     }
     plan.record_token_host = a.kind == ForwardKind::Redirect && !plan.issued().is_empty();
-    if plan.rewritten > 0 {
+    if plan.rewritten > 0 || plan.dropped > 0 {
         plan.values = Some(out);
     }
     plan
@@ -168,6 +198,56 @@ pub fn plan_redirect(
         now,
     };
     RedirectPlan::Location(rewrite_location(cfg, &params, loc))
+}
+
+/// What the glue applies to an answer's `Link` values.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkPlan {
+    /// Replacement `Link` values (none: remove the header); `None`: leave them alone.
+    pub values: Option<Vec<Vec<u8>>>,
+    /// Links removed (see [`super::link::RewrittenLinks::dropped`]); a value that is not
+    /// UTF-8, or one past [`MAX_HEADER_VALUES`], counts as one.
+    pub dropped: usize,
+}
+
+/// Plans the `Link` values of the answer to a `/v2/` forward (the next page of a tags or
+/// referrers list) with [`rewrite_links`]: the client resolves them against the mirror, so
+/// they must name the registry as the client did. Token services and redirect targets
+/// send no pages: their answers are left alone.
+pub fn plan_link(fwd: &Forward, values: Vec<Vec<u8>>) -> LinkPlan {
+    let mut plan = LinkPlan::default();
+    if fwd.kind != ForwardKind::Registry || values.is_empty() {
+        return plan;
+    }
+    let view = ClientView {
+        mirror_base: &fwd.mirror_base,
+        upstream: &fwd.authority,
+        upstream_path: &fwd.path,
+        path_prefix: fwd.path_prefix.as_deref(),
+        ns: fwd.oci_namespace_echo.as_deref(),
+    };
+    let mut changed = false;
+    let mut out = Vec::with_capacity(values.len());
+    for (i, v) in values.into_iter().enumerate() {
+        let s = match String::from_utf8(v) {
+            Ok(s) if i < MAX_HEADER_VALUES => s,
+            _ => {
+                plan.dropped += 1;
+                changed = true;
+                continue;
+            }
+        };
+        let r = rewrite_links(&s, &view);
+        plan.dropped += r.dropped;
+        changed |= r.rewritten > 0 || r.dropped > 0;
+        if !r.value.is_empty() {
+            out.push(r.value.into_bytes());
+        }
+    }
+    if changed {
+        plan.values = Some(out);
+    }
+    plan
 }
 
 /// A request paused while its registry's realm is learned.
@@ -248,6 +328,7 @@ pub fn plan_realm_call(
 mod tests {
     use super::*;
     use crate::config::parse as parse_config;
+    use crate::route::Decision;
 
     const QUAY: &str =
         r#"Bearer realm="https://quay.io/v2/auth",service="quay.io",scope="repository:a/b:pull""#;
@@ -265,6 +346,7 @@ mod tests {
             status: Some(status),
             mirror_base: "https://m",
             scope_prefix: None,
+            withhold_client_credential: false,
         };
         plan_challenges(&a, values.iter().map(|v| v.as_bytes().to_vec()).collect())
     }
@@ -313,6 +395,7 @@ mod tests {
             status: Some(401),
             mirror_base: "https://m",
             scope_prefix: None,
+            withhold_client_credential: false,
         };
         let p = plan_challenges(&a, vec![vec![0xff], QUAY.as_bytes().to_vec()]);
         assert_eq!((p.rejected, p.rewritten), (1, 1));
@@ -381,6 +464,136 @@ mod tests {
         }
     }
 
+    /// quay.io's answer offering Basic beside its Bearer realm.
+    const QUAY_BASIC: &str =
+        r#"Basic realm="quay.io", Bearer realm="https://quay.io/v2/auth",service="quay.io""#;
+
+    /// The forward of a GET of `path` on `authority`.
+    fn routed(cfg: &crate::CompiledConfig, authority: &str, path: &str) -> Forward {
+        let req = crate::route::Request {
+            method: "GET",
+            authority,
+            path,
+            scheme: "https",
+            ..Default::default()
+        };
+        match crate::route::route(cfg, &req, &[], 0) {
+            Decision::Forward(f) => f,
+            other => panic!("{path}: {other:?}"),
+        }
+    }
+
+    /// The plan for a 401 carrying `values` to the request `authority` + `path`, as the glue
+    /// builds it from the routed forward.
+    fn plan_routed(
+        cfg: &crate::CompiledConfig,
+        authority: &str,
+        path: &str,
+        values: &[&str],
+    ) -> ChallengePlan {
+        let f = routed(cfg, authority, path);
+        let a = Answer {
+            registry: cfg.registry(&f.registry).unwrap(),
+            kind: f.kind,
+            status: Some(401),
+            mirror_base: &f.mirror_base,
+            scope_prefix: f.path_prefix.as_deref(),
+            withhold_client_credential: f.withhold_client_credential,
+        };
+        plan_challenges(&a, values.iter().map(|v| v.as_bytes().to_vec()).collect())
+    }
+
+    fn written(p: &ChallengePlan) -> Vec<String> {
+        p.values
+            .iter()
+            .flatten()
+            .map(|v| String::from_utf8(v.clone()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_shared_host_registry_without_the_login_is_offered_only_the_mirrors_bearer_realm() {
+        let cfg = parse_config(b"").unwrap();
+        let mirror_bearer =
+            r#"Bearer realm="https://m/_mirror/auth/quay.io/v2/auth",service="quay.io""#;
+        // Basic would make the client send its login for the mirror host (docker.io's) on.
+        for path in [
+            "/v2/quay.io/org/img/manifests/x",
+            "/v2/org/img/manifests/x?ns=quay.io",
+        ] {
+            let p = plan_routed(&cfg, "m", path, &[QUAY_BASIC]);
+            assert_eq!(written(&p), [mirror_bearer], "{path}");
+            assert_eq!((p.rewritten, p.dropped), (1, 1));
+            assert_eq!(
+                p.store_realm().map(|l| l.realm.as_str()),
+                Some("https://quay.io/v2/auth")
+            );
+            // Challenges in separate values; one not UTF-8: only the Bearer one is left.
+            let a = Answer {
+                registry: cfg.registry("quay.io").unwrap(),
+                kind: ForwardKind::Registry,
+                status: Some(401),
+                mirror_base: "https://m",
+                scope_prefix: None,
+                withhold_client_credential: true,
+            };
+            let values = vec![
+                br#"Basic realm="quay.io""#.to_vec(),
+                vec![0xff],
+                br#"Bearer realm="https://quay.io/v2/auth",service="quay.io""#.to_vec(),
+            ];
+            let p = plan_challenges(&a, values);
+            assert_eq!(written(&p), [mirror_bearer]);
+            assert_eq!((p.rewritten, p.dropped), (1, 2));
+            // No Bearer realm the mirror routes: no challenge at all (the header goes).
+            let p = plan_routed(
+                &cfg,
+                "m",
+                path,
+                &[r#"Basic realm="quay.io", Bearer realm="https://evil.example/t""#],
+            );
+            assert_eq!(p.values, Some(Vec::new()), "{path}");
+        }
+        // The default registry, host mode, a registry the operator opted in: as sent, but
+        // for the realm.
+        let hub = r#"Basic realm="hub", Bearer realm="https://auth.docker.io/token",service="registry.docker.io""#;
+        let p = plan_routed(&cfg, "m", "/v2/library/alpine/manifests/3", &[hub]);
+        assert_eq!(
+            written(&p),
+            [
+                r#"Basic realm="hub", Bearer realm="https://m/_mirror/auth/auth.docker.io/token",service="registry.docker.io""#
+            ]
+        );
+        let as_today = r#"Basic realm="quay.io", Bearer realm="https://m/_mirror/auth/quay.io/v2/auth",service="quay.io""#;
+        let hosts = {
+            let mut c = crate::config::default_config();
+            c.host_suffix = Some("mirror.test".into());
+            crate::config::compile(&c).unwrap()
+        };
+        let p = plan_routed(
+            &hosts,
+            "quay.mirror.test",
+            "/v2/org/img/manifests/x",
+            &[QUAY_BASIC],
+        );
+        assert_eq!(
+            written(&p),
+            [as_today.replace("https://m/", "https://quay.mirror.test/")]
+        );
+        let mut c = crate::config::default_config();
+        for r in &mut c.registries {
+            r.forward_client_credentials = Some(r.name == "quay.io");
+        }
+        let opted = crate::config::compile(&c).unwrap();
+        let p = plan_routed(
+            &opted,
+            "m",
+            "/v2/quay.io/org/img/manifests/x",
+            &[QUAY_BASIC],
+        );
+        assert_eq!(written(&p), [as_today]);
+    }
+
     fn forward_to(registry: &str, authority: &str, path: &str) -> Forward {
         Forward {
             kind: ForwardKind::Registry,
@@ -389,6 +602,7 @@ mod tests {
             path: path.into(),
             oci_namespace_echo: None,
             strip_authorization: false,
+            withhold_client_credential: false,
             mirror_base: "https://m".into(),
             path_prefix: None,
             cache_key: None,
@@ -463,6 +677,103 @@ mod tests {
             plan_redirect(&cfg, &f, Some(307), Some(store), unread),
             RedirectPlan::Location(LocationOutcome::Passthrough)
         );
+    }
+
+    /// The `Link` plan for `values` in the answer to `authority` + `path`.
+    fn links_routed(
+        cfg: &crate::CompiledConfig,
+        authority: &str,
+        path: &str,
+        values: &[&str],
+    ) -> LinkPlan {
+        let f = routed(cfg, authority, path);
+        plan_link(&f, values.iter().map(|v| v.as_bytes().to_vec()).collect())
+    }
+
+    fn link_values(p: &LinkPlan) -> Option<Vec<String>> {
+        p.values.as_ref().map(|vs| {
+            vs.iter()
+                .map(|v| String::from_utf8(v.clone()).unwrap())
+                .collect()
+        })
+    }
+
+    #[test]
+    fn a_next_page_link_names_the_registry_the_client_asked() {
+        let cfg = parse_config(b"").unwrap();
+        let next = r#"</v2/org/img/tags/list?last=x&n=50>; rel="next""#;
+        // Path prefix: the prefix goes back in front of the name.
+        let p = links_routed(&cfg, "m", "/v2/quay.io/org/img/tags/list?n=50", &[next]);
+        assert_eq!(
+            link_values(&p),
+            Some(vec![
+                r#"</v2/quay.io/org/img/tags/list?last=x&n=50>; rel="next""#.into()
+            ])
+        );
+        // ns: the client's ns goes back into the query.
+        let p = links_routed(&cfg, "m", "/v2/org/img/tags/list?n=50&ns=quay.io", &[next]);
+        assert_eq!(
+            link_values(&p),
+            Some(vec![
+                r#"</v2/org/img/tags/list?last=x&n=50&ns=quay.io>; rel="next""#.into()
+            ])
+        );
+        // An absolute link to the upstream: onto the mirror; to any other host: dropped.
+        let abs = r#"<https://quay.io/v2/org/img/tags/list?last=x&n=50>; rel="next""#;
+        let p = links_routed(&cfg, "m", "/v2/quay.io/org/img/tags/list?n=50", &[abs]);
+        assert_eq!(
+            link_values(&p),
+            Some(vec![
+                r#"<https://m/v2/quay.io/org/img/tags/list?last=x&n=50>; rel="next""#.into()
+            ])
+        );
+        let evil = r#"<https://evil.example/v2/org/img/tags/list?last=x>; rel="next""#;
+        let p = links_routed(&cfg, "m", "/v2/quay.io/org/img/tags/list", &[evil]);
+        assert_eq!((link_values(&p), p.dropped), (Some(Vec::new()), 1));
+        // Host mode: the upstream's own relative link is already right.
+        let hosts = {
+            let mut c = crate::config::default_config();
+            c.host_suffix = Some("mirror.test".into());
+            crate::config::compile(&c).unwrap()
+        };
+        let p = links_routed(
+            &hosts,
+            "quay.mirror.test",
+            "/v2/org/img/tags/list?n=50",
+            &[next],
+        );
+        assert_eq!(p, LinkPlan::default());
+        // Garbage: dropped, not passed on.
+        let p = links_routed(
+            &cfg,
+            "m",
+            "/v2/quay.io/org/img/tags/list",
+            &["</v2/org/img/tags/list?last=x; rel=next"],
+        );
+        assert_eq!((link_values(&p), p.dropped), (Some(Vec::new()), 1));
+        // Several values: each mapped, the ones left kept; a non-UTF-8 one dropped.
+        let f = routed(&cfg, "m", "/v2/quay.io/org/img/tags/list");
+        let values = vec![
+            next.into(),
+            vec![0xff],
+            evil.into(),
+            "</v2/a/tags/list>".into(),
+        ];
+        let p = plan_link(&f, values);
+        assert_eq!(
+            link_values(&p),
+            Some(vec![
+                r#"</v2/quay.io/org/img/tags/list?last=x&n=50>; rel="next""#.into(),
+                "</v2/quay.io/a/tags/list>".into()
+            ])
+        );
+        assert_eq!(p.dropped, 2);
+        // A token service's answer is no page of the registry: left alone.
+        let token = Forward {
+            kind: ForwardKind::Auth,
+            ..f
+        };
+        assert_eq!(plan_link(&token, vec![evil.into()]), LinkPlan::default());
     }
 
     fn token_wait(cfg: &crate::CompiledConfig, expect: Option<RealmUrl>) -> RealmWait {

@@ -9,7 +9,7 @@ use super::oci_error::{render, ErrorCode};
 use super::realms::RealmUrl;
 use super::redirect::{SignedRedirect, PREFIX as REDIRECT_PREFIX};
 use super::token::{self, LearnError, RealmCall};
-use super::token_host::strip_credential;
+use super::token_host::{is_bearer, strip_credential};
 use std::borrow::Cow;
 
 /// Path prefix of token requests.
@@ -62,10 +62,17 @@ pub struct Forward {
     pub authority: String,
     /// New `:path` (with query).
     pub path: String,
-    /// Value for an `OCI-Namespace` response header.
+    /// The client's `ns` (decoded): echoed in an `OCI-Namespace` response header, and put
+    /// back into the answer's links.
     pub oci_namespace_echo: Option<String>,
     /// Remove the client's `Authorization`.
     pub strip_authorization: bool,
+    /// A `/v2/` forward from the shared host to a registry without
+    /// `forward_client_credentials`: the credential the client keeps for the mirror host is
+    /// not this registry's, so only a Bearer token (issued through the mirror-routed realm)
+    /// reaches it, and its answer's challenges are cut to the mirror's Bearer realms
+    /// ([`super::response::plan_challenges`]).
+    pub withhold_client_credential: bool,
     /// `<scheme>://<client authority>` for URLs handed back to the client.
     pub mirror_base: String,
     /// Path-prefix mode: the registry component the client put in front of the name
@@ -375,7 +382,7 @@ fn host_without_port(a: &str) -> Cow<'_, str> {
 
 /// Path tricks that must not reach routing components: `//`, `\`, `.` or `..` segments,
 /// encoded `/`, `.`, `\` or NUL. One pass over the bytes (it runs on every request).
-fn has_path_tricks(path: &str) -> bool {
+pub(crate) fn has_path_tricks(path: &str) -> bool {
     let b = path.as_bytes();
     let dot_segment = |s: Option<&[u8]>| matches!(s, Some(b"." | b".."));
     let mut segment = 0;
@@ -576,12 +583,13 @@ fn route_v2(
     };
 
     // Registry selection: host mode, ns, path prefix, default.
+    let host_mode = cfg.registry_for_host(host);
     let ns_reg = match &ns_raw {
         None => None,
         Some(raw) => match percent_decode(raw).and_then(|d| cfg.registry(&d).map(|r| (d, r))) {
             Some(x) => Some(x),
             None => {
-                if cfg.registry_for_host(host).is_none() {
+                if host_mode.is_none() {
                     return name_unknown("unknown registry in ns");
                 }
                 None
@@ -591,7 +599,7 @@ fn route_v2(
     let echo = ns_reg.as_ref().map(|(d, _)| d.clone());
     let mut path_prefix = None;
     let mut by_default = false;
-    let registry: Option<&Registry> = if let Some(r) = cfg.registry_for_host(host) {
+    let registry: Option<&Registry> = if let Some(r) = host_mode {
         Some(r)
     } else if let Some((_, r)) = ns_reg {
         // containerd's path-prefix mode (`override_path`) still adds `ns`: a first
@@ -642,8 +650,11 @@ fn route_v2(
                 req,
                 ("/v2/".into(), None),
                 query_rest.as_deref(),
-                echo,
-                None,
+                Naming {
+                    by_host: host_mode.is_some(),
+                    ns: echo,
+                    path_prefix: None,
+                },
             ),
         };
     };
@@ -718,8 +729,11 @@ fn route_v2(
         req,
         (path, key),
         query_rest.as_deref(),
-        echo,
-        path_prefix,
+        Naming {
+            by_host: host_mode.is_some(),
+            ns: echo,
+            path_prefix,
+        },
     )
 }
 
@@ -746,6 +760,22 @@ fn reference_error(e: &NameError) -> Decision {
     }
 }
 
+/// How the client named the registry of a `/v2/` request.
+struct Naming {
+    /// By the mirror host name (host mode): that host is the registry's own credential domain.
+    by_host: bool,
+    /// The client's `ns` (decoded), echoed in `OCI-Namespace`.
+    ns: Option<String>,
+    /// The registry component the client put in front of the name (lowercase).
+    path_prefix: Option<String>,
+}
+
+/// Does the client's credential for the mirror host stay away from `r`? On the shared host
+/// (one credential domain for every registry) unless the operator opted `r` in.
+fn withholds_client_credential(by_host: bool, r: &Registry) -> bool {
+    !by_host && !r.forward_client_credentials
+}
+
 /// `(path, key)`: the upstream path and, for a resource, its [`CacheKey`] value (a cached
 /// registry's other requests are keyed on their path).
 fn forward(
@@ -754,21 +784,24 @@ fn forward(
     req: &Request<'_>,
     (path, key): (String, Option<String>),
     query: Option<&str>,
-    echo: Option<String>,
-    path_prefix: Option<String>,
+    naming: Naming,
 ) -> Decision {
     let cache_key = r
         .cache
         .then(|| key.unwrap_or_else(|| CacheKey::Path(&path).header_value()));
+    let withhold = withholds_client_credential(naming.by_host, r);
     Decision::Forward(Forward {
         kind: ForwardKind::Registry,
         registry: r.name.clone(),
         authority: r.upstream.clone(),
         path: with_query(path, query),
-        oci_namespace_echo: echo,
-        strip_authorization: false,
+        oci_namespace_echo: naming.ns,
+        // A Bearer token came from the mirror-routed realm, which withholds the login
+        // already; anything else (Basic) is the mirror host's login itself.
+        strip_authorization: withhold && req.authorization.is_some_and(|a| !is_bearer(a)),
+        withhold_client_credential: withhold,
         mirror_base: mirror_base(cfg, req),
-        path_prefix,
+        path_prefix: naming.path_prefix,
         cache_key,
     })
 }
@@ -816,7 +849,7 @@ fn route_auth(
     let target = plan.target;
     // The shared host is one credential domain: the operator says per registry whether
     // its realm gets the client's credentials.
-    let strip_authorization = host_mode.is_none() && !target.forward_client_credentials;
+    let strip_authorization = withholds_client_credential(host_mode.is_some(), target);
     if target.cache {
         return match target.client_auth {
             // cache-service authenticates upstream itself and ignores the client's
@@ -844,6 +877,7 @@ fn route_auth(
                     path,
                     oci_namespace_echo: None,
                     strip_authorization,
+                    withhold_client_credential: false,
                     mirror_base: mirror_base(cfg, req),
                     path_prefix: None,
                 })
@@ -880,6 +914,7 @@ fn route_auth(
         path: with_query(path, plan.query.as_deref()),
         oci_namespace_echo: None,
         strip_authorization,
+        withhold_client_credential: false,
         mirror_base: mirror_base(cfg, req),
         path_prefix: None,
         cache_key: None,
@@ -932,6 +967,7 @@ fn forward_to_learned(
         path,
         oci_namespace_echo: None,
         strip_authorization: lr.strip_authorization,
+        withhold_client_credential: false,
         mirror_base: lr.mirror_base.clone(),
         path_prefix: None,
         cache_key: None,
@@ -1040,6 +1076,7 @@ fn route_redirect(
         registry: sr.registry,
         oci_namespace_echo: None,
         strip_authorization: strip,
+        withhold_client_credential: false,
         mirror_base: mirror_base(cfg, req),
         path_prefix: None,
         cache_key: None,
@@ -1892,6 +1929,77 @@ mod tests {
         ));
         assert_eq!(f.registry, "docker.io");
         assert_eq!(f.path, "/token?scope=repository:quay.io/a/b:pull");
+    }
+
+    #[test]
+    fn v2_forwards_on_the_shared_host_carry_only_tokens_to_registries_without_the_login() {
+        let cfg = parse_config(b"").unwrap();
+        let with =
+            |authorization: &'static str, authority: &'static str, path: &'static str| Request {
+                authorization: Some(authorization),
+                ..get(authority, path)
+            };
+        // quay.io by path prefix, ns or its own ping: the mirror host's login (docker.io's)
+        // is removed; a token from the mirror-routed realm passes.
+        for path in [
+            "/v2/quay.io/org/img/manifests/x",
+            "/v2/org/img/manifests/x?ns=quay.io",
+            "/v2/?ns=quay.io",
+        ] {
+            for (a, strip) in [
+                ("Basic dTpw", true),
+                ("Bearer xyz", false),
+                ("bearer xyz", false),
+                ("Bearer ", true),
+                ("Token abc", true),
+                // Repeated headers, joined: the login is in there.
+                ("Bearer xyz, Basic dTpw", true),
+            ] {
+                let f = fwd(route(&cfg, &with(a, "m", path), &KEY, 0));
+                assert_eq!(
+                    (f.registry.as_str(), f.strip_authorization),
+                    ("quay.io", strip),
+                    "{path} {a}"
+                );
+                assert!(f.withhold_client_credential);
+            }
+            assert!(!fwd(route(&cfg, &get("m", path), &KEY, 0)).strip_authorization);
+        }
+        // The default registry has `forward_client_credentials`: its login passes.
+        for path in [
+            "/v2/library/alpine/manifests/3",
+            "/v2/docker.io/alpine/manifests/3",
+            "/v2/alpine/manifests/3?ns=docker.io",
+        ] {
+            let f = fwd(route(&cfg, &with("Basic dTpw", "m", path), &KEY, 0));
+            assert_eq!(
+                (f.registry.as_str(), f.strip_authorization),
+                ("docker.io", false),
+                "{path}"
+            );
+            assert!(!f.withhold_client_credential);
+        }
+        // Host mode: the host is quay's own credential domain.
+        let f = fwd(route(
+            &host_cfg(),
+            &with("Basic dTpw", "quay.mirror.test", "/v2/org/img/manifests/x"),
+            &KEY,
+            0,
+        ));
+        assert_eq!(
+            (f.registry.as_str(), f.strip_authorization),
+            ("quay.io", false)
+        );
+        assert!(!f.withhold_client_credential);
+        // The operator opts quay.io in and docker.io out.
+        let mut c = crate::config::default_config();
+        for r in &mut c.registries {
+            r.forward_client_credentials = Some(r.name == "quay.io");
+        }
+        let opted = crate::config::compile(&c).unwrap();
+        let basic = |path| fwd(route(&opted, &with("Basic dTpw", "m", path), &KEY, 0));
+        assert!(!basic("/v2/quay.io/org/img/manifests/x").strip_authorization);
+        assert!(basic("/v2/library/alpine/manifests/3").strip_authorization);
     }
 
     #[test]

@@ -84,12 +84,20 @@ pub fn strip_credential(authorization: Option<&str>, is_token_host: impl FnOnce(
     }
 }
 
-/// `Bearer <token>`, the scheme compared case-insensitively.
-fn is_bearer(authorization: &str) -> bool {
+/// `Bearer <token>`, the scheme compared case-insensitively, the token one token68 (RFC
+/// 6750 `b64token`): several credentials in one value (`Bearer t, Basic …`, as repeated
+/// headers are joined) are not one Bearer token.
+pub(crate) fn is_bearer(authorization: &str) -> bool {
     authorization
         .split_once(' ')
         .is_some_and(|(scheme, token)| {
-            scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()
+            let token = token.trim();
+            scheme.eq_ignore_ascii_case("bearer")
+                && !token.is_empty()
+                && token
+                    .trim_end_matches('=')
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
         })
 }
 
@@ -119,6 +127,18 @@ mod tests {
         let never = || -> bool { panic!("consulted") };
         for a in ["Basic dTpw", "Bearer ", "Bearer", "Token abc"] {
             assert!(strip_credential(Some(a), never), "{a}");
+        }
+        // Only a single token68 is a Bearer token: not a Basic login joined behind one.
+        for a in [
+            "Bearer t, Basic dTpw",
+            "Bearer t,Basic dTpw",
+            "Bearer a b",
+            "Bearer =x",
+        ] {
+            assert!(strip_credential(Some(a), never), "{a}");
+        }
+        for a in ["Bearer eyJ.eyJ-_.sig~+/==", "Bearer t "] {
+            assert!(!strip_credential(Some(a), || true), "{a}");
         }
         // Nothing to strip.
         assert!(!strip_credential(None, never));
