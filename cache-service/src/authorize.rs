@@ -289,6 +289,13 @@ pub async fn authorize(
     Ok(fetch_with)
 }
 
+/// Drop the decision held for `client` on `check`'s repository: fetching with that credential
+/// was refused since (an expired or revoked token), so the next authorization asks again.
+pub fn forget(up: &Upstream, check: &Check, client: Option<&ClientCredential>) {
+    let key = (Fingerprint::of(client), check.repository.clone());
+    lock(&up.access.decisions).map.remove(&key);
+}
+
 /// The check itself: one request, no challenge answered, no redirect followed (a 3xx is the
 /// registry deciding to serve it; the credential never goes to the redirect's target).
 async fn ask(

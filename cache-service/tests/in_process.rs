@@ -610,6 +610,45 @@ mod authorized_upstream {
     }
 
     #[tokio::test]
+    async fn a_token_refused_upstream_before_its_decision_ran_out_gets_the_challenge_again() {
+        let lab = lab(Duration::from_secs(300)).await;
+        let alice = lab.login("alice").await;
+        let manifest = || {
+            lab.mirror
+                .get(&format!("/v2/{REPO}/manifests/1.0"))
+                .header("accept", OCI_MANIFEST)
+                .header("authorization", &alice)
+        };
+        assert_eq!(fetch(manifest()).await.0, StatusCode::OK);
+        // Her token expires upstream while the mirror still holds her decision; the layer
+        // is not cached, so it is fetched with that token.
+        lab.up.expire("alice");
+        let resp = lab
+            .mirror
+            .get(&format!("/v2/{REPO}/blobs/{}", lab.layer_digest))
+            .header("authorization", &alice)
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        let challenge = format!(
+            r#"Bearer realm="http://{}/token",service="fake",scope="repository:{REPO}:pull""#,
+            lab.up.addr
+        );
+        assert_eq!(
+            resp.headers()
+                .get("www-authenticate")
+                .and_then(|v| v.to_str().ok()),
+            Some(challenge.as_str()),
+            "the upstream's challenge, to log in anew"
+        );
+        // Nor is the cached manifest served to her on the decision from before.
+        assert_eq!(fetch(manifest()).await.0, StatusCode::UNAUTHORIZED);
+        let carol = lab.login("carol").await;
+        lab.assert_served(&lab.pull(Some(&carol)).await);
+    }
+
+    #[tokio::test]
     async fn a_decision_expires_and_a_revoked_client_is_then_refused() {
         let lab = lab(Duration::from_secs(1)).await;
         let alice = lab.login("alice").await;

@@ -57,6 +57,7 @@ fn base_headers(h: &mut HeaderMap) {
     );
 }
 
+#[derive(Clone)]
 enum Route {
     Base,
     Manifest(RepositoryName, Reference),
@@ -222,9 +223,9 @@ async fn handle_v2(
         Route::Blob(name, digest) => Check::blob(name, digest),
         Route::Tags(name) | Route::Referrers(name, _) => Check::repository(name),
     };
-    let up = Source {
+    let source = Source {
         credential: authorize_client(st, &up, &check, headers).await?,
-        upstream: up,
+        upstream: up.clone(),
     };
     if let Route::Manifest(name, _)
     | Route::Blob(name, _)
@@ -233,10 +234,49 @@ async fn handle_v2(
     {
         st.status.record_request(&up.name, name.as_str());
     }
-    let mut resp = match route {
+    let served = serve_route(st, &source, route.clone(), &query, head, headers).await;
+    let mut resp = match served {
+        // Fetched with the client's own credential on a decision held from before, and the
+        // upstream refused it now (a token expired or revoked since): the decision is stale.
+        // Asked again, the client gets the upstream's own answer (its challenge, to log in
+        // anew), or, allowed after all (another client's download it joined was refused),
+        // one more try.
+        Err(e)
+            if matches!(source.credential, Credential::Client(_))
+                && matches!(e.status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) =>
+        {
+            let client = ClientCredential::from_header(headers.get(header::AUTHORIZATION));
+            authorize::forget(&up, &check, client.as_ref());
+            let source = Source {
+                credential: authorize_client(st, &up, &check, headers).await?,
+                upstream: up,
+            };
+            serve_route(st, &source, route, &query, head, headers).await?
+        }
+        r => r?,
+    };
+    base_headers(resp.headers_mut());
+    if let Some(ns) = ns {
+        if let Ok(v) = HeaderValue::from_str(&ns) {
+            resp.headers_mut().insert("oci-namespace", v);
+        }
+    }
+    Ok(resp)
+}
+
+/// The answer to one `/v2/` request of a repository, fetched with `up`'s credential.
+async fn serve_route(
+    st: &AppState,
+    up: &Source,
+    route: Route,
+    query: &[(String, String)],
+    head: bool,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    Ok(match route {
         Route::Base => return Err(ApiError::not_found()),
         Route::Manifest(name, reference) => {
-            let m = st.cache.manifest(&up, &name, &reference, head).await?;
+            let m = st.cache.manifest(up, &name, &reference, head).await?;
             if !accepts(headers, &m.media_type) {
                 return Err(ApiError::new(
                     StatusCode::NOT_FOUND,
@@ -262,20 +302,20 @@ async fn handle_v2(
             };
             b.body(body).map_err(ApiError::internal)?
         }
-        Route::Blob(name, digest) => blob_response(st, &up, &name, &digest, head, headers).await?,
+        Route::Blob(name, digest) => blob_response(st, up, &name, &digest, head, headers).await?,
         Route::Tags(name) => {
-            let q = tags_query(&query)?;
+            let q = tags_query(query)?;
             let pq = if q.is_empty() {
                 format!("/v2/{name}/tags/list")
             } else {
                 format!("/v2/{name}/tags/list?{q}")
             };
-            small_response(st, &up, &name, &pq, None, head).await?
+            small_response(st, up, &name, &pq, None, head).await?
         }
         Route::Referrers(name, digest) => {
             let q = {
                 let mut q = url::form_urlencoded::Serializer::new(String::new());
-                for (k, v) in &query {
+                for (k, v) in query {
                     if k == "artifactType" {
                         q.append_pair("artifactType", v);
                     }
@@ -287,16 +327,9 @@ async fn handle_v2(
             } else {
                 format!("/v2/{name}/referrers/{digest}?{q}")
             };
-            small_response(st, &up, &name, &pq, Some(crate::oci::MT_OCI_INDEX), head).await?
+            small_response(st, up, &name, &pq, Some(crate::oci::MT_OCI_INDEX), head).await?
         }
-    };
-    base_headers(resp.headers_mut());
-    if let Some(ns) = ns {
-        if let Ok(v) = HeaderValue::from_str(&ns) {
-            resp.headers_mut().insert("oci-namespace", v);
-        }
-    }
-    Ok(resp)
+    })
 }
 
 fn pagination_error() -> ApiError {

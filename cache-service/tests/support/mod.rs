@@ -82,6 +82,9 @@ struct Content {
     /// repository without a token it issued, 403 when the token's user may not read the
     /// repository (repository -> users), else serves.
     readers: Option<HashMap<String, Vec<String>>>,
+    /// Per-user mode: users whose tokens issued so far are no longer accepted (401 with the
+    /// challenge, as for an expired token).
+    expired: Vec<String>,
     /// Every answer a 503 (the upstream is down).
     down: bool,
     /// Delay before a blob answer (so concurrent requests overlap).
@@ -111,7 +114,7 @@ fn answer(status: u16, headers: &[(&str, String)], body: Bytes) -> Response {
 async fn serve(State(f): State<FakeUpstream>, req: Request) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let authorization = header(req.headers(), "authorization");
-    let (token_auth, readers, down, delay) = {
+    let (token_auth, readers, expired, down, delay) = {
         let mut c = lock(&f.content);
         c.seen.push(Seen {
             method: method.clone(),
@@ -119,12 +122,23 @@ async fn serve(State(f): State<FakeUpstream>, req: Request) -> Response {
             query: req.uri().query().map(str::to_owned),
             authorization: authorization.clone(),
         });
-        (c.token_auth, c.readers.clone(), c.down, c.blob_delay)
+        (
+            c.token_auth,
+            c.readers.clone(),
+            c.expired.clone(),
+            c.down,
+            c.blob_delay,
+        )
     };
     if down {
         return answer(503, &[], Bytes::from_static(b"down"));
     }
     if let Some(readers) = readers {
+        let authorization = authorization.filter(|a| {
+            !expired
+                .iter()
+                .any(|u| *a == format!("Bearer {}", token_of(u)))
+        });
         if let Some(refusal) = per_user(&f, &path, authorization.as_deref(), &readers) {
             return refusal;
         }
@@ -300,6 +314,11 @@ impl FakeUpstream {
         {
             users.retain(|u| u != user);
         }
+    }
+
+    /// `user`'s tokens issued so far are answered 401 with the challenge (they expired).
+    pub fn expire(&self, user: &str) {
+        lock(&self.content).expired.push(user.to_owned());
     }
 
     /// Every answer a 503 (`true`) or back to normal.
