@@ -134,12 +134,12 @@ async fn serve(State(f): State<FakeUpstream>, req: Request) -> Response {
         return answer(503, &[], Bytes::from_static(b"down"));
     }
     if let Some(readers) = readers {
-        let authorization = authorization.filter(|a| {
+        let accepted = authorization.as_deref().filter(|a| {
             !expired
                 .iter()
                 .any(|u| *a == format!("Bearer {}", token_of(u)))
         });
-        if let Some(refusal) = per_user(&f, &path, authorization.as_deref(), &readers) {
+        if let Some(refusal) = per_user(&f, &path, accepted, &readers) {
             return refusal;
         }
     }
