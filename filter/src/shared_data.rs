@@ -24,7 +24,10 @@ pub fn signing_key() -> Option<Vec<u8>> {
     }
 }
 
-/// Stores `key` as the per-Envoy signing key unless another VM stored one first.
+/// Stores `key` as the per-Envoy signing key. The host has no create-if-absent (a CAS is not
+/// compared for a key not stored yet), so two VMs configuring at the same moment may both
+/// store one, the last winning: every VM reads the key at use time, and this happens at
+/// start, before a URL is signed; a `signing_key` in the config has no such window.
 pub fn offer_signing_key(key: &[u8]) -> Result<(), Status> {
     hostcalls::set_shared_data(SIGNING_KEY, Some(key), Some(0))
 }
@@ -62,7 +65,9 @@ fn read_set<S: SharedSet>(key: &str) -> (S, Option<u32>) {
 }
 
 /// Adds `item` to the set under `key`, retrying on a CAS race with another VM. True when
-/// this call stored a changed set.
+/// this call stored a changed set. The first store of a set is not compared (the host has no
+/// create-if-absent), so two VMs adding at that moment may lose one item; it is added again
+/// at its next sighting (the next 401 that names it).
 fn add_to_set<S: SharedSet>(key: &str, item: &S::Item) -> bool {
     for _ in 0..3 {
         let (mut set, cas) = read_set::<S>(key);
