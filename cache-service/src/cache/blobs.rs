@@ -772,6 +772,21 @@ mod tests {
         );
     }
 
+    /// A cache bounded to 1000 bytes holding `blobs` (the first the least recently used).
+    async fn holding(
+        root: &std::path::Path,
+        server: &TestServer,
+        blobs: &[&Bytes],
+    ) -> (Arc<Cache>, Source) {
+        let bounded = Limits {
+            max_size: 1000,
+            ..limits(MIB)
+        };
+        let (cache, up) = open(root, server, bounded).await;
+        store_all(&cache, &up, blobs).await;
+        (cache, up)
+    }
+
     /// Downloads of `blobs`, each to its end, and the wait until they are stored.
     async fn store_all(cache: &Arc<Cache>, up: &Source, blobs: &[&Bytes]) {
         for blob in blobs {
@@ -817,12 +832,7 @@ mod tests {
         })
         .await;
         let dir = tempfile::tempdir().unwrap();
-        let bounded = Limits {
-            max_size: 1000,
-            ..limits(MIB)
-        };
-        let (cache, up) = open(dir.path(), &server, bounded).await;
-        store_all(&cache, &up, &[&older, &newer]).await;
+        let (cache, up) = holding(dir.path(), &server, &[&older, &newer]).await;
         let mut flights = Vec::new();
         for blob in [&first, &second] {
             let d = Digest::of_bytes(blob);
@@ -858,12 +868,7 @@ mod tests {
         })
         .await;
         let dir = tempfile::tempdir().unwrap();
-        let bounded = Limits {
-            max_size: 1000,
-            ..limits(MIB)
-        };
-        let (cache, up) = open(dir.path(), &server, bounded).await;
-        store_all(&cache, &up, &[&older, &newer]).await;
+        let (cache, up) = holding(dir.path(), &server, &[&older, &newer]).await;
         // An operator removes the newer blob's file; the next request for it finds it gone.
         let newer_digest = Digest::of_bytes(&newer);
         cache.store.delete(&newer_digest).await.unwrap();

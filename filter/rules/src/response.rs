@@ -327,8 +327,16 @@ pub fn plan_realm_call(
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use crate::config::parse as parse_config;
     use crate::route::Decision;
+
+    /// The default registries, each also on its own host under `mirror.test`.
+    fn host_mode() -> CompiledConfig {
+        let mut c = crate::config::default_config();
+        c.host_suffix = Some("mirror.test".into());
+        crate::config::compile(&c).unwrap()
+    }
 
     const QUAY: &str =
         r#"Bearer realm="https://quay.io/v2/auth",service="quay.io",scope="repository:a/b:pull""#;
@@ -565,11 +573,7 @@ mod tests {
             ]
         );
         let as_today = r#"Basic realm="quay.io", Bearer realm="https://m/_mirror/auth/quay.io/v2/auth",service="quay.io""#;
-        let hosts = {
-            let mut c = crate::config::default_config();
-            c.host_suffix = Some("mirror.test".into());
-            crate::config::compile(&c).unwrap()
-        };
+        let hosts = host_mode();
         let p = plan_routed(
             &hosts,
             "quay.mirror.test",
@@ -731,11 +735,7 @@ mod tests {
         let p = links_routed(&cfg, "m", "/v2/quay.io/org/img/tags/list", &[evil]);
         assert_eq!((link_values(&p), p.dropped), (Some(Vec::new()), 1));
         // Host mode: the upstream's own relative link is already right.
-        let hosts = {
-            let mut c = crate::config::default_config();
-            c.host_suffix = Some("mirror.test".into());
-            crate::config::compile(&c).unwrap()
-        };
+        let hosts = host_mode();
         let p = links_routed(
             &hosts,
             "quay.mirror.test",
