@@ -37,5 +37,7 @@ pub async fn serve_http1(
             }
         });
     }
+    // Closed now: a new connection is refused, not left waiting in the backlog.
+    drop(listener);
     graceful.shutdown().await;
 }
