@@ -292,6 +292,50 @@ fn regmirror_killed_mid_download_restarts_clean_and_fetches_the_blob_again() {
 }
 
 #[test]
+fn sigterm_lets_a_download_in_progress_finish_and_takes_no_new_connection() {
+    let mut s = session("term", &["--shutdown-grace", "60"]);
+    let image = &s.up.images.kill;
+    let layer = image.first_layer();
+    let size = blob_bytes(image, &layer).len() as u64;
+    // ~2 MiB at 512 KiB/s: about 4 s of download to stop into.
+    s.proxy.set_fault(&layer, Fault::Throttle(512 * 1024));
+    let url = s.blob_url(image, &layer);
+    let client_thread = std::thread::spawn(move || get(&client(), &url, &[]));
+    let start = Instant::now();
+    while !s.cache.tmp_files().iter().any(|(_, len)| *len > 0) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no partial download appeared in tmp/\n{}",
+            s.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.cache.sigterm();
+    let start = Instant::now();
+    while std::net::TcpStream::connect_timeout(&s.cache.addr, Duration::from_millis(200)).is_ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "still taking connections after SIGTERM\n{}",
+            s.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let got = client_thread.join().expect("client thread");
+    assert!(got.complete_200(size), "{got:?}\n{}", s.logs());
+    assert_eq!(mirror_tests::digest_of(&got.body), layer);
+    let start = Instant::now();
+    while s.cache.check_running().is_ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "still running after its download finished\n{}",
+            s.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.assert_cached(&layer);
+}
+
+#[test]
 fn a_full_disk_still_serves_the_blob_logs_it_and_keeps_serving() {
     let mut s = session_with("tmpfs", &[], Some("4m"));
     let big = &s.up.images.big;

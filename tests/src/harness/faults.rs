@@ -526,6 +526,14 @@ impl Regmirror {
         }
     }
 
+    /// SIGTERM, as an orchestrator stopping it does; `check_running` says when it is gone.
+    pub fn sigterm(&self) {
+        if let Some(p) = &self.proc {
+            let pid = nix::unistd::Pid::from_raw(p.pid() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+
     /// `http://127.0.0.1:<port><path>`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
