@@ -352,6 +352,73 @@ fn the_cdn_never_sees_authorization_during_client_pulls() {
     assert!(hub.iter().all(|e| e.host == "registry-1.docker.io"));
 }
 
+/// On the shared host one login is kept for every registry the mirror serves: it reaches
+/// the default registry (docker.io) and no other, unless the declaration opts one in. A
+/// Basic login on a quay.io request is removed before quay sees the request, and quay's
+/// 401 offers the client only the mirror's Bearer realm (a Basic challenge would ask for
+/// that login). In host mode the host name is quay's own credential domain: kept.
+#[test]
+fn a_login_for_the_shared_host_reaches_no_registry_but_the_default() {
+    let m = mirror::shared();
+    let client = m.client();
+    let basic = "Basic dXNlcjpwYXNz";
+    let quay_saw = |probe: &str| {
+        m.up.access_log_with(Front::Quay, |e| {
+            e.query_param("probe").as_deref() == Some(probe)
+        })
+        .into_iter()
+        .find(|e| e.query_param("probe").as_deref() == Some(probe))
+        .unwrap_or_else(|| panic!("quay never saw probe {probe}\n{}", m.logs()))
+    };
+    let shared_host = [
+        "/v2/quay.io/coreos/etcd/manifests/v3.5?probe=",
+        "/v2/coreos/etcd/manifests/v3.5?ns=quay.io&probe=",
+    ];
+    for path in shared_host {
+        let probe = unique();
+        let resp = client
+            .get(m.url(&format!("{path}{probe}")))
+            .header("authorization", basic)
+            .header("accept", ACCEPT)
+            .send()
+            .unwrap();
+        assert_eq!(resp.status(), 401, "{path}\n{}", m.logs());
+        let challenges: Vec<String> = resp
+            .headers()
+            .get_all("www-authenticate")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect();
+        assert!(
+            !challenges.is_empty()
+                && challenges
+                    .iter()
+                    .all(|c| c.starts_with("Bearer realm=\"")
+                        && c.contains(&m.url("/_mirror/auth/"))),
+            "{path}: {challenges:?}"
+        );
+        assert!(
+            !quay_saw(&probe).has_authorization(),
+            "{path}: quay got the login"
+        );
+    }
+    let probe = unique();
+    let resp = client
+        .get(format!(
+            "https://{}/v2/coreos/etcd/manifests/v3.5?probe={probe}",
+            m.host("quay")
+        ))
+        .header("authorization", basic)
+        .header("accept", ACCEPT)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 401, "{}", m.logs());
+    assert!(
+        quay_saw(&probe).has_authorization(),
+        "host mode: quay's own login"
+    );
+}
+
 // --- refusals ---------------------------------------------------------------------------
 
 #[test]
