@@ -5,7 +5,7 @@
 
 pub use crate::config::ClientAuth;
 use crate::config::{FilterConfig, PublicUrl, RedirectMode, RegistryConfig};
-use crate::hosts::{is_valid_authority, HostPattern};
+use crate::hosts::{is_valid_authority, is_valid_hostname, HostPattern};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -322,6 +322,9 @@ impl CacheUpstream {
 pub enum DeclarationError {
     /// A name or alias is declared twice.
     DuplicateName(String),
+    /// A name, alias, `host_prefix` or `host_suffix` is not a lowercase host name as written
+    /// (it names directories, TOML tables and headers of every generated file).
+    BadName(String),
     /// A host or pattern is not canonical `host[:port]` or `*.domain.tld`.
     BadHost(String),
     /// A cached registry's upstream is also a host Envoy reaches directly.
@@ -354,6 +357,12 @@ impl fmt::Display for DeclarationError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::DuplicateName(n) => write!(f, "registry name or alias {n:?} is declared twice"),
+            Self::BadName(n) => write!(
+                f,
+                "{n:?} is not a host name as the mirror writes it: lowercase host[:port] for a \
+                 name or alias (e.g. \"gcr.io\"), one lowercase DNS name for host_prefix and \
+                 host_suffix"
+            ),
             Self::BadHost(h) => write!(
                 f,
                 "invalid host pattern {h:?} (lowercase host[:port] or *.domain.tld)"
@@ -468,11 +477,28 @@ impl<A> Declaration<A> {
     /// Checks what the generator relies on; the filter's and the cache's parsers check
     /// the configurations produced from it, and cache-service's generator checks `[access]`.
     pub fn validate(&self) -> Result<(), DeclarationError> {
+        // Names as written end up in paths (`certs.d/<name>/hosts.toml`), TOML, Caddy and
+        // the header the filter sends cache-service: only the canonical form means one
+        // thing to all of them.
+        let bad_name = |n: &String| DeclarationError::BadName(n.clone());
+        if let Some(suffix) = &self.mirror.host_suffix {
+            if !is_valid_hostname(suffix) {
+                return Err(bad_name(suffix));
+            }
+        }
         let mut names = BTreeSet::new();
         for registry in &self.registries {
             for name in std::iter::once(&registry.name).chain(&registry.aliases) {
+                if !is_valid_authority(name) {
+                    return Err(bad_name(name));
+                }
                 if !names.insert(name.as_str()) {
                     return Err(DeclarationError::DuplicateName(name.clone()));
+                }
+            }
+            if let Some(prefix) = &registry.host_prefix {
+                if !is_valid_hostname(prefix) {
+                    return Err(bad_name(prefix));
                 }
             }
             for host in std::iter::once(&registry.upstream)
@@ -649,6 +675,28 @@ mod tests {
         // gcr.io is cached: only cache-service talks to it.
         assert!(!hosts.contains(&"gcr.io".to_owned()));
         assert_eq!(d.cached_registries().count(), 1);
+    }
+
+    #[test]
+    fn names_must_be_written_as_the_mirror_uses_them() {
+        for bad in ["GCR.io", "../x", "/etc/x", "a.io\n", " a.io", "a.io x", "a.io\n[x]"] {
+            let name = serde_json::to_string(bad).unwrap();
+            let d = declaration(&format!(r#"{{"name":{name},"upstream":"a.io"}}"#));
+            assert_eq!(d.validate(), Err(DeclarationError::BadName(bad.into())), "{bad:?}");
+            let d = declaration(&format!(
+                r#"{{"name":"b.io","aliases":[{name}],"upstream":"a.io"}}"#
+            ));
+            assert_eq!(d.validate(), Err(DeclarationError::BadName(bad.into())), "{bad:?}");
+        }
+        for bad in ["docker ", "Docker", "a/b"] {
+            let prefix = serde_json::to_string(bad).unwrap();
+            let d = declaration(&format!(
+                r#"{{"name":"a.io","upstream":"a.io","host_prefix":{prefix}}}"#
+            ));
+            assert_eq!(d.validate(), Err(DeclarationError::BadName(bad.into())), "{bad:?}");
+        }
+        let d = declaration(r#"{"name":"registry.local:5000","upstream":"a.io"}"#);
+        assert_eq!(d.validate(), Ok(()));
     }
 
     #[test]
