@@ -88,6 +88,10 @@ impl ConfigState {
             Ok(mut g) => *g = Arc::new(live),
             Err(p) => *p.into_inner() = Arc::new(live),
         }
+        self.clear_refusal();
+    }
+
+    fn clear_refusal(&self) {
         *crate::lock(&self.refusal) = None;
     }
 
@@ -293,7 +297,11 @@ impl Reloader {
     pub fn reload(&mut self, trigger: &'static str) {
         let started = Instant::now();
         match self.try_reload() {
-            Ok(None) => tracing::info!(trigger, "configuration unchanged"),
+            Ok(None) => {
+                // The file says what is in force again: an earlier refusal no longer stands.
+                self.state.clear_refusal();
+                tracing::info!(trigger, "configuration unchanged");
+            }
             Ok(Some((version, plan))) => {
                 crate::metrics::Metrics::inc(&self.cache.metrics.config_reloads);
                 tracing::info!(
@@ -535,6 +543,11 @@ client_auth = "anonymous"
                 );
             }
         }
+        // The file put back as it runs: nothing to apply, and the refusal no longer stands.
+        edit(&(base.clone() + "[[upstream]]\nname = \"c\"\nurl = \"https://c.example\"\n"));
+        r.reload("test");
+        assert_eq!(state.current().version.serial, 2);
+        assert_eq!(state.refusal(), None, "the file in force again");
 
         edit(&base.replace(
             "tag_ttl_seconds = 300",
