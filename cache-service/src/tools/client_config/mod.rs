@@ -210,6 +210,7 @@ pub fn run(args: &ClientConfigArgs) -> ExitCode {
         .access
         .as_ref()
         .and_then(|a| a.credential_header());
+    let has_login = login.is_some() || registry_login.is_some();
     let files = generate(
         args.runtime,
         &declaration.registries,
@@ -233,12 +234,15 @@ pub fn run(args: &ClientConfigArgs) -> ExitCode {
     }
     match (&args.out, args.runtime) {
         (Some(dir), _) => {
+            // A login given here is in the files (hosts.toml headers, auth files).
+            let readers = if has_login {
+                super::Readers::Owner
+            } else {
+                super::Readers::All
+            };
             for file in &files {
                 let path = dir.join(&file.path);
-                let written = path
-                    .parent()
-                    .map_or(Ok(()), std::fs::create_dir_all)
-                    .and_then(|()| std::fs::write(&path, &file.content));
+                let written = super::write_atomically(&path, &file.content, readers);
                 if let Err(error) = written {
                     eprintln!("regmirror client-config: {}: {error}", path.display());
                     return ExitCode::from(2);

@@ -141,30 +141,15 @@ fn write_files(out: &Path, files: &[Rendered]) -> Result<(), RenderError> {
         if std::fs::read_to_string(&path).ok().as_deref() == Some(&file.content) {
             continue;
         }
-        write_atomically(&path, &file.content).map_err(|source| RenderError::Write {
-            path: path.display().to_string(),
-            source,
+        super::write_atomically(&path, &file.content, super::Readers::All).map_err(|source| {
+            RenderError::Write {
+                path: path.display().to_string(),
+                source,
+            }
         })?;
         println!("wrote {}", path.display());
     }
     Ok(())
-}
-
-fn write_atomically(path: &Path, content: &str) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-    // A dot name Envoy's path source never reads; the pid keeps two renders apart.
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        name.unwrap_or_default(),
-        std::process::id()
-    ));
-    let result = std::fs::write(&tmp, content).and_then(|()| std::fs::rename(&tmp, path));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// `render --watch`: polls the declaration's modification time (no extra dependency, and
@@ -230,11 +215,19 @@ fn validate_with_envoy(files: &[Rendered]) -> Result<(), RenderError> {
         );
         return Ok(());
     }
-    let tmp = std::env::temp_dir().join(format!("regmirror-render-{}.yaml", std::process::id()));
-    std::fs::write(&tmp, &local.content).map_err(|source| RenderError::Write {
-        path: tmp.display().to_string(),
-        source,
-    })?;
+    // Exclusively created, owner-only, removed when dropped: it may hold the signing key.
+    let tmp = tempfile::Builder::new()
+        .prefix("regmirror-render-")
+        .suffix(".yaml")
+        .tempfile()
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, local.content.as_bytes())?;
+            Ok(f)
+        })
+        .map_err(|source| RenderError::Write {
+            path: std::env::temp_dir().display().to_string(),
+            source,
+        })?;
     let output = launch
         .command([
             "--mode".as_ref(),
@@ -243,10 +236,10 @@ fn validate_with_envoy(files: &[Rendered]) -> Result<(), RenderError> {
             "--log-level".as_ref(),
             "error".as_ref(),
             "-c".as_ref(),
-            tmp.as_os_str(),
+            tmp.path().as_os_str(),
         ])
         .output();
-    let _ = std::fs::remove_file(&tmp);
+    drop(tmp);
     match output {
         Ok(o) if o.status.success() => Ok(()),
         Ok(o) => Err(RenderError::Envoy(format!(
