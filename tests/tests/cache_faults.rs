@@ -102,6 +102,27 @@ impl Session {
         clients::verify_dir(out)
     }
 
+    /// A client's GET of `image`'s first layer (digest, size, the client), throttled to
+    /// 256 KiB/s (~8 s for its ~2 MiB), returned once part of it is in tmp/: a download in
+    /// progress to interrupt.
+    fn slow_download(&self, image: &SeededImage) -> (String, u64, std::thread::JoinHandle<Got>) {
+        let layer = image.first_layer();
+        let size = blob_bytes(image, &layer).len() as u64;
+        self.proxy.set_fault(&layer, Fault::Throttle(256 * 1024));
+        let url = self.blob_url(image, &layer);
+        let client_thread = std::thread::spawn(move || get(&client(), &url, &[]));
+        let start = Instant::now();
+        while !self.cache.tmp_files().iter().any(|(_, len)| *len > 0) {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no partial download appeared in tmp/\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (layer, size, client_thread)
+    }
+
     fn upstream_blob_gets(&self, digest: &str) -> usize {
         self.proxy.count_ok("GET", &format!("/blobs/{digest}"))
     }
@@ -230,22 +251,7 @@ fn upstream_serving_wrong_bytes_is_never_passed_off_as_the_blob() {
 fn regmirror_killed_mid_download_restarts_clean_and_fetches_the_blob_again() {
     let mut s = session("kill", &[]);
     let image = &s.up.images.kill;
-    let layer = image.first_layer();
-    let size = blob_bytes(image, &layer).len() as u64;
-    // ~2 MiB at 256 KiB/s: about 8 s of download to kill into.
-    s.proxy.set_fault(&layer, Fault::Throttle(256 * 1024));
-
-    let url = s.blob_url(image, &layer);
-    let client_thread = std::thread::spawn(move || get(&client(), &url, &[]));
-    let start = Instant::now();
-    while !s.cache.tmp_files().iter().any(|(_, len)| *len > 0) {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no partial download appeared in tmp/\n{}",
-            s.logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (layer, size, client_thread) = s.slow_download(image);
     s.cache.kill9();
     let got = client_thread.join().expect("client thread");
     assert!(
@@ -295,21 +301,7 @@ fn regmirror_killed_mid_download_restarts_clean_and_fetches_the_blob_again() {
 fn sigterm_lets_a_download_in_progress_finish_and_takes_no_new_connection() {
     let mut s = session("term", &["--shutdown-grace", "60"]);
     let image = &s.up.images.kill;
-    let layer = image.first_layer();
-    let size = blob_bytes(image, &layer).len() as u64;
-    // ~2 MiB at 256 KiB/s: about 8 s of download to stop into.
-    s.proxy.set_fault(&layer, Fault::Throttle(256 * 1024));
-    let url = s.blob_url(image, &layer);
-    let client_thread = std::thread::spawn(move || get(&client(), &url, &[]));
-    let start = Instant::now();
-    while !s.cache.tmp_files().iter().any(|(_, len)| *len > 0) {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no partial download appeared in tmp/\n{}",
-            s.logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (layer, size, client_thread) = s.slow_download(image);
     s.cache.sigterm();
     let start = Instant::now();
     while std::net::TcpStream::connect_timeout(&s.cache.addr, Duration::from_millis(200)).is_ok() {
