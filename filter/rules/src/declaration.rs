@@ -679,21 +679,41 @@ mod tests {
 
     #[test]
     fn names_must_be_written_as_the_mirror_uses_them() {
-        for bad in ["GCR.io", "../x", "/etc/x", "a.io\n", " a.io", "a.io x", "a.io\n[x]"] {
+        for bad in [
+            "GCR.io",
+            "../x",
+            "/etc/x",
+            "a.io\n",
+            " a.io",
+            "a.io x",
+            "a.io\n[x]",
+        ] {
             let name = serde_json::to_string(bad).unwrap();
             let d = declaration(&format!(r#"{{"name":{name},"upstream":"a.io"}}"#));
-            assert_eq!(d.validate(), Err(DeclarationError::BadName(bad.into())), "{bad:?}");
+            assert_eq!(
+                d.validate(),
+                Err(DeclarationError::BadName(bad.into())),
+                "{bad:?}"
+            );
             let d = declaration(&format!(
                 r#"{{"name":"b.io","aliases":[{name}],"upstream":"a.io"}}"#
             ));
-            assert_eq!(d.validate(), Err(DeclarationError::BadName(bad.into())), "{bad:?}");
+            assert_eq!(
+                d.validate(),
+                Err(DeclarationError::BadName(bad.into())),
+                "{bad:?}"
+            );
         }
         for bad in ["docker ", "Docker", "a/b"] {
             let prefix = serde_json::to_string(bad).unwrap();
             let d = declaration(&format!(
                 r#"{{"name":"a.io","upstream":"a.io","host_prefix":{prefix}}}"#
             ));
-            assert_eq!(d.validate(), Err(DeclarationError::BadName(bad.into())), "{bad:?}");
+            assert_eq!(
+                d.validate(),
+                Err(DeclarationError::BadName(bad.into())),
+                "{bad:?}"
+            );
         }
         let d = declaration(r#"{"name":"registry.local:5000","upstream":"a.io"}"#);
         assert_eq!(d.validate(), Ok(()));
