@@ -3,7 +3,7 @@
 //! against the mirror, where the upstream's own path names the default registry.
 
 use super::challenge::MAX_HEADER_LEN;
-use super::route::has_path_tricks;
+use super::route::{has_path_tricks, take_ns, with_query};
 use super::url::{encode_query_value, find_byte, is_url_char, parse_url_ref};
 use std::borrow::Cow;
 
@@ -187,32 +187,21 @@ fn to_client(path_and_query: &str, view: &ClientView<'_>) -> Option<String> {
     if has_path_tricks(path) {
         return None;
     }
-    let ns = view.ns.map(|ns| encode_query_value(ns, true));
-    let prefix = view.path_prefix.map_or(0, |p| p.len() + 1);
-    let mut out = String::with_capacity(
-        path_and_query.len() + prefix + ns.as_ref().map_or(0, |n| n.len() + 4),
-    );
-    out.push_str("/v2/");
-    if let Some(p) = view.path_prefix {
-        out.push_str(p);
-        out.push('/');
+    // Routing reads the first `ns` (`take_ns`): the upstream's go, only the client's is put
+    // back, last.
+    let (_, mut query) = take_ns(query);
+    if let Some(ns) = view.ns {
+        let ns = format!("ns={}", encode_query_value(ns, true));
+        query = Some(match query {
+            Some(q) => format!("{q}&{ns}"),
+            None => ns,
+        });
     }
-    out.push_str(name);
-    let mut sep = '?';
-    // Routing reads the first `ns` (`route::take_ns`): only the client's may be there.
-    for seg in query.into_iter().flat_map(|q| q.split('&')) {
-        if seg.split('=').next() != Some("ns") {
-            out.push(sep);
-            out.push_str(seg);
-            sep = '&';
-        }
-    }
-    if let Some(ns) = ns {
-        out.push(sep);
-        out.push_str("ns=");
-        out.push_str(&ns);
-    }
-    Some(out)
+    let out = match view.path_prefix {
+        Some(p) => format!("/v2/{p}/{name}"),
+        None => format!("/v2/{name}"),
+    };
+    Some(with_query(out, query.as_deref()))
 }
 
 #[cfg(test)]

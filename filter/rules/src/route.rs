@@ -427,7 +427,7 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 /// Splits out `ns` (first value, decoded) and returns the rest of the query byte for byte.
-fn take_ns(query: Option<&str>) -> (Option<String>, Option<String>) {
+pub(crate) fn take_ns(query: Option<&str>) -> (Option<String>, Option<String>) {
     let Some(q) = query else {
         return (None, None);
     };
@@ -451,7 +451,7 @@ fn take_ns(query: Option<&str>) -> (Option<String>, Option<String>) {
     (ns, rest)
 }
 
-fn with_query(mut path: String, query: Option<&str>) -> String {
+pub(crate) fn with_query(mut path: String, query: Option<&str>) -> String {
     if let Some(q) = query {
         path.reserve(1 + q.len());
         path.push('?');
