@@ -772,6 +772,13 @@ mod tests {
         );
     }
 
+    /// The one of `bodies` whose digest the request names.
+    fn asked_for<'a>(bodies: &'a [Bytes], seen: &crate::testserver::Seen) -> Option<&'a Bytes> {
+        bodies
+            .iter()
+            .find(|b| seen.uri.ends_with(Digest::of_bytes(b).as_str()))
+    }
+
     /// A cache bounded to 1000 bytes holding `blobs` (the first the least recently used).
     async fn holding(
         root: &std::path::Path,
@@ -811,13 +818,10 @@ mod tests {
     async fn downloads_in_progress_count_against_max_size() {
         let (older, newer) = (Bytes::from(vec![1u8; 400]), Bytes::from(vec![2u8; 300]));
         let (first, second) = (Bytes::from(vec![3u8; 500]), Bytes::from(vec![4u8; 500]));
-        let bodies: Vec<Bytes> = vec![older.clone(), newer.clone(), first.clone(), second.clone()];
+        let bodies = [older.clone(), newer.clone(), first.clone(), second.clone()];
         // Stored blobs are served whole; the two 500-byte ones send 100 bytes and then stall.
         let server = TestServer::start(move |seen| {
-            let Some(b) = bodies
-                .iter()
-                .find(|b| seen.uri.ends_with(Digest::of_bytes(b).as_str()))
-            else {
+            let Some(b) = asked_for(&bodies, seen) else {
                 return reply(404, &[], "");
             };
             if b.len() < 500 {
@@ -857,14 +861,9 @@ mod tests {
         let (older, newer) = (Bytes::from(vec![1u8; 400]), Bytes::from(vec![2u8; 400]));
         let incoming = Bytes::from(vec![3u8; 500]);
         let bodies = [older.clone(), newer.clone(), incoming.clone()];
-        let server = TestServer::start(move |seen| {
-            match bodies
-                .iter()
-                .find(|b| seen.uri.ends_with(Digest::of_bytes(b).as_str()))
-            {
-                Some(b) => reply(200, &[], b.clone()),
-                None => reply(404, &[], ""),
-            }
+        let server = TestServer::start(move |seen| match asked_for(&bodies, seen) {
+            Some(b) => reply(200, &[], b.clone()),
+            None => reply(404, &[], ""),
         })
         .await;
         let dir = tempfile::tempdir().unwrap();
