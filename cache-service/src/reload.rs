@@ -17,6 +17,8 @@ use sha2::Digest as _;
 
 use crate::cache::{self, Cache, Limits};
 use crate::config::{self, Config, ConfigError, ServeArgs};
+use crate::store::object::BucketSettings;
+use crate::store::Location;
 use crate::upstream::{Upstream, UpstreamError};
 
 /// How often the config file's modification time and length are looked at.
@@ -151,11 +153,11 @@ pub fn plan(old: &Config, new: &Config) -> Result<Plan, ReloadError> {
             file: new.listen.to_string(),
         });
     }
-    if old.storage != new.storage {
+    if let Some((field, running, file)) = storage_change(&old.storage, &new.storage) {
         return Err(ReloadError::RestartNeeded {
-            field: "storage",
-            running: old.storage.to_string(),
-            file: new.storage.to_string(),
+            field,
+            running,
+            file,
         });
     }
     let mut p = Plan::default();
@@ -190,6 +192,58 @@ pub fn plan(old: &Config, new: &Config) -> Result<Plan, ReloadError> {
         .filter_map(|(n, changed)| changed.then_some(n))
         .collect();
     Ok(p)
+}
+
+/// The first `cache.toml` setting in which two stores differ, with both values as the file
+/// writes them (a bucket's URL is the same when only, say, its local tier changed).
+fn storage_change(old: &Location, new: &Location) -> Option<(&'static str, String, String)> {
+    let (a, b) = match (old, new) {
+        (Location::Bucket(a), Location::Bucket(b)) => (a, b),
+        _ => {
+            return (old != new).then(|| ("storage", old.to_string(), new.to_string()));
+        }
+    };
+    let redirect_endpoint =
+        |s: &BucketSettings| s.redirect.as_ref().and_then(|r| r.endpoint.clone());
+    let redirect_ttl = |s: &BucketSettings| s.redirect.as_ref().map(|r| r.ttl.as_secs());
+    let fields: [(&'static str, String, String); 8] = [
+        ("storage", a.to_string(), b.to_string()),
+        ("s3_endpoint", shown(&a.endpoint), shown(&b.endpoint)),
+        ("s3_region", shown(&a.region), shown(&b.region)),
+        (
+            "spool_dir",
+            a.spool_dir.display().to_string(),
+            b.spool_dir.display().to_string(),
+        ),
+        (
+            "local_cache_size",
+            a.local_cache_size.to_string(),
+            b.local_cache_size.to_string(),
+        ),
+        (
+            "redirect",
+            a.redirect.is_some().to_string(),
+            b.redirect.is_some().to_string(),
+        ),
+        (
+            "redirect_endpoint",
+            shown(&redirect_endpoint(a)),
+            shown(&redirect_endpoint(b)),
+        ),
+        (
+            "redirect_ttl_seconds",
+            shown(&redirect_ttl(a)),
+            shown(&redirect_ttl(b)),
+        ),
+    ];
+    let named = fields.into_iter().find(|(_, x, y)| x != y);
+    // Every field of the settings is listed above; this catches one added without a name.
+    named.or_else(|| (a != b).then(|| ("storage", a.to_string(), b.to_string())))
+}
+
+/// An optional setting as an operator reads it.
+fn shown<T: fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref().map_or_else(|| "unset".to_string(), T::to_string)
 }
 
 pub fn limits(c: &Config) -> Limits {
@@ -445,6 +499,64 @@ client_auth = "anonymous"
             );
             assert!(e.to_string().contains("restart"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_bucket_setting_that_needs_a_restart_is_named() {
+        let bucket = BASE.replace("/var/lib/regmirror", "s3://cache/mirror");
+        let with = |extra: &str| {
+            cfg(&bucket.replace("tag_ttl_seconds", &format!("{extra}\ntag_ttl_seconds")))
+        };
+        let old = with("local_cache_size = \"1GiB\"");
+        for (file, field, said) in [
+            (
+                "local_cache_size = \"2GiB\"",
+                "local_cache_size",
+                "1073741824 in force, 2147483648 in the file",
+            ),
+            (
+                "local_cache_size = \"1GiB\"\ns3_region = \"eu-1\"",
+                "s3_region",
+                "unset in force, eu-1 in the file",
+            ),
+            (
+                "local_cache_size = \"1GiB\"\nspool_dir = \"/srv/spool\"",
+                "spool_dir",
+                "/srv/spool in the file",
+            ),
+        ] {
+            let e = plan(&old, &with(file)).unwrap_err();
+            assert!(
+                matches!(e, ReloadError::RestartNeeded { field: f, .. } if f == field),
+                "{file}: {e}"
+            );
+            assert!(
+                e.to_string().starts_with(field) && e.to_string().contains(said),
+                "{e}"
+            );
+        }
+        let redirect = with("redirect = true\nredirect_ttl_seconds = 60");
+        let e = plan(
+            &redirect,
+            &with("redirect = true\nredirect_ttl_seconds = 90"),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "redirect_ttl_seconds cannot change while running (60 in force, 90 in the file): restart regmirror to apply it"
+        );
+        let e = plan(&old, &with("")).unwrap_err();
+        assert!(e.to_string().starts_with("local_cache_size"), "{e}");
+        let e = plan(
+            &old,
+            &cfg(&bucket.replace("s3://cache/mirror", "s3://cache/other")),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("s3://cache/mirror in force, s3://cache/other in the file"),
+            "{e}"
+        );
     }
 
     #[test]
