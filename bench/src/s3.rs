@@ -199,8 +199,8 @@ fn warm_pairs(
     util::interleaved(pairs, util::WARMUP_PAIRS, |side, _| {
         let before = util::sum_log_bytes(&f.origin_log);
         let (who, x) = match side {
-            Side::Mirror => (who, mbps(url, size)?),
-            Side::Peer => ("distribution", mbps(dp_url, size)?),
+            Side::Mirror => (who, best_mbps(url, size)?),
+            Side::Peer => ("distribution", best_mbps(dp_url, size)?),
         };
         let fetched = util::sum_log_bytes(&f.origin_log).saturating_sub(before);
         if fetched > 0 {
@@ -217,11 +217,17 @@ fn blob_url(f: &Fixture, addr: SocketAddr, layer: &str) -> String {
 
 /// One curl GET of `url`: MB/s, Err unless it read `size` bytes.
 fn mbps(url: &str, size: u64) -> Result<f64> {
-    let (n, t) = pull::curl_blob(url)?;
+    let (n, t) = util::fetch_blob(url)?;
     if n != size {
         bail!("{url}: {n} bytes, expected {size}");
     }
     Ok(n as f64 / 1e6 / t)
+}
+
+/// [`mbps`] of the fastest of [`util::BEST_OF`] back-to-back GETs.
+fn best_mbps(url: &str, size: u64) -> Result<f64> {
+    let rate = util::best_of(util::BEST_OF, || mbps(url, size), |r| 1.0 / r)?;
+    Ok(rate)
 }
 
 fn warm_rows(
@@ -283,7 +289,7 @@ fn warm_rows(
     );
     rows.push(Row::paired(
         S5,
-        "warm 256 MiB blob throughput (curl), both on S3 (streamed): regmirror vs distribution proxy",
+        &format!("warm 256 MiB blob throughput (one GET, fastest of {}), both on S3 (streamed): regmirror vs distribution proxy", util::BEST_OF),
         &warm,
         |x| *x,
         ("MB/s", "MB/s distribution"),
@@ -337,7 +343,7 @@ fn warm_rows(
     );
     rows.push(Row::paired(
         S5,
-        "warm 256 MiB blob throughput (curl), bucket on S3: regmirror with its local tier (--local-cache-size) vs distribution proxy (streamed from S3)",
+        &format!("warm 256 MiB blob throughput (one GET, fastest of {}), bucket on S3: regmirror with its local tier (--local-cache-size) vs distribution proxy (streamed from S3)", util::BEST_OF),
         &warm_tier,
         |x| *x,
         ("MB/s", "MB/s distribution"),
@@ -388,7 +394,7 @@ fn warm_rows(
     );
     rows.push(Row::paired(
         S5,
-        "warm 256 MiB blob throughput (curl -L), bucket on S3: regmirror with redirect = true (307 to a presigned URL, bytes from SeaweedFS) vs distribution proxy (streamed from S3)",
+        &format!("warm 256 MiB blob throughput (one GET following the 307, fastest of {}), bucket on S3: regmirror with redirect = true (307 to a presigned URL, bytes from SeaweedFS) vs distribution proxy (streamed from S3)", util::BEST_OF),
         &warm_redirect,
         |x| *x,
         ("MB/s", "MB/s distribution"),

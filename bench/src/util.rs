@@ -93,6 +93,130 @@ pub fn interleaved<T>(
     Ok(out)
 }
 
+/// Back-to-back runs behind one side's figure in a pair, where that figure is the duration
+/// (or rate) of a fixed job that needs no fresh state: see [`best_of`].
+pub const BEST_OF: usize = 3;
+
+/// The fastest of `runs` back-to-back runs of `run`, by `secs`. Other work on this shared
+/// machine only ever slows a run down, so the fastest of a few is the closest to the job's
+/// own cost, while a side that is truly slower is slower in every one of its runs. `run`
+/// still checks each run (bytes, work done) and its first failure ends the comparison.
+pub fn best_of<T>(
+    runs: usize,
+    mut run: impl FnMut() -> Result<T>,
+    secs: impl Fn(&T) -> f64,
+) -> Result<T> {
+    let mut best = run()?;
+    for _ in 1..runs {
+        let r = run()?;
+        if secs(&r) < secs(&best) {
+            best = r;
+        }
+    }
+    Ok(best)
+}
+
+/// Flushes dirty pages to disk, so that writing back what a fill stored does not fall into
+/// the timed runs after it.
+pub fn sync_disks() -> Result<()> {
+    run(&mut Command::new("sync")).context("sync")?;
+    Ok(())
+}
+
+/// Receive buffer of [`fetch_blob`]: a read per MiB keeps the client's own cost (one copy
+/// out of the socket) well under what a server on this machine can send.
+const FETCH_BUFFER: usize = 1 << 20;
+
+/// GETs a plain-HTTP `url` (following up to 5 redirects) and discards the body as it comes:
+/// `(body bytes, seconds from connecting to the last byte)`. A throughput row measures the
+/// server, so the client must not be the limit: curl reads 16 KiB at a time and tops out
+/// near what a `sendfile` server sends it here, while this reads a MiB per call.
+pub fn fetch_blob(url: &str) -> Result<(u64, f64)> {
+    let t = Instant::now();
+    let mut url = url.to_string();
+    for _ in 0..=5 {
+        match fetch_once(&url)? {
+            Fetched::Body(n) => return Ok((n, t.elapsed().as_secs_f64())),
+            Fetched::Redirect(to) => url = to,
+        }
+    }
+    bail!("GET {url}: more than 5 redirects")
+}
+
+enum Fetched {
+    Body(u64),
+    Redirect(String),
+}
+
+fn fetch_once(url: &str) -> Result<Fetched> {
+    use std::io::{Read, Write};
+    let rest = url
+        .strip_prefix("http://")
+        .with_context(|| format!("{url}: only http:// URLs"))?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    let mut conn =
+        std::net::TcpStream::connect(authority).with_context(|| format!("connect {authority}"))?;
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: mirror-bench\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = vec![0u8; FETCH_BUFFER];
+    let mut received = Vec::new();
+    let head_end = loop {
+        let n = conn.read(&mut buf)?;
+        if n == 0 {
+            bail!("GET {url}: connection closed in the response head");
+        }
+        received.extend_from_slice(buf.get(..n).unwrap_or_default());
+        if let Some(i) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if received.len() > 64 << 10 {
+            bail!("GET {url}: response head over 64 KiB");
+        }
+    };
+    let head = String::from_utf8_lossy(received.get(..head_end).unwrap_or_default()).to_string();
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("GET {url}: no status in {head:?}"))?;
+    let header = |name: &str| {
+        head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    };
+    if (300..400).contains(&status) {
+        let to =
+            header("location").with_context(|| format!("GET {url}: {status} without Location"))?;
+        return Ok(Fetched::Redirect(if to.starts_with('/') {
+            format!("http://{authority}{to}")
+        } else {
+            to
+        }));
+    }
+    if status != 200 {
+        bail!("GET {url}: {status}");
+    }
+    if header("transfer-encoding").is_some() {
+        bail!("GET {url}: a chunked body, expected a Content-Length");
+    }
+    let length: Option<u64> = header("content-length").and_then(|v| v.parse().ok());
+    let mut got = (received.len() - head_end) as u64;
+    while length.is_none_or(|l| got < l) {
+        let n = conn.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    Ok(Fetched::Body(got))
+}
+
 /// Wall time of `f` in seconds.
 pub fn timed(f: impl FnOnce() -> Result<()>) -> Result<f64> {
     let t = Instant::now();
@@ -713,6 +837,57 @@ mod tests {
             max,
             n: 9,
         }
+    }
+
+    #[test]
+    fn fetch_blob_follows_a_redirect_and_counts_the_body() {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            for conn in listener.incoming().take(2) {
+                let mut conn = conn.unwrap();
+                let mut line = String::new();
+                BufReader::new(&conn).read_line(&mut line).unwrap();
+                let answer = if line.starts_with("GET /start ") {
+                    "HTTP/1.1 307 Temporary Redirect\r\nLocation: /blob\r\nContent-Length: 0\r\n\r\n".to_string()
+                } else {
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: 3000000\r\n\r\n{}",
+                        "x".repeat(3_000_000)
+                    )
+                };
+                conn.write_all(answer.as_bytes()).unwrap();
+            }
+        });
+        let (n, secs) = fetch_blob(&format!("http://{addr}/start")).unwrap();
+        assert_eq!(n, 3_000_000);
+        assert!(secs > 0.0);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn best_of_keeps_the_fastest_run_and_stops_at_a_failure() {
+        let mut times = [0.9, 0.5, 0.7].into_iter();
+        let best = best_of(3, || Ok(times.next().unwrap()), |t| *t).unwrap();
+        assert_eq!(best, 0.5);
+        assert_eq!(times.next(), None, "all three ran");
+
+        let mut calls = 0;
+        let e = best_of(
+            3,
+            || {
+                calls += 1;
+                if calls == 2 {
+                    bail!("short body")
+                }
+                Ok(0.1)
+            },
+            |t| *t,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("short body"));
+        assert_eq!(calls, 2, "no run after a failure");
     }
 
     #[test]
