@@ -1,12 +1,13 @@
 //! Stored blobs handed to the response straight from the page cache: each window of the file is
-//! mapped (and faulted in on the blocking pool) and becomes a `Bytes` without a copy through a
-//! user-space buffer. Every live window is registered with its file and offset, so that the
+//! mapped (its pages read into the page cache first if they are not, on the blocking pool) and
+//! becomes a `Bytes` without a copy through a user-space buffer. Every live window is registered with its file and offset, so that the
 //! connection writing it to a plain TCP socket can `sendfile` those bytes instead of copying
 //! them (see `http::zero_copy`); otherwise hyper's HTTP/1.1 writer hands them to `writev`. The
 //! cache listener speaks HTTP/1.1 only and has no TLS, so no user-space code reads a mapping
 //! (an HTTP/2 or TLS writer would copy from it, and a truncated file would then be SIGBUS).
 //!
-//! Mapping is the one `unsafe` operation in the workspace. Its soundness condition is that the
+//! Mapping (and asking the kernel which mapped pages are in the page cache) is the one `unsafe`
+//! operation in the workspace. Its soundness condition is that the
 //! mapped bytes do not change or shrink while mapped. A stored blob's file is written once under
 //! a temporary name, verified, renamed into place and never opened for writing again; eviction
 //! unlinks it, which keeps the mapped pages valid until the last mapping is gone. What is left is
@@ -64,20 +65,29 @@ impl Drop for Window {
     }
 }
 
-/// The bytes `[pos, pos + len)` of `file`, mapped read-only with their pages already resident.
+/// The bytes `[pos, pos + len)` of `file`, mapped read-only with their pages in the page cache.
 /// Blocks on disk reads: call it on the blocking pool.
 pub(crate) fn window(file: &Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> {
     if len == 0 {
         return Ok(Bytes::new());
     }
-    // SAFETY: see the module comment: a stored blob is immutable while the cache runs.
-    let map = unsafe {
-        memmap2::MmapOptions::new()
-            .offset(pos)
-            .len(len)
-            .populate()
-            .map(&**file)?
+    let map_with = |populate: bool| {
+        let mut options = memmap2::MmapOptions::new();
+        options.offset(pos).len(len);
+        if populate {
+            options.populate();
+        }
+        // SAFETY: see the module comment: a stored blob is immutable while the cache runs.
+        unsafe { options.map(&**file) }
     };
+    // A warm blob's pages are in the page cache already, and `sendfile` reads them from there:
+    // page-table entries for them would cost more CPU to set up and tear down than sending
+    // the bytes. Only pages that are still on disk are read in, here and not in `sendfile`
+    // on a runtime thread.
+    let mut map = map_with(false)?;
+    if !all_in_page_cache(&map).unwrap_or(false) {
+        map = map_with(true)?;
+    }
     crate::lock(windows()).insert(
         map.as_ptr() as usize,
         Region {
@@ -87,6 +97,30 @@ pub(crate) fn window(file: &Arc<File>, pos: u64, len: usize) -> io::Result<Bytes
         },
     );
     Ok(Bytes::from_owner(Window { map }))
+}
+
+/// Whether every page of `map` is in the page cache (`mincore`). The kernel reports every
+/// page as present for a file the process could neither write nor owns: such a window is
+/// sent as if warm, and `sendfile` reads what is missing.
+fn all_in_page_cache(map: &memmap2::Mmap) -> io::Result<bool> {
+    static PAGE: OnceLock<usize> = OnceLock::new();
+    // SAFETY: sysconf reads a constant of the system.
+    let page = *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => usize::try_from(n).unwrap_or(4096),
+        _ => 4096,
+    });
+    let start = map.as_ptr() as usize;
+    // The mapping begins at the page holding its first byte (mmap maps whole pages).
+    let from = start - start % page;
+    let len = map.len() + (start - from);
+    let mut pages = vec![0u8; len.div_ceil(page)];
+    // SAFETY: `[from, from + len)` lies within this live mapping, and `pages` has one byte
+    // for each of its pages, as mincore writes.
+    let r = unsafe { libc::mincore(from as *mut libc::c_void, len, pages.as_mut_ptr()) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(pages.iter().all(|p| p & 1 == 1))
 }
 
 #[cfg(test)]
@@ -111,5 +145,23 @@ mod tests {
         let addr = w.as_ptr();
         drop((w, part));
         assert!(region_of(addr, 1).is_none(), "dropped");
+    }
+
+    #[test]
+    fn a_written_file_is_in_the_page_cache_at_any_offset() {
+        let mut tmp = tempfile::NamedTempFile::new().unwrap();
+        tmp.write_all(&vec![7u8; 5 * 4096]).unwrap();
+        let file = File::open(tmp.path()).unwrap();
+        for (pos, len) in [(0, 5 * 4096), (4096, 4096), (100, 3 * 4096 + 1)] {
+            // SAFETY: the file is not changed while mapped.
+            let map = unsafe {
+                memmap2::MmapOptions::new()
+                    .offset(pos)
+                    .len(len)
+                    .map(&file)
+                    .unwrap()
+            };
+            assert!(all_in_page_cache(&map).unwrap(), "{pos}+{len}");
+        }
     }
 }

@@ -140,7 +140,7 @@ impl SpoolReader {
     }
 
     /// Up to `len` bytes at `pos` (fewer at the end of the file) as a mapped window of a stored
-    /// blob (see [`super::mapped`]), faulted in on the blocking pool.
+    /// blob (see [`super::mapped`]), its pages in the page cache (read in on the blocking pool).
     pub(crate) async fn map_at(&self, pos: u64, len: u64) -> io::Result<Bytes> {
         let f = self.0.clone();
         tokio::task::spawn_blocking(move || {
