@@ -553,9 +553,7 @@ fn pull_rows(
             cdn_gets: cdn_lines().saturating_sub(cdn0),
         })
     };
-    let filter = util::interleaved(pairs, warmup, |side, _| {
-        util::best_of(util::BEST_OF, || hub_pull(side), |r| r.secs)
-    })?;
+    let filter = util::interleaved_fastest(pairs, warmup, |side, _| hub_pull(side), |r| r.secs)?;
     let work = |runs: &[HubPull]| {
         runs.iter()
             .map(|r| format!("{}/{}", r.tokens, r.cdn_gets))
@@ -650,13 +648,15 @@ fn pull_rows(
         by_process(Side::Mirror),
         by_process(Side::Peer),
     );
-    let warm = util::interleaved(pairs, warmup, |side, _| {
-        let image = match side {
-            Side::Mirror => &cache_ref,
-            Side::Peer => &direct_ref,
-        };
-        util::best_of(util::BEST_OF, || pull(image), |t| *t)
-    })?;
+    let warm = util::interleaved_fastest(
+        pairs,
+        warmup,
+        |side, _| match side {
+            Side::Mirror => pull(&cache_ref),
+            Side::Peer => pull(&direct_ref),
+        },
+        |t| *t,
+    )?;
     log_pairs(
         log,
         "pull s, cache route warm vs direct distribution (TLS, no auth)",
@@ -1002,27 +1002,25 @@ fn peer_rows(
     // The fills left dirty pages: written back now, not during the first timed runs.
     util::sync_disks()?;
     let mbps = |u: &str| -> Result<f64> {
-        let secs = util::best_of(
-            util::BEST_OF,
-            || {
-                let (n, t) = util::fetch_blob(u)?;
-                if n != size {
-                    bail!("{u}: {n} bytes, expected {size}");
-                }
-                Ok(t)
-            },
-            |t| *t,
-        )?;
-        Ok(size as f64 / 1e6 / secs)
+        let (n, t) = util::fetch_blob(u)?;
+        if n != size {
+            bail!("{u}: {n} bytes, expected {size}");
+        }
+        Ok(n as f64 / 1e6 / t)
     };
     for (peer_url, peer, goal) in [
         (&dp_url, "distribution proxy", 1.5),
         (&ng_url, "nginx sendfile (same file)", 0.95),
     ] {
-        let runs = util::interleaved(pairs, warmup, |side, _| match side {
-            Side::Mirror => mbps(&rm_url),
-            Side::Peer => mbps(peer_url),
-        })?;
+        let runs = util::interleaved_fastest(
+            pairs,
+            warmup,
+            |side, _| match side {
+                Side::Mirror => mbps(&rm_url),
+                Side::Peer => mbps(peer_url),
+            },
+            |rate| 1.0 / rate,
+        )?;
         log_pairs(
             log,
             &format!("warm 256 MiB blob MB/s, regmirror vs {peer}"),

@@ -187,7 +187,8 @@ fn wait_for_key(s3: &S3Server, key: &str, timeout: Duration) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// Warm whole-blob MB/s of a regmirror against distribution, interleaved; a run that reaches
+/// Warm whole-blob MB/s of a regmirror against distribution, interleaved (fastest of
+/// [`util::BEST_OF`] rounds per pair); a run that reaches
 /// the origin is not warm and fails the comparison.
 fn warm_pairs(
     f: &Fixture,
@@ -196,18 +197,23 @@ fn warm_pairs(
     (dp_url, dp): (&str, &Proc),
     size: u64,
 ) -> Result<util::Paired<f64>> {
-    util::interleaved(pairs, util::WARMUP_PAIRS, |side, _| {
-        let before = util::sum_log_bytes(&f.origin_log);
-        let (who, x) = match side {
-            Side::Mirror => (who, best_mbps(url, size)?),
-            Side::Peer => ("distribution", best_mbps(dp_url, size)?),
-        };
-        let fetched = util::sum_log_bytes(&f.origin_log).saturating_sub(before);
-        if fetched > 0 {
-            bail!("{who} fetched {fetched} B from the origin during a warm run: not warm");
-        }
-        Ok(x)
-    })
+    util::interleaved_fastest(
+        pairs,
+        util::WARMUP_PAIRS,
+        |side, _| {
+            let before = util::sum_log_bytes(&f.origin_log);
+            let (who, x) = match side {
+                Side::Mirror => (who, mbps(url, size)?),
+                Side::Peer => ("distribution", mbps(dp_url, size)?),
+            };
+            let fetched = util::sum_log_bytes(&f.origin_log).saturating_sub(before);
+            if fetched > 0 {
+                bail!("{who} fetched {fetched} B from the origin during a warm run: not warm");
+            }
+            Ok(x)
+        },
+        |rate| 1.0 / rate,
+    )
     .with_context(|| format!("{}\n{}", rm.log_tail(20), dp.log_tail(20)))
 }
 
@@ -222,12 +228,6 @@ fn mbps(url: &str, size: u64) -> Result<f64> {
         bail!("{url}: {n} bytes, expected {size}");
     }
     Ok(n as f64 / 1e6 / t)
-}
-
-/// [`mbps`] of the fastest of [`util::BEST_OF`] back-to-back GETs.
-fn best_mbps(url: &str, size: u64) -> Result<f64> {
-    let rate = util::best_of(util::BEST_OF, || mbps(url, size), |r| 1.0 / r)?;
-    Ok(rate)
 }
 
 fn warm_rows(

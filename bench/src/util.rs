@@ -93,27 +93,41 @@ pub fn interleaved<T>(
     Ok(out)
 }
 
-/// Back-to-back runs behind one side's figure in a pair, where that figure is the duration
-/// (or rate) of a fixed job that needs no fresh state: see [`best_of`].
+/// Rounds per pair of [`interleaved_fastest`].
 pub const BEST_OF: usize = 3;
 
-/// The fastest of `runs` back-to-back runs of `run`, by `secs`. Other work on this shared
-/// machine only ever slows a run down, so the fastest of a few is the closest to the job's
-/// own cost, while a side that is truly slower is slower in every one of its runs. `run`
-/// still checks each run (bytes, work done) and its first failure ends the comparison.
-pub fn best_of<T>(
-    runs: usize,
-    mut run: impl FnMut() -> Result<T>,
+/// As [`interleaved`], for a fixed job that needs no fresh state (a warm blob, a warm pull):
+/// each pair is [`BEST_OF`] rounds of mirror then peer, and each side's figure is its fastest
+/// run by `secs`. Other work on this shared machine only ever slows a run down, so the fastest
+/// of a few is the closest to the job's own cost, while a side that is truly slower is slower
+/// in every one of its runs; alternating within the pair lets both sides sample the same
+/// moments. `run` still checks each run, and its first failure ends the comparison.
+pub fn interleaved_fastest<T>(
+    pairs: usize,
+    warmup: usize,
+    mut run: impl FnMut(Side, usize) -> Result<T>,
     secs: impl Fn(&T) -> f64,
-) -> Result<T> {
-    let mut best = run()?;
-    for _ in 1..runs {
-        let r = run()?;
-        if secs(&r) < secs(&best) {
-            best = r;
+) -> Result<Paired<T>> {
+    let faster = |best: Option<T>, new: T| match best {
+        Some(b) if secs(&b) <= secs(&new) => Some(b),
+        _ => Some(new),
+    };
+    let mut out = Paired {
+        mirror: Vec::with_capacity(pairs),
+        peer: Vec::with_capacity(pairs),
+    };
+    for i in 0..warmup + pairs {
+        let (mut m, mut p) = (None, None);
+        for _ in 0..BEST_OF {
+            m = faster(m, run(Side::Mirror, i).context("mirror side")?);
+            p = faster(p, run(Side::Peer, i).context("peer side")?);
+        }
+        if let (Some(m), Some(p), true) = (m, p, i >= warmup) {
+            out.mirror.push(m);
+            out.peer.push(p);
         }
     }
-    Ok(best)
+    Ok(out)
 }
 
 /// Flushes dirty pages to disk, so that writing back what a fill stored does not fall into
@@ -847,8 +861,14 @@ mod tests {
         let server = std::thread::spawn(move || {
             for conn in listener.incoming().take(2) {
                 let mut conn = conn.unwrap();
+                // The whole request head is read: closing with bytes unread would reset.
+                let mut reader = BufReader::new(&conn);
                 let mut line = String::new();
-                BufReader::new(&conn).read_line(&mut line).unwrap();
+                reader.read_line(&mut line).unwrap();
+                let mut rest = String::new();
+                while reader.read_line(&mut rest).unwrap() > 2 {
+                    rest.clear();
+                }
                 let answer = if line.starts_with("GET /start ") {
                     "HTTP/1.1 307 Temporary Redirect\r\nLocation: /blob\r\nContent-Length: 0\r\n\r\n".to_string()
                 } else {
@@ -867,18 +887,30 @@ mod tests {
     }
 
     #[test]
-    fn best_of_keeps_the_fastest_run_and_stops_at_a_failure() {
-        let mut times = [0.9, 0.5, 0.7].into_iter();
-        let best = best_of(3, || Ok(times.next().unwrap()), |t| *t).unwrap();
-        assert_eq!(best, 0.5);
-        assert_eq!(times.next(), None, "all three ran");
+    fn interleaved_fastest_alternates_within_a_pair_and_keeps_each_sides_fastest() {
+        let mut order = Vec::new();
+        let mut times = [0.9, 2.0, 0.5, 1.0, 0.7, 3.0].into_iter();
+        let p = interleaved_fastest(
+            1,
+            0,
+            |side, _| {
+                order.push(side);
+                Ok(times.next().unwrap())
+            },
+            |t| *t,
+        )
+        .unwrap();
+        use Side::{Mirror as M, Peer as P};
+        assert_eq!(order, [M, P, M, P, M, P]);
+        assert_eq!((p.mirror, p.peer), (vec![0.5], vec![1.0]));
 
         let mut calls = 0;
-        let e = best_of(
-            3,
-            || {
+        let e = interleaved_fastest(
+            2,
+            1,
+            |_, _| {
                 calls += 1;
-                if calls == 2 {
+                if calls == 4 {
                     bail!("short body")
                 }
                 Ok(0.1)
@@ -886,8 +918,8 @@ mod tests {
             |t| *t,
         )
         .unwrap_err();
-        assert!(e.to_string().contains("short body"));
-        assert_eq!(calls, 2, "no run after a failure");
+        assert!(format!("{e:#}").contains("peer side: short body"), "{e:#}");
+        assert_eq!(calls, 4, "no run after a failure");
     }
 
     #[test]
