@@ -146,7 +146,9 @@ impl StoredBlob for FsBlob {
                     Ok(b)
                 }
             })
-            .buffered(if mapped { 1 } else { 2 })
+            // Two in flight: the next chunk is ready when the socket has taken this one. A
+            // mapped window of a warm blob holds no memory of its own (see `mapped`).
+            .buffered(2)
             .scan(false, |failed, r: io::Result<Bytes>| {
                 // Nothing after the first error.
                 let out = (!*failed).then_some(r);
