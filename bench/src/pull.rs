@@ -982,7 +982,7 @@ fn peer_rows(
     std::fs::hard_link(&blob_path, www.join("layer"))
         .or_else(|_| std::fs::copy(&blob_path, www.join("layer")).map(|_| ()))?;
     let ng_addr = util::addr();
-    let _ng = util::start_nginx(
+    let ng = util::start_nginx(
         &f.dir,
         "nginx-sendfile",
         &format!("  sendfile on;\n  tcp_nopush on;\n  server {{\n    listen {ng_addr};\n    root {};\n  }}", www.display()),
@@ -1008,19 +1008,45 @@ fn peer_rows(
         }
         Ok(n as f64 / 1e6 / t)
     };
-    for (peer_url, peer, goal) in [
-        (&dp_url, "distribution proxy", 1.5),
-        (&ng_url, "nginx sendfile (same file)", 0.95),
+    for (peer_url, peer, peer_pid, goal) in [
+        (&dp_url, "distribution proxy", dp.pid(), 1.5),
+        (&ng_url, "nginx sendfile (same file)", ng.pid(), 0.95),
     ] {
+        // The servers' own CPU over all of these runs: a figure the machine's other work
+        // hardly moves, unlike the wall clock.
+        let cpu_before = (util::proc_cpu_us(rm.pid())?, util::proc_cpu_us(peer_pid)?);
+        let (mut rm_sent, mut peer_sent) = (0u64, 0u64);
         let runs = util::interleaved_fastest(
             pairs,
             warmup,
             |side, _| match side {
-                Side::Mirror => mbps(&rm_url),
-                Side::Peer => mbps(peer_url),
+                Side::Mirror => {
+                    rm_sent += size;
+                    mbps(&rm_url)
+                }
+                Side::Peer => {
+                    peer_sent += size;
+                    mbps(peer_url)
+                }
             },
             |rate| 1.0 / rate,
         )?;
+        let per_gb = |before: u64, after: u64, sent: u64| {
+            after.saturating_sub(before) as f64 / 1e6 / (sent as f64 / 1e9)
+        };
+        let rm_cpu = per_gb(cpu_before.0, util::proc_cpu_us(rm.pid())?, rm_sent);
+        let peer_cpu = per_gb(cpu_before.1, util::proc_cpu_us(peer_pid)?, peer_sent);
+        let short = peer.split(' ').next().unwrap_or(peer);
+        let mut cpu_row = Row::info(
+            S4,
+            &format!("same warm runs: server CPU-seconds per GB sent (utime + stime over all runs), regmirror vs {peer}"),
+            format!("{rm_cpu:.3} CPU-s/GB"),
+            format!("{peer_cpu:.3} CPU-s/GB {short}"),
+        );
+        cpu_row.figure = Figure::One(rm_cpu / peer_cpu);
+        cpu_row.target =
+            "info (lower is better; one figure per side over all runs, in 10 ms clock ticks)"
+                .into();
         log_pairs(
             log,
             &format!("warm 256 MiB blob MB/s, regmirror vs {peer}"),
@@ -1034,12 +1060,10 @@ fn peer_rows(
             ),
             &runs,
             |x| *x,
-            (
-                "MB/s",
-                &format!("MB/s {}", peer.split(' ').next().unwrap_or(peer)),
-            ),
+            ("MB/s", &format!("MB/s {short}")),
             Some(Goal::AtLeast(goal)),
         ));
+        rows.push(cpu_row);
     }
 
     // Manifests: make both caches hold bench/three, then short wrk runs by digest and by
