@@ -124,9 +124,51 @@ pub fn descriptor_sizes(body: &[u8]) -> Vec<(Digest, u64)> {
         .collect()
 }
 
+/// Whether `media_type` is a list of manifests (an OCI index or a Docker manifest list).
+pub fn is_index(media_type: &str) -> bool {
+    matches!(media_type, MT_OCI_INDEX | MT_DOCKER_LIST)
+}
+
+/// The manifest an index names for linux/amd64: what a registry answers by tag to a client
+/// that takes no index (distribution's default platform, as Docker Hub's). `None` when the
+/// index names none (or is not one).
+pub fn default_platform_manifest(index: &[u8]) -> Option<Digest> {
+    let v: serde_json::Value = serde_json::from_slice(index).ok()?;
+    v.get("manifests")?.as_array()?.iter().find_map(|m| {
+        let p = m.get("platform")?;
+        let linux_amd64 =
+            p.get("os")?.as_str()? == "linux" && p.get("architecture")?.as_str()? == "amd64";
+        linux_amd64
+            .then(|| parse_digest(m.get("digest")?.as_str()?).ok())
+            .flatten()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_index_names_its_linux_amd64_manifest() {
+        let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+        let index = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{MT_OCI_INDEX}","manifests":[
+                {{"digest":"{}","size":1,"platform":{{"os":"linux","architecture":"arm64","variant":"v8"}}}},
+                {{"digest":"{}","size":1,"platform":{{"os":"windows","architecture":"amd64"}}}},
+                {{"digest":"{}","size":1,"platform":{{"os":"linux","architecture":"amd64"}}}}]}}"#,
+            d('a'),
+            d('b'),
+            d('c')
+        );
+        assert_eq!(
+            default_platform_manifest(index.as_bytes()).map(|x| x.to_string()),
+            Some(d('c'))
+        );
+        let arm_only = index.replace("\"amd64\"}}]", "\"s390x\"}}]");
+        assert_eq!(default_platform_manifest(arm_only.as_bytes()), None);
+        assert_eq!(default_platform_manifest(b"not json"), None);
+        assert!(is_index(MT_DOCKER_LIST) && is_index(MT_OCI_INDEX) && !is_index(MT_OCI_MANIFEST));
+    }
 
     #[test]
     fn a_media_type_that_cannot_be_a_header_is_refused() {

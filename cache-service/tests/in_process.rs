@@ -86,6 +86,123 @@ async fn a_range_of_a_cold_blob_is_never_complete_before_the_digest_verified() {
     );
 }
 
+/// A client that takes no index (an old engine, a script asking for an image manifest) pulling
+/// a multi-platform tag gets its linux/amd64 manifest, as from distribution or Docker Hub; by
+/// digest it gets exactly what it named or nothing.
+#[tokio::test]
+async fn a_client_that_takes_no_index_gets_a_tags_linux_amd64_manifest() {
+    const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    let up = FakeUpstream::start().await;
+    let (arm, amd) = (
+        manifest_with(b"arm64 config"),
+        manifest_with(b"amd64 config"),
+    );
+    let (arm_d, amd_d) = (digest_of(arm.as_bytes()), digest_of(amd.as_bytes()));
+    up.manifest(&arm_d, &arm);
+    up.manifest(&amd_d, &amd);
+    let entry = |d: &str, size: usize, arch: &str| {
+        format!(
+            r#"{{"mediaType":"{OCI_MANIFEST}","digest":"{d}","size":{size},"platform":{{"os":"linux","architecture":"{arch}"}}}}"#
+        )
+    };
+    let index = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{},{}]}}"#,
+        entry(&arm_d, arm.len(), "arm64"),
+        entry(&amd_d, amd.len(), "amd64")
+    );
+    let index_d = up.manifest("multi", &index);
+    let m = Mirror::start(&up, TTL).await;
+    let ask = |method: Method, reference: &str, accept: &str| {
+        m.request(method, &format!("/v2/lab/app/manifests/{reference}"))
+            .header("accept", accept)
+            .send()
+    };
+    let digest_header = |r: &reqwest::Response| {
+        r.headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+
+    // A client that takes indexes gets the index.
+    let resp = ask(Method::GET, "multi", OCI_INDEX).await.expect("answer");
+    assert_eq!(digest_header(&resp), Some(index_d.clone()));
+    assert_eq!(resp.bytes().await.expect("body"), index.as_bytes());
+
+    // One that takes only image manifests gets linux/amd64's, by GET and by HEAD.
+    let resp = ask(Method::GET, "multi", OCI_MANIFEST)
+        .await
+        .expect("answer");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(digest_header(&resp), Some(amd_d.clone()));
+    assert_eq!(
+        resp.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some(OCI_MANIFEST)
+    );
+    assert_eq!(resp.bytes().await.expect("body"), amd.as_bytes());
+    let resp = ask(Method::HEAD, "multi", OCI_MANIFEST)
+        .await
+        .expect("answer");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(digest_header(&resp), Some(amd_d.clone()));
+    assert_eq!(
+        resp.headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok()),
+        Some(amd.len().to_string().as_str())
+    );
+
+    // By digest the index is what was named: not served to a client that cannot take it.
+    let resp = ask(Method::GET, &index_d, OCI_MANIFEST)
+        .await
+        .expect("answer");
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert!(resp
+        .text()
+        .await
+        .expect("body")
+        .contains("MANIFEST_UNKNOWN"));
+
+    // A tag whose index names no linux/amd64 manifest has nothing for it either.
+    let arm_only = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{}]}}"#,
+        entry(&arm_d, arm.len(), "arm64")
+    );
+    up.manifest("arm-only", &arm_only);
+    let resp = ask(Method::GET, "arm-only", OCI_MANIFEST)
+        .await
+        .expect("answer");
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+}
+
+/// A registry whose HEAD names a digest it does not serve by digest yet: the tag's own GET is
+/// what the client gets (and what the tag is stored as), not a 404 for the tag's lifetime.
+#[tokio::test]
+async fn a_tag_whose_digest_is_not_served_yet_is_fetched_by_tag() {
+    let up = FakeUpstream::start().await;
+    let body = manifest_with(b"lagging replica");
+    up.tag_only("2.0", &body);
+    let m = Mirror::start(&up, TTL).await;
+    for _ in 0..2 {
+        let (status, got) = fetch(
+            m.get("/v2/lab/app/manifests/2.0")
+                .header("accept", OCI_MANIFEST),
+        )
+        .await;
+        assert_eq!(
+            (status, got.as_deref()),
+            (StatusCode::OK, Some(body.as_bytes()))
+        );
+    }
+    assert_eq!(
+        up.hits(Method::GET, "/manifests/2.0"),
+        1,
+        "fetched by tag once, then served from the cache"
+    );
+}
+
 #[tokio::test]
 async fn a_tag_is_resolved_once_per_ttl() {
     let up = FakeUpstream::start().await;

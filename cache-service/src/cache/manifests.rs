@@ -199,7 +199,16 @@ impl Cache {
         }
         let result = match self.resolve_tag_shared(up, name, tag).await {
             Ok(m) if m.body.is_none() && !head => {
-                let full = self.manifest_by_digest(up, name, &m.digest, false).await;
+                let full = match self.manifest_by_digest(up, name, &m.digest, false).await {
+                    // The HEAD named a digest the registry does not serve as such (a replica
+                    // behind, a HEAD that computes digests its own way): the tag's own GET
+                    // decides, and its record replaces the one the HEAD wrote.
+                    Err(CacheError::ManifestUnknown | CacheError::DigestMismatch(_)) => {
+                        self.fetch_manifest(up, name, &Reference::Tag(tag.clone()))
+                            .await
+                    }
+                    r => r,
+                };
                 if let Ok(f) = &full {
                     if f.media_type != m.media_type || f.size != m.size {
                         // The HEAD's headers disagreed with the body: keep what the body says.

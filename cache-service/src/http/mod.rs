@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 
 use crate::authorize::{self, Check};
-use crate::cache::{streams, BlobReply, Cache, CacheError, Source};
+use crate::cache::{streams, BlobReply, Cache, CacheError, ManifestReply, Source};
 use crate::metrics::Metrics;
 use crate::upstream::client::{ClientCredential, Credential};
 use error::ApiError;
@@ -85,6 +85,8 @@ fn parse_route(path: &str) -> Result<Route, ApiError> {
     }
     let (name_parts, kind, last) = match (parts.get(n - 2), parts.last()) {
         (Some(&"tags"), Some(&"list")) => (parts.get(..n - 2), "tags", ""),
+        // `tags/list` is the only path under `tags`.
+        (Some(&"tags"), _) => return Err(ApiError::not_found()),
         (Some(k), Some(l)) => (parts.get(..n - 2), *k, *l),
         _ => return Err(ApiError::not_found()),
     };
@@ -276,16 +278,9 @@ async fn serve_route(
     Ok(match route {
         Route::Base => return Err(ApiError::not_found()),
         Route::Manifest(name, reference) => {
-            let m = st.cache.manifest(up, &name, &reference, head).await?;
+            let mut m = st.cache.manifest(up, &name, &reference, head).await?;
             if !accepts(headers, &m.media_type) {
-                return Err(ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    ErrorCode::ManifestUnknown,
-                    format!(
-                        "the manifest is {}, which the request's Accept header does not allow",
-                        m.media_type
-                    ),
-                ));
+                m = default_platform_for(st, up, &name, &reference, m, head, headers).await?;
             }
             let mut b = Response::builder()
                 .status(StatusCode::OK)
@@ -596,6 +591,52 @@ fn range_error(e: range::RangeError, size: Option<u64>) -> ApiError {
     }
 }
 
+/// What a registry answers by tag to a client that takes no index when the tag is one: the
+/// index's linux/amd64 manifest, if the client takes that (as distribution and Docker Hub
+/// do). By digest, or with nothing acceptable, the content asked for is not there in a form
+/// the client takes.
+async fn default_platform_for(
+    st: &AppState,
+    up: &Source,
+    name: &RepositoryName,
+    reference: &Reference,
+    index: ManifestReply,
+    head: bool,
+    headers: &HeaderMap,
+) -> Result<ManifestReply, ApiError> {
+    let not_accepted = |media_type: &str| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::ManifestUnknown,
+            format!(
+                "the manifest is {media_type}, which the request's Accept header does not allow"
+            ),
+        )
+    };
+    if !matches!(reference, Reference::Tag(_)) || !crate::oci::is_index(&index.media_type) {
+        return Err(not_accepted(&index.media_type));
+    }
+    let body = match index.body {
+        Some(b) => b,
+        // A HEAD's answer has no body: the stored index's.
+        None => {
+            let by_digest = Reference::Digest(index.digest.clone());
+            let whole = st.cache.manifest(up, name, &by_digest, false).await?;
+            whole.body.unwrap_or_default()
+        }
+    };
+    let child = crate::oci::default_platform_manifest(&body)
+        .ok_or_else(|| not_accepted(&index.media_type))?;
+    let m = st
+        .cache
+        .manifest(up, name, &Reference::Digest(child), head)
+        .await?;
+    if !accepts(headers, &m.media_type) {
+        return Err(not_accepted(&m.media_type));
+    }
+    Ok(m)
+}
+
 /// Accept negotiation: one stored manifest per digest, served unless the client listed
 /// manifest media types that exclude it (no wildcard). A missing or generic Accept gets it.
 fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
@@ -691,6 +732,7 @@ mod tests {
         assert_eq!(code("/v2/a/uploads/x"), "NAME_UNKNOWN");
         assert_eq!(code("/v2/a"), "NAME_UNKNOWN");
         assert_eq!(code("/v2/tags/list"), "NAME_UNKNOWN");
+        assert_eq!(code("/v2/a/tags/latest"), "NAME_UNKNOWN");
         assert_eq!(code("/v2//manifests/x"), "NAME_INVALID");
     }
 

@@ -182,7 +182,12 @@ async fn serve(State(f): State<FakeUpstream>, req: Request) -> Response {
     };
     let mut headers = vec![("content-length", body.len().to_string())];
     if path.contains("/manifests/") {
-        headers.push(("content-type", OCI_MANIFEST.into()));
+        // The manifest's own media type, as a registry sends it.
+        let media_type = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("mediaType")?.as_str().map(str::to_owned))
+            .unwrap_or_else(|| OCI_MANIFEST.into());
+        headers.push(("content-type", media_type));
         headers.push(("docker-content-digest", digest_of(&body)));
     }
     let body = if method == Method::HEAD {
@@ -289,6 +294,14 @@ impl FakeUpstream {
             .insert(reference.to_owned(), Bytes::from(body.to_owned()));
         c.manifests.insert(d.clone(), Bytes::from(body.to_owned()));
         d
+    }
+
+    /// Serve `body` as the manifest of `tag` only, not by its digest (yet): a registry whose
+    /// replicas disagree for a moment.
+    pub fn tag_only(&self, tag: &str, body: &str) {
+        lock(&self.content)
+            .manifests
+            .insert(tag.to_owned(), Bytes::from(body.to_owned()));
     }
 
     pub fn require_token(&self) {
@@ -420,7 +433,11 @@ impl Mirror {
     }
 
     pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
-        self.http.get(format!("{}{path}", self.base))
+        self.request(reqwest::Method::GET, path)
+    }
+
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.base))
     }
 
     /// What `/metrics` reports now.
