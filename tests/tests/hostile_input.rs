@@ -1472,4 +1472,23 @@ fn warm_fetches_a_fresh_token_after_the_old_one_expired() {
             .any(|s| s.header("authorization").is_some()),
         "the second image's layer was not fetched"
     );
+    // The token the slow layer went out with had expired by then: nothing of the second
+    // image was asked for with it.
+    let first_token = h
+        .seen_under(&format!("/v2/t14/app/blobs/{d}"))
+        .iter()
+        .find_map(|s| s.header("authorization").map(str::to_owned))
+        .expect("the first layer was fetched with a token");
+    for path in [
+        "/v2/t14/app/manifests/2".to_string(),
+        format!("/v2/t14/app/blobs/{second_layer}"),
+    ] {
+        for s in h.seen_under(&path) {
+            assert_ne!(
+                s.header("authorization"),
+                Some(first_token.as_str()),
+                "{path} was asked for with the expired token"
+            );
+        }
+    }
 }

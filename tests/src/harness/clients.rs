@@ -132,8 +132,15 @@ pub fn verify_dir(dir: tempfile::TempDir) -> Result<PulledDir> {
             }
         }
     }
-    if manifest["mediaType"] == MT_INDEX && child_manifests.is_empty() {
-        // Without --all skopeo keeps only one platform: then manifest.json is that one.
+    // An index (skopeo --all) comes with every manifest it names; without --all skopeo
+    // keeps one platform, and manifest.json is that platform's manifest.
+    if manifest["mediaType"] == MT_INDEX {
+        for m in manifest["manifests"].as_array().into_iter().flatten() {
+            let d = m["digest"].as_str().unwrap_or_default();
+            if !child_manifests.contains(d) {
+                bail!("manifest {d:?} named by the index is missing from the copy");
+            }
+        }
     }
     Ok(PulledDir {
         dir,
