@@ -117,16 +117,19 @@ async fn a_client_that_takes_no_index_gets_a_tags_linux_amd64_manifest() {
             .header("accept", accept)
             .send()
     };
-    let digest_header = |r: &reqwest::Response| {
+    let header = |r: &reqwest::Response, name: &str| {
         r.headers()
-            .get("docker-content-digest")
+            .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     };
 
     // A client that takes indexes gets the index.
     let resp = ask(Method::GET, "multi", OCI_INDEX).await.expect("answer");
-    assert_eq!(digest_header(&resp), Some(index_d.clone()));
+    assert_eq!(
+        header(&resp, "docker-content-digest"),
+        Some(index_d.clone())
+    );
     assert_eq!(resp.bytes().await.expect("body"), index.as_bytes());
 
     // One that takes only image manifests gets linux/amd64's, by GET and by HEAD.
@@ -134,25 +137,15 @@ async fn a_client_that_takes_no_index_gets_a_tags_linux_amd64_manifest() {
         .await
         .expect("answer");
     assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(digest_header(&resp), Some(amd_d.clone()));
-    assert_eq!(
-        resp.headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok()),
-        Some(OCI_MANIFEST)
-    );
+    assert_eq!(header(&resp, "docker-content-digest"), Some(amd_d.clone()));
+    assert_eq!(header(&resp, "content-type").as_deref(), Some(OCI_MANIFEST));
     assert_eq!(resp.bytes().await.expect("body"), amd.as_bytes());
     let resp = ask(Method::HEAD, "multi", OCI_MANIFEST)
         .await
         .expect("answer");
     assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(digest_header(&resp), Some(amd_d.clone()));
-    assert_eq!(
-        resp.headers()
-            .get("content-length")
-            .and_then(|v| v.to_str().ok()),
-        Some(amd.len().to_string().as_str())
-    );
+    assert_eq!(header(&resp, "docker-content-digest"), Some(amd_d.clone()));
+    assert_eq!(header(&resp, "content-length"), Some(amd.len().to_string()));
 
     // By digest the index is what was named: not served to a client that cannot take it.
     let resp = ask(Method::GET, &index_d, OCI_MANIFEST)
