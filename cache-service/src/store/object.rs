@@ -52,7 +52,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio::task::JoinHandle;
 
-use super::spool::Spool;
+use super::spool::{Spool, SpoolReader};
 use super::{BlobInfo, BlobStore, BlobWriter, ByteStream, Sink, StoredBlob, TagRecord};
 use crate::lock;
 use registry_rules::digest::Digest;
@@ -665,13 +665,20 @@ impl StoredBlob for ObjectBlob {
     }
 }
 
-/// A multipart upload to the final key, or (for a blob under one part) a single PUT.
+/// A multipart upload to the final key, or (for a blob under one part) a single PUT. Its
+/// parts are read back from the download's spool, so the download never waits for the
+/// bucket: a bucket slower than the upstream delays only when the blob becomes visible,
+/// not the clients reading the download.
 struct ObjectSink {
     backend: Arc<AmazonS3>,
     dest: Path,
     marker_key: Path,
-    buf: Vec<Bytes>,
-    buf_len: usize,
+    /// The download's spool: every byte written so far, on local disk.
+    spool: SpoolReader,
+    /// Bytes in the spool.
+    written: u64,
+    /// Where the next part not yet sent starts.
+    next_start: u64,
     upload: Option<String>,
     next_part: usize,
     in_flight: VecDeque<JoinHandle<object_store::Result<PartId>>>,
@@ -682,8 +689,8 @@ struct ObjectSink {
 }
 
 impl ObjectSink {
-    /// Send the buffered bytes as the next part.
-    async fn send_part(&mut self) -> io::Result<()> {
+    /// Send the spool's bytes `[next_start, end)` as the next part.
+    async fn send_part(&mut self, end: u64) -> io::Result<()> {
         let id = match &self.upload {
             Some(id) => id.clone(),
             None => {
@@ -710,15 +717,46 @@ impl ObjectSink {
                 id
             }
         };
-        let payload: PutPayload = std::mem::take(&mut self.buf).into_iter().collect();
-        self.buf_len = 0;
-        let (store, dest, idx) = (self.backend.clone(), self.dest.clone(), self.next_part);
+        let (start, len) = (self.next_start, end - self.next_start);
+        self.next_start = end;
+        let (store, dest, idx, spool) = (
+            self.backend.clone(),
+            self.dest.clone(),
+            self.next_part,
+            self.spool.clone(),
+        );
         self.next_part += 1;
         self.in_flight.push_back(tokio::spawn(async move {
-            store.put_part(&dest, &id, idx, payload).await
+            let bytes =
+                spool
+                    .read_at(start, len)
+                    .await
+                    .map_err(|e| object_store::Error::Generic {
+                        store: "spool",
+                        source: Box::new(e),
+                    })?;
+            store
+                .put_part(&dest, &id, idx, PutPayload::from(bytes))
+                .await
         }));
-        while self.in_flight.len() > PARTS_IN_FLIGHT {
-            self.finish_one().await?;
+        Ok(())
+    }
+
+    /// Start the whole parts the spool holds, as many as may be in flight; with `wait`,
+    /// until all are started (waiting for parts in flight to finish), else only what can
+    /// start now: the download calls it after each write and must not wait for the bucket.
+    async fn pump(&mut self, wait: bool) -> io::Result<()> {
+        let part = PART_SIZE as u64;
+        while self.written - self.next_start >= part {
+            if self.in_flight.len() >= PARTS_IN_FLIGHT {
+                let done = self.in_flight.front().is_some_and(JoinHandle::is_finished);
+                if !(wait || done) {
+                    break;
+                }
+                self.finish_one().await?;
+                continue;
+            }
+            self.send_part(self.next_start + part).await?;
         }
         Ok(())
     }
@@ -735,31 +773,27 @@ impl ObjectSink {
 #[async_trait]
 impl Sink for ObjectSink {
     async fn write(&mut self, data: &Bytes) -> io::Result<()> {
-        let mut data = data.clone();
-        while !data.is_empty() {
-            let room = PART_SIZE - self.buf_len;
-            let take = data.split_to(std::cmp::min(room, data.len()));
-            self.buf_len += take.len();
-            self.buf.push(take);
-            if self.buf_len == PART_SIZE {
-                self.send_part().await?;
-            }
-        }
-        Ok(())
+        // The bytes are in the spool already (the writer wrote them there first).
+        self.written += data.len() as u64;
+        self.pump(false).await
     }
 
     async fn commit(mut self: Box<Self>, _digest: &Digest, _spool: Spool) -> io::Result<()> {
-        if self.upload.is_none() {
-            let payload: PutPayload = std::mem::take(&mut self.buf).into_iter().collect();
+        if self.upload.is_none() && self.written < PART_SIZE as u64 {
+            let bytes = self.spool.read_at(0, self.written).await?;
             self.backend
-                .put(&self.dest, payload)
+                .put(&self.dest, PutPayload::from(bytes))
                 .await
                 .map_err(io_err)?;
             self.committed = true;
             return Ok(());
         }
-        if self.buf_len > 0 {
-            self.send_part().await?;
+        self.pump(true).await?;
+        if self.written > self.next_start {
+            while self.in_flight.len() >= PARTS_IN_FLIGHT {
+                self.finish_one().await?;
+            }
+            self.send_part(self.written).await?;
         }
         while !self.in_flight.is_empty() {
             self.finish_one().await?;
@@ -891,14 +925,16 @@ impl BlobStore for ObjectBackend {
     async fn begin_write(&self, digest: &Digest) -> io::Result<BlobWriter> {
         let spool = Spool::anonymous(&self.spool_dir)?;
         let n = self.seq.fetch_add(1, Relaxed);
+        let reader = spool.reader();
         Ok(BlobWriter::new(
             spool,
             Box::new(ObjectSink {
                 backend: self.store.clone(),
                 dest: self.blob_key(digest),
                 marker_key: self.key(&format!("uploads/{}-{}-{n}.json", unix_now(), self.replica)),
-                buf: Vec::new(),
-                buf_len: 0,
+                spool: reader,
+                written: 0,
+                next_start: 0,
                 upload: None,
                 next_part: 0,
                 in_flight: VecDeque::new(),
