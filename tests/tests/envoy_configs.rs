@@ -5,9 +5,10 @@
 //! only, never a realm or a CDN.
 
 use mirror_tests::build::workspace_root;
+use mirror_tests::cache::CacheService;
 use mirror_tests::envoy::{self, Substitution};
 use mirror_tests::mirror::{Mirror, HOST_SUFFIX};
-use mirror_tests::upstreams::{self, CDN_HOST, HUB_AUTH_HOST, HUB_REALM, HUB_SERVICE};
+use mirror_tests::upstreams::{self, Front, CDN_HOST, HUB_REALM, HUB_SERVICE};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -246,89 +247,70 @@ fn behind_a_tls_proxy_mirror_urls_are_https() {
     );
 }
 
-/// One request a [`Recorder`] received.
-#[derive(Clone, Debug)]
-struct Seen {
-    host: String,
-    path: String,
-    headers: Vec<(String, String)>,
+/// A TCP relay to cache-service that keeps the head of every request it passes on (the
+/// headers Envoy sent), so the test sees what reached the real cache.
+struct HeadRecorder {
+    addr: SocketAddr,
+    heads: Arc<Mutex<Vec<String>>>,
 }
 
-impl Seen {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// An upstream that records every request's headers and answers like a token service
-/// (`200 {"token": …}`): over TLS with the test leaf (a realm, a CDN) and in plain HTTP
-/// (cache-service's port).
-struct Recorder {
-    tls: SocketAddr,
-    plain: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
-}
-
-impl Recorder {
-    fn start(pki: &mirror_tests::pki::Pki) -> Recorder {
-        mirror_tests::install_crypto_provider();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = seen.clone();
-        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
-            let log = log.clone();
-            async move {
-                let headers = req
-                    .headers()
-                    .iter()
-                    .map(|(k, v)| {
-                        (
-                            k.as_str().to_owned(),
-                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                        )
-                    })
-                    .collect::<Vec<_>>();
-                let host = req
-                    .headers()
-                    .get("host")
-                    .and_then(|h| h.to_str().ok())
-                    .unwrap_or_default()
-                    .to_owned();
-                log.lock().unwrap().push(Seen {
-                    host,
-                    path: req.uri().path().to_owned(),
-                    headers,
+impl HeadRecorder {
+    fn start(target: SocketAddr) -> HeadRecorder {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads: Arc<Mutex<Vec<String>>> = Arc::default();
+        let log = heads.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                let log = log.clone();
+                let (mut from, mut to) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                // Requests: recorded head by head as they pass (a connection carries several).
+                std::thread::spawn(move || {
+                    let mut pending = Vec::new();
+                    let mut buf = [0u8; 16 * 1024];
+                    while let Ok(n) = from.read(&mut buf) {
+                        let Some(bytes) = buf.get(..n).filter(|b| !b.is_empty()) else {
+                            break;
+                        };
+                        pending.extend_from_slice(bytes);
+                        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head: Vec<u8> = pending.drain(..end + 4).collect();
+                            log.lock()
+                                .unwrap()
+                                .push(String::from_utf8_lossy(&head).into_owned());
+                        }
+                        if to.write_all(bytes).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Write);
                 });
-                axum::Json(serde_json::json!({"token": "recorded", "expires_in": 300}))
+                let (mut back, mut client) = (server, client);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut back, &mut client);
+                    let _ = client.shutdown(std::net::Shutdown::Write);
+                });
             }
         });
-        let tls_config = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(
-            pki.rustls_server_config().unwrap(),
-        ));
-        let bind = || {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.set_nonblocking(true).unwrap();
-            l
-        };
-        let (tls_listener, plain_listener) = (bind(), bind());
-        let (tls, plain) = (
-            tls_listener.local_addr().unwrap(),
-            plain_listener.local_addr().unwrap(),
-        );
-        let rt = mirror_tests::runtime();
-        let _guard = rt.enter();
-        let secure = axum_server::from_tcp_rustls(tls_listener, tls_config)
-            .serve(app.clone().into_make_service());
-        let insecure = axum_server::from_tcp(plain_listener).serve(app.into_make_service());
-        rt.spawn(secure);
-        rt.spawn(insecure);
-        Recorder { tls, plain, seen }
+        HeadRecorder { addr, heads }
     }
 
-    fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
+    /// The value of `name` in the first recorded request whose request line contains `path`.
+    fn header(&self, path: &str, name: &str) -> Option<String> {
+        let heads = self.heads.lock().unwrap();
+        let head = heads
+            .iter()
+            .find(|h| h.lines().next().is_some_and(|l| l.contains(path)))?;
+        head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_owned())
+        })
     }
 }
 
@@ -342,20 +324,26 @@ const HOSTILE: &[(&str, &str)] = &[
     ("x-request-id", "client-chosen"),
 ];
 
+/// A header only the mirror's own hops may carry.
+fn is_internal(name: &str) -> bool {
+    HOSTILE.iter().any(|(h, _)| *h == name)
+        || name.starts_with("x-envoy-")
+        || name.starts_with("x-forwarded-")
+        || name.starts_with("x-mirror-")
+}
+
 #[test]
 fn internal_headers_reach_only_the_cache_service() {
     let up = upstreams::shared();
-    let recorder = Recorder::start(&up.pki);
-    // The registry is the real hub front; its realm, its CDN and cache-service record.
+    // The real token server and CDN; the real cache-service behind a relay that keeps what
+    // Envoy sent it.
+    let cache = CacheService::start(up).unwrap();
+    let relay = HeadRecorder::start(cache.addr);
     let m = Mirror::start_with(
         up,
         &workspace_root().join("envoy/local.yaml"),
         true,
-        BTreeMap::from([
-            (HUB_AUTH_HOST.to_string(), recorder.tls),
-            (CDN_HOST.to_string(), recorder.tls),
-            ("cache_service".to_string(), recorder.plain),
-        ]),
+        BTreeMap::from([("cache_service".to_string(), relay.addr)]),
     )
     .unwrap();
     let client = m.client();
@@ -371,7 +359,8 @@ fn internal_headers_reach_only_the_cache_service() {
     };
     let docker = format!("https://{}", m.host("docker"));
 
-    // A token request through the realm the registry's challenge names.
+    // A token request through the realm the registry's challenge names, for a scope of
+    // this test's own (the token server is shared).
     let resp = get(&format!("{docker}/v2/"), None);
     assert_eq!(resp.status(), 401, "{}", m.logs());
     let challenge = resp.headers()["www-authenticate"].to_str().unwrap();
@@ -380,11 +369,25 @@ fn internal_headers_reach_only_the_cache_service() {
         .nth(1)
         .and_then(|r| r.split('"').next())
         .unwrap();
+    let scope = format!("repository:library/internal-{}:pull", std::process::id());
     let resp = get(
-        &format!("{realm}?service={HUB_SERVICE}&scope=repository:library/alpine:pull"),
+        &format!("{realm}?service={HUB_SERVICE}&scope={scope}"),
         None,
     );
     assert_eq!(resp.status(), 200, "{}", m.logs());
+    let token_requests: Vec<_> = up
+        .token
+        .requests()
+        .into_iter()
+        .filter(|r| r.scopes.contains(&scope))
+        .collect();
+    assert_eq!(token_requests.len(), 1, "{token_requests:#?}");
+    for (name, value) in &token_requests[0].headers {
+        assert!(
+            !is_internal(name),
+            "{name}: {value} reached the token server"
+        );
+    }
 
     // A blob: the hub answers with a CDN redirect, which the mirror signs and fetches.
     let token = up
@@ -399,9 +402,39 @@ fn internal_headers_reach_only_the_cache_service() {
     let location = resp.headers()["location"].to_str().unwrap().to_owned();
     let resp = get(&location, None);
     assert_eq!(resp.status(), 200, "{location}\n{}", m.logs());
+    assert_eq!(mirror_tests::digest_of(&resp.bytes().unwrap()), *blob);
+    let hex = blob.trim_start_matches("sha256:");
+    let cdn = up.access_log_with(Front::Cdn, |e| e.uri.contains(hex) && e.status() == 200);
+    let ours: Vec<_> = cdn.iter().filter(|e| e.uri.contains(hex)).collect();
+    assert!(ours.iter().any(|e| e.status() == 200), "{cdn:#?}");
+    for e in &ours {
+        assert!(
+            e.internal.is_empty(),
+            "internal headers reached the CDN: {e:#?}"
+        );
+    }
+    // The CDN's log does show them when they come (the same URL asked directly with one).
+    let direct = up
+        .client()
+        .unwrap()
+        .get(format!("https://{CDN_HOST}/{hex}-probe"))
+        .header("x-request-id", "probe-of-the-log")
+        .send()
+        .unwrap();
+    let probe =
+        |e: &mirror_tests::upstreams::AccessLogEntry| e.uri.contains(&format!("{hex}-probe"));
+    let logged = up.access_log_with(Front::Cdn, probe);
+    assert!(
+        logged
+            .iter()
+            .any(|e| probe(e) && e.internal == "probe-of-the-log"),
+        "{} {logged:#?}",
+        direct.status()
+    );
 
-    // A cached registry: cache-service is told which registry, and nothing else leaks there
-    // that it does not need.
+    // A cached registry: cache-service is told which registry, and the replica ring's key
+    // is the filter's, never the client's.
+    let image = &up.images.distroless;
     let resp = get(
         &format!(
             "https://{}/v2/distroless/static/manifests/nonroot",
@@ -410,38 +443,17 @@ fn internal_headers_reach_only_the_cache_service() {
         None,
     );
     assert_eq!(resp.status(), 200, "{}", m.logs());
-
-    let seen = recorder.seen();
-    let external: Vec<&Seen> = seen
-        .iter()
-        .filter(|s| s.host.starts_with(HUB_AUTH_HOST) || s.host.starts_with(CDN_HOST))
-        .collect();
-    assert!(
-        external.iter().any(|s| s.host.starts_with(HUB_AUTH_HOST))
-            && external.iter().any(|s| s.host.starts_with(CDN_HOST)),
-        "the realm and the CDN were both reached: {seen:#?}"
-    );
-    for s in &external {
-        for (name, value) in &s.headers {
-            let internal = HOSTILE.iter().any(|(h, _)| h == name)
-                || name.starts_with("x-envoy-")
-                || name.starts_with("x-forwarded-");
-            assert!(
-                !internal,
-                "{name}: {value} reached {}{}: {s:#?}",
-                s.host, s.path
-            );
-        }
-    }
-    let cache: Vec<&Seen> = seen
-        .iter()
-        .filter(|s| s.path.starts_with("/v2/distroless/"))
-        .collect();
-    assert_eq!(cache.len(), 1, "{seen:#?}");
-    assert_eq!(cache[0].header("x-mirror-registry"), Some("gcr.io"));
-    // The replica ring's key is the filter's, never the client's: a tag's record.
     assert_eq!(
-        cache[0].header("x-mirror-cache-key"),
+        mirror_tests::digest_of(&resp.bytes().unwrap()),
+        image.digest
+    );
+    let path = "/v2/distroless/static/manifests/nonroot";
+    assert_eq!(
+        relay.header(path, "x-mirror-registry").as_deref(),
+        Some("gcr.io")
+    );
+    assert_eq!(
+        relay.header(path, "x-mirror-cache-key").as_deref(),
         Some("gcr.io/distroless/static:nonroot")
     );
 }

@@ -57,6 +57,8 @@ pub struct TokenRequest {
     /// The Basic user, when the credentials were valid.
     pub user: Option<String>,
     pub status: u16,
+    /// Every request header, names lowercase.
+    pub headers: Vec<(String, String)>,
 }
 
 #[derive(Serialize)]
@@ -260,6 +262,15 @@ async fn handle_request(
         authorization,
         user: user.clone().and_then(Result::ok),
         status: 200,
+        headers: headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
     };
     let resp = match (uri.path(), user) {
         ("/token" | "/v2/auth" | "/v2/token", Some(Err(()))) => (

@@ -75,6 +75,10 @@ pub struct AccessLogEntry {
     /// User-Agent.
     #[serde(default)]
     pub ua: String,
+    /// The values of the headers that must not leave the mirror (`x-mirror-*`, what Envoy
+    /// adds: `x-forwarded-*`, `x-envoy-*`, `x-request-id`) run together: empty when none came.
+    #[serde(default)]
+    pub internal: String,
 }
 
 impl AccessLogEntry {
@@ -607,7 +611,7 @@ http {{
   scgi_temp_path {d}/tmp/scgi;
   default_type application/octet-stream;
   map $http_authorization $mt_auth {{ "" "0"; default "1"; }}
-  log_format mt escape=json '{{"server":"$server_name","host":"$host","method":"$request_method","uri":"$request_uri","status":"$status","auth":"$mt_auth","sni":"$ssl_server_name","ua":"$http_user_agent"}}';
+  log_format mt escape=json '{{"server":"$server_name","host":"$host","method":"$request_method","uri":"$request_uri","status":"$status","auth":"$mt_auth","sni":"$ssl_server_name","ua":"$http_user_agent","internal":"$http_x_mirror_registry$http_x_mirror_cache_key$http_x_forwarded_for$http_x_forwarded_proto$http_x_envoy_external_address$http_x_envoy_expected_rq_timeout_ms$http_x_envoy_attempt_count$http_x_envoy_original_path$http_x_request_id"}}';
   ssl_certificate {cert};
   ssl_certificate_key {key};
   proxy_ssl_trusted_certificate {ca};
