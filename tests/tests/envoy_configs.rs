@@ -7,11 +7,10 @@
 use mirror_tests::build::workspace_root;
 use mirror_tests::cache::CacheService;
 use mirror_tests::envoy::{self, Substitution};
+use mirror_tests::faults::FaultProxy;
 use mirror_tests::mirror::{Mirror, HOST_SUFFIX};
 use mirror_tests::upstreams::{self, Front, CDN_HOST, HUB_REALM, HUB_SERVICE};
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 
 fn substituted(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let up = upstreams::shared();
@@ -247,73 +246,6 @@ fn behind_a_tls_proxy_mirror_urls_are_https() {
     );
 }
 
-/// A TCP relay to cache-service that keeps the head of every request it passes on (the
-/// headers Envoy sent), so the test sees what reached the real cache.
-struct HeadRecorder {
-    addr: SocketAddr,
-    heads: Arc<Mutex<Vec<String>>>,
-}
-
-impl HeadRecorder {
-    fn start(target: SocketAddr) -> HeadRecorder {
-        use std::io::{Read, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let heads: Arc<Mutex<Vec<String>>> = Arc::default();
-        let log = heads.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let Ok(server) = std::net::TcpStream::connect(target) else {
-                    continue;
-                };
-                let log = log.clone();
-                let (mut from, mut to) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                // Requests: recorded head by head as they pass (a connection carries several).
-                std::thread::spawn(move || {
-                    let mut pending = Vec::new();
-                    let mut buf = [0u8; 16 * 1024];
-                    while let Ok(n) = from.read(&mut buf) {
-                        let Some(bytes) = buf.get(..n).filter(|b| !b.is_empty()) else {
-                            break;
-                        };
-                        pending.extend_from_slice(bytes);
-                        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let head: Vec<u8> = pending.drain(..end + 4).collect();
-                            log.lock()
-                                .unwrap()
-                                .push(String::from_utf8_lossy(&head).into_owned());
-                        }
-                        if to.write_all(bytes).is_err() {
-                            break;
-                        }
-                    }
-                    let _ = to.shutdown(std::net::Shutdown::Write);
-                });
-                let (mut back, mut client) = (server, client);
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut back, &mut client);
-                    let _ = client.shutdown(std::net::Shutdown::Write);
-                });
-            }
-        });
-        HeadRecorder { addr, heads }
-    }
-
-    /// The value of `name` in the first recorded request whose request line contains `path`.
-    fn header(&self, path: &str, name: &str) -> Option<String> {
-        let heads = self.heads.lock().unwrap();
-        let head = heads
-            .iter()
-            .find(|h| h.lines().next().is_some_and(|l| l.contains(path)))?;
-        head.lines().skip(1).find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_owned())
-        })
-    }
-}
-
 /// What a client might send to make the mirror's internal headers look set, and what
 /// Envoy adds itself: none of it may leave the mirror towards a realm or a CDN.
 const HOSTILE: &[(&str, &str)] = &[
@@ -335,10 +267,10 @@ fn is_internal(name: &str) -> bool {
 #[test]
 fn internal_headers_reach_only_the_cache_service() {
     let up = upstreams::shared();
-    // The real token server and CDN; the real cache-service behind a relay that keeps what
+    // The real token server and CDN; the real cache-service behind a proxy that keeps what
     // Envoy sent it.
     let cache = CacheService::start(up).unwrap();
-    let relay = HeadRecorder::start(cache.addr);
+    let relay = FaultProxy::start(cache.addr).unwrap();
     let m = Mirror::start_with(
         up,
         &workspace_root().join("envoy/local.yaml"),
@@ -447,13 +379,14 @@ fn internal_headers_reach_only_the_cache_service() {
         mirror_tests::digest_of(&resp.bytes().unwrap()),
         image.digest
     );
-    let path = "/v2/distroless/static/manifests/nonroot";
+    let seen = relay.seen();
+    let request = seen
+        .iter()
+        .find(|s| s.path == "/v2/distroless/static/manifests/nonroot")
+        .unwrap_or_else(|| panic!("{seen:#?}"));
+    assert_eq!(request.header("x-mirror-registry"), Some("gcr.io"));
     assert_eq!(
-        relay.header(path, "x-mirror-registry").as_deref(),
-        Some("gcr.io")
-    );
-    assert_eq!(
-        relay.header(path, "x-mirror-cache-key").as_deref(),
+        request.header("x-mirror-cache-key"),
         Some("gcr.io/distroless/static:nonroot")
     );
 }

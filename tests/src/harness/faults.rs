@@ -196,6 +196,18 @@ pub struct Seen {
     pub path: String,
     /// Status the upstream answered (0: no answer, e.g. the upstream was down).
     pub status: u16,
+    /// The request's header lines as received, `(name, value)`.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Seen {
+    /// The value of header `name` (any case), if the request had it.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 #[derive(Default)]
@@ -338,12 +350,18 @@ async fn serve_conn(client: TcpStream, st: Arc<ProxyState>) -> io::Result<()> {
     let method = parts.next().unwrap_or_default().to_string();
     let target = parts.next().unwrap_or_default().to_string();
     let path = target.split('?').next().unwrap_or_default().to_string();
+    let headers = lines
+        .clone()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
     let index = {
         let mut seen = lock(&st.seen);
         seen.push(Seen {
             method: method.clone(),
             path: path.clone(),
             status: 0,
+            headers,
         });
         seen.len() - 1
     };
