@@ -727,16 +727,14 @@ impl ObjectSink {
         );
         self.next_part += 1;
         self.in_flight.push_back(tokio::spawn(async move {
-            let spool_error = |e: io::Error| object_store::Error::Generic {
-                store: "spool",
-                source: Box::new(e),
-            };
-            let bytes = spool.read_at(start, len).await.map_err(spool_error)?;
-            // The spool holds every byte written; fewer would make a part of the wrong
-            // length under a digest that verified.
-            if bytes.len() as u64 != len {
-                return Err(spool_error(io::Error::other("spool shorter than written")));
-            }
+            // Exactly what was written: fewer bytes would make a part of the wrong length
+            // under a digest that verified.
+            let bytes = spool.read_exact_at(start, len).await.map_err(|e| {
+                object_store::Error::Generic {
+                    store: "spool",
+                    source: Box::new(e),
+                }
+            })?;
             store
                 .put_part(&dest, &id, idx, PutPayload::from(bytes))
                 .await
@@ -782,10 +780,7 @@ impl Sink for ObjectSink {
 
     async fn commit(mut self: Box<Self>, _digest: &Digest, _spool: Spool) -> io::Result<()> {
         if self.upload.is_none() && self.written < PART_SIZE as u64 {
-            let bytes = self.spool.read_at(0, self.written).await?;
-            if bytes.len() as u64 != self.written {
-                return Err(io::Error::other("spool shorter than written"));
-            }
+            let bytes = self.spool.read_exact_at(0, self.written).await?;
             self.backend
                 .put(&self.dest, PutPayload::from(bytes))
                 .await

@@ -139,6 +139,19 @@ impl SpoolReader {
             .map_err(io::Error::other)?
     }
 
+    /// Exactly `len` bytes at `pos`: the caller knows that many were written, so fewer is an
+    /// error.
+    pub async fn read_exact_at(&self, pos: u64, len: u64) -> io::Result<Bytes> {
+        let b = self.read_at(pos, len).await?;
+        if b.len() as u64 != len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "spool shorter than written",
+            ));
+        }
+        Ok(b)
+    }
+
     /// Up to `len` bytes at `pos` (fewer at the end of the file) as a mapped window of a stored
     /// blob (see [`super::mapped`]), its pages in the page cache (read in on the blocking pool).
     pub(crate) async fn map_at(&self, pos: u64, len: u64) -> io::Result<Bytes> {
