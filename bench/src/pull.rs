@@ -1001,13 +1001,6 @@ fn peer_rows(
     }
     // The fills left dirty pages: written back now, not during the first timed runs.
     util::sync_disks()?;
-    let mbps = |u: &str| -> Result<f64> {
-        let (n, t) = util::fetch_blob(u)?;
-        if n != size {
-            bail!("{u}: {n} bytes, expected {size}");
-        }
-        Ok(n as f64 / 1e6 / t)
-    };
     for (peer_url, peer, peer_pid, goal) in [
         (&dp_url, "distribution proxy", dp.pid(), 1.5),
         (&ng_url, "nginx sendfile (same file)", ng.pid(), 0.95),
@@ -1022,11 +1015,11 @@ fn peer_rows(
             |side, _| match side {
                 Side::Mirror => {
                     rm_sent += size;
-                    mbps(&rm_url)
+                    util::blob_mbps(&rm_url, size)
                 }
                 Side::Peer => {
                     peer_sent += size;
-                    mbps(peer_url)
+                    util::blob_mbps(peer_url, size)
                 }
             },
             |rate| 1.0 / rate,

@@ -203,8 +203,8 @@ fn warm_pairs(
         |side, _| {
             let before = util::sum_log_bytes(&f.origin_log);
             let (who, x) = match side {
-                Side::Mirror => (who, mbps(url, size)?),
-                Side::Peer => ("distribution", mbps(dp_url, size)?),
+                Side::Mirror => (who, util::blob_mbps(url, size)?),
+                Side::Peer => ("distribution", util::blob_mbps(dp_url, size)?),
             };
             let fetched = util::sum_log_bytes(&f.origin_log).saturating_sub(before);
             if fetched > 0 {
@@ -219,15 +219,6 @@ fn warm_pairs(
 
 fn blob_url(f: &Fixture, addr: SocketAddr, layer: &str) -> String {
     format!("http://{addr}/v2/{}/blobs/{layer}", f.huge.name)
-}
-
-/// One curl GET of `url`: MB/s, Err unless it read `size` bytes.
-fn mbps(url: &str, size: u64) -> Result<f64> {
-    let (n, t) = util::fetch_blob(url)?;
-    if n != size {
-        bail!("{url}: {n} bytes, expected {size}");
-    }
-    Ok(n as f64 / 1e6 / t)
 }
 
 fn warm_rows(
@@ -608,7 +599,7 @@ fn replica_rows(
     let (layer, size) = f.huge_layer()?;
     let urls: Vec<String> = reps.addrs.iter().map(|a| blob_url(f, *a, &layer)).collect();
     for u in &urls {
-        mbps(u, size).with_context(|| reps.log_tails())?;
+        util::blob_mbps(u, size).with_context(|| reps.log_tails())?;
     }
     let key = format!(
         "{RM_PREFIX}/blobs/sha256/{}",

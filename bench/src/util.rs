@@ -157,6 +157,15 @@ pub fn fetch_blob(url: &str) -> Result<(u64, f64)> {
     bail!("GET {url}: more than 5 redirects")
 }
 
+/// One [`fetch_blob`] of `url` in MB/s; Err unless it read `size` bytes.
+pub fn blob_mbps(url: &str, size: u64) -> Result<f64> {
+    let (n, t) = fetch_blob(url)?;
+    if n != size {
+        bail!("{url}: {n} bytes, expected {size}");
+    }
+    Ok(n as f64 / 1e6 / t)
+}
+
 enum Fetched {
     Body(u64),
     Redirect(String),
