@@ -1,19 +1,20 @@
 //! Stored blobs handed to the response straight from the page cache: each window of the file is
 //! mapped (its pages read into the page cache first if they are not, on the blocking pool) and
-//! becomes a `Bytes` without a copy through a user-space buffer. Every live window is registered with its file and offset, so that the
-//! connection writing it to a plain TCP socket can `sendfile` those bytes instead of copying
-//! them (see `http::zero_copy`); otherwise hyper's HTTP/1.1 writer hands them to `writev`. The
-//! cache listener speaks HTTP/1.1 only and has no TLS, so no user-space code reads a mapping
-//! (an HTTP/2 or TLS writer would copy from it, and a truncated file would then be SIGBUS).
+//! becomes a `Bytes` without a copy through a user-space buffer. Every live window is registered
+//! with its file and offset, so that the connection writing it to a plain TCP socket can
+//! `sendfile` those bytes instead of copying them (see `http::zero_copy`); otherwise hyper's
+//! HTTP/1.1 writer hands them to `writev`. The cache listener speaks HTTP/1.1 only and has no
+//! TLS, so no user-space code reads a mapping (an HTTP/2 or TLS writer would copy from it, and a
+//! truncated file would then be SIGBUS).
 //!
 //! Mapping (and asking the kernel which mapped pages are in the page cache) is the one `unsafe`
-//! operation in the workspace. Its soundness condition is that the
-//! mapped bytes do not change or shrink while mapped. A stored blob's file is written once under
-//! a temporary name, verified, renamed into place and never opened for writing again; eviction
-//! unlinks it, which keeps the mapped pages valid until the last mapping is gone. What is left is
-//! somebody outside the cache truncating a blob in place: the kernel's copy to the socket then
-//! fails with `EFAULT`, or `sendfile` finds the file's end early, and the response is cut short
-//! (which the client detects by its length).
+//! operation in the workspace. Its soundness condition is that the mapped bytes do not change
+//! or shrink while mapped. A stored blob's file is written once under a temporary name,
+//! verified, renamed into place and never opened for writing again; eviction unlinks it, which
+//! keeps the mapped pages valid until the last mapping is gone. What is left is somebody outside
+//! the cache truncating a blob in place: the kernel's copy to the socket then fails with
+//! `EFAULT`, or `sendfile` finds the file's end early, and the response is cut short (which the
+//! client detects by its length).
 #![allow(unsafe_code)]
 
 use std::collections::BTreeMap;
