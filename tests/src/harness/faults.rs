@@ -203,10 +203,7 @@ pub struct Seen {
 impl Seen {
     /// The value of header `name` (any case), if the request had it.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        crate::header_value(&self.headers, name)
     }
 }
 

@@ -236,10 +236,7 @@ pub struct Seen {
 
 impl Seen {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        crate::header_value(&self.headers, name)
     }
     pub fn path(&self) -> &str {
         self.target.split('?').next().unwrap_or("")

@@ -40,6 +40,14 @@ pub fn install_crypto_provider() {
     });
 }
 
+/// The value of header `name` (any case) among `(name, value)` pairs, the first if repeated.
+pub fn header_value<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
 /// sha256 of bytes as `sha256:<hex>`.
 pub fn digest_of(bytes: &[u8]) -> String {
     use sha2::Digest;
