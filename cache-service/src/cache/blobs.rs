@@ -208,11 +208,19 @@ impl Cache {
         if resp.status() != StatusCode::OK {
             return Err(status_error(&resp, Kind::Blob));
         }
-        // The upstream served it for this repository. Linked now (a link without content is
-        // harmless) so requests that find the committed blob need no confirming HEAD.
-        if let Err(e) = self.store.add_link(&up.name, name, d).await {
-            tracing::warn!(error = %e, "could not write link");
-        }
+        // The upstream served it for this repository: linked (a link without content is
+        // harmless) before the blob is committed, so requests that find the committed blob
+        // need no confirming HEAD. Written alongside the body: the link is an fsync on disk
+        // and a PUT on a bucket, which the client's first byte does not wait for.
+        let link = {
+            let (store, registry, name, d) =
+                (self.store.clone(), up.name.clone(), name.clone(), d.clone());
+            tokio::spawn(async move {
+                if let Err(e) = store.add_link(&registry, &name, &d).await {
+                    tracing::warn!(error = %e, "could not write link");
+                }
+            })
+        };
         let total = resp.content_length();
         let known = lock(&self.known_sizes)
             .get(&(up.name.clone(), name.to_string(), d.clone()))
@@ -333,6 +341,8 @@ impl Cache {
                     // upload's completion) happens while this download stays the one that
                     // requests for the digest join, reading the spool.
                     tx.send_modify(|s| s.done = Some(Ok(())));
+                    // A failed link task only costs later requests a confirming HEAD.
+                    let _ = link.await;
                     match verified.store().await {
                         Ok(()) => {
                             // Counted as a stored blob now, no longer as a reservation.

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::spool::Spool;
+use super::spool::{on_blocking_pool, Spool};
 use super::{
     BlobInfo, BlobStore, BlobWriter, ByteStream, Sink, SpoolReader, StoredBlob, TagRecord,
 };
@@ -45,6 +45,49 @@ fn not_found_is_none<T>(r: io::Result<T>) -> io::Result<Option<T>> {
     }
 }
 
+/// Write `data` to `dest` atomically: through `tmp`, fsynced, renamed into place.
+fn write_small_at(tmp: &Path, dest: &Path, data: &[u8]) -> io::Result<()> {
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let res = (|| {
+        let mut f = std::fs::File::create(tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(tmp, dest)
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    res
+}
+
+/// Every stored blob under `base` (`blobs/sha256`): digest, size, last access.
+fn list_blobs(base: &Path) -> io::Result<Vec<BlobInfo>> {
+    let mut out = Vec::new();
+    for shard in std::fs::read_dir(base)? {
+        let shard = shard?;
+        if !shard.file_type()?.is_dir() {
+            continue;
+        }
+        for f in std::fs::read_dir(shard.path())? {
+            let f = f?;
+            let name = f.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Ok(digest) = Digest::parse(&format!("sha256:{name}")) else {
+                continue; // .json metadata or foreign files
+            };
+            let md = f.metadata()?;
+            out.push(BlobInfo {
+                digest,
+                size: md.len(),
+                last_access: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            });
+        }
+    }
+    Ok(out)
+}
+
 fn blob_path(root: &Path, digest: &Digest) -> PathBuf {
     let hex = digest.hex();
     root.join("blobs")
@@ -68,26 +111,19 @@ impl FsStore {
         self.root.join("tmp")
     }
 
-    /// Write a small file atomically (temp + rename).
-    fn write_small(&self, dest: &Path, data: &[u8]) -> io::Result<()> {
-        if let Some(dir) = dest.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let tmp = self.tmp_dir().join(format!(
+    fn meta_tmp(&self) -> PathBuf {
+        self.tmp_dir().join(format!(
             "meta-{}-{}",
             std::process::id(),
             self.seq.fetch_add(1, Ordering::Relaxed)
-        ));
-        let res = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, dest)
-        })();
-        if res.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        res
+        ))
+    }
+
+    /// [`write_small_at`] on the blocking pool: an fsync can wait behind the writeback of
+    /// other files.
+    async fn write_small(&self, dest: PathBuf, data: Vec<u8>) -> io::Result<()> {
+        let tmp = self.meta_tmp();
+        on_blocking_pool(move || write_small_at(&tmp, &dest, &data)).await
     }
 
     fn tag_path(&self, registry: &str, name: &RepositoryName, tag: &Tag) -> PathBuf {
@@ -180,20 +216,24 @@ impl Sink for FsSink {
 #[async_trait]
 impl BlobStore for FsStore {
     async fn clean_abandoned(&self) -> io::Result<usize> {
-        let mut n = 0;
-        for entry in std::fs::read_dir(self.tmp_dir())? {
-            let entry = entry?;
-            let p = entry.path();
-            let r = if entry.file_type()?.is_dir() {
-                std::fs::remove_dir_all(&p)
-            } else {
-                std::fs::remove_file(&p)
-            };
-            if r.is_ok() {
-                n += 1;
+        let tmp = self.tmp_dir();
+        on_blocking_pool(move || {
+            let mut n = 0;
+            for entry in std::fs::read_dir(tmp)? {
+                let entry = entry?;
+                let p = entry.path();
+                let r = if entry.file_type()?.is_dir() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+                if r.is_ok() {
+                    n += 1;
+                }
             }
-        }
-        Ok(n)
+            Ok(n)
+        })
+        .await
     }
 
     async fn check_ready(&self) -> io::Result<()> {
@@ -234,37 +274,20 @@ impl BlobStore for FsStore {
     }
 
     async fn delete(&self, digest: &Digest) -> io::Result<u64> {
+        // Unlinking a large file frees its extents: off the runtime's threads.
         let p = blob_path(&self.root, digest);
-        let size = not_found_is_none(std::fs::metadata(&p))?.map_or(0, |m| m.len());
-        not_found_is_none(std::fs::remove_file(&p))?;
-        let _ = std::fs::remove_file(p.with_extension("json"));
-        Ok(size)
+        on_blocking_pool(move || {
+            let size = not_found_is_none(std::fs::metadata(&p))?.map_or(0, |m| m.len());
+            not_found_is_none(std::fs::remove_file(&p))?;
+            let _ = std::fs::remove_file(p.with_extension("json"));
+            Ok(size)
+        })
+        .await
     }
 
     async fn list(&self) -> io::Result<Vec<BlobInfo>> {
-        let mut out = Vec::new();
         let base = self.root.join("blobs").join("sha256");
-        for shard in std::fs::read_dir(&base)? {
-            let shard = shard?;
-            if !shard.file_type()?.is_dir() {
-                continue;
-            }
-            for f in std::fs::read_dir(shard.path())? {
-                let f = f?;
-                let name = f.file_name();
-                let Some(name) = name.to_str() else { continue };
-                let Ok(digest) = Digest::parse(&format!("sha256:{name}")) else {
-                    continue; // .json metadata or foreign files
-                };
-                let md = f.metadata()?;
-                out.push(BlobInfo {
-                    digest,
-                    size: md.len(),
-                    last_access: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                });
-            }
-        }
-        Ok(out)
+        on_blocking_pool(move || list_blobs(&base)).await
     }
 
     async fn touch(&self, digest: &Digest) {
@@ -290,7 +313,7 @@ impl BlobStore for FsStore {
     async fn set_manifest_media_type(&self, digest: &Digest, media_type: &str) -> io::Result<()> {
         let p = blob_path(&self.root, digest).with_extension("json");
         let body = serde_json::json!({ "media_type": media_type }).to_string();
-        self.write_small(&p, body.as_bytes())
+        self.write_small(p, body.into_bytes()).await
     }
 
     async fn read_tag(
@@ -314,7 +337,8 @@ impl BlobStore for FsStore {
         rec: &TagRecord,
     ) -> io::Result<()> {
         let body = serde_json::to_vec(rec).map_err(io::Error::other)?;
-        self.write_small(&self.tag_path(registry, name, tag), &body)
+        self.write_small(self.tag_path(registry, name, tag), body)
+            .await
     }
 
     async fn has_link(
@@ -336,7 +360,7 @@ impl BlobStore for FsStore {
         if p.exists() {
             return Ok(());
         }
-        self.write_small(&p, b"")
+        self.write_small(p, Vec::new()).await
     }
 }
 

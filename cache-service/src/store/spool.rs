@@ -73,9 +73,7 @@ impl Spool {
             return Err(io::Error::other("an anonymous spool cannot be persisted"));
         };
         let file = self.file.clone();
-        tokio::task::spawn_blocking(move || file.sync_all())
-            .await
-            .map_err(io::Error::other)??;
+        on_blocking_pool(move || file.sync_all()).await?;
         let dir = dest
             .parent()
             .map(Path::to_path_buf)
@@ -117,7 +115,15 @@ impl Drop for Spool {
 
 pub(crate) async fn fsync_dir(dir: &Path) -> io::Result<()> {
     let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all())
+    on_blocking_pool(move || std::fs::File::open(&dir)?.sync_all()).await
+}
+
+/// Filesystem work that may wait on the disk, run on the blocking pool so that it never holds
+/// a runtime thread (and every request scheduled on it).
+pub(crate) async fn on_blocking_pool<T: Send + 'static>(
+    work: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(work)
         .await
         .map_err(io::Error::other)?
 }
@@ -134,9 +140,7 @@ impl SpoolReader {
     /// Up to `len` bytes at `pos` (fewer at the end of the file), read on the blocking pool.
     pub async fn read_at(&self, pos: u64, len: u64) -> io::Result<Bytes> {
         let f = self.0.clone();
-        tokio::task::spawn_blocking(move || pread(&f, pos, len))
-            .await
-            .map_err(io::Error::other)?
+        on_blocking_pool(move || pread(&f, pos, len)).await
     }
 
     /// Exactly `len` bytes at `pos`: the caller knows that many were written, so fewer is an
@@ -156,13 +160,12 @@ impl SpoolReader {
     /// blob (see [`super::mapped`]), its pages in the page cache (read in on the blocking pool).
     pub(crate) async fn map_at(&self, pos: u64, len: u64) -> io::Result<Bytes> {
         let f = self.0.clone();
-        tokio::task::spawn_blocking(move || {
+        on_blocking_pool(move || {
             let size = f.metadata()?.len();
             let len = std::cmp::min(len, size.saturating_sub(pos));
             super::mapped::window(&f, pos, usize::try_from(len).map_err(io::Error::other)?)
         })
         .await
-        .map_err(io::Error::other)?
     }
 }
 
