@@ -610,6 +610,32 @@ fn pull_rows(
         let cpu = CpuUse::sample(meters)?.minus(&before);
         Ok(ColdPull { secs, cpu })
     })?;
+    // The same pulls with the client on a core of its own and the servers on the others, as
+    // when the client is another machine: what the route adds without taking the client's CPU.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let isolated = if cores >= 2 {
+        let servers = format!("1-{}", cores - 1);
+        let pull_on_0 =
+            |r: &str| util::timed(|| util::skopeo_copy_on(Some("0"), r, Some(&cert_dir), false));
+        let runs = util::interleaved(pairs, warmup, |side, _| -> Result<f64> {
+            if side == Side::Mirror {
+                rm.restart_cold()?;
+            }
+            util::pin(&[f.direct_pid, envoy.proc.pid(), rm.pid()], &servers)?;
+            match side {
+                Side::Mirror => pull_on_0(&cache_ref),
+                Side::Peer => pull_on_0(&direct_ref),
+            }
+        });
+        // Unpinned for the sections after this one, whatever the runs gave.
+        util::pin(
+            &[f.direct_pid, envoy.proc.pid(), rm.pid()],
+            &format!("0-{}", cores - 1),
+        )?;
+        Some(runs?)
+    } else {
+        None
+    };
     rm.origin = Origin::Metered;
     let part = |value: fn(&ColdPull) -> f64| Paired {
         mirror: cold_runs.mirror.iter().map(value).collect(),
@@ -642,6 +668,13 @@ fn pull_rows(
             m(|p| p[1])
         )
     };
+    if let Some(isolated) = &isolated {
+        log_pairs(
+            log,
+            "pull s, cache route cold vs direct, client on CPU 0 and the servers on the others",
+            isolated,
+        );
+    }
     let cpu_split = Row::info(
         S2,
         "same cold pulls: CPU-seconds per pull by process (medians; rest: the kernel's own threads and anything else running), cache route cold vs direct",
@@ -680,6 +713,15 @@ fn pull_rows(
         ("s", "s direct"),
         Some(Goal::AtMost(1.1)),
     ));
+    const ISOLATED: &str = "same cold pulls, the client on a core of its own (skopeo on CPU 0 by taskset; Envoy, regmirror and distribution on the others), as when the client is another machine";
+    rows.push(match &isolated {
+        Some(isolated) => {
+            let mut r = Row::paired(S2, ISOLATED, isolated, secs, ("s", "s direct"), None);
+            r.target = "info: what the cold route adds when the mirror's work does not take the client's CPU (the row above shares both cores with it)".into();
+            r
+        }
+        None => Row::not_measured(S2, ISOLATED, "one CPU: no core to give the client"),
+    });
     let mut cpu_row = Row::paired(
         S2,
         "same cold pulls: busy CPU-seconds of the whole machine per pull (clients, Envoy, regmirror, distribution), cache route cold vs direct",

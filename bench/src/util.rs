@@ -674,9 +674,26 @@ pub fn start_regmirror(
 
 /// `skopeo copy docker://REF dir:TMP` (plain HTTP when `insecure`, else `cert_dir`).
 pub fn skopeo_copy(reference: &str, cert_dir: Option<&Path>, insecure: bool) -> Result<()> {
+    skopeo_copy_on(None, reference, cert_dir, insecure)
+}
+
+/// [`skopeo_copy`], confined to the CPUs of `cpus` (a `taskset` list such as `0`) if given.
+pub fn skopeo_copy_on(
+    cpus: Option<&str>,
+    reference: &str,
+    cert_dir: Option<&Path>,
+    insecure: bool,
+) -> Result<()> {
     let skopeo = which_or("skopeo", "apt-get install skopeo")?;
     let out = tempfile::Builder::new().prefix("bench-pull-").tempdir()?;
-    let mut cmd = Command::new(skopeo);
+    let mut cmd = match cpus {
+        Some(cpus) => {
+            let mut c = Command::new(which_or("taskset", "apt-get install util-linux")?);
+            c.arg("-c").arg(cpus).arg(skopeo);
+            c
+        }
+        None => Command::new(skopeo),
+    };
     cmd.args([
         "--insecure-policy",
         "copy",
@@ -693,6 +710,18 @@ pub fn skopeo_copy(reference: &str, cert_dir: Option<&Path>, insecure: bool) -> 
     cmd.arg(format!("docker://{reference}"))
         .arg(format!("dir:{}", out.path().display()));
     run(&mut cmd).with_context(|| format!("skopeo copy {reference}"))?;
+    Ok(())
+}
+
+/// Confines every thread of each of `pids` to the CPUs of `cpus` (a `taskset` list).
+pub fn pin(pids: &[u32], cpus: &str) -> Result<()> {
+    let taskset = which_or("taskset", "apt-get install util-linux")?;
+    for pid in pids {
+        run(Command::new(&taskset)
+            .args(["-a", "-p", "-c", cpus])
+            .arg(pid.to_string()))
+        .with_context(|| format!("taskset pid {pid} to CPUs {cpus}"))?;
+    }
     Ok(())
 }
 
