@@ -221,161 +221,173 @@ impl Cache {
                 }
             })
         };
-        let total = resp.content_length();
-        let known = lock(&self.known_sizes)
-            .get(&(up.name.clone(), name.to_string(), d.clone()))
-            .copied();
-        if let (Some(k), Some(t)) = (known, total) {
-            if k != t {
-                Metrics::inc(&self.metrics.verify_failures);
-                return Err(CacheError::DigestMismatch(format!(
-                    "Content-Length {t}, the manifest says {k}"
-                )));
+        let mut link = Some(link);
+        let link_slot = &mut link;
+        let filled: Result<(), CacheError> = async move {
+            let total = resp.content_length();
+            let known = lock(&self.known_sizes)
+                .get(&(up.name.clone(), name.to_string(), d.clone()))
+                .copied();
+            if let (Some(k), Some(t)) = (known, total) {
+                if k != t {
+                    Metrics::inc(&self.metrics.verify_failures);
+                    return Err(CacheError::DigestMismatch(format!(
+                        "Content-Length {t}, the manifest says {k}"
+                    )));
+                }
             }
-        }
-        // Bytes this download may bring: what it announced or its manifest said, never past
-        // max_blob_size; with no length, no more than the cache could store.
-        // Read once: a reload during the download does not move its bounds.
-        let (max_size, max_blob_size) = (self.max_size(), self.max_blob_size());
-        let limit = match total.or(known) {
-            Some(t) if t > max_blob_size => {
-                tracing::warn!(digest = %d, size = t, max = max_blob_size, "blob larger than max_blob_size; refused");
-                return Err(CacheError::TooLarge);
+            // Bytes this download may bring: what it announced or its manifest said, never past
+            // max_blob_size; with no length, no more than the cache could store.
+            // Read once: a reload during the download does not move its bounds.
+            let (max_size, max_blob_size) = (self.max_size(), self.max_blob_size());
+            let limit = match total.or(known) {
+                Some(t) if t > max_blob_size => {
+                    tracing::warn!(digest = %d, size = t, max = max_blob_size, "blob larger than max_blob_size; refused");
+                    return Err(CacheError::TooLarge);
+                }
+                Some(t) => t,
+                None if max_size > 0 => max_blob_size.min(max_size),
+                None => max_blob_size,
+            };
+            // The spool's bytes count against max_size while they are written: with several
+            // downloads at once, each one's room must not be the room another is filling.
+            let mut reservation = Reservation::new(&self.lru);
+            if let Some(t) = total {
+                if max_size > 0 && t > max_size {
+                    tracing::warn!(digest = %d, size = t, "blob larger than max_size; not caching");
+                    temp = None;
+                } else {
+                    self.reserve(&mut reservation, t).await;
+                }
             }
-            Some(t) => t,
-            None if max_size > 0 => max_blob_size.min(max_size),
-            None => max_blob_size,
-        };
-        // The spool's bytes count against max_size while they are written: with several
-        // downloads at once, each one's room must not be the room another is filling.
-        let mut reservation = Reservation::new(&self.lru);
-        if let Some(t) = total {
-            if max_size > 0 && t > max_size {
-                tracing::warn!(digest = %d, size = t, "blob larger than max_size; not caching");
-                temp = None;
+            // Once the disk is out of the picture, hash here.
+            let mut hasher = if temp.is_none() {
+                Some(sha2::Sha256::new())
             } else {
-                self.reserve(&mut reservation, t).await;
-            }
-        }
-        // Once the disk is out of the picture, hash here.
-        let mut hasher = if temp.is_none() {
-            Some(sha2::Sha256::new())
-        } else {
-            None
-        };
-        tx.send_modify(|s| s.started = Some(total));
-        let mut received: u64 = 0;
-        let mut stream = batched(resp.bytes_stream());
-        while let Some(group) = stream.next().await {
-            let group =
-                group.map_err(|e| CacheError::Upstream(UpstreamError::Connect(e.to_string())))?;
-            let len: u64 = group.iter().map(|c| c.len() as u64).sum();
-            if received.saturating_add(len) > limit {
-                Metrics::inc(&self.metrics.verify_failures);
-                return Err(match total {
-                    Some(_) => {
-                        CacheError::DigestMismatch("upstream sent more than Content-Length".into())
-                    }
-                    None => CacheError::TooLarge,
-                });
-            }
-            if let Some(t) = temp.as_mut() {
-                if total.is_none() {
-                    self.reserve(&mut reservation, len).await;
-                }
-                match t.write(&group).await {
-                    Ok(()) => {
-                        let mut recent = lock(&flight.recent);
-                        for c in group {
-                            let n = c.len() as u64;
-                            recent.push(received, c);
-                            received += n;
+                None
+            };
+            tx.send_modify(|s| s.started = Some(total));
+            let mut received: u64 = 0;
+            let mut stream = batched(resp.bytes_stream());
+            while let Some(group) = stream.next().await {
+                let group =
+                    group.map_err(|e| CacheError::Upstream(UpstreamError::Connect(e.to_string())))?;
+                let len: u64 = group.iter().map(|c| c.len() as u64).sum();
+                if received.saturating_add(len) > limit {
+                    Metrics::inc(&self.metrics.verify_failures);
+                    return Err(match total {
+                        Some(_) => {
+                            CacheError::DigestMismatch("upstream sent more than Content-Length".into())
                         }
-                        drop(recent);
-                        tx.send_modify(|s| {
-                            s.received = received;
-                            s.on_disk = received;
-                        });
-                        continue;
+                        None => CacheError::TooLarge,
+                    });
+                }
+                if let Some(t) = temp.as_mut() {
+                    if total.is_none() {
+                        self.reserve(&mut reservation, len).await;
                     }
-                    Err(e) => {
-                        Metrics::inc(&self.metrics.store_write_errors);
-                        tracing::error!(digest = %d, error = %e, "writing the cache failed (disk full?); passing the rest through without caching");
-                        if let Some(t) = temp.take() {
-                            hasher = Some(t.abandon());
-                        }
-                        // The spool is gone with its writer: its room is free again.
-                        reservation = Reservation::new(&self.lru);
-                        lock(&flight.tail).start = received;
-                    }
-                }
-            }
-            if let Some(h) = hasher.as_mut() {
-                for c in &group {
-                    h.update(c);
-                }
-            }
-            let mut tail = lock(&flight.tail);
-            for c in group {
-                if !tail.push(c) {
-                    return Err(CacheError::Storage(
-                        "disk full and the pass-through memory is spent".into(),
-                    ));
-                }
-            }
-            drop(tail);
-            received += len;
-            tx.send_modify(|s| s.received = received);
-        }
-        if let Some(t) = total {
-            if received != t {
-                return Err(CacheError::Upstream(UpstreamError::Connect(format!(
-                    "upstream body ended after {received} of {t} bytes"
-                ))));
-            }
-        }
-        match (temp, hasher) {
-            (Some(t), _) => match t.verify(d, Some(received)) {
-                Ok(verified) => {
-                    // The clients get their last bytes now; storing (fsync and rename, or the
-                    // upload's completion) happens while this download stays the one that
-                    // requests for the digest join, reading the spool.
-                    tx.send_modify(|s| s.done = Some(Ok(())));
-                    // A failed link task only costs later requests a confirming HEAD.
-                    let _ = link.await;
-                    match verified.store().await {
+                    match t.write(&group).await {
                         Ok(()) => {
-                            // Counted as a stored blob now, no longer as a reservation.
-                            self.count_stored(d, received);
-                            drop(reservation);
-                            self.make_room(0).await;
+                            let mut recent = lock(&flight.recent);
+                            for c in group {
+                                let n = c.len() as u64;
+                                recent.push(received, c);
+                                received += n;
+                            }
+                            drop(recent);
+                            tx.send_modify(|s| {
+                                s.received = received;
+                                s.on_disk = received;
+                            });
+                            continue;
                         }
                         Err(e) => {
-                            // Verified already; only storing failed.
                             Metrics::inc(&self.metrics.store_write_errors);
-                            tracing::error!(digest = %d, error = %e, "could not commit blob; served uncached");
+                            tracing::error!(digest = %d, error = %e, "writing the cache failed (disk full?); passing the rest through without caching");
+                            if let Some(t) = temp.take() {
+                                hasher = Some(t.abandon());
+                            }
+                            // The spool is gone with its writer: its room is free again.
+                            reservation = Reservation::new(&self.lru);
+                            lock(&flight.tail).start = received;
                         }
                     }
-                    Ok(())
                 }
-                Err(e) => {
-                    Metrics::inc(&self.metrics.verify_failures);
-                    Err(CacheError::DigestMismatch(e.to_string()))
+                if let Some(h) = hasher.as_mut() {
+                    for c in &group {
+                        h.update(c);
+                    }
                 }
-            },
-            (None, Some(h)) => {
-                let got = Digest::from_sha256(h);
-                if got == *d {
-                    Ok(())
-                } else {
-                    Metrics::inc(&self.metrics.verify_failures);
-                    Err(CacheError::DigestMismatch(format!(
-                        "expected {d}, got {got}"
-                    )))
+                let mut tail = lock(&flight.tail);
+                for c in group {
+                    if !tail.push(c) {
+                        return Err(CacheError::Storage(
+                            "disk full and the pass-through memory is spent".into(),
+                        ));
+                    }
+                }
+                drop(tail);
+                received += len;
+                tx.send_modify(|s| s.received = received);
+            }
+            if let Some(t) = total {
+                if received != t {
+                    return Err(CacheError::Upstream(UpstreamError::Connect(format!(
+                        "upstream body ended after {received} of {t} bytes"
+                    ))));
                 }
             }
-            (None, None) => Err(CacheError::Internal("no hash state".into())),
+            match (temp, hasher) {
+                (Some(t), _) => match t.verify(d, Some(received)) {
+                    Ok(verified) => {
+                        // The clients get their last bytes now; storing (fsync and rename, or the
+                        // upload's completion) happens while this download stays the one that
+                        // requests for the digest join, reading the spool.
+                        tx.send_modify(|s| s.done = Some(Ok(())));
+                        // A failed link task only costs later requests a confirming HEAD.
+                        if let Some(link) = link_slot.take() {
+                            let _ = link.await;
+                        }
+                        match verified.store().await {
+                            Ok(()) => {
+                                // Counted as a stored blob now, no longer as a reservation.
+                                self.count_stored(d, received);
+                                drop(reservation);
+                                self.make_room(0).await;
+                            }
+                            Err(e) => {
+                                // Verified already; only storing failed.
+                                Metrics::inc(&self.metrics.store_write_errors);
+                                tracing::error!(digest = %d, error = %e, "could not commit blob; served uncached");
+                            }
+                        }
+                        Ok(())
+                    }
+                    Err(e) => {
+                        Metrics::inc(&self.metrics.verify_failures);
+                        Err(CacheError::DigestMismatch(e.to_string()))
+                    }
+                },
+                (None, Some(h)) => {
+                    let got = Digest::from_sha256(h);
+                    if got == *d {
+                        Ok(())
+                    } else {
+                        Metrics::inc(&self.metrics.verify_failures);
+                        Err(CacheError::DigestMismatch(format!(
+                            "expected {d}, got {got}"
+                        )))
+                    }
+                }
+                (None, None) => Err(CacheError::Internal("no hash state".into())),
+            }
         }
+        .await;
+        // Every way out waits for the link, so nothing the download started outlives it.
+        if let Some(link) = link.take() {
+            let _ = link.await;
+        }
+        filled
     }
 }
 
