@@ -86,7 +86,7 @@ pub(crate) fn window(file: &Arc<File>, pos: u64, len: usize) -> io::Result<Bytes
     // the bytes. Only pages that are still on disk are read in, here and not in `sendfile`
     // on a runtime thread.
     let mut map = map_with(false)?;
-    if !all_in_page_cache(&map).unwrap_or(false) {
+    if !all_in_page_cache(file, pos, &map) {
         map = map_with(true)?;
     }
     crate::lock(windows()).insert(
@@ -100,16 +100,87 @@ pub(crate) fn window(file: &Arc<File>, pos: u64, len: usize) -> io::Result<Bytes
     Ok(Bytes::from_owner(Window { map }))
 }
 
+/// Whether every page of `map`, the bytes at `pos` of `file`, is in the page cache.
+/// `cachestat` (Linux 6.5+) counts them in one walk of the file's cache, an order of
+/// magnitude cheaper than `mincore`, which looks up each page of the mapping; `mincore`
+/// answers where `cachestat` is missing or refused.
+fn all_in_page_cache(file: &File, pos: u64, map: &memmap2::Mmap) -> bool {
+    match cached_pages(file, pos, map.len()) {
+        Some((cached, pages)) => cached >= pages,
+        None => mapped_pages_in_page_cache(map).unwrap_or(false),
+    }
+}
+
+fn page_size() -> usize {
+    static PAGE: OnceLock<usize> = OnceLock::new();
+    // SAFETY: sysconf reads a constant of the system.
+    *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => usize::try_from(n).unwrap_or(4096),
+        _ => 4096,
+    })
+}
+
+/// `cachestat`'s number in the kernel's common syscall table (the `libc` crate has it for
+/// some targets only).
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// `(pages in the page cache, pages)` of the `len > 0` bytes at `pos` of `file`, by
+/// `cachestat`; `None` where the kernel has no `cachestat` or refuses it for this file (newer
+/// kernels answer only for files the caller may write or owns, as a stored blob's is).
+fn cached_pages(file: &File, pos: u64, len: usize) -> Option<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    /// `struct cachestat_range` of the kernel's uapi.
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    /// `struct cachestat` of the kernel's uapi.
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    static MISSING: AtomicBool = AtomicBool::new(false);
+    if MISSING.load(Relaxed) || len == 0 {
+        return None;
+    }
+    let range = Range {
+        off: pos,
+        len: len as u64,
+    };
+    let mut stat = Stat::default();
+    // SAFETY: both pointers are to live values of the layouts the kernel reads and writes.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0u32,
+        )
+    };
+    if r != 0 {
+        if io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+            MISSING.store(true, Relaxed);
+        }
+        return None;
+    }
+    let page = page_size() as u64;
+    let pages = (pos + len as u64 - 1) / page - pos / page + 1;
+    Some((stat.nr_cache, pages))
+}
+
 /// Whether every page of `map` is in the page cache (`mincore`). The kernel reports every
 /// page as present for a file the process could neither write nor owns: such a window is
 /// sent as if warm, and `sendfile` reads what is missing.
-fn all_in_page_cache(map: &memmap2::Mmap) -> io::Result<bool> {
-    static PAGE: OnceLock<usize> = OnceLock::new();
-    // SAFETY: sysconf reads a constant of the system.
-    let page = *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
-        n if n > 0 => usize::try_from(n).unwrap_or(4096),
-        _ => 4096,
-    });
+fn mapped_pages_in_page_cache(map: &memmap2::Mmap) -> io::Result<bool> {
+    let page = page_size();
     let start = map.as_ptr() as usize;
     // The mapping begins at the page holding its first byte (mmap maps whole pages).
     let from = start - start % page;
@@ -162,7 +233,66 @@ mod tests {
                     .map(&file)
                     .unwrap()
             };
-            assert!(all_in_page_cache(&map).unwrap(), "{pos}+{len}");
+            assert!(mapped_pages_in_page_cache(&map).unwrap(), "{pos}+{len}");
+            // `None` only on a kernel without cachestat (before 6.5), where mincore answers.
+            if let Some((cached, pages)) = cached_pages(&file, pos, len) {
+                assert!(
+                    cached >= pages,
+                    "cachestat, {pos}+{len}: {cached} of {pages}"
+                );
+            }
+            assert!(all_in_page_cache(&file, pos, &map));
         }
+    }
+
+    #[test]
+    fn cachestat_and_mincore_agree_on_pages_dropped_from_the_page_cache_and_read_back() {
+        let mut tmp = tempfile::NamedTempFile::new().unwrap();
+        tmp.write_all(&vec![9u8; 8 * 4096]).unwrap();
+        tmp.as_file().sync_all().unwrap();
+        let file = File::open(tmp.path()).unwrap();
+        let agree = |what: &str| -> bool {
+            let mut all = true;
+            for (pos, len) in [(0u64, 8 * 4096usize), (0, 2 * 4096), (3 * 4096 + 7, 4096)] {
+                // SAFETY: the file is not changed while mapped.
+                let map = unsafe {
+                    memmap2::MmapOptions::new()
+                        .offset(pos)
+                        .len(len)
+                        .map(&file)
+                        .unwrap()
+                };
+                let by_mincore = mapped_pages_in_page_cache(&map).unwrap();
+                // `None` only on a kernel without cachestat (before 6.5): mincore answers.
+                if let Some((cached, pages)) = cached_pages(&file, pos, len) {
+                    assert_eq!(
+                        cached >= pages,
+                        by_mincore,
+                        "{what} {pos}+{len}: {cached}/{pages}"
+                    );
+                }
+                assert_eq!(all_in_page_cache(&file, pos, &map), by_mincore, "{what}");
+                all &= by_mincore;
+            }
+            all
+        };
+        // The clean pages leave the page cache (the whole file: a large folio stays whole)
+        // where the filesystem lets them go; tmpfs keeps its pages, and then both say so.
+        // SAFETY: plain advice on an open descriptor.
+        let r = unsafe {
+            libc::posix_fadvise(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+                0,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+        assert_eq!(r, 0);
+        agree("dropped");
+        std::fs::read(tmp.path()).unwrap();
+        assert!(
+            agree("read back"),
+            "every page is in the page cache after a read"
+        );
     }
 }
