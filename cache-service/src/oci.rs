@@ -134,14 +134,71 @@ pub fn is_index(media_type: &str) -> bool {
 /// index names none (or is not one).
 pub fn default_platform_manifest(index: &[u8]) -> Option<Digest> {
     let v: serde_json::Value = serde_json::from_slice(index).ok()?;
+    let want = Platform {
+        os: "linux".to_owned(),
+        arch: "amd64".to_owned(),
+        variant: None,
+    };
     v.get("manifests")?.as_array()?.iter().find_map(|m| {
-        let p = m.get("platform")?;
-        let linux_amd64 =
-            p.get("os")?.as_str()? == "linux" && p.get("architecture")?.as_str()? == "amd64";
-        linux_amd64
+        want.matches(&Platform::of_descriptor(m)?)
             .then(|| parse_digest(m.get("digest")?.as_str()?).ok())
             .flatten()
     })
+}
+
+/// `os/arch[/variant]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    pub os: String,
+    pub arch: String,
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut p = s.split('/');
+        match (p.next(), p.next(), p.next(), p.next()) {
+            (Some(os), Some(arch), variant, None) if !os.is_empty() && !arch.is_empty() => {
+                Ok(Self {
+                    os: os.to_owned(),
+                    arch: arch.to_owned(),
+                    variant: variant.filter(|v| !v.is_empty()).map(str::to_owned),
+                })
+            }
+            _ => Err(format!("platform {s:?}: expected os/arch[/variant]")),
+        }
+    }
+
+    pub(crate) fn of_descriptor(d: &serde_json::Value) -> Option<Self> {
+        let p = d.get("platform")?;
+        Some(Self {
+            os: p.get("os")?.as_str()?.to_owned(),
+            arch: p.get("architecture")?.as_str()?.to_owned(),
+            variant: p.get("variant").and_then(|v| v.as_str()).map(str::to_owned),
+        })
+    }
+
+    /// Does an index entry's platform satisfy this wanted platform? A wanted platform
+    /// without a variant takes any variant (arm64 ≡ arm64/v8).
+    pub(crate) fn matches(&self, have: &Platform) -> bool {
+        self.os == have.os
+            && self.arch == have.arch
+            && match (&self.variant, &have.variant) {
+                (None, _) => true,
+                (Some(w), Some(h)) => w == h,
+                (Some(w), None) => self.arch == "arm64" && w == "v8",
+            }
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.arch)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use reqwest::{Method, StatusCode};
 use sha2::{Digest as _, Sha256};
 
-use crate::oci;
+use crate::oci::{self, Platform};
 use crate::upstream::read_body;
 use client::{error_chain, MirrorClient};
 use registry_rules::digest::Digest;
@@ -125,61 +125,6 @@ impl ImageRef {
     }
 }
 
-/// `os/arch[/variant]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Platform {
-    pub os: String,
-    pub arch: String,
-    pub variant: Option<String>,
-}
-
-impl Platform {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let mut p = s.split('/');
-        match (p.next(), p.next(), p.next(), p.next()) {
-            (Some(os), Some(arch), variant, None) if !os.is_empty() && !arch.is_empty() => {
-                Ok(Self {
-                    os: os.to_owned(),
-                    arch: arch.to_owned(),
-                    variant: variant.filter(|v| !v.is_empty()).map(str::to_owned),
-                })
-            }
-            _ => Err(format!("platform {s:?}: expected os/arch[/variant]")),
-        }
-    }
-
-    fn of_descriptor(d: &serde_json::Value) -> Option<Self> {
-        let p = d.get("platform")?;
-        Some(Self {
-            os: p.get("os")?.as_str()?.to_owned(),
-            arch: p.get("architecture")?.as_str()?.to_owned(),
-            variant: p.get("variant").and_then(|v| v.as_str()).map(str::to_owned),
-        })
-    }
-
-    /// Does an index entry's platform satisfy this wanted platform? A wanted platform
-    /// without a variant takes any variant (arm64 ≡ arm64/v8).
-    fn matches(&self, have: &Platform) -> bool {
-        self.os == have.os
-            && self.arch == have.arch
-            && match (&self.variant, &have.variant) {
-                (None, _) => true,
-                (Some(w), Some(h)) => w == h,
-                (Some(w), None) => self.arch == "arm64" && w == "v8",
-            }
-    }
-}
-
-impl std::fmt::Display for Platform {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.os, self.arch)?;
-        if let Some(v) = &self.variant {
-            write!(f, "/{v}")?;
-        }
-        Ok(())
-    }
-}
-
 /// Which platforms to take from an index.
 #[derive(Debug, Clone)]
 pub enum Selection {
@@ -272,9 +217,7 @@ pub fn image_blobs(manifest: &serde_json::Value) -> Result<Vec<Descriptor>, Stri
 }
 
 fn is_index(media_type: &str, v: &serde_json::Value) -> bool {
-    media_type == oci::MT_OCI_INDEX
-        || media_type == oci::MT_DOCKER_LIST
-        || (v.get("manifests").is_some() && v.get("layers").is_none())
+    oci::is_index(media_type) || (v.get("manifests").is_some() && v.get("layers").is_none())
 }
 
 /// One image's result for the summary table.
