@@ -347,6 +347,38 @@ async fn a_large_cached_blob_is_sent_whole_and_in_ranges_from_the_page_cache() {
     assert_eq!(up.hits(Method::GET, &d), 1, "served from the cache");
 }
 
+/// A client that falls behind a cold download gets the rest from the download's spool by
+/// `sendfile` (no read back into memory), and the body is still the verified blob.
+#[tokio::test]
+async fn a_client_behind_a_cold_download_is_sent_the_spool_from_the_page_cache() {
+    let up = FakeUpstream::start().await;
+    let blob: Vec<u8> = (0..32 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let d = digest_of(&blob);
+    up.blob(&d, blob.clone());
+    let m = Mirror::start(&up, TTL).await;
+    let before = sendfile_bytes(&m).await;
+    let resp = m
+        .get(&format!("/v2/lab/app/blobs/{d}"))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(resp.status(), StatusCode::OK);
+    // The download runs ahead while the client reads nothing: the loopback socket's buffers
+    // take a few MiB, the rest waits in the spool.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let body = resp.bytes().await.expect("the whole body");
+    assert_eq!(digest_of(&body), d, "the verified blob");
+    let by_sendfile = sendfile_bytes(&m).await - before;
+    assert!(
+        by_sendfile >= 16 * 1024 * 1024,
+        "the bytes behind the download went by sendfile: {by_sendfile} of {}",
+        blob.len()
+    );
+    assert_eq!(up.hits(Method::GET, &d), 1);
+}
+
 /// Stored blobs go out as mapped page-cache windows that only the kernel may read (a file
 /// truncated behind the cache then cuts the response instead of killing the process), so the
 /// cache listener speaks HTTP/1.1 only: an HTTP/2 prior-knowledge client is refused.

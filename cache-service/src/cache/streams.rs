@@ -23,9 +23,14 @@ use tokio::sync::watch;
 use super::lru::PinGuard;
 use super::CacheError;
 use crate::metrics::Metrics;
+use crate::oci;
 use crate::store::{ByteStream, SpoolReader, StoredBlob};
 
+/// Bytes a reader behind the download takes from the spool at once: copied for a body small
+/// enough to be a manifest, a mapped window otherwise (its bytes only go to a socket, which
+/// `sendfile`s them from the page cache; see `store::mapped`).
 const READ_CHUNK: u64 = 256 * 1024;
+const MAPPED_CHUNK: u64 = 4 * 1024 * 1024;
 
 #[derive(Debug, Clone, Default)]
 pub struct FlightState {
@@ -228,12 +233,13 @@ impl InFlight {
     }
 
     /// Up to `max` bytes at `pos` if the spool holds them: from memory while they are
-    /// recent, else read back.
-    async fn read_spooled(&self, pos: u64, max: u64) -> io::Result<Bytes> {
+    /// recent, else read back, or `mapped` (bytes below the watermark never change).
+    async fn read_spooled(&self, pos: u64, max: u64, mapped: bool) -> io::Result<Bytes> {
         if let Some(b) = super::lock(&self.recent).read(pos, max) {
             return Ok(b);
         }
         match &self.spool {
+            Some(f) if mapped => f.map_at(pos, max).await,
             Some(f) => f.read_at(pos, max).await,
             None => Err(io::Error::other("no spool")),
         }
@@ -280,10 +286,12 @@ pub fn reader(
                         avail = std::cmp::min(avail, l);
                     }
                     if pos < avail {
-                        let want = std::cmp::min(READ_CHUNK, avail - pos);
+                        let mapped = body_len.is_none_or(|l| l > oci::MAX_MANIFEST_BYTES as u64);
+                        let chunk_len = if mapped { MAPPED_CHUNK } else { READ_CHUNK };
+                        let want = std::cmp::min(chunk_len, avail - pos);
                         let chunk = if pos < s.on_disk {
                             let want = std::cmp::min(want, s.on_disk - pos);
-                            flight.read_spooled(pos, want).await
+                            flight.read_spooled(pos, want, mapped).await
                         } else {
                             flight
                                 .read_tail(pos, want)

@@ -11,10 +11,11 @@
 //! operation in the workspace. Its soundness condition is that the mapped bytes do not change
 //! or shrink while mapped. A stored blob's file is written once under a temporary name,
 //! verified, renamed into place and never opened for writing again; eviction unlinks it, which
-//! keeps the mapped pages valid until the last mapping is gone. What is left is somebody outside
-//! the cache truncating a blob in place: the kernel's copy to the socket then fails with
-//! `EFAULT`, or `sendfile` finds the file's end early, and the response is cut short (which the
-//! client detects by its length).
+//! keeps the mapped pages valid until the last mapping is gone. A download's spool is only
+//! appended to, and a window of it is mapped only below the bytes already written (clients
+//! reading behind the download). What is left is somebody outside the cache truncating a file
+//! in place: the kernel's copy to the socket then fails with `EFAULT`, or `sendfile` finds the
+//! file's end early, and the response is cut short (which the client detects by its length).
 #![allow(unsafe_code)]
 
 use std::collections::BTreeMap;

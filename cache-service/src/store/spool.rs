@@ -156,8 +156,9 @@ impl SpoolReader {
         Ok(b)
     }
 
-    /// Up to `len` bytes at `pos` (fewer at the end of the file) as a mapped window of a stored
-    /// blob (see [`super::mapped`]), its pages in the page cache (read in on the blocking pool).
+    /// Up to `len` bytes at `pos` (fewer at the end of the file) as a mapped window (see
+    /// [`super::mapped`]), its pages in the page cache (read in on the blocking pool): of a
+    /// stored blob, or of a spool below what was written.
     pub(crate) async fn map_at(&self, pos: u64, len: u64) -> io::Result<Bytes> {
         let f = self.0.clone();
         on_blocking_pool(move || {
