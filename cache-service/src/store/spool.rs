@@ -1,6 +1,7 @@
-//! The local file an in-progress write goes to: clients joining the download `pread` it up to
-//! the published watermark through a shared read handle, which keeps working after the file is
-//! renamed into the store or unlinked.
+//! The local file an in-progress write goes to: clients joining the download read it (a blob's
+//! bytes as mapped windows, a manifest-sized body by `pread`) up to the published watermark
+//! through a shared read handle, which keeps working after the file is renamed into the store
+//! or unlinked.
 
 use std::io;
 use std::os::unix::fs::FileExt;
