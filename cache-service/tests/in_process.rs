@@ -27,14 +27,18 @@ async fn fetch(r: reqwest::RequestBuilder) -> (StatusCode, Option<Vec<u8>>) {
     (status, resp.bytes().await.ok().map(|b| b.to_vec()))
 }
 
-/// `regmirror_bytes_sendfile_total` as the mirror's /metrics reports it.
-async fn sendfile_bytes(m: &Mirror) -> u64 {
+/// A counter or gauge without labels, as the mirror's /metrics reports it.
+async fn metric(m: &Mirror, name: &str) -> u64 {
     m.metrics()
         .await
         .lines()
-        .find_map(|l| l.strip_prefix("regmirror_bytes_sendfile_total "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
-        .expect("regmirror_bytes_sendfile_total in /metrics")
+        .unwrap_or_else(|| panic!("{name} in /metrics"))
+}
+
+async fn sendfile_bytes(m: &Mirror) -> u64 {
+    metric(m, "regmirror_bytes_sendfile_total").await
 }
 
 #[tokio::test]
@@ -365,9 +369,17 @@ async fn a_client_behind_a_cold_download_is_sent_the_spool_from_the_page_cache()
         .await
         .expect("answer");
     assert_eq!(resp.status(), StatusCode::OK);
-    // The download runs ahead while the client reads nothing: the loopback socket's buffers
-    // take a few MiB, the rest waits in the spool.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The download runs to its end while the client reads nothing: the loopback socket's
+    // buffers take a few MiB, the rest waits in the spool.
+    let mut stored = false;
+    for _ in 0..500 {
+        if metric(&m, "regmirror_store_bytes").await >= blob.len() as u64 {
+            stored = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(stored, "the download was never stored");
     let body = resp.bytes().await.expect("the whole body");
     assert_eq!(digest_of(&body), d, "the verified blob");
     let by_sendfile = sendfile_bytes(&m).await - before;
