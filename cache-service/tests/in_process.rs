@@ -356,7 +356,7 @@ async fn a_large_cached_blob_is_sent_whole_and_in_ranges_from_the_page_cache() {
 #[tokio::test]
 async fn a_client_behind_a_cold_download_is_sent_the_spool_from_the_page_cache() {
     let up = FakeUpstream::start().await;
-    let blob: Vec<u8> = (0..32 * 1024 * 1024u32)
+    let blob: Vec<u8> = (0..64 * 1024 * 1024u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
         .collect();
     let d = digest_of(&blob);
@@ -370,7 +370,8 @@ async fn a_client_behind_a_cold_download_is_sent_the_spool_from_the_page_cache()
         .expect("answer");
     assert_eq!(resp.status(), StatusCode::OK);
     // The download runs to its end while the client reads nothing: the loopback socket's
-    // buffers take a few MiB, the rest waits in the spool.
+    // buffers take a few MiB (tens on a host that raised their limits), the rest waits in the
+    // spool. (That windows are mapped while the download still appends is a unit test.)
     let mut stored = false;
     for _ in 0..500 {
         if metric(&m, "regmirror_store_bytes").await >= blob.len() as u64 {
@@ -384,7 +385,7 @@ async fn a_client_behind_a_cold_download_is_sent_the_spool_from_the_page_cache()
     assert_eq!(digest_of(&body), d, "the verified blob");
     let by_sendfile = sendfile_bytes(&m).await - before;
     assert!(
-        by_sendfile >= 16 * 1024 * 1024,
+        by_sendfile >= blob.len() as u64 / 4,
         "the bytes behind the download went by sendfile: {by_sendfile} of {}",
         blob.len()
     );

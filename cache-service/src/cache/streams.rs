@@ -26,10 +26,11 @@ use crate::metrics::Metrics;
 use crate::oci;
 use crate::store::{ByteStream, SpoolReader, StoredBlob};
 
-/// Bytes a reader behind the download takes from the spool at once: copied for a body small
-/// enough to be a manifest, a mapped window otherwise (its bytes only go to a socket, which
-/// `sendfile`s them from the page cache; see `store::mapped`).
+/// Bytes a reader behind the download takes from the spool at once, copied: for a body known
+/// to be small enough to be a manifest.
 const READ_CHUNK: u64 = 256 * 1024;
+/// The same as a mapped window: for a larger body or one of unknown length (its bytes only go
+/// to a socket, which `sendfile`s them from the page cache; see `store::mapped`).
 const MAPPED_CHUNK: u64 = 4 * 1024 * 1024;
 
 #[derive(Debug, Clone, Default)]
@@ -402,6 +403,61 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_millis(100), s.next())
             .await
             .ok()
+    }
+
+    /// The next chunk of `r`, asserting that it is a mapped window of the spool.
+    async fn next_mapped(r: &mut (impl Stream<Item = io::Result<Bytes>> + Unpin)) -> Bytes {
+        let c = next_within(r)
+            .await
+            .expect("bytes below the watermark")
+            .unwrap()
+            .unwrap();
+        assert!(
+            crate::store::mapped::region_of(c.as_ptr(), c.len()).is_some(),
+            "a mapped window of the spool"
+        );
+        c
+    }
+
+    /// A blob's body behind the download is read as mapped windows of the spool while the
+    /// download still appends to it, never past the watermark, and its last byte still waits
+    /// for the verification.
+    #[tokio::test]
+    async fn a_blob_behind_the_download_is_read_as_mapped_windows_below_the_watermark() {
+        let (mut tmp, f, tx) = setup();
+        let len = oci::MAX_MANIFEST_BYTES + 2 * MAPPED_CHUNK as usize + 5;
+        let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let mut r = Box::pin(reader(f.clone(), 0, None, Arc::new(Metrics::default())));
+        tx.send_modify(|s| s.started = Some(Some(len as u64)));
+        let half = len / 2;
+        tmp.write_all(&body[..half]).unwrap();
+        tx.send_modify(|s| (s.received, s.on_disk) = (half as u64, half as u64));
+        let first = next_mapped(&mut r).await;
+        let mut got = first.to_vec();
+        while got.len() < half {
+            got.extend_from_slice(&next_mapped(&mut r).await);
+        }
+        assert_eq!(got.len(), half, "nothing past the watermark");
+        assert!(
+            next_within(&mut r).await.is_none(),
+            "waits at the watermark"
+        );
+        // The download appends while a window of the bytes before is still mapped.
+        tmp.write_all(&body[half..]).unwrap();
+        tx.send_modify(|s| (s.received, s.on_disk) = (len as u64, len as u64));
+        while got.len() < len - 1 {
+            got.extend_from_slice(&next_mapped(&mut r).await);
+        }
+        assert_eq!(got.len(), len - 1, "the last byte held back");
+        assert!(next_within(&mut r).await.is_none(), "until verified");
+        tx.send_modify(|s| s.done = Some(Ok(())));
+        got.extend_from_slice(&next_mapped(&mut r).await);
+        assert!(got == body, "the spool's bytes, in order");
+        assert!(
+            first[..] == body[..first.len()],
+            "a live window unchanged by the appends"
+        );
+        assert!(next_within(&mut r).await.unwrap().is_none(), "ended");
     }
 
     #[tokio::test]

@@ -1,8 +1,8 @@
-//! Plain-HTTP connections that send stored blobs with `sendfile`: a write whose bytes are a
-//! live window of a stored blob's file (`store::mapped`) goes from the page cache to the
-//! socket without the copy through user space that writing the mapped memory costs; every
-//! other write is an ordinary one. The bytes are the same either way: the window *is* that
-//! file region, and stored blobs never change.
+//! Plain-HTTP connections that send blob files with `sendfile`: a write whose bytes are a
+//! live window of a stored blob's file or of a download's spool (`store::mapped`) goes from
+//! the page cache to the socket without the copy through user space that writing the mapped
+//! memory costs; every other write is an ordinary one. The bytes are the same either way: the
+//! window *is* that file region, and neither a stored blob nor a spool's written bytes change.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -84,7 +84,7 @@ impl ZeroCopyStream {
             return Poll::Ready(match sent {
                 Ok(0) => Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    "stored blob shorter than its mapped window",
+                    "blob file shorter than its mapped window",
                 )),
                 Ok(n) => {
                     self.metrics.bytes_sendfile.fetch_add(n as u64, Relaxed);

@@ -1,4 +1,5 @@
-//! Stored blobs handed to the response straight from the page cache: each window of the file is
+//! Blob files (stored, or a download's spool below what it wrote) handed to the response
+//! straight from the page cache: each window of the file is
 //! mapped (its pages read into the page cache first if they are not, on the blocking pool) and
 //! becomes a `Bytes` without a copy through a user-space buffer. Every live window is registered
 //! with its file and offset, so that the connection writing it to a plain TCP socket can
@@ -79,7 +80,8 @@ pub(crate) fn window(file: &Arc<File>, pos: u64, len: usize) -> io::Result<Bytes
         if populate {
             options.populate();
         }
-        // SAFETY: see the module comment: a stored blob is immutable while the cache runs.
+        // SAFETY: see the module comment: a stored blob, and a spool below what was written,
+        // never change while the cache runs.
         unsafe { options.map(&**file) }
     };
     // A warm blob's pages are in the page cache already, and `sendfile` reads them from there:

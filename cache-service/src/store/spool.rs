@@ -1,5 +1,5 @@
-//! The local file an in-progress write goes to: clients joining the download read it (a blob's
-//! bytes as mapped windows, a manifest-sized body by `pread`) up to the published watermark
+//! The local file an in-progress write goes to: clients joining the download read it up to the
+//! published watermark (as mapped windows, or by `pread` for a body known to be manifest-sized)
 //! through a shared read handle, which keeps working after the file is renamed into the store
 //! or unlinked.
 
