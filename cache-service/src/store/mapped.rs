@@ -1,10 +1,10 @@
 //! Blob files (stored, or a download's spool below what it wrote) handed to the response
-//! straight from the page cache: each window of the file is
-//! mapped (its pages read into the page cache first if they are not, on the blocking pool) and
-//! becomes a `Bytes` without a copy through a user-space buffer. Every live window is registered
-//! with its file and offset, so that the connection writing it to a plain TCP socket can
-//! `sendfile` those bytes instead of copying them (see `http::zero_copy`); otherwise hyper's
-//! HTTP/1.1 writer hands them to `writev`. The cache listener speaks HTTP/1.1 only and has no
+//! straight from the page cache: each window of the file is mapped (its pages read into the
+//! page cache first if they are not, on the blocking pool) and becomes a `Bytes` without a copy
+//! through a user-space buffer. Every live window is registered with its file and offset, so
+//! that the connection writing it to a plain TCP socket can `sendfile` those bytes instead of
+//! copying them (see `http::zero_copy`); otherwise hyper's HTTP/1.1 writer hands them to
+//! `writev`. The cache listener speaks HTTP/1.1 only and has no
 //! TLS, so no user-space code reads a mapping (an HTTP/2 or TLS writer would copy from it, and a
 //! truncated file would then be SIGBUS).
 //!
