@@ -182,6 +182,7 @@ async fn run(args: ServeArgs, cfg: Config, text: Option<String>) -> ExitCode {
     let mut server = tokio::spawn(regmirror::http::server::serve_http1(
         regmirror::http::zero_copy::ZeroCopyListener::new(listener, cache.metrics.clone()),
         router,
+        regmirror::http::server::ClientTimeouts::default(),
         async {
             let _ = stop_rx.await;
         },

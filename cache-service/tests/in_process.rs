@@ -7,6 +7,7 @@ mod support;
 
 use std::time::Duration;
 
+use regmirror::http::server::ClientTimeouts;
 use reqwest::{Method, StatusCode};
 use support::{digest_of, FakeUpstream, Mirror, OCI_MANIFEST, TOKEN};
 
@@ -421,6 +422,97 @@ async fn the_cache_listener_refuses_http2() {
     );
     let (status, _) = fetch(m.get("/healthz")).await;
     assert_eq!(status, StatusCode::OK, "HTTP/1.1 still served");
+}
+
+/// A client that trickles its request head, or keeps a connection idle, is disconnected after
+/// the head timeout: it cannot hold the cache's connections (and descriptors) forever.
+#[tokio::test]
+async fn a_client_that_never_finishes_its_request_head_is_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = FakeUpstream::start().await;
+    let timeouts = ClientTimeouts {
+        request_head: Duration::from_secs(1),
+        ..ClientTimeouts::default()
+    };
+    let m = Mirror::with_client_timeouts(&up, timeouts).await;
+    let addr = m.base.trim_start_matches("http://").to_owned();
+    let closed_within = |mut conn: tokio::net::TcpStream| async move {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut rest))
+            .await
+            .is_ok()
+    };
+
+    let mut trickling = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    trickling
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    assert!(
+        closed_within(trickling).await,
+        "a half-sent head is cut off"
+    );
+
+    // A finished request is answered; the idle connection after it is closed in its turn.
+    let mut idle = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = [0u8; 12];
+    idle.read_exact(&mut answer).await.expect("an answer");
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    assert!(
+        closed_within(idle).await,
+        "an idle keep-alive connection is closed"
+    );
+}
+
+/// A client that stops reading a blob is disconnected once the writes to it made no progress
+/// for the stall timeout, so it cannot pin the blob it is sent for as long as it stays
+/// connected. A client that reads is not.
+#[tokio::test]
+async fn a_client_that_stops_reading_a_blob_is_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = FakeUpstream::start().await;
+    let blob: Vec<u8> = (0..64 * 1024 * 1024u32).map(|i| (i >> 9) as u8).collect();
+    let d = digest_of(&blob);
+    up.blob(&d, blob.clone());
+    let timeouts = ClientTimeouts {
+        stalled_write: Duration::from_secs(1),
+        ..ClientTimeouts::default()
+    };
+    let m = Mirror::with_client_timeouts(&up, timeouts).await;
+    let path = format!("/v2/lab/app/blobs/{d}");
+    let (status, body) = fetch(m.get(&path)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body.map(|b| digest_of(&b)),
+        Some(d.clone()),
+        "a reading client gets it all"
+    );
+
+    let addr = m.base.trim_start_matches("http://").to_owned();
+    let mut stalled = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    stalled
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    // Reads nothing for three times the stall timeout, then takes what the sockets held.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), stalled.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the connection was closed");
+    assert!(
+        got.len() < blob.len(),
+        "the stalled client was cut off, not sent the whole blob ({} bytes)",
+        got.len()
+    );
 }
 
 #[tokio::test]

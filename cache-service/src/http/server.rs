@@ -6,19 +6,48 @@
 //! rendered clusters and Kubernetes' `appProtocol: http` all speak HTTP/1.1 to the cache.
 
 use std::future::Future;
+use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 
 use super::zero_copy::ZeroCopyListener;
+
+/// How long the listener waits on a client before it closes the connection. Without these a
+/// client could hold a connection (and a file descriptor) by trickling its request head, and
+/// one that stops reading a response pins the blob it is sent (and a cold download's spool,
+/// or its share of the pass-through memory) for as long as it stays connected.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientTimeouts {
+    /// For a request's whole head, counted from when the connection is ready for one: a
+    /// connection idle between requests closes after this too. Envoy's cache cluster closes
+    /// its idle connections sooner (`render`), so it never sends on one being closed here.
+    pub request_head: Duration,
+    /// For a response write to make any progress: Envoy's stream idle timeout.
+    pub stalled_write: Duration,
+}
+
+impl ClientTimeouts {
+    pub const DEFAULT: Self = Self {
+        request_head: Duration::from_secs(60),
+        stalled_write: Duration::from_secs(300),
+    };
+}
+
+impl Default for ClientTimeouts {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
 
 /// Serve `router` until `shutdown` resolves, then stop accepting and wait for the connections
 /// in progress to finish their requests (the caller bounds that wait).
 pub async fn serve_http1(
     mut listener: ZeroCopyListener,
     router: Router,
+    timeouts: ClientTimeouts,
     shutdown: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
@@ -29,7 +58,12 @@ pub async fn serve_http1(
             () = &mut shutdown => break,
         };
         let conn = hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(io), TowerToHyperService::new(router.clone()));
+            .timer(TokioTimer::new())
+            .header_read_timeout(timeouts.request_head)
+            .serve_connection(
+                TokioIo::new(io.with_stalled_write_timeout(timeouts.stalled_write)),
+                TowerToHyperService::new(router.clone()),
+            );
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {

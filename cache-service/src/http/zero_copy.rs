@@ -4,6 +4,7 @@
 //! memory costs; every other write is an ordinary one. The bytes are the same either way: the
 //! window *is* that file region, and neither a stored blob nor a spool's written bytes change.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{Instant, Sleep};
 
 use crate::metrics::Metrics;
 use crate::store::mapped;
@@ -35,7 +37,11 @@ impl ZeroCopyListener {
             match self.listener.accept().await {
                 Ok((stream, _)) => {
                     let metrics = self.metrics.clone();
-                    return ZeroCopyStream { stream, metrics };
+                    return ZeroCopyStream {
+                        stream,
+                        metrics,
+                        stall: None,
+                    };
                 }
                 // A connection that went away before it was accepted: the next one.
                 Err(e) if is_connection_error(&e) => {}
@@ -62,9 +68,66 @@ fn is_connection_error(e: &io::Error) -> bool {
 pub struct ZeroCopyStream {
     stream: TcpStream,
     metrics: Arc<Metrics>,
+    stall: Option<StallTimer>,
+}
+
+/// Fails a write that has waited on the client for `limit`: armed when a write first finds
+/// the socket full, disarmed by any write that goes through.
+struct StallTimer {
+    limit: Duration,
+    timer: Pin<Box<Sleep>>,
+    armed: bool,
+}
+
+impl StallTimer {
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.armed = false;
+            return polled;
+        }
+        if !self.armed {
+            self.timer.as_mut().reset(Instant::now() + self.limit);
+            self.armed = true;
+        }
+        match self.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.armed = false;
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the client read nothing for {} s", self.limit.as_secs()),
+                )))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 impl ZeroCopyStream {
+    /// Writes that make no progress for `limit` fail, which ends the connection.
+    pub fn with_stalled_write_timeout(mut self, limit: Duration) -> Self {
+        self.stall = Some(StallTimer {
+            limit,
+            timer: Box::pin(tokio::time::sleep(limit)),
+            armed: false,
+        });
+        self
+    }
+
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match &mut self.stall {
+            Some(stall) => stall.watch(cx, polled),
+            None => polled,
+        }
+    }
+
     /// `len` bytes of `file` at `offset` to the socket; `Ok(0)` never: a file shorter than
     /// its window (truncated behind the cache) is an error, which cuts the response.
     fn poll_sendfile(
@@ -134,16 +197,18 @@ impl AsyncWrite for ZeroCopyStream {
         let Some(lead) = bufs.get(first) else {
             return Poll::Ready(Ok(0));
         };
-        if let Some((file, offset)) = window(lead) {
-            return self.poll_sendfile(cx, &file, offset, lead.len());
-        }
-        // The lead is ordinary memory (looked up above): the run ends before the next window.
-        let end = bufs
-            .iter()
-            .skip(first + 1)
-            .position(|b| window(b).is_some())
-            .map_or(bufs.len(), |i| first + 1 + i);
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs.get(..end).unwrap_or(bufs))
+        let polled = if let Some((file, offset)) = window(lead) {
+            self.poll_sendfile(cx, &file, offset, lead.len())
+        } else {
+            // The lead is ordinary memory (looked up above): the run ends before the next window.
+            let end = bufs
+                .iter()
+                .skip(first + 1)
+                .position(|b| window(b).is_some())
+                .map_or(bufs.len(), |i| first + 1 + i);
+            Pin::new(&mut self.stream).poll_write_vectored(cx, bufs.get(..end).unwrap_or(bufs))
+        };
+        self.watch(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -151,10 +216,12 @@ impl AsyncWrite for ZeroCopyStream {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        let polled = Pin::new(&mut self.stream).poll_flush(cx);
+        self.watch(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        let polled = Pin::new(&mut self.stream).poll_shutdown(cx);
+        self.watch(cx, polled)
     }
 }

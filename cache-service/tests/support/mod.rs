@@ -16,6 +16,7 @@ use sha2::Digest as _;
 
 use registry_rules::declaration::ClientAuth;
 use regmirror::config::{Config, LogFormat, UpstreamConfig};
+use regmirror::http::server::ClientTimeouts;
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// Token the fake upstream's realm issues and its API accepts (token mode only).
@@ -384,6 +385,20 @@ impl Mirror {
         tag_ttl: Duration,
         edit: impl FnOnce(&mut UpstreamConfig),
     ) -> Self {
+        Self::start_full(upstream, tag_ttl, edit, ClientTimeouts::default()).await
+    }
+
+    /// The listener closing on clients after `timeouts`.
+    pub async fn with_client_timeouts(upstream: &FakeUpstream, timeouts: ClientTimeouts) -> Self {
+        Self::start_full(upstream, Duration::from_secs(300), |_| {}, timeouts).await
+    }
+
+    async fn start_full(
+        upstream: &FakeUpstream,
+        tag_ttl: Duration,
+        edit: impl FnOnce(&mut UpstreamConfig),
+        timeouts: ClientTimeouts,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut lab = UpstreamConfig {
             name: "lab".into(),
@@ -418,6 +433,7 @@ impl Mirror {
         tokio::spawn(regmirror::http::server::serve_http1(
             listener,
             app.router,
+            timeouts,
             std::future::pending(),
         ));
         let http = reqwest::Client::builder()

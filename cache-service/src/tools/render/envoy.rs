@@ -4,10 +4,12 @@
 //! hand-written Envoy configs, with comments a user can follow.
 
 use super::declaration::Declaration;
+use crate::http::server::ClientTimeouts;
 use registry_rules::declaration::CacheService;
 use registry_rules::hosts::HostPattern;
 use registry_rules::route::{AUTH_PREFIX, CACHE_KEY_HEADER};
 use std::fmt::Write;
+use std::time::Duration;
 
 /// Which listener layout to render.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +38,12 @@ impl Variant {
 /// dynamic forward proxy; the filter has checked the host against the allowlist).
 const DYNAMIC_CLUSTER: &str = "dynamic_redirect_targets";
 const CACHE_CLUSTER: &str = "cache_service";
+
+/// How long Envoy (and the Istio gateway) keep an idle connection to the cache: half of what
+/// the cache waits for a request head on one (`ClientTimeouts::request_head`).
+pub(super) const CACHE_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+const _: () =
+    assert!(CACHE_IDLE_TIMEOUT.as_secs() * 2 <= ClientTimeouts::DEFAULT.request_head.as_secs());
 pub const SYSTEM_CA: &str = "/etc/ssl/certs/ca-certificates.crt";
 pub const TLS_CERT: &str = "/etc/regmirror/tls/tls.crt";
 pub const TLS_KEY: &str = "/etc/regmirror/tls/tls.key";
@@ -336,7 +344,9 @@ fn dynamic_cluster(w: &mut String) {
 fn cache_cluster(w: &mut String, cache: &CacheService) {
     let _ = writeln!(
         w,
-        "  - name: {CACHE_CLUSTER}\n    type: STRICT_DNS\n    connect_timeout: 5s"
+        "  - name: {CACHE_CLUSTER}\n    type: STRICT_DNS\n    connect_timeout: 5s\n    # Idle connections closed before the cache closes them ({}s), so a request is never\n    # sent on a connection the cache is closing.\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config: {{ http_protocol_options: {{}} }}\n        common_http_protocol_options: {{ idle_timeout: {}s }}",
+        ClientTimeouts::DEFAULT.request_head.as_secs(),
+        CACHE_IDLE_TIMEOUT.as_secs()
     );
     if cache.is_replicated() {
         let _ = writeln!(
