@@ -415,30 +415,39 @@ impl MirrorHttp {
         }
     }
 
-    /// Applies [`plan_redirect`] to the answer's `Location`.
+    /// Applies [`plan_redirect`] to the answer's `Location`; `false` when the redirect is
+    /// refused: the client must not follow it (with whatever it sends the mirror).
     fn apply_redirect(
         shared: &Shared,
         fwd: &Forward,
         status: Option<u32>,
         location: Option<&[u8]>,
-    ) {
+    ) -> bool {
         let key_and_now = || (shared.signing_key(), now_secs());
         let unsigned = || shared.metrics.inc(Counter::RedirectsUnsigned, 1);
         match plan_redirect(&shared.cfg, fwd, status, location, key_and_now) {
-            RedirectPlan::None => {}
+            RedirectPlan::None => true,
             RedirectPlan::Location(LocationOutcome::Signed(u)) => {
                 set_response_header("location", &u);
                 shared.metrics.inc(Counter::RedirectsSigned, 1);
+                true
             }
-            RedirectPlan::Location(LocationOutcome::Passthrough) => unsigned(),
+            RedirectPlan::Location(LocationOutcome::Passthrough) => {
+                unsigned();
+                true
+            }
             RedirectPlan::NotUtf8 => {
                 unsigned();
-                info!("non-UTF-8 Location left alone");
+                info!(
+                    "redirect from {} with a non-UTF-8 Location refused",
+                    fwd.authority
+                );
+                false
             }
             RedirectPlan::Location(LocationOutcome::Rejected) => {
                 unsigned();
                 info!(
-                    "redirect from {} for {} not signed (host not allowed, not https, or no key): {}",
+                    "redirect from {} for {} refused (host not allowed, not https, or no key): {}",
                     fwd.authority,
                     fwd.registry,
                     String::from_utf8_lossy(location.unwrap_or_default())
@@ -446,6 +455,7 @@ impl MirrorHttp {
                         .take(200)
                         .collect::<String>()
                 );
+                false
             }
         }
     }
@@ -526,7 +536,16 @@ impl HttpContext for MirrorHttp {
             }
         };
         Self::apply_challenges(shared, fwd, h.status, h.challenges);
-        Self::apply_redirect(shared, fwd, h.status, h.location.as_deref());
+        if !Self::apply_redirect(shared, fwd, h.status, h.location.as_deref()) {
+            // Passed on, the Location would take the client, and any header it sends the
+            // mirror (a mirror login in a custom header survives cross-host redirects), to a
+            // host the registry's declaration does not list, or over plain http.
+            return self.fail(
+                502,
+                ErrorCode::Unavailable,
+                "the upstream redirected to a location this mirror does not allow (only https on the registry's redirect hosts)",
+            );
+        }
         Self::apply_link(fwd, h.links);
         if let Some(ns) = &fwd.oci_namespace_echo {
             set_response_header("oci-namespace", ns);

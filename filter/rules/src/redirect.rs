@@ -324,7 +324,7 @@ pub enum LocationOutcome {
     Signed(String),
     /// Registry asked for passthrough.
     Passthrough,
-    /// Not resolvable, not https, or host not allowed: left alone.
+    /// Not resolvable, not https, or host not allowed: refused (the client gets a 502).
     Rejected,
 }
 

@@ -157,7 +157,7 @@ pub fn plan_challenges(a: &Answer<'_>, values: Vec<Vec<u8>>) -> ChallengePlan {
 pub enum RedirectPlan {
     /// Not a redirect status, or no `Location`: nothing to do.
     None,
-    /// A `Location` that is not UTF-8: left alone, not signed.
+    /// A `Location` that is not UTF-8: refused, as an unsigned one is (the client gets a 502).
     NotUtf8,
     /// What the registry's redirect policy made of the `Location`.
     Location(LocationOutcome),
