@@ -143,8 +143,22 @@ impl AuthHeader {
 
 impl Access {
     /// `token_clients`: registries whose clients present the registry's own tokens (served
-    /// straight from upstream, or cached with `client_auth = "upstream"`).
-    pub fn validate(&self, token_clients: &[&str]) -> Result<(), String> {
+    /// straight from upstream, or cached with `client_auth = "upstream"`). `self_redirected`:
+    /// registries whose clients follow the upstream's redirects themselves (`redirects =
+    /// "passthrough"`).
+    pub fn validate(&self, token_clients: &[&str], self_redirected: &[&str]) -> Result<(), String> {
+        if let (Some(auth), Some(first)) = (&self.basic_auth, self_redirected.first()) {
+            if !auth.header.is_authorization() {
+                // Go's HTTP client (containerd) drops Authorization on a redirect to another
+                // host but keeps every other header it was given.
+                return Err(format!(
+                    "access.basic_auth.header {:?} with redirects = \"passthrough\" on {first:?}: \
+                     its clients follow the upstream's redirects themselves and would send the \
+                     mirror login to the CDN. Leave redirects at \"sign\" (signed mirror URLs)",
+                    auth.header.as_str()
+                ));
+            }
+        }
         if let (Some(auth), Some(first)) = (&self.basic_auth, token_clients.first()) {
             if auth.header.is_authorization() {
                 return Err(format!(
@@ -303,16 +317,33 @@ mod tests {
     #[test]
     fn basic_auth_in_authorization_refuses_pass_through_registries() {
         let a = access("basic_auth = { htpasswd = \"/etc/regmirror/htpasswd\" }").unwrap();
-        let e = a.validate(&["docker.io"]).unwrap_err();
+        let e = a.validate(&["docker.io"], &[]).unwrap_err();
         assert!(e.contains("\"docker.io\""), "{e}");
-        assert!(a.validate(&[]).is_ok());
+        assert!(a.validate(&[], &[]).is_ok());
         let a = access(
             "basic_auth = { htpasswd = \"/etc/regmirror/htpasswd\", header = \"x-mirror-authorization\" }",
         )
         .unwrap();
-        assert!(a.validate(&["docker.io"]).is_ok());
+        assert!(a.validate(&["docker.io"], &[]).is_ok());
         let relative =
             access("basic_auth = { htpasswd = \"htpasswd\", header = \"x-a\" }").unwrap();
-        assert!(relative.validate(&[]).is_err());
+        assert!(relative.validate(&[], &[]).is_err());
+    }
+
+    #[test]
+    fn a_login_in_its_own_header_refuses_registries_whose_clients_follow_redirects() {
+        let custom = access(
+            "basic_auth = { htpasswd = \"/etc/regmirror/htpasswd\", header = \"x-mirror-authorization\" }",
+        )
+        .unwrap();
+        let e = custom.validate(&[], &["docker.io"]).unwrap_err();
+        assert!(
+            e.contains("\"docker.io\"") && e.contains("passthrough"),
+            "{e}"
+        );
+        // In Authorization it is dropped on a cross-host redirect (and refused with token
+        // clients for its own reason).
+        let standard = access("basic_auth = { htpasswd = \"/etc/regmirror/htpasswd\" }").unwrap();
+        assert!(standard.validate(&[], &["docker.io"]).is_ok());
     }
 }

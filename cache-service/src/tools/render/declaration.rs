@@ -5,6 +5,7 @@ use super::access::Access;
 use std::ops::Deref;
 use std::path::Path;
 
+use registry_rules::config::RedirectMode;
 pub use registry_rules::declaration::Registry;
 use registry_rules::declaration::{CacheService, ClientAuth};
 
@@ -74,8 +75,14 @@ impl Declaration {
                 .filter(|r| !r.cache || r.client_auth == Some(ClientAuth::Upstream))
                 .map(|r| r.name.as_str())
                 .collect();
+            let self_redirected: Vec<&str> = model
+                .registries
+                .iter()
+                .filter(|r| !r.cache && r.redirects == RedirectMode::Passthrough)
+                .map(|r| r.name.as_str())
+                .collect();
             access
-                .validate(&token_clients)
+                .validate(&token_clients, &self_redirected)
                 .map_err(DeclarationError::Access)?;
         }
         Ok(Self(model))
