@@ -12,8 +12,8 @@ use reqwest::{Method, StatusCode};
 
 use super::single_flight::Role;
 use super::{
-    head_unsupported, lock, read_limited, status_error, storage_err, Cache, CacheError, HeadInfo,
-    Kind, Source,
+    head_unsupported, lock, read_limited, status_error, storage_err, within, Cache, CacheError,
+    HeadInfo, Kind, Source,
 };
 use crate::metrics::Metrics;
 use crate::oci;
@@ -81,6 +81,16 @@ impl Cache {
                 return None;
             }
         };
+        // The bytes are in memory anyway: a file changed on disk is never served as `d`.
+        if Digest::of_bytes(&body) != *d {
+            Metrics::inc(&self.metrics.verify_failures);
+            tracing::error!(digest = %d, "a stored manifest no longer matches its digest; removed, fetched again");
+            match self.store.delete(d).await {
+                Ok(_) => lock(&self.lru).remove(d),
+                Err(e) => tracing::warn!(digest = %d, error = %e, "removing it failed"),
+            }
+            return None;
+        }
         let stored_type = self.store.manifest_media_type(d).await.unwrap_or_else(|e| {
             tracing::warn!(digest = %d, error = %e, "reading a manifest's media type failed");
             None
@@ -253,7 +263,7 @@ impl Cache {
         let (r, role) = self
             .tag_flights
             .run(key, move || async move {
-                this.resolve_tag(&up, &name, &tag).await
+                within(this.metadata_deadline, this.resolve_tag(&up, &name, &tag)).await
             })
             .await;
         if role == Role::Joined {
@@ -309,7 +319,9 @@ impl Cache {
         match (
             digest,
             info.manifest_media_type(),
-            info.size.filter(|l| *l > 0),
+            // A size no manifest may have is the GET's to refuse (`TooLarge`), not a record's.
+            info.size
+                .filter(|l| *l > 0 && *l <= oci::MAX_MANIFEST_BYTES as u64),
         ) {
             (Some(d), Some(mt), Some(size)) => {
                 let new = TagRecord {
@@ -384,29 +396,36 @@ impl Cache {
     ) -> Result<ManifestReply, CacheError> {
         Metrics::inc(&self.metrics.upstream_fetches);
         let path = format!("/v2/{name}/manifests/{reference}");
-        let resp = up
-            .send(Method::GET, &path, name, Some(oci::MANIFEST_ACCEPT), 3)
-            .await?;
-        if resp.status() != StatusCode::OK {
-            return Err(status_error(&resp, Kind::Manifest));
-        }
-        if resp
-            .content_length()
-            .is_some_and(|l| l > oci::MAX_MANIFEST_BYTES as u64)
-        {
-            return Err(CacheError::TooLarge);
-        }
-        let ct = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let hdr_digest = resp
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let body = read_limited(resp, oci::MAX_MANIFEST_BYTES).await?;
+        let (ct, hdr_digest, body) = within(self.metadata_deadline, async {
+            let resp = up
+                .send(Method::GET, &path, name, Some(oci::MANIFEST_ACCEPT), 3)
+                .await?;
+            if resp.status() != StatusCode::OK {
+                return Err(status_error(&resp, Kind::Manifest));
+            }
+            if resp
+                .content_length()
+                .is_some_and(|l| l > oci::MAX_MANIFEST_BYTES as u64)
+            {
+                return Err(CacheError::TooLarge);
+            }
+            let header = |name| {
+                resp.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            let (ct, hdr_digest) = (
+                header(CONTENT_TYPE.as_str()),
+                header("docker-content-digest"),
+            );
+            Ok((
+                ct,
+                hdr_digest,
+                read_limited(resp, oci::MAX_MANIFEST_BYTES).await?,
+            ))
+        })
+        .await?;
         let media_type =
             oci::manifest_media_type(ct.as_deref(), &body).map_err(CacheError::ManifestInvalid)?;
         let digest = Digest::of_bytes(&body);

@@ -263,6 +263,30 @@ pub struct Cache {
     /// manifests must not bound (or break) another's downloads of a shared layer.
     known_sizes: Mutex<HashMap<(String, String, Digest), u64>>,
     readiness: Arc<Readiness>,
+    /// [`METADATA_DEADLINE`]; shorter in tests.
+    metadata_deadline: Duration,
+}
+
+/// The longest an upstream answer the cache reads whole (a manifest, a tag's HEAD, a tags
+/// list, a confirming HEAD) may take, tries included. The client's read timeout restarts with
+/// every byte, so an upstream that trickles would otherwise keep the request, and every one
+/// joined to it, waiting past Envoy's 60 s manifest route timeout, and past the stale tag the
+/// cache could have served instead.
+const METADATA_DEADLINE: Duration = Duration::from_secs(25);
+
+/// `work` if it ends within `deadline`, else an upstream failure (which a stale tag answers).
+async fn within<T>(
+    deadline: Duration,
+    work: impl std::future::Future<Output = Result<T, CacheError>>,
+) -> Result<T, CacheError> {
+    tokio::time::timeout(deadline, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(CacheError::Upstream(UpstreamError::Connect(format!(
+                "no complete answer within {} s",
+                deadline.as_secs()
+            ))))
+        })
 }
 
 /// How long a readiness answer stands before the store is asked again.
@@ -343,6 +367,7 @@ impl Cache {
             small: Mutex::new(SmallCache::default()),
             known_sizes: Mutex::new(HashMap::new()),
             readiness: Arc::default(),
+            metadata_deadline: METADATA_DEADLINE,
         };
         cache.make_room(0).await;
         Ok(cache)
@@ -622,26 +647,29 @@ impl Cache {
     ) -> Result<HeadInfo, CacheError> {
         let key: HeadKey = (up.name.clone(), name.clone(), d.clone(), kind);
         let (up, name, d) = (up.clone(), name.clone(), d.clone());
+        let deadline = self.metadata_deadline;
         let (r, role) = self
             .head_flights
-            .run(key, move || async move {
-                let (path, accept) = match kind {
-                    Kind::Manifest => (
-                        format!("/v2/{name}/manifests/{d}"),
-                        Some(oci::MANIFEST_ACCEPT),
-                    ),
-                    _ => (format!("/v2/{name}/blobs/{d}"), None),
-                };
-                let mut resp = up.send(Method::HEAD, &path, &name, accept, 3).await?;
-                if head_unsupported(resp.status()) {
-                    // No HEAD upstream: a GET's headers say the same. Its body is never
-                    // read (dropping the response closes the connection).
-                    resp = up.send(Method::GET, &path, &name, accept, 3).await?;
-                }
-                if resp.status() != StatusCode::OK {
-                    return Err(status_error(&resp, kind));
-                }
-                Ok(HeadInfo::of(&resp))
+            .run(key, move || {
+                within(deadline, async move {
+                    let (path, accept) = match kind {
+                        Kind::Manifest => (
+                            format!("/v2/{name}/manifests/{d}"),
+                            Some(oci::MANIFEST_ACCEPT),
+                        ),
+                        _ => (format!("/v2/{name}/blobs/{d}"), None),
+                    };
+                    let mut resp = up.send(Method::HEAD, &path, &name, accept, 3).await?;
+                    if head_unsupported(resp.status()) {
+                        // No HEAD upstream: a GET's headers say the same. Its body is never
+                        // read (dropping the response closes the connection).
+                        resp = up.send(Method::GET, &path, &name, accept, 3).await?;
+                    }
+                    if resp.status() != StatusCode::OK {
+                        return Err(status_error(&resp, kind));
+                    }
+                    Ok(HeadInfo::of(&resp))
+                })
             })
             .await;
         if role == Role::Joined {
@@ -780,5 +808,159 @@ pub(super) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (cache, _) = open(dir.path(), &server, limits(MIB)).await;
         cache.drain(Duration::MAX).await;
+    }
+
+    /// An upstream that trickles a manifest keeps no request waiting for its per-read
+    /// timeout (which every byte restarts): past the metadata deadline the tag's stale
+    /// record is served, as when the upstream is down.
+    #[tokio::test]
+    async fn a_trickling_upstream_gets_the_stale_tag_after_the_metadata_deadline() {
+        use std::sync::atomic::AtomicBool;
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"digest":"{}","size":2}},"layers":[]}}"#,
+            oci::MT_OCI_MANIFEST,
+            Digest::of_bytes(b"{}")
+        );
+        let digest = Digest::of_bytes(manifest.as_bytes());
+        let trickle = Arc::new(AtomicBool::new(false));
+        let server = TestServer::start({
+            let trickle = trickle.clone();
+            move |seen| match seen.method {
+                // No HEAD: the tag is resolved by a GET.
+                axum::http::Method::HEAD => reply(405, &[], ""),
+                _ if trickle.load(Relaxed) => {
+                    let first = futures::stream::once(async {
+                        Ok::<_, std::io::Error>(Bytes::from_static(b"{"))
+                    });
+                    let body = axum::body::Body::from_stream(futures::StreamExt::chain(
+                        first,
+                        futures::stream::pending(),
+                    ));
+                    reply(200, &[("content-type", oci::MT_OCI_MANIFEST)], body)
+                }
+                _ => reply(
+                    200,
+                    &[("content-type", oci::MT_OCI_MANIFEST)],
+                    manifest.clone(),
+                ),
+            }
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::store::fs::FsStore::new(dir.path()).unwrap());
+        let (cache, up) = open_with(store, &server, limits(MIB)).await;
+        use registry_rules::names::{Reference, Tag};
+        let (app, tag) = (name("app"), Reference::Tag(Tag::parse("1").unwrap()));
+        let fresh = cache.manifest(&up, &app, &tag, false).await.unwrap();
+        assert_eq!(fresh.digest, digest);
+
+        // The record is stale from now on, and the upstream sends one byte and no more.
+        cache.tag_ttl.store(0, Relaxed);
+        trickle.store(true, Relaxed);
+        let mut impatient = Arc::try_unwrap(cache).expect("only this test holds the cache");
+        impatient.metadata_deadline = Duration::from_secs(1);
+        let cache = Arc::new(impatient);
+        let started = Instant::now();
+        let stale = tokio::time::timeout(
+            Duration::from_secs(20),
+            cache.manifest(&up, &app, &tag, false),
+        )
+        .await
+        .expect("answered before the upstream's read timeout (60 s)")
+        .expect("the stale tag");
+        assert_eq!(stale.digest, digest);
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "the upstream was asked first"
+        );
+        assert_eq!(cache.metrics.stale_served.load(Relaxed), 1);
+    }
+
+    /// A stored manifest whose file changed on disk is never served as its digest: the
+    /// cache drops it, fetches it again and stores the right bytes.
+    #[tokio::test]
+    async fn a_stored_manifest_changed_on_disk_is_fetched_again_not_served() {
+        use registry_rules::names::Reference;
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"digest":"{}","size":2}},"layers":[]}}"#,
+            oci::MT_OCI_MANIFEST,
+            Digest::of_bytes(b"{}")
+        );
+        let digest = Digest::of_bytes(manifest.as_bytes());
+        let server = TestServer::start({
+            let manifest = manifest.clone();
+            move |_| {
+                reply(
+                    200,
+                    &[("content-type", oci::MT_OCI_MANIFEST)],
+                    manifest.clone(),
+                )
+            }
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, up) = open(dir.path(), &server, limits(MIB)).await;
+        let (app, by_digest) = (name("app"), Reference::Digest(digest.clone()));
+        let gets = || {
+            server
+                .seen()
+                .iter()
+                .filter(|s| s.method == axum::http::Method::GET)
+                .count()
+        };
+        cache.manifest(&up, &app, &by_digest, false).await.unwrap();
+        assert_eq!(gets(), 1);
+
+        let hex = digest.hex();
+        let file = dir.path().join("blobs/sha256").join(&hex[..2]).join(hex);
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes[0] ^= 1;
+        std::fs::write(&file, bytes).unwrap();
+
+        let again = cache.manifest(&up, &app, &by_digest, false).await.unwrap();
+        assert_eq!(again.body.as_deref(), Some(manifest.as_bytes()));
+        assert_eq!(gets(), 2, "fetched again");
+        assert_eq!(cache.metrics.verify_failures.load(Relaxed), 1);
+        let third = cache.manifest(&up, &app, &by_digest, false).await.unwrap();
+        assert_eq!(third.body.as_deref(), Some(manifest.as_bytes()));
+        assert_eq!(gets(), 2, "stored right the second time");
+    }
+
+    /// A tag HEAD whose size no manifest may have is not taken for the record (clients
+    /// would use it as the descriptor's size): the tag's GET decides.
+    #[tokio::test]
+    async fn a_tag_head_with_an_impossible_size_is_checked_by_a_get() {
+        use registry_rules::names::{Reference, Tag};
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"digest":"{}","size":2}},"layers":[]}}"#,
+            oci::MT_OCI_MANIFEST,
+            Digest::of_bytes(b"{}")
+        );
+        let digest = Digest::of_bytes(manifest.as_bytes());
+        let server = TestServer::start({
+            let (manifest, digest) = (manifest.clone(), digest.to_string());
+            move |seen| {
+                let ct = ("content-type", oci::MT_OCI_MANIFEST);
+                match seen.method {
+                    axum::http::Method::HEAD => reply(
+                        200,
+                        &[
+                            ct,
+                            ("docker-content-digest", &digest),
+                            ("content-length", "99999999999"),
+                        ],
+                        "",
+                    ),
+                    _ => reply(200, &[ct], manifest.clone()),
+                }
+            }
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, up) = open(dir.path(), &server, limits(MIB)).await;
+        let tag = Reference::Tag(Tag::parse("1").unwrap());
+        let head = cache.manifest(&up, &name("app"), &tag, true).await.unwrap();
+        assert_eq!(head.digest, digest);
+        assert_eq!(head.size, manifest.len() as u64);
     }
 }

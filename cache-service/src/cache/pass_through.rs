@@ -8,7 +8,7 @@ use bytes::Bytes;
 use reqwest::header::{CONTENT_TYPE, LINK};
 use reqwest::{Method, StatusCode};
 
-use super::{lock, read_limited, status_error, Cache, CacheError, Kind, Source};
+use super::{lock, read_limited, status_error, within, Cache, CacheError, Kind, Source};
 use crate::metrics::Metrics;
 use registry_rules::names::RepositoryName;
 
@@ -114,31 +114,30 @@ impl Cache {
             return Ok(r);
         }
         Metrics::inc(&self.metrics.misses);
-        let resp = up
-            .send(Method::GET, path_and_query, name, accept, 3)
-            .await?;
-        let status = resp.status();
-        if !(status == StatusCode::OK || status == StatusCode::NOT_FOUND) {
-            return Err(status_error(&resp, Kind::Other));
-        }
-        let content_type = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let link = resp
-            .headers()
-            .get(LINK)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let body = read_limited(resp, MAX_SMALL_BYTES).await?;
-        let reply = SmallReply {
-            status: status.as_u16(),
-            content_type,
-            link,
-            body,
-        };
-        if status == StatusCode::OK {
+        let reply = within(self.metadata_deadline, async {
+            let resp = up
+                .send(Method::GET, path_and_query, name, accept, 3)
+                .await?;
+            let status = resp.status();
+            if !(status == StatusCode::OK || status == StatusCode::NOT_FOUND) {
+                return Err(status_error(&resp, Kind::Other));
+            }
+            let header = |name| {
+                resp.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            let (content_type, link) = (header(CONTENT_TYPE), header(LINK));
+            Ok(SmallReply {
+                status: status.as_u16(),
+                content_type,
+                link,
+                body: read_limited(resp, MAX_SMALL_BYTES).await?,
+            })
+        })
+        .await?;
+        if reply.status == StatusCode::OK.as_u16() {
             lock(&self.small).put(key, reply.clone(), Instant::now());
         }
         Ok(reply)

@@ -1136,8 +1136,12 @@ impl BlobStore for ObjectBackend {
         }
         let got = self.store.get(&key).await.map_err(io_err)?;
         let e_tag = got.meta.e_tag.clone();
-        let current: Option<Lease> =
-            serde_json::from_slice(&got.bytes().await.map_err(io_err)?).ok();
+        // A lease that is not one (too large to read, or not parsed) counts as expired.
+        let current: Option<Lease> = if got.meta.size > MAX_RECORD_BYTES {
+            None
+        } else {
+            serde_json::from_slice(&got.bytes().await.map_err(io_err)?).ok()
+        };
         let ours = current.as_ref().is_some_and(|l| l.holder == self.replica);
         let expired = current.as_ref().is_none_or(|l| l.expires <= unix_now());
         if !ours && !expired {
