@@ -68,7 +68,10 @@ impl Spool {
         SpoolReader(self.read.clone())
     }
 
-    /// fsync, rename to `dest` (creating its directory) and fsync that directory.
+    /// fsync, rename to `dest` (creating its directory) and fsync that directory. Once the
+    /// rename is done the blob is stored, whatever the directory's fsync says: it is then
+    /// served (and must be counted), and a crash can only lose it whole, its bytes having
+    /// been synced before it got its name.
     pub(crate) async fn persist(mut self, dest: &Path) -> io::Result<()> {
         let Some(src) = self.path.clone() else {
             return Err(io::Error::other("an anonymous spool cannot be persisted"));
@@ -83,7 +86,10 @@ impl Spool {
         tokio::fs::rename(&src, dest).await?;
         // Renamed: nothing left to delete on drop.
         self.path = None;
-        fsync_dir(&dir).await
+        if let Err(e) = fsync_dir(&dir).await {
+            tracing::warn!(dir = %dir.display(), error = %e, "syncing a blob's directory failed; a crash may lose the blob");
+        }
+        Ok(())
     }
 }
 

@@ -240,7 +240,12 @@ impl BlobStore for Tiered {
                     return Ok(Some(blob));
                 }
                 // Gone behind our back: forget it and read the bucket.
-                _ => self.local.lru().remove(digest),
+                Ok(None) => self.local.lru().remove(digest),
+                // Still there but unreadable now: it keeps its room (eviction still
+                // removes it), and this read goes to the bucket.
+                Err(e) => {
+                    tracing::warn!(digest = %digest, error = %e, "local tier unreadable; reading the bucket")
+                }
             }
         }
         let Some(blob) = self.shared.open(digest).await? else {
