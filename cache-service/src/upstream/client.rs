@@ -76,9 +76,26 @@ pub fn host_key(u: &Url) -> String {
     )
 }
 
-/// An error with its sources (reqwest hides the interesting part in them).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
+/// `u` without its query: for a signed CDN or bucket URL the query is the credential, and
+/// what is said about a URL reaches logs and clients' error bodies.
+pub fn without_query(u: &Url) -> String {
+    let mut u = u.clone();
+    if u.query().is_some() {
+        u.set_query(Some("…"));
+    }
+    u.to_string()
+}
+
+/// An error with its sources (reqwest hides the interesting part in them); a URL reqwest
+/// names loses its query ([`without_query`]).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
+    if let Some(u) = e
+        .downcast_ref::<reqwest::Error>()
+        .and_then(reqwest::Error::url)
+    {
+        s = s.replace(u.as_str(), &without_query(u));
+    }
     let mut cur = e.source();
     while let Some(c) = cur {
         let m = c.to_string();
@@ -422,11 +439,11 @@ impl RegistryClient {
             if let Some(next) = redirect_target(&url, &resp, &mut redirects)? {
                 if let Reach::Declared { policy, .. } = &self.reach {
                     if let Err(e) = policy.check_redirect(&url, &next) {
-                        tracing::warn!(client = %self.label, from = %url, error = %e, "redirect refused");
+                        tracing::warn!(client = %self.label, from = %without_query(&url), error = %e, "redirect refused");
                         return Err(e.into());
                     }
                 }
-                tracing::debug!(client = %self.label, from = %url, to = %next, "following redirect");
+                tracing::debug!(client = %self.label, from = %without_query(&url), to = %without_query(&next), "following redirect");
                 url = next;
                 answered = 0;
                 continue;

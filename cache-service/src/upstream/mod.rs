@@ -53,11 +53,15 @@ pub enum HostRefusal {
 
 /// Resolve a `Location` against the URL that answered it; only http(s) results.
 pub fn resolve_location(current: &Url, location: &str) -> Result<Url, RedirectError> {
+    // Named in the error without its query (see `client::without_query`).
+    let named = location
+        .split_once('?')
+        .map_or(location, |(before, _)| before);
     let next = current
         .join(location)
-        .map_err(|e| RedirectError::Bad(format!("{location}: {e}")))?;
+        .map_err(|e| RedirectError::Bad(format!("{named}: {e}")))?;
     if next.scheme() != "https" && next.scheme() != "http" {
-        return Err(RedirectError::Bad(format!("{location}: not http(s)")));
+        return Err(RedirectError::Bad(format!("{named}: not http(s)")));
     }
     Ok(next)
 }
@@ -163,7 +167,7 @@ impl HostPolicy {
     pub fn check_redirect(&self, from: &Url, to: &Url) -> Result<(), RedirectError> {
         self.check(from, to, &self.redirect_hosts)
             .map_err(|reason| RedirectError::Refused {
-                target: to.to_string(),
+                target: client::without_query(to),
                 reason,
             })
     }
@@ -964,5 +968,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// What the cache says about a URL (in logs and error bodies) leaves out its query: for
+    /// a signed CDN or bucket URL that is the credential.
+    #[tokio::test]
+    async fn errors_name_urls_without_their_query() {
+        let signed = "http://127.0.0.1:1/blob?X-Amz-Signature=secret";
+        let e = reqwest::Client::new().get(signed).send().await.unwrap_err();
+        let said = client::error_chain(&e);
+        assert!(said.contains("127.0.0.1:1/blob"), "{said}");
+        assert!(!said.contains("secret"), "{said}");
+
+        let policy = HostPolicy::new(
+            &UpstreamConfig {
+                name: "x".into(),
+                url: Url::parse("https://registry.example").unwrap(),
+                ca_pems: vec![],
+                credentials: None,
+                realm_hosts: vec![],
+                redirect_hosts: vec![],
+                client_auth: Default::default(),
+                authorization_ttl: Duration::from_secs(60),
+            },
+            None,
+        );
+        let from = Url::parse("https://registry.example/v2/a/blobs/x").unwrap();
+        let to = Url::parse("https://cdn.example/b?sig=secret").unwrap();
+        let refused = policy.check_redirect(&from, &to).unwrap_err().to_string();
+        assert!(
+            refused.contains("cdn.example/b") && !refused.contains("secret"),
+            "{refused}"
+        );
     }
 }
