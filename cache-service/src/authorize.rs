@@ -110,7 +110,7 @@ struct LearnedRealm {
 pub struct Access {
     decisions: Mutex<Decisions>,
     realm: Mutex<LearnedRealm>,
-    /// Checks in progress (bounded by the requests waiting on them).
+    /// Checks in progress (at most `single_flight::MAX_CALLS`).
     checks: SingleFlight<CheckKey, Outcome<Result<(), Refusal>>>,
 }
 

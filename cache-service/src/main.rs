@@ -124,6 +124,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
         }
     };
     init_tracing(cfg.log_format);
+    raise_open_files_limit();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -135,6 +136,26 @@ fn serve(args: &ServeArgs) -> ExitCode {
         }
     };
     rt.block_on(run(args.clone(), cfg, text))
+}
+
+/// Each client holds a descriptor, each download a spool (two) and an upstream connection,
+/// and the soft limit is often 1024 (systemd's default) under a far higher hard one: raised
+/// to the hard one, as Go's runtime does for Go servers (capped at Linux's default
+/// `fs.nr_open`, which an unlimited hard limit would exceed).
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    const NR_OPEN: u64 = 1 << 20;
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard.min(NR_OPEN) => {
+            let to = hard.min(NR_OPEN);
+            match setrlimit(Resource::RLIMIT_NOFILE, to, hard) {
+                Ok(()) => tracing::info!(from = soft, to, "raised the open files limit"),
+                Err(e) => tracing::warn!(soft, error = %e, "could not raise the open files limit"),
+            }
+        }
+        Ok((soft, _)) => tracing::debug!(soft, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not read the open files limit"),
+    }
 }
 
 async fn run(args: ServeArgs, cfg: Config, text: Option<String>) -> ExitCode {

@@ -728,3 +728,63 @@ fn bad_input_gets_a_clear_oci_error_and_never_reaches_the_upstream() {
         s.logs()
     );
 }
+
+/// Started under a low soft limit of open files (systemd's default is 1024), regmirror raises
+/// it to the hard limit, as Go servers do: every client and every download holds descriptors.
+#[test]
+fn a_low_open_files_limit_is_raised_at_start() {
+    let dir = mirror_tests::temp_dir("nofile").expect("temp dir");
+    let bin = mirror_tests::build::regmirror().expect("regmirror");
+    let listen = format!("127.0.0.1:{}", mirror_tests::free_port());
+    let log_path = dir.path().join("regmirror.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -Sn 256 && exec \"$@\"")
+        .arg("sh")
+        .arg(&bin)
+        .args(["serve", "--listen", &listen, "--storage"])
+        .arg(dir.path().join("storage"))
+        .args(["--upstream", "lab=http://127.0.0.1:9"])
+        .stdout(log.try_clone().expect("log file"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn");
+    let open_files = |limits: &str, column: usize| -> Option<u64> {
+        let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+        line.split_whitespace().nth(column)?.parse().ok()
+    };
+    let hard = open_files(
+        &std::fs::read_to_string("/proc/self/limits").expect("own limits"),
+        4,
+    )
+    .expect("this process's hard limit");
+    // Read once it serves: the limit is raised before the listener opens.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log_path)
+        .unwrap_or_default()
+        .contains("regmirror serving")
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let soft = std::fs::read_to_string(format!("/proc/{}/limits", child.id()))
+        .ok()
+        .and_then(|l| open_files(&l, 3));
+    let _ = child.kill();
+    let _ = child.wait();
+    let logs = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(
+        logs.contains("regmirror serving"),
+        "it never served:\n{logs}"
+    );
+    assert!(
+        hard > 256,
+        "this machine's hard limit ({hard}) leaves nothing to raise"
+    );
+    assert_eq!(
+        soft,
+        Some(hard.min(1 << 20)),
+        "the soft limit once serving\n{logs}"
+    );
+}

@@ -100,7 +100,7 @@ impl Cache {
             }
             // The last attempt starts (or joins) whatever ended meanwhile.
             let since = (attempt < LOOKS_AGAIN).then_some(since);
-            if let Some(flight) = self.start_flight(up, name, d, key.clone(), since).await {
+            if let Some(flight) = self.start_flight(up, name, d, key.clone(), since).await? {
                 let size = flight.started().await?;
                 return Ok(BlobReply::Flight { flight, size });
             }
@@ -137,7 +137,7 @@ impl Cache {
         d: &Digest,
         key: FlightKey,
         since: Option<u64>,
-    ) -> Option<Arc<InFlight>> {
+    ) -> Result<Option<Arc<InFlight>>, CacheError> {
         // Made before the single-flight lock is taken (it may touch the disk); dropped unused
         // by a request that finds the download already started.
         let temp = match self.store.begin_write(d).await {
@@ -183,14 +183,17 @@ impl Cache {
             };
             (flight, work)
         };
-        let (flight, role) = match since {
+        let started = match since {
             Some(since) => self.flights.join_or_start_since(key, since, start)?,
-            None => self.flights.join_or_start(key, start),
+            None => Some(self.flights.join_or_start(key, start)?),
+        };
+        let Some((flight, role)) = started else {
+            return Ok(None);
         };
         if role == Role::Joined {
             Metrics::inc(&self.metrics.coalesced_waiters);
         }
-        Some(flight)
+        Ok(Some(flight))
     }
 
     async fn download(

@@ -69,13 +69,16 @@ pub enum CacheError {
     Storage(String),
     #[error("internal: {0}")]
     Internal(String),
+    #[error("too many upstream fetches in progress on this cache; try again")]
+    Busy,
 }
 
 impl CacheError {
     /// Errors for which a stale cached tag may be served instead.
     pub fn is_upstream_failure(&self) -> bool {
         match self {
-            CacheError::TooManyRequests { .. } | CacheError::Upstream(_) => true,
+            // Busy: the upstream cannot be asked now, as when it is down.
+            CacheError::TooManyRequests { .. } | CacheError::Upstream(_) | CacheError::Busy => true,
             CacheError::UpstreamStatus(s) => *s >= 500 || *s == 408,
             _ => false,
         }
@@ -360,7 +363,7 @@ impl Cache {
             metrics: Arc::new(Metrics::default()),
             lru: Arc::new(Mutex::new(lru)),
             listed: Mutex::new(listed),
-            flights: SingleFlight::default(),
+            flights: SingleFlight::new(single_flight::MAX_DOWNLOADS),
             tag_flights: SingleFlight::default(),
             manifest_flights: SingleFlight::default(),
             head_flights: SingleFlight::default(),

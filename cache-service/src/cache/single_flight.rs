@@ -24,13 +24,33 @@ pub struct SingleFlight<K, H> {
     map: Map<K, H>,
     /// Flights ended so far (counted under the map's lock as each key is released).
     ended: Arc<AtomicU64>,
+    /// Flights in progress at once: past it a new one is refused ([`CacheError::Busy`])
+    /// until one ends; joining one in progress always works. The work goes on when its
+    /// callers leave, so without a bound a client could start flights faster than they end.
+    limit: usize,
 }
 
+/// Blob downloads in progress at once: each holds a spool (two descriptors), an upstream
+/// connection and up to 1 MiB of recent bytes (`streams::Recent`).
+pub const MAX_DOWNLOADS: usize = 512;
+
+/// Upstream calls of every other kind in progress at once (tag resolutions, manifest GETs,
+/// HEADs, authorization checks): an upstream connection and a small answer each.
+pub const MAX_CALLS: usize = 4096;
+
+/// For upstream calls: [`MAX_CALLS`] at once.
 impl<K, H> Default for SingleFlight<K, H> {
     fn default() -> Self {
+        Self::new(MAX_CALLS)
+    }
+}
+
+impl<K, H> SingleFlight<K, H> {
+    pub fn new(limit: usize) -> Self {
         Self {
             map: Arc::new(Mutex::new(HashMap::new())),
             ended: Arc::default(),
+            limit,
         }
     }
 }
@@ -84,14 +104,18 @@ where
     /// Join the flight for `key`, or start one: `start` runs under the map's lock (so one
     /// caller starts) and gives the handle followers share and the work. The work's output is
     /// the publication of its outcome, run once the key is released.
-    pub fn join_or_start<W, P>(&self, key: K, start: impl FnOnce() -> (H, W)) -> (H, Role)
+    pub fn join_or_start<W, P>(
+        &self,
+        key: K,
+        start: impl FnOnce() -> (H, W),
+    ) -> Result<(H, Role), CacheError>
     where
         W: Future<Output = P> + Send + 'static,
         P: FnOnce() + Send + 'static,
     {
         let map = lock(&self.map);
         if let Some(h) = map.get(&key) {
-            return (h.clone(), Role::Joined);
+            return Ok((h.clone(), Role::Joined));
         }
         self.start(map, key, start)
     }
@@ -105,32 +129,36 @@ where
         key: K,
         since: u64,
         start: impl FnOnce() -> (H, W),
-    ) -> Option<(H, Role)>
+    ) -> Result<Option<(H, Role)>, CacheError>
     where
         W: Future<Output = P> + Send + 'static,
         P: FnOnce() + Send + 'static,
     {
         let map = lock(&self.map);
         if let Some(h) = map.get(&key) {
-            return Some((h.clone(), Role::Joined));
+            return Ok(Some((h.clone(), Role::Joined)));
         }
         if self.ended.load(Ordering::Acquire) != since {
-            return None;
+            return Ok(None);
         }
-        Some(self.start(map, key, start))
+        self.start(map, key, start).map(Some)
     }
 
-    /// Start the flight for `key` (not in `map`, whose lock the caller holds).
+    /// Start the flight for `key` (not in `map`, whose lock the caller holds), unless
+    /// [`Self::limit`] flights are in progress.
     fn start<W, P>(
         &self,
         mut map: std::sync::MutexGuard<'_, HashMap<K, H>>,
         key: K,
         start: impl FnOnce() -> (H, W),
-    ) -> (H, Role)
+    ) -> Result<(H, Role), CacheError>
     where
         W: Future<Output = P> + Send + 'static,
         P: FnOnce() + Send + 'static,
     {
+        if map.len() >= self.limit {
+            return Err(CacheError::Busy);
+        }
         let (handle, work) = start();
         let release = Release {
             map: self.map.clone(),
@@ -144,7 +172,7 @@ where
             drop(release);
             publish();
         });
-        (handle, Role::Leader)
+        Ok((handle, Role::Leader))
     }
 
     /// Flights in progress.
@@ -171,7 +199,7 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, CacheError>> + Send + 'static,
     {
-        let (outcome, role) = self.join_or_start(key, || {
+        let started = self.join_or_start(key, || {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let work = make();
             let outcome = async move {
@@ -192,7 +220,10 @@ where
             };
             (outcome, work)
         });
-        (outcome.await, role)
+        match started {
+            Ok((outcome, role)) => (outcome.await, role),
+            Err(busy) => (Err(busy), Role::Leader),
+        }
     }
 }
 
@@ -326,5 +357,42 @@ mod tests {
         assert!(matches!(r, Err(CacheError::UpstreamStatus(503))));
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         assert_eq!(sf.len(), 0);
+    }
+
+    /// Past its limit a new flight is refused until one ends, while joining one in
+    /// progress still works: the work outlives its callers, so starting must be bounded.
+    #[tokio::test]
+    async fn past_the_limit_a_new_flight_is_refused_and_joining_still_works() {
+        let sf = Arc::new(SingleFlight::<TagKey, Outcome<TagRecord>>::new(2));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(Notify::new());
+        let mut running = Vec::new();
+        for tag in ["1", "2"] {
+            let (sf, calls, gate) = (sf.clone(), calls.clone(), gate.clone());
+            running.push(tokio::spawn(async move {
+                sf.run(key(tag), || upstream(&calls, &gate, Ok(record())))
+                    .await
+            }));
+        }
+        while sf.len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        let (refused, _) = sf.run(key("3"), || async { Ok(record()) }).await;
+        assert!(matches!(refused, Err(CacheError::Busy)), "{refused:?}");
+        let joiner = {
+            let sf = sf.clone();
+            tokio::spawn(async move { sf.run(key("1"), || async { Ok(record()) }).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        gate.notify_waiters();
+        for t in running {
+            assert_eq!(t.await.unwrap().0.unwrap(), record());
+        }
+        let (joined, role) = joiner.await.unwrap();
+        assert_eq!((joined.unwrap(), role), (record(), Role::Joined));
+        // Both ended: room again.
+        let (r, role) = sf.run(key("3"), || async { Ok(record()) }).await;
+        assert_eq!((r.unwrap(), role), (record(), Role::Leader));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 }

@@ -86,6 +86,7 @@ impl From<CacheError> for ApiError {
             E::ManifestInvalid(_) => (S::BAD_GATEWAY, C::ManifestInvalid),
             E::DigestMismatch(_) => (S::BAD_GATEWAY, C::DigestInvalid),
             E::TooLarge => (S::BAD_GATEWAY, C::SizeInvalid),
+            E::Busy => (S::SERVICE_UNAVAILABLE, C::Unavailable),
             E::Storage(_) | E::Internal(_) => return ApiError::internal(e),
         };
         let api = ApiError::new(status, code, e.to_string());
@@ -93,6 +94,7 @@ impl From<CacheError> for ApiError {
             E::TooManyRequests {
                 retry_after: Some(r),
             } => api.with_header(header::RETRY_AFTER, r),
+            E::Busy => api.with_header(header::RETRY_AFTER, "1".to_owned()),
             _ => api,
         }
     }
@@ -170,5 +172,30 @@ impl IntoResponse for ApiError {
             }
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cache at its bound of fetches in progress tells the client to come back, in the
+    /// registry protocol's words.
+    #[test]
+    fn a_busy_cache_answers_503_with_retry_after() {
+        let resp = ApiError::from(CacheError::Busy).into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            resp.headers()
+                .get(header::RETRY_AFTER)
+                .map(|v| v.as_bytes()),
+            Some(&b"1"[..])
+        );
+        assert_eq!(
+            resp.headers()
+                .get(header::CONTENT_TYPE)
+                .map(|v| v.as_bytes()),
+            Some(&b"application/json"[..])
+        );
     }
 }
