@@ -32,7 +32,7 @@ use crate::lock;
 use crate::metrics::{Family, Metrics};
 use crate::upstream::auth::MAX_TOKEN_RESPONSE_BYTES;
 use crate::upstream::client::{bearer_challenge, host_key, ClientCredential, Credential};
-use crate::upstream::{read_body, Upstream};
+use crate::upstream::{read_body, redirect_target, Upstream};
 use registry_rules::digest::Digest;
 use registry_rules::names::{Reference, RepositoryName};
 use registry_rules::oci_error::ErrorCode;
@@ -296,8 +296,11 @@ pub fn forget(up: &Upstream, check: &Check, client: Option<&ClientCredential>) {
     lock(&up.access.decisions).map.remove(&key);
 }
 
-/// The check itself: one request, no challenge answered, no redirect followed (a 3xx is the
-/// registry deciding to serve it; the credential never goes to the redirect's target).
+/// The check itself: one request, no challenge answered, no redirect followed. A 3xx to
+/// where the cache itself would follow it (the upstream's host, its redirect hosts) is the
+/// registry deciding to serve it, as Docker Hub sends an authorized blob to its CDN; any
+/// other (a login proxy sending the request to its sign-in page) decides nothing. The
+/// credential never goes to the redirect's target.
 async fn ask(
     up: &Upstream,
     check: &Check,
@@ -320,8 +323,17 @@ async fn ask(
             .map_err(unavailable)?;
     }
     let status = resp.status();
-    if status.is_success() || status.is_redirection() {
+    if status.is_success() {
         return Ok(());
+    }
+    if status.is_redirection() {
+        let from = resp.url().clone();
+        return match redirect_target(&from, &resp, &mut 0) {
+            Ok(Some(to)) if up.client.check_redirect(&from, &to).is_ok() => Ok(()),
+            _ => Err(Refusal::Unavailable(format!(
+                "the upstream answered the authorization check with HTTP {status} to a location it does not serve from"
+            ))),
+        };
     }
     Err(match status {
         StatusCode::UNAUTHORIZED => {

@@ -699,6 +699,26 @@ mod authorized_upstream {
         }
     }
 
+    /// An upstream behind a login proxy sends anonymous requests to its sign-in page: that
+    /// redirect decides nothing, so an anonymous client is not served what alice's pull
+    /// cached.
+    #[tokio::test]
+    async fn a_redirect_to_a_sign_in_page_authorizes_nobody() {
+        let lab = lab(Duration::from_secs(60)).await;
+        let alice = lab.login("alice").await;
+        lab.assert_served(&lab.pull(Some(&alice)).await);
+        lab.up.redirect_anonymous_to_login();
+        for (status, body) in lab.pull(None).await {
+            assert!(!status.is_success(), "anonymous: {status}");
+            let body = body.unwrap_or_default();
+            assert!(
+                !body.windows(lab.layer.len()).any(|w| w == lab.layer)
+                    && body != lab.manifest.as_bytes(),
+                "cached content reached an anonymous client"
+            );
+        }
+    }
+
     async fn error_code(resp: reqwest::Response) -> String {
         let json: serde_json::Value = resp.json().await.expect("OCI error JSON");
         json.pointer("/errors/0/code")

@@ -11,7 +11,7 @@ use reqwest::{Method, StatusCode};
 use url::Url;
 
 use super::auth::{self, TokenCache, MAX_TOKEN_RESPONSE_BYTES};
-use super::{read_body, redirect_target, HostPolicy, HostRefusal, UpstreamError};
+use super::{read_body, redirect_target, HostPolicy, HostRefusal, RedirectError, UpstreamError};
 use crate::config::Credentials;
 use crate::lock;
 use registry_rules::challenge::{self, Challenge};
@@ -255,6 +255,15 @@ impl RegistryClient {
     }
 
     /// May a token realm be asked (the declared hosts; for a mirror client, its rules)?
+    /// Would a request be let follow a redirect from `from` to `to` (the declared policy;
+    /// anything for an anonymous reach)?
+    pub fn check_redirect(&self, from: &Url, to: &Url) -> Result<(), RedirectError> {
+        match &self.reach {
+            Reach::Declared { policy, .. } => policy.check_redirect(from, to),
+            Reach::Anonymous { .. } => Ok(()),
+        }
+    }
+
     pub fn check_realm(&self, realm: &Url) -> Result<(), HostRefusal> {
         match &self.reach {
             Reach::Declared { policy, .. } => policy.check_realm(realm),
@@ -437,11 +446,9 @@ impl RegistryClient {
                 return Ok(resp);
             }
             if let Some(next) = redirect_target(&url, &resp, &mut redirects)? {
-                if let Reach::Declared { policy, .. } = &self.reach {
-                    if let Err(e) = policy.check_redirect(&url, &next) {
-                        tracing::warn!(client = %self.label, from = %without_query(&url), error = %e, "redirect refused");
-                        return Err(e.into());
-                    }
+                if let Err(e) = self.check_redirect(&url, &next) {
+                    tracing::warn!(client = %self.label, from = %without_query(&url), error = %e, "redirect refused");
+                    return Err(e.into());
                 }
                 tracing::debug!(client = %self.label, from = %without_query(&url), to = %without_query(&next), "following redirect");
                 url = next;

@@ -86,6 +86,9 @@ struct Content {
     /// Per-user mode: users whose tokens issued so far are no longer accepted (401 with the
     /// challenge, as for an expired token).
     expired: Vec<String>,
+    /// Registry requests without credentials are sent to a sign-in page on another host
+    /// (a login proxy in front of the registry).
+    login_redirect: bool,
     /// Every answer a 503 (the upstream is down).
     down: bool,
     /// Delay before a blob answer (so concurrent requests overlap).
@@ -115,7 +118,7 @@ fn answer(status: u16, headers: &[(&str, String)], body: Bytes) -> Response {
 async fn serve(State(f): State<FakeUpstream>, req: Request) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let authorization = header(req.headers(), "authorization");
-    let (token_auth, readers, expired, down, delay) = {
+    let (token_auth, readers, expired, down, delay, login_redirect) = {
         let mut c = lock(&f.content);
         c.seen.push(Seen {
             method: method.clone(),
@@ -129,10 +132,15 @@ async fn serve(State(f): State<FakeUpstream>, req: Request) -> Response {
             c.expired.clone(),
             c.down,
             c.blob_delay,
+            c.login_redirect,
         )
     };
     if down {
         return answer(503, &[], Bytes::from_static(b"down"));
+    }
+    if login_redirect && authorization.is_none() && path.starts_with("/v2/") && path != "/v2/" {
+        let to = format!("https://sso.invalid/login?next={path}");
+        return answer(302, &[("location", to)], Bytes::new());
     }
     if let Some(readers) = readers {
         let accepted = authorization.as_deref().filter(|a| {
@@ -333,6 +341,11 @@ impl FakeUpstream {
     /// `user`'s tokens issued so far are answered 401 with the challenge (they expired).
     pub fn expire(&self, user: &str) {
         lock(&self.content).expired.push(user.to_owned());
+    }
+
+    /// Registry requests without credentials answered 302 to a sign-in page elsewhere.
+    pub fn redirect_anonymous_to_login(&self) {
+        lock(&self.content).login_redirect = true;
     }
 
     /// Every answer a 503 (`true`) or back to normal.
