@@ -791,6 +791,17 @@ pub(super) mod tests {
         }
     }
 
+    /// An OCI manifest with no layers, and its digest.
+    fn small_manifest() -> (String, Digest) {
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"digest":"{}","size":2}},"layers":[]}}"#,
+            oci::MT_OCI_MANIFEST,
+            Digest::of_bytes(b"{}")
+        );
+        let digest = Digest::of_bytes(manifest.as_bytes());
+        (manifest, digest)
+    }
+
     pub(super) fn name(s: &str) -> RepositoryName {
         RepositoryName::parse(s).unwrap()
     }
@@ -819,12 +830,7 @@ pub(super) mod tests {
     #[tokio::test]
     async fn a_trickling_upstream_gets_the_stale_tag_after_the_metadata_deadline() {
         use std::sync::atomic::AtomicBool;
-        let manifest = format!(
-            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"digest":"{}","size":2}},"layers":[]}}"#,
-            oci::MT_OCI_MANIFEST,
-            Digest::of_bytes(b"{}")
-        );
-        let digest = Digest::of_bytes(manifest.as_bytes());
+        let (manifest, digest) = small_manifest();
         let trickle = Arc::new(AtomicBool::new(false));
         let server = TestServer::start({
             let trickle = trickle.clone();
@@ -884,12 +890,7 @@ pub(super) mod tests {
     #[tokio::test]
     async fn a_stored_manifest_changed_on_disk_is_fetched_again_not_served() {
         use registry_rules::names::Reference;
-        let manifest = format!(
-            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"digest":"{}","size":2}},"layers":[]}}"#,
-            oci::MT_OCI_MANIFEST,
-            Digest::of_bytes(b"{}")
-        );
-        let digest = Digest::of_bytes(manifest.as_bytes());
+        let (manifest, digest) = small_manifest();
         let server = TestServer::start({
             let manifest = manifest.clone();
             move |_| {
@@ -934,12 +935,7 @@ pub(super) mod tests {
     #[tokio::test]
     async fn a_tag_head_with_an_impossible_size_is_checked_by_a_get() {
         use registry_rules::names::{Reference, Tag};
-        let manifest = format!(
-            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"digest":"{}","size":2}},"layers":[]}}"#,
-            oci::MT_OCI_MANIFEST,
-            Digest::of_bytes(b"{}")
-        );
-        let digest = Digest::of_bytes(manifest.as_bytes());
+        let (manifest, digest) = small_manifest();
         let server = TestServer::start({
             let (manifest, digest) = (manifest.clone(), digest.to_string());
             move |seen| {

@@ -484,7 +484,7 @@ mod tests {
         use std::sync::atomic::{AtomicU64, Ordering};
         use std::sync::Arc;
 
-        fn config(url: &str, realms: &[&str], redirects: &[&str]) -> UpstreamConfig {
+        pub(super) fn config(url: &str, realms: &[&str], redirects: &[&str]) -> UpstreamConfig {
             let p = |v: &[&str]| v.iter().map(|h| HostPattern::parse(h).unwrap()).collect();
             UpstreamConfig {
                 name: "lab".into(),
@@ -980,19 +980,7 @@ mod tests {
         assert!(said.contains("127.0.0.1:1/blob"), "{said}");
         assert!(!said.contains("secret"), "{said}");
 
-        let policy = HostPolicy::new(
-            &UpstreamConfig {
-                name: "x".into(),
-                url: Url::parse("https://registry.example").unwrap(),
-                ca_pems: vec![],
-                credentials: None,
-                realm_hosts: vec![],
-                redirect_hosts: vec![],
-                client_auth: Default::default(),
-                authorization_ttl: Duration::from_secs(60),
-            },
-            None,
-        );
+        let policy = HostPolicy::new(&served::config("https://registry.example", &[], &[]), None);
         let from = Url::parse("https://registry.example/v2/a/blobs/x").unwrap();
         let to = Url::parse("https://cdn.example/b?sig=secret").unwrap();
         let refused = policy.check_redirect(&from, &to).unwrap_err().to_string();
