@@ -263,7 +263,7 @@ impl Cache {
         let (r, role) = self
             .tag_flights
             .run(key, move || async move {
-                within(this.metadata_deadline, this.resolve_tag(&up, &name, &tag)).await
+                this.resolve_tag(&up, &name, &tag).await
             })
             .await;
         if role == Role::Joined {
@@ -286,10 +286,14 @@ impl Cache {
         }
         let path = format!("/v2/{}/manifests/{}", name, tag);
         // A HEAD does not count against Docker Hub's pull limit; one attempt keeps stale
-        // answers fast when the upstream is down.
-        let resp = up
-            .send(Method::HEAD, &path, name, Some(oci::MANIFEST_ACCEPT), 1)
-            .await?;
+        // answers fast when the upstream is down. Only the upstream's part is bounded: a
+        // store write cut off midway would leave it uncounted.
+        let resp = within(self.metadata_deadline, async {
+            Ok(up
+                .send(Method::HEAD, &path, name, Some(oci::MANIFEST_ACCEPT), 1)
+                .await?)
+        })
+        .await?;
         if head_unsupported(resp.status()) {
             // Upstream without manifest HEAD support: ask with a GET.
             return self

@@ -23,7 +23,8 @@ use super::zero_copy::ZeroCopyListener;
 pub struct ClientTimeouts {
     /// For a request's whole head, counted from when the connection is ready for one: a
     /// connection idle between requests closes after this too. Envoy's cache cluster closes
-    /// its idle connections sooner (`render`), so it never sends on one being closed here.
+    /// its idle connections at half of it (`render`), so it rarely sends on one being
+    /// closed here (only when it took that long to take in the end of a response).
     pub request_head: Duration,
     /// For a response write to make any progress: Envoy's stream idle timeout.
     pub stalled_write: Duration,

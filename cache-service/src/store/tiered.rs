@@ -241,10 +241,14 @@ impl BlobStore for Tiered {
                 }
                 // Gone behind our back: forget it and read the bucket.
                 Ok(None) => self.local.lru().remove(digest),
-                // Still there but unreadable now: it keeps its room (eviction still
-                // removes it), and this read goes to the bucket.
+                // Unreadable: removed, so that no uncounted file stays behind, and read
+                // from the bucket (which fills the local tier again).
                 Err(e) => {
-                    tracing::warn!(digest = %digest, error = %e, "local tier unreadable; reading the bucket")
+                    tracing::warn!(digest = %digest, error = %e, "local tier unreadable; removed, reading the bucket");
+                    if let Err(e) = self.local.store.delete(digest).await {
+                        tracing::warn!(digest = %digest, error = %e, "removing the local copy failed");
+                    }
+                    self.local.lru().remove(digest);
                 }
             }
         }

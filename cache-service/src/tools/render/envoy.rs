@@ -344,7 +344,7 @@ fn dynamic_cluster(w: &mut String) {
 fn cache_cluster(w: &mut String, cache: &CacheService) {
     let _ = writeln!(
         w,
-        "  - name: {CACHE_CLUSTER}\n    type: STRICT_DNS\n    connect_timeout: 5s\n    # Idle connections closed before the cache closes them ({}s), so a request is never\n    # sent on a connection the cache is closing.\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config: {{ http_protocol_options: {{}} }}\n        common_http_protocol_options: {{ idle_timeout: {}s }}",
+        "  - name: {CACHE_CLUSTER}\n    type: STRICT_DNS\n    connect_timeout: 5s\n    # Idle connections closed well before the cache closes them ({}s), so a request rarely\n    # meets a connection the cache is closing.\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config: {{ http_protocol_options: {{}} }}\n        common_http_protocol_options: {{ idle_timeout: {}s }}",
         ClientTimeouts::DEFAULT.request_head.as_secs(),
         CACHE_IDLE_TIMEOUT.as_secs()
     );

@@ -153,7 +153,7 @@ pub fn render(declaration: &Declaration, filter: &FilterConfig) -> Result<String
             w,
             "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: {CACHE_NAME}\n  namespace: {NAMESPACE}\n\
              spec:\n  host: {cache_service}\n  trafficPolicy:\n    loadBalancer:\n      consistentHash:\n        httpHeaderName: {CACHE_KEY_HEADER}\n\
-             \x20   # Idle connections closed before the cache closes them, so no request is sent on one it is closing.\n\
+             \x20   # Idle connections closed well before the cache closes them, so a request rarely meets one it is closing.\n\
              \x20   connectionPool: {{ http: {{ idleTimeout: {}s }} }}\n\
              \x20   # A replica failing its answers leaves the ring for a while; its keys move on.\n\
              \x20   outlierDetection: {{ consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s, maxEjectionPercent: 50 }}\n",
