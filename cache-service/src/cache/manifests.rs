@@ -12,8 +12,8 @@ use reqwest::{Method, StatusCode};
 
 use super::single_flight::Role;
 use super::{
-    head_unsupported, lock, read_limited, status_error, storage_err, within, Cache, CacheError,
-    HeadInfo, Kind, Source,
+    head_unsupported, header_text, lock, read_limited, status_error, storage_err, within, Cache,
+    CacheError, HeadInfo, Kind, Source,
 };
 use crate::metrics::Metrics;
 use crate::oci;
@@ -413,15 +413,9 @@ impl Cache {
             {
                 return Err(CacheError::TooLarge);
             }
-            let header = |name| {
-                resp.headers()
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            };
             let (ct, hdr_digest) = (
-                header(CONTENT_TYPE.as_str()),
-                header("docker-content-digest"),
+                header_text(&resp, CONTENT_TYPE),
+                header_text(&resp, "docker-content-digest"),
             );
             Ok((
                 ct,

@@ -106,11 +106,7 @@ fn status_error(resp: &reqwest::Response, kind: Kind) -> CacheError {
         StatusCode::UNAUTHORIZED => CacheError::Unauthorized,
         StatusCode::FORBIDDEN => CacheError::Denied,
         StatusCode::TOO_MANY_REQUESTS => CacheError::TooManyRequests {
-            retry_after: resp
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
+            retry_after: header_text(resp, reqwest::header::RETRY_AFTER),
         },
         s => CacheError::UpstreamStatus(s.as_u16()),
     }
@@ -134,19 +130,24 @@ struct HeadInfo {
     size: Option<u64>,
 }
 
+/// A response header's value, if it is text.
+fn header_text(
+    resp: &reqwest::Response,
+    name: impl reqwest::header::AsHeaderName,
+) -> Option<String> {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
 impl HeadInfo {
     fn of(resp: &reqwest::Response) -> Self {
-        let hdr = |n| {
-            resp.headers()
-                .get(n)
-                .and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok())
-                .map(str::to_owned)
-        };
         Self {
             status: resp.status().as_u16(),
-            digest: hdr("docker-content-digest"),
-            content_type: hdr(CONTENT_TYPE.as_str()),
-            size: hdr(CONTENT_LENGTH.as_str()).and_then(|l| l.trim().parse().ok()),
+            digest: header_text(resp, "docker-content-digest"),
+            content_type: header_text(resp, CONTENT_TYPE),
+            size: header_text(resp, CONTENT_LENGTH).and_then(|l| l.trim().parse().ok()),
         }
     }
 

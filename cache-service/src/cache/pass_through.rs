@@ -8,7 +8,9 @@ use bytes::Bytes;
 use reqwest::header::{CONTENT_TYPE, LINK};
 use reqwest::{Method, StatusCode};
 
-use super::{lock, read_limited, status_error, within, Cache, CacheError, Kind, Source};
+use super::{
+    header_text, lock, read_limited, status_error, within, Cache, CacheError, Kind, Source,
+};
 use crate::metrics::Metrics;
 use registry_rules::names::RepositoryName;
 
@@ -122,13 +124,7 @@ impl Cache {
             if !(status == StatusCode::OK || status == StatusCode::NOT_FOUND) {
                 return Err(status_error(&resp, Kind::Other));
             }
-            let header = |name| {
-                resp.headers()
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            };
-            let (content_type, link) = (header(CONTENT_TYPE), header(LINK));
+            let (content_type, link) = (header_text(&resp, CONTENT_TYPE), header_text(&resp, LINK));
             Ok(SmallReply {
                 status: status.as_u16(),
                 content_type,

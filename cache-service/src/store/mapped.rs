@@ -4,9 +4,9 @@
 //! through a user-space buffer. Every live window is registered with its file and offset, so
 //! that the connection writing it to a plain TCP socket can `sendfile` those bytes instead of
 //! copying them (see `http::zero_copy`); otherwise hyper's HTTP/1.1 writer hands them to
-//! `writev`. The cache listener speaks HTTP/1.1 only and has no
-//! TLS, so no user-space code reads a mapping (an HTTP/2 or TLS writer would copy from it, and a
-//! truncated file would then be SIGBUS).
+//! `writev`. The cache listener speaks HTTP/1.1 only and has no TLS, so no user-space code
+//! reads a mapping (an HTTP/2 or TLS writer would copy from it, and a truncated file would then
+//! be SIGBUS).
 //!
 //! Mapping (and asking the kernel which mapped pages are in the page cache) is the one `unsafe`
 //! operation in the workspace. Its soundness condition is that the mapped bytes do not change

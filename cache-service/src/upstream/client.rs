@@ -254,9 +254,8 @@ impl RegistryClient {
             .map_err(|e| UpstreamError::Connect(error_chain(&e)))
     }
 
-    /// May a token realm be asked (the declared hosts; for a mirror client, its rules)?
-    /// Would a request be let follow a redirect from `from` to `to` (the declared policy;
-    /// anything for an anonymous reach)?
+    /// May a request follow a redirect from `from` to `to` (the declared hosts; anything for
+    /// an anonymous reach)?
     pub fn check_redirect(&self, from: &Url, to: &Url) -> Result<(), RedirectError> {
         match &self.reach {
             Reach::Declared { policy, .. } => policy.check_redirect(from, to),
@@ -264,6 +263,7 @@ impl RegistryClient {
         }
     }
 
+    /// May a token realm be asked (the declared hosts; for a mirror client, its rules)?
     pub fn check_realm(&self, realm: &Url) -> Result<(), HostRefusal> {
         match &self.reach {
             Reach::Declared { policy, .. } => policy.check_realm(realm),
