@@ -55,16 +55,13 @@ pub async fn serve_http1(
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let io = tokio::select! {
-            io = listener.accept() => io,
+            io = listener.accept(timeouts.stalled_write) => io,
             () = &mut shutdown => break,
         };
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(timeouts.request_head)
-            .serve_connection(
-                TokioIo::new(io.with_stalled_write_timeout(timeouts.stalled_write)),
-                TowerToHyperService::new(router.clone()),
-            );
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(router.clone()));
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {

@@ -31,8 +31,9 @@ impl ZeroCopyListener {
         Self { listener, metrics }
     }
 
-    /// The next connection; failed accepts are logged and retried.
-    pub async fn accept(&mut self) -> ZeroCopyStream {
+    /// The next connection, whose writes fail once one has made no progress for
+    /// `stalled_write`; failed accepts are logged and retried.
+    pub async fn accept(&mut self, stalled_write: Duration) -> ZeroCopyStream {
         loop {
             match self.listener.accept().await {
                 Ok((stream, _)) => {
@@ -40,7 +41,11 @@ impl ZeroCopyListener {
                     return ZeroCopyStream {
                         stream,
                         metrics,
-                        stall: None,
+                        stall: StallTimer {
+                            limit: stalled_write,
+                            timer: Box::pin(tokio::time::sleep(stalled_write)),
+                            armed: false,
+                        },
                     };
                 }
                 // A connection that went away before it was accepted: the next one.
@@ -68,7 +73,7 @@ fn is_connection_error(e: &io::Error) -> bool {
 pub struct ZeroCopyStream {
     stream: TcpStream,
     metrics: Arc<Metrics>,
-    stall: Option<StallTimer>,
+    stall: StallTimer,
 }
 
 /// Fails a write that has waited on the client for `limit`: armed when a write first finds
@@ -107,27 +112,6 @@ impl StallTimer {
 }
 
 impl ZeroCopyStream {
-    /// Writes that make no progress for `limit` fail, which ends the connection.
-    pub fn with_stalled_write_timeout(mut self, limit: Duration) -> Self {
-        self.stall = Some(StallTimer {
-            limit,
-            timer: Box::pin(tokio::time::sleep(limit)),
-            armed: false,
-        });
-        self
-    }
-
-    fn watch<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        polled: Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
-        match &mut self.stall {
-            Some(stall) => stall.watch(cx, polled),
-            None => polled,
-        }
-    }
-
     /// `len` bytes of `file` at `offset` to the socket; `Ok(0)` never: a file shorter than
     /// its window (truncated behind the cache) is an error, which cuts the response.
     fn poll_sendfile(
@@ -208,7 +192,7 @@ impl AsyncWrite for ZeroCopyStream {
                 .map_or(bufs.len(), |i| first + 1 + i);
             Pin::new(&mut self.stream).poll_write_vectored(cx, bufs.get(..end).unwrap_or(bufs))
         };
-        self.watch(cx, polled)
+        self.stall.watch(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -217,11 +201,11 @@ impl AsyncWrite for ZeroCopyStream {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let polled = Pin::new(&mut self.stream).poll_flush(cx);
-        self.watch(cx, polled)
+        self.stall.watch(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let polled = Pin::new(&mut self.stream).poll_shutdown(cx);
-        self.watch(cx, polled)
+        self.stall.watch(cx, polled)
     }
 }
