@@ -19,7 +19,7 @@ use futures::{StreamExt, TryStreamExt};
 use mirror_tests::harness::{build, s3};
 use registry_rules::digest::Digest;
 use registry_rules::names::{RepositoryName, Tag};
-use regmirror::store::object::{BucketSettings, ObjectBackend};
+use regmirror::store::object::{BucketSettings, ObjectBackend, Timings};
 use regmirror::store::{self as store, fs::FsStore, BlobStore, Location, TagRecord};
 
 /// The object-store backend reads credentials from the usual AWS variables: set once, before
@@ -50,7 +50,11 @@ fn settings(s: &s3::S3Server, prefix: &str, spool: &std::path::Path) -> BucketSe
 async fn object_backend(prefix: &str, spool: &std::path::Path) -> ObjectBackend {
     let s = s3_env();
     // Abandon age 0: every upload marker found by cleanup counts as abandoned.
-    ObjectBackend::open_with(&settings(s, prefix, spool), Duration::ZERO)
+    let timings = Timings {
+        abandon_after: Duration::ZERO,
+        ..Timings::DEFAULT
+    };
+    ObjectBackend::open_with(&settings(s, prefix, spool), timings)
         .await
         .expect("object backend")
 }
@@ -87,7 +91,7 @@ async fn write(store: &dyn BlobStore, data: &[u8], chunk: usize) -> Digest {
 /// The contract both backends keep.
 async fn contract(store: Arc<dyn BlobStore>) {
     let store = store.as_ref();
-    // Larger than one multipart part (8 MiB) and one read chunk (4 MiB), not a multiple.
+    // Larger than one multipart part (8 MiB), not a multiple.
     let big: Vec<u8> = (0..(9 << 20) + 12_345u32)
         .map(|i| (i % 251) as u8)
         .collect();
@@ -551,6 +555,57 @@ fn bytes_changed_in_the_bucket_are_never_served_complete() {
             !sync(|| s.exists(&key).unwrap()),
             "the corrupt object is deleted"
         );
+    });
+}
+
+#[test]
+fn a_bucket_read_that_stalls_or_is_cut_resumes_where_it_stopped() {
+    use mirror_tests::faults::{Fault, FaultProxy};
+    let spool = tempfile::tempdir().unwrap();
+    let s = s3_env();
+    // The replica reaches the bucket through a proxy that misbehaves on demand (SeaweedFS
+    // itself cannot); requests are signed for the proxy's host, which it passes on.
+    let proxy = FaultProxy::start(s.addr).expect("fault proxy");
+    let timings = Timings {
+        read_stall: Duration::from_secs(1),
+        ..Timings::DEFAULT
+    };
+    let mut at = settings(s, "resume", spool.path());
+    at.endpoint = Some(proxy.url());
+    const MIB: u64 = 1 << 20;
+    rt().block_on(async {
+        let store = ObjectBackend::open_with(&at, timings)
+            .await
+            .expect("object backend through the proxy");
+        for (seed, what, fault) in [
+            (1, "stalls", Fault::StallAfter(2 * MIB)),
+            (2, "is cut", Fault::CutAfter(2 * MIB)),
+        ] {
+            let data: Vec<u8> = (0..3 * MIB).map(|i| (i % 241) as u8 ^ seed).collect();
+            let d = write(&store, &data, 1 << 20).await;
+            proxy.set_fault(d.hex(), fault);
+            let got = tokio::time::timeout(
+                Duration::from_secs(20),
+                read(&store, &d, 0, data.len() as u64),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("a read that {what} ends"));
+            assert!(got == data, "a read that {what} serves the whole blob");
+            let ranges: Vec<String> = proxy
+                .seen()
+                .iter()
+                .filter(|r| r.method == "GET" && r.path.ends_with(&d.hex()))
+                .filter_map(|r| r.header("range").map(str::to_owned))
+                .collect();
+            assert_eq!(
+                ranges,
+                [
+                    format!("bytes=0-{}", data.len() - 1),
+                    format!("bytes={}-{}", 2 * MIB, data.len() - 1),
+                ],
+                "a read that {what} asks the bucket again for the rest only"
+            );
+        }
     });
 }
 

@@ -19,10 +19,12 @@
 //! leaves an incomplete upload that is invisible; its marker under `uploads/` lets any replica
 //! abort it once it is older than the abandon age. Blobs under one part are a single PUT.
 //!
-//! Reads are ranged GETs of [`READ_CHUNK`] bytes, [`READ_AHEAD`] at a time (bounded memory),
-//! pinned to the e-tag seen at open; a whole-blob read is hashed on the way and its last chunk
-//! is withheld unless the digest matched, so bytes changed behind the cache's back are never
-//! served complete (and the object is deleted).
+//! A read is one GET of the range asked for, pinned to the e-tag seen at open and streamed at
+//! the pace of its client (memory: what the connection buffers, not the blob). A GET cut or
+//! stalled for [`Timings::read_stall`] is resumed from where it stopped, a few times. A
+//! whole-blob read is hashed on the way and its last piece is withheld unless the digest
+//! matched, so bytes changed behind the cache's back are never served complete (and the
+//! object is deleted).
 //!
 //! Small objects read from the bucket are kept in memory, bounded in entries and bytes, least
 //! recently used out first: verified blobs up to [`MEM_BLOB_MAX`] (manifests, configs) and media
@@ -62,14 +64,10 @@ use registry_rules::names::{RepositoryName, Tag};
 const PART_SIZE: usize = 8 << 20;
 /// Parts of one upload in flight at once: with [`PART_SIZE`], at most 32 MiB per download.
 const PARTS_IN_FLIGHT: usize = 4;
-/// Ranged GET size of a read.
-pub const READ_CHUNK: u64 = 4 << 20;
-/// Ranged GETs of one read in flight at once (memory: READ_AHEAD x READ_CHUNK per client).
-pub const READ_AHEAD: usize = 4;
+/// Times one read from the bucket is resumed after a cut or stalled GET.
+const READ_RESUMES: u32 = 3;
 /// Tries to abort an upload whose writer was dropped before leaving it to cleanup.
 const ABORT_TRIES: u32 = 4;
-/// An upload older than this is taken for abandoned (its replica died).
-const ABANDON_AFTER: Duration = Duration::from_secs(6 * 3600);
 /// A replica records an access to a blob at most this often.
 const TOUCH_EVERY: Duration = Duration::from_secs(300);
 /// How long an eviction lease lasts unless renewed.
@@ -83,12 +81,29 @@ const MAX_RECORD_BYTES: u64 = 64 * 1024;
 /// different from a request that read the bucket just before the write. The ring sends a tag
 /// to one replica, so normally this replica is the writer and its own writes update the copy.
 pub const TAG_FRESH: Duration = Duration::from_secs(1);
-/// Largest blob kept in memory once read and verified (manifests, configs; one read chunk).
+/// Largest blob kept in memory once read and verified (manifests, configs).
 pub const MEM_BLOB_MAX: u64 = 256 * 1024;
-const _: () = assert!(MEM_BLOB_MAX <= READ_CHUNK);
 /// Bounds of the in-memory copies: verified small blobs, and records (tags, media types).
 const MEM_BLOBS: (usize, usize) = (2048, 32 << 20);
 const MEM_RECORDS: (usize, usize) = (16_384, 4 << 20);
+
+/// How long the backend waits on the bucket and its replicas' leftovers.
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    /// An upload older than this is taken for abandoned (its replica died).
+    pub abandon_after: Duration,
+    /// How long a blob read waits for the bucket's answer or its next bytes before it
+    /// resumes. Blob reads have no whole-request timeout: a client may read a large blob
+    /// slowly, and the GET goes at its pace.
+    pub read_stall: Duration,
+}
+
+impl Timings {
+    pub const DEFAULT: Timings = Timings {
+        abandon_after: Duration::from_secs(6 * 3600),
+        read_stall: Duration::from_secs(30),
+    };
+}
 
 /// Where the cache lives in a bucket, from `s3://BUCKET/PREFIX` plus the S3 settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,6 +221,8 @@ struct Lease {
 
 pub struct ObjectBackend {
     store: Arc<AmazonS3>,
+    /// The same bucket without a whole-request timeout, for blob bodies.
+    reader: Arc<AmazonS3>,
     /// With `redirect = true`: signs clients' URLs of stored blobs.
     presigner: Option<Presigner>,
     endpoint: String,
@@ -214,7 +231,7 @@ pub struct ObjectBackend {
     /// Names this replica's uploads and lease.
     replica: String,
     seq: AtomicU64,
-    abandon_after: Duration,
+    timings: Timings,
     /// Links seen to exist (never removed from the bucket): skip a HEAD per hit.
     links: Mutex<HashSet<String>>,
     /// Last access recorded per blob by this replica.
@@ -343,25 +360,26 @@ impl ObjectBackend {
     /// `AWS_ALLOW_HTTP`; the settings override endpoint and region), then check the bucket with
     /// a probe put/get/list/delete under the prefix.
     pub async fn open(s: &BucketSettings) -> Result<Self, OpenError> {
-        Self::open_with(s, ABANDON_AFTER).await
+        Self::open_with(s, Timings::DEFAULT).await
     }
 
-    /// [`Self::open`] with another abandon age (tests).
-    pub async fn open_with(s: &BucketSettings, abandon_after: Duration) -> Result<Self, OpenError> {
+    /// [`Self::open`] with other timings (tests).
+    pub async fn open_with(s: &BucketSettings, timings: Timings) -> Result<Self, OpenError> {
         let endpoint = s
             .endpoint
             .clone()
             .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
             .or_else(|| std::env::var("AWS_ENDPOINT").ok())
             .unwrap_or_else(|| "the AWS S3 endpoint".to_owned());
-        let store = Arc::new(client(s, s.endpoint.as_deref())?);
+        let store = Arc::new(client(s, s.endpoint.as_deref(), Some(REQUEST_TIMEOUT))?);
+        let reader = Arc::new(client(s, s.endpoint.as_deref(), None)?);
         // Signing needs no request: a presigner for another endpoint is a second client
         // that is never used to send one.
         let presigner = match &s.redirect {
             None => None,
             Some(r) => Some(Presigner {
                 client: match &r.endpoint {
-                    Some(e) => Arc::new(client(s, Some(e))?),
+                    Some(e) => Arc::new(client(s, Some(e), Some(REQUEST_TIMEOUT))?),
                     None => store.clone(),
                 },
                 ttl: r.ttl,
@@ -388,13 +406,14 @@ impl ObjectBackend {
         );
         let backend = Self {
             store,
+            reader,
             presigner,
             endpoint,
             prefix: s.prefix.clone(),
             spool_dir: s.spool_dir.clone(),
             replica,
             seq: AtomicU64::new(0),
-            abandon_after,
+            timings,
             links: Mutex::default(),
             touched: Mutex::default(),
             mem_blobs: Arc::new(MemCache::new(MEM_BLOBS)),
@@ -520,9 +539,17 @@ impl ObjectBackend {
     }
 }
 
+/// Whole-request timeout of every request but blob bodies.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The S3 client for `s` at `endpoint` (env: `AWS_ENDPOINT_URL`/`AWS_ENDPOINT`, `AWS_REGION`,
-/// keys, `AWS_ALLOW_HTTP`; the settings override endpoint and region).
-fn client(s: &BucketSettings, endpoint: Option<&str>) -> Result<AmazonS3, OpenError> {
+/// keys, `AWS_ALLOW_HTTP`; the settings override endpoint and region). `timeout`: of each
+/// whole request, body included; `None`: none (the connect timeout stays).
+fn client(
+    s: &BucketSettings,
+    endpoint: Option<&str>,
+    timeout: Option<Duration>,
+) -> Result<AmazonS3, OpenError> {
     // Replacing the client options drops what `from_env` put there: AWS_ALLOW_HTTP is
     // applied here again.
     let allow_http = std::env::var("AWS_ALLOW_HTTP").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
@@ -537,12 +564,15 @@ fn client(s: &BucketSettings, endpoint: Option<&str>) -> Result<AmazonS3, OpenEr
             retry_timeout: Duration::from_secs(5),
             ..RetryConfig::default()
         })
-        .with_client_options(
-            ClientOptions::new()
+        .with_client_options({
+            let o = ClientOptions::new()
                 .with_allow_http(allow_http)
-                .with_connect_timeout(Duration::from_secs(3))
-                .with_timeout(Duration::from_secs(60)),
-        );
+                .with_connect_timeout(Duration::from_secs(3));
+            match timeout {
+                Some(t) => o.with_timeout(t),
+                None => o.with_timeout_disabled(),
+            }
+        });
     if let Some(e) = endpoint {
         b = b.with_endpoint(e);
     }
@@ -576,6 +606,8 @@ fn is_connect_error(e: &object_store::Error) -> bool {
 /// A verified object, opened at one version (its e-tag).
 struct ObjectBlob {
     store: Arc<AmazonS3>,
+    reader: Arc<AmazonS3>,
+    read_stall: Duration,
     key: Path,
     size: u64,
     e_tag: Option<String>,
@@ -590,78 +622,178 @@ impl StoredBlob for ObjectBlob {
     }
 
     fn range(self: Box<Self>, start: u64, end: u64) -> ByteStream {
+        if start >= end {
+            return futures::stream::empty().boxed();
+        }
         let whole = start == 0 && end == self.size;
-        let keep = whole && self.size <= MEM_BLOB_MAX;
-        let ObjectBlob {
-            store,
-            key,
-            e_tag,
-            digest,
-            mem,
-            ..
-        } = *self;
-        let chunks = (start..end)
-            .step_by(usize::try_from(READ_CHUNK).unwrap_or(usize::MAX))
-            .map(move |pos| pos..std::cmp::min(pos + READ_CHUNK, end));
-        let (s2, k2) = (store.clone(), key.clone());
-        let reads = futures::stream::iter(chunks)
-            .map(move |r| {
-                let (store, key) = (s2.clone(), k2.clone());
-                let opts = GetOptions {
-                    range: Some(r.clone().into()),
-                    if_match: e_tag.clone(),
-                    ..GetOptions::default()
-                };
-                async move {
-                    let want = r.end - r.start;
-                    let got = store.get_opts(&key, opts).await.map_err(io_err)?;
-                    let b = got.bytes().await.map_err(io_err)?;
-                    if b.len() as u64 != want {
-                        return Err(io::Error::other("stored object shorter than expected"));
-                    }
-                    Ok((b, r.end == end))
-                }
-            })
-            .buffered(READ_AHEAD);
-        let mut hasher = whole.then(Sha256::new);
-        let mut failed = false;
-        reads
-            .map(move |r| {
-                if failed {
-                    return None;
-                }
-                let out = match r {
-                    Ok((b, last)) => match hasher.as_mut() {
-                        Some(h) => {
-                            h.update(&b);
-                            if last {
-                                let got = Digest::from_sha256(std::mem::take(h));
-                                if got == digest {
-                                    if keep {
-                                        // One chunk: `b` is the whole blob.
-                                        mem.put(digest.to_string(), b.clone(), None);
-                                    }
-                                    Ok(b)
-                                } else {
-                                    tracing::error!(%digest, %got, key = %key, "stored object does not match its digest; deleted");
-                                    let (store, key) = (store.clone(), key.clone());
-                                    tokio::spawn(async move { store.delete(&key).await });
-                                    Err(io::Error::other("stored object does not match its digest"))
-                                }
-                            } else {
-                                Ok(b)
-                            }
-                        }
-                        None => Ok(b),
+        let check = Verify {
+            want: end - start,
+            seen: 0,
+            held: None,
+            hasher: whole.then(Sha256::new),
+            kept: (whole && self.size <= MEM_BLOB_MAX).then(Vec::new),
+        };
+        let read = BucketRead {
+            blob: *self,
+            pos: start,
+            end,
+            body: None,
+            resumes_left: READ_RESUMES,
+        };
+        futures::stream::unfold(Some((read, check)), |state| async move {
+            let (mut read, mut check) = state?;
+            let out = loop {
+                match read.next_piece().await {
+                    Ok(Some(b)) => match check.push(b) {
+                        Ok(Some(ready)) => break Ok(ready),
+                        Ok(None) => continue,
+                        Err(e) => break Err(e),
                     },
-                    Err(e) => Err(e),
-                };
-                failed = out.is_err();
-                Some(out)
-            })
-            .take_while(|o| futures::future::ready(o.is_some()))
-            .filter_map(futures::future::ready)
-            .boxed()
+                    Ok(None) => match check.finish(&read.blob.digest) {
+                        Ok((last, kept)) => {
+                            if let Some(whole) = kept {
+                                read.blob.mem.put(read.blob.digest.to_string(), whole, None);
+                            }
+                            return last.map(|b| (Ok(b), None));
+                        }
+                        Err(e) => {
+                            if e.kind() == io::ErrorKind::InvalidData {
+                                read.delete_changed(&e);
+                            }
+                            break Err(e);
+                        }
+                    },
+                    Err(e) => break Err(e),
+                }
+            };
+            let next = out.is_ok().then_some((read, check));
+            Some((out, next))
+        })
+        .boxed()
+    }
+}
+
+/// One ranged read of a blob: a GET streamed at its reader's pace, resumed from where it
+/// stopped when the connection is cut or the bucket stalls.
+struct BucketRead {
+    blob: ObjectBlob,
+    /// Offset of the next byte to read.
+    pos: u64,
+    end: u64,
+    body: Option<futures::stream::BoxStream<'static, object_store::Result<Bytes>>>,
+    resumes_left: u32,
+}
+
+impl BucketRead {
+    /// The next bytes, `None` at the end of the body.
+    async fn next_piece(&mut self) -> io::Result<Option<Bytes>> {
+        let stall = self.blob.read_stall;
+        let stalled = || {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the bucket sent nothing for {} s", stall.as_secs_f64()),
+            )
+        };
+        loop {
+            if self.pos >= self.end {
+                return Ok(None);
+            }
+            let failed = match self.body.as_mut() {
+                Some(body) => match tokio::time::timeout(stall, body.next()).await {
+                    Ok(Some(Ok(b))) => {
+                        self.pos += b.len() as u64;
+                        return Ok(Some(b));
+                    }
+                    // Short: the check says so.
+                    Ok(None) => return Ok(None),
+                    Ok(Some(Err(e))) => io_err(e),
+                    Err(_) => stalled(),
+                },
+                None => {
+                    let opts = GetOptions {
+                        range: Some((self.pos..self.end).into()),
+                        if_match: self.blob.e_tag.clone(),
+                        ..GetOptions::default()
+                    };
+                    match tokio::time::timeout(
+                        stall,
+                        self.blob.reader.get_opts(&self.blob.key, opts),
+                    )
+                    .await
+                    {
+                        Ok(Ok(got)) => {
+                            self.body = Some(got.into_stream());
+                            continue;
+                        }
+                        // An answer (gone, changed since open, refused): nothing to resume.
+                        Ok(Err(e)) => return Err(io_err(e)),
+                        Err(_) => stalled(),
+                    }
+                }
+            };
+            self.body = None;
+            if self.resumes_left == 0 {
+                return Err(failed);
+            }
+            self.resumes_left -= 1;
+            tracing::warn!(key = %self.blob.key, at = self.pos, error = %failed, "bucket read interrupted; resuming");
+        }
+    }
+
+    fn delete_changed(&self, e: &io::Error) {
+        let (store, key) = (self.blob.store.clone(), self.blob.key.clone());
+        tracing::error!(digest = %self.blob.digest, key = %key, error = %e, "stored object changed in the bucket; deleted");
+        tokio::spawn(async move { store.delete(&key).await });
+    }
+}
+
+/// The checks on one read from the bucket, as its bytes arrive: never more or fewer bytes
+/// than asked for, and for a whole read the digest, verified before its last piece is
+/// released, so that bytes changed behind the cache's back are never served complete.
+struct Verify {
+    want: u64,
+    seen: u64,
+    /// The last piece received, released when the next one arrives (or the check passed).
+    held: Option<Bytes>,
+    hasher: Option<Sha256>,
+    /// A small blob's bytes, kept in memory once verified.
+    kept: Option<Vec<u8>>,
+}
+
+impl Verify {
+    /// Takes the next piece; returns the one before it, now safe to send.
+    fn push(&mut self, b: Bytes) -> io::Result<Option<Bytes>> {
+        if b.is_empty() {
+            return Ok(None);
+        }
+        self.seen += b.len() as u64;
+        if self.seen > self.want {
+            return Err(io::Error::other("stored object longer than expected"));
+        }
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&b);
+        }
+        if let Some(k) = self.kept.as_mut() {
+            k.extend_from_slice(&b);
+        }
+        Ok(self.held.replace(b))
+    }
+
+    /// At the end of the body: the last piece, and a small blob's whole bytes to keep.
+    fn finish(&mut self, digest: &Digest) -> io::Result<(Option<Bytes>, Option<Bytes>)> {
+        if self.seen != self.want {
+            return Err(io::Error::other("stored object shorter than expected"));
+        }
+        if let Some(h) = self.hasher.take() {
+            let got = Digest::from_sha256(h);
+            if got != *digest {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("stored object does not match its digest (its bytes hash to {got})"),
+                ));
+            }
+        }
+        Ok((self.held.take(), self.kept.take().map(Bytes::from)))
     }
 }
 
@@ -864,7 +996,7 @@ impl BlobStore for ObjectBackend {
                 // Not ours to understand: old enough, it goes.
                 continue;
             };
-            if now.saturating_sub(marker.started) < self.abandon_after.as_secs() {
+            if now.saturating_sub(marker.started) < self.timings.abandon_after.as_secs() {
                 continue;
             }
             let key = Path::from(marker.key.as_str());
@@ -910,6 +1042,8 @@ impl BlobStore for ObjectBackend {
         };
         Ok(Some(Box::new(ObjectBlob {
             store: self.store.clone(),
+            reader: self.reader.clone(),
+            read_stall: self.timings.read_stall,
             key,
             size: meta.size,
             e_tag: meta.e_tag,

@@ -177,7 +177,8 @@ impl FaultUpstream {
 // ---------------------------------------------------------------------------------------
 // Proxy
 
-/// What to do to a matching response body (200 answers to GET only).
+/// What to do to a matching response body (200 and 206 answers to GET only; the offsets
+/// count from the start of that response's body).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
     /// Close the connection after this many body bytes.
@@ -186,6 +187,8 @@ pub enum Fault {
     FlipByte(u64),
     /// Send at most this many body bytes per second.
     Throttle(u64),
+    /// Send this many body bytes, then nothing more for a minute, with the connection open.
+    StallAfter(u64),
 }
 
 /// One request the proxy received.
@@ -413,7 +416,7 @@ async fn serve_conn(client: TcpStream, st: Arc<ProxyState>) -> io::Result<()> {
     if let Some(s) = lock(&st.seen).get_mut(index) {
         s.status = status;
     }
-    let fault = if method == "GET" && status == 200 {
+    let fault = if method == "GET" && matches!(status, 200 | 206) {
         lock(&st.rules)
             .iter()
             .find(|(k, _)| path.contains(k.as_str()))
@@ -440,6 +443,12 @@ async fn serve_conn(client: TcpStream, st: Arc<ProxyState>) -> io::Result<()> {
                 let keep = (n - offset) as usize;
                 write_all(&client, &data[..keep]).await?;
                 return Ok(()); // both sockets dropped: the body ends short
+            }
+            Some(Fault::StallAfter(n)) if offset + len >= n => {
+                let keep = (n - offset) as usize;
+                write_all(&client, &data[..keep]).await?;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                return Ok(());
             }
             Some(Fault::FlipByte(k)) if (offset..offset + len).contains(&k) => {
                 data[(k - offset) as usize] ^= 0xff;
