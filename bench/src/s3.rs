@@ -439,7 +439,8 @@ fn warm_rows(
         format!("{:.1} MiB distribution", util::mib(max_dp)),
     );
     r.figure = Figure::One(max_rm as f64 / max_dp as f64);
-    r.target = "info (per stream: one GET streamed at the client's pace, its connection's buffers)".into();
+    r.target =
+        "info (per stream: one GET streamed at the client's pace, its connection's buffers)".into();
     rows.push(r);
     Ok(rows)
 }
