@@ -20,8 +20,9 @@
 //! abort it once it is older than the abandon age. Blobs under one part are a single PUT.
 //!
 //! A read is one GET of the range asked for, pinned to the e-tag seen at open and streamed at
-//! the pace of its client (memory: what the connection buffers, not the blob). A GET cut or
-//! stalled for [`Timings::read_stall`] is resumed from where it stopped, a few times. A
+//! the pace of its client (memory: what the connection buffers, not the blob). A GET that is
+//! cut, fails or stalls for [`Timings::read_stall`] is resumed from where it stopped, up to
+//! [`READ_RESUMES`] times in a row. A
 //! whole-blob read is hashed on the way and its last piece is withheld unless the digest
 //! matched, so bytes changed behind the cache's back are never served complete (and the
 //! object is deleted).
@@ -64,8 +65,11 @@ use registry_rules::names::{RepositoryName, Tag};
 const PART_SIZE: usize = 8 << 20;
 /// Parts of one upload in flight at once: with [`PART_SIZE`], at most 32 MiB per download.
 const PARTS_IN_FLIGHT: usize = 4;
-/// Times one read from the bucket is resumed after a cut or stalled GET.
+/// Times in a row a read from the bucket is resumed (after a cut, a stall or a failed GET)
+/// without a byte in between.
 const READ_RESUMES: u32 = 3;
+/// Wait before the first resume of a run; the next ones wait twice and three times as long.
+const RESUME_BACKOFF: Duration = Duration::from_millis(100);
 /// Tries to abort an upload whose writer was dropped before leaving it to cleanup.
 const ABORT_TRIES: u32 = 4;
 /// A replica records an access to a blob at most this often.
@@ -371,15 +375,15 @@ impl ObjectBackend {
             .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
             .or_else(|| std::env::var("AWS_ENDPOINT").ok())
             .unwrap_or_else(|| "the AWS S3 endpoint".to_owned());
-        let store = Arc::new(client(s, s.endpoint.as_deref(), Some(REQUEST_TIMEOUT))?);
-        let reader = Arc::new(client(s, s.endpoint.as_deref(), None)?);
+        let store = Arc::new(client(s, s.endpoint.as_deref(), ClientUse::Requests)?);
+        let reader = Arc::new(client(s, s.endpoint.as_deref(), ClientUse::BlobBodies)?);
         // Signing needs no request: a presigner for another endpoint is a second client
         // that is never used to send one.
         let presigner = match &s.redirect {
             None => None,
             Some(r) => Some(Presigner {
                 client: match &r.endpoint {
-                    Some(e) => Arc::new(client(s, Some(e), Some(REQUEST_TIMEOUT))?),
+                    Some(e) => Arc::new(client(s, Some(e), ClientUse::Requests)?),
                     None => store.clone(),
                 },
                 ttl: r.ttl,
@@ -539,16 +543,24 @@ impl ObjectBackend {
     }
 }
 
-/// Whole-request timeout of every request but blob bodies.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// What a client of the bucket is for.
+#[derive(Debug, Clone, Copy)]
+enum ClientUse {
+    /// Records, writes, HEADs, listings: each request within 60 s, body included, and
+    /// retried twice within 5 s (an outage must turn into pass-through within seconds).
+    Requests,
+    /// Blob bodies ([`BucketRead`]): no whole-request timeout, since the GET goes at its
+    /// client's pace, and no retries of its own: `BucketRead` resumes every failure itself,
+    /// so that each GET's answer is checked for the range it asked for.
+    BlobBodies,
+}
 
 /// The S3 client for `s` at `endpoint` (env: `AWS_ENDPOINT_URL`/`AWS_ENDPOINT`, `AWS_REGION`,
-/// keys, `AWS_ALLOW_HTTP`; the settings override endpoint and region). `timeout`: of each
-/// whole request, body included; `None`: none (the connect timeout stays).
+/// keys, `AWS_ALLOW_HTTP`; the settings override endpoint and region).
 fn client(
     s: &BucketSettings,
     endpoint: Option<&str>,
-    timeout: Option<Duration>,
+    to: ClientUse,
 ) -> Result<AmazonS3, OpenError> {
     // Replacing the client options drops what `from_env` put there: AWS_ALLOW_HTTP is
     // applied here again.
@@ -558,9 +570,11 @@ fn client(
         .with_bucket_name(&s.bucket)
         // SeaweedFS, MinIO and most S3-compatible stores are path-style.
         .with_virtual_hosted_style_request(false)
-        // Few, short retries: an outage must turn into pass-through within seconds.
         .with_retry(RetryConfig {
-            max_retries: 2,
+            max_retries: match to {
+                ClientUse::Requests => 2,
+                ClientUse::BlobBodies => 0,
+            },
             retry_timeout: Duration::from_secs(5),
             ..RetryConfig::default()
         })
@@ -568,9 +582,9 @@ fn client(
             let o = ClientOptions::new()
                 .with_allow_http(allow_http)
                 .with_connect_timeout(Duration::from_secs(3));
-            match timeout {
-                Some(t) => o.with_timeout(t),
-                None => o.with_timeout_disabled(),
+            match to {
+                ClientUse::Requests => o.with_timeout(Duration::from_secs(60)),
+                ClientUse::BlobBodies => o.with_timeout_disabled(),
             }
         });
     if let Some(e) = endpoint {
@@ -633,12 +647,19 @@ impl StoredBlob for ObjectBlob {
             hasher: whole.then(Sha256::new),
             kept: (whole && self.size <= MEM_BLOB_MAX).then(Vec::new),
         };
+        // Without an e-tag a resumed GET could read another version of the object.
+        let resumes = if self.e_tag.is_some() {
+            READ_RESUMES
+        } else {
+            0
+        };
         let read = BucketRead {
             blob: *self,
             pos: start,
             end,
             body: None,
-            resumes_left: READ_RESUMES,
+            resumes,
+            resumes_left: resumes,
         };
         futures::stream::unfold(Some((read, check)), |state| async move {
             let (mut read, mut check) = state?;
@@ -674,13 +695,15 @@ impl StoredBlob for ObjectBlob {
 }
 
 /// One ranged read of a blob: a GET streamed at its reader's pace, resumed from where it
-/// stopped when the connection is cut or the bucket stalls.
+/// stopped when the connection is cut, the bucket stalls or a GET fails.
 struct BucketRead {
     blob: ObjectBlob,
     /// Offset of the next byte to read.
     pos: u64,
     end: u64,
     body: Option<futures::stream::BoxStream<'static, object_store::Result<Bytes>>>,
+    /// Resumes allowed in a row; `resumes_left` is back to it whenever bytes arrive.
+    resumes: u32,
     resumes_left: u32,
 }
 
@@ -702,6 +725,7 @@ impl BucketRead {
                 Some(body) => match tokio::time::timeout(stall, body.next()).await {
                     Ok(Some(Ok(b))) => {
                         self.pos += b.len() as u64;
+                        self.resumes_left = self.resumes;
                         return Ok(Some(b));
                     }
                     // Short: the check says so.
@@ -725,8 +749,16 @@ impl BucketRead {
                             self.body = Some(got.into_stream());
                             continue;
                         }
-                        // An answer (gone, changed since open, refused): nothing to resume.
-                        Ok(Err(e)) => return Err(io_err(e)),
+                        // The bucket's answer (gone, changed since open, refused): final.
+                        Ok(Err(
+                            e @ (object_store::Error::NotFound { .. }
+                            | object_store::Error::Precondition { .. }
+                            | object_store::Error::NotModified { .. }
+                            | object_store::Error::PermissionDenied { .. }
+                            | object_store::Error::Unauthenticated { .. }),
+                        )) => return Err(io_err(e)),
+                        // Unreachable, reset, a server error, a wrong range: worth another GET.
+                        Ok(Err(e)) => io_err(e),
                         Err(_) => stalled(),
                     }
                 }
@@ -737,6 +769,7 @@ impl BucketRead {
             }
             self.resumes_left -= 1;
             tracing::warn!(key = %self.blob.key, at = self.pos, error = %failed, "bucket read interrupted; resuming");
+            tokio::time::sleep(RESUME_BACKOFF * (self.resumes - self.resumes_left)).await;
         }
     }
 
