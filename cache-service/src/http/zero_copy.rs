@@ -4,7 +4,7 @@
 //! memory costs; every other write is an ordinary one. The bytes are the same either way: the
 //! window *is* that file region, and neither a stored blob nor a spool's written bytes change.
 //!
-//! While a window goes out, the socket is corked (`TCP_CORK`, as nginx's `tcp_nopush`): a
+//! While a window (and the response head before it) goes out, the socket is corked (`TCP_CORK`, as nginx's `tcp_nopush`): a
 //! window takes several `sendfile` calls when the client is slower than the disk, and each
 //! call would otherwise push its partial last segment. The next flush, which hyper makes
 //! once it has written what it holds, uncorks. Measured against nginx serving the same file
@@ -212,6 +212,11 @@ impl AsyncWrite for ZeroCopyStream {
                 .skip(first + 1)
                 .position(|b| window(b).is_some())
                 .map_or(bufs.len(), |i| first + 1 + i);
+            if end < bufs.len() {
+                // A window follows (a response's head before its body): the head goes out
+                // in the window's first segment, not in a small one of its own.
+                self.cork(true);
+            }
             Pin::new(&mut self.stream).poll_write_vectored(cx, bufs.get(..end).unwrap_or(bufs))
         };
         self.stall.watch(cx, polled)
@@ -273,15 +278,30 @@ mod tests {
         assert!(corked(&s), "a window goes out corked");
         s.flush().await.unwrap();
         assert!(!corked(&s), "the flush uncorks");
+        // A head queued with a window: corked from the head on.
+        let head = b"HTTP/1.1 200 OK\r\n\r\n";
+        let n = s
+            .write_vectored(&[IoSlice::new(head), IoSlice::new(&window)])
+            .await
+            .unwrap();
+        assert_eq!(n, head.len(), "the head alone, by writev");
+        assert!(corked(&s), "the head before a window is corked");
+        s.write_all(&window).await.unwrap();
+        s.flush().await.unwrap();
+        assert!(!corked(&s), "the flush uncorks");
         s.shutdown().await.unwrap();
         drop(s);
 
         let got = reader.await.unwrap();
-        assert_eq!(&got[..4], b"head");
-        assert!(got[4..] == content[..], "the window's bytes");
+        let (first, rest) = got.split_at(4 + content.len());
+        assert_eq!(&first[..4], b"head");
+        assert!(first[4..] == content[..], "the window's bytes");
+        let (second_head, second) = rest.split_at(head.len());
+        assert_eq!(second_head, head);
+        assert!(*second == content[..], "the window's bytes after the head");
         assert_eq!(
             metrics.bytes_sendfile.load(Relaxed),
-            content.len() as u64,
+            2 * content.len() as u64,
             "by sendfile"
         );
     }
