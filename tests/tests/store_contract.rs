@@ -559,7 +559,7 @@ fn bytes_changed_in_the_bucket_are_never_served_complete() {
 }
 
 #[test]
-fn a_bucket_read_that_stalls_or_is_cut_resumes_where_it_stopped() {
+fn a_bucket_read_that_stalls_or_is_cut_resumes_where_it_stopped_a_few_times() {
     use mirror_tests::faults::{Fault, FaultProxy};
     let spool = tempfile::tempdir().unwrap();
     let s = s3_env();
@@ -606,6 +606,20 @@ fn a_bucket_read_that_stalls_or_is_cut_resumes_where_it_stopped() {
                 "a read that {what} asks the bucket again for the rest only"
             );
         }
+        // A bucket that cuts every GET early: each resume gets less than 1 MiB, so the read
+        // ends after three, not after as many GETs as the blob has pieces.
+        let data: Vec<u8> = (0..3 * MIB).map(|i| (i % 239) as u8).collect();
+        let d = write(&store, &data, 1 << 20).await;
+        proxy.set_fault(d.hex(), Fault::CutAfter(MIB / 2));
+        let blob = store.open(&d).await.unwrap().expect("stored");
+        let items: Vec<_> = blob.range(0, data.len() as u64).collect().await;
+        assert!(items.last().unwrap().is_err(), "the read fails");
+        let gets = proxy
+            .seen()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.ends_with(d.hex()))
+            .count();
+        assert_eq!(gets, 4, "the first GET and three resumes");
     });
 }
 

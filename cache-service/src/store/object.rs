@@ -22,7 +22,8 @@
 //! A read is one GET of the range asked for, pinned to the e-tag seen at open and streamed at
 //! the pace of its client (memory: what the connection buffers, not the blob). A GET that is
 //! cut, fails or stalls for [`Timings::read_stall`] is resumed from where it stopped, up to
-//! [`READ_RESUMES`] times in a row. A
+//! [`READ_RESUMES`] times without [`RESUME_PROGRESS`] read in between (an object without an
+//! e-tag only until its first byte: a later GET could read another version). A
 //! whole-blob read is hashed on the way and its last piece is withheld unless the digest
 //! matched, so bytes changed behind the cache's back are never served complete (and the
 //! object is deleted).
@@ -65,9 +66,12 @@ use registry_rules::names::{RepositoryName, Tag};
 const PART_SIZE: usize = 8 << 20;
 /// Parts of one upload in flight at once: with [`PART_SIZE`], at most 32 MiB per download.
 const PARTS_IN_FLIGHT: usize = 4;
-/// Times in a row a read from the bucket is resumed (after a cut, a stall or a failed GET)
-/// without a byte in between.
+/// Times a read from the bucket is resumed (after a cut, a stall or a failed GET) without
+/// [`RESUME_PROGRESS`] read in between.
 const READ_RESUMES: u32 = 3;
+/// Bytes read since the last resume that earn the read its resumes back: a bucket that
+/// fails after every few bytes costs a bounded number of GETs per MiB, not one per byte.
+const RESUME_PROGRESS: u64 = 1 << 20;
 /// Wait before the first resume of a run; the next ones wait twice and three times as long.
 const RESUME_BACKOFF: Duration = Duration::from_millis(100);
 /// Tries to abort an upload whose writer was dropped before leaving it to cleanup.
@@ -647,19 +651,14 @@ impl StoredBlob for ObjectBlob {
             hasher: whole.then(Sha256::new),
             kept: (whole && self.size <= MEM_BLOB_MAX).then(Vec::new),
         };
-        // Without an e-tag a resumed GET could read another version of the object.
-        let resumes = if self.e_tag.is_some() {
-            READ_RESUMES
-        } else {
-            0
-        };
         let read = BucketRead {
             blob: *self,
+            start,
             pos: start,
             end,
             body: None,
-            resumes,
-            resumes_left: resumes,
+            resumed_at: start,
+            resumes_left: READ_RESUMES,
         };
         futures::stream::unfold(Some((read, check)), |state| async move {
             let (mut read, mut check) = state?;
@@ -698,12 +697,13 @@ impl StoredBlob for ObjectBlob {
 /// stopped when the connection is cut, the bucket stalls or a GET fails.
 struct BucketRead {
     blob: ObjectBlob,
+    start: u64,
     /// Offset of the next byte to read.
     pos: u64,
     end: u64,
     body: Option<futures::stream::BoxStream<'static, object_store::Result<Bytes>>>,
-    /// Resumes allowed in a row; `resumes_left` is back to it whenever bytes arrive.
-    resumes: u32,
+    /// Where the last resume started; [`RESUME_PROGRESS`] past it, `resumes_left` is full.
+    resumed_at: u64,
     resumes_left: u32,
 }
 
@@ -725,7 +725,9 @@ impl BucketRead {
                 Some(body) => match tokio::time::timeout(stall, body.next()).await {
                     Ok(Some(Ok(b))) => {
                         self.pos += b.len() as u64;
-                        self.resumes_left = self.resumes;
+                        if self.pos - self.resumed_at >= RESUME_PROGRESS {
+                            self.resumes_left = READ_RESUMES;
+                        }
                         return Ok(Some(b));
                     }
                     // Short: the check says so.
@@ -764,12 +766,16 @@ impl BucketRead {
                 }
             };
             self.body = None;
-            if self.resumes_left == 0 {
+            // Without an e-tag to pin it, a GET after the first byte could read another
+            // version of the object.
+            let unpinned = self.blob.e_tag.is_none() && self.pos > self.start;
+            if self.resumes_left == 0 || unpinned {
                 return Err(failed);
             }
             self.resumes_left -= 1;
+            self.resumed_at = self.pos;
             tracing::warn!(key = %self.blob.key, at = self.pos, error = %failed, "bucket read interrupted; resuming");
-            tokio::time::sleep(RESUME_BACKOFF * (self.resumes - self.resumes_left)).await;
+            tokio::time::sleep(RESUME_BACKOFF * (READ_RESUMES - self.resumes_left)).await;
         }
     }
 
