@@ -955,7 +955,10 @@ fn a_redirect_to_cdn_quay_io_is_signed_and_its_challenge_answered_on_the_mirror(
             .map(|e| (e.has_authorization(), e.status()))
             .collect()
     };
-    let before = seen(&m.up.access_log(Front::QuayCdn));
+    // nginx logs a request after its response: wait for the 200's line.
+    let before = seen(&m.up.access_log_with(Front::QuayCdn, |e| {
+        e.query_param("probe").as_deref() == Some(probe.as_str()) && e.status() == 200
+    }));
     assert_eq!(before, [(false, 401), (true, 200)]);
 
     // Tampered: signature, host (another allowed quay CDN), registry, path, query.
