@@ -8,8 +8,9 @@
 //! window takes several `sendfile` calls when the client is slower than the disk, and each
 //! call would otherwise push its partial last segment. A response head written together
 //! with a window is corked as well, so it leaves in the window's first segment. The next
-//! flush, which hyper makes once it has written what it holds, uncorks. Measured against nginx serving the same file
-//! on loopback: its CPU per GB is ~10% lower with `tcp_nopush` than without.
+//! flush, which hyper makes once it has written what it holds, uncorks. Measured against
+//! nginx serving the same file on loopback: its CPU per GB is ~10% lower with `tcp_nopush`
+//! than without.
 
 use std::future::Future;
 use std::io::{self, IoSlice};

@@ -645,8 +645,6 @@ impl StoredBlob for ObjectBlob {
         }
         let whole = start == 0 && end == self.size;
         let check = Verify {
-            want: end - start,
-            seen: 0,
             held: None,
             hasher: whole.then(Sha256::new),
             kept: (whole && self.size <= MEM_BLOB_MAX).then(Vec::new),
@@ -665,9 +663,8 @@ impl StoredBlob for ObjectBlob {
             let out = loop {
                 match read.next_piece().await {
                     Ok(Some(b)) => match check.push(b) {
-                        Ok(Some(ready)) => break Ok(ready),
-                        Ok(None) => continue,
-                        Err(e) => break Err(e),
+                        Some(ready) => break Ok(ready),
+                        None => continue,
                     },
                     Ok(None) => match check.finish(&read.blob.digest) {
                         Ok((last, kept)) => {
@@ -725,13 +722,17 @@ impl BucketRead {
                 Some(body) => match tokio::time::timeout(stall, body.next()).await {
                     Ok(Some(Ok(b))) => {
                         self.pos += b.len() as u64;
+                        if self.pos > self.end {
+                            return Err(io::Error::other("stored object longer than expected"));
+                        }
                         if self.pos - self.resumed_at >= RESUME_PROGRESS {
                             self.resumes_left = READ_RESUMES;
                         }
                         return Ok(Some(b));
                     }
-                    // Short: the check says so.
-                    Ok(None) => return Ok(None),
+                    Ok(None) => {
+                        return Err(io::Error::other("stored object shorter than expected"))
+                    }
                     Ok(Some(Err(e))) => io_err(e),
                     Err(_) => stalled(),
                 },
@@ -786,12 +787,10 @@ impl BucketRead {
     }
 }
 
-/// The checks on one read from the bucket, as its bytes arrive: never more or fewer bytes
-/// than asked for, and for a whole read the digest, verified before its last piece is
-/// released, so that bytes changed behind the cache's back are never served complete.
+/// The digest check of a whole read from the bucket ([`BucketRead`] checks the length of
+/// every read), verified before its last piece is released, so that bytes changed behind
+/// the cache's back are never served complete.
 struct Verify {
-    want: u64,
-    seen: u64,
     /// The last piece received, released when the next one arrives (or the check passed).
     held: Option<Bytes>,
     hasher: Option<Sha256>,
@@ -801,13 +800,9 @@ struct Verify {
 
 impl Verify {
     /// Takes the next piece; returns the one before it, now safe to send.
-    fn push(&mut self, b: Bytes) -> io::Result<Option<Bytes>> {
+    fn push(&mut self, b: Bytes) -> Option<Bytes> {
         if b.is_empty() {
-            return Ok(None);
-        }
-        self.seen += b.len() as u64;
-        if self.seen > self.want {
-            return Err(io::Error::other("stored object longer than expected"));
+            return None;
         }
         if let Some(h) = self.hasher.as_mut() {
             h.update(&b);
@@ -815,14 +810,11 @@ impl Verify {
         if let Some(k) = self.kept.as_mut() {
             k.extend_from_slice(&b);
         }
-        Ok(self.held.replace(b))
+        self.held.replace(b)
     }
 
     /// At the end of the body: the last piece, and a small blob's whole bytes to keep.
     fn finish(&mut self, digest: &Digest) -> io::Result<(Option<Bytes>, Option<Bytes>)> {
-        if self.seen != self.want {
-            return Err(io::Error::other("stored object shorter than expected"));
-        }
         if let Some(h) = self.hasher.take() {
             let got = Digest::from_sha256(h);
             if got != *digest {

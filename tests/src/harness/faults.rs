@@ -439,16 +439,13 @@ async fn serve_conn(client: TcpStream, st: Arc<ProxyState>) -> io::Result<()> {
         };
         let len = data.len() as u64;
         match fault {
-            Some(Fault::CutAfter(n)) if offset + len >= n => {
+            Some(f @ (Fault::CutAfter(n) | Fault::StallAfter(n))) if offset + len >= n => {
                 let keep = (n - offset) as usize;
                 write_all(&client, &data[..keep]).await?;
+                if matches!(f, Fault::StallAfter(_)) {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
                 return Ok(()); // both sockets dropped: the body ends short
-            }
-            Some(Fault::StallAfter(n)) if offset + len >= n => {
-                let keep = (n - offset) as usize;
-                write_all(&client, &data[..keep]).await?;
-                tokio::time::sleep(Duration::from_secs(60)).await;
-                return Ok(());
             }
             Some(Fault::FlipByte(k)) if (offset..offset + len).contains(&k) => {
                 data[(k - offset) as usize] ^= 0xff;
