@@ -52,7 +52,7 @@ pub async fn build_app(config: Config, file_text: Option<&str>) -> Result<App, A
         })?;
     let cache = Arc::new(cache);
     // Ends by itself once the cache is dropped.
-    let _ = cache.spawn_upkeep();
+    cache.spawn_upkeep();
     let config = Arc::new(ConfigState::new(config, file_text));
     let router = http::router(http::AppState {
         cache: cache.clone(),

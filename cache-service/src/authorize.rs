@@ -32,7 +32,7 @@ use crate::lock;
 use crate::metrics::{Family, Metrics};
 use crate::upstream::auth::MAX_TOKEN_RESPONSE_BYTES;
 use crate::upstream::client::{bearer_challenge, host_key, ClientCredential, Credential};
-use crate::upstream::{read_body, redirect_target, Upstream};
+use crate::upstream::{head_unsupported, read_body, redirect_target, Upstream};
 use registry_rules::digest::Digest;
 use registry_rules::names::{Reference, RepositoryName};
 use registry_rules::oci_error::ErrorCode;
@@ -99,7 +99,7 @@ impl Decisions {
 
 /// The realm (and service) the upstream's own challenge names, and when it was last asked.
 #[derive(Debug, Default)]
-struct LearnedRealm {
+struct RealmState {
     realm: Option<(Url, Option<String>)>,
     refreshed: Option<Instant>,
 }
@@ -109,7 +109,7 @@ struct LearnedRealm {
 #[derive(Debug, Default)]
 pub struct Access {
     decisions: Mutex<Decisions>,
-    realm: Mutex<LearnedRealm>,
+    realm: Mutex<RealmState>,
     /// Checks in progress (at most `single_flight::MAX_CALLS`).
     checks: SingleFlight<CheckKey, Outcome<Result<(), Refusal>>>,
 }
@@ -123,12 +123,14 @@ impl Access {
     /// Remember the realm of a 401's Bearer challenge, if the upstream may send the cache
     /// (and so a client's credential) there.
     fn learn(&self, up: &Upstream, resp: &reqwest::Response) {
-        let Some((realm, service, _)) = bearer_challenge(resp) else {
+        let Some(bearer) = bearer_challenge(resp) else {
             return;
         };
-        let Ok(url) = Url::parse(&realm) else { return };
+        let Ok(url) = Url::parse(&bearer.realm) else {
+            return;
+        };
         if up.client.check_realm(&url).is_ok() {
-            let service = Some(service).filter(|s| !s.is_empty());
+            let service = bearer.service.filter(|s| !s.is_empty());
             lock(&self.realm).realm = Some((url, service));
         }
     }
@@ -227,14 +229,6 @@ fn header_values(resp: &reqwest::Response, name: reqwest::header::HeaderName) ->
         .filter_map(|v| v.to_str().ok())
         .map(str::to_owned)
         .collect()
-}
-
-/// Statuses by which an upstream says it does not do HEAD on this resource.
-fn head_unsupported(s: StatusCode) -> bool {
-    matches!(
-        s,
-        StatusCode::METHOD_NOT_ALLOWED | StatusCode::BAD_REQUEST | StatusCode::NOT_IMPLEMENTED
-    )
 }
 
 /// Authorize a client for `check` at `up`: a decision held for its credential and repository,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::store::object::BucketSettings;
 use registry_rules::declaration::{CacheUpstream, ClientAuth, ClientAuthError};
-use registry_rules::hosts::HostPattern;
+use registry_rules::hosts::{is_valid_authority, HostPattern};
 use serde::{Deserialize, Serialize};
 
 /// Longest `--shutdown-grace` honoured: a larger value is capped (it is added to the clock).
@@ -201,7 +201,7 @@ pub enum ConfigError {
     NoUpstream,
     #[error("invalid --upstream {0:?}: expected NAME=URL, e.g. gcr.io=https://gcr.io")]
     UpstreamSyntax(String),
-    #[error("upstream {name:?}: invalid name (letters, digits, '.', '-', ':' only)")]
+    #[error("upstream {name:?}: invalid name: expected the registry's host[:port] as the filter names it, e.g. gcr.io")]
     UpstreamName { name: String },
     #[error("upstream {name:?} is configured twice")]
     DuplicateUpstream { name: String },
@@ -321,15 +321,6 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     };
     n.checked_mul(mult)
         .ok_or_else(|| ConfigError::Size(s.to_owned()))
-}
-
-fn valid_upstream_name(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() <= 253
-        && n.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'_'))
-        && !n.starts_with('.')
-        && !n.contains("..")
 }
 
 /// Host patterns with the declaration's syntax (the filter's parser: one grammar for both).
@@ -505,10 +496,14 @@ impl Config {
         }
 
         let mut upstreams = BTreeMap::new();
-        let mut add = |u: UpstreamConfig| -> Result<(), ConfigError> {
-            if !valid_upstream_name(&u.name) {
+        let mut add = |mut u: UpstreamConfig| -> Result<(), ConfigError> {
+            // The filter names a registry in `x-mirror-registry` as its lowercase authority:
+            // a name in any other form would be configured and never asked for.
+            let name = u.name.trim().to_ascii_lowercase();
+            if !is_valid_authority(&name) {
                 return Err(ConfigError::UpstreamName { name: u.name });
             }
+            u.name = name;
             if upstreams.contains_key(&u.name) {
                 return Err(ConfigError::DuplicateUpstream { name: u.name });
             }
@@ -664,6 +659,34 @@ mod tests {
         assert_eq!(c.tag_ttl, Duration::from_secs(300));
         assert_eq!(c.max_size, 0);
         assert!(c.upstreams.contains_key("gcr.io"));
+    }
+
+    #[test]
+    fn an_upstream_is_named_as_the_filter_names_it() {
+        let merge = |upstreams: &[&str]| {
+            let args = ServeArgs {
+                storage: Some("/tmp/x".into()),
+                upstreams: upstreams.iter().map(|u| u.to_string()).collect(),
+                ..Default::default()
+            };
+            Config::merge(&args, FileConfig::default(), &no_env)
+        };
+        let c = merge(&["Quay.IO=https://quay.io"]).unwrap();
+        assert!(
+            c.upstreams.contains_key("quay.io"),
+            "{:?}",
+            c.upstreams.keys()
+        );
+        for bad in [
+            "quay_io=https://quay.io",
+            "-quay.io=https://quay.io",
+            "quay.io:0=https://quay.io",
+        ] {
+            let e = merge(&[bad]).unwrap_err();
+            assert!(matches!(e, ConfigError::UpstreamName { .. }), "{bad}: {e}");
+        }
+        let e = merge(&["gcr.io=https://gcr.io", "GCR.io=https://gcr.io"]).unwrap_err();
+        assert!(matches!(e, ConfigError::DuplicateUpstream { .. }), "{e}");
     }
 
     #[test]

@@ -68,7 +68,8 @@ Endpoints: /v2/... (pull API), /_mirror/auth/... and /_mirror/token (client_auth
 token requests relayed to the upstream's own realm only), /healthz, /readyz (storage reachable and writable; the config
 version in force), /metrics (Prometheus), /_status and / (HTML status page).
 SIGHUP, or a change of the config file (watched), reloads it without dropping anything; an
-invalid file, or a changed listen/storage, is logged and the running config kept.
+invalid file, or a changed listen or store setting (storage, s3_*, spool_dir,
+local_cache_size, redirect*), is logged and the running config kept.
 Logs go to stderr; RUST_LOG filters them (default info). Exit status 2: bad configuration, or a
 bucket that cannot be used (unreachable endpoint, refused credentials, no such bucket)."#;
 
@@ -145,15 +146,12 @@ fn serve(args: &ServeArgs) -> ExitCode {
 fn raise_open_files_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     const NR_OPEN: u64 = 1 << 20;
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard.min(NR_OPEN) => {
-            let to = hard.min(NR_OPEN);
-            match setrlimit(Resource::RLIMIT_NOFILE, to, hard) {
-                Ok(()) => tracing::info!(from = soft, to, "raised the open files limit"),
-                Err(e) => tracing::warn!(soft, error = %e, "could not raise the open files limit"),
-            }
-        }
-        Ok((soft, _)) => tracing::debug!(soft, "open files limit"),
+    match getrlimit(Resource::RLIMIT_NOFILE).map(|(soft, hard)| (soft, hard, hard.min(NR_OPEN))) {
+        Ok((soft, hard, to)) if soft < to => match setrlimit(Resource::RLIMIT_NOFILE, to, hard) {
+            Ok(()) => tracing::info!(from = soft, to, "raised the open files limit"),
+            Err(e) => tracing::warn!(soft, error = %e, "could not raise the open files limit"),
+        },
+        Ok((soft, _, _)) => tracing::debug!(soft, "open files limit"),
         Err(e) => tracing::warn!(error = %e, "could not read the open files limit"),
     }
 }

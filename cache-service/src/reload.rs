@@ -3,7 +3,7 @@
 //! Running state survives: the store, the LRU, the single-flight maps and every unchanged
 //! upstream's client (with its token cache). Requests and downloads already running keep
 //! the upstream they started with, even one the new file removes. An invalid file, or one
-//! that changes what only a restart can (`listen`, `storage`), is logged and refused: the
+//! that changes what only a restart can (`listen`, the store settings), is logged and refused: the
 //! running configuration stays in force, all of it.
 
 use std::collections::BTreeMap;

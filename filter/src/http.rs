@@ -3,15 +3,13 @@
 use crate::metrics::Counter;
 use crate::root::Shared;
 use crate::rules::challenge::LearnedRealm;
-use crate::rules::oci_error::{self, ErrorCode};
-use crate::rules::redirect::LocationOutcome;
 use crate::rules::response::{
     plan_challenges, plan_link, plan_realm_call, plan_redirect, Answer, RealmWait, RedirectPlan,
     Resume,
 };
 use crate::rules::route::{
-    forward_with_stored, needs_signing_key, ping_reply, realm_failure, route_with, Decision,
-    Forward, ForwardKind, LearnRealm, Ping, RejectReason, Reply, Request, CACHE_KEY_HEADER,
+    forward_with_stored, needs_signing_key, ping_reply, realm_call_failed, route_with, Decision,
+    Failure, Forward, ForwardKind, LearnRealm, Ping, Reply, Request, CACHE_KEY_HEADER,
 };
 use crate::shared_data::{self, SharedLearned};
 use log::{debug, info, warn};
@@ -79,8 +77,7 @@ impl Context for MirrorHttp {
             Resume::Forward(f) => {
                 if let Err(e) = self.apply_forward(&shared, f, &p.client) {
                     warn!("cannot rewrite the paused token request: {e:?}");
-                    let r = realm_failure(ErrorCode::Unavailable, "cannot rewrite the request");
-                    self.reply_paused(&shared, &r);
+                    self.reply_paused(&shared, &Failure::TokenRewrite.reply());
                     return;
                 }
                 if let Err(e) = hostcalls::resume_http_request() {
@@ -216,11 +213,20 @@ impl ResponseHeaders {
 }
 
 impl MirrorHttp {
-    fn reply(&self, status: u32, headers: &[(String, String)], body: &str) -> Action {
-        if let Err(e) = send(status, headers, body) {
-            warn!("cannot send the local reply {status}: {e:?}");
+    fn reply(&self, r: &Reply) -> Action {
+        if let Err(e) = send(r.status, &r.headers, &r.body) {
+            warn!("cannot send the local reply {}: {e:?}", r.status);
         }
         Action::Pause
+    }
+
+    /// Sends the reply to a failure of the filter's own, counting it if it is a rejection.
+    fn fail(&self, shared: &Shared, failure: Failure) -> Action {
+        let r = failure.reply();
+        if let Some(reason) = r.reason {
+            shared.metrics.rejection(reason);
+        }
+        self.reply(&r)
     }
 
     /// Answers a paused request locally (from a callback: errors only logged).
@@ -255,11 +261,7 @@ impl MirrorHttp {
         if f.path != client.path {
             hostcalls::set_map_value(req, ":path", Some(&f.path))?;
         }
-        // Only cache-service reads it (Envoy routes there by the authority of a cached
-        // registry's upstream) and Envoy strips it on every other route: elsewhere it is
-        // written only to replace a client's copies (which must never reach an upstream),
-        // one host call fewer per request.
-        if f.reaches_cache(&shared.cfg) || client.registry_header {
+        if f.sets_registry_header(&shared.cfg, client.registry_header) {
             hostcalls::set_map_value(req, "x-mirror-registry", Some(&f.registry))?;
         }
         // Only routes to the cache are hashed on it; Envoy strips it on every other route.
@@ -291,16 +293,15 @@ impl MirrorHttp {
                 Ok(()) => Action::Continue,
                 Err(e) => {
                     warn!("cannot rewrite the token request: {e:?}");
-                    self.fail(502, ErrorCode::Unavailable, "cannot rewrite the request")
+                    self.fail(shared, Failure::TokenRewrite)
                 }
             };
         }
         let (cluster, upstream) = (lr.cluster.clone(), lr.upstream.clone());
         let wait = RealmWait::Token(Box::new(lr));
         if let Err(e) = self.learn_realm(&cluster, &upstream, wait, client) {
-            let msg =
-                format!("cannot learn the token realm: call to cluster {cluster} failed ({e:?})");
-            self.reply_paused(shared, &realm_failure(ErrorCode::Unavailable, &msg));
+            let r = realm_call_failed(&cluster, &format!("{e:?}"));
+            self.reply_paused(shared, &r);
         }
         Action::Pause
     }
@@ -335,8 +336,7 @@ impl MirrorHttp {
     /// (its upstream may be down: then anonymous 200, see [`ping_reply`]).
     fn answer_ping(&mut self, shared: &Shared, ping: Ping, client: RequestHeaders) -> Action {
         if let Some(learned) = shared_data::stored_realm(&ping.registry) {
-            let r = ping_reply(&ping, Some(&learned));
-            return self.reply(r.status, &r.headers, &r.body);
+            return self.reply(&ping_reply(&ping, Some(&learned)));
         }
         let (cluster, upstream) = (ping.cluster.clone(), ping.upstream.clone());
         if let Err(e) = self.learn_realm(&cluster, &upstream, RealmWait::Ping(ping.clone()), client)
@@ -345,12 +345,6 @@ impl MirrorHttp {
             self.reply_paused(shared, &ping_reply(&ping, None));
         }
         Action::Pause
-    }
-
-    fn fail(&self, status: u32, code: ErrorCode, msg: &str) -> Action {
-        let body = oci_error::render(code, msg, None);
-        let headers = [("content-type".to_string(), "application/json".to_string())];
-        self.reply(status, &headers, &body)
     }
 
     /// Applies [`plan_challenges`] to the answer's `WWW-Authenticate` values.
@@ -415,47 +409,31 @@ impl MirrorHttp {
         }
     }
 
-    /// Applies [`plan_redirect`] to the answer's `Location`; `false` when the redirect is
-    /// refused: the client must not follow it (with whatever it sends the mirror).
+    /// Applies [`plan_redirect`] to the answer's `Location`; the reply to send instead of
+    /// the answer when the redirect is refused.
     fn apply_redirect(
         shared: &Shared,
         fwd: &Forward,
         status: Option<u32>,
         location: Option<&[u8]>,
-    ) -> bool {
+    ) -> Option<Reply> {
         let key_and_now = || (shared.signing_key(), now_secs());
         let unsigned = || shared.metrics.inc(Counter::RedirectsUnsigned, 1);
         match plan_redirect(&shared.cfg, fwd, status, location, key_and_now) {
-            RedirectPlan::None => true,
-            RedirectPlan::Location(LocationOutcome::Signed(u)) => {
+            RedirectPlan::None => None,
+            RedirectPlan::Signed(u) => {
                 set_response_header("location", &u);
                 shared.metrics.inc(Counter::RedirectsSigned, 1);
-                true
+                None
             }
-            RedirectPlan::Location(LocationOutcome::Passthrough) => {
+            RedirectPlan::Passthrough => {
                 unsigned();
-                true
+                None
             }
-            RedirectPlan::NotUtf8 => {
+            RedirectPlan::Refused(r) => {
                 unsigned();
-                info!(
-                    "redirect from {} with a non-UTF-8 Location refused",
-                    fwd.authority
-                );
-                false
-            }
-            RedirectPlan::Location(LocationOutcome::Rejected) => {
-                unsigned();
-                info!(
-                    "redirect from {} for {} refused (host not allowed, not https, or no key): {}",
-                    fwd.authority,
-                    fwd.registry,
-                    String::from_utf8_lossy(location.unwrap_or_default())
-                        .chars()
-                        .take(200)
-                        .collect::<String>()
-                );
-                false
+                info!("{}", r.message);
+                Some(r)
             }
         }
     }
@@ -467,21 +445,20 @@ impl MirrorHttp {
 impl HttpContext for MirrorHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let Some(shared) = self.shared.clone() else {
-            return self.fail(500, ErrorCode::Unsupported, "mirror not configured");
+            return self.reply(&Failure::NotConfigured.reply());
         };
         let map = match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
             Ok(m) => m,
             Err(e) => {
                 warn!("cannot read the request headers: {e:?}");
-                return self.fail(500, ErrorCode::Unsupported, "cannot read the request");
+                return self.fail(&shared, Failure::UnreadableRequest);
             }
         };
         let client = match RequestHeaders::from_map(map) {
             Ok(h) => h,
             Err(name) => {
                 debug!("rejected request: header {name} is not UTF-8");
-                shared.metrics.rejection(RejectReason::BadRequest);
-                return self.fail(400, ErrorCode::Unsupported, "invalid header encoding");
+                return self.fail(&shared, Failure::HeaderEncoding);
             }
         };
         let req = Request {
@@ -510,13 +487,13 @@ impl HttpContext for MirrorHttp {
                         r.message
                     );
                 }
-                self.reply(r.status, &r.headers, &r.body)
+                self.reply(&r)
             }
             Decision::Forward(f) => match self.apply_forward(&shared, f, &client) {
                 Ok(()) => Action::Continue,
                 Err(e) => {
                     warn!("cannot rewrite the request: {e:?}");
-                    self.fail(500, ErrorCode::Unsupported, "cannot rewrite the request")
+                    self.fail(&shared, Failure::Rewrite)
                 }
             },
             Decision::LearnRealm(lr) => self.learn_and_forward(&shared, lr, client),
@@ -536,15 +513,8 @@ impl HttpContext for MirrorHttp {
             }
         };
         Self::apply_challenges(shared, fwd, h.status, h.challenges);
-        if !Self::apply_redirect(shared, fwd, h.status, h.location.as_deref()) {
-            // Passed on, the Location would take the client, and any header it sends the
-            // mirror (a mirror login in a custom header survives cross-host redirects), to a
-            // host the registry's declaration does not list, or over plain http.
-            return self.fail(
-                502,
-                ErrorCode::Unavailable,
-                "the upstream redirected to a location this mirror does not allow (only https on the registry's redirect hosts)",
-            );
+        if let Some(r) = Self::apply_redirect(shared, fwd, h.status, h.location.as_deref()) {
+            return self.reply(&r);
         }
         Self::apply_link(fwd, h.links);
         if let Some(ns) = &fwd.oci_namespace_echo {

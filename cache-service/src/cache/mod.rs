@@ -26,7 +26,7 @@ use crate::metrics::Metrics;
 use crate::oci;
 use crate::store::{BlobStore, StoredBlob};
 use crate::upstream::client::Credential;
-use crate::upstream::{read_body, BodyError, Upstream, UpstreamError};
+use crate::upstream::{head_unsupported, read_body, BodyError, Upstream, UpstreamError};
 use lru::{Lru, Reservation};
 use pass_through::SmallCache;
 use registry_rules::digest::Digest;
@@ -110,14 +110,6 @@ fn status_error(resp: &reqwest::Response, kind: Kind) -> CacheError {
         },
         s => CacheError::UpstreamStatus(s.as_u16()),
     }
-}
-
-/// Statuses by which an upstream says it does not do HEAD on this resource.
-fn head_unsupported(s: StatusCode) -> bool {
-    matches!(
-        s,
-        StatusCode::METHOD_NOT_ALLOWED | StatusCode::BAD_REQUEST | StatusCode::NOT_IMPLEMENTED
-    )
 }
 
 /// What an upstream HEAD said.
@@ -580,12 +572,12 @@ impl Cache {
 
     /// Background upkeep of a shared store: eviction every minute (under the lease) and
     /// cleanup of abandoned uploads every ten. Nothing for a local store (startup does it).
-    pub fn spawn_upkeep(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+    pub fn spawn_upkeep(self: &Arc<Self>) {
         if !self.store.shared() {
-            return None;
+            return;
         }
         let this = Arc::downgrade(self);
-        Some(tokio::spawn(async move {
+        tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             for n in 0u64.. {
@@ -602,7 +594,7 @@ impl Cache {
                     }
                 }
             }
-        }))
+        });
     }
 
     /// A stored blob; `None` when absent or when the store cannot be read: the request is then

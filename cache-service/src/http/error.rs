@@ -4,6 +4,8 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use super::range::RangeError;
+use super::MAX_TAGS_N;
 use crate::authorize::{Refusal, RelayError};
 use crate::cache::CacheError;
 use registry_rules::names::NameError;
@@ -52,6 +54,67 @@ impl ApiError {
             ErrorCode::NameUnknown,
             "unknown path",
         )
+    }
+}
+
+/// What the router finds wrong with a request before the cache is asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("percent-encoded characters are not allowed in repository paths")]
+    PercentEncoded,
+    #[error("token requests are GET")]
+    TokenNotGet,
+    #[error(
+        "this registry's clients do not log in at the upstream (client_auth is not \"upstream\")"
+    )]
+    NoUpstreamLogin,
+    #[error("n must be an integer between 0 and {MAX_TAGS_N}")]
+    Pagination,
+    /// `size`, when known, is said in `Content-Range` of a 416.
+    #[error("{error}")]
+    Range {
+        error: RangeError,
+        size: Option<u64>,
+    },
+    #[error("the manifest is {0}, which the request's Accept header does not allow")]
+    NotAccepted(String),
+}
+
+impl RequestError {
+    pub fn range(error: RangeError, size: Option<u64>) -> Self {
+        Self::Range { error, size }
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        use ErrorCode as C;
+        use RequestError as E;
+        use StatusCode as S;
+        let (status, code) = match &e {
+            E::PercentEncoded => (S::BAD_REQUEST, C::NameInvalid),
+            E::TokenNotGet => (S::METHOD_NOT_ALLOWED, C::Unsupported),
+            E::NoUpstreamLogin => (S::NOT_FOUND, C::NameUnknown),
+            E::Pagination => (S::BAD_REQUEST, C::PaginationNumberInvalid),
+            E::Range {
+                error: RangeError::Malformed,
+                ..
+            } => (S::BAD_REQUEST, C::RangeInvalid),
+            E::Range {
+                error: RangeError::Unsatisfiable,
+                ..
+            } => (S::RANGE_NOT_SATISFIABLE, C::RangeInvalid),
+            E::NotAccepted(_) => (S::NOT_FOUND, C::ManifestUnknown),
+        };
+        let api = ApiError::new(status, code, e.to_string());
+        match e {
+            E::TokenNotGet => api.with_header(header::ALLOW, "GET"),
+            E::Range {
+                error: RangeError::Unsatisfiable,
+                size: Some(size),
+            } => api.with_header(header::CONTENT_RANGE, format!("bytes */{size}")),
+            _ => api,
+        }
     }
 }
 
@@ -154,7 +217,7 @@ impl From<RelayError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = render(self.code, &self.message, None);
+        let body = render(self.code, &self.message);
         let mut resp = (self.status, body).into_response();
         let h = resp.headers_mut();
         h.insert(
@@ -178,6 +241,38 @@ impl IntoResponse for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The router's refusals keep the headers a client acts on: where a range can start
+    /// (416) and which method a token request takes (405).
+    #[test]
+    fn a_refused_request_says_what_the_client_can_do_instead() {
+        let header_of = |e: RequestError, name: header::HeaderName| {
+            let resp = ApiError::from(e).into_response();
+            let value = resp.headers().get(name).map(|v| v.as_bytes().to_vec());
+            (resp.status(), value)
+        };
+        assert_eq!(
+            header_of(
+                RequestError::range(RangeError::Unsatisfiable, Some(100)),
+                header::CONTENT_RANGE
+            ),
+            (
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                Some(b"bytes */100".to_vec())
+            )
+        );
+        assert_eq!(
+            header_of(
+                RequestError::range(RangeError::Malformed, None),
+                header::CONTENT_RANGE
+            ),
+            (StatusCode::BAD_REQUEST, None)
+        );
+        assert_eq!(
+            header_of(RequestError::TokenNotGet, header::ALLOW),
+            (StatusCode::METHOD_NOT_ALLOWED, Some(b"GET".to_vec()))
+        );
+    }
 
     /// A cache at its bound of fetches in progress tells the client to come back, in the
     /// registry protocol's words.

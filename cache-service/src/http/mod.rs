@@ -19,11 +19,10 @@ use crate::authorize::{self, Check};
 use crate::cache::{streams, BlobReply, Cache, CacheError, ManifestReply, Source};
 use crate::metrics::Metrics;
 use crate::upstream::client::{ClientCredential, Credential};
-use error::ApiError;
+use error::{ApiError, RequestError};
 use registry_rules::declaration::ClientAuth;
 use registry_rules::digest::Digest;
 use registry_rules::names::{Reference, RepositoryName, Tag};
-use registry_rules::oci_error::ErrorCode;
 use registry_rules::realms::RealmUrl;
 
 #[derive(Clone)]
@@ -42,7 +41,7 @@ pub fn router(state: AppState) -> Router {
 const API_VERSION: &str = "registry/2.0";
 /// On `/readyz`: the configuration version in force (`<serial>-<file hash>`).
 pub const CONFIG_VERSION_HEADER: &str = "x-regmirror-config-version";
-const MAX_TAGS_N: u32 = 10_000;
+pub(crate) const MAX_TAGS_N: u32 = 10_000;
 /// Token requests of clients of an upstream-authorized registry, forwarded by the filter:
 /// `/_mirror/auth/<realm host><realm path>?<query>`.
 const AUTH_PREFIX: &str = registry_rules::route::AUTH_PREFIX;
@@ -72,11 +71,7 @@ fn parse_route(path: &str) -> Result<Route, ApiError> {
     }
     let rest = path.strip_prefix("/v2/").ok_or_else(ApiError::not_found)?;
     if rest.contains('%') {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::NameInvalid,
-            "percent-encoded characters are not allowed in repository paths",
-        ));
+        return Err(RequestError::PercentEncoded.into());
     }
     let parts: Vec<&str> = rest.split('/').collect();
     let n = parts.len();
@@ -327,14 +322,6 @@ async fn serve_route(
     })
 }
 
-fn pagination_error() -> ApiError {
-    ApiError::new(
-        StatusCode::BAD_REQUEST,
-        ErrorCode::PaginationNumberInvalid,
-        format!("n must be an integer between 0 and {MAX_TAGS_N}"),
-    )
-}
-
 /// How the registry's clients are authorized, from the configuration in force.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ClientPolicy {
@@ -393,23 +380,14 @@ async fn token_relay(
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     if *method != Method::GET {
-        return Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            ErrorCode::Unsupported,
-            "token requests are GET",
-        )
-        .with_header(header::ALLOW, "GET"));
+        return Err(RequestError::TokenNotGet.into());
     }
     let registry = headers
         .get("x-mirror-registry")
         .and_then(|v| v.to_str().ok());
     let up = st.cache.upstream(registry)?;
     if client_policy(st, &up.name)?.mode != ClientAuth::Upstream {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::NameUnknown,
-            "this registry's clients do not log in at the upstream (client_auth is not \"upstream\")",
-        ));
+        return Err(RequestError::NoUpstreamLogin.into());
     }
     // `/_mirror/auth/<authority><path>` names a realm; `/_mirror/token` asks the upstream's own.
     let named = uri
@@ -418,13 +396,7 @@ async fn token_relay(
         .map(|rest| {
             rest.split_once('/')
                 .and_then(|(authority, path)| RealmUrl::new(authority, &format!("/{path}")))
-                .ok_or_else(|| {
-                    ApiError::new(
-                        StatusCode::FORBIDDEN,
-                        ErrorCode::Denied,
-                        "not a token realm of this registry",
-                    )
-                })
+                .ok_or_else(|| authorize::RelayError::NotIssued(rest.to_owned()))
         })
         .transpose()?;
     let requested = named
@@ -495,8 +467,8 @@ async fn blob_response(
         Some(v) if !head => {
             let s = v
                 .to_str()
-                .map_err(|_| range_error(range::RangeError::Malformed, None))?;
-            range::parse(s).map_err(|e| range_error(e, None))?
+                .map_err(|_| RequestError::range(range::RangeError::Malformed, None))?;
+            range::parse(s).map_err(|e| RequestError::range(e, None))?
         }
         _ => None,
     };
@@ -546,7 +518,8 @@ async fn blob_response(
     }
     match (range, size) {
         (Some(spec), Some(size)) => {
-            let (s, e) = range::resolve(spec, size).map_err(|err| range_error(err, Some(size)))?;
+            let (s, e) =
+                range::resolve(spec, size).map_err(|err| RequestError::range(err, Some(size)))?;
             builder
                 .status(StatusCode::PARTIAL_CONTENT)
                 .header(header::CONTENT_LENGTH, e - s)
@@ -570,27 +543,6 @@ async fn blob_response(
     }
 }
 
-fn range_error(e: range::RangeError, size: Option<u64>) -> ApiError {
-    match e {
-        range::RangeError::Malformed => ApiError::new(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::RangeInvalid,
-            e.to_string(),
-        ),
-        range::RangeError::Unsatisfiable => {
-            let mut a = ApiError::new(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                ErrorCode::RangeInvalid,
-                e.to_string(),
-            );
-            if let Some(s) = size {
-                a = a.with_header(header::CONTENT_RANGE, format!("bytes */{s}"));
-            }
-            a
-        }
-    }
-}
-
 /// What a registry answers by tag to a client that takes no index when the tag is one: the
 /// index's linux/amd64 manifest, if the client takes that (as distribution and Docker Hub
 /// do). By digest, or with nothing acceptable, the content asked for is not there in a form
@@ -604,15 +556,8 @@ async fn default_platform_for(
     head: bool,
     headers: &HeaderMap,
 ) -> Result<ManifestReply, ApiError> {
-    let not_accepted = |media_type: &str| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::ManifestUnknown,
-            format!(
-                "the manifest is {media_type}, which the request's Accept header does not allow"
-            ),
-        )
-    };
+    let not_accepted =
+        |media_type: &str| ApiError::from(RequestError::NotAccepted(media_type.to_owned()));
     if !matches!(reference, Reference::Tag(_)) || !crate::oci::is_index(&index.media_type) {
         return Err(not_accepted(&index.media_type));
     }
@@ -673,9 +618,9 @@ fn tags_query(query: &[(String, String)]) -> Result<String, ApiError> {
     for (k, v) in query {
         match k.as_str() {
             "n" => {
-                let n: u32 = v.parse().map_err(|_| pagination_error())?;
+                let n: u32 = v.parse().map_err(|_| RequestError::Pagination)?;
                 if n > MAX_TAGS_N {
-                    return Err(pagination_error());
+                    return Err(RequestError::Pagination.into());
                 }
                 q.append_pair("n", &n.to_string());
             }

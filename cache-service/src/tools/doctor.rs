@@ -122,10 +122,10 @@ async fn check_registry(client: &MirrorClient, registry: &str, probe: Option<&Im
         Ok(resp) => match resp.status() {
             StatusCode::OK => row.v2 = Check::Pass("200 (open)".into()),
             StatusCode::UNAUTHORIZED => match bearer_challenge(&resp) {
-                Some((realm, service, _)) => match realm_on_mirror(client, &realm) {
+                Some(bearer) => match realm_on_mirror(client, &bearer.realm) {
                     Ok(host) => {
                         row.v2 = Check::Pass(format!("401, realm via mirror ({host})"));
-                        challenge = Some((realm, service));
+                        challenge = Some((bearer.realm, bearer.service.unwrap_or_default()));
                     }
                     Err(e) => {
                         row.v2 = Check::Fail(e.clone());
@@ -353,7 +353,7 @@ mod tests {
         assert_eq!(p["quay.io"].repo, "prometheus/busybox");
         assert!(!p.contains_key("example.com"));
         let p = probes(&names, &["example.com=team/app:1".into()]).unwrap();
-        assert_eq!(p["example.com"].reference, "1");
+        assert_eq!(p["example.com"].reference.to_string(), "1");
         assert!(probes(&names, &["ghcr.io=x/y:1".into()]).is_err());
         assert!(probes(&names, &["x/y:1".into()]).is_err());
     }

@@ -118,10 +118,9 @@ fn challenges(resp: &reqwest::Response) -> Vec<Challenge> {
     )
 }
 
-/// The Bearer challenge of a response, if any: (realm, service, scope).
-pub fn bearer_challenge(resp: &reqwest::Response) -> Option<(String, String, Option<String>)> {
-    let b = challenge::bearer(&challenges(resp))?;
-    Some((b.realm, b.service.unwrap_or_default(), b.scope))
+/// The Bearer challenge of a response, if any.
+pub fn bearer_challenge(resp: &reqwest::Response) -> Option<challenge::BearerChallenge> {
+    challenge::bearer(&challenges(resp))
 }
 
 /// (realm, service, scope) a token is cached under.

@@ -187,6 +187,14 @@ pub enum BodyError {
     Read(String),
 }
 
+/// Statuses by which an upstream says it does not do HEAD on this resource.
+pub fn head_unsupported(s: StatusCode) -> bool {
+    matches!(
+        s,
+        StatusCode::METHOD_NOT_ALLOWED | StatusCode::BAD_REQUEST | StatusCode::NOT_IMPLEMENTED
+    )
+}
+
 /// Read a response body of at most `max` bytes; stops reading as soon as it is over.
 pub async fn read_body(mut resp: reqwest::Response, max: usize) -> Result<Bytes, BodyError> {
     if resp.content_length().is_some_and(|l| l > max as u64) {

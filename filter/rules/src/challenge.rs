@@ -115,6 +115,13 @@ fn is_token68_char(b: u8) -> bool {
     matches!(b, b'0'..=b'9' | b'a'..=b'z' | b'A'..=b'Z' | b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
 }
 
+/// RFC 7235 token68 (RFC 6750 `b64token`): at least one of `A-Za-z0-9-._~+/`, then any
+/// `=` padding. What a Bearer token is made of, so what may follow `Bearer ` in a header.
+pub fn is_token68(s: &str) -> bool {
+    let body = s.trim_end_matches('=');
+    !body.is_empty() && body.bytes().all(is_token68_char)
+}
+
 /// An auth-param value as it appears in the header: a token, or the inside of a
 /// quoted-string with its quoted-pairs still escaped.
 #[derive(Debug, Clone, Copy)]
@@ -792,6 +799,29 @@ mod tests {
             parse("Bearer realm=").unwrap()[0].token68.as_deref(),
             Some("realm=")
         );
+    }
+
+    #[test]
+    fn token68_is_one_run_then_padding() {
+        for ok in ["t", "eyJ.eyJ-_.sig~+/", "abc==", "realm="] {
+            assert!(is_token68(ok), "{ok}");
+            // The parser reads the same set as a challenge's token68.
+            let c = parse(&format!("X {ok}")).unwrap();
+            assert_eq!(c[0].token68.as_deref(), Some(ok));
+        }
+        for bad in [
+            "",
+            "=",
+            "===",
+            "=x",
+            "a=b",
+            "a b",
+            "t,",
+            "caf\u{e9}",
+            "a\r\n",
+        ] {
+            assert!(!is_token68(bad), "{bad:?}");
+        }
     }
 
     #[test]

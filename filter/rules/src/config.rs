@@ -79,10 +79,13 @@ pub struct RegistryConfig {
     /// Default: the upstream host string, as the shipped Envoy configs name clusters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
-    /// Forward a client's `Authorization` on token requests for this registry that
-    /// arrive on the shared mirror host (one credential domain for every registry).
-    /// Default: true for the default registry, false for the others. Host mode ignores
-    /// it: `<host_prefix>.<host_suffix>` is the registry's own credential domain.
+    /// Let the credential a client keeps for the shared mirror host (one credential domain
+    /// for every registry) reach this registry. When false, on the shared host: its token
+    /// requests go without the client's `Authorization`; its `/v2/` requests go without a
+    /// non-Bearer one (a Basic login) and their answers keep only the challenges rewritten
+    /// to the mirror's Bearer realms. Default: true for the default registry, false for the
+    /// others. Host mode ignores it: `<host_prefix>.<host_suffix>` is the registry's own
+    /// credential domain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forward_client_credentials: Option<bool>,
     /// A cached registry's clients: anonymous (the cache's own access serves everyone) or
@@ -196,7 +199,7 @@ fn builtin_config() -> Result<FilterConfig, ConfigError> {
 }
 
 /// An Envoy cluster name we accept: 1..=255 printable ASCII, no spaces
-/// (Istio's `outbound|443||quay.io` included).
+/// (Istio's `outbound|80||quay.io` included).
 pub fn is_valid_cluster_name(c: &str) -> bool {
     !c.is_empty() && c.len() <= 255 && c.bytes().all(|b| (0x21..=0x7e).contains(&b))
 }
@@ -267,7 +270,8 @@ pub struct Registry {
     pub cluster: String,
     /// Name usable in a metric: non-alphanumerics become `_`.
     pub metric_name: String,
-    /// Forward client credentials to its realm from the shared mirror host.
+    /// The client's credential for the shared mirror host reaches this registry: its realm
+    /// and its `/v2/` API (see [`RegistryConfig::forward_client_credentials`]).
     pub forward_client_credentials: bool,
     /// A cached registry's client authorization.
     pub client_auth: ClientAuth,
@@ -582,12 +586,12 @@ mod tests {
             "registry-1.docker.io"
         );
         let c = parse(
-            br#"{"registries":[{"name":"quay.io","upstream":"quay.io","cluster":" outbound|443||quay.io "}]}"#,
+            br#"{"registries":[{"name":"quay.io","upstream":"quay.io","cluster":" outbound|80||quay.io "}]}"#,
         )
         .unwrap();
         assert_eq!(
             c.registry("quay.io").unwrap().cluster,
-            "outbound|443||quay.io"
+            "outbound|80||quay.io"
         );
         for bad in ["", "a b", "a\\u0001"] {
             let j = format!(

@@ -137,8 +137,9 @@ pub struct Registry {
     /// Redirect handling.
     #[serde(default)]
     pub redirects: RedirectMode,
-    /// Whether the client's `Authorization` may reach this registry's realm; absent: the
-    /// filter's default (the default registry only).
+    /// Whether the client's `Authorization` on the shared mirror host may reach this
+    /// registry, its realm and its `/v2/` API alike; absent: the filter's default (the
+    /// default registry only).
     pub forward_client_credentials: Option<bool>,
     /// PEM CA file trusted for the upstream: by cache-service for a cached registry, by
     /// Envoy's upstream cluster otherwise.

@@ -87,11 +87,6 @@ impl RepositoryName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-
-    /// Number of `/`-separated components.
-    pub fn components(&self) -> usize {
-        self.0.split('/').count()
-    }
 }
 
 impl fmt::Display for RepositoryName {
@@ -230,8 +225,8 @@ mod tests {
         let long = "a".repeat(256);
         assert!(RepositoryName::parse(&long).is_err());
         assert_eq!(
-            RepositoryName::parse("library/alpine").map(|n| n.components()),
-            Ok(2)
+            RepositoryName::parse("library/alpine").map(|n| n.as_str().to_owned()),
+            Ok("library/alpine".to_owned())
         );
     }
 

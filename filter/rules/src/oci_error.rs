@@ -88,8 +88,6 @@ impl ErrorCode {
 struct Entry<'a> {
     code: &'a str,
     message: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    detail: Option<&'a serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -97,13 +95,12 @@ struct Body<'a> {
     errors: [Entry<'a>; 1],
 }
 
-/// Renders `{"errors":[{"code":..,"message":..,"detail":..}]}`.
-pub fn render(code: ErrorCode, message: &str, detail: Option<&serde_json::Value>) -> String {
+/// Renders `{"errors":[{"code":..,"message":..}]}`.
+pub fn render(code: ErrorCode, message: &str) -> String {
     let body = Body {
         errors: [Entry {
             code: code.as_str(),
             message,
-            detail,
         }],
     };
     serde_json::to_string(&body).unwrap_or_else(|_| {
@@ -166,19 +163,13 @@ mod tests {
 
     #[test]
     fn renders_and_escapes() {
-        let s = render(ErrorCode::NameInvalid, "bad \"name\"\n", None);
+        let s = render(ErrorCode::NameInvalid, "bad \"name\"\n");
         assert_eq!(
             s,
             r#"{"errors":[{"code":"NAME_INVALID","message":"bad \"name\"\n"}]}"#
         );
         let v: serde_json::Value = serde_json::from_str(&s).unwrap();
         assert_eq!(v["errors"][0]["message"], "bad \"name\"\n");
-        let d = serde_json::json!({"name": "x"});
-        let s = render(ErrorCode::Denied, "no", Some(&d));
-        assert_eq!(
-            s,
-            r#"{"errors":[{"code":"DENIED","message":"no","detail":{"name":"x"}}]}"#
-        );
     }
 
     #[test]
@@ -210,7 +201,7 @@ mod tests {
     #[test]
     fn every_code_renders_and_parses_back() {
         for code in ErrorCode::ALL {
-            let body = render(code, "why", None);
+            let body = render(code, "why");
             assert_eq!(
                 parse_first(body.as_bytes()),
                 Some(FirstError {

@@ -322,9 +322,11 @@ impl SignedRedirect {
 pub enum LocationOutcome {
     /// Replace with this signed mirror URL.
     Signed(String),
-    /// Registry asked for passthrough.
+    /// Leave it as it is: the registry's `redirects` is passthrough (also what
+    /// [`super::response::plan_redirect`] makes of a redirect cache-service answered with).
     Passthrough,
-    /// Not resolvable, not https, or host not allowed: refused (the client gets a 502).
+    /// Not resolvable, not https, host not allowed, or no signing key: refused
+    /// ([`super::response::RedirectPlan::Refused`] answers the client with a 502).
     Rejected,
 }
 

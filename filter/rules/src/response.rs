@@ -1,9 +1,9 @@
 //! Response phase: what to do with an upstream's answer, decided here and applied by the
 //! glue. A forwarded request's `WWW-Authenticate` values ([`plan_challenges`]: rewrite,
 //! store the realm, record issued realms and token hosts), `Location` ([`plan_redirect`]:
-//! sign or leave) and `Link` ([`plan_link`]: name the registry as the client did); a
-//! realm-learning call's answer ([`plan_realm_call`]: store the realm, resume or answer
-//! the paused request).
+//! sign, leave, or refuse with a local 502) and `Link` ([`plan_link`]: name the registry
+//! as the client did); a realm-learning call's answer ([`plan_realm_call`]: store the
+//! realm, resume or answer the paused request).
 
 use super::challenge::{rewrite_challenges, LearnedRealm, Unrewritten, MAX_HEADER_VALUES};
 use super::config::{CompiledConfig, Registry};
@@ -12,8 +12,8 @@ use super::oci_error::ErrorCode;
 use super::realms::RealmUrl;
 use super::redirect::{rewrite_location, LocationOutcome, SignParams, NO_CREDENTIAL};
 use super::route::{
-    ping_reply, realm_failure, token_after_realm_call, Forward, ForwardKind, LearnRealm, Ping,
-    Reply,
+    error_reply, ping_reply, realm_failure, token_after_realm_call, Forward, ForwardKind,
+    LearnRealm, Ping, Reply,
 };
 use super::token::{classify_realm_call, RealmCall};
 
@@ -157,15 +157,31 @@ pub fn plan_challenges(a: &Answer<'_>, values: Vec<Vec<u8>>) -> ChallengePlan {
 pub enum RedirectPlan {
     /// Not a redirect status, or no `Location`: nothing to do.
     None,
-    /// A `Location` that is not UTF-8: refused, as an unsigned one is (the client gets a 502).
-    NotUtf8,
-    /// What the registry's redirect policy made of the `Location`.
-    Location(LocationOutcome),
+    /// Replace the `Location` with this signed mirror URL.
+    Signed(String),
+    /// Leave the `Location` as it is (see [`LocationOutcome::Passthrough`]).
+    Passthrough,
+    /// Refused (not UTF-8, or [`LocationOutcome::Rejected`]): the client gets this reply
+    /// instead of the answer. Passed on, the `Location` would take the client, and any
+    /// header it sends the mirror (a mirror login in a custom header survives cross-host
+    /// redirects), to a host the registry's declaration does not list, or over plain http.
+    /// The reply's `message` says why, for the log.
+    Refused(Reply),
+}
+
+/// What the client reads in the error of a refused redirect.
+const REDIRECT_REFUSED: &str = "the upstream redirected to a location this mirror does not allow (only https on the registry's redirect hosts)";
+
+/// The 502 `UNAVAILABLE` of a refused redirect; `why` goes to the log only.
+fn refused(why: String) -> RedirectPlan {
+    let mut r = error_reply(502, ErrorCode::Unavailable, None, REDIRECT_REFUSED);
+    r.message = why;
+    RedirectPlan::Refused(r)
 }
 
 /// Plans the `Location` of the answer to `fwd`: on a redirect status (301, 302, 303, 307,
-/// 308) signed into a mirror URL as [`rewrite_location`] allows. `key_and_now` (the
-/// signing key, unix seconds) is asked only for a redirect.
+/// 308) signed into a mirror URL as [`rewrite_location`] allows, else refused.
+/// `key_and_now` (the signing key, unix seconds) is asked only for a redirect.
 pub fn plan_redirect(
     cfg: &CompiledConfig,
     fwd: &Forward,
@@ -180,12 +196,15 @@ pub fn plan_redirect(
         return RedirectPlan::None;
     };
     let Ok(loc) = std::str::from_utf8(loc) else {
-        return RedirectPlan::NotUtf8;
+        return refused(format!(
+            "redirect from {} with a non-UTF-8 Location refused",
+            fwd.authority
+        ));
     };
     // cache-service follows its upstreams' redirects itself: the one it answers with is a
     // presigned URL of the mirror's own store (`redirect = true`), meant for the client.
     if fwd.reaches_cache(cfg) {
-        return RedirectPlan::Location(LocationOutcome::Passthrough);
+        return RedirectPlan::Passthrough;
     }
     let (key, now) = key_and_now();
     let params = SignParams {
@@ -197,7 +216,16 @@ pub fn plan_redirect(
         key: &key,
         now,
     };
-    RedirectPlan::Location(rewrite_location(cfg, &params, loc))
+    match rewrite_location(cfg, &params, loc) {
+        LocationOutcome::Signed(u) => RedirectPlan::Signed(u),
+        LocationOutcome::Passthrough => RedirectPlan::Passthrough,
+        LocationOutcome::Rejected => refused(format!(
+            "redirect from {} for {} refused (host not allowed, not https, or no key): {}",
+            fwd.authority,
+            fwd.registry,
+            loc.chars().take(200).collect::<String>()
+        )),
+    }
 }
 
 /// What the glue applies to an answer's `Link` values.
@@ -625,7 +653,7 @@ mod tests {
         let key = || (vec![7u8; 32], 1_800_000_000);
         for status in [301, 302, 303, 307, 308] {
             match plan_redirect(&cfg, &f, Some(status), Some(cdn), key) {
-                RedirectPlan::Location(LocationOutcome::Signed(u)) => {
+                RedirectPlan::Signed(u) => {
                     assert!(u.starts_with("https://m/_mirror/redirect/"), "{u}");
                 }
                 other => panic!("{status}: {other:?}"),
@@ -643,29 +671,68 @@ mod tests {
             plan_redirect(&cfg, &f, Some(307), None, unread),
             RedirectPlan::None
         );
-        assert_eq!(
-            plan_redirect(&cfg, &f, Some(307), Some(&[0xff, b'/']), unread),
-            RedirectPlan::NotUtf8
-        );
-        // A target the policy refuses, or no usable key: left alone.
-        for (loc, key) in [
-            (b"https://evil.example/x".as_slice(), vec![7u8; 32]),
-            (
-                b"http://production.cloudflare.docker.com/x".as_slice(),
-                vec![7u8; 32],
-            ),
-            (cdn, Vec::new()),
-        ] {
-            let p = plan_redirect(&cfg, &f, Some(307), Some(loc), || (key, 1));
-            assert_eq!(p, RedirectPlan::Location(LocationOutcome::Rejected));
-        }
         // A registry that asks for pass-through.
         let pass = parse_config(
             br#"{"registries":[{"name":"docker.io","upstream":"registry-1.docker.io","redirects":"passthrough"}]}"#,
         )
         .unwrap();
         let p = plan_redirect(&pass, &f, Some(307), Some(cdn), key);
-        assert_eq!(p, RedirectPlan::Location(LocationOutcome::Passthrough));
+        assert_eq!(p, RedirectPlan::Passthrough);
+    }
+
+    /// A refused redirect answers the client itself: the 502 `UNAVAILABLE` the filter always
+    /// sent, with the headers of every other local answer, the reason only in the log.
+    #[test]
+    fn a_refused_redirect_is_a_502_unavailable_with_the_registry_headers() {
+        let cfg = parse_config(b"").unwrap();
+        let f = forward_to(
+            "docker.io",
+            "registry-1.docker.io",
+            "/v2/library/a/blobs/sha256:ab",
+        );
+        let key = || (vec![7u8; 32], 1);
+        let cdn = b"https://production.cloudflare.docker.com/x".as_slice();
+        // Not UTF-8 (the key not even read); a host the policy refuses, plain http, or no
+        // usable key.
+        let refusals = [
+            plan_redirect(&cfg, &f, Some(307), Some(&[0xff, b'/']), || {
+                panic!("key read")
+            }),
+            plan_redirect(
+                &cfg,
+                &f,
+                Some(307),
+                Some(b"https://evil.example/x".as_slice()),
+                key,
+            ),
+            plan_redirect(
+                &cfg,
+                &f,
+                Some(307),
+                Some(b"http://production.cloudflare.docker.com/x".as_slice()),
+                key,
+            ),
+            plan_redirect(&cfg, &f, Some(307), Some(cdn), || (Vec::new(), 1)),
+        ];
+        let headers = vec![
+            ("content-type".to_owned(), "application/json".to_owned()),
+            (
+                "docker-distribution-api-version".to_owned(),
+                "registry/2.0".to_owned(),
+            ),
+        ];
+        for p in refusals {
+            let RedirectPlan::Refused(r) = p else {
+                panic!("not refused: {p:?}");
+            };
+            assert_eq!(r.status, 502);
+            let e = crate::oci_error::parse_first(r.body.as_bytes()).unwrap();
+            assert_eq!(e.code, "UNAVAILABLE");
+            assert!(e.message.contains("does not allow"), "{}", e.message);
+            assert_eq!(r.headers, headers);
+            assert_eq!(r.reason, None);
+            assert!(r.message.starts_with("redirect from registry-1.docker.io"));
+        }
     }
 
     #[test]
@@ -679,7 +746,7 @@ mod tests {
         let unread = || -> (Vec<u8>, u64) { panic!("key read") };
         assert_eq!(
             plan_redirect(&cfg, &f, Some(307), Some(store), unread),
-            RedirectPlan::Location(LocationOutcome::Passthrough)
+            RedirectPlan::Passthrough
         );
     }
 

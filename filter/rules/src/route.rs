@@ -92,6 +92,14 @@ impl Forward {
                 .iter()
                 .any(|r| r.cache && r.upstream == self.authority)
     }
+
+    /// Whether the forwarded request gets `x-mirror-registry: <registry>`, `client_sent`
+    /// saying the client sent one itself. Only cache-service reads it, and Envoy strips it
+    /// on every other route; a client's copy must still never reach an upstream, so it is
+    /// overwritten wherever one came. Otherwise not written: one host call fewer.
+    pub fn sets_registry_header(&self, cfg: &CompiledConfig, client_sent: bool) -> bool {
+        client_sent || self.reaches_cache(cfg)
+    }
 }
 
 /// What a request to cache-service is hashed on, so that every replica-bound request for
@@ -247,11 +255,13 @@ impl RejectReason {
 pub struct Reply {
     /// HTTP status.
     pub status: u32,
-    /// Body (OCI error JSON or `{}`).
+    /// Body: OCI error JSON, `{}` (a `/v2/` 200) or a placeholder token.
     pub body: String,
-    /// Headers, including `content-type`.
+    /// Headers: `content-type`, `docker-distribution-api-version` and any the answer needs.
     pub headers: Vec<(String, String)>,
-    /// Rejection reason; `None` for the local `/v2/` 200.
+    /// Why the request was rejected, for the rejection metric; `None` for an answer that
+    /// rejects nothing (a `/v2/` ping's 200 or 401, a placeholder token), a refused upstream
+    /// redirect, and the filter's own [`Failure`]s that are no fault of the request.
     pub reason: Option<RejectReason>,
     /// Human-readable detail for logs.
     pub message: String,
@@ -280,17 +290,69 @@ fn base_headers() -> Vec<(String, String)> {
     ]
 }
 
-fn reject_reply(status: u32, code: ErrorCode, reason: RejectReason, message: &str) -> Reply {
+/// A local OCI error: `message` is both the error's and the log's.
+pub(crate) fn error_reply(
+    status: u32,
+    code: ErrorCode,
+    reason: Option<RejectReason>,
+    message: &str,
+) -> Reply {
     let mut headers = base_headers();
     if status == 405 {
         headers.push(("allow".into(), "GET, HEAD".into()));
     }
     Reply {
         status,
-        body: render(code, message, None),
+        body: render(code, message),
         headers,
-        reason: Some(reason),
+        reason,
         message: message.to_string(),
+    }
+}
+
+fn reject_reply(status: u32, code: ErrorCode, reason: RejectReason, message: &str) -> Reply {
+    error_reply(status, code, Some(reason), message)
+}
+
+/// A request the filter could not handle for a reason of its own (no configuration, a
+/// failed host call, headers it cannot read): answered here like every other, the glue
+/// only sends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No configuration loaded: 500 `UNSUPPORTED`.
+    NotConfigured,
+    /// The request headers could not be read: 500 `UNSUPPORTED`.
+    UnreadableRequest,
+    /// A request header the rules read is not UTF-8: 400 `UNSUPPORTED`, a
+    /// [`RejectReason::BadRequest`].
+    HeaderEncoding,
+    /// A routed request could not be rewritten for its forward: 500 `UNSUPPORTED`.
+    Rewrite,
+    /// A token request could not be rewritten for its registry's realm: 502 `UNAVAILABLE`,
+    /// a [`RejectReason::RealmUnavailable`] as when the realm cannot be learned.
+    TokenRewrite,
+}
+
+impl Failure {
+    /// The local answer.
+    pub fn reply(self) -> Reply {
+        let unsupported = ErrorCode::Unsupported;
+        match self {
+            Failure::NotConfigured => error_reply(500, unsupported, None, "mirror not configured"),
+            Failure::UnreadableRequest => {
+                error_reply(500, unsupported, None, "cannot read the request")
+            }
+            Failure::HeaderEncoding => reject_reply(
+                400,
+                unsupported,
+                RejectReason::BadRequest,
+                "invalid header encoding",
+            ),
+            Failure::Rewrite => error_reply(500, unsupported, None, "cannot rewrite the request"),
+            Failure::TokenRewrite => {
+                realm_failure(ErrorCode::Unavailable, "cannot rewrite the request")
+            }
+        }
     }
 }
 
@@ -1042,14 +1104,17 @@ fn placeholder_token(message: &str) -> Reply {
 }
 
 /// 502 with an OCI error: a registry's realm could not be learned or is not allowed.
-pub fn realm_failure(code: ErrorCode, message: &str) -> Reply {
-    Reply {
-        status: 502,
-        body: render(code, message, None),
-        headers: base_headers(),
-        reason: Some(RejectReason::RealmUnavailable),
-        message: message.to_string(),
-    }
+pub(crate) fn realm_failure(code: ErrorCode, message: &str) -> Reply {
+    error_reply(502, code, Some(RejectReason::RealmUnavailable), message)
+}
+
+/// The answer to a token request whose realm call could not be sent to `cluster`: 502
+/// `UNAVAILABLE`.
+pub fn realm_call_failed(cluster: &str, error: &str) -> Reply {
+    realm_failure(
+        ErrorCode::Unavailable,
+        &format!("cannot learn the token realm: call to cluster {cluster} failed ({error})"),
+    )
 }
 
 fn route_redirect(
@@ -1115,7 +1180,7 @@ pub fn ping_reply(ping: &Ping, realm: Option<&LearnedRealm>) -> Reply {
             headers.push(("www-authenticate".into(), c));
             Reply {
                 status: 401,
-                body: render(ErrorCode::Unauthorized, "authentication required", None),
+                body: render(ErrorCode::Unauthorized, "authentication required"),
                 headers,
                 reason: None,
                 message: format!("local /v2/ with the challenge of {}", ping.registry),
@@ -2144,6 +2209,80 @@ mod tests {
         assert!(!elsewhere.reaches_cache(&cfg));
     }
 
+    /// A client's own `x-mirror-registry` never reaches an upstream: overwritten on every
+    /// route; without one, only routes to cache-service get it.
+    #[test]
+    fn a_client_sent_registry_header_is_overwritten_and_none_is_added_off_the_cache() {
+        let cfg = parse_config(
+            br#"{"host_suffix":"m.test","default_registry":"docker.io","registries":[
+                {"name":"gcr.io","upstream":"gcr.io","host_prefix":"gcr","cache":true},
+                {"name":"docker.io","upstream":"registry-1.docker.io","library_namespace":true}]}"#,
+        )
+        .unwrap();
+        let direct = fwd(route(
+            &cfg,
+            &get("m.test", "/v2/alpine/manifests/3"),
+            &KEY,
+            0,
+        ));
+        assert!(direct.sets_registry_header(&cfg, true));
+        assert!(!direct.sets_registry_header(&cfg, false));
+        let cached = fwd(route(
+            &cfg,
+            &get("gcr.m.test", "/v2/p/i/manifests/1"),
+            &KEY,
+            0,
+        ));
+        assert!(cached.sets_registry_header(&cfg, true));
+        assert!(cached.sets_registry_header(&cfg, false));
+    }
+
+    /// The filter's own failures: the statuses and codes the glue always sent, now with the
+    /// headers of every other local answer.
+    #[test]
+    fn the_filters_own_failures_are_oci_errors_with_the_registry_headers() {
+        let headers = vec![
+            ("content-type".to_owned(), "application/json".to_owned()),
+            (
+                "docker-distribution-api-version".to_owned(),
+                "registry/2.0".to_owned(),
+            ),
+        ];
+        for (f, status, c, reason) in [
+            (Failure::NotConfigured, 500, "UNSUPPORTED", None),
+            (Failure::UnreadableRequest, 500, "UNSUPPORTED", None),
+            (
+                Failure::HeaderEncoding,
+                400,
+                "UNSUPPORTED",
+                Some(RejectReason::BadRequest),
+            ),
+            (Failure::Rewrite, 500, "UNSUPPORTED", None),
+            (
+                Failure::TokenRewrite,
+                502,
+                "UNAVAILABLE",
+                Some(RejectReason::RealmUnavailable),
+            ),
+        ] {
+            let r = f.reply();
+            assert_eq!(
+                (r.status, code(&r).as_str(), r.reason),
+                (status, c, reason),
+                "{f:?}"
+            );
+            assert_eq!(r.headers, headers, "{f:?}");
+        }
+        let r = realm_call_failed("quay.io", "InternalFailure");
+        assert_eq!((r.status, code(&r).as_str()), (502, "UNAVAILABLE"));
+        assert_eq!(r.headers, headers);
+        assert!(
+            r.message.contains("cluster quay.io failed"),
+            "{}",
+            r.message
+        );
+    }
+
     #[test]
     fn cached_registries_with_upstream_login_send_token_requests_to_the_cache() {
         let cfg = parse_config(
@@ -2418,7 +2557,7 @@ mod tests {
         // Configured cluster names are used for the realm call.
         let ist = parse_config(br#"{"default_registry":"docker.io","registries":[
             {"name":"docker.io","upstream":"registry-1.docker.io","realm_hosts":["auth.docker.io"],"library_namespace":true},
-            {"name":"quay.io","upstream":"quay.io","realm_hosts":["quay.io"],"cluster":"outbound|443||quay.io"}]}"#).unwrap();
+            {"name":"quay.io","upstream":"quay.io","realm_hosts":["quay.io"],"cluster":"outbound|80||quay.io"}]}"#).unwrap();
         let l = learn(route(
             &ist,
             &get(
@@ -2428,7 +2567,7 @@ mod tests {
             &KEY,
             0,
         ));
-        assert_eq!(l.cluster, "outbound|443||quay.io");
+        assert_eq!(l.cluster, "outbound|80||quay.io");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! Recorded per Envoy in proxy-wasm shared data, one key per registry
 //! ([`key`]) holding a bounded newline-separated list of hosts ([`TokenHosts`]).
 
+use super::challenge::is_token68;
 use super::SharedSet;
 
 /// Shared-data key prefix; the key is `mirror.token_host.<registry>`.
@@ -91,13 +92,7 @@ pub(crate) fn is_bearer(authorization: &str) -> bool {
     authorization
         .split_once(' ')
         .is_some_and(|(scheme, token)| {
-            let token = token.trim();
-            scheme.eq_ignore_ascii_case("bearer")
-                && !token.is_empty()
-                && token
-                    .trim_end_matches('=')
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
+            scheme.eq_ignore_ascii_case("bearer") && is_token68(token.trim())
         })
 }
 
@@ -134,6 +129,7 @@ mod tests {
             "Bearer t,Basic dTpw",
             "Bearer a b",
             "Bearer =x",
+            "Bearer ==",
         ] {
             assert!(strip_credential(Some(a), never), "{a}");
         }

@@ -7,6 +7,7 @@ use super::declaration::Declaration;
 use crate::http::server::ClientTimeouts;
 use registry_rules::declaration::CacheService;
 use registry_rules::hosts::HostPattern;
+use registry_rules::oci_error::{self, ErrorCode};
 use registry_rules::route::{AUTH_PREFIX, CACHE_KEY_HEADER};
 use std::fmt::Write;
 use std::time::Duration;
@@ -226,7 +227,11 @@ fn route_config(
         upstream_virtual_host(w, &registry.upstream, CACHE_CLUSTER, &to_cache, replicated);
     }
     let hsts = matches!(variant, Variant::Standalone | Variant::BehindTlsProxy);
-    let unrouted = "direct_response:\n                  status: 404\n                  body:\n                    inline_string: '{\"errors\":[{\"code\":\"NAME_UNKNOWN\",\"message\":\"not routed by the mirror filter\"}]}'";
+    // The OCI error JSON has no single quote, so it sits in a single-quoted YAML scalar as is.
+    let unrouted = format!(
+        "direct_response:\n                  status: 404\n                  body:\n                    inline_string: '{}'",
+        oci_error::render(ErrorCode::NameUnknown, "not routed by the mirror filter")
+    );
     let _ = writeln!(
         w,
         "            # What clients address. The filter rewrites :authority to an upstream host\n            # above, which re-selects the route; a request it did not rewrite stops here.\n            - name: unrouted\n              domains: [\"*\"]\n              routes:"

@@ -287,7 +287,8 @@ fn read_signing_key(file: &Path, out: &Path, registries: &Path) -> Result<String
     Ok(text.trim().to_owned())
 }
 
-pub fn render_files(registries: &Path) -> Result<Vec<Rendered>, RenderError> {
+#[cfg(test)]
+fn render_files(registries: &Path) -> Result<Vec<Rendered>, RenderError> {
     render_with_key(registries, None)
 }
 

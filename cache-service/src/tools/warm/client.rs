@@ -10,11 +10,9 @@ use url::Url;
 
 use crate::upstream::client::{host_key, Reach, RegistryClient};
 use crate::upstream::{read_body, RedirectError, UpstreamError};
+use registry_rules::oci_error::MAX_ERROR_BODY;
 
 pub use crate::upstream::client::{bearer_challenge, error_chain};
-
-/// An error answer's body is read up to this size (for its message only).
-const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// The text of an error answer, bounded; empty when it cannot be read.
 pub async fn error_body(resp: reqwest::Response) -> String {

@@ -17,7 +17,7 @@ use crate::oci::{self, Platform};
 use crate::upstream::read_body;
 use client::{error_chain, MirrorClient};
 use registry_rules::digest::Digest;
-use registry_rules::names::{RepositoryName, Tag};
+use registry_rules::names::{Reference, RepositoryName, Tag};
 
 #[derive(Debug, clap::Args)]
 pub struct WarmArgs {
@@ -52,16 +52,14 @@ pub struct WarmArgs {
 pub struct ImageRef {
     pub registry: String,
     pub repo: String,
-    /// Tag or `sha256:` digest.
-    pub reference: String,
+    pub reference: Reference,
 }
 
 impl std::fmt::Display for ImageRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let sep = if self.reference.starts_with("sha256:") {
-            '@'
-        } else {
-            ':'
+        let sep = match self.reference {
+            Reference::Digest(_) => '@',
+            Reference::Tag(_) => ':',
         };
         write!(f, "{}/{}{sep}{}", self.registry, self.repo, self.reference)
     }
@@ -94,12 +92,15 @@ impl ImageRef {
                 Some((n, t)) if !t.contains('/') => n,
                 _ => n,
             };
-            (n, d.to_owned())
+            let digest = Digest::parse(d).map_err(|e| format!("{s:?}: {e}"))?;
+            (n, Reference::Digest(digest))
         } else {
-            match rest.rsplit_once(':') {
-                Some((n, t)) if !t.contains('/') => (n, t.to_owned()),
-                _ => (rest, "latest".to_owned()),
-            }
+            let (n, t) = match rest.rsplit_once(':') {
+                Some((n, t)) if !t.contains('/') => (n, t),
+                _ => (rest, "latest"),
+            };
+            let tag = Tag::parse(t).map_err(|e| format!("{s:?}: tag: {e}"))?;
+            (n, Reference::Tag(tag))
         };
         let registry = if !explicit && is_docker_hub(&registry) {
             "docker.io".to_owned()
@@ -112,11 +113,6 @@ impl ImageRef {
             name.to_owned()
         };
         RepositoryName::parse(&repo).map_err(|e| format!("{s:?}: repository {repo:?}: {e}"))?;
-        if reference.starts_with("sha256:") {
-            Digest::parse(&reference).map_err(|e| format!("{s:?}: {e}"))?;
-        } else {
-            Tag::parse(&reference).map_err(|e| format!("{s:?}: tag: {e}"))?;
-        }
         Ok(Self {
             registry,
             repo,
@@ -287,7 +283,6 @@ async fn get_manifest(
     Ok((mt, digest, v))
 }
 
-/// `: <first OCI error message>` from an error body, or nothing.
 fn bar_style() -> ProgressStyle {
     ProgressStyle::with_template(
         "{prefix:>12} [{bar:30}] {bytes:>10}/{total_bytes:<10} {bytes_per_sec:>12} {eta:>4}",
@@ -368,7 +363,7 @@ async fn pull_blob(ctx: &Ctx, img: &ImageRef, d: &Descriptor) -> Result<u64, Str
 }
 
 async fn warm_image(ctx: &Ctx, img: &ImageRef, out: &mut Outcome) -> Result<(), String> {
-    let (mt, _digest, top) = get_manifest(ctx, img, &img.reference).await?;
+    let (mt, _digest, top) = get_manifest(ctx, img, &img.reference.to_string()).await?;
     let manifests: Vec<(String, serde_json::Value)> = if is_index(&mt, &top) {
         let mut v = Vec::new();
         for (label, d) in select_manifests(&top, &ctx.sel)? {
@@ -627,7 +622,7 @@ mod tests {
 
     fn r(s: &str) -> (String, String, String) {
         let i = ImageRef::parse(s).unwrap();
-        (i.registry, i.repo, i.reference)
+        (i.registry, i.repo, i.reference.to_string())
     }
 
     #[test]
@@ -663,6 +658,12 @@ mod tests {
         assert_eq!(r("test=alpine"), t("test", "alpine", "latest"));
         let d = format!("sha256:{}", "a".repeat(64));
         assert_eq!(r(&format!("ghcr.io/x/y:tag@{d}")), t("ghcr.io", "x/y", &d));
+        // Any digest the registry model knows, said as a digest (not as an invalid tag).
+        let d512 = format!("sha512:{}", "b".repeat(128));
+        assert_eq!(
+            r(&format!("quay.io/x/y@{d512}")),
+            t("quay.io", "x/y", &d512)
+        );
         assert_eq!(
             ImageRef::parse(&format!("quay.io/x/y@{d}"))
                 .unwrap()
