@@ -641,14 +641,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn only_a_redirect_status_with_a_location_is_signed() {
-        let cfg = parse_config(b"").unwrap();
-        let f = forward_to(
+    /// A Docker Hub blob GET, the request Docker Hub answers with a 307 to its CDN.
+    fn hub_blob() -> Forward {
+        forward_to(
             "docker.io",
             "registry-1.docker.io",
             "/v2/library/a/blobs/sha256:ab",
-        );
+        )
+    }
+
+    #[test]
+    fn only_a_redirect_status_with_a_location_is_signed() {
+        let cfg = parse_config(b"").unwrap();
+        let f = hub_blob();
         let cdn = b"https://production.cloudflare.docker.com/x?verify=1".as_slice();
         let key = || (vec![7u8; 32], 1_800_000_000);
         for status in [301, 302, 303, 307, 308] {
@@ -685,11 +690,7 @@ mod tests {
     #[test]
     fn a_refused_redirect_is_a_502_unavailable_with_the_registry_headers() {
         let cfg = parse_config(b"").unwrap();
-        let f = forward_to(
-            "docker.io",
-            "registry-1.docker.io",
-            "/v2/library/a/blobs/sha256:ab",
-        );
+        let f = hub_blob();
         let key = || (vec![7u8; 32], 1);
         let cdn = b"https://production.cloudflare.docker.com/x".as_slice();
         // Not UTF-8 (the key not even read); a host the policy refuses, plain http, or no
