@@ -514,6 +514,62 @@ fn the_filter_counts_requests_and_rejections_in_envoy_stats() {
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+    // What Prometheus scrapes: every filter counter the shipped Grafana dashboard queries
+    // is there under that name (a name ending in `_` is a family, e.g. one per registry).
+    let scraped = ok(m, m.envoy.admin("/stats/prometheus"));
+    let scraped: Vec<&str> = scraped
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let dashboard = std::fs::read_to_string(
+        mirror_tests::build::workspace_root().join("envoy/grafana/regmirror-dashboard.json"),
+    )
+    .unwrap();
+    let queried = filter_metrics_in(&dashboard);
+    for panel in [
+        "mirror_requests_",
+        "mirror_challenges_rewritten",
+        "mirror_challenges_rejected",
+        "mirror_redirects_signed",
+        "mirror_redirects_followed",
+        "mirror_rejections",
+        "mirror_rejections_",
+    ] {
+        assert!(
+            queried.contains(panel),
+            "no dashboard panel for {panel}: {queried:?}"
+        );
+    }
+    for name in &queried {
+        assert!(
+            scraped
+                .iter()
+                .any(|s| *s == name || (name.ends_with('_') && s.starts_with(name.as_str()))),
+            "the dashboard queries {name}, which Envoy's /stats/prometheus does not have: {:?}",
+            scraped
+                .iter()
+                .filter(|s| s.contains("mirror_"))
+                .collect::<Vec<_>>()
+        );
+    }
+}
+
+/// The filter's metric names in a text: `mirror_…` words (not the cache's `regmirror_…`).
+fn filter_metrics_in(text: &str) -> std::collections::BTreeSet<String> {
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("mirror_") {
+        let starts_a_word = !rest[..i].ends_with(word);
+        let tail = &rest[i..];
+        let end = tail.find(|c: char| !word(c)).unwrap_or(tail.len());
+        if starts_a_word {
+            out.insert(tail[..end].to_owned());
+        }
+        rest = &tail[end..];
+    }
+    out
 }
 
 #[test]

@@ -583,20 +583,7 @@ mod dashboard_tests {
         ] {
             assert!(used.contains(m), "dashboard has no panel for {m}");
         }
-        let envoy: Vec<String> = all
-            .iter()
-            .flat_map(|e| names(e, "envoy_wasmcustom_mirror_"))
-            .collect();
-        for m in [
-            "envoy_wasmcustom_mirror_requests_",
-            "envoy_wasmcustom_mirror_challenges_rewritten",
-            "envoy_wasmcustom_mirror_challenges_rejected",
-            "envoy_wasmcustom_mirror_redirects_signed",
-            "envoy_wasmcustom_mirror_redirects_followed",
-            "envoy_wasmcustom_mirror_rejections",
-            "envoy_wasmcustom_mirror_rejections_",
-        ] {
-            assert!(envoy.iter().any(|n| n == m), "no panel for {m}: {envoy:?}");
-        }
+        // The filter's counters on the dashboard: tests/tests/pull_through_filter.rs checks
+        // them against a real Envoy's /stats/prometheus.
     }
 }
