@@ -66,6 +66,8 @@ const ERROR_COUNTERS: usize = ErrorCode::ALL.len();
 /// Levels of the bounded structures, read when the page is rendered.
 #[derive(Debug, Default)]
 pub struct Gauges {
+    /// The store answered its last readiness check (what `/readyz` says).
+    pub store_ready: bool,
     pub store_bytes: u64,
     pub inflight: usize,
     pub pass_through_bytes: u64,
@@ -257,6 +259,11 @@ impl Metrics {
         let mut gauge = |name: &str, help: &str, v: u64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };
+        gauge(
+            "regmirror_store_ready",
+            "1 while the store answers (as /readyz says), 0 while requests pass through to upstreams.",
+            u64::from(g.store_ready),
+        );
         gauge(
             "regmirror_store_bytes",
             "Bytes of blobs and manifests stored.",

@@ -294,7 +294,7 @@ fn compose_scale_profile_runs_replicas_on_one_bucket_behind_the_ring() {
 
 /// The cache replicas for the Istio gateway: a Deployment whose pods the Service selects,
 /// on the port and host the gateway's routes and DestinationRule name, S3 settings from a
-/// Secret, readiness on /readyz; the config map is the rendered cache.toml. No Kubernetes
+/// Secret, readiness on /healthz; the config map is the rendered cache.toml. No Kubernetes
 /// API server runs here, so the core types are checked by their documented structure.
 #[test]
 fn kubernetes_cache_replicas_match_the_gateway_routes() {
@@ -325,7 +325,9 @@ fn kubernetes_cache_replicas_match_the_gateway_routes() {
         .windows(2)
         .any(|w| w == ["--storage", "s3://regmirror/cache"]));
     assert_eq!(container["envFrom"][0]["secretRef"]["name"], "regmirror-s3");
-    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    // Ready while it answers, not only while its bucket is reachable: without the store it
+    // serves by pass-through, and a bucket outage must not empty the Service.
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
     // The named port the probes and the Service use is the one the container listens on.
     let port = &container["ports"][0];
@@ -393,6 +395,16 @@ fn kubernetes_cache_replicas_match_the_gateway_routes() {
         rule["spec"]["trafficPolicy"]["loadBalancer"]["consistentHash"]["httpHeaderName"],
         "x-mirror-cache-key"
     );
+    // Replicas leave the ring when they cannot be reached, not for the 502s every replica
+    // answers while an upstream registry is down.
+    let outliers = &rule["spec"]["trafficPolicy"]["outlierDetection"];
+    assert_eq!(outliers["splitExternalLocalOriginErrors"], true);
+    assert_eq!(outliers["consecutive5xxErrors"], 0);
+    assert!(
+        outliers["consecutiveGatewayErrors"].is_null(),
+        "{outliers:?}"
+    );
+    assert!(outliers["consecutiveLocalOriginFailures"].as_u64() > Some(0));
 }
 
 /// A structural validator for Kubernetes CRD (OpenAPI v3) schemas: types, properties

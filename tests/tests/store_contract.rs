@@ -773,6 +773,14 @@ fn a_store_outage_turns_readyz_false_and_blobs_pass_through() {
             std::thread::sleep(Duration::from_millis(200));
         }
     };
+    // What an alert on /metrics reads (Kubernetes readiness does not follow the store).
+    let store_ready = || {
+        let metrics = get("/metrics").unwrap().text().unwrap();
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("regmirror_store_ready "))
+            .map(str::to_owned)
+    };
     // What a client pulling the layer does: the whole body, or the test fails here.
     let pull = || {
         let r = get(&format!("/v2/{}/blobs/{d}", image.name)).unwrap();
@@ -780,6 +788,7 @@ fn a_store_outage_turns_readyz_false_and_blobs_pass_through() {
         r.bytes().unwrap()
     };
     assert_eq!(readyz(200), 200);
+    assert_eq!(store_ready().as_deref(), Some("1"));
     assert_eq!(pull(), blob, "cold");
     assert_eq!(pull(), blob, "warm");
     assert_eq!(upstream_gets(), 1, "warm from the bucket");
@@ -795,6 +804,7 @@ fn a_store_outage_turns_readyz_false_and_blobs_pass_through() {
     // that still gets here is served from the upstream, without the cache.
     s.stop();
     assert_eq!(readyz(503), 503, "the store is down");
+    assert_eq!(store_ready().as_deref(), Some("0"));
     assert_eq!(pull(), blob, "passed through, complete");
     assert_eq!(
         upstream_gets(),

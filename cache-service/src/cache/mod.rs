@@ -432,7 +432,8 @@ impl Cache {
     }
 
     /// The Prometheus page: counters plus the gauges of every bounded structure.
-    pub fn render_metrics(&self) -> String {
+    pub async fn render_metrics(&self) -> String {
+        let store_ready = self.check_ready().await.is_ok();
         let (tokens, token_evictions) = self
             .upstreams()
             .values()
@@ -440,6 +441,7 @@ impl Cache {
             .fold((0, 0), |(n, e), (n2, e2)| (n + n2, e + e2));
         let (small_entries, small_bytes, small_evictions) = lock(&self.small).stats();
         self.metrics.render(&crate::metrics::Gauges {
+            store_ready,
             store_bytes: self.store_bytes(),
             inflight: self.inflight(),
             pass_through_bytes: self.pass_through.used(),

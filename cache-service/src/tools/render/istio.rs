@@ -155,8 +155,10 @@ pub fn render(declaration: &Declaration, filter: &FilterConfig) -> Result<String
              spec:\n  host: {cache_service}\n  trafficPolicy:\n    loadBalancer:\n      consistentHash:\n        httpHeaderName: {CACHE_KEY_HEADER}\n\
              \x20   # Idle connections closed well before the cache closes them, so a request rarely meets one it is closing.\n\
              \x20   connectionPool: {{ http: {{ idleTimeout: {}s }} }}\n\
-             \x20   # A replica failing its answers leaves the ring for a while; its keys move on.\n\
-             \x20   outlierDetection: {{ consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s, maxEjectionPercent: 50 }}\n",
+             \x20   # A replica that cannot be reached (connect failures, resets) leaves the ring for a while;\n\
+             \x20   # its keys move on. Its 5xx answers do not count: a cache says 502 for an upstream that is\n\
+             \x20   # down, which every replica would say, and ejecting them only moves the load.\n\
+             \x20   outlierDetection: {{ splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 5, consecutive5xxErrors: 0, interval: 10s, baseEjectionTime: 30s, maxEjectionPercent: 50 }}\n",
             super::envoy::CACHE_IDLE_TIMEOUT.as_secs()
         );
     }
@@ -182,7 +184,9 @@ pub fn render(declaration: &Declaration, filter: &FilterConfig) -> Result<String
 
 /// The cache replicas for the gateway of `render`: a Deployment on one shared S3 bucket
 /// prefix (settings from the Secret [`S3_SECRET`]), its Service, and cache.toml as a
-/// ConfigMap. Readiness is `/readyz`: a replica that lost the store leaves the Service.
+/// ConfigMap. Readiness is `/healthz`: a replica that lost the store still serves, by
+/// pass-through, and Kubernetes has no panic threshold to keep a Service whose every pod
+/// lost a shared bucket; `/readyz` says whether the store is reachable, for alerts.
 pub fn render_cache(cache_toml: &str) -> String {
     format!(
         "# Rendered by `regmirror render` from envoy/registries.toml: edit that file, not this one.\n\
@@ -206,7 +210,9 @@ pub fn render_cache(cache_toml: &str) -> String {
          \x20       # AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (+ AWS_ALLOW_HTTP).\n\
          \x20       envFrom:\n        - secretRef: {{ name: {S3_SECRET} }}\n\
          \x20       ports:\n        - {{ name: http, containerPort: {CACHE_PORT} }}\n\
-         \x20       readinessProbe:\n          httpGet: {{ path: /readyz, port: http }}\n          periodSeconds: 5\n          failureThreshold: 2\n\
+         \x20       # Ready while it answers: without its store it still serves, by pass-through\n\
+         \x20       # (/readyz, false then, is for alerts: a bucket outage must not empty the Service).\n\
+         \x20       readinessProbe:\n          httpGet: {{ path: /healthz, port: http }}\n          periodSeconds: 5\n          failureThreshold: 2\n\
          \x20       livenessProbe:\n          httpGet: {{ path: /healthz, port: http }}\n          periodSeconds: 10\n          failureThreshold: 3\n\
          \x20       resources:\n          requests: {{ cpu: 500m, memory: 256Mi }}\n          limits: {{ memory: 1Gi }}\n\
          \x20       securityContext: {{ allowPrivilegeEscalation: false, readOnlyRootFilesystem: true }}\n\
