@@ -199,6 +199,38 @@ fn cache_cluster(envoy_yaml: &str) -> (Vec<String>, Json) {
     (endpoints, cluster)
 }
 
+/// Every profile's cache is bounded (a disk that fills up stops Docker and Envoy too), with a
+/// value regmirror accepts, and Envoy's per-request access log does not grow without end.
+#[test]
+fn compose_bounds_every_cache_and_envoys_log() {
+    for (profile, caches, envoy) in [
+        ("tls-files", &["cache"][..], "envoy"),
+        ("acme", &["cache-behind-caddy"][..], "envoy-behind-caddy"),
+        (
+            "scale",
+            &["cache-1", "cache-2", "cache-3"][..],
+            "envoy-scale",
+        ),
+    ] {
+        let config = compose_config(profile);
+        let services = &config["services"];
+        for cache in caches {
+            let bound = services[cache]["environment"]["REGMIRROR_MAX_SIZE"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{profile}: {cache} sets no REGMIRROR_MAX_SIZE"));
+            // Read as the cache reads `--max-size` (0 would mean unbounded).
+            let bytes = regmirror::config::parse_size(bound)
+                .unwrap_or_else(|e| panic!("{profile}: {cache}: {bound}: {e}"));
+            assert!(bytes > 0, "{profile}: {cache} is unbounded");
+        }
+        let logging = &services[envoy]["logging"]["options"];
+        assert!(
+            logging["max-size"].is_string(),
+            "{profile}: {envoy}: {logging:?}"
+        );
+    }
+}
+
 #[test]
 fn compose_scale_profile_runs_replicas_on_one_bucket_behind_the_ring() {
     let config = compose_config("scale");
