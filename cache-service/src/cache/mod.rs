@@ -49,7 +49,7 @@ pub enum CacheError {
     BlobUnknown,
     #[error("repository unknown to upstream")]
     NameUnknown,
-    #[error("upstream requires authentication")]
+    #[error("the upstream refused the mirror's credential for this repository (private, or no such repository)")]
     Unauthorized,
     #[error("upstream denied access")]
     Denied,

@@ -142,8 +142,11 @@ impl From<CacheError> for ApiError {
             E::UnknownRegistry(_) | E::NameUnknown => (S::NOT_FOUND, C::NameUnknown),
             E::ManifestUnknown => (S::NOT_FOUND, C::ManifestUnknown),
             E::BlobUnknown => (S::NOT_FOUND, C::BlobUnknown),
-            E::Unauthorized => (S::UNAUTHORIZED, C::Unauthorized),
-            E::Denied => (S::FORBIDDEN, C::Denied),
+            // The upstream refused the credential the cache fetched with. A 401 must carry a
+            // challenge (RFC 9110), and logging in again at the mirror would not change the
+            // cache's credential: the client is denied. (A client's own refused credential is
+            // a `Refusal`, answered with the upstream's challenge.)
+            E::Unauthorized | E::Denied => (S::FORBIDDEN, C::Denied),
             E::TooManyRequests { .. } => (S::TOO_MANY_REQUESTS, C::TooManyRequests),
             E::UpstreamStatus(_) | E::Upstream(_) => (S::BAD_GATEWAY, C::Unavailable),
             E::ManifestInvalid(_) => (S::BAD_GATEWAY, C::ManifestInvalid),
@@ -272,6 +275,15 @@ mod tests {
             header_of(RequestError::TokenNotGet, header::ALLOW),
             (StatusCode::METHOD_NOT_ALLOWED, Some(b"GET".to_vec()))
         );
+    }
+
+    /// An upstream's 401 to the cache's own fetch is no challenge the client could answer:
+    /// a 403 without `WWW-Authenticate`, never a 401 without one.
+    #[test]
+    fn an_upstream_refusing_the_caches_credential_is_denied_not_a_bare_401() {
+        let resp = ApiError::from(CacheError::Unauthorized).into_response();
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        assert!(resp.headers().get(header::WWW_AUTHENTICATE).is_none());
     }
 
     /// A cache at its bound of fetches in progress tells the client to come back, in the
