@@ -357,6 +357,31 @@ fn kubernetes_cache_replicas_match_the_gateway_routes() {
         .windows(2)
         .any(|w| w == ["--storage", "s3://regmirror/cache"]));
     assert_eq!(container["envFrom"][0]["secretRef"]["name"], "regmirror-s3");
+    // A stopping replica finishes its downloads and responses before Kubernetes kills it.
+    let grace: u64 = args
+        .windows(2)
+        .find(|w| w[0] == "--shutdown-grace")
+        .and_then(|w| w[1].parse().ok())
+        .expect("--shutdown-grace");
+    let pre_stop = &container["lifecycle"]["preStop"]["exec"]["command"];
+    assert_eq!(pre_stop[0], "sleep");
+    let pause: u64 = pre_stop[1].as_str().unwrap().parse().unwrap();
+    assert!(pod["terminationGracePeriodSeconds"].as_u64().unwrap() > pause + grace);
+    // The spool's emptyDir is what the pod asks the scheduler for.
+    let spool = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["emptyDir"].is_object())
+        .unwrap();
+    assert_eq!(
+        container["resources"]["requests"]["ephemeral-storage"],
+        spool["emptyDir"]["sizeLimit"]
+    );
+    assert_eq!(
+        spec["template"]["metadata"]["annotations"]["prometheus.io/path"],
+        "/metrics"
+    );
     // Ready while it answers, not only while its bucket is reachable: without the store it
     // serves by pass-through, and a bucket outage must not empty the Service.
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/healthz");

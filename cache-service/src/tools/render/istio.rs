@@ -187,6 +187,13 @@ pub fn render(declaration: &Declaration, filter: &FilterConfig) -> Result<String
 /// ConfigMap. Readiness is `/healthz`: a replica that lost the store still serves, by
 /// pass-through, and Kubernetes has no panic threshold to keep a Service whose every pod
 /// lost a shared bucket; `/readyz` says whether the store is reachable, for alerts.
+/// Seconds a stopping replica lets downloads and responses run (`--shutdown-grace`): a
+/// multi-GB layer to a slow client takes minutes, and one cut is fetched again.
+const SHUTDOWN_GRACE: u64 = 120;
+/// Kubernetes' grace before it kills the pod: the preStop pause, the shutdown grace and
+/// a margin.
+const TERMINATION_GRACE: u64 = SHUTDOWN_GRACE + 15;
+
 pub fn render_cache(cache_toml: &str) -> String {
     format!(
         "# Rendered by `regmirror render` from envoy/registries.toml: edit that file, not this one.\n\
@@ -203,10 +210,15 @@ pub fn render_cache(cache_toml: &str) -> String {
          spec:\n  replicas: {REPLICAS}\n  selector:\n    matchLabels: {{ app: {CACHE_NAME} }}\n\
          \x20 # Replicas are stateless (the bucket is the cache): replace them one at a time.\n\
          \x20 strategy:\n    type: RollingUpdate\n    rollingUpdate: {{ maxUnavailable: 1, maxSurge: 1 }}\n\
-         \x20 template:\n    metadata:\n      labels: {{ app: {CACHE_NAME} }}\n    spec:\n\
+         \x20 template:\n    metadata:\n      labels: {{ app: {CACHE_NAME} }}\n\
+         \x20     annotations: {{ prometheus.io/scrape: \"true\", prometheus.io/port: \"{CACHE_PORT}\", prometheus.io/path: /metrics }}\n\
+         \x20   spec:\n\
          \x20     securityContext: {{ runAsNonRoot: true, runAsUser: 10001, fsGroup: 10001 }}\n\
+         \x20     # SIGTERM closes the port and lets downloads and responses run for --shutdown-grace:\n\
+         \x20     # Kubernetes waits the preStop pause, that grace and 10 s more before it kills the pod.\n\
+         \x20     terminationGracePeriodSeconds: {TERMINATION_GRACE}\n\
          \x20     containers:\n      - name: cache\n        image: {CACHE_IMAGE}\n\
-         \x20       args: [\"serve\", \"--config\", \"/etc/regmirror/cache.toml\", \"--listen\", \"0.0.0.0:{CACHE_PORT}\", \"--storage\", \"s3://regmirror/cache\", \"--spool-dir\", \"/var/spool/regmirror\", \"--local-cache-size\", \"40GiB\"]\n\
+         \x20       args: [\"serve\", \"--config\", \"/etc/regmirror/cache.toml\", \"--listen\", \"0.0.0.0:{CACHE_PORT}\", \"--storage\", \"s3://regmirror/cache\", \"--spool-dir\", \"/var/spool/regmirror\", \"--local-cache-size\", \"40GiB\", \"--shutdown-grace\", \"{SHUTDOWN_GRACE}\"]\n\
          \x20       # AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (+ AWS_ALLOW_HTTP).\n\
          \x20       envFrom:\n        - secretRef: {{ name: {S3_SECRET} }}\n\
          \x20       ports:\n        - {{ name: http, containerPort: {CACHE_PORT} }}\n\
@@ -214,7 +226,10 @@ pub fn render_cache(cache_toml: &str) -> String {
          \x20       # (/readyz, false then, is for alerts: a bucket outage must not empty the Service).\n\
          \x20       readinessProbe:\n          httpGet: {{ path: /healthz, port: http }}\n          periodSeconds: 5\n          failureThreshold: 2\n\
          \x20       livenessProbe:\n          httpGet: {{ path: /healthz, port: http }}\n          periodSeconds: 10\n          failureThreshold: 3\n\
-         \x20       resources:\n          requests: {{ cpu: 500m, memory: 256Mi }}\n          limits: {{ memory: 1Gi }}\n\
+         \x20       # Taken off the Service's endpoints before the port closes.\n\
+         \x20       lifecycle: {{ preStop: {{ exec: {{ command: [\"sleep\", \"5\"] }} }} }}\n\
+         \x20       # The spool volume below: the scheduler places the pod where that much disk is free.\n\
+         \x20       resources:\n          requests: {{ cpu: 500m, memory: 256Mi, ephemeral-storage: 64Gi }}\n          limits: {{ memory: 1Gi }}\n\
          \x20       securityContext: {{ allowPrivilegeEscalation: false, readOnlyRootFilesystem: true }}\n\
          \x20       volumeMounts:\n        - {{ name: config, mountPath: /etc/regmirror, readOnly: true }}\n\
          \x20       # In-flight downloads before they are verified and uploaded (a layer or a few), and the\n\
