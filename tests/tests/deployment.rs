@@ -332,10 +332,19 @@ fn compose_scale_profile_runs_replicas_on_one_bucket_behind_the_ring() {
 fn kubernetes_cache_replicas_match_the_gateway_routes() {
     let docs = yaml_docs(&read("envoy/istio/cache.yaml"));
     let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["ConfigMap", "Deployment", "Service"]);
+    assert_eq!(
+        kinds,
+        ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget"]
+    );
     let doc = |kind: &str| docs.iter().find(|d| d["kind"] == kind).unwrap();
     let (config_map, deployment, service) = (doc("ConfigMap"), doc("Deployment"), doc("Service"));
-    for (d, api) in [(config_map, "v1"), (deployment, "apps/v1"), (service, "v1")] {
+    let budget = doc("PodDisruptionBudget");
+    for (d, api) in [
+        (config_map, "v1"),
+        (deployment, "apps/v1"),
+        (service, "v1"),
+        (budget, "policy/v1"),
+    ] {
         assert_eq!(d["apiVersion"], api);
         assert_eq!(d["metadata"]["namespace"], "regmirror");
         assert_eq!(d["metadata"]["name"], "regmirror-cache");
@@ -345,6 +354,12 @@ fn kubernetes_cache_replicas_match_the_gateway_routes() {
     let labels = &spec["template"]["metadata"]["labels"];
     assert_eq!(&spec["selector"]["matchLabels"], labels);
     assert_eq!(&service["spec"]["selector"], labels);
+    // Drains and node loss take one replica at a time.
+    assert_eq!(&budget["spec"]["selector"]["matchLabels"], labels);
+    assert_eq!(budget["spec"]["maxUnavailable"], 1);
+    let spread = &spec["template"]["spec"]["topologySpreadConstraints"][0];
+    assert_eq!(spread["topologyKey"], "kubernetes.io/hostname");
+    assert_eq!(&spread["labelSelector"]["matchLabels"], labels);
     let pod = &spec["template"]["spec"];
     let container = &pod["containers"][0];
     let args: Vec<&str> = container["args"]

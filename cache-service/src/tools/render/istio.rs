@@ -214,6 +214,9 @@ pub fn render_cache(cache_toml: &str) -> String {
          \x20     annotations: {{ prometheus.io/scrape: \"true\", prometheus.io/port: \"{CACHE_PORT}\", prometheus.io/path: /metrics }}\n\
          \x20   spec:\n\
          \x20     securityContext: {{ runAsNonRoot: true, runAsUser: 10001, fsGroup: 10001 }}\n\
+         \x20     # One replica a node where there are nodes enough: a node lost takes one replica's keys.\n\
+         \x20     topologySpreadConstraints:\n\
+         \x20     - {{ maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: ScheduleAnyway, labelSelector: {{ matchLabels: {{ app: {CACHE_NAME} }} }} }}\n\
          \x20     # SIGTERM closes the port and lets downloads and responses run for --shutdown-grace:\n\
          \x20     # Kubernetes waits the preStop pause, that grace and 10 s more before it kills the pod.\n\
          \x20     terminationGracePeriodSeconds: {TERMINATION_GRACE}\n\
@@ -238,7 +241,9 @@ pub fn render_cache(cache_toml: &str) -> String {
          \x20     volumes:\n      - name: config\n        configMap: {{ name: {CACHE_NAME} }}\n\
          \x20     - name: spool\n        emptyDir: {{ sizeLimit: 64Gi }}\n\
          ---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {CACHE_NAME}\n  namespace: {CACHE_NAMESPACE}\n\
-         spec:\n  selector: {{ app: {CACHE_NAME} }}\n  ports:\n  - {{ name: http, port: {CACHE_PORT}, targetPort: http, appProtocol: http }}\n",
+         spec:\n  selector: {{ app: {CACHE_NAME} }}\n  ports:\n  - {{ name: http, port: {CACHE_PORT}, targetPort: http, appProtocol: http }}\n\
+         ---\napiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata:\n  name: {CACHE_NAME}\n  namespace: {CACHE_NAMESPACE}\n\
+         spec:\n  # Node drains take one replica at a time, as the rolling update does.\n  maxUnavailable: 1\n  selector:\n    matchLabels: {{ app: {CACHE_NAME} }}\n",
         config = indent(cache_toml, "    "),
     )
 }
