@@ -522,11 +522,10 @@ fn the_filter_counts_requests_and_rejections_in_envoy_stats() {
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| l.split(['{', ' ']).next())
         .collect();
-    let dashboard = std::fs::read_to_string(
-        mirror_tests::build::workspace_root().join("envoy/grafana/regmirror-dashboard.json"),
-    )
-    .unwrap();
-    let queried = filter_metrics_in(&dashboard);
+    let read = |file: &str| {
+        std::fs::read_to_string(mirror_tests::build::workspace_root().join(file)).unwrap()
+    };
+    let queried = filter_metrics_in(&read("envoy/grafana/regmirror-dashboard.json"));
     for panel in [
         "mirror_requests_",
         "mirror_challenges_rewritten",
@@ -541,12 +540,15 @@ fn the_filter_counts_requests_and_rejections_in_envoy_stats() {
             "no dashboard panel for {panel}: {queried:?}"
         );
     }
-    for name in &queried {
+    // The alerting rules' filter counters too.
+    let alerted = filter_metrics_in(&read("envoy/prometheus/regmirror-alerts.yaml"));
+    assert!(!alerted.is_empty());
+    for name in queried.iter().chain(&alerted) {
         assert!(
             scraped
                 .iter()
                 .any(|s| *s == name || (name.ends_with('_') && s.starts_with(name.as_str()))),
-            "the dashboard queries {name}, which Envoy's /stats/prometheus does not have: {:?}",
+            "the dashboard or the alerts query {name}, which Envoy's /stats/prometheus does not have: {:?}",
             scraped
                 .iter()
                 .filter(|s| s.contains("mirror_"))

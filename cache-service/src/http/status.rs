@@ -513,6 +513,7 @@ mod tests {
 #[cfg(test)]
 mod dashboard_tests {
     const DASHBOARD: &str = include_str!("../../../envoy/grafana/regmirror-dashboard.json");
+    const ALERTS: &str = include_str!("../../../envoy/prometheus/regmirror-alerts.yaml");
 
     fn exprs(v: &serde_json::Value, out: &mut Vec<String>) {
         match v {
@@ -543,6 +544,40 @@ mod dashboard_tests {
         out
     }
 
+    /// What /metrics exports, by metric name.
+    fn exported() -> std::collections::BTreeSet<String> {
+        crate::metrics::Metrics::default()
+            .render(&crate::metrics::Gauges::default())
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The shipped alerting rules are Prometheus rule groups whose cache metrics exist.
+    #[test]
+    fn alerts_are_rule_groups_on_exported_metrics() {
+        let v: serde_yaml::Value = serde_yaml::from_str(ALERTS).expect("valid YAML");
+        let rules = v["groups"][0]["rules"].as_sequence().expect("rules");
+        assert!(rules.len() >= 6, "{rules:?}");
+        let exported = exported();
+        for rule in rules {
+            let (alert, expr) = (rule["alert"].as_str(), rule["expr"].as_str());
+            let (Some(alert), Some(expr)) = (alert, expr) else {
+                panic!("a rule without alert or expr: {rule:?}")
+            };
+            assert!(rule["annotations"]["summary"].is_string(), "{alert}");
+            for n in names(expr, "regmirror_") {
+                assert!(
+                    exported.contains(&n),
+                    "{alert} uses {n}, which /metrics does not export"
+                );
+            }
+        }
+        assert!(ALERTS.contains("regmirror_store_ready == 0"));
+    }
+
     #[test]
     fn dashboard_is_valid_and_uses_exported_metrics() {
         let v: serde_json::Value = serde_json::from_str(DASHBOARD).expect("valid JSON");
@@ -553,18 +588,12 @@ mod dashboard_tests {
         let mut all = Vec::new();
         exprs(&v, &mut all);
         assert!(all.len() >= 10, "{all:?}");
-        let exported =
-            crate::metrics::Metrics::default().render(&crate::metrics::Gauges::default());
-        let exported: std::collections::BTreeSet<&str> = exported
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| l.split(['{', ' ']).next())
-            .collect();
+        let exported = exported();
         let mut used = std::collections::BTreeSet::new();
         for e in &all {
             for n in names(e, "regmirror_") {
                 assert!(
-                    exported.contains(n.as_str()),
+                    exported.contains(&n),
                     "dashboard uses {n}, which /metrics does not export ({exported:?})"
                 );
                 used.insert(n);
