@@ -323,6 +323,12 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
         .ok_or_else(|| ConfigError::Size(s.to_owned()))
 }
 
+/// An upstream's name as the filter sends it in `x-mirror-registry` (its lowercase
+/// authority): a name in any other form would be configured and never asked for.
+pub fn upstream_key(name: &str) -> String {
+    name.trim().to_ascii_lowercase()
+}
+
 /// Host patterns with the declaration's syntax (the filter's parser: one grammar for both).
 fn host_patterns(name: &str, raw: &[String]) -> Result<Vec<HostPattern>, ConfigError> {
     raw.iter()
@@ -497,9 +503,7 @@ impl Config {
 
         let mut upstreams = BTreeMap::new();
         let mut add = |mut u: UpstreamConfig| -> Result<(), ConfigError> {
-            // The filter names a registry in `x-mirror-registry` as its lowercase authority:
-            // a name in any other form would be configured and never asked for.
-            let name = u.name.trim().to_ascii_lowercase();
+            let name = upstream_key(&u.name);
             if !is_valid_authority(&name) {
                 return Err(ConfigError::UpstreamName { name: u.name });
             }
@@ -517,7 +521,7 @@ impl Config {
                 .split_once('=')
                 .ok_or_else(|| ConfigError::UpstreamSyntax(spec.clone()))?;
             let name = name.trim();
-            flag_names.push(name.to_owned());
+            flag_names.push(upstream_key(name));
             add(UpstreamConfig {
                 name: name.to_owned(),
                 url: parse_url(name, url.trim())?,
@@ -532,7 +536,7 @@ impl Config {
             })?;
         }
         for fu in file.upstream {
-            if flag_names.contains(&fu.name) {
+            if flag_names.contains(&upstream_key(&fu.name)) {
                 continue;
             }
             // First: a removed field's message says what replaces it.
@@ -602,7 +606,7 @@ impl Config {
                     spec: spec.clone(),
                 };
                 let (name, pattern) = spec.split_once('=').ok_or_else(bad)?;
-                let u = upstreams.get_mut(name.trim()).ok_or_else(bad)?;
+                let u = upstreams.get_mut(&upstream_key(name)).ok_or_else(bad)?;
                 let p = host_patterns(&u.name, &[pattern.to_owned()])?;
                 if flag == "realm-host" {
                     u.realm_hosts.extend(p);
@@ -687,6 +691,20 @@ mod tests {
         }
         let e = merge(&["gcr.io=https://gcr.io", "GCR.io=https://gcr.io"]).unwrap_err();
         assert!(matches!(e, ConfigError::DuplicateUpstream { .. }), "{e}");
+        // A flag replaces the file's upstream of that name, and host flags find it, however
+        // either spells it.
+        let file: FileConfig =
+            toml::from_str("[[upstream]]\nname = \"quay.io\"\nurl = \"https://quay.io\"").unwrap();
+        let args = ServeArgs {
+            storage: Some("/tmp/x".into()),
+            upstreams: vec!["Quay.io=https://mirror.quay.example".into()],
+            realm_hosts: vec!["QUAY.IO=auth.quay.example".into()],
+            ..Default::default()
+        };
+        let c = Config::merge(&args, file, &no_env).unwrap();
+        let quay = &c.upstreams["quay.io"];
+        assert_eq!(quay.url.as_str(), "https://mirror.quay.example/");
+        assert_eq!(quay.realm_hosts.len(), 1, "{:?}", quay.realm_hosts);
     }
 
     #[test]

@@ -68,6 +68,8 @@ const ERROR_COUNTERS: usize = ErrorCode::ALL.len();
 pub struct Gauges {
     /// The store answered its last readiness check (what `/readyz` says).
     pub store_ready: bool,
+    /// The last reload was refused and no later one put in force.
+    pub config_refused: bool,
     pub store_bytes: u64,
     pub inflight: usize,
     pub pass_through_bytes: u64,
@@ -259,6 +261,11 @@ impl Metrics {
         let mut gauge = |name: &str, help: &str, v: u64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };
+        gauge(
+            "regmirror_config_reload_refused",
+            "1 while the config file's last change was refused (the previous configuration runs), 0 once one is put in force.",
+            u64::from(g.config_refused),
+        );
         gauge(
             "regmirror_store_ready",
             "1 while the store answers (as /readyz says), 0 while requests pass through to upstreams.",

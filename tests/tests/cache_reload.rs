@@ -341,6 +341,8 @@ fn a_broken_config_file_is_logged_and_the_running_config_kept() {
     s.cache.check_running().expect("still running");
     assert_eq!(s.version(), v1);
     assert_eq!(s.metric("regmirror_config_reload_failures_total"), 2);
+    // What an alert reads, for as long as the file stays broken.
+    assert_eq!(s.metric("regmirror_config_reload_refused"), 1);
     s.pull_named("second", &s.up.images.small);
     s.pull_named("faulty", &s.up.images.cut);
 
@@ -375,4 +377,5 @@ fn a_broken_config_file_is_logged_and_the_running_config_kept() {
         status.contains(&format!("config {v2}")) && !status.contains("reload refused"),
         "{status}"
     );
+    assert_eq!(s.metric("regmirror_config_reload_refused"), 0);
 }

@@ -432,7 +432,8 @@ impl Cache {
     }
 
     /// The Prometheus page: counters plus the gauges of every bounded structure.
-    pub async fn render_metrics(&self) -> String {
+    /// `/metrics`; `config_refused`: the last reload was refused (the reloader knows).
+    pub async fn render_metrics(&self, config_refused: bool) -> String {
         let store_ready = self.check_ready().await.is_ok();
         let (tokens, token_evictions) = self
             .upstreams()
@@ -442,6 +443,7 @@ impl Cache {
         let (small_entries, small_bytes, small_evictions) = lock(&self.small).stats();
         self.metrics.render(&crate::metrics::Gauges {
             store_ready,
+            config_refused,
             store_bytes: self.store_bytes(),
             inflight: self.inflight(),
             pass_through_bytes: self.pass_through.used(),
@@ -491,7 +493,7 @@ impl Cache {
         let ups = self.upstreams();
         match registry {
             Some(r) => ups
-                .get(r)
+                .get(&crate::config::upstream_key(r))
                 .cloned()
                 .ok_or_else(|| CacheError::UnknownRegistry(r.to_owned())),
             None if ups.len() == 1 => ups

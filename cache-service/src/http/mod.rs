@@ -133,7 +133,7 @@ async fn handle(
             return r;
         }
         "/metrics" => {
-            let body = st.cache.render_metrics().await;
+            let body = st.cache.render_metrics(st.config.refusal().is_some()).await;
             return ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response();
         }
         "/_status" | "/" if matches!(method, Method::GET | Method::HEAD) => {

@@ -182,11 +182,6 @@ pub fn render(declaration: &Declaration, filter: &FilterConfig) -> Result<String
     Ok(out)
 }
 
-/// The cache replicas for the gateway of `render`: a Deployment on one shared S3 bucket
-/// prefix (settings from the Secret [`S3_SECRET`]), its Service, and cache.toml as a
-/// ConfigMap. Readiness is `/healthz`: a replica that lost the store still serves, by
-/// pass-through, and Kubernetes has no panic threshold to keep a Service whose every pod
-/// lost a shared bucket; `/readyz` says whether the store is reachable, for alerts.
 /// Seconds a stopping replica lets downloads and responses run (`--shutdown-grace`): a
 /// multi-GB layer to a slow client takes minutes, and one cut is fetched again.
 const SHUTDOWN_GRACE: u64 = 120;
@@ -194,6 +189,11 @@ const SHUTDOWN_GRACE: u64 = 120;
 /// a margin.
 const TERMINATION_GRACE: u64 = SHUTDOWN_GRACE + 15;
 
+/// The cache replicas for the gateway of `render`: a Deployment on one shared S3 bucket
+/// prefix (settings from the Secret [`S3_SECRET`]), its Service and PodDisruptionBudget, and
+/// cache.toml as a ConfigMap. Readiness is `/healthz`: a replica that lost the store still
+/// serves, by pass-through, and Kubernetes has no panic threshold to keep a Service whose
+/// every pod lost a shared bucket; `/readyz` says whether the store is reachable, for alerts.
 pub fn render_cache(cache_toml: &str) -> String {
     format!(
         "# Rendered by `regmirror render` from envoy/registries.toml: edit that file, not this one.\n\
