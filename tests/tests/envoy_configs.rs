@@ -246,6 +246,43 @@ fn behind_a_tls_proxy_mirror_urls_are_https() {
     );
 }
 
+/// A client that opens a connection and never finishes its request head (slowloris) is cut
+/// once the head has taken 10 s, not held until the 300 s stream idle timeout.
+#[test]
+fn a_client_that_never_finishes_its_request_head_is_cut() {
+    use std::io::{Read, Write};
+    let up = upstreams::shared();
+    let m = Mirror::start_with(
+        up,
+        &workspace_root().join("envoy/behind-tls-proxy.yaml"),
+        false,
+        BTreeMap::new(),
+    )
+    .unwrap();
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", m.port())).unwrap();
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    conn.write_all(
+        format!("GET /v2/ HTTP/1.1\r\nHost: docker.{HOST_SUFFIX}\r\nX-Slow: ").as_bytes(),
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    // Ends when Envoy closes the connection; a read timeout here is the failure.
+    let read = conn.read_to_end(&mut answer);
+    let took = started.elapsed();
+    assert!(read.is_ok(), "still open after {took:?}: {read:?}");
+    assert!(
+        took < std::time::Duration::from_secs(30),
+        "cut after {took:?}"
+    );
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+}
+
 /// What a client might send to make the mirror's internal headers look set, and what
 /// Envoy adds itself: none of it may leave the mirror towards a realm or a CDN.
 const HOSTILE: &[(&str, &str)] = &[

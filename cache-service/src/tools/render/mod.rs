@@ -455,6 +455,32 @@ mod tests {
     }
 
     /// The checked-in files are what the declaration renders to.
+    /// Every client-facing listener bounds what one client can hold: a request head within
+    /// 10 s, at most 100 HTTP/2 streams a connection, small upload windows.
+    #[test]
+    fn every_listener_bounds_what_a_client_can_hold() {
+        let files = render_files(&repo_root().join("envoy/registries.toml")).unwrap();
+        for name in [
+            "local.yaml",
+            "mirror.yaml",
+            "behind-tls-proxy.yaml",
+            "scale.yaml",
+            "xds/local/lds.yaml",
+            "xds/mirror/lds.yaml",
+        ] {
+            let text = file(&files, name);
+            let managers = text.matches("v3.HttpConnectionManager").count();
+            assert!(managers > 0, "{name}");
+            for bound in [
+                "request_headers_timeout: 10s",
+                "max_concurrent_streams: 100",
+                "initial_stream_window_size: 65536",
+            ] {
+                assert_eq!(text.matches(bound).count(), managers, "{name}: {bound}");
+            }
+        }
+    }
+
     #[test]
     fn checked_in_configs_are_up_to_date() {
         let root = repo_root();
