@@ -170,16 +170,16 @@ fn without_envoy_the_launcher_names_the_install_step() {
     }
 }
 
+/// The shipped Envoy config `name` (under envoy/) as the harness runs it, on the shared
+/// upstreams, without cache-service.
+fn shipped_envoy(name: &str) -> Mirror {
+    let path = workspace_root().join("envoy").join(name);
+    Mirror::start_with(upstreams::shared(), &path, false, BTreeMap::new()).unwrap()
+}
+
 #[test]
 fn standalone_tls_config_serves_the_mirror_and_redirects_http() {
-    let up = upstreams::shared();
-    let m = Mirror::start_with(
-        up,
-        &workspace_root().join("envoy/mirror.yaml"),
-        false,
-        BTreeMap::new(),
-    )
-    .unwrap();
+    let m = shipped_envoy("mirror.yaml");
     let https = m
         .envoy
         .listener("mirror_https")
@@ -219,14 +219,7 @@ fn standalone_tls_config_serves_the_mirror_and_redirects_http() {
 
 #[test]
 fn behind_a_tls_proxy_mirror_urls_are_https() {
-    let up = upstreams::shared();
-    let m = Mirror::start_with(
-        up,
-        &workspace_root().join("envoy/behind-tls-proxy.yaml"),
-        false,
-        BTreeMap::new(),
-    )
-    .unwrap();
+    let m = shipped_envoy("behind-tls-proxy.yaml");
     // What a TLS-terminating proxy in front would send.
     let resp = m
         .client()
@@ -251,14 +244,7 @@ fn behind_a_tls_proxy_mirror_urls_are_https() {
 #[test]
 fn a_client_that_never_finishes_its_request_head_is_cut() {
     use std::io::{Read, Write};
-    let up = upstreams::shared();
-    let m = Mirror::start_with(
-        up,
-        &workspace_root().join("envoy/behind-tls-proxy.yaml"),
-        false,
-        BTreeMap::new(),
-    )
-    .unwrap();
+    let m = shipped_envoy("behind-tls-proxy.yaml");
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", m.port())).unwrap();
     conn.set_read_timeout(Some(std::time::Duration::from_secs(60)))
         .unwrap();
