@@ -220,13 +220,17 @@ impl MirrorHttp {
         Action::Pause
     }
 
-    /// Sends the reply to a failure of the filter's own, counting it if it is a rejection.
-    fn fail(&self, shared: &Shared, failure: Failure) -> Action {
-        let r = failure.reply();
+    /// Sends a local answer, counting it if it rejects the request.
+    fn answer(&self, shared: &Shared, r: &Reply) -> Action {
         if let Some(reason) = r.reason {
             shared.metrics.rejection(reason);
         }
-        self.reply(&r)
+        self.reply(r)
+    }
+
+    /// Sends the reply to a failure of the filter's own.
+    fn fail(&self, shared: &Shared, failure: Failure) -> Action {
+        self.answer(shared, &failure.reply())
     }
 
     /// Answers a paused request locally (from a callback: errors only logged).
@@ -477,7 +481,6 @@ impl HttpContext for MirrorHttp {
         match route_with(&shared.cfg, &req, &key, now, &SharedLearned) {
             Decision::Reply(r) => {
                 if let Some(reason) = r.reason {
-                    shared.metrics.rejection(reason);
                     debug!(
                         "{} {} {}: {} ({})",
                         r.status,
@@ -487,7 +490,7 @@ impl HttpContext for MirrorHttp {
                         r.message
                     );
                 }
-                self.reply(&r)
+                self.answer(&shared, &r)
             }
             Decision::Forward(f) => match self.apply_forward(&shared, f, &client) {
                 Ok(()) => Action::Continue,

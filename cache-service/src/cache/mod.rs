@@ -431,8 +431,9 @@ impl Cache {
         self.flights.len()
     }
 
-    /// The Prometheus page: counters plus the gauges of every bounded structure.
-    /// `/metrics`; `config_refused`: the last reload was refused (the reloader knows).
+    /// The Prometheus page (`/metrics`): counters plus the gauges of every bounded structure
+    /// and of the store's readiness; `config_refused`: the last reload was refused (what the
+    /// reloader knows, not the cache).
     pub async fn render_metrics(&self, config_refused: bool) -> String {
         let store_ready = self.check_ready().await.is_ok();
         let (tokens, token_evictions) = self
